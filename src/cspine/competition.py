@@ -1,0 +1,246 @@
+"""The competition's data contract: where the data is, its CSVs checked, labels per slice, masks, folds.
+
+Every reader raises `DataError` (a ValueError) naming the file, the column and the bad rows, so a wrong
+path or a hand-edited CSV fails at once and says where.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from cspine import TARGETS, VERTEBRAE
+from cspine.dicom import Series
+
+log = logging.getLogger(__name__)
+
+COMPETITION = "rsna-2022-cervical-spine-fracture-detection"
+DATA_ENV = "CSPINE_DATA"
+TRAIN_COLUMNS = ["StudyInstanceUID", *TARGETS]
+BOX_COLUMNS = ["StudyInstanceUID", "x", "y", "width", "height", "slice_number"]
+TEST_COLUMNS = ["row_id", "StudyInstanceUID", "prediction_type"]
+MASK_OUTSIDE_TOLERANCE = 0.01  # share of series voxels allowed to fall outside the mask volume
+
+
+class DataError(ValueError):
+    """Competition data that is missing or malformed; the message names the file and the rows."""
+
+
+def candidate_data_dirs(explicit: str | os.PathLike | None = None) -> list[Path]:
+    """Where competition data is looked for, in order."""
+    paths = []
+    if explicit:
+        paths.append(Path(explicit))
+    if os.environ.get(DATA_ENV):
+        paths.append(Path(os.environ[DATA_ENV]))
+    paths += [
+        Path("input") / COMPETITION,
+        Path("/kaggle/input") / COMPETITION,
+        Path("/kaggle/input/competitions") / COMPETITION,
+    ]
+    return paths
+
+
+def find_data_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """The competition root: an explicit path, then $CSPINE_DATA, then ./input/<competition>, then Kaggle's.
+
+    Raises:
+        DataError: listing every path tried, when none holds train.csv or test.csv.
+    """
+    tried = candidate_data_dirs(explicit)
+    if explicit:
+        tried = tried[:1]  # a path the user named must be right, not silently replaced
+    for path in tried:
+        if (path / "train.csv").is_file() or (path / "test.csv").is_file():
+            return path
+    raise DataError("no competition data (train.csv or test.csv) found; tried: "
+                    + ", ".join(str(p) for p in tried))
+
+
+def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    df = pd.read_csv(path)
+    missing = [c for c in columns if c not in df.columns]
+    extra = [c for c in df.columns if c not in columns]
+    if missing or extra:
+        raise DataError(f"{path}: expected columns {columns}; missing {missing}, unexpected {extra}")
+    return df
+
+
+def _bad_rows(path: Path, column: str, mask: pd.Series, what: str) -> None:
+    if mask.any():
+        rows = list(np.flatnonzero(mask.to_numpy())[:10])
+        raise DataError(f"{path}: column {column!r} {what} in {int(mask.sum())} rows (first rows: {rows})")
+
+
+def read_train(root: str | os.PathLike) -> pd.DataFrame:
+    """train.csv, checked: the 9 columns, unique studies, 0/1 labels, patient_overall = max(C1..C7)."""
+    path = Path(root) / "train.csv"
+    df = _read_csv(path, TRAIN_COLUMNS)
+    _bad_rows(path, "StudyInstanceUID", df["StudyInstanceUID"].duplicated(), "repeats a study")
+    for col in TARGETS:
+        _bad_rows(path, col, ~df[col].isin([0, 1]), "is not 0/1")
+    df[list(TARGETS)] = df[list(TARGETS)].astype(int)
+    _bad_rows(path, "patient_overall", df["patient_overall"] != df[list(VERTEBRAE)].max(axis=1),
+              "differs from the max of C1..C7")
+    return df
+
+
+def read_boxes(root: str | os.PathLike, train: pd.DataFrame | None = None) -> pd.DataFrame:
+    """train_bounding_boxes.csv, checked; an absent file is an empty table (a test-only root)."""
+    path = Path(root) / "train_bounding_boxes.csv"
+    if not path.is_file():
+        return pd.DataFrame(columns=BOX_COLUMNS)
+    df = _read_csv(path, BOX_COLUMNS)
+    for col in ("x", "y", "width", "height", "slice_number"):
+        _bad_rows(path, col, ~pd.to_numeric(df[col], errors="coerce").notna(), "is not a number")
+    _bad_rows(path, "width", df["width"] <= 0, "is not positive")
+    _bad_rows(path, "height", df["height"] <= 0, "is not positive")
+    df["slice_number"] = df["slice_number"].astype(int)
+    if train is not None:
+        _bad_rows(path, "StudyInstanceUID", ~df["StudyInstanceUID"].isin(train["StudyInstanceUID"]),
+                  "names a study not in train.csv")
+        positive = set(train.loc[train["patient_overall"] == 1, "StudyInstanceUID"])
+        _bad_rows(path, "StudyInstanceUID", ~df["StudyInstanceUID"].isin(positive),
+                  "names a study without a fracture in train.csv")
+    return df
+
+
+def read_test(root: str | os.PathLike) -> pd.DataFrame:
+    """test.csv, checked: row_id = <uid>_<prediction_type>, prediction_type one of the 8 targets."""
+    path = Path(root) / "test.csv"
+    df = _read_csv(path, TEST_COLUMNS)
+    _bad_rows(path, "prediction_type", ~df["prediction_type"].isin(TARGETS), f"is not one of {TARGETS}")
+    _bad_rows(path, "row_id", df["row_id"] != df["StudyInstanceUID"] + "_" + df["prediction_type"],
+              "is not <StudyInstanceUID>_<prediction_type>")
+    _bad_rows(path, "row_id", df["row_id"].duplicated(), "repeats a row")
+    return df
+
+
+def test_studies(root: str | os.PathLike, test: pd.DataFrame | None = None) -> list[str]:
+    """Test studies to predict: those listed in test.csv and present in test_images/.
+
+    The public test lists studies that are not in its test_images/ (they get the prior); studies present
+    but unlisted are not scored. Both are logged.
+    """
+    root = Path(root)
+    test = read_test(root) if test is None else test
+    listed = list(dict.fromkeys(test["StudyInstanceUID"]))
+    images = root / "test_images"
+    present = {p.name for p in images.iterdir() if p.is_dir()} if images.is_dir() else set()
+    absent = [uid for uid in listed if uid not in present]
+    if absent:
+        log.warning("%d of %d studies in test.csv have no folder in %s (they get the prior): %s", len(absent),
+                    len(listed), images, ", ".join(absent[:5]) + (" …" if len(absent) > 5 else ""))
+    unlisted = sorted(present - set(listed))
+    if unlisted:
+        log.info("%d studies in %s are not in test.csv and are not predicted", len(unlisted), images)
+    return [uid for uid in listed if uid in present]
+
+
+def slice_labels(slice_numbers: np.ndarray, boxes: pd.DataFrame, uid: str | None = None) -> np.ndarray:
+    """Slice fracture labels in series order: 1 where a box lies on the slice's file number.
+
+    Args:
+        slice_numbers: int [N], the file number of each slice in head-to-feet order (`Series.slice_numbers`).
+        boxes: box rows (of one study, or all studies with ``uid`` given).
+        uid: select this study's boxes.
+
+    Returns:
+        uint8 [N]. Boxes on file numbers that are not in the series are reported, not silently dropped.
+    """
+    if uid is not None:
+        boxes = boxes[boxes["StudyInstanceUID"] == uid]
+    numbers = np.asarray(slice_numbers)
+    boxed = boxes["slice_number"].astype(int).unique()
+    unknown = np.setdiff1d(boxed, numbers)
+    if len(unknown):
+        warnings.warn(f"study {uid}: {len(unknown)} boxes name slice numbers absent from the series "
+                      f"({unknown[:5].tolist()})", stacklevel=2)
+    return np.isin(numbers, boxed).astype(np.uint8)
+
+
+def read_mask(nii_path: str | os.PathLike, series: Series) -> np.ndarray:
+    """A NIfTI label volume resampled voxel for voxel onto ``series.hu`` (head to feet).
+
+    Each series voxel's patient position (from ImagePositionPatient, ImageOrientationPatient and
+    PixelSpacing) goes through the inverse of the NIfTI affine to the nearest mask voxel. No axis flip is
+    assumed, so studies numbered feet to head and masks written by other tools align alike.
+
+    Returns:
+        uint8 [N, H, W] labels (1..7 = C1..C7, 8+ = thoracic, 0 = background).
+
+    Raises:
+        DataError: the series lacks positions, or more than 1% of its voxels fall outside the mask.
+    """
+    nii_path = Path(nii_path)
+    try:
+        image = nib.load(nii_path)
+        data = np.asanyarray(image.dataobj)
+    except Exception as exc:
+        raise DataError(f"{nii_path}: cannot read the NIfTI mask ({type(exc).__name__}: {exc})") from None
+    if data.ndim != 3:
+        raise DataError(f"{nii_path}: mask has {data.ndim} dimensions, expected 3")
+    if np.isnan(series.positions).any():
+        raise DataError(f"{nii_path}: series {series.uid} has no ImagePositionPatient; cannot align the mask")
+    n, h, w = series.hu.shape
+    _, dy, dx = series.spacing
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    to_voxel = np.linalg.inv(image.affine)
+    m, t = to_voxel[:3, :3] @ lps_to_ras, to_voxel[:3, 3]
+    step_col = m @ (series.orientation[:3] * dx)  # moving one column along a row
+    step_row = m @ (series.orientation[3:] * dy)  # moving one row down a column
+    rows, cols = np.mgrid[0:h, 0:w].astype(np.float32)
+    out = np.zeros((n, h, w), np.uint8)
+    outside = 0
+    shape = np.array(data.shape)
+    for k in range(n):
+        base = m @ series.positions[k] + t
+        idx = [base[a] + cols * step_col[a] + rows * step_row[a] for a in range(3)]
+        idx = [np.rint(i).astype(np.int64) for i in idx]
+        inside = np.ones((h, w), bool)
+        for a in range(3):
+            inside &= (idx[a] >= 0) & (idx[a] < shape[a])
+        outside += int((~inside).sum())
+        out[k][inside] = data[idx[0][inside], idx[1][inside], idx[2][inside]]
+    if outside > MASK_OUTSIDE_TOLERANCE * out.size:
+        raise DataError(f"{nii_path}: mask extent {tuple(data.shape)} does not match series {series.uid} "
+                        f"{(n, h, w)}: {outside / out.size:.0%} of its voxels fall outside the mask")
+    return out
+
+
+def vertebra_presence(mask: np.ndarray) -> np.ndarray:
+    """uint8 [N, 7]: whether each of C1..C7 appears on each slice of an aligned mask."""
+    return np.stack([(mask == level).any(axis=(1, 2)) for level in range(1, 8)], axis=1).astype(np.uint8)
+
+
+def make_folds(train: pd.DataFrame, n_splits: int = 5, seed: int = 42) -> pd.DataFrame:
+    """Study-level folds, stratified on all 8 targets together; deterministic for a seed.
+
+    Returns:
+        A frame of StudyInstanceUID and fold (0..n_splits-1), in train.csv's order.
+    """
+    from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
+    if len(train) < n_splits:
+        raise DataError(f"{len(train)} training studies cannot make {n_splits} folds")
+    folds = np.full(len(train), -1, dtype=int)
+    splitter = MultilabelStratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(train)), train[list(TARGETS)].to_numpy())):
+        folds[held_out] = fold
+    return pd.DataFrame({"StudyInstanceUID": train["StudyInstanceUID"].to_numpy(), "fold": folds})
+
+
+def write_folds(folds: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Writes folds.csv (commit it: CV scores are comparable across forks only on the same folds)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folds.to_csv(path, index=False)
+    return path

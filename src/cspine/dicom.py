@@ -1,0 +1,510 @@
+"""DICOM CT loading: one slice (`read_hu`) or one study folder (`load_series`), in Hounsfield units.
+
+Two decoders stand behind one API:
+- ``"pydicom"``: the reference (``pydicom.pixels`` with the pylibjpeg plugins).
+- ``"dicomsdl"``: the fast path (C++ parser and codecs).
+- ``"auto"``: dicomsdl where it is known to give the reference's values, pydicom everywhere else
+  (enhanced multi-frame files, JPEG 2000 whose codestream signedness differs from PixelRepresentation,
+  transfer syntaxes not verified bit-exact, files dicomsdl cannot parse).
+
+Every failure is a `DicomError` (a ValueError) whose message names the file and the reason.
+
+    python -c "from cspine.dicom import load_series; s = load_series('input/.../train_images/<uid>'); print(s)"
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["auto", "pydicom", "dicomsdl"]
+OnError = Literal["raise", "skip"]
+
+# Transfer syntaxes on which dicomsdl's stored values equal pydicom's, bit for bit (verified by the tests
+# on real files). Lossy syntaxes are left to the reference: two codecs may round differently.
+FAST_PATH_SYNTAXES = {
+    "1.2.840.10008.1.2": "Implicit VR Little Endian",
+    "1.2.840.10008.1.2.1": "Explicit VR Little Endian",
+    "1.2.840.10008.1.2.5": "RLE Lossless",
+    "1.2.840.10008.1.2.4.57": "JPEG Lossless P14",
+    "1.2.840.10008.1.2.4.70": "JPEG Lossless SV1",
+    "1.2.840.10008.1.2.4.80": "JPEG-LS Lossless",
+    "1.2.840.10008.1.2.4.90": "JPEG 2000 Lossless",
+}
+JPEG2000_SYNTAXES = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
+ENHANCED_CT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.2.1"
+GANTRY_TILT_TOLERANCE_DEG = 0.5  # steps between positions this far off the slice normal count as a tilt
+SPACING_TOLERANCE = 0.1  # relative deviation from the median step that counts as non-uniform
+
+
+class DicomError(ValueError):
+    """A DICOM file or study that cannot be read; the message names the file and the reason."""
+
+
+@dataclass
+class Series:
+    """One CT study as a volume, head to feet.
+
+    Attributes:
+        hu: float32 [N, H, W], Hounsfield units, slice 0 nearest the head.
+        slice_numbers: int64 [N], the number in each file's name (``<n>.dcm``), in the order of ``hu``.
+        positions: float64 [N, 3], ImagePositionPatient in mm (NaN where absent).
+        spacing: (dz, dy, dx) in mm; dz is the median step between positions along the slice normal.
+        uid: StudyInstanceUID (the folder name when the header has none).
+        paths: source file of each slice, in the order of ``hu``.
+        orientation: float64 [6], ImageOrientationPatient (row then column direction cosines).
+        skipped: files left out under ``on_error="skip"``, with the reason.
+    """
+
+    hu: np.ndarray
+    slice_numbers: np.ndarray
+    positions: np.ndarray
+    spacing: tuple[float, float, float]
+    uid: str
+    paths: list[Path]
+    orientation: np.ndarray = field(default_factory=lambda: np.array([1.0, 0, 0, 0, 1.0, 0]))
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.hu.shape[0])
+
+    def __repr__(self) -> str:
+        n, h, w = self.hu.shape
+        dz, dy, dx = self.spacing
+        return (f"Series(uid={self.uid!r}, slices={n}, shape={h}x{w}, "
+                f"spacing=({dz:.3g}, {dy:.3g}, {dx:.3g}) mm, skipped={len(self.skipped)})")
+
+
+@dataclass
+class _Slice:
+    """What one file contributes to a series (internal)."""
+
+    path: Path
+    stored: np.ndarray  # stored values, [H, W] (or [F, H, W] for multi-frame files)
+    slope: float | np.ndarray
+    intercept: float | np.ndarray
+    position: np.ndarray | None
+    orientation: np.ndarray | None
+    instance_number: int | None
+    pixel_spacing: tuple[float, float] | None
+    study_uid: str | None
+    decoder: str = "pydicom"
+
+    def hu(self) -> np.ndarray:
+        slope = np.asarray(self.slope, dtype=np.float32)
+        intercept = np.asarray(self.intercept, dtype=np.float32)
+        if self.stored.ndim == 3 and slope.ndim == 1:
+            slope, intercept = slope[:, None, None], intercept[:, None, None]
+        hu = self.stored.astype(np.float32)
+        if np.any(slope != 1):
+            hu *= slope
+        hu += intercept
+        return hu
+
+
+def _fail(path: Path | str, reason: str) -> DicomError:
+    return DicomError(f"{path}: {reason}")
+
+
+def _check_image(path: Path, modality: str | None, samples: int | None, photometric: str | None) -> None:
+    if modality is not None and str(modality).upper() != "CT":
+        raise _fail(path, f"not a CT image (Modality={modality})")
+    if samples not in (None, 1) or (photometric and not str(photometric).startswith("MONOCHROME")):
+        raise _fail(path, f"not a greyscale image (SamplesPerPixel={samples}, "
+                          f"PhotometricInterpretation={photometric}): colour images are not CT slices")
+
+
+def _fix_unused_bits(stored: np.ndarray, bits_stored: int, signed: bool) -> np.ndarray:
+    """Masks bits above BitsStored and sign-extends, as pydicom does for the reference."""
+    bits_allocated = stored.dtype.itemsize * 8
+    if bits_stored >= bits_allocated:
+        return stored
+    unsigned = stored.view(np.dtype(f"u{stored.dtype.itemsize}")) & ((1 << bits_stored) - 1)
+    if not signed:
+        return unsigned.astype(stored.dtype.newbyteorder("=").str.replace("i", "u"), copy=False)
+    shift = bits_allocated - bits_stored
+    as_signed = unsigned.view(np.dtype(f"i{stored.dtype.itemsize}"))
+    return (as_signed << shift) >> shift
+
+
+def _j2k_signed(data: bytes) -> bool | None:
+    """Signedness of the first component in a JPEG 2000 codestream's SIZ marker, None if not found."""
+    at = data.find(b"\xff\x4f\xff\x51")
+    if at < 0 or at + 44 > len(data):
+        return None
+    return bool(data[at + 4 + 38] & 0x80)  # SOC(2) SIZ(2) Lsiz..Csiz(38), then Ssiz of component 0
+
+
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
+_ITEM_TAG = b"\xfe\xff\x00\xe0"
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0"
+_EXPLICIT_PIXEL_VRS = (b"OB", b"OW", b"OD", b"OF", b"OL", b"UN")
+
+
+def _pixel_data_complete(data: bytes) -> bool:
+    """Whether a Part-10 file's Pixel Data element is whole, judged from the raw bytes.
+
+    dicomsdl crashes the interpreter (segmentation fault) on truncated pixel data, so no file reaches it
+    before this check passes; files that fail it go to pydicom, which reports them cleanly.
+    """
+    if len(data) < 132 or data[128:132] != b"DICM":
+        return False
+    at = data.find(_PIXEL_DATA_TAG, 132)
+    if at < 0:
+        return False
+    explicit = data[at + 4:at + 6] in _EXPLICIT_PIXEL_VRS
+    length_at = at + 8 if explicit else at + 4
+    if length_at + 4 > len(data):
+        return False
+    length = int.from_bytes(data[length_at:length_at + 4], "little")
+    pos = length_at + 4
+    if length != 0xFFFFFFFF:
+        return pos + length <= len(data)
+    while pos + 8 <= len(data):  # encapsulated: walk the items up to the sequence delimiter
+        tag, item_length = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        if tag == _SEQUENCE_DELIMITER:
+            return True
+        if tag != _ITEM_TAG or pos + 8 + item_length > len(data):
+            return False
+        pos += 8 + item_length
+    return False
+
+
+def _float_pair(value) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    vals = [float(v) for v in value]
+    return (vals[0], vals[1]) if len(vals) >= 2 else None
+
+
+def _vector(value, size: int) -> np.ndarray | None:
+    if value is None:
+        return None
+    arr = np.asarray([float(v) for v in value], dtype=np.float64)
+    return arr if arr.shape == (size,) else None
+
+
+def _read_pydicom(path: Path) -> _Slice:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError as exc:
+        raise _fail(path, f"not a DICOM file ({exc})") from None
+    except Exception as exc:  # pydicom raises many types on truncated or corrupt headers
+        raise _fail(path, f"unreadable DICOM header ({type(exc).__name__}: {exc})") from None
+    if "PixelData" not in ds:
+        raise _fail(path, "no pixel data")
+    _check_image(path, ds.get("Modality"), ds.get("SamplesPerPixel"), ds.get("PhotometricInterpretation"))
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
+    try:
+        stored = ds.pixel_array
+    except (NotImplementedError, RuntimeError) as exc:
+        name = getattr(ds.file_meta.get("TransferSyntaxUID"), "name", syntax)
+        raise _fail(path, f"transfer syntax {syntax} ({name}) cannot be decoded by the installed "
+                          f"decoders ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    except Exception as exc:
+        raise _fail(path, f"pixel data cannot be decoded ({type(exc).__name__}: {exc})") from None
+    slope, intercept = _pydicom_rescale(ds, stored.shape[0] if stored.ndim == 3 else 1)
+    return _Slice(
+        path=path,
+        stored=stored,
+        slope=slope,
+        intercept=intercept,
+        position=_vector(ds.get("ImagePositionPatient"), 3),
+        orientation=_vector(ds.get("ImageOrientationPatient"), 6),
+        instance_number=int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else None,
+        pixel_spacing=_float_pair(ds.get("PixelSpacing")),
+        study_uid=str(ds.StudyInstanceUID) if "StudyInstanceUID" in ds else None,
+    )
+
+
+def _pydicom_rescale(ds, frames: int) -> tuple[float | np.ndarray, float | np.ndarray]:
+    """Slope and intercept from the top level, else from the functional groups (enhanced CT)."""
+    if "RescaleSlope" in ds or "RescaleIntercept" in ds:
+        return float(ds.get("RescaleSlope", 1.0) or 1.0), float(ds.get("RescaleIntercept", 0.0) or 0.0)
+
+    def from_group(group) -> tuple[float, float] | None:
+        seq = group.get("PixelValueTransformationSequence") if group is not None else None
+        if not seq:
+            return None
+        item = seq[0]
+        return float(item.get("RescaleSlope", 1.0)), float(item.get("RescaleIntercept", 0.0))
+
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    shared_pair = from_group(shared[0]) if shared else None
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame:
+        pairs = [from_group(item) or shared_pair or (1.0, 0.0) for item in per_frame][:frames]
+        if frames > 1:
+            return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+        return pairs[0]
+    return shared_pair or (1.0, 0.0)
+
+
+_DICOMSDL_TAGS = ("TransferSyntaxUID", "NumberOfFrames", "PixelRepresentation", "RescaleSlope",
+                  "RescaleIntercept", "SOPClassUID", "Modality", "SamplesPerPixel", "PhotometricInterpretation",
+                  "BitsStored", "ImagePositionPatient", "ImageOrientationPatient", "InstanceNumber",
+                  "PixelSpacing", "StudyInstanceUID")
+
+
+def _read_dicomsdl(path: Path, data: bytes | None = None, strict: bool = True) -> _Slice | None:
+    """Decodes with dicomsdl. With strict=False returns None where the result could differ from pydicom."""
+    import dicomsdl
+
+    try:
+        if data is None:
+            data = path.read_bytes()
+    except OSError as exc:
+        raise _fail(path, f"cannot read the file ({exc})") from None
+    if not _pixel_data_complete(data):
+        if not strict:
+            return None
+        raise _fail(path, "not a DICOM file, or truncated: the pixel data is incomplete")
+    try:
+        dset = dicomsdl.open_memory(data)
+        tags = dict(zip(_DICOMSDL_TAGS, dset.getValues(list(_DICOMSDL_TAGS))))
+    except Exception as exc:
+        if not strict:
+            return None
+        raise _fail(path, f"dicomsdl cannot parse the file ({type(exc).__name__}: {exc})") from None
+    if any(isinstance(v, bytes) for v in tags.values()):
+        # elements of VR UN come back as raw bytes; pydicom resolves them from its dictionary
+        if not strict:
+            return None
+        tags = {k: v.decode("ascii", "replace").strip("\x00 ") if isinstance(v, bytes) else v
+                for k, v in tags.items()}
+    syntax = str(tags["TransferSyntaxUID"] or "")
+    signed = int(tags["PixelRepresentation"] or 0) == 1
+    if not strict:
+        if syntax not in FAST_PATH_SYNTAXES or int(tags["NumberOfFrames"] or 1) != 1:
+            return None
+        if tags["SOPClassUID"] == ENHANCED_CT_SOP_CLASS and tags["RescaleIntercept"] is None:
+            return None
+        if syntax in JPEG2000_SYNTAXES and _j2k_signed(data) is not signed:
+            return None
+    _check_image(path, tags["Modality"], tags["SamplesPerPixel"], tags["PhotometricInterpretation"])
+    try:
+        stored = dset.pixelData(storedvalue=True)
+    except Exception as exc:
+        if not strict:
+            return None
+        raise _fail(path, f"dicomsdl cannot decode transfer syntax {syntax} "
+                          f"({type(exc).__name__}: {str(exc).strip()[:200]})") from None
+    if stored is None:
+        if not strict:
+            return None
+        raise _fail(path, "no pixel data")
+    if stored.dtype.kind in "iu":
+        stored = _fix_unused_bits(stored, int(tags["BitsStored"] or stored.dtype.itemsize * 8), signed)
+    slope, intercept, instance = tags["RescaleSlope"], tags["RescaleIntercept"], tags["InstanceNumber"]
+    return _Slice(
+        path=path,
+        stored=stored,
+        slope=float(slope) if slope is not None else 1.0,
+        intercept=float(intercept) if intercept is not None else 0.0,
+        position=_vector(tags["ImagePositionPatient"], 3),
+        orientation=_vector(tags["ImageOrientationPatient"], 6),
+        instance_number=int(instance) if instance is not None else None,
+        pixel_spacing=_float_pair(tags["PixelSpacing"]),
+        study_uid=str(tags["StudyInstanceUID"]) if tags["StudyInstanceUID"] else None,
+        decoder="dicomsdl",
+    )
+
+
+def _read_slice(path: Path, backend: Backend) -> _Slice:
+    path = Path(path)
+    if not path.is_file():
+        raise _fail(path, "file not found")
+    if backend == "pydicom":
+        return _read_pydicom(path)
+    if backend == "dicomsdl":
+        return _read_dicomsdl(path)
+    if backend != "auto":
+        raise ValueError(f"backend must be 'auto', 'pydicom' or 'dicomsdl', not {backend!r}")
+    fast = _read_dicomsdl(path, strict=False)
+    return fast if fast is not None else _read_pydicom(path)
+
+
+def read_hu(path: str | os.PathLike, backend: Backend = "auto") -> np.ndarray:
+    """Reads one DICOM file as Hounsfield units.
+
+    Args:
+        path: a CT DICOM file.
+        backend: "auto" (fast where verified), "pydicom" (reference) or "dicomsdl".
+
+    Returns:
+        float32 [H, W] in HU (stored × RescaleSlope + RescaleIntercept, the rescale taken from the
+        functional groups of enhanced CT files); [F, H, W] for a multi-frame file.
+
+    Raises:
+        DicomError: naming the file, when it is missing, not DICOM, truncated, not a greyscale CT image,
+            or in a transfer syntax no installed decoder handles.
+    """
+    return _read_slice(Path(path), backend).hu()
+
+
+def _file_number(path: Path) -> int | None:
+    try:
+        return int(path.stem)
+    except ValueError:
+        return None
+
+
+def _list_files(study_dir: Path) -> list[Path]:
+    if not study_dir.exists():
+        raise _fail(study_dir, "study folder does not exist")
+    if not study_dir.is_dir():
+        raise _fail(study_dir, "not a folder")
+    files = sorted(p for p in study_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise _fail(study_dir, "study folder is empty")
+    return files
+
+
+def _order(slices: list[_Slice], study_dir: Path) -> tuple[np.ndarray, str]:
+    """Indices that put slices head to feet, and the key used."""
+    if all(s.position is not None for s in slices):
+        z = np.array([s.position[2] for s in slices])
+        if len(np.unique(z)) == len(z) or len(z) == 1:
+            return np.argsort(-z, kind="stable"), "position"
+    if all(s.instance_number is not None for s in slices):
+        warnings.warn(f"{study_dir}: ImagePositionPatient missing or repeated; slices ordered by "
+                      "InstanceNumber (assumed head to feet)", stacklevel=3)
+        return np.argsort([s.instance_number for s in slices], kind="stable"), "instance"
+    warnings.warn(f"{study_dir}: neither ImagePositionPatient nor InstanceNumber on every slice; "
+                  "slices ordered by file number (assumed head to feet)", stacklevel=3)
+    numbers = [_file_number(s.path) if _file_number(s.path) is not None else i for i, s in enumerate(slices)]
+    return np.argsort(numbers, kind="stable"), "file"
+
+
+def _slice_spacing(positions: np.ndarray, orientation: np.ndarray, study_dir: Path) -> float:
+    """Median step between positions along the slice normal (mm); warns on tilt or uneven steps."""
+    if len(positions) < 2 or np.isnan(positions).any():
+        return float("nan")
+    normal = np.cross(orientation[:3], orientation[3:])
+    normal /= np.linalg.norm(normal) or 1.0
+    steps = np.diff(positions, axis=0)
+    along = np.abs(steps @ normal)
+    dz = float(np.median(along))
+    lengths = np.linalg.norm(steps, axis=1)
+    cos = np.clip(along / np.maximum(lengths, 1e-9), 0, 1)
+    tilt = float(np.degrees(np.arccos(np.median(cos))))
+    if tilt > GANTRY_TILT_TOLERANCE_DEG:
+        warnings.warn(f"{study_dir}: gantry tilt of {tilt:.1f}° (slice positions step off the slice "
+                      "normal); the volume is not resampled", stacklevel=3)
+    if dz > 0 and np.max(np.abs(along - dz)) > SPACING_TOLERANCE * dz:
+        warnings.warn(f"{study_dir}: non-uniform slice spacing ({along.min():.3g}–{along.max():.3g} mm, "
+                      f"median {dz:.3g} mm): missing slices or two series in one folder", stacklevel=3)
+    return dz
+
+
+def _drop_odd_shapes(slices: list[_Slice], study_dir: Path, on_error: OnError,
+                     skipped: list[tuple[Path, str]]) -> list[_Slice]:
+    shapes = Counter(s.stored.shape for s in slices)
+    if len(shapes) == 1:
+        return slices
+    main_shape = shapes.most_common(1)[0][0]
+    odd = [s for s in slices if s.stored.shape != main_shape]
+    if on_error == "raise":
+        first = odd[0]
+        raise _fail(first.path, f"slice shape {first.stored.shape} differs from the study's {main_shape} "
+                                f"({len(odd)} of {len(slices)} slices in {study_dir} differ)")
+    skipped.extend((s.path, f"shape {s.stored.shape} differs from {main_shape}") for s in odd)
+    return [s for s in slices if s.stored.shape == main_shape]
+
+
+def default_workers() -> int:
+    """Decoding threads: every core this process may use (dicomsdl and the codecs release the GIL)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def load_series(
+    study_dir: str | os.PathLike,
+    backend: Backend = "auto",
+    workers: int | None = None,
+    on_error: OnError = "raise",
+) -> Series:
+    """Loads a study folder of single-slice DICOM files as a head-to-feet HU volume.
+
+    Order is by descending ImagePositionPatient z (never file name); without positions by InstanceNumber,
+    then by file number, with a warning. Warns on gantry tilt and on non-uniform spacing.
+
+    Args:
+        study_dir: folder with one ``<n>.dcm`` per axial slice.
+        backend: "auto", "pydicom" or "dicomsdl" (see the module docstring).
+        workers: decoding threads; None uses every available core.
+        on_error: "raise" stops at the first bad slice with a DicomError; "skip" leaves bad slices out
+            and warns once, listing them.
+
+    Returns:
+        A `Series`.
+
+    Raises:
+        DicomError: a missing or empty folder, or (with on_error="raise") any bad slice.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    study_dir = Path(study_dir)
+    files = _list_files(study_dir)
+    workers = workers or default_workers()
+
+    def read(path: Path) -> _Slice | tuple[Path, str]:
+        try:
+            return _read_slice(path, backend)
+        except DicomError as exc:
+            if on_error == "raise":
+                raise
+            return path, str(exc).removeprefix(f"{path}: ")
+
+    if workers > 1 and len(files) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(read, files))
+    else:
+        results = [read(p) for p in files]
+
+    skipped = [r for r in results if isinstance(r, tuple)]
+    slices = [r for r in results if isinstance(r, _Slice)]
+    multi = [s for s in slices if s.stored.ndim != 2]
+    if multi:
+        reason = f"multi-frame file ({multi[0].stored.shape[0]} frames): a series needs one slice per file"
+        if on_error == "raise":
+            raise _fail(multi[0].path, reason)
+        skipped.extend((s.path, reason) for s in multi)
+        slices = [s for s in slices if s.stored.ndim == 2]
+    slices = _drop_odd_shapes(slices, study_dir, on_error, skipped)
+    if not slices:
+        raise _fail(study_dir, f"no readable slice among {len(files)} files: "
+                               + "; ".join(f"{p.name}: {why}" for p, why in skipped[:5]))
+    if skipped:
+        warnings.warn(f"{study_dir}: skipped {len(skipped)} of {len(files)} slices: "
+                      + "; ".join(f"{p.name} ({why})" for p, why in skipped), stacklevel=2)
+
+    order, _ = _order(slices, study_dir)
+    slices = [slices[i] for i in order]
+    hu = np.stack([s.hu() for s in slices]).astype(np.float32, copy=False)
+    positions = np.array([s.position if s.position is not None else [np.nan] * 3 for s in slices])
+    orientation = next((s.orientation for s in slices if s.orientation is not None),
+                       np.array([1.0, 0, 0, 0, 1.0, 0]))
+    dz = _slice_spacing(positions, orientation, study_dir)
+    dy, dx = slices[0].pixel_spacing or (float("nan"), float("nan"))
+    numbers = np.array([_file_number(s.path) if _file_number(s.path) is not None
+                        else (s.instance_number if s.instance_number is not None else -1)
+                        for s in slices], dtype=np.int64)
+    uid = next((s.study_uid for s in slices if s.study_uid), study_dir.name)
+    return Series(hu=hu, slice_numbers=numbers, positions=positions, spacing=(dz, dy, dx), uid=uid,
+                  paths=[s.path for s in slices], orientation=orientation, skipped=skipped)

@@ -1,0 +1,205 @@
+"""A synthetic RSNA 2022 competition, written in the real data's exact layout.
+
+    python -m cspine synth --out input/synthetic --train 48 --test 6
+
+writes ``train.csv``, ``train_bounding_boxes.csv``, ``test.csv``, ``sample_submission.csv``,
+``train_images/<uid>/<n>.dcm``, ``test_images/<uid>/<n>.dcm`` and ``segmentations/<uid>.nii`` for a
+subset of training studies, so every stage runs unchanged on it and on the real data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from cspine import TARGETS, VERTEBRAE
+from cspine.dicom_writer import Encoding, write_series
+from cspine.phantom import PhantomConfig, render_study
+
+log = logging.getLogger(__name__)
+
+UID_ROOT = "1.2.826.0.1.3680043."
+COMPLETE_MARKER = ".complete"
+
+
+@dataclass(frozen=True)
+class StudyFiles:
+    """How one study's files are written: the scanner and file variety of the real data."""
+
+    encoding: Encoding
+    numbering: str  # "head_to_feet" or "feet_to_head"
+    first_number: int
+    gaps: bool  # non-contiguous file numbers
+    origin: tuple[float, float, float]
+
+
+def draw_study_files(rng: np.random.Generator, fov: float) -> StudyFiles:
+    """File variety in the real data's proportions (competition.md): ~10% reversed numbering, etc."""
+    syntax = rng.choice(["explicit", "rle", "j2k", "jpegls1"], p=[0.4, 0.2, 0.2, 0.2])
+    if rng.random() < 0.6:
+        encoding = Encoding(str(syntax), signed=False, intercept=-1024.0, bits_stored=12)
+    else:
+        encoding = Encoding(str(syntax), signed=True, intercept=0.0, bits_stored=16)
+    return StudyFiles(
+        encoding=encoding,
+        numbering="feet_to_head" if rng.random() < 0.1 else "head_to_feet",
+        first_number=1 if rng.random() < 0.85 else int(rng.integers(2, 80)),
+        gaps=bool(rng.random() < 0.03),
+        origin=(-fov / 2 + rng.uniform(-5, 5), -fov / 2 + rng.uniform(-20, 5), rng.uniform(-60, 120)),
+    )
+
+
+def mask_affine(shape: tuple[int, int, int], origin: tuple[float, float, float],
+                spacing: tuple[float, float, float]) -> np.ndarray:
+    """RAS affine of a mask stored as the competition's NIfTIs are: data[col, reversed row, feet→head].
+
+    Args:
+        shape: the head-to-feet volume's (N, H, W).
+        origin: ImagePositionPatient (LPS, mm) of the head-most slice.
+        spacing: (dz, dy, dx) in mm.
+    """
+    n, h, _ = shape
+    dz, dy, dx = spacing
+    x0, y0, z_head = origin
+    return np.array([
+        [-dx, 0, 0, -x0],
+        [0, dy, 0, -(y0 + (h - 1) * dy)],
+        [0, 0, dz, z_head - (n - 1) * dz],
+        [0, 0, 0, 1],
+    ])
+
+
+def write_mask(path: str | os.PathLike, labels: np.ndarray, origin: tuple[float, float, float],
+               spacing: tuple[float, float, float]) -> Path:
+    """Writes head-to-feet labels uint8 [N, H, W] as a NIfTI in the real segmentations' axis order."""
+    data = np.ascontiguousarray(labels[::-1, ::-1, :].transpose(2, 1, 0))
+    image = nib.Nifti1Image(data, mask_affine(labels.shape, origin, spacing))
+    image.header.set_data_dtype(np.uint8)
+    path = Path(path)
+    nib.save(image, path)
+    return path
+
+
+def _study_uid(index: int, seed: int) -> str:
+    """Competition-style UID (root + one number); the number is unique per (seed, index), no leading zero."""
+    return f"{UID_ROOT}{(seed % 9000 + 1) * 100000 + index}"
+
+
+def _file_numbers(files: StudyFiles, n: int, rng: np.random.Generator) -> np.ndarray:
+    step = np.ones(n, dtype=int)
+    if files.gaps:
+        step[rng.choice(np.arange(1, n), size=max(1, n // 30), replace=False)] = 2
+    numbers = files.first_number + np.concatenate([[0], np.cumsum(step[1:])])
+    return numbers if files.numbering == "head_to_feet" else numbers[::-1]
+
+
+def make_study(root: str | os.PathLike, split: str, uid: str, seed: tuple[int, ...], config: PhantomConfig,
+               with_boxes: bool, with_mask: bool) -> dict:
+    """Renders and writes one study; returns its label row and box rows (for the CSVs).
+
+    A study folder is written under a temporary name and renamed when whole, so a killed run never
+    leaves a half-written study that reads as finished.
+    """
+    rng = np.random.default_rng(seed)
+    study = render_study(rng, config)
+    n, h, w = study.hu.shape
+    files = draw_study_files(rng, fov=study.spacing[1] * w)
+    numbers = _file_numbers(files, n, rng)
+    root = Path(root)
+    final = root / f"{split}_images" / uid
+    partial = final.with_name(uid + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    write_series(study.hu, partial, spacing=study.spacing, study_uid=uid, encoding=files.encoding,
+                 origin=files.origin, slice_thickness=study.slice_thickness, file_numbers=numbers)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+    if with_mask:
+        (root / "segmentations").mkdir(exist_ok=True)
+        write_mask(root / "segmentations" / f"{uid}.nii", study.labels, files.origin, study.spacing)
+    fractured = set(study.fractured_levels)
+    row = {"StudyInstanceUID": uid, "patient_overall": int(bool(fractured))}
+    row.update({v: int(i + 1 in fractured) for i, v in enumerate(VERTEBRAE)})
+    boxes = []
+    if with_boxes and fractured:
+        boxes = [{"StudyInstanceUID": uid, "x": float(x), "y": float(y), "width": float(bw), "height": float(bh),
+                  "slice_number": int(numbers[k])} for k, x, y, bw, bh in study.fracture_boxes()]
+    return {"row": row, "boxes": boxes, "reversed": files.numbering == "feet_to_head"}
+
+
+def _make_study_star(kwargs: dict) -> dict:
+    return make_study(**kwargs)
+
+
+def make_competition(
+    out_dir: str | os.PathLike,
+    n_train: int = 48,
+    n_test: int = 6,
+    seed: int = 0,
+    image_size: int = 160,
+    difficulty: float = 0.5,
+    box_fraction: float = 0.6,
+    mask_fraction: float = 0.25,
+    n_slices: int | None = None,
+    workers: int = 1,
+) -> Path:
+    """Writes a synthetic competition in the real layout and returns its root.
+
+    Args:
+        out_dir: the competition root (created).
+        n_train, n_test: studies in ``train_images`` and ``test_images``.
+        seed: everything (labels, anatomy, file variety, pixels) is a function of it.
+        image_size: pixels per side (512 for full-size studies).
+        difficulty: 0 (obvious fractures) to 1 (sub-millimetre, noisy).
+        box_fraction: share of positive training studies with bounding boxes (real data: 235 of 961).
+        mask_fraction: share of training studies with a segmentation (real data: 87 of 2,019).
+        n_slices: fixed slices per study; None draws 60–120.
+        workers: processes; the output is identical for any number.
+    """
+    root = Path(out_dir)
+    for sub in ("train_images", "test_images"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    (root / COMPLETE_MARKER).unlink(missing_ok=True)
+    config = PhantomConfig(image_size=image_size, n_slices=n_slices, difficulty=difficulty)
+    plan_rng = np.random.default_rng([seed, 1])
+    jobs = []
+    for i in range(n_train + n_test):
+        split = "train" if i < n_train else "test"
+        jobs.append(dict(root=root, split=split, uid=_study_uid(i, seed), seed=(seed, 2, i), config=config,
+                         with_boxes=split == "train" and plan_rng.random() < box_fraction,
+                         with_mask=split == "train" and plan_rng.random() < mask_fraction))
+    progress = dict(total=len(jobs), desc="synthetic studies", unit="study")
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(tqdm(pool.map(_make_study_star, jobs), **progress))
+    else:
+        results = [make_study(**job) for job in tqdm(jobs, **progress)]
+
+    train = pd.DataFrame([r["row"] for r in results[:n_train]], columns=["StudyInstanceUID", *TARGETS])
+    train.to_csv(root / "train.csv", index=False)
+    boxes = pd.DataFrame([b for r in results[:n_train] for b in r["boxes"]],
+                         columns=["StudyInstanceUID", "x", "y", "width", "height", "slice_number"])
+    boxes.to_csv(root / "train_bounding_boxes.csv", index=False)
+    test_uids = [job["uid"] for job in jobs[n_train:]]
+    types = [*VERTEBRAE, "patient_overall"]
+    test = pd.DataFrame([{"row_id": f"{uid}_{t}", "StudyInstanceUID": uid, "prediction_type": t}
+                         for uid in test_uids for t in types])
+    test.to_csv(root / "test.csv", index=False)
+    pd.DataFrame({"row_id": test["row_id"], "fractured": 0.5}).to_csv(root / "sample_submission.csv", index=False)
+    (root / COMPLETE_MARKER).write_text(f"seed={seed} train={n_train} test={n_test} image_size={image_size}\n")
+    log.info("synthetic competition at %s: %d train (%d positive, %d reversed), %d test", root, n_train,
+             int(train["patient_overall"].sum()), sum(r["reversed"] for r in results[:n_train]), n_test)
+    return root
+
+
+def is_complete(root: str | os.PathLike) -> bool:
+    """Whether `make_competition` finished writing this folder."""
+    return (Path(root) / COMPLETE_MARKER).is_file()

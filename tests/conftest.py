@@ -1,0 +1,27 @@
+"""Shared test fixtures: paths to the real CT files and small synthetic series written as DICOM."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CSPINE_SHARED", REPO.parent / "shared"))
+TRANSFER_SYNTAX_FIXTURES = SHARED / "fixtures" / "ct-transfer-syntaxes"
+
+
+@pytest.fixture(scope="session")
+def transfer_syntax_dir() -> Path:
+    if not TRANSFER_SYNTAX_FIXTURES.is_dir():
+        pytest.skip(f"{TRANSFER_SYNTAX_FIXTURES} is absent (../shared is not beside the repository)")
+    return TRANSFER_SYNTAX_FIXTURES
+
+
+def ramp_volume(n: int = 6, size: int = 32, seed: int = 0) -> np.ndarray:
+    """float32 [n, size, size] HU with a distinct value per slice (slice k holds 100·k + noise)."""
+    rng = np.random.default_rng(seed)
+    base = np.arange(n, dtype=np.float32)[:, None, None] * 100.0
+    return (base + rng.integers(-1000, 1000, size=(n, size, size))).astype(np.float32)
