@@ -18,7 +18,10 @@ import logging
 import os
 import warnings
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing as mp
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -45,6 +48,8 @@ JPEG2000_SYNTAXES = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
 ENHANCED_CT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.2.1"
 GANTRY_TILT_TOLERANCE_DEG = 0.5  # steps between positions this far off the slice normal count as a tilt
 SPACING_TOLERANCE = 0.1  # relative deviation from the median step that counts as non-uniform
+PROCESS_DECODE_SECONDS = 0.004  # per-slice decode time above which a study is decoded in processes
+PROCESS_DECODE_MIN_SLICES = 16  # fewer slices do not repay starting the processes
 
 
 class DicomError(ValueError):
@@ -87,10 +92,14 @@ class Series:
 
 @dataclass
 class _Slice:
-    """What one file contributes to a series (internal)."""
+    """One file's header, and its pixels or the means to decode them (internal).
+
+    pydicom slices are decoded when opened; dicomsdl slices keep their parsed dataset and decode later,
+    straight into their place in the study's volume (no per-slice float array, no stacking copy).
+    """
 
     path: Path
-    stored: np.ndarray  # stored values, [H, W] (or [F, H, W] for multi-frame files)
+    shape: tuple[int, ...]  # (H, W), or (F, H, W) for a multi-frame file
     slope: float | np.ndarray
     intercept: float | np.ndarray
     position: np.ndarray | None
@@ -99,17 +108,42 @@ class _Slice:
     pixel_spacing: tuple[float, float] | None
     study_uid: str | None
     decoder: str = "pydicom"
+    stored: np.ndarray | None = None  # pydicom: decoded stored values
+    dataset: object = None  # dicomsdl: the parsed DataSet
+    bits_stored: int = 16
+    signed: bool = False
 
-    def hu(self) -> np.ndarray:
+    def _stored(self) -> np.ndarray:
+        if self.stored is not None:
+            return self.stored
+        try:
+            stored = self.dataset.pixelData(storedvalue=True)
+        except Exception as exc:
+            raise _fail(self.path, f"dicomsdl cannot decode the pixel data ({type(exc).__name__}: "
+                                   f"{str(exc).strip()[:200]})") from None
+        if stored is None:
+            raise _fail(self.path, "no pixel data")
+        if stored.dtype.kind in "iu":
+            stored = _fix_unused_bits(stored, self.bits_stored, self.signed)
+        return stored
+
+    def hu_into(self, out: np.ndarray) -> None:
+        """Writes HU (stored × slope + intercept) into ``out`` (float32, this slice's shape)."""
+        stored = self._stored()
         slope = np.asarray(self.slope, dtype=np.float32)
         intercept = np.asarray(self.intercept, dtype=np.float32)
-        if self.stored.ndim == 3 and slope.ndim == 1:
+        if stored.ndim == 3 and slope.ndim == 1:
             slope, intercept = slope[:, None, None], intercept[:, None, None]
-        hu = self.stored.astype(np.float32)
-        if np.any(slope != 1):
-            hu *= slope
-        hu += intercept
-        return hu
+        if np.all(slope == 1):
+            np.add(stored, intercept, out=out, dtype=np.float32)
+        else:
+            np.multiply(stored, slope, out=out, dtype=np.float32)
+            out += intercept
+
+    def hu(self) -> np.ndarray:
+        out = np.empty(self.shape, np.float32)
+        self.hu_into(out)
+        return out
 
 
 def _fail(path: Path | str, reason: str) -> DicomError:
@@ -219,6 +253,7 @@ def _read_pydicom(path: Path) -> _Slice:
     slope, intercept = _pydicom_rescale(ds, stored.shape[0] if stored.ndim == 3 else 1)
     return _Slice(
         path=path,
+        shape=stored.shape,
         stored=stored,
         slope=slope,
         intercept=intercept,
@@ -295,23 +330,15 @@ def _read_dicomsdl(path: Path, data: bytes | None = None, strict: bool = True) -
         if syntax in JPEG2000_SYNTAXES and _j2k_signed(data) is not signed:
             return None
     _check_image(path, tags["Modality"], tags["SamplesPerPixel"], tags["PhotometricInterpretation"])
-    try:
-        stored = dset.pixelData(storedvalue=True)
-    except Exception as exc:
-        if not strict:
-            return None
-        raise _fail(path, f"dicomsdl cannot decode transfer syntax {syntax} "
-                          f"({type(exc).__name__}: {str(exc).strip()[:200]})") from None
-    if stored is None:
-        if not strict:
-            return None
-        raise _fail(path, "no pixel data")
-    if stored.dtype.kind in "iu":
-        stored = _fix_unused_bits(stored, int(tags["BitsStored"] or stored.dtype.itemsize * 8), signed)
+    info = dset.getPixelDataInfo()
+    if int(info.get("NumberOfFrames") or 1) != 1:
+        raise _fail(path, f"multi-frame file ({info['NumberOfFrames']} frames): dicomsdl returns only the first "
+                          "frame; read it with backend='pydicom' or 'auto'")
+    shape = (int(info["Rows"]), int(info["Cols"]))
     slope, intercept, instance = tags["RescaleSlope"], tags["RescaleIntercept"], tags["InstanceNumber"]
     return _Slice(
         path=path,
-        stored=stored,
+        shape=shape,
         slope=float(slope) if slope is not None else 1.0,
         intercept=float(intercept) if intercept is not None else 0.0,
         position=_vector(tags["ImagePositionPatient"], 3),
@@ -320,6 +347,9 @@ def _read_dicomsdl(path: Path, data: bytes | None = None, strict: bool = True) -
         pixel_spacing=_float_pair(tags["PixelSpacing"]),
         study_uid=str(tags["StudyInstanceUID"]) if tags["StudyInstanceUID"] else None,
         decoder="dicomsdl",
+        dataset=dset,
+        bits_stored=int(tags["BitsStored"] or 16),
+        signed=signed,
     )
 
 
@@ -352,7 +382,22 @@ def read_hu(path: str | os.PathLike, backend: Backend = "auto") -> np.ndarray:
         DicomError: naming the file, when it is missing, not DICOM, truncated, not a greyscale CT image,
             or in a transfer syntax no installed decoder handles.
     """
-    return _read_slice(Path(path), backend).hu()
+    item = _read_slice(Path(path), backend)
+    out = np.empty(item.shape, np.float32)
+    _decode_into(item, out, backend)
+    return out
+
+
+def _decode_into(item: _Slice, out: np.ndarray, backend: Backend) -> None:
+    """Decodes one slice into ``out``; under "auto" a fast-path failure falls back to the reference."""
+    try:
+        item.hu_into(out)
+    except DicomError:
+        if backend != "auto" or item.decoder != "dicomsdl":
+            raise
+        _read_pydicom(item.path).hu_into(out)
+    finally:
+        item.dataset = None  # release the file's bytes as soon as its pixels are out
 
 
 def _file_number(path: Path) -> int | None:
@@ -412,21 +457,35 @@ def _slice_spacing(positions: np.ndarray, orientation: np.ndarray, study_dir: Pa
 
 def _drop_odd_shapes(slices: list[_Slice], study_dir: Path, on_error: OnError,
                      skipped: list[tuple[Path, str]]) -> list[_Slice]:
-    shapes = Counter(s.stored.shape for s in slices)
+    shapes = Counter(s.shape for s in slices)
     if len(shapes) == 1:
         return slices
     main_shape = shapes.most_common(1)[0][0]
-    odd = [s for s in slices if s.stored.shape != main_shape]
+    odd = [s for s in slices if s.shape != main_shape]
     if on_error == "raise":
         first = odd[0]
-        raise _fail(first.path, f"slice shape {first.stored.shape} differs from the study's {main_shape} "
+        raise _fail(first.path, f"slice shape {first.shape} differs from the study's {main_shape} "
                                 f"({len(odd)} of {len(slices)} slices in {study_dir} differ)")
-    skipped.extend((s.path, f"shape {s.stored.shape} differs from {main_shape}") for s in odd)
-    return [s for s in slices if s.stored.shape == main_shape]
+    skipped.extend((s.path, f"shape {s.shape} differs from {main_shape}") for s in odd)
+    return [s for s in slices if s.shape == main_shape]
+
+
+def _decode_path(job: tuple[Path, Backend]) -> np.ndarray | str:
+    """Worker-process decoding of one file: its HU, or the DicomError's message."""
+    path, backend = job
+    try:
+        return read_hu(path, backend)
+    except DicomError as exc:
+        return str(exc)
+
+
+def _process_context():
+    # fork starts workers in milliseconds; the children only decode, touching no threads or CUDA state
+    return mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
 
 
 def default_workers() -> int:
-    """Decoding threads: every core this process may use (dicomsdl and the codecs release the GIL)."""
+    """Decoding processes for a heavily compressed study: every core this process may use."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
@@ -447,7 +506,9 @@ def load_series(
     Args:
         study_dir: folder with one ``<n>.dcm`` per axial slice.
         backend: "auto", "pydicom" or "dicomsdl" (see the module docstring).
-        workers: decoding threads; None uses every available core.
+        workers: processes for studies whose slices take over 4 ms each to decode (JPEG 2000, JPEG-LS);
+            None uses every available core. Lighter studies decode in this process, which measures
+            faster: they are memory-bound, and threads only add contention.
         on_error: "raise" stops at the first bad slice with a DicomError; "skip" leaves bad slices out
             and warns once, listing them.
 
@@ -479,27 +540,61 @@ def load_series(
 
     skipped = [r for r in results if isinstance(r, tuple)]
     slices = [r for r in results if isinstance(r, _Slice)]
-    multi = [s for s in slices if s.stored.ndim != 2]
+    multi = [s for s in slices if len(s.shape) != 2]
     if multi:
-        reason = f"multi-frame file ({multi[0].stored.shape[0]} frames): a series needs one slice per file"
+        reason = f"multi-frame file ({multi[0].shape[0]} frames): a series needs one slice per file"
         if on_error == "raise":
             raise _fail(multi[0].path, reason)
         skipped.extend((s.path, reason) for s in multi)
-        slices = [s for s in slices if s.stored.ndim == 2]
+        slices = [s for s in slices if len(s.shape) == 2]
     slices = _drop_odd_shapes(slices, study_dir, on_error, skipped)
     if not slices:
         raise _fail(study_dir, f"no readable slice among {len(files)} files: "
                                + "; ".join(f"{p.name}: {why}" for p, why in skipped[:5]))
-    if skipped:
-        warnings.warn(f"{study_dir}: skipped {len(skipped)} of {len(files)} slices: "
-                      + "; ".join(f"{p.name} ({why})" for p, why in skipped), stacklevel=2)
-
     order, _ = _order(slices, study_dir)
     slices = [slices[i] for i in order]
-    hu = np.stack([s.hu() for s in slices]).astype(np.float32, copy=False)
+    hu = np.empty((len(slices), *slices[0].shape), np.float32)
+
+    def decode(k: int) -> tuple[Path, str] | None:
+        try:
+            _decode_into(slices[k], hu[k], backend)
+        except DicomError as exc:
+            if on_error == "raise":
+                raise
+            return slices[k].path, str(exc).removeprefix(f"{slices[k].path}: ")
+        return None
+
+    start = time.perf_counter()
+    failed = [decode(0)]
+    slow = time.perf_counter() - start > PROCESS_DECODE_SECONDS
+    if workers > 1 and slow and len(slices) > PROCESS_DECODE_MIN_SLICES:
+        # heavy codecs hold the GIL in dicomsdl: decode the rest in processes, one per core
+        jobs = [(slices[k].path, backend) for k in range(1, len(slices))]
+        with ProcessPoolExecutor(workers, mp_context=_process_context()) as pool:
+            for k, result in enumerate(pool.map(_decode_path, jobs, chunksize=8), start=1):
+                slices[k].dataset = None
+                if isinstance(result, str):
+                    if on_error == "raise":
+                        raise DicomError(result)
+                    failed.append((slices[k].path, result.removeprefix(f"{slices[k].path}: ")))
+                else:
+                    hu[k] = result
+                    failed.append(None)
+    else:
+        # uncompressed and light codecs are memory-bound: threads only add contention (measured)
+        failed += [decode(k) for k in range(1, len(slices))]
+    if any(failed):
+        keep = [k for k, f in enumerate(failed) if f is None]
+        skipped.extend(f for f in failed if f is not None)
+        hu, slices = hu[keep], [slices[k] for k in keep]
+        if not slices:
+            raise _fail(study_dir, "no decodable slice")
     positions = np.array([s.position if s.position is not None else [np.nan] * 3 for s in slices])
     orientation = next((s.orientation for s in slices if s.orientation is not None),
                        np.array([1.0, 0, 0, 0, 1.0, 0]))
+    if skipped:
+        warnings.warn(f"{study_dir}: skipped {len(skipped)} of {len(files)} slices: "
+                      + "; ".join(f"{p.name} ({why})" for p, why in skipped), stacklevel=2)
     dz = _slice_spacing(positions, orientation, study_dir)
     dy, dx = slices[0].pixel_spacing or (float("nan"), float("nan"))
     numbers = np.array([_file_number(s.path) if _file_number(s.path) is not None

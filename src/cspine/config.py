@@ -1,0 +1,240 @@
+"""One configuration for every stage: frozen dataclass defaults, a YAML diff per experiment, overrides.
+
+    cfg = load_config("configs/demo.yaml", ["slice.epochs=3", "seq.hidden=256"])
+    save_config(cfg, out_dir / "config.yaml")
+
+A YAML file holds only what differs from the defaults; an unknown key (in the file or an override) is an
+error that names it and lists the valid keys, so a typo never silently trains the wrong model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An unknown key or a value of the wrong type in a config file or override."""
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """The synthetic competition generated when no real data is found."""
+
+    n_train: int = 48
+    n_test: int = 6
+    image_size: int = 160  # real scans are 512; 160 keeps the CPU demo in minutes
+    n_slices: int = 0  # 0 draws 60–120 slices per study
+    difficulty: float = 0.5
+    box_fraction: float = 0.6  # real data: 235 of 961 positive studies have boxes
+    mask_fraction: float = 0.25  # real data: 87 of 2,019 studies have segmentations
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """The paper's preprocessing and the slice cache."""
+
+    size: int = 384  # the paper's input size
+    crop: str = "study"  # "study": one box per study (steady scale for the BLSTM); "slice": the paper's
+    margin: float = 0.05  # the paper's 5% on each side of the detected spine
+    workers: int = 2  # studies preprocessed in parallel
+
+
+@dataclass(frozen=True)
+class FoldConfig:
+    n_splits: int = 5
+    seed: int = 42
+    folds: tuple[int, ...] = ()  # folds to train; () trains all
+
+
+@dataclass(frozen=True)
+class SliceConfig:
+    """Stage 1: the slice CNN (the paper: ResNet-50, Adam 1e-3, StepLR 5/0.2, batch 16, 50 epochs)."""
+
+    backbone: str = "resnet50"
+    pretrained_file: str = ""  # local weights only (a .pth/.safetensors path); "" = random init as in the paper
+    input_size: int = 0  # 0 trains at the cache's size; smaller values resize on the fly
+    epochs: int = 50
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    step_size: int = 5  # StepLR epochs
+    gamma: float = 0.2
+    dropout: float = 0.3
+    patience: int = 8  # early stopping on validation loss, in epochs
+    accum_steps: int = 1
+    clip_grad: float = 0.0  # 0 = no clipping
+    amp: bool = True  # bf16/fp16 autocast on CUDA; ignored on CPU
+    channels_last: bool = True
+    ema: bool = False
+    ema_decay: float = 0.998
+    workers: int = 2
+    balance: bool = True  # sample positive and negative slices equally
+    hflip: float = 0.5  # the paper's horizontal flip
+    rotate: float = 10.0  # the paper's ±10° rotation
+    extra_aug: bool = False  # brightness/contrast, shift-scale, noise on top of the paper's
+    steps_per_epoch: int = 0  # 0 = one pass over the (sampled) training slices
+    val_max_slices: int = 0  # 0 = every validation slice
+    aux_weight: float = 0.5  # weight of the per-vertebra heads against the slice-fracture head
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SeqConfig:
+    """Stage 2: the BLSTM over a study's slice features (the paper: Adam 1e-6, 100 epochs, batch 4)."""
+
+    hidden: int = 128  # the paper's Table 3 compares 96, 128, 256
+    compare_hidden: tuple[int, ...] = (96, 128, 256)  # sizes `evaluate` trains for Table 3
+    layers: int = 1
+    dropout: float = 0.2
+    epochs: int = 100
+    batch_size: int = 4
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    patience: int = 15
+    loss: str = "competition"  # "case": BCE on patient_overall (the paper); "competition": weighted BCE, 8 targets
+    max_len: int = 0  # 0 = whole studies; >0 subsamples longer studies evenly when training
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    clip: float = 1e-4  # probabilities clipped to [clip, 1 - clip]
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a run needs. `name` labels outputs; `device` is "auto", "cpu" or "cuda"."""
+
+    name: str = "default"
+    device: str = "auto"
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    folds: FoldConfig = field(default_factory=FoldConfig)
+    slice: SliceConfig = field(default_factory=SliceConfig)
+    seq: SeqConfig = field(default_factory=SeqConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+
+def _keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key a config class accepts."""
+    out = []
+    for name, kind in typing.get_type_hints(cls).items():
+        out += _keys(kind, f"{prefix}{name}.") if dataclasses.is_dataclass(kind) else [prefix + name]
+    return out
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    origin = typing.get_origin(kind)
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if value.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if kind in (int, float, str):
+            if kind is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return kind(value)
+        if origin is tuple:
+            (item,) = {a for a in typing.get_args(kind) if a is not Ellipsis}
+            if isinstance(value, str):
+                value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+            return tuple(_coerce(v, item, key) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: {value!r} is not a valid {getattr(kind, '__name__', kind)}") from None
+    return value
+
+
+def _apply(cfg: Any, updates: dict, prefix: str, source: str) -> Any:
+    changes = {}
+    hints = typing.get_type_hints(type(cfg))
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for key, value in updates.items():
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key {prefix}{key!r}; valid keys: "
+                              + ", ".join(_keys(type(cfg), prefix)))
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {prefix}{key} is a section; give it keys, not {value!r}")
+            changes[key] = _apply(getattr(cfg, key), value, f"{prefix}{key}.", source)
+        else:
+            changes[key] = _coerce(value, kind, prefix + key)
+    return dataclasses.replace(cfg, **changes)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """["slice.epochs=3", "name=x"] → {"slice": {"epochs": "3"}, "name": "x"} (values typed later)."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value) if value.strip() else ""
+    return tree
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML diff at ``path``, then ``key=value`` overrides."""
+    cfg = Config()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a config is a mapping of keys, not {type(data).__name__}")
+        cfg = _apply(cfg, data, "", str(path))
+    if overrides:
+        cfg = _apply(cfg, parse_overrides(overrides), "", "command line")
+    return cfg
+
+
+def config_dict(cfg: Config) -> dict:
+    """The resolved config as plain data (tuples as lists), for YAML and logs."""
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        return value
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> Path:
+    """Writes the resolved config (every key) beside a stage's outputs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
+    return path
+
+
+def diff_from_defaults(cfg: Config) -> dict:
+    """Only the keys that differ from the defaults (what an experiment YAML holds)."""
+    def diff(a: dict, b: dict) -> dict:
+        out = {}
+        for key, value in a.items():
+            if isinstance(value, dict):
+                sub = diff(value, b[key])
+                if sub:
+                    out[key] = sub
+            elif value != b[key]:
+                out[key] = value
+        return out
+    return diff(config_dict(cfg), config_dict(Config()))
