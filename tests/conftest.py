@@ -25,3 +25,13 @@ def ramp_volume(n: int = 6, size: int = 32, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     base = np.arange(n, dtype=np.float32)[:, None, None] * 100.0
     return (base + rng.integers(-1000, 1000, size=(n, size, size))).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A small synthetic competition (8 train with boxes and masks on most, 2 test), made once per run."""
+    from cspine.synthetic import make_competition
+
+    root = tmp_path_factory.mktemp("synthetic")
+    return make_competition(root, n_train=8, n_test=2, seed=11, image_size=96, n_slices=40,
+                            box_fraction=1.0, mask_fraction=0.75)

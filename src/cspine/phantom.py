@@ -388,6 +388,13 @@ def _apply_fracture(hu: np.ndarray, labels: np.ndarray, coverage: np.ndarray, fr
     np.maximum(coverage, cover, out=coverage)
 
 
+def draw_fractured_levels(rng: np.random.Generator) -> tuple[int, ...]:
+    """Fractured levels (1..7) of one study: the count, then the levels, as in the real training set."""
+    count = rng.choice(len(FRACTURED_COUNT_FREQ), p=FRACTURED_COUNT_FREQ / FRACTURED_COUNT_FREQ.sum())
+    p = LEVEL_PREVALENCE / LEVEL_PREVALENCE.sum()
+    return tuple(sorted(int(v) + 1 for v in rng.choice(7, size=count, replace=False, p=p)))
+
+
 def render_study(rng: np.random.Generator, config: PhantomConfig = PhantomConfig()) -> PhantomStudy:
     """Renders one study: HU volume, vertebra labels, fracture coverage and geometry.
 
@@ -409,12 +416,7 @@ def render_study(rng: np.random.Generator, config: PhantomConfig = PhantomConfig
     x, y = np.meshgrid(coords, coords + rng.uniform(-6, 6))
     renderer = _SliceRenderer(anatomy, x, y, pixel)
 
-    if config.fractured is None:
-        count = rng.choice(len(FRACTURED_COUNT_FREQ), p=FRACTURED_COUNT_FREQ / FRACTURED_COUNT_FREQ.sum())
-        p = LEVEL_PREVALENCE / LEVEL_PREVALENCE.sum()
-        levels = tuple(sorted(int(v) + 1 for v in rng.choice(7, size=count, replace=False, p=p)))
-    else:
-        levels = tuple(sorted(config.fractured))
+    levels = draw_fractured_levels(rng) if config.fractured is None else tuple(sorted(config.fractured))
     fractures = _draw_fractures(rng, anatomy, renderer, levels, config.difficulty)
 
     hu = np.empty((n, size, size), np.float32)
@@ -441,4 +443,4 @@ def render_study(rng: np.random.Generator, config: PhantomConfig = PhantomConfig
                         slice_thickness=thickness, fractures=fractures)
 
 
-__all__ = ["PhantomConfig", "PhantomStudy", "Fracture", "render_study", "VERTEBRAE", "T1_LABEL"]
+__all__ = ["PhantomConfig", "PhantomStudy", "Fracture", "render_study", "draw_fractured_levels", "T1_LABEL"]

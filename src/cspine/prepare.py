@@ -1,0 +1,212 @@
+"""Stage `prepare`: every training study → a cache of preprocessed uint8 slices and one index table.
+
+    python -m cspine prepare --config configs/demo.yaml --data input/synthetic --out runs/demo/cache
+
+Per study, ``<uid>.npy`` holds uint8 [N, size, size, 3] head to feet, and ``<uid>.json`` its slice
+numbers, positions, labels and crop; ``index.csv`` has one row per slice. Studies run in parallel; a
+finished study (its JSON written last, by rename) is skipped on the next run, so a killed run resumes
+and never leaves a half-written study that reads as finished. A study that fails is logged and listed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from cspine import TARGETS, VERTEBRAE
+from cspine.competition import read_boxes, read_mask, read_train, slice_labels, vertebra_presence
+from cspine.config import Config, PrepareConfig, save_config
+from cspine.dicom import load_series
+from cspine.preprocess import preprocess_study
+
+log = logging.getLogger(__name__)
+
+UNKNOWN = -1  # a label that the data cannot give (no boxes, or no mask, for that study)
+INDEX_COLUMNS = ["StudyInstanceUID", "order", "slice_number", "z", "label",
+                 *[f"{v}_present" for v in VERTEBRAE], *[f"{v}_fracture" for v in VERTEBRAE]]
+
+
+@dataclass(frozen=True)
+class StudyJob:
+    """What one worker needs to cache one study."""
+
+    uid: str
+    image_dir: Path
+    out_dir: Path
+    labels: dict | None  # the study's train.csv row (None for test studies)
+    boxes: list[dict]
+    mask_path: Path | None
+    prepare: PrepareConfig
+
+
+def study_paths(cache_dir: Path, uid: str) -> tuple[Path, Path]:
+    return cache_dir / f"{uid}.npy", cache_dir / f"{uid}.json"
+
+
+def is_cached(cache_dir: Path, uid: str) -> bool:
+    """A study is cached when its JSON exists: it is written (by rename) only after its array."""
+    images, meta = study_paths(cache_dir, uid)
+    return images.is_file() and meta.is_file()
+
+
+def _slice_targets(labels: dict | None, slice_label: np.ndarray, presence: np.ndarray | None,
+                   has_boxes: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per-slice slice label and per-vertebra fracture labels, UNKNOWN where the data cannot tell."""
+    n = len(slice_label)
+    if labels is None:
+        return np.full(n, UNKNOWN), np.full((n, 7), UNKNOWN)
+    fractured = np.array([labels[v] for v in VERTEBRAE], dtype=int)
+    if labels["patient_overall"] == 0:
+        return np.zeros(n, int), np.zeros((n, 7), int)
+    if not has_boxes:
+        return np.full(n, UNKNOWN), np.full((n, 7), UNKNOWN)
+    label = slice_label.astype(int)
+    if presence is not None:
+        return label, (label[:, None] & presence.astype(int) & fractured[None, :]).astype(int)
+    if fractured.sum() == 1:  # one fractured vertebra: every fractured slice is that vertebra's
+        return label, label[:, None] * fractured[None, :]
+    return label, np.where(label[:, None] == 1, UNKNOWN, 0) * np.ones((1, 7), int)
+
+
+def cache_study(job: StudyJob) -> tuple[str, int, str | None]:
+    """Loads, preprocesses and writes one study; returns (uid, slices, error or None)."""
+    images_path, meta_path = study_paths(job.out_dir, job.uid)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            series = load_series(job.image_dir, workers=1, on_error="skip")
+        for w in caught:
+            log.warning("%s", w.message)
+        images, boxes = preprocess_study(series.hu, job.prepare.size, job.prepare.crop, job.prepare.margin)
+        box_df = pd.DataFrame(job.boxes, columns=["StudyInstanceUID", "x", "y", "width", "height", "slice_number"])
+        slice_label = slice_labels(series.slice_numbers, box_df)
+        presence = vertebra_presence(read_mask(job.mask_path, series)) if job.mask_path else None
+        label, fracture = _slice_targets(job.labels, slice_label, presence, bool(job.boxes))
+        tmp = images_path.with_name(images_path.name + ".part")
+        with open(tmp, "wb") as f:
+            np.save(f, images)
+        os.replace(tmp, images_path)
+        meta = {
+            "uid": job.uid,
+            "n": len(images),
+            "slice_numbers": series.slice_numbers.tolist(),
+            "z": np.nan_to_num(series.positions[:, 2], nan=0.0).tolist(),
+            "spacing": list(series.spacing),
+            "crop": [list(map(int, b)) for b in boxes[:1]] if job.prepare.crop == "study" else
+                    [list(map(int, b)) for b in boxes],
+            "label": label.tolist(),
+            "present": presence.tolist() if presence is not None else None,
+            "fracture": fracture.tolist(),
+            "targets": job.labels,
+            "skipped": [str(p) for p, _ in series.skipped],
+        }
+        tmp = meta_path.with_name(meta_path.name + ".part")
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, meta_path)
+        return job.uid, len(images), None
+    except Exception as exc:  # one bad study must never stop the run: it is reported at the end
+        return job.uid, 0, f"{type(exc).__name__}: {exc}"
+
+
+def _index_rows(meta: dict) -> pd.DataFrame:
+    n = meta["n"]
+    present = np.array(meta["present"]) if meta["present"] is not None else np.full((n, 7), UNKNOWN)
+    fracture = np.array(meta["fracture"])
+    df = pd.DataFrame({"StudyInstanceUID": meta["uid"], "order": np.arange(n),
+                       "slice_number": meta["slice_numbers"], "z": meta["z"], "label": meta["label"]})
+    for i, v in enumerate(VERTEBRAE):
+        df[f"{v}_present"] = present[:, i]
+        df[f"{v}_fracture"] = fracture[:, i]
+    return df
+
+
+def read_meta(cache_dir: Path, uid: str) -> dict:
+    return json.loads(study_paths(cache_dir, uid)[1].read_text())
+
+
+def load_study_images(cache_dir: Path, uid: str, mmap: bool = True) -> np.ndarray:
+    """uint8 [N, size, size, 3] of one cached study (memory-mapped by default)."""
+    return np.load(study_paths(cache_dir, uid)[0], mmap_mode="r" if mmap else None)
+
+
+def build_index(cache_dir: Path, uids: list[str]) -> pd.DataFrame:
+    """One row per cached slice, in study then head-to-feet order; written to index.csv."""
+    frames = [_index_rows(read_meta(cache_dir, uid)) for uid in uids if is_cached(cache_dir, uid)]
+    index = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=INDEX_COLUMNS)
+    index.to_csv(cache_dir / "index.csv", index=False)
+    return index
+
+
+def prepare(cfg: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
+            studies: list[str] | None = None) -> pd.DataFrame:
+    """Caches every training study (or ``studies``) and returns the slice index.
+
+    Raises:
+        RuntimeError: when every study failed (the failures are listed in ``failed.txt``).
+    """
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    train = read_train(data_dir)
+    boxes = read_boxes(data_dir, train)
+    if studies is not None:
+        train = train[train["StudyInstanceUID"].isin(studies)]
+    seg_dir = data_dir / "segmentations"
+    jobs = []
+    for row in train.to_dict("records"):
+        uid = row["StudyInstanceUID"]
+        if is_cached(out_dir, uid):
+            continue
+        mask = seg_dir / f"{uid}.nii"
+        jobs.append(StudyJob(uid=uid, image_dir=data_dir / "train_images" / uid, out_dir=out_dir,
+                             labels={k: int(row[k]) for k in TARGETS},
+                             boxes=boxes[boxes["StudyInstanceUID"] == uid].to_dict("records"),
+                             mask_path=mask if mask.is_file() else None, prepare=cfg.prepare))
+    uids = train["StudyInstanceUID"].tolist()
+    log.info("prepare: %d studies, %d cached already, %d to do", len(uids), len(uids) - len(jobs), len(jobs))
+    failures = []
+    if jobs:
+        progress = tqdm(total=len(jobs), desc="prepare", unit="study")
+        workers = max(1, min(cfg.prepare.workers, len(jobs)))
+        with ProcessPoolExecutor(workers) if workers > 1 else _InProcess() as pool:
+            for uid, n, error in pool.map(cache_study, jobs):
+                progress.update()
+                progress.set_postfix(slices=n)
+                if error:
+                    log.error("prepare: study %s failed: %s", uid, error)
+                    failures.append(f"{uid}\t{error}")
+        progress.close()
+    failed_path = out_dir / "failed.txt"
+    failed_path.write_text("\n".join(failures) + ("\n" if failures else ""))
+    index = build_index(out_dir, uids)
+    if failures:
+        log.warning("prepare: %d studies failed (listed in %s)", len(failures), failed_path)
+    if index.empty:
+        raise RuntimeError(f"prepare: no study could be cached; see {failed_path}")
+    per_slice = cfg.prepare.size ** 2 * 3
+    log.info("prepare: %d slices of %d studies cached in %s, %d bytes per slice (%.1f GB)", len(index),
+             index["StudyInstanceUID"].nunique(), out_dir, per_slice, len(index) * per_slice / 1e9)
+    return index
+
+
+class _InProcess:
+    """A stand-in for a process pool that maps in this process (workers=1: easier to debug)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @staticmethod
+    def map(fn, items):
+        return map(fn, items)

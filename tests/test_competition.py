@@ -1,0 +1,141 @@
+"""cspine.competition: data discovery, validated readers, test studies, slice labels, folds."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cspine import TARGETS
+from cspine.competition import (
+    DataError,
+    find_data_dir,
+    make_folds,
+    read_boxes,
+    read_test,
+    read_train,
+    slice_labels,
+    list_test_studies,
+)
+
+
+def _write_train(tmp_path, rows):
+    df = pd.DataFrame(rows, columns=["StudyInstanceUID", *TARGETS])
+    df.to_csv(tmp_path / "train.csv", index=False)
+    return df
+
+
+def test_find_data_dir_order_and_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CSPINE_DATA", raising=False)
+    with pytest.raises(DataError) as err:
+        find_data_dir()
+    for tried in ("input/rsna-2022-cervical-spine-fracture-detection", "/kaggle/input/rsna-2022",
+                  "/kaggle/input/competitions/rsna-2022"):
+        assert tried in str(err.value)
+    env = tmp_path / "env"
+    env.mkdir()
+    (env / "test.csv").write_text("row_id,StudyInstanceUID,prediction_type\n")
+    monkeypatch.setenv("CSPINE_DATA", str(env))
+    assert find_data_dir() == env
+    local = tmp_path / "input" / "rsna-2022-cervical-spine-fracture-detection"
+    local.mkdir(parents=True)
+    (local / "train.csv").write_text("x\n")
+    assert find_data_dir() == env  # the environment variable comes first
+    monkeypatch.delenv("CSPINE_DATA")
+    assert find_data_dir() == local.relative_to(tmp_path) or find_data_dir().resolve() == local
+    with pytest.raises(DataError, match="nowhere"):
+        find_data_dir(tmp_path / "nowhere")  # a named path that is wrong is an error, not a fallback
+
+
+def test_read_train_names_file_column_and_rows(tmp_path):
+    good = ["1.2.3", 1, 0, 1, 0, 0, 0, 0, 0]
+    _write_train(tmp_path, [good, ["1.2.4", 0, 0, 0, 0, 0, 0, 0, 0]])
+    assert len(read_train(tmp_path)) == 2
+    _write_train(tmp_path, [good, ["1.2.4", 0, 0, 0, 0, 0, 0, 0, 1]])
+    with pytest.raises(DataError, match=r"train\.csv: column 'patient_overall' differs .* \[1\]"):
+        read_train(tmp_path)
+    _write_train(tmp_path, [good, ["1.2.4", 0, 0, 2, 0, 0, 0, 0, 0]])
+    with pytest.raises(DataError, match="column 'C2' is not 0/1 in 1 rows"):
+        read_train(tmp_path)
+    _write_train(tmp_path, [good, good])
+    with pytest.raises(DataError, match="repeats a study"):
+        read_train(tmp_path)
+    pd.DataFrame({"StudyInstanceUID": ["a"], "C1": [0]}).to_csv(tmp_path / "train.csv", index=False)
+    with pytest.raises(DataError, match=r"missing \['patient_overall'"):
+        read_train(tmp_path)
+
+
+def test_read_boxes_checks_studies(tmp_path):
+    train = _write_train(tmp_path, [["1.2.3", 1, 0, 1, 0, 0, 0, 0, 0], ["1.2.4", 0, 0, 0, 0, 0, 0, 0, 0]])
+    boxes = pd.DataFrame({"StudyInstanceUID": ["1.2.3", "9.9"], "x": [1.0, 2], "y": [1.0, 2], "width": [3.0, 3],
+                          "height": [3.0, 3], "slice_number": [5, 6]})
+    boxes.to_csv(tmp_path / "train_bounding_boxes.csv", index=False)
+    with pytest.raises(DataError, match=r"train_bounding_boxes\.csv: column 'StudyInstanceUID' names a study not"):
+        read_boxes(tmp_path, train)
+    boxes.iloc[:1].to_csv(tmp_path / "train_bounding_boxes.csv", index=False)
+    assert len(read_boxes(tmp_path, train)) == 1
+    assert read_boxes(tmp_path / "absent").empty
+
+
+def test_test_studies_handle_both_public_mismatches(tmp_path, caplog):
+    rows = [{"row_id": f"{u}_{t}", "StudyInstanceUID": u, "prediction_type": t} for u in ("1.1", "1.2") for t in TARGETS]
+    pd.DataFrame(rows).to_csv(tmp_path / "test.csv", index=False)
+    (tmp_path / "test_images" / "1.2").mkdir(parents=True)
+    (tmp_path / "test_images" / "7.7").mkdir()
+    assert list_test_studies(tmp_path) == ["1.2"]
+    assert "1.1" in caplog.text  # listed but absent: said so
+    bad = pd.DataFrame(rows)
+    bad.loc[0, "row_id"] = "1.1_C9"
+    bad.to_csv(tmp_path / "test.csv", index=False)
+    with pytest.raises(DataError, match="row_id"):
+        read_test(tmp_path)
+
+
+def test_slice_labels_follow_file_numbers_in_reversed_studies():
+    numbers = np.array([40, 39, 38, 37, 36])  # head to feet, numbered feet to head
+    boxes = pd.DataFrame({"StudyInstanceUID": ["u"] * 2, "slice_number": [39, 36]})
+    np.testing.assert_array_equal(slice_labels(numbers, boxes, "u"), [0, 1, 0, 0, 1])
+    with pytest.warns(UserWarning, match="absent"):
+        slice_labels(numbers, pd.DataFrame({"StudyInstanceUID": ["u"], "slice_number": [99]}), "u")
+
+
+def test_folds_are_disjoint_complete_stratified_and_deterministic():
+    rng = np.random.default_rng(0)
+    n = 600
+    vert = (rng.random((n, 7)) < [0.07, 0.14, 0.04, 0.05, 0.08, 0.14, 0.2]).astype(int)
+    train = pd.DataFrame(vert, columns=list(TARGETS[1:]))
+    train.insert(0, "patient_overall", vert.max(axis=1))
+    train.insert(0, "StudyInstanceUID", [f"1.2.{i}" for i in range(n)])
+    folds = make_folds(train, n_splits=5, seed=1)
+    assert folds["StudyInstanceUID"].is_unique and len(folds) == n and set(folds["fold"]) == set(range(5))
+    merged = train.merge(folds, on="StudyInstanceUID")
+    for t in TARGETS:
+        whole = train[t].mean()
+        for _, part in merged.groupby("fold"):
+            assert abs(part[t].mean() - whole) < 0.03, t
+    pd.testing.assert_frame_equal(folds, make_folds(train, n_splits=5, seed=1))
+    assert not folds["fold"].equals(make_folds(train, n_splits=5, seed=2)["fold"])
+    with pytest.raises(DataError, match="cannot make"):
+        make_folds(train.iloc[:3], n_splits=5)
+
+
+def test_read_mask_rejects_a_mask_of_another_extent(synthetic_root, tmp_path):
+    import warnings
+
+    import nibabel as nib
+
+    from cspine.competition import read_mask
+    from cspine.dicom import load_series
+
+    mask_path = next((synthetic_root / "segmentations").glob("*.nii"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        series = load_series(synthetic_root / "train_images" / mask_path.stem)
+    image = nib.load(mask_path)
+    short = nib.Nifti1Image(np.asarray(image.dataobj)[:, :, : image.shape[2] // 2], image.affine)
+    nib.save(short, tmp_path / "short.nii")
+    with pytest.raises(DataError, match=r"short\.nii: mask extent"):
+        read_mask(tmp_path / "short.nii", series)

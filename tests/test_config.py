@@ -1,0 +1,56 @@
+"""cspine.config: defaults, YAML diffs, overrides, unknown keys rejected, resolved config saved."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cspine.config import Config, ConfigError, diff_from_defaults, load_config, save_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_and_overrides_are_typed():
+    cfg = load_config(None, ["slice.epochs=3", "slice.amp=false", "seq.compare_hidden=[32,64]", "slice.lr=0.01"])
+    assert cfg.slice.epochs == 3 and cfg.slice.amp is False and cfg.seq.compare_hidden == (32, 64)
+    assert cfg.slice.lr == 0.01 and cfg.prepare == Config().prepare
+
+
+def test_unknown_keys_and_bad_values_are_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"slice\.'epoch'.*slice\.epochs"):
+        load_config(None, ["slice.epoch=3"])
+    with pytest.raises(ConfigError, match="not a valid int"):
+        load_config(None, ["slice.epochs=many"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seq:\n  hiden: 96\n")
+    with pytest.raises(ConfigError, match=f"{bad}.*seq.'hiden'"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["slice.epochs"])
+
+
+@pytest.mark.parametrize("name", ["smoke", "demo", "paper"])
+def test_shipped_configs_load_and_hold_only_differences(name):
+    path = CONFIGS / f"{name}.yaml"
+    cfg = load_config(path)
+    written = yaml.safe_load(path.read_text())
+    assert diff_from_defaults(cfg) == written  # nothing in the file repeats a default
+
+
+def test_paper_config_is_the_papers():
+    cfg = load_config(CONFIGS / "paper.yaml")
+    s, q = cfg.slice, cfg.seq
+    assert (s.backbone, s.lr, s.step_size, s.gamma, s.batch_size, s.epochs) == ("resnet50", 1e-3, 5, 0.2, 16, 50)
+    assert (s.hflip, s.rotate, s.pretrained_file) == (0.5, 10.0, "")
+    assert (q.lr, q.epochs, q.batch_size, q.hidden) == (1e-6, 100, 4, 128)
+    assert cfg.prepare.size == 384 and cfg.folds.n_splits == 7
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["name=x", "seq.hidden=96"])
+    path = save_config(cfg, tmp_path / "run" / "config.yaml")
+    data = yaml.safe_load(path.read_text())
+    assert data["seq"]["hidden"] == 96 and data["slice"]["epochs"] == Config().slice.epochs
+    assert load_config(path) == cfg
