@@ -14,6 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
+from cspine.competition import DataError
 from cspine.config import ConfigError, load_config
 
 log = logging.getLogger("cspine")
@@ -71,6 +72,127 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pop_fold(args: argparse.Namespace) -> int | None:
+    """`fold=K` among the overrides selects the fold (it is not a config key)."""
+    fold = None
+    rest = []
+    for item in args.overrides:
+        if item.startswith("fold="):
+            fold = int(item.split("=", 1)[1])
+        else:
+            rest.append(item)
+    args.overrides = rest
+    return fold
+
+
+def _run_dir(args: argparse.Namespace, cfg) -> Path:
+    return args.out or Path("runs") / cfg.name
+
+
+def _data_for_run(args: argparse.Namespace, run_dir: Path) -> Path:
+    """--data, else the folder the run was set up with, else the usual search."""
+    from cspine.competition import find_data_dir
+
+    if args.data is None and (run_dir / "data_dir.txt").is_file():
+        return Path((run_dir / "data_dir.txt").read_text().strip())
+    return find_data_dir(args.data)
+
+
+def cmd_train_slices(args: argparse.Namespace) -> int:
+    from cspine.pipeline import fold_list, setup_run
+    from cspine.train_slices import train_fold
+
+    fold = _pop_fold(args)
+    cfg = _config(args)
+    run_dir = _run_dir(args, cfg)
+    if not (run_dir / "cache" / "index.csv").is_file():
+        log.error("%s has no slice cache: run `python -m cspine prepare` first", run_dir)
+        return 1
+    setup_run(cfg, _data_for_run(args, run_dir), run_dir)
+    for k in [fold] if fold is not None else fold_list(cfg):
+        print(train_fold(cfg, run_dir, k))
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from cspine.extract import extract_fold
+    from cspine.pipeline import fold_list
+
+    fold = _pop_fold(args)
+    cfg = _config(args)
+    for k in [fold] if fold is not None else fold_list(cfg):
+        print(extract_fold(cfg, _run_dir(args, cfg), k))
+    return 0
+
+
+def cmd_train_seq(args: argparse.Namespace) -> int:
+    from cspine.pipeline import fold_list
+    from cspine.train_seq import train_seq_fold
+
+    fold = _pop_fold(args)
+    cfg = _config(args)
+    for k in [fold] if fold is not None else fold_list(cfg):
+        train_seq_fold(cfg, _run_dir(args, cfg), k)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cspine.evaluate import evaluate
+
+    cfg = _config(args)
+    report = evaluate(cfg, _run_dir(args, cfg))
+    print((report / "report.md").read_text())
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from cspine.competition import find_data_dir
+    from cspine.pipeline import default_submission_path
+    from cspine.predict import predict
+
+    cfg = _config(args)
+    models = args.models or Path("runs") / cfg.name
+    out = args.out or default_submission_path()
+    train = None
+    if (models / "labels.csv").is_file():
+        import pandas as pd
+
+        train = pd.read_csv(models / "labels.csv")
+    predict(cfg, find_data_dir(args.data), models, out, train=train)
+    print(f"submission written to {out}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cspine.pipeline import run
+
+    cfg = _config(args)
+    run_dir = _run_dir(args, cfg)
+    _setup_logging(run_dir / "run.log")
+    run(cfg, args.data, run_dir, args.submission)
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from cspine.explain import explain_fold
+
+    fold = _pop_fold(args) or 0
+    cfg = _config(args)
+    run_dir = _run_dir(args, cfg)
+    for path in explain_fold(run_dir, fold, _data_for_run(args, run_dir), n=args.n):
+        print(path)
+    return 0
+
+
+def cmd_package_kaggle(args: argparse.Namespace) -> int:
+    from cspine.kaggle import package_kaggle
+
+    cfg = _config(args)
+    out = package_kaggle(cfg, args.models or Path("runs") / cfg.name, args.out, wheels=not args.no_wheels)
+    print(f"Kaggle dataset folder ready: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cspine", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="stage", required=True, metavar="stage")
@@ -84,6 +206,46 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="preprocess every training study into the slice cache")
     _add_common(p)
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train-slices", help="stage 1: train the slice CNN (fold=K, or every fold)")
+    _add_common(p)
+    p.set_defaults(func=cmd_train_slices)
+
+    p = sub.add_parser("extract", help="out-of-fold slice features from each fold's CNN")
+    _add_common(p, data=False)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("train-seq", help="stage 2: train the BLSTM study model (fold=K, or every fold)")
+    _add_common(p, data=False)
+    p.set_defaults(func=cmd_train_seq)
+
+    p = sub.add_parser("evaluate", help="cross-validated report: the paper's tables, competition score, figures")
+    _add_common(p, data=False)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="test studies → submission.csv")
+    _add_common(p, out=False)
+    p.add_argument("--models", type=Path, default=None, help="run folder with trained models (default: runs/<name>)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="submission path (default: submissions/submission.csv; /kaggle/working/ on Kaggle)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("run", help="the whole baseline end to end (synthetic data when none is found)")
+    _add_common(p)
+    p.add_argument("--submission", type=Path, default=None, help="submission path")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("explain", help="Grad-CAM figures of a fold's held-out slices with their boxes")
+    _add_common(p)
+    p.add_argument("--n", type=int, default=6, help="figures to write")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("package-kaggle", help="bundle code, wheels and weights as a Kaggle dataset folder")
+    _add_common(p, data=False, out=False)
+    p.add_argument("--models", type=Path, default=None, help="run folder with trained models")
+    p.add_argument("--out", type=Path, default=Path("kaggle_package"), help="folder to write")
+    p.add_argument("--no-wheels", action="store_true", help="leave out the dependency wheels")
+    p.set_defaults(func=cmd_package_kaggle)
     return parser
 
 
@@ -95,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("config: %s", exc)
         return 2
+    except (DataError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 1
     except KeyboardInterrupt:
         log.error("interrupted; finished work is kept and the next run resumes from it")
         return 130

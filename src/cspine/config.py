@@ -99,7 +99,9 @@ class SeqConfig:
     lr: float = 1e-6
     weight_decay: float = 0.0
     patience: int = 15
-    loss: str = "competition"  # "case": BCE on patient_overall (the paper); "competition": weighted BCE, 8 targets
+    input: str = "features"  # "features": CNN features (the paper); "probs": the CNN's 15 slice outputs
+    inner_folds: int = 4  # "features" only: BLSTMs of fold k train on CNN k's own held-out studies, in inner folds
+    loss: str = "competition"  # "case": plain BCE on the case labels (the paper); "competition": the metric's weights
     max_len: int = 0  # 0 = whole studies; >0 subsamples longer studies evenly when training
     seed: int = 0
 

@@ -1,0 +1,175 @@
+"""Stage `evaluate`: the paper's cross-validated tables and the competition score, from out-of-fold predictions.
+
+    python -m cspine evaluate --config configs/demo.yaml
+
+Writes ``<run>/report/``: ``report.md`` (Table 2: image level; Table 3: BLSTM-96/128/256 with max and mean
+pooling of slice probabilities beside them, balanced and imbalanced; competition scores in both
+normalisations; per-vertebra AUCs), the tables as CSV, ``roc.png`` and ``calibration.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn.calibration import calibration_curve  # noqa: E402
+from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+
+from cspine import TARGETS, VERTEBRAE  # noqa: E402
+from cspine.config import Config, save_config  # noqa: E402
+from cspine.extract import load_features, oof_sources  # noqa: E402
+from cspine.metrics import cv_table, paper_reports, weighted_log_loss, write_table  # noqa: E402
+from cspine.prepare import UNKNOWN  # noqa: E402
+from cspine.submission import prior_from_train  # noqa: E402
+from cspine.train_seq import collect_oof, is_seq_trained, train_seq_fold  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def pooled_predictions(run_dir: Path, uids: list[str], how: str) -> pd.DataFrame:
+    """The paper's argument as a baseline: a study's probabilities from its slices' by max or mean pooling.
+
+    patient_overall pools the slice-fracture probability; C1..C7 pool the per-vertebra fracture outputs.
+    """
+    source = oof_sources(run_dir)
+    rows = []
+    for uid in uids:
+        _, probs = load_features(run_dir, source[uid], uid)
+        pooled = probs.max(axis=0) if how == "max" else probs.mean(axis=0)
+        rows.append({"StudyInstanceUID": uid, "fold": source[uid], "p_patient_overall": float(pooled[0]),
+                     **{f"p_{v}": float(pooled[1 + i]) for i, v in enumerate(VERTEBRAE)}})
+    return pd.DataFrame(rows)
+
+
+def image_level_reports(run_dir: Path, index: pd.DataFrame) -> list[dict]:
+    """Table 2's rows per fold: labelled slices of each fold's studies, scored by that fold's CNN."""
+    source = oof_sources(run_dir)
+    reports = []
+    for fold in sorted(set(source.values())):
+        y, p = [], []
+        for uid in [u for u, f in source.items() if f == fold]:
+            labels = index.loc[index["StudyInstanceUID"] == uid].sort_values("order")["label"].to_numpy()
+            _, probs = load_features(run_dir, fold, uid)
+            known = labels != UNKNOWN
+            y.append(labels[known])
+            p.append(probs[known, 0])
+        y, p = np.concatenate(y), np.concatenate(p)
+        if len(np.unique(y)) < 2:
+            continue
+        for data, metrics in paper_reports(y, p, seed=fold).items():
+            reports.append({"Data": data, "fold": fold, **metrics})
+    return reports
+
+
+def case_level_reports(name: str, oof: pd.DataFrame, labels: pd.DataFrame) -> list[dict]:
+    """Table 3's rows per fold for one model (patient_overall, threshold 0.5)."""
+    reports = []
+    for fold, part in oof.groupby("fold"):
+        y = labels.loc[part["StudyInstanceUID"], "patient_overall"].to_numpy()
+        if len(np.unique(y)) < 2:
+            continue
+        for data, metrics in paper_reports(y, part["p_patient_overall"].to_numpy(), seed=int(fold)).items():
+            reports.append({"Model": name, "Data": data, "fold": fold, **metrics})
+    return reports
+
+
+def scores(name: str, oof: pd.DataFrame, labels: pd.DataFrame) -> dict:
+    """Competition loss (both forms) and per-target AUCs of one model's out-of-fold predictions."""
+    y = labels.loc[oof["StudyInstanceUID"], list(TARGETS)].to_numpy()
+    p = oof[[f"p_{t}" for t in TARGETS]].to_numpy()
+    row = {"Model": name, "loss (per study)": weighted_log_loss(y, p, "study"),
+           "loss (global)": weighted_log_loss(y, p, "global")}
+    for i, t in enumerate(TARGETS):
+        row[f"AUC {t}"] = roc_auc_score(y[:, i], p[:, i]) if len(np.unique(y[:, i])) == 2 else float("nan")
+    return row
+
+
+def _figures(models: dict[str, pd.DataFrame], labels: pd.DataFrame, out: Path, calibrated: str) -> None:
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for name, oof in models.items():
+        y = labels.loc[oof["StudyInstanceUID"], "patient_overall"].to_numpy()
+        if len(np.unique(y)) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(y, oof["p_patient_overall"])
+        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(y, oof['p_patient_overall']):.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.set(xlabel="1 − specificity", ylabel="sensitivity", title="Case level (patient_overall), out of fold")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "roc.png", dpi=120)
+    plt.close(fig)
+
+    oof = models[calibrated]
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for t in ("patient_overall", "C2", "C7"):
+        y = labels.loc[oof["StudyInstanceUID"], t].to_numpy()
+        if len(np.unique(y)) < 2:
+            continue
+        frac, mean = calibration_curve(y, oof[f"p_{t}"], n_bins=min(8, max(2, len(y) // 6)), strategy="quantile")
+        ax.plot(mean, frac, "o-", label=t)
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.set(xlabel="predicted probability", ylabel="observed frequency", title=f"Calibration: {calibrated}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "calibration.png", dpi=120)
+    plt.close(fig)
+
+
+def evaluate(cfg: Config, run_dir: str | os.PathLike) -> Path:
+    """Trains the BLSTM sizes the report compares (skipping trained ones), then writes the report."""
+    run_dir = Path(run_dir)
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    labels = pd.read_csv(run_dir / "labels.csv", dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
+    index = pd.read_csv(run_dir / "cache" / "index.csv", dtype={"StudyInstanceUID": str})
+    n_folds = cfg.folds.n_splits
+    backbone = {"resnet50": "ResNet-50"}.get(cfg.slice.backbone, cfg.slice.backbone)
+    models: dict[str, pd.DataFrame] = {}
+    for hidden in dict.fromkeys((*cfg.seq.compare_hidden, cfg.seq.hidden)):
+        for fold in range(n_folds):
+            if not is_seq_trained(run_dir, hidden, fold):
+                train_seq_fold(cfg, run_dir, fold, hidden)
+        models[f"{backbone} + BLSTM-{hidden}"] = collect_oof(run_dir, hidden, n_folds)
+    uids = models[f"{backbone} + BLSTM-{cfg.seq.hidden}"]["StudyInstanceUID"].tolist()
+    for how in ("max", "mean"):
+        models[f"{backbone}, {how} pooling"] = pooled_predictions(run_dir, uids, how)
+    prior = prior_from_train(labels.loc[uids].reset_index())
+    models["constant prior (2q/(1+q))"] = pd.DataFrame(
+        {"StudyInstanceUID": uids, "fold": models[f"{backbone}, max pooling"]["fold"],
+         **{f"p_{t}": prior[t] for t in TARGETS}})
+
+    table2 = cv_table(image_level_reports(run_dir, index), row_keys=("Data",))
+    case_rows = [r for name, oof in models.items() if "prior" not in name for r in case_level_reports(name, oof, labels)]
+    table3 = cv_table(sorted(case_rows, key=lambda r: r["Data"] != "Imblcd."), row_keys=("Model", "Data"))
+    score_table = pd.DataFrame([scores(name, oof, labels) for name, oof in models.items()])
+    write_table(table2, out / "table2", "Table 2 — image level (out-of-fold, mean ± std % over folds)")
+    write_table(table3, out / "table3", "Table 3 — case level, patient_overall (out-of-fold, mean ± std % over folds)")
+    score_table.to_csv(out / "scores.csv", index=False)
+    default_model = f"{backbone} + BLSTM-{cfg.seq.hidden}"
+    _figures({k: v for k, v in models.items() if "prior" not in k}, labels, out, default_model)
+
+    fmt = score_table.copy()
+    for col in fmt.columns[1:]:
+        fmt[col] = fmt[col].map(lambda v: f"{v:.4f}" if col.startswith("loss") else f"{v:.3f}")
+    lines = [
+        f"# Evaluation: {cfg.name}", "",
+        f"{len(uids)} studies, {n_folds}-fold cross-validation; every number is out of fold (each study scored "
+        f"by a CNN and a BLSTM that never trained on it). BLSTM input: `{cfg.seq.input}`, loss: `{cfg.seq.loss}`.",
+        "Balanced (Blcd.) rows use every positive and as many negatives drawn at random, as in the paper.", "",
+        (out / "table2.md").read_text(), (out / "table3.md").read_text(),
+        "## Competition metric and per-target AUC", "",
+        "Weighted log loss (lower is better; a constant 0.5 scores 0.6931).", "",
+        fmt.to_markdown(index=False), "",
+        "![ROC](roc.png) ![calibration](calibration.png)", "",
+    ]
+    (out / "report.md").write_text("\n".join(lines))
+    log.info("evaluate: report in %s", out / "report.md")
+    return out

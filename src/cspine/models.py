@@ -1,0 +1,102 @@
+"""The two networks: `SliceNet` (a timm CNN on one slice) and `SequenceNet` (a BLSTM over a study).
+
+Both return logits and nothing else; losses live in the training modules, so inference, Grad-CAM and
+tests call the models without labels.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from cspine import TARGETS, VERTEBRAE
+
+# SliceNet's outputs, in order: the paper's image label, then the competition's targets per slice.
+SLICE_OUTPUTS = ("fracture", *[f"{v}_fracture" for v in VERTEBRAE], *[f"{v}_present" for v in VERTEBRAE])
+
+
+def create_backbone(name: str, pretrained_file: str | os.PathLike = "", in_chans: int = 3) -> nn.Module:
+    """A timm backbone without classifier (pooled features out); weights only from a local file.
+
+    Args:
+        name: timm model name (e.g. "resnet50", "resnet10t", "test_resnet").
+        pretrained_file: a local ``.pth``/``.bin``/``.safetensors`` with the model's weights; "" leaves the
+            network randomly initialised (the paper trains from scratch). Nothing is ever downloaded.
+        in_chans: input channels (3: the paper's three windows).
+
+    Raises:
+        FileNotFoundError: the named weights file does not exist.
+    """
+    if pretrained_file:
+        path = Path(pretrained_file).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained weights {path} not found: cspine never downloads weights; "
+                                    "name a local file (slice.pretrained_file=...) or leave it empty")
+        return timm.create_model(name, pretrained=True, num_classes=0, in_chans=in_chans,
+                                 pretrained_cfg_overlay=dict(file=str(path)))
+    return timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans)
+
+
+class SliceNet(nn.Module):
+    """A slice classifier: timm backbone → pooled features → dropout → one linear head per output.
+
+    ``forward`` gives logits [B, 15] in `SLICE_OUTPUTS` order; ``features`` gives the pooled vector
+    [B, D] (2,048 for ResNet-50) that stage 2 reads.
+    """
+
+    def __init__(self, backbone: str = "resnet50", pretrained_file: str = "", dropout: float = 0.3):
+        super().__init__()
+        self.backbone = create_backbone(backbone, pretrained_file)
+        self.num_features = int(self.backbone.num_features)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(self.num_features, len(SLICE_OUTPUTS))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features: float [B, D] for images [B, 3, H, W]."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.features(x)))
+
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both at once (one backbone pass), for feature extraction."""
+        f = self.features(x)
+        return f, self.head(f)
+
+    def cam_layer(self) -> nn.Module:
+        """The backbone's last stage, where Grad-CAM looks (the paper's Fig. 3)."""
+        return self.backbone.get_submodule(self.backbone.feature_info[-1]["module"])
+
+
+class SequenceNet(nn.Module):
+    """The study classifier: a bidirectional LSTM over a study's slice features, head to feet.
+
+    Features are normalised, passed through the BLSTM (packed, so padding never reaches it), then the
+    outputs are pooled over the slices (mean and max, both masked) and mapped to 8 logits in `TARGETS`
+    order (patient_overall, C1..C7).
+    """
+
+    def __init__(self, in_features: int, hidden: int = 128, layers: int = 1, dropout: float = 0.2,
+                 n_outputs: int = len(TARGETS)):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_features)
+        self.dropout = nn.Dropout(dropout)
+        self.lstm = nn.LSTM(in_features, hidden, num_layers=layers, batch_first=True, bidirectional=True,
+                            dropout=dropout if layers > 1 else 0.0)
+        self.head = nn.Linear(4 * hidden, n_outputs)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Logits [B, 8] for padded features [B, T, D] and true lengths [B]."""
+        x = self.dropout(self.norm(x))
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.lstm(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        valid = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths.to(x.device)[:, None]).unsqueeze(-1)
+        mean = (out * valid).sum(1) / valid.sum(1).clamp(min=1)
+        peak = out.masked_fill(~valid, float("-inf")).amax(1)
+        return self.head(self.dropout(torch.cat([mean, peak], dim=1)))

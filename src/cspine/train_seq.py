@@ -1,0 +1,211 @@
+"""Stage 2: the BLSTM study model over a study's slice features, trained without leaks.
+
+    python -m cspine train-seq --config configs/demo.yaml fold=0
+
+Two inputs, each with the protocol that keeps it leak-free and consistent:
+
+- ``seq.input=features`` (the paper): CNNs of different folds learn unrelated feature spaces, so a BLSTM
+  must see one CNN's features only, and only of studies that CNN never trained on: fold k's own studies.
+  Fold k's BLSTMs are trained in ``seq.inner_folds`` inner folds over fold k's studies, on CNN k's features.
+- ``seq.input=probs``: the CNN's 15 slice outputs mean the same for every fold's CNN, so fold k's BLSTM
+  trains on every other fold's out-of-fold outputs and is scored on fold k.
+
+Either way every study gets an out-of-fold prediction (``<run>/seq/h<H>/oof.csv``) from a BLSTM that never
+trained on it, fed by a CNN that never trained on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import StratifiedKFold
+
+from cspine import TARGETS
+from cspine.config import Config, SeqConfig
+from cspine.extract import load_features, oof_sources
+from cspine.metrics import target_weights, weighted_log_loss
+from cspine.models import SequenceNet
+from cspine.runtime import pick_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Study:
+    uid: str
+    x: np.ndarray  # float32 [N, D]
+    y: np.ndarray  # float32 [8] in TARGETS order
+
+
+def seq_dir(run_dir: str | os.PathLike, hidden: int) -> Path:
+    return Path(run_dir) / "seq" / f"h{hidden}"
+
+
+def study_input(features: np.ndarray, probs: np.ndarray, mode: str) -> np.ndarray:
+    """The BLSTM's per-slice input for a study: CNN features or CNN outputs."""
+    if mode == "features":
+        return features
+    if mode == "probs":
+        return probs
+    raise ValueError(f"seq.input must be 'features' or 'probs', not {mode!r}")
+
+
+def collate(studies: list[Study], max_len: int = 0, rng: np.random.Generator | None = None):
+    """Pads studies into x [B, T, D], lengths [B], y [B, 8]; long studies subsampled evenly to max_len."""
+    xs = []
+    for s in studies:
+        x = s.x
+        if max_len and len(x) > max_len:
+            offset = rng.integers(0, len(x) / max_len) if rng is not None else 0
+            x = x[np.linspace(offset, len(x) - 1, max_len).astype(int)]
+        xs.append(x)
+    lengths = torch.tensor([len(x) for x in xs])
+    batch = torch.zeros(len(xs), int(lengths.max()), xs[0].shape[1])
+    for i, x in enumerate(xs):
+        batch[i, :len(x)] = torch.from_numpy(x)
+    return batch, lengths, torch.from_numpy(np.stack([s.y for s in studies]))
+
+
+def sequence_loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    """"competition": the metric's weighted BCE, normalised per study; "case": plain BCE on the case labels."""
+    bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+    if kind == "case":
+        return bce.mean()
+    if kind == "competition":
+        w = torch.from_numpy(target_weights(y.cpu().numpy())).to(bce)
+        return ((w * bce).sum(1) / w.sum(1)).mean()
+    raise ValueError(f"seq.loss must be 'case' or 'competition', not {kind!r}")
+
+
+@torch.inference_mode()
+def predict_studies(model: SequenceNet, studies: list[Study], device: torch.device, batch_size: int = 16) -> np.ndarray:
+    """Probabilities [S, 8] in TARGETS order."""
+    model.eval()
+    out = []
+    for start in range(0, len(studies), batch_size):
+        x, lengths, _ = collate(studies[start:start + batch_size])
+        out.append(torch.sigmoid(model(x.to(device), lengths)).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(TARGETS)))
+
+
+def fit_sequence_model(train: list[Study], val: list[Study], s: SeqConfig, hidden: int, device: torch.device,
+                       seed: int) -> tuple[SequenceNet, list[dict]]:
+    """Trains one BLSTM; early stopping on the validation competition loss (fixed epochs without val)."""
+    seed_everything(seed)
+    model = SequenceNet(train[0].x.shape[1], hidden, s.layers, s.dropout).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    rng = np.random.default_rng(seed)
+    best, best_state, bad, history = math.inf, None, 0, []
+    for epoch in range(s.epochs):
+        model.train()
+        order = rng.permutation(len(train))
+        total = 0.0
+        for start in range(0, len(order), s.batch_size):
+            x, lengths, y = collate([train[i] for i in order[start:start + s.batch_size]], s.max_len, rng)
+            loss = sequence_loss(model(x.to(device), lengths), y.to(device), s.loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(x)
+        row = {"epoch": epoch + 1, "train_loss": total / len(train)}
+        if val:
+            probs = predict_studies(model, val, device)
+            row["val_loss"] = weighted_log_loss(np.stack([v.y for v in val]), probs)
+            if row["val_loss"] < best:
+                best, bad = row["val_loss"], 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                bad += 1
+        history.append(row)
+        if val and bad >= s.patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return model, history
+
+
+def _load_studies(run_dir: Path, uids: list[str], labels: pd.DataFrame, mode: str, source: dict[str, int]) -> list[Study]:
+    studies = []
+    for uid in uids:
+        feats, probs = load_features(run_dir, source[uid], uid)
+        studies.append(Study(uid, study_input(feats, probs, mode), labels.loc[uid, list(TARGETS)].to_numpy(np.float32)))
+    return studies
+
+
+def _save(model: SequenceNet, path: Path, hidden: int, s: SeqConfig, source_fold: int | None, trained_on: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "in_features": model.lstm.input_size, "hidden": hidden,
+                "layers": s.layers, "dropout": s.dropout, "input": s.input, "source_fold": source_fold,
+                "trained_on": trained_on}, path)
+
+
+def load_sequence_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[SequenceNet, dict]:
+    """A saved BLSTM and its metadata (input kind, source fold, studies it trained on)."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model = SequenceNet(state["in_features"], state["hidden"], state["layers"], state["dropout"])
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), {k: v for k, v in state.items() if k != "model"}
+
+
+def train_seq_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, hidden: int | None = None) -> pd.DataFrame:
+    """Trains fold ``fold``'s BLSTM(s) and returns their out-of-fold predictions for the fold's studies."""
+    run_dir = Path(run_dir)
+    s = cfg.seq
+    hidden = hidden or s.hidden
+    device = pick_device(cfg.device)
+    folds = pd.read_csv(run_dir / "folds.csv", dtype={"StudyInstanceUID": str})
+    labels = pd.read_csv(run_dir / "labels.csv", dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
+    source = oof_sources(run_dir)
+    in_fold = [u for u in folds.loc[folds["fold"] == fold, "StudyInstanceUID"] if u in source]
+    out = seq_dir(run_dir, hidden) / f"fold{fold}"
+    rows = []
+    if s.input == "probs":
+        others = [u for u in folds.loc[folds["fold"] != fold, "StudyInstanceUID"] if u in source]
+        train = _load_studies(run_dir, others, labels, "probs", source)
+        val = _load_studies(run_dir, in_fold, labels, "probs", source)
+        model, history = fit_sequence_model(train, val, s, hidden, device, s.seed + fold)
+        _save(model, out / "model.pt", hidden, s, None, others)
+        rows.append((val, predict_studies(model, val, device)))
+        histories = {"model": history}
+    else:
+        studies = _load_studies(run_dir, in_fold, labels, "features", source)
+        y = np.array([st.y[0] for st in studies]).astype(int)
+        n_inner = max(2, min(s.inner_folds, int(np.bincount(y, minlength=2).min()) or 2))
+        splitter = StratifiedKFold(n_splits=n_inner, shuffle=True, random_state=s.seed + fold)
+        histories = {}
+        for inner, (tr, va) in enumerate(splitter.split(np.zeros(len(y)), y if np.bincount(y).min() >= n_inner else np.zeros_like(y))):
+            train, val = [studies[i] for i in tr], [studies[i] for i in va]
+            model, history = fit_sequence_model(train, val, s, hidden, device, s.seed + 100 * fold + inner)
+            _save(model, out / f"inner{inner}.pt", hidden, s, fold, [st.uid for st in train])
+            rows.append((val, predict_studies(model, val, device)))
+            histories[f"inner{inner}"] = history
+    (out / "history.json").write_text(json.dumps(histories))
+    oof = pd.DataFrame([{"StudyInstanceUID": st.uid, "fold": fold, **{f"p_{t}": float(p[i]) for i, t in enumerate(TARGETS)}}
+                        for val, probs in rows for st, p in zip(val, probs)])
+    oof.to_csv(out / "oof.csv", index=False)
+    log.info("train-seq fold %d, BLSTM-%d (%s): %d studies scored out of fold, loss %.4f", fold, hidden, s.input,
+             len(oof), weighted_log_loss(labels.loc[oof["StudyInstanceUID"], list(TARGETS)].to_numpy(),
+                                         oof[[f"p_{t}" for t in TARGETS]].to_numpy()) if len(oof) else float("nan"))
+    return oof
+
+
+def collect_oof(run_dir: str | os.PathLike, hidden: int, n_folds: int) -> pd.DataFrame:
+    """Every fold's out-of-fold BLSTM predictions for one size, written to ``seq/h<H>/oof.csv``."""
+    frames = [pd.read_csv(seq_dir(run_dir, hidden) / f"fold{k}" / "oof.csv", dtype={"StudyInstanceUID": str})
+              for k in range(n_folds)]
+    oof = pd.concat(frames, ignore_index=True)
+    oof.to_csv(seq_dir(run_dir, hidden) / "oof.csv", index=False)
+    return oof
+
+
+def is_seq_trained(run_dir: str | os.PathLike, hidden: int, fold: int) -> bool:
+    return (seq_dir(run_dir, hidden) / f"fold{fold}" / "oof.csv").is_file()
