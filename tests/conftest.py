@@ -35,3 +35,17 @@ def synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic")
     return make_competition(root, n_train=8, n_test=2, seed=11, image_size=96, n_slices=40,
                             box_fraction=1.0, mask_fraction=0.75)
+
+
+SMOKE_CONFIG = REPO / "configs" / "smoke.yaml"
+
+
+@pytest.fixture(scope="session")
+def smoke_run(synthetic_root, tmp_path_factory) -> Path:
+    """The whole pipeline at the smoke config on the shared synthetic competition, run once."""
+    from cspine.config import load_config
+    from cspine.pipeline import run
+
+    run_dir = tmp_path_factory.mktemp("smoke_run")
+    run(load_config(SMOKE_CONFIG), synthetic_root, run_dir, run_dir / "submission.csv")
+    return run_dir

@@ -156,6 +156,13 @@ def test_mixed_shapes_raise_or_skip(tmp_path):
     assert s.hu.shape == (4, 32, 32)
 
 
+def test_a_folder_of_nothing_readable_is_a_clear_error(tmp_path):
+    (tmp_path / "1.dcm").write_text("not dicom")
+    (tmp_path / "2.dcm").write_bytes(b"")
+    with pytest.raises(DicomError, match=r"no readable slice among 2 files: 1\.dcm"):
+        load_series(tmp_path, on_error="skip")
+
+
 def test_missing_and_empty_folders(tmp_path):
     with pytest.raises(DicomError, match="does not exist"):
         load_series(tmp_path / "nope")

@@ -104,6 +104,7 @@ def test_binary_report_matches_sklearn():
     assert r["AUC"] == pytest.approx(roc_auc_score(y, prob))  # from probabilities, not labels
     assert r["AUC"] != pytest.approx(roc_auc_score(y, pred))
     assert math.isnan(binary_report([0, 0], [0.1, 0.7])["AUC"])
+    assert all(math.isnan(v) for v in binary_report([], []).values())
 
 
 def test_balanced_subset_and_cv_table(tmp_path):

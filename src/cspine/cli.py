@@ -27,8 +27,9 @@ def _setup_logging(log_file: Path | None = None) -> None:
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", handlers=handlers, force=True)
+    logging.getLogger("cspine").setLevel(logging.INFO)  # our progress; codecs' INFO chatter stays quiet
 
 
 def _config(args: argparse.Namespace):

@@ -98,27 +98,33 @@ def seed_worker(worker_id: int) -> None:
 class BalancedDistributedSampler(DistributedSampler):
     """A DistributedSampler that can also draw positives and negatives equally, per epoch and seed.
 
-    With ``labels`` given, each epoch draws ``num_samples_total`` indices with replacement, half from
-    positive items and half from negative ones; otherwise it is DistributedSampler's shuffled pass. Either
-    way every rank takes its own interleaved share, and ``set_epoch`` changes the draw.
+    With ``labels`` given, each epoch draws ``num_samples_total`` indices (default: twice the positives)
+    with replacement, half from positive items and half from negative ones. Without labels but with
+    ``num_samples_total``, it draws that many items uniformly. Otherwise it is DistributedSampler's shuffled
+    pass. Every rank takes its own interleaved share, and ``set_epoch`` changes the draw.
     """
 
     def __init__(self, dataset: Dataset, labels: np.ndarray | None = None, num_samples_total: int | None = None,
                  num_replicas: int = 1, rank: int = 0, seed: int = 0):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
         self.labels = None if labels is None else np.asarray(labels)
-        if self.labels is not None:
+        self.drawn = self.labels is not None or bool(num_samples_total)
+        if self.drawn:
             total = num_samples_total or 2 * max(int((self.labels == 1).sum()), 1)
             self.num_samples = math.ceil(total / num_replicas)
             self.total_size = self.num_samples * num_replicas
 
     def __iter__(self):
-        if self.labels is None:
+        if not self.drawn:
             return super().__iter__()
         rng = np.random.default_rng([self.seed, self.epoch])
-        pos, neg = np.flatnonzero(self.labels == 1), np.flatnonzero(self.labels != 1)
-        half = self.total_size // 2
-        picks = np.concatenate([rng.choice(pos, half) if len(pos) else rng.choice(neg, half),
-                                rng.choice(neg, self.total_size - half) if len(neg) else rng.choice(pos, half)])
-        rng.shuffle(picks)
+        n = len(self.dataset)
+        if self.labels is None:
+            picks = rng.choice(n, self.total_size, replace=self.total_size > n)
+        else:
+            pos, neg = np.flatnonzero(self.labels == 1), np.flatnonzero(self.labels != 1)
+            half = self.total_size // 2
+            picks = np.concatenate([rng.choice(pos if len(pos) else neg, half),
+                                    rng.choice(neg if len(neg) else pos, self.total_size - half)])
+            rng.shuffle(picks)
         return iter(picks[self.rank:self.total_size:self.num_replicas].tolist())

@@ -458,7 +458,7 @@ def _slice_spacing(positions: np.ndarray, orientation: np.ndarray, study_dir: Pa
 def _drop_odd_shapes(slices: list[_Slice], study_dir: Path, on_error: OnError,
                      skipped: list[tuple[Path, str]]) -> list[_Slice]:
     shapes = Counter(s.shape for s in slices)
-    if len(shapes) == 1:
+    if len(shapes) <= 1:
         return slices
     main_shape = shapes.most_common(1)[0][0]
     odd = [s for s in slices if s.shape != main_shape]

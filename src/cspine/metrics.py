@@ -80,6 +80,8 @@ def binary_report(y_true: np.ndarray, y_prob: np.ndarray, threshold: float = 0.5
     """
     y = np.asarray(y_true).astype(int)
     prob = np.asarray(y_prob, dtype=np.float64)
+    if len(y) == 0:  # e.g. the balanced subset of a fold without positives
+        return {name: float("nan") for name in REPORT_COLUMNS}
     pred = (prob >= threshold).astype(int)
     tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
 

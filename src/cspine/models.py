@@ -76,23 +76,30 @@ class SliceNet(nn.Module):
 class SequenceNet(nn.Module):
     """The study classifier: a bidirectional LSTM over a study's slice features, head to feet.
 
-    Features are normalised, passed through the BLSTM (packed, so padding never reaches it), then the
-    outputs are pooled over the slices (mean and max, both masked) and mapped to 8 logits in `TARGETS`
-    order (patient_overall, C1..C7).
+    Each input feature is standardised with the training set's mean and std (buffers saved with the
+    weights; per feature, not per slice, so a slice's absolute fracture probability survives), passed
+    through the BLSTM (packed, so padding never reaches it), pooled over the slices (mean and max, both
+    masked) and mapped to 8 logits in `TARGETS` order (patient_overall, C1..C7).
     """
 
     def __init__(self, in_features: int, hidden: int = 128, layers: int = 1, dropout: float = 0.2,
                  n_outputs: int = len(TARGETS)):
         super().__init__()
-        self.norm = nn.LayerNorm(in_features)
+        self.register_buffer("feature_mean", torch.zeros(in_features))
+        self.register_buffer("feature_std", torch.ones(in_features))
         self.dropout = nn.Dropout(dropout)
         self.lstm = nn.LSTM(in_features, hidden, num_layers=layers, batch_first=True, bidirectional=True,
                             dropout=dropout if layers > 1 else 0.0)
         self.head = nn.Linear(4 * hidden, n_outputs)
 
+    def fit_standardization(self, slices: torch.Tensor) -> None:
+        """Sets the input standardisation from training slices float [N, D]."""
+        self.feature_mean.copy_(slices.mean(0))
+        self.feature_std.copy_(slices.std(0).clamp(min=1e-3))
+
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Logits [B, 8] for padded features [B, T, D] and true lengths [B]."""
-        x = self.dropout(self.norm(x))
+        x = self.dropout((x - self.feature_mean) / self.feature_std)
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, _ = self.lstm(packed)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])

@@ -57,6 +57,7 @@ class Fracture:
     width: float  # gap width in mm
     radius: float  # extent of the break around `point`, mm
     displaced: bool
+    drawn: float = 0.0  # voxels of gap actually drawn (coverage summed)
 
 
 @dataclass
@@ -81,12 +82,19 @@ class PhantomStudy:
 
     @property
     def fractured_levels(self) -> tuple[int, ...]:
-        return tuple(sorted({f.level for f in self.fractures}))
+        """Levels with a fracture actually drawn (a planned break that missed the bone does not count)."""
+        return tuple(sorted({f.level for f in self.fractures if f.drawn > 0}))
 
-    def fracture_boxes(self, min_coverage: float = 0.3, pad: int = 2) -> list[tuple[int, int, int, int, int]]:
-        """(slice index, x, y, width, height) in pixels for every slice a fracture crosses."""
+    def fracture_boxes(self, min_coverage: float = 0.5, min_pixels: int = 4,
+                       pad: int = 2) -> list[tuple[int, int, int, int, int]]:
+        """(slice index, x, y, width, height) in pixels for every slice where a fracture is visible.
+
+        Visible means at least ``min_pixels`` pixels more than ``min_coverage`` covered by the gap: a slice
+        the plane only grazes shows nothing a reader would box, and labelling it would be label noise.
+        """
         boxes = []
-        for k in np.flatnonzero((self.fracture > min_coverage).any(axis=(1, 2))):
+        visible = (self.fracture > min_coverage).sum(axis=(1, 2)) >= min_pixels
+        for k in np.flatnonzero(visible):
             rows, cols = np.nonzero(self.fracture[k] > min_coverage)
             h, w = self.fracture.shape[1:]
             y0, y1 = max(rows.min() - pad, 0), min(rows.max() + pad + 1, h)
@@ -386,6 +394,7 @@ def _apply_fracture(hu: np.ndarray, labels: np.ndarray, coverage: np.ndarray, fr
     cover = np.minimum(cover, 1.0).astype(np.float32)
     hu[:] = hu * (1 - cover) + FLUID * cover
     np.maximum(coverage, cover, out=coverage)
+    fracture.drawn += float(cover.sum())
 
 
 def draw_fractured_levels(rng: np.random.Generator) -> tuple[int, ...]:

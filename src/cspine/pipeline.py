@@ -52,7 +52,8 @@ def resolve_data(cfg: Config, data: str | os.PathLike | None, synthetic_dir: Pat
         s = cfg.synth
         return make_competition(synthetic_dir, n_train=s.n_train, n_test=s.n_test, seed=s.seed,
                                 image_size=s.image_size, difficulty=s.difficulty, box_fraction=s.box_fraction,
-                                mask_fraction=s.mask_fraction, n_slices=s.n_slices or None)
+                                mask_fraction=s.mask_fraction, n_slices=s.n_slices or None,
+                                workers=max(1, min(cfg.prepare.workers, os.cpu_count() or 1)))
 
 
 def setup_run(cfg: Config, data_dir: Path, run_dir: Path) -> pd.DataFrame:
@@ -72,6 +73,42 @@ def fold_list(cfg: Config) -> list[int]:
     return list(cfg.folds.folds) if cfg.folds.folds else list(range(cfg.folds.n_splits))
 
 
+STAGES = ("prepare", "train-slices", "extract", "train-seq", "evaluate", "predict")
+
+
+def run_stages(cfg: Config, data_dir: Path, run_dir: Path, until: str = "predict",
+               submission: Path | None = None, train: pd.DataFrame | None = None) -> Path | None:
+    """Runs the stages in order through ``until``, skipping finished work; returns the report folder if made."""
+    if until not in STAGES:
+        raise ValueError(f"until must be one of {STAGES}, not {until!r}")
+    last = STAGES.index(until)
+    report = None
+
+    def stage(name: str, fn, *args, **kwargs):
+        t = time.perf_counter()
+        result = fn(*args, **kwargs)
+        log.info("stage %s: %.1f s", name, time.perf_counter() - t)
+        return result
+
+    stage("prepare", prepare, cfg, data_dir, run_dir / "cache")
+    if last >= 1:
+        for fold in fold_list(cfg):
+            if not is_trained(run_dir, fold):
+                stage(f"train-slices fold {fold}", train_fold, cfg, run_dir, fold)
+    if last >= 2:
+        for fold in fold_list(cfg):
+            stage(f"extract fold {fold}", extract_fold, cfg, run_dir, fold)
+    if last >= 3:
+        for fold in fold_list(cfg):
+            if not is_seq_trained(run_dir, cfg.seq.hidden, fold):
+                stage(f"train-seq fold {fold}", train_seq_fold, cfg, run_dir, fold)
+    if last >= 4:
+        report = stage("evaluate", evaluate, cfg, run_dir)
+    if last >= 5:
+        stage("predict", predict, cfg, data_dir, run_dir, submission or default_submission_path(), train=train)
+    return report
+
+
 def run(cfg: Config, data: str | os.PathLike | None = None, run_dir: str | os.PathLike | None = None,
         submission: str | os.PathLike | None = None) -> dict[str, Path]:
     """The whole baseline; returns where each output is."""
@@ -81,24 +118,7 @@ def run(cfg: Config, data: str | os.PathLike | None = None, run_dir: str | os.Pa
     submission = Path(submission or default_submission_path())
     train = setup_run(cfg, data_dir, run_dir)
     log.info("run %s: data %s, outputs %s", cfg.name, data_dir, run_dir)
-
-    def stage(name: str, fn, *args, **kwargs):
-        t = time.perf_counter()
-        result = fn(*args, **kwargs)
-        log.info("stage %s: %.1f s", name, time.perf_counter() - t)
-        return result
-
-    stage("prepare", prepare, cfg, data_dir, run_dir / "cache")
-    for fold in fold_list(cfg):
-        if not is_trained(run_dir, fold):
-            stage(f"train-slices fold {fold}", train_fold, cfg, run_dir, fold)
-    for fold in fold_list(cfg):
-        stage(f"extract fold {fold}", extract_fold, cfg, run_dir, fold)
-    for fold in fold_list(cfg):
-        if not is_seq_trained(run_dir, cfg.seq.hidden, fold):
-            stage(f"train-seq fold {fold}", train_seq_fold, cfg, run_dir, fold)
-    report = stage("evaluate", evaluate, cfg, run_dir)
-    stage("predict", predict, cfg, data_dir, run_dir, submission, train=train)
+    report = run_stages(cfg, data_dir, run_dir, "predict", submission, train)
     outputs = {"submission": submission, "report": report / "report.md", "figures": report, "run": run_dir}
     minutes = (time.perf_counter() - started) / 60
     print(f"\ncspine run '{cfg.name}' finished in {minutes:.1f} min")

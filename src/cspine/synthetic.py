@@ -130,8 +130,11 @@ def make_study(root: str | os.PathLike, split: str, uid: str, seed: tuple[int, .
     row.update({v: int(i + 1 in fractured) for i, v in enumerate(VERTEBRAE)})
     boxes = []
     if with_boxes and fractured:
+        # a fractured study with boxes has at least one; at coarse resolutions a break may not pass the
+        # visibility rule on any slice, and then its most-covered slices are boxed
+        found = study.fracture_boxes() or study.fracture_boxes(min_coverage=0.1, min_pixels=1)
         boxes = [{"StudyInstanceUID": uid, "x": float(x), "y": float(y), "width": float(bw), "height": float(bh),
-                  "slice_number": int(numbers[k])} for k, x, y, bw, bh in study.fracture_boxes()]
+                  "slice_number": int(numbers[k])} for k, x, y, bw, bh in found]
     return {"row": row, "boxes": boxes, "reversed": files.numbering == "feet_to_head"}
 
 

@@ -102,6 +102,7 @@ def fit_sequence_model(train: list[Study], val: list[Study], s: SeqConfig, hidde
     """Trains one BLSTM; early stopping on the validation competition loss (fixed epochs without val)."""
     seed_everything(seed)
     model = SequenceNet(train[0].x.shape[1], hidden, s.layers, s.dropout).to(device)
+    model.fit_standardization(torch.from_numpy(np.concatenate([st.x for st in train])).to(device))
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     rng = np.random.default_rng(seed)
     best, best_state, bad, history = math.inf, None, 0, []

@@ -124,7 +124,6 @@ def train_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, rt: Runtime |
         A summary: epochs run, best epoch and validation loss, the fold directory.
     """
     rt = rt or init_distributed(cfg.device)
-    s = cfg.slice
     run_dir = Path(run_dir)
     out = fold_dir(run_dir, fold)
     handler = None
@@ -156,8 +155,6 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
     labels = train_df["label"].to_numpy() if s.balance else None
     total = s.steps_per_epoch * s.batch_size * s.accum_steps * rt.world_size if s.steps_per_epoch else None
     sampler = BalancedDistributedSampler(train_set, labels, total, rt.world_size, rt.rank, seed=s.seed + fold)
-    if total and labels is None:
-        sampler.num_samples = math.ceil(total / rt.world_size)
     train_loader = _loader(train_set, s.batch_size, s.workers, sampler=sampler, pin=rt.cuda)
     val_loader = _loader(val_set, s.batch_size * 2, s.workers, pin=rt.cuda)
 

@@ -1,0 +1,163 @@
+"""Figures for the notebooks and the README: studies with boxes and masks, windows, the crop, training curves.
+
+Every function returns the matplotlib Figure, so a notebook shows it and a script saves it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib import pyplot as plt
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from cspine import TARGETS, VERTEBRAE
+from cspine.dicom import Series
+from cspine.preprocess import GROSS_BONE, WINDOWS, _body, _window_u8, otsu_crop_box, otsu_threshold, spine_mask, window
+
+BONE_VIEW = (400.0, 1800.0)  # center, width: the standard bone window, for display
+
+
+def show_study(series: Series, boxes: pd.DataFrame | None = None, mask: np.ndarray | None = None,
+               slice_index: int | None = None, column: int | None = None) -> Figure:
+    """Axial slice (with its boxes and mask outline) beside sagittal and coronal reformats.
+
+    Args:
+        series: the loaded study (head to feet).
+        boxes: this study's rows of train_bounding_boxes.csv (slice_number = file number).
+        mask: aligned labels [N, H, W] (`cspine.competition.read_mask`), outlined per vertebra.
+        slice_index: axial slice to show (default: the first boxed slice, else the middle).
+        column: sagittal column (default: the image centre).
+    """
+    n, h, w = series.hu.shape
+    numbers = list(series.slice_numbers)
+    boxed = [] if boxes is None else [numbers.index(s) for s in boxes["slice_number"] if s in numbers]
+    k = slice_index if slice_index is not None else (int(np.median(boxed)) if boxed else n // 2)
+    column = column if column is not None else w // 2
+    dz, dy, dx = series.spacing
+    aspect = dz / dy if np.isfinite(dz) and dy > 0 else 1.0
+    fig, axes = plt.subplots(1, 3, figsize=(14, 5))
+    view = lambda a: window(a, *BONE_VIEW)  # noqa: E731
+    axes[0].imshow(view(series.hu[k]), cmap="gray")
+    axes[0].set_title(f"axial, slice {k} (file {numbers[k]})")
+    if boxes is not None:
+        for b in boxes[boxes["slice_number"] == numbers[k]].itertuples():
+            axes[0].add_patch(Rectangle((b.x, b.y), b.width, b.height, fill=False, edgecolor="red", lw=1.5))
+    if mask is not None:
+        axes[0].contour(mask[k], levels=np.arange(0.5, 8.5), cmap="tab10", linewidths=0.8)
+    axes[1].imshow(view(series.hu[:, :, column]), cmap="gray", aspect=aspect)
+    axes[1].axhline(k, color="yellow", lw=0.6)
+    axes[1].set_title("sagittal (head at the top)")
+    axes[2].imshow(view(series.hu[:, h // 2 + h // 10, :]), cmap="gray", aspect=aspect)
+    axes[2].set_title("coronal")
+    for row in boxed:
+        axes[1].axhline(row, color="red", lw=0.4, alpha=0.6)
+    if mask is not None:
+        axes[1].contour(mask[:, :, column], levels=np.arange(0.5, 8.5), cmap="tab10", linewidths=0.6)
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(series.uid, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_window_functions() -> Figure:
+    """The paper's Fig. 2: each window as a function of HU."""
+    hu = np.linspace(-1000, 2000, 600)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name, center, width in WINDOWS:
+        ax.plot(hu, window(hu, center, width), label=f"{name.replace('_', ' ')} (c{center:g}, w{width:g})")
+    ax.set(xlabel="Hounsfield units", ylabel="channel value", title="The three windows (Salehinejad et al., Fig. 2)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def show_windows(hu: np.ndarray) -> Figure:
+    """One slice in HU and as each window, and the three stacked as RGB."""
+    fig, axes = plt.subplots(1, 5, figsize=(17, 3.8))
+    axes[0].imshow(np.clip(hu, -1024, 2000), cmap="gray")
+    axes[0].set_title("HU (−1024…2000)")
+    for ax, (name, center, width) in zip(axes[1:4], WINDOWS):
+        ax.imshow(window(hu, center, width), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(name.replace("_", " "))
+    axes[4].imshow(np.stack([window(hu, c, w) for _, c, w in WINDOWS], axis=-1))
+    axes[4].set_title("stacked as RGB")
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def show_crop_steps(hu: np.ndarray, margin: float = 0.05) -> Figure:
+    """The crop step by step: gross bone window and its Otsu histogram, bone inside the body, the spine, the box."""
+    gross = _window_u8(hu, *GROSS_BONE[1:])
+    body = _body(hu)
+    inside = body[0] if body is not None else np.ones_like(hu, bool)
+    threshold = otsu_threshold(gross[inside])
+    mask = spine_mask(hu)
+    y0, y1, x0, x1 = otsu_crop_box(hu, margin)
+    fig, axes = plt.subplots(1, 5, figsize=(19, 3.8))
+    axes[0].imshow(gross, cmap="gray")
+    axes[0].set_title("gross bone window")
+    axes[1].hist(gross[inside].ravel(), bins=64, color="grey", log=True)
+    axes[1].axvline(threshold, color="red")
+    axes[1].set_title(f"inside the body: Otsu at {threshold}")
+    axes[2].imshow((gross > threshold) & inside, cmap="gray")
+    axes[2].set_title("bone inside the body")
+    axes[3].imshow(window(hu, *BONE_VIEW), cmap="gray")
+    if mask is not None:
+        axes[3].contour(mask, levels=[0.5], colors="lime", linewidths=0.8)
+    axes[3].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="red", lw=1.5))
+    axes[3].set_title("spine and box (+5%)")
+    axes[4].imshow(np.stack([window(hu[y0:y1, x0:x1], c, w) for _, c, w in WINDOWS], axis=-1))
+    axes[4].set_title("cropped, three windows")
+    for ax in (axes[0], axes[2], axes[3], axes[4]):
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def show_images(images: np.ndarray, titles: list[str] | None = None, cols: int = 6) -> Figure:
+    """A grid of uint8 [N, H, W, 3] images (or normalised float [N, 3, H, W] tensors)."""
+    images = np.asarray(images)
+    if images.ndim == 4 and images.shape[1] == 3:
+        images = images.transpose(0, 2, 3, 1)
+        images = (images - images.min()) / max(images.max() - images.min(), 1e-6)
+    rows = int(np.ceil(len(images) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i, (ax, image) in enumerate(zip(axes.ravel(), images)):
+        ax.imshow(image)
+        if titles:
+            ax.set_title(titles[i], fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_history(history: pd.DataFrame, title: str = "") -> Figure:
+    """Training and validation loss, and validation AUC, per epoch."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    axes[0].plot(history["epoch"], history["train_loss"], "o-", label="train")
+    axes[0].plot(history["epoch"], history["val_loss"], "o-", label="validation")
+    axes[0].set(xlabel="epoch", ylabel="loss")
+    axes[0].legend()
+    axes[1].plot(history["epoch"], history["val_auc"], "o-", color="C2")
+    axes[1].set(xlabel="epoch", ylabel="slice AUC (validation)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_prevalence(train: pd.DataFrame) -> Figure:
+    """Share of studies with each target positive."""
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    prevalence = train[list(TARGETS)].mean() * 100
+    ax.bar(prevalence.index, prevalence.to_numpy(), color=["C3"] + ["C0"] * len(VERTEBRAE))
+    for i, v in enumerate(prevalence.to_numpy()):
+        ax.text(i, v + 0.5, f"{v:.1f}%", ha="center", fontsize=8)
+    ax.set(ylabel="% of studies", title=f"Label prevalence ({len(train)} studies)")
+    fig.tight_layout()
+    return fig

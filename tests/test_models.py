@@ -1,0 +1,83 @@
+"""cspine.models: shapes, features, offline pretrained weights, and packed-sequence correctness."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from cspine.models import SLICE_OUTPUTS, SequenceNet, SliceNet, create_backbone
+
+
+def test_slice_net_logits_and_features():
+    model = SliceNet("test_resnet", dropout=0.0).eval()
+    x = torch.randn(2, 3, 64, 64)
+    logits = model(x)
+    assert logits.shape == (2, len(SLICE_OUTPUTS)) == (2, 15)
+    features = model.features(x)
+    assert features.shape == (2, model.num_features)
+    f, l2 = model.features_and_logits(x)
+    torch.testing.assert_close(l2, logits)
+    torch.testing.assert_close(f, features)
+
+
+def test_resnet50_features_are_2048():
+    assert SliceNet("resnet50").num_features == 2048
+
+
+def test_pretrained_weights_come_from_a_local_file_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = timm.create_model("test_resnet", num_classes=0)
+    torch.nn.init.constant_(source.conv1[0].weight if isinstance(source.conv1, torch.nn.Sequential)
+                            else source.conv1.weight, 0.123)
+    path = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), path)
+    loaded = create_backbone("test_resnet", pretrained_file=path)
+    for (name, a), (_, b) in zip(source.state_dict().items(), loaded.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+    random_init = create_backbone("test_resnet")
+    assert not all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), random_init.state_dict().values()))
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        SliceNet("test_resnet", pretrained_file=str(tmp_path / "missing.pth"))
+
+
+def test_blstm_padded_batch_equals_each_sequence_alone():
+    torch.manual_seed(0)
+    model = SequenceNet(in_features=12, hidden=16, dropout=0.0).eval()
+    lengths = [7, 3, 11]
+    seqs = [torch.randn(n, 12) for n in lengths]
+    batch = torch.zeros(3, 11, 12)
+    for i, s in enumerate(seqs):
+        batch[i, :len(s)] = s
+    batch[1, 3:] = 99.0  # padding content must not matter
+    together = model(batch, torch.tensor(lengths))
+    for i, s in enumerate(seqs):
+        alone = model(s[None], torch.tensor([len(s)]))
+        torch.testing.assert_close(together[i], alone[0], rtol=1e-5, atol=1e-5)
+    assert together.shape == (3, 8)
+
+
+def test_blstm_learns_separable_studies():
+    from cspine.config import SeqConfig
+    from cspine.train_seq import Study, fit_sequence_model, predict_studies
+
+    rng = np.random.default_rng(0)
+
+    def study(i, positive):
+        x = rng.normal(size=(int(rng.integers(20, 40)), 8)).astype(np.float32)
+        if positive:  # a few "fractured" slices carry a signal in feature 0
+            at = rng.integers(0, len(x) - 3)
+            x[at:at + 3, 0] += 4.0
+        y = np.zeros(8, np.float32)
+        y[0] = y[3] = float(positive)
+        return Study(f"s{i}", x, y)
+
+    train = [study(i, i % 2 == 0) for i in range(60)]
+    val = [study(100 + i, i % 2 == 0) for i in range(20)]
+    cfg = SeqConfig(epochs=40, batch_size=8, lr=3e-3, patience=40, dropout=0.0)
+    model, history = fit_sequence_model(train, val, cfg, hidden=16, device=torch.device("cpu"), seed=0)
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+    p = predict_studies(model, val, torch.device("cpu"))
+    y = np.array([v.y[0] for v in val])
+    assert (p[y == 1, 0].min() > p[y == 0, 0].max()) or np.mean((p[:, 0] > 0.5) == y) >= 0.9

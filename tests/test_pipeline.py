@@ -1,0 +1,135 @@
+"""Stage 2, evaluation, prediction and `run`, on the smoke pipeline (run once per session)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cspine import TARGETS
+from cspine.competition import read_test
+from cspine.config import load_config
+from cspine.dicom_writer import Encoding, write_series
+from cspine.predict import predict
+from cspine.submission import validate_submission
+
+from .conftest import SMOKE_CONFIG
+
+pytestmark = pytest.mark.slow
+
+
+def test_run_writes_every_output(smoke_run, synthetic_root):
+    sub = pd.read_csv(smoke_run / "submission.csv")
+    validate_submission(sub, read_test(synthetic_root))
+    for path in ("report/report.md", "report/table2.csv", "report/table3.csv", "report/scores.csv",
+                 "report/roc.png", "report/calibration.png", "folds.csv", "labels.csv", "config.yaml"):
+        assert (smoke_run / path).is_file(), path
+
+
+def test_second_run_resumes_and_skips_finished_stages(smoke_run, synthetic_root):
+    from cspine.pipeline import run
+
+    stamps = {p: p.stat().st_mtime_ns for p in smoke_run.glob("slice/fold*/best.pt")}
+    stamps.update({p: p.stat().st_mtime_ns for p in smoke_run.glob("features/fold*/*.npz")})
+    stamps.update({p: p.stat().st_mtime_ns for p in smoke_run.glob("cache/*.npy")})
+    run(load_config(SMOKE_CONFIG), synthetic_root, smoke_run, smoke_run / "submission.csv")
+    assert stamps and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
+def test_features_never_come_from_a_model_that_saw_the_study(smoke_run):
+    folds = pd.read_csv(smoke_run / "folds.csv", dtype={"StudyInstanceUID": str})
+    seen = set()
+    for provenance_path in sorted(smoke_run.glob("features/fold*/provenance.json")):
+        info = json.loads(provenance_path.read_text())
+        fold = info["fold"]
+        trained_on = set(folds.loc[folds["fold"] != fold, "StudyInstanceUID"])
+        assert set(info["trained_on"]) == trained_on  # the CNN's training studies, from the fold split
+        extracted = {p.stem for p in provenance_path.parent.glob("*.npz")}
+        assert extracted and extracted <= set(info["studies"])
+        assert not extracted & set(info["trained_on"])
+        seen |= extracted
+    assert seen == set(folds["StudyInstanceUID"])  # every study has out-of-fold features
+    for model_path in smoke_run.glob("seq/h*/fold*/*.pt"):
+        meta = torch.load(model_path, map_location="cpu", weights_only=False)
+        oof = pd.read_csv(model_path.parent / "oof.csv", dtype={"StudyInstanceUID": str})
+        assert not set(meta["trained_on"]) & set(oof["StudyInstanceUID"]) or model_path.name.startswith("inner")
+        if meta["input"] == "features":  # a BLSTM reads features of its own fold's CNN only
+            fold = int(model_path.parent.name.removeprefix("fold"))
+            assert meta["source_fold"] == fold
+            assert set(meta["trained_on"]) <= set(folds.loc[folds["fold"] == fold, "StudyInstanceUID"])
+
+
+def test_every_study_is_predicted_out_of_fold_by_a_blstm_that_never_saw_it(smoke_run):
+    for hidden_dir in smoke_run.glob("seq/h*"):
+        oof = pd.read_csv(hidden_dir / "oof.csv", dtype={"StudyInstanceUID": str})
+        assert oof["StudyInstanceUID"].is_unique
+        for fold_dir in hidden_dir.glob("fold*"):
+            scored = set(pd.read_csv(fold_dir / "oof.csv", dtype={"StudyInstanceUID": str})["StudyInstanceUID"])
+            for model_path in fold_dir.glob("inner*.pt"):
+                meta = torch.load(model_path, map_location="cpu", weights_only=False)
+                inner_scored = scored - set(meta["trained_on"])
+                assert inner_scored  # each inner model scored studies it did not train on
+
+
+def test_report_tables_have_the_papers_rows_and_columns(smoke_run):
+    table3 = pd.read_csv(smoke_run / "report" / "table3.csv")
+    assert list(table3.columns) == ["Model", "Data", "TPR", "TNR", "PPV", "NPV", "F1", "Acc", "MCC", "AUC", "folds"]
+    models = set(table3["Model"])
+    for hidden in (96, 128, 256):
+        assert any(m.endswith(f"BLSTM-{hidden}") for m in models), hidden
+    assert any("max pooling" in m for m in models) and any("mean pooling" in m for m in models)
+    assert set(table3["Data"]) == {"Imblcd.", "Blcd."}
+    table2 = pd.read_csv(smoke_run / "report" / "table2.csv")
+    assert set(table2["Data"]) <= {"Imblcd.", "Blcd."}
+    scores = pd.read_csv(smoke_run / "report" / "scores.csv")
+    assert {"loss (per study)", "loss (global)", *[f"AUC {t}" for t in TARGETS]} <= set(scores.columns)
+    prior_row = scores[scores["Model"].str.contains("prior")].iloc[0]
+    assert 0 < prior_row["loss (per study)"] < np.log(2) + 0.2
+
+
+def test_predict_survives_every_kind_of_bad_study(smoke_run, synthetic_root, tmp_path, caplog):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root / "test_images", data / "test_images")
+    good = sorted(p.name for p in (data / "test_images").iterdir())
+    corrupt_uid, empty_uid, non_ct_uid, one_uid, absent_uid = (f"1.2.826.0.1.3680043.77{i}" for i in range(5))
+    shutil.copytree(data / "test_images" / good[0], data / "test_images" / corrupt_uid)
+    victim = sorted((data / "test_images" / corrupt_uid).iterdir())[3]
+    victim.write_bytes(victim.read_bytes()[:600])  # one corrupt slice: the study still predicts
+    (data / "test_images" / empty_uid).mkdir()
+    (data / "test_images" / non_ct_uid).mkdir()
+    (data / "test_images" / non_ct_uid / "1.dcm").write_text("this is not a CT slice")
+    write_series(np.zeros((1, 64, 64)), data / "test_images" / one_uid, spacing=(1, 1, 1), study_uid=one_uid,
+                 encoding=Encoding())
+    uids = [*good, corrupt_uid, empty_uid, non_ct_uid, one_uid, absent_uid]
+    test = pd.DataFrame([{"row_id": f"{u}_{t}", "StudyInstanceUID": u, "prediction_type": t}
+                         for u in uids for t in TARGETS])
+    test.to_csv(data / "test.csv", index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sub = predict(load_config(SMOKE_CONFIG), data, smoke_run, tmp_path / "sub.csv")
+    validate_submission(pd.read_csv(tmp_path / "sub.csv"), test)
+    assert len(sub) == 8 * len(uids)
+    for uid in (empty_uid, non_ct_uid, one_uid):
+        assert uid in caplog.text  # named in the log
+    assert "IndexError" not in caplog.text and "no readable slice" in caplog.text
+    assert "1 of 7 studies in test.csv have no folder" in caplog.text
+    values = sub.set_index("row_id")["fractured"]
+    prior_like = values[f"{empty_uid}_patient_overall"]
+    assert values[f"{absent_uid}_patient_overall"] == pytest.approx(prior_like)
+    assert values[f"{corrupt_uid}_patient_overall"] == pytest.approx(values[f"{good[0]}_patient_overall"], abs=0.05)
+
+
+def test_package_kaggle_bundles_models_and_script(smoke_run, tmp_path):
+    from cspine.kaggle import package_kaggle
+
+    out = package_kaggle(load_config(SMOKE_CONFIG), smoke_run, tmp_path / "bundle", wheels=False)
+    assert len(list(out.glob("models/slice/fold*/best.pt"))) == 2
+    assert list(out.glob("models/seq/h128/fold*/*.pt"))
+    assert load_config(out / "models" / "config.yaml") == load_config(SMOKE_CONFIG)
+    script = (out / "kaggle_inference.py").read_text()
+    assert "--no-index" in script and "HF_HUB_OFFLINE" in script and "/kaggle/working/submission.csv" in script
