@@ -24,7 +24,7 @@ from skimage.transform import resize
 from cspine.config import load_config
 from cspine.phantom import PhantomConfig, render_study
 from cspine.preprocess import (
-    ANTERIOR_PENALTY, BODY_HU, JOIN_GAP, MIN_BONE_FRACTION, MIN_BONE_HU, SEED_SPREAD, SPINE_BAND, WINDOWS,
+    ANTERIOR_PENALTY, BODY_GRID, BODY_HU, JOIN_GAP, MIN_BONE_FRACTION, MIN_BONE_HU, SEED_SPREAD, SPINE_BAND, WINDOWS,
     preprocess_slice,
 )
 
@@ -32,15 +32,16 @@ from cspine.preprocess import (
 def reference_box(hu: np.ndarray, margin: float = 0.05) -> tuple[int, int, int, int]:
     """The same spine selection written plainly with scikit-image, in float."""
     h, w = hu.shape
-    body_labels = label(hu > BODY_HU, connectivity=1)
+    step = max(1, max(h, w) // BODY_GRID)  # the body on the same strided grid
+    body_labels = label(hu[::step, ::step] > BODY_HU, connectivity=1)
     regions = regionprops(body_labels)
     if not regions:
         return 0, h, 0, w
     body = max(regions, key=lambda r: r.area)
-    by0, bx0, by1, bx1 = body.bbox
+    by0, bx0, by1, bx1 = (v * step for v in body.bbox)
     bw, bh = bx1 - bx0, by1 - by0
-    body_y, body_x = body.centroid
-    inside = body_labels == body.label
+    body_y, body_x = (c * step + (step - 1) / 2 for c in body.centroid)
+    inside = np.kron(body_labels == body.label, np.ones((step, step), bool))[:h, :w]
     _, center, width = WINDOWS[2]
     gross = np.round(np.clip((hu - (center - width / 2)) / width, 0, 1) * 255)
     floor = int(np.clip((MIN_BONE_HU - (center - width / 2)) * 255 / width, 0, 255))

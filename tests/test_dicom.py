@@ -106,7 +106,7 @@ def test_non_uniform_spacing_warns(tmp_path):
 
 def test_gantry_tilt_warns(tmp_path):
     write_series(ramp_volume(n=4), tmp_path, spacing=(1, 1, 1), study_uid=UID)
-    for i, path in enumerate(sorted(tmp_path.iterdir())):
+    for path in sorted(tmp_path.iterdir()):
         ds = pydicom.dcmread(path)
         ds.ImagePositionPatient = [0, 0.5 * int(path.stem), -float(path.stem)]  # y drifts with z: tilted
         ds.save_as(path)

@@ -11,6 +11,7 @@ from cspine.dicom import read_hu
 from cspine.phantom import PhantomConfig, render_study
 from cspine.preprocess import (
     WINDOWS,
+    _body,
     otsu_crop_box,
     otsu_threshold,
     preprocess_slice,
@@ -51,20 +52,22 @@ def _inside(box, mask):
 
 
 def test_box_holds_the_whole_spine_and_leaves_out_table_and_padding(phantom):
-    checked = 0
+    checked = with_table = 0
     for k in range(len(phantom.hu)):
         vertebra = (phantom.labels[k] >= 1) & (phantom.labels[k] <= 7)
         if vertebra.sum() < 30:
             continue
         box = otsu_crop_box(phantom.hu[k])
         assert _inside(box, vertebra), k
-        table_rows = np.flatnonzero(((phantom.hu[k] > 100) & (np.arange(128)[:, None] > 100)).any(axis=1))
-        assert box[1] <= 110, k  # the table (rows ≥ 110 here) is out of the box
+        body_rows = np.flatnonzero(_body(phantom.hu[k])[0].any(axis=1))
+        if (phantom.hu[k, body_rows[-1] + 1:] > -400).any():  # the table, under the patient, in the field of view
+            assert box[1] <= body_rows[-1] + 1, k
+            with_table += 1
         y0, y1, x0, x1 = box
         assert (phantom.hu[k, y0:y1, x0:x1] > -1500).all(), k  # no field-of-view padding inside
         assert (y1 - y0) * (x1 - x0) < 0.35 * 128 * 128, k
         checked += 1
-    assert checked > 30
+    assert checked > 30 and with_table > 20
 
 
 def test_box_excludes_lateral_bones(phantom):

@@ -9,7 +9,6 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pydicom
-import pytest
 
 from cspine import TARGETS, VERTEBRAE
 from cspine.competition import read_boxes, read_mask, read_test, read_train, slice_labels
@@ -160,3 +159,8 @@ def test_label_prevalence_follows_the_real_data():
     assert per_level[6] > 2 * per_level[2]  # C7 (19.5%) far more often than C3 (3.6%)
     assert np.argmax(per_level) == 6 and np.argmin(per_level) == 2
     assert max(len(d) for d in draws) <= 6
+
+
+def test_a_competition_without_test_studies_is_still_complete(tmp_path):
+    root = make_competition(tmp_path, n_train=2, n_test=0, seed=1, image_size=40, n_slices=8)
+    assert read_test(root).empty and list(pd.read_csv(root / "sample_submission.csv").columns) == ["row_id", "fractured"]

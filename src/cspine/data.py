@@ -14,7 +14,6 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from cspine import VERTEBRAE
 from cspine.config import SliceConfig
-from cspine.models import SLICE_OUTPUTS
 from cspine.prepare import UNKNOWN, load_study_images
 
 # Channel statistics for uint8 window images scaled to [0, 1]; a fixed, documented normalisation keeps

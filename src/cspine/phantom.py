@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from cspine import VERTEBRAE
 
 # Real training-set statistics (shared/competition.md): how many vertebrae a study has fractured, and
 # how often each level is fractured; used so synthetic label distributions look like the real ones.

@@ -32,7 +32,7 @@ from cspine.models import SequenceNet, SliceNet
 from cspine.preprocess import preprocess_study
 from cspine.runtime import amp_dtype, pick_device
 from cspine.submission import make_submission, prior_from_train, write_submission
-from cspine.train_seq import load_sequence_model, seq_dir, study_input
+from cspine.train_seq import load_sequence_model, seq_dir
 from cspine.train_slices import fold_dir, load_slice_model
 
 log = logging.getLogger(__name__)

@@ -62,46 +62,54 @@ def otsu_threshold(values: np.ndarray) -> int:
     return int(threshold)
 
 
+BODY_GRID = 128  # the body is found on a grid this coarse (a strided view): it is large, and labelling is the cost
+
+
 def _body(hu: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int], tuple[float, float]] | None:
     """The patient's largest connected region above BODY_HU (drops the table and padding).
 
-    Returns the region, its (x, y, w, h) box and its centroid (x, y), or None for a blank slice.
+    Labelled on a strided grid of about BODY_GRID² (a 512² slice: every 4th pixel), then scaled back.
+    Returns the full-size region, its (x, y, w, h) box and its centroid (x, y), or None for a blank slice.
     """
-    fg = (hu > BODY_HU).astype(np.uint8)
+    step = max(1, max(hu.shape) // BODY_GRID)
+    fg = (hu[::step, ::step] > BODY_HU).astype(np.uint8)
     n, labels, stats, centroids = cv2.connectedComponentsWithStats(fg, connectivity=4)
     if n <= 1:
         return None
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    x, y, w, h = stats[largest, :4]
-    return labels == largest, (int(x), int(y), int(w), int(h)), tuple(centroids[largest])
+    x, y, w, h = (int(v) * step for v in stats[largest, :4])
+    small = (labels == largest).astype(np.uint8)
+    inside = cv2.resize(small, (small.shape[1] * step, small.shape[0] * step), interpolation=cv2.INTER_NEAREST)
+    inside = inside[:hu.shape[0], :hu.shape[1]] > 0
+    cx, cy = centroids[largest]
+    return inside, (x, y, w, h), (float(cx * step + (step - 1) / 2), float(cy * step + (step - 1) / 2))
 
 
-def spine_mask(hu: np.ndarray) -> np.ndarray | None:
-    """Bone that belongs to the spine (or, on a head slice, the skull), as a boolean [H, W] mask.
-
-    Otsu's threshold on the gross bone window gives bone; bone outside the patient (table, padding,
-    stray pixels) is dropped; of the rest, the largest component near the body's centre line seeds the
-    spine, and nearby central components join it (posterior arch, dens, processes). Lateral bones such as
-    ribs, clavicles and shoulders lie outside the central band and never join; the mandible, though
-    central, lies at the body's front edge and loses the seed to the spine near the centre. None for a
-    blank slice.
-    """
+def _spine_components(hu: np.ndarray):
+    """Bone components of the spine: (labels of the body's box, stats in image coordinates, chosen ids, box
+    offset), or None. See `spine_mask` for the rules."""
     body = _body(hu)
     if body is None:
         return None
-    inside, (bx, _, bw, bh), (body_x, body_y) = body
-    gross = _window_u8(hu, *GROSS_BONE[1:])
+    inside, (bx, by, bw, bh), (body_x, body_y) = body
+    y0, y1, x0, x1 = by, min(by + bh, hu.shape[0]), bx, min(bx + bw, hu.shape[1])
+    region = hu[y0:y1, x0:x1]
+    region_inside = inside[y0:y1, x0:x1]
+    gross = _window_u8(region, *GROSS_BONE[1:])
     _, center, width = GROSS_BONE
     floor = int(np.clip((MIN_BONE_HU - (center - width / 2)) * 255 / width, 0, 255))
-    threshold = max(otsu_threshold(gross[inside]) if inside.sum() > 1 else 127, floor)
-    bone = ((gross > threshold) & inside).astype(np.uint8)
-    n, labels, stats, centroids = cv2.connectedComponentsWithStats(bone, connectivity=8)
+    threshold = max(otsu_threshold(gross[region_inside]) if region_inside.sum() > 1 else 127, floor)
+    bone = ((gross > threshold) & region_inside).astype(np.uint8)
+    n, labels, stats, centroids = cv2.connectedComponentsWithStatsWithAlgorithm(bone, 8, cv2.CV_32S, cv2.CCL_GRANA)
+    stats = stats.copy()
+    stats[:, 0] += x0
+    stats[:, 1] += y0
+    centroids = centroids + [x0, y0]
     min_area = max(3, int(MIN_BONE_FRACTION * hu.size))
-    center_x = body_x
     band = SPINE_BAND * bw
     candidates = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= min_area
-                  and stats[i, cv2.CC_STAT_LEFT] <= center_x + band
-                  and stats[i, cv2.CC_STAT_LEFT] + stats[i, cv2.CC_STAT_WIDTH] >= center_x - band]
+                  and stats[i, cv2.CC_STAT_LEFT] <= body_x + band
+                  and stats[i, cv2.CC_STAT_LEFT] + stats[i, cv2.CC_STAT_WIDTH] >= body_x - band]
     if not candidates:
         return None
     spread = SEED_SPREAD * max(bw, bh)
@@ -114,8 +122,8 @@ def spine_mask(hu: np.ndarray) -> np.ndarray | None:
         return float(stats[i, cv2.CC_STAT_AREA] * np.exp(-dist2 / spread ** 2))
 
     seed = max(candidates, key=weight)
-    x0, y0 = stats[seed, 0], stats[seed, 1]
-    x1, y1 = x0 + stats[seed, 2], y0 + stats[seed, 3]
+    sx0, sy0 = stats[seed, 0], stats[seed, 1]
+    sx1, sy1 = sx0 + stats[seed, 2], sy0 + stats[seed, 3]
     chosen, gap = {seed}, JOIN_GAP * bw
     grew = True
     while grew:
@@ -125,12 +133,31 @@ def spine_mask(hu: np.ndarray) -> np.ndarray | None:
                 continue
             cx0, cy0 = stats[i, 0], stats[i, 1]
             cx1, cy1 = cx0 + stats[i, 2], cy0 + stats[i, 3]
-            if (cx0 <= x1 + gap and cx1 >= x0 - gap and cy0 <= y1 + gap and cy1 >= y0 - gap
-                    and abs(centroids[i][0] - center_x) <= band):
+            if (cx0 <= sx1 + gap and cx1 >= sx0 - gap and cy0 <= sy1 + gap and cy1 >= sy0 - gap
+                    and abs(centroids[i][0] - body_x) <= band):
                 chosen.add(i)
-                x0, y0, x1, y1 = min(x0, cx0), min(y0, cy0), max(x1, cx1), max(y1, cy1)
+                sx0, sy0, sx1, sy1 = min(sx0, cx0), min(sy0, cy0), max(sx1, cx1), max(sy1, cy1)
                 grew = True
-    return np.isin(labels, list(chosen))
+    return labels, stats, chosen, (y0, x0)
+
+
+def spine_mask(hu: np.ndarray) -> np.ndarray | None:
+    """Bone that belongs to the spine (or, on a head slice, the skull), as a boolean [H, W] mask.
+
+    Otsu's threshold on the gross bone window gives bone; bone outside the patient (table, padding,
+    stray pixels) is dropped; of the rest, the largest component near the body's centre line seeds the
+    spine, and nearby central components join it (posterior arch, dens, processes). Lateral bones such as
+    ribs, clavicles and shoulders lie outside the central band and never join; the mandible, though
+    central, lies at the body's front edge and loses the seed to the spine near the centre. None for a
+    blank slice.
+    """
+    found = _spine_components(hu)
+    if found is None:
+        return None
+    labels, _, chosen, (y0, x0) = found
+    mask = np.zeros(hu.shape, bool)
+    mask[y0:y0 + labels.shape[0], x0:x0 + labels.shape[1]] = np.isin(labels, list(chosen))
+    return mask
 
 
 def otsu_crop_box(hu: np.ndarray, margin: float = 0.05) -> Box:
@@ -144,12 +171,14 @@ def otsu_crop_box(hu: np.ndarray, margin: float = 0.05) -> Box:
         (y0, y1, x0, x1), half-open and clamped to the image; the full image for a blank slice.
     """
     h, w = hu.shape
-    mask = spine_mask(hu)
-    if mask is None:
+    found = _spine_components(hu)
+    if found is None:
         return 0, h, 0, w
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    _, stats, chosen, _ = found
+    chosen = list(chosen)
+    x0, y0 = stats[chosen, 0].min(), stats[chosen, 1].min()
+    x1 = (stats[chosen, 0] + stats[chosen, 2]).max()
+    y1 = (stats[chosen, 1] + stats[chosen, 3]).max()
     my, mx = margin * (y1 - y0), margin * (x1 - x0)
     return (max(0, int(np.floor(y0 - my))), min(h, int(np.ceil(y1 + my))),
             max(0, int(np.floor(x0 - mx))), min(w, int(np.ceil(x1 + mx))))

@@ -194,7 +194,7 @@ def make_competition(
     test_uids = [job["uid"] for job in jobs[n_train:]]
     types = [*VERTEBRAE, "patient_overall"]
     test = pd.DataFrame([{"row_id": f"{uid}_{t}", "StudyInstanceUID": uid, "prediction_type": t}
-                         for uid in test_uids for t in types])
+                         for uid in test_uids for t in types], columns=["row_id", "StudyInstanceUID", "prediction_type"])
     test.to_csv(root / "test.csv", index=False)
     pd.DataFrame({"row_id": test["row_id"], "fractured": 0.5}).to_csv(root / "sample_submission.csv", index=False)
     (root / COMPLETE_MARKER).write_text(f"seed={seed} train={n_train} test={n_test} image_size={image_size}\n")

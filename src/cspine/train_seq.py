@@ -180,10 +180,11 @@ def train_seq_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, hidden: i
     else:
         studies = _load_studies(run_dir, in_fold, labels, "features", source)
         y = np.array([st.y[0] for st in studies]).astype(int)
-        n_inner = max(2, min(s.inner_folds, int(np.bincount(y, minlength=2).min()) or 2))
+        n_inner = max(2, min(s.inner_folds, len(y)))
+        strata = y if np.bincount(y, minlength=2).min() >= n_inner else np.zeros_like(y)  # too few to stratify
         splitter = StratifiedKFold(n_splits=n_inner, shuffle=True, random_state=s.seed + fold)
         histories = {}
-        for inner, (tr, va) in enumerate(splitter.split(np.zeros(len(y)), y if np.bincount(y).min() >= n_inner else np.zeros_like(y))):
+        for inner, (tr, va) in enumerate(splitter.split(np.zeros(len(y)), strata)):
             train, val = [studies[i] for i in tr], [studies[i] for i in va]
             model, history = fit_sequence_model(train, val, s, hidden, device, s.seed + 100 * fold + inner)
             _save(model, out / f"inner{inner}.pt", hidden, s, fold, [st.uid for st in train])
