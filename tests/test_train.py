@@ -52,6 +52,14 @@ def test_training_lowers_the_loss(prepared, tmp_path):
         assert (run_dir / "slice" / "fold0" / name).is_file(), name
 
 
+def test_a_time_boxed_call_is_not_finished_until_the_last_epoch(prepared, tmp_path):
+    run_dir = _copy_base(prepared, tmp_path / "boxed")
+    cfg = load_config(SMOKE_CONFIG, ["slice.epochs=2", "slice.patience=10"])
+    assert not train_fold(cfg, run_dir, 0, max_epochs=1)["finished"]
+    assert not (run_dir / "slice" / "fold0" / "done").exists()
+    assert train_fold(cfg, run_dir, 0)["finished"]
+
+
 def test_resumed_run_matches_an_uninterrupted_one(prepared, tmp_path):
     cfg = load_config(SMOKE_CONFIG, ["slice.epochs=3", "slice.patience=10"])
     straight = _copy_base(prepared, tmp_path / "straight")

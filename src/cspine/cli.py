@@ -100,7 +100,10 @@ def _data_for_run(args: argparse.Namespace, run_dir: Path) -> Path:
 
 
 def cmd_train_slices(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
     from cspine.pipeline import fold_list, setup_run
+    from cspine.runtime import init_distributed
     from cspine.train_slices import train_fold
 
     fold = _pop_fold(args)
@@ -109,9 +112,15 @@ def cmd_train_slices(args: argparse.Namespace) -> int:
     if not (run_dir / "cache" / "index.csv").is_file():
         log.error("%s has no slice cache: run `python -m cspine prepare` first", run_dir)
         return 1
-    setup_run(cfg, _data_for_run(args, run_dir), run_dir)
+    rt = init_distributed(cfg.device)
+    if rt.is_main:  # one writer for labels.csv and folds.csv; the other ranks wait for them
+        setup_run(cfg, _data_for_run(args, run_dir), run_dir)
+    if rt.distributed:
+        dist.barrier()
     for k in [fold] if fold is not None else fold_list(cfg):
-        print(train_fold(cfg, run_dir, k))
+        summary = train_fold(cfg, run_dir, k, rt=rt)
+        if rt.is_main:
+            print(summary)
     return 0
 
 

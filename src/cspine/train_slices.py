@@ -193,7 +193,6 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
                  size, size, dtype or "off")
 
     steps_done, stopped = 0, bad_epochs >= s.patience
-    epoch = start_epoch
     for epoch in range(start_epoch, s.epochs):
         if stopped or (max_epochs is not None and epoch - start_epoch >= max_epochs):
             break
@@ -275,7 +274,7 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
         stopped = stop[0]
         if max_steps is not None and steps_done >= max_steps:
             break
-    finished = stopped or epoch + 1 >= s.epochs
+    finished = stopped or len(history) >= s.epochs  # history holds every epoch trained, resumed ones too
     if finished and rt.is_main:
         (out / "done").write_text(json.dumps({"best_loss": best_loss, "epochs": len(history)}))
     return {"fold": fold, "dir": str(out), "epochs": len(history), "best_val_loss": best_loss,
