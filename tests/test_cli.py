@@ -12,20 +12,20 @@ from cspine.cli import main
 from .conftest import SMOKE_CONFIG
 
 
-def test_unknown_config_key_exits_2_naming_it(capsys, caplog):
+def test_unknown_config_key_exits_2_naming_it(capsys):
     assert main(["prepare", "--config", str(SMOKE_CONFIG), "slice.epoch=3"]) == 2
-    assert "slice.'epoch'" in caplog.text
+    assert "slice.'epoch'" in capsys.readouterr().err
 
 
-def test_wrong_data_path_exits_1_listing_it(tmp_path, caplog):
+def test_wrong_data_path_exits_1_listing_it(tmp_path, capsys):
     assert main(["prepare", "--config", str(SMOKE_CONFIG), "--data", str(tmp_path / "nowhere"),
                  "--out", str(tmp_path / "run")]) == 1
-    assert "nowhere" in caplog.text
+    assert "nowhere" in capsys.readouterr().err
 
 
-def test_train_slices_without_a_cache_says_what_to_run(tmp_path, caplog):
+def test_train_slices_without_a_cache_says_what_to_run(tmp_path, capsys):
     assert main(["train-slices", "--config", str(SMOKE_CONFIG), "--out", str(tmp_path), "fold=0"]) == 1
-    assert "prepare" in caplog.text
+    assert "python -m cspine prepare" in capsys.readouterr().err
 
 
 def test_synth_and_prepare_commands(tmp_path):
