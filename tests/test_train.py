@@ -169,3 +169,5 @@ def test_sampler_draws_the_asked_number_and_shards_across_ranks(balanced):
         assert (labels[together] == 1).sum() == 20  # half positives, though they are 5% of the data
     sampler.set_epoch(2)
     assert list(sampler) != shards[1]
+    quarter = BalancedDistributedSampler(dataset, labels, 40, seed=3, positive_fraction=0.25)
+    assert (labels[list(quarter)] == 1).sum() == 10

@@ -76,7 +76,8 @@ class SliceConfig:
     ema: bool = False
     ema_decay: float = 0.998
     workers: int = 2
-    balance: bool = True  # sample positive and negative slices equally
+    balance: bool = True  # sample positive slices at positive_fraction (fractured slices are ~3% of the data)
+    positive_fraction: float = 0.5  # with balance: the share of fractured slices in each epoch
     hflip: float = 0.5  # the paper's horizontal flip
     rotate: float = 10.0  # the paper's ±10° rotation
     extra_aug: bool = False  # brightness/contrast, shift-scale, noise on top of the paper's

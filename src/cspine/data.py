@@ -97,19 +97,20 @@ def seed_worker(worker_id: int) -> None:
 class BalancedDistributedSampler(DistributedSampler):
     """A DistributedSampler that can also draw positives and negatives equally, per epoch and seed.
 
-    With ``labels`` given, each epoch draws ``num_samples_total`` indices (default: twice the positives)
-    with replacement, half from positive items and half from negative ones. Without labels but with
+    With ``labels`` given, each epoch draws ``num_samples_total`` indices (default: each positive once, on
+    average) with replacement, ``positive_fraction`` of them from positive items and the rest from negative ones. Without labels but with
     ``num_samples_total``, it draws that many items uniformly. Otherwise it is DistributedSampler's shuffled
     pass. Every rank takes its own interleaved share, and ``set_epoch`` changes the draw.
     """
 
     def __init__(self, dataset: Dataset, labels: np.ndarray | None = None, num_samples_total: int | None = None,
-                 num_replicas: int = 1, rank: int = 0, seed: int = 0):
+                 num_replicas: int = 1, rank: int = 0, seed: int = 0, positive_fraction: float = 0.5):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
         self.labels = None if labels is None else np.asarray(labels)
+        self.positive_fraction = positive_fraction
         self.drawn = self.labels is not None or bool(num_samples_total)
         if self.drawn:
-            total = num_samples_total or 2 * max(int((self.labels == 1).sum()), 1)
+            total = num_samples_total or int(max(int((self.labels == 1).sum()), 1) / positive_fraction)
             self.num_samples = math.ceil(total / num_replicas)
             self.total_size = self.num_samples * num_replicas
 
@@ -122,8 +123,8 @@ class BalancedDistributedSampler(DistributedSampler):
             picks = rng.choice(n, self.total_size, replace=self.total_size > n)
         else:
             pos, neg = np.flatnonzero(self.labels == 1), np.flatnonzero(self.labels != 1)
-            half = self.total_size // 2
-            picks = np.concatenate([rng.choice(pos if len(pos) else neg, half),
-                                    rng.choice(neg if len(neg) else pos, self.total_size - half)])
+            n_pos = int(round(self.total_size * self.positive_fraction))
+            picks = np.concatenate([rng.choice(pos if len(pos) else neg, n_pos),
+                                    rng.choice(neg if len(neg) else pos, self.total_size - n_pos)])
             rng.shuffle(picks)
         return iter(picks[self.rank:self.total_size:self.num_replicas].tolist())

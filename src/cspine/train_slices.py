@@ -154,7 +154,8 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
     val_set = SliceDataset(run_dir / "cache", val_df, build_transforms(s, False, size))
     labels = train_df["label"].to_numpy() if s.balance else None
     total = s.steps_per_epoch * s.batch_size * s.accum_steps * rt.world_size if s.steps_per_epoch else None
-    sampler = BalancedDistributedSampler(train_set, labels, total, rt.world_size, rt.rank, seed=s.seed + fold)
+    sampler = BalancedDistributedSampler(train_set, labels, total, rt.world_size, rt.rank, seed=s.seed + fold,
+                                         positive_fraction=s.positive_fraction)
     train_loader = _loader(train_set, s.batch_size, s.workers, sampler=sampler, pin=rt.cuda)
     val_loader = _loader(val_set, s.batch_size * 2, s.workers, pin=rt.cuda)
 
