@@ -171,3 +171,15 @@ def test_sampler_draws_the_asked_number_and_shards_across_ranks(balanced):
     assert list(sampler) != shards[1]
     quarter = BalancedDistributedSampler(dataset, labels, 40, seed=3, positive_fraction=0.25)
     assert (labels[list(quarter)] == 1).sum() == 10
+
+
+def test_dataset_keeps_a_bounded_number_of_studies_open(prepared, monkeypatch):
+    import cspine.data as data
+
+    monkeypatch.setattr(data, "OPEN_STUDIES", 2)
+    index = pd.read_csv(prepared / "cache" / "index.csv", dtype={"StudyInstanceUID": str})
+    firsts = index.groupby("StudyInstanceUID").head(1)
+    dataset = SliceDataset(prepared / "cache", firsts, build_transforms(load_config(SMOKE_CONFIG).slice, False, 48))
+    images = [dataset.image(i) for i in range(len(firsts))]
+    assert len(dataset._studies) == 2 and len(firsts) > 2
+    np.testing.assert_array_equal(dataset.image(0), images[0])  # evicted studies reopen transparently

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from pathlib import Path
 
 import albumentations as A
@@ -20,6 +21,7 @@ from cspine.prepare import UNKNOWN, load_study_images
 # cached features comparable across runs (ImageNet's would matter only with ImageNet weights).
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
+OPEN_STUDIES = 64  # memory-mapped studies a dataset keeps open at once
 TARGET_COLUMNS = ["label", *[f"{v}_fracture" for v in VERTEBRAE], *[f"{v}_present" for v in VERTEBRAE]]
 
 
@@ -62,7 +64,7 @@ class SliceDataset(Dataset):
         self.orders = index["order"].to_numpy()
         self.targets = index[TARGET_COLUMNS].to_numpy(dtype=np.float32)
         self.transform = transform
-        self._studies: dict[str, np.ndarray] = {}
+        self._studies: OrderedDict[str, np.ndarray] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.uids)
@@ -70,7 +72,12 @@ class SliceDataset(Dataset):
     def image(self, i: int) -> np.ndarray:
         """uint8 [H, W, 3] of item i, as cached."""
         uid = self.uids[i]
-        if uid not in self._studies:
+        if uid in self._studies:
+            self._studies.move_to_end(uid)
+        else:
+            # each memory map holds a file descriptor: keep a bounded few open (the real data has ~2,000 studies)
+            if len(self._studies) >= OPEN_STUDIES:
+                self._studies.popitem(last=False)
             self._studies[uid] = load_study_images(self.cache_dir, uid)
         return np.asarray(self._studies[uid][self.orders[i]])
 

@@ -114,21 +114,6 @@ def _transcode_gdcm(path: Path, syntax: UID) -> None:
         raise OSError(f"{path}: gdcm could not write {syntax.name}")
 
 
-def write_slice(path: str | os.PathLike, stored: np.ndarray, encoding: Encoding, header: dict) -> Path:
-    """Writes one slice of stored values (int16/uint16 [H, W]) with the given header elements."""
-    path = Path(path)
-    ds = _dataset(np.ascontiguousarray(stored), encoding, header)
-    syntax = SYNTAXES[encoding.syntax]
-    if syntax in (RLELossless, JPEG2000Lossless):
-        ds.compress(syntax, encoding_plugin="pylibjpeg")
-    tmp = path.with_name(path.name + ".part")
-    ds.save_as(tmp, enforce_file_format=True)
-    if syntax == JPEGLosslessSV1:
-        _transcode_gdcm(tmp, syntax)
-    os.replace(tmp, path)
-    return path
-
-
 # Placeholders for the values that change from slice to slice. Each is as wide as any real value, and
 # the real values are space-padded to that width (valid for IS and DS), so one serialised header serves
 # every slice of a series.

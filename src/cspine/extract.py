@@ -113,8 +113,8 @@ def extract_fold(cfg: Config, run_dir: str | os.PathLike, fold: int) -> Path:
 
 def load_features(run_dir: str | os.PathLike, fold: int, uid: str) -> tuple[np.ndarray, np.ndarray]:
     """(features, probs) of one study as extracted by fold ``fold``'s CNN (float32)."""
-    data = np.load(features_dir(run_dir, fold) / f"{uid}.npz")
-    return data["features"].astype(np.float32), data["probs"].astype(np.float32)
+    with np.load(features_dir(run_dir, fold) / f"{uid}.npz") as data:
+        return data["features"].astype(np.float32), data["probs"].astype(np.float32)
 
 
 def oof_sources(run_dir: str | os.PathLike) -> dict[str, int]:
