@@ -2,8 +2,8 @@
 
     python -m cspine package-kaggle --config configs/paper.yaml --models runs/paper --out kaggle_package
 
-The folder holds ``wheels/`` (cspine and the inference dependencies Kaggle's image lacks or has too old,
-for Python 3.11 manylinux), ``models/`` (every fold's slice CNN and BLSTMs, the resolved config, the
+The folder holds ``wheels/`` (cspine, and the inference dependencies Kaggle's image lacks or has too old
+with theirs, for Python 3.11 manylinux), ``models/`` (every fold's slice CNN and BLSTMs, the resolved config, the
 training prior) and ``kaggle_inference.py``, the notebook cell that installs offline and writes
 ``/kaggle/working/submission.csv``. Nothing is downloaded at inference time.
 """
@@ -22,10 +22,13 @@ from cspine.train_seq import seq_dir
 
 log = logging.getLogger(__name__)
 
-# What inference needs beyond Kaggle's image (torch, timm, numpy, pandas, opencv are there already).
-INFERENCE_WHEELS = ["pydicom>=3.0", "pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1", "pylibjpeg-openjpeg>=2.3",
-                    "pylibjpeg-rle>=2.0", "dicomsdl>=0.109", "albumentations>=2.0,<2.1", "nibabel>=5.0",
-                    "iterative-stratification>=0.1.9", "tabulate>=0.9", "grad-cam>=1.5"]
+# What inference imports beyond Kaggle's image (torch, timm, numpy, pandas, scikit-learn, matplotlib are
+# there). Downloaded with their own dependencies; cspine itself installs with --no-deps, so training-only
+# packages (grad-cam, python-gdcm) are never needed offline.
+INFERENCE_REQUIREMENTS = ["pydicom>=3.0", "pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1", "pylibjpeg-openjpeg>=2.3",
+                          "pylibjpeg-rle>=2.0", "dicomsdl>=0.109", "albumentations>=2.0,<2.1",
+                          "opencv-python-headless>=4.8", "nibabel>=5.0", "iterative-stratification>=0.1.9",
+                          "tabulate>=0.9", "pyyaml>=6.0"]
 
 INFERENCE_SCRIPT = '''"""Kaggle notebook cell (internet off): install cspine from this dataset, write the submission."""
 import os, subprocess, sys
@@ -33,8 +36,9 @@ from pathlib import Path
 
 BUNDLE = Path(__file__).resolve().parent if "__file__" in globals() else Path("/kaggle/input/{dataset}")
 os.environ["HF_HUB_OFFLINE"] = "1"  # no hub call, ever
-subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(BUNDLE / "wheels"),
-                "cspine"], check=True)
+pip = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(BUNDLE / "wheels")]
+subprocess.run(pip + ["--no-deps", "cspine"], check=True)
+subprocess.run(pip + {requirements!r}, check=True)
 subprocess.run([sys.executable, "-m", "cspine", "predict", "--config", str(BUNDLE / "models" / "config.yaml"),
                 "--models", str(BUNDLE / "models"), "--out", "/kaggle/working/submission.csv"], check=True)
 '''
@@ -73,14 +77,14 @@ def package_kaggle(cfg: Config, models_dir: str | os.PathLike, out: str | os.Pat
         if (models_dir / name).is_file():
             _copy(models_dir / name, bundle / name)
     save_config(cfg, bundle / "config.yaml")
-    (out / "kaggle_inference.py").write_text(INFERENCE_SCRIPT.format(dataset=dataset))
+    (out / "kaggle_inference.py").write_text(INFERENCE_SCRIPT.format(dataset=dataset, requirements=INFERENCE_REQUIREMENTS))
     if wheels:
         wheel_dir = out / "wheels"
         root = Path(__file__).resolve().parents[2]
         subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(wheel_dir), str(root)], check=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
-                        "3.11", "--platform", "manylinux2014_x86_64", "-d", str(wheel_dir), *INFERENCE_WHEELS],
-                       check=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--python-version", "3.11",
+                        "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_28_x86_64",
+                        "-d", str(wheel_dir), *INFERENCE_REQUIREMENTS], check=True)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     log.info("Kaggle bundle in %s: %d slice CNNs, %d BLSTMs, %.1f MB", out, len(checkpoints), len(blstms), size / 1e6)
     return out
