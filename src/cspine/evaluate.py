@@ -13,22 +13,19 @@ import logging
 import os
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import roc_auc_score, roc_curve
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from sklearn.calibration import calibration_curve  # noqa: E402
-from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
-
-from cspine import TARGETS, VERTEBRAE  # noqa: E402
-from cspine.config import Config, save_config  # noqa: E402
-from cspine.extract import load_features, oof_sources  # noqa: E402
-from cspine.metrics import cv_table, paper_reports, weighted_log_loss, write_table  # noqa: E402
-from cspine.prepare import UNKNOWN  # noqa: E402
-from cspine.submission import prior_from_train  # noqa: E402
-from cspine.train_seq import collect_oof, is_seq_trained, train_seq_fold  # noqa: E402
+from cspine import TARGETS, VERTEBRAE
+from cspine.config import Config, save_config
+from cspine.extract import load_features, oof_sources
+from cspine.metrics import cv_table, paper_reports, weighted_log_loss, write_table
+from cspine.prepare import UNKNOWN
+from cspine.submission import prior_from_train
+from cspine.train_seq import collect_oof, is_seq_trained, train_seq_fold
 
 log = logging.getLogger(__name__)
 

@@ -10,18 +10,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.patches import Rectangle
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-from pytorch_grad_cam import GradCAM  # noqa: E402
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
-
-from cspine.extract import to_tensor  # noqa: E402
-from cspine.models import SliceNet  # noqa: E402
+from cspine.extract import to_tensor
+from cspine.models import SliceNet
 
 
 def grad_cam(model: SliceNet, image: np.ndarray, output: int = 0, size: int | None = None) -> np.ndarray:
