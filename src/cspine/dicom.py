@@ -418,20 +418,20 @@ def _list_files(study_dir: Path) -> list[Path]:
     return files
 
 
-def _order(slices: list[_Slice], study_dir: Path) -> tuple[np.ndarray, str]:
-    """Indices that put slices head to feet, and the key used."""
+def _order(slices: list[_Slice], study_dir: Path) -> np.ndarray:
+    """Indices that put slices head to feet."""
     if all(s.position is not None for s in slices):
         z = np.array([s.position[2] for s in slices])
         if len(np.unique(z)) == len(z) or len(z) == 1:
-            return np.argsort(-z, kind="stable"), "position"
+            return np.argsort(-z, kind="stable")
     if all(s.instance_number is not None for s in slices):
         warnings.warn(f"{study_dir}: ImagePositionPatient missing or repeated; slices ordered by "
                       "InstanceNumber (assumed head to feet)", stacklevel=3)
-        return np.argsort([s.instance_number for s in slices], kind="stable"), "instance"
+        return np.argsort([s.instance_number for s in slices], kind="stable")
     warnings.warn(f"{study_dir}: neither ImagePositionPatient nor InstanceNumber on every slice; "
                   "slices ordered by file number (assumed head to feet)", stacklevel=3)
     numbers = [_file_number(s.path) if _file_number(s.path) is not None else i for i, s in enumerate(slices)]
-    return np.argsort(numbers, kind="stable"), "file"
+    return np.argsort(numbers, kind="stable")
 
 
 def _slice_spacing(positions: np.ndarray, orientation: np.ndarray, study_dir: Path) -> float:
@@ -547,7 +547,7 @@ def load_series(
     if not slices:
         raise _fail(study_dir, f"no readable slice among {len(files)} files: "
                                + "; ".join(f"{p.name}: {why}" for p, why in skipped[:5]))
-    order, _ = _order(slices, study_dir)
+    order = _order(slices, study_dir)
     slices = [slices[i] for i in order]
     hu = np.empty((len(slices), *slices[0].shape), np.float32)
 

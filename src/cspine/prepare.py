@@ -177,14 +177,18 @@ def prepare(cfg: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike
     if jobs:
         progress = tqdm(total=len(jobs), desc="prepare", unit="study")
         workers = max(1, min(cfg.prepare.workers, len(jobs)))
-        with ProcessPoolExecutor(workers) if workers > 1 else _InProcess() as pool:
-            for uid, n, error in pool.map(cache_study, jobs):
+        pool = ProcessPoolExecutor(workers) if workers > 1 else None
+        try:
+            for uid, n, error in (pool.map if pool else map)(cache_study, jobs):  # in-process: easier to debug
                 progress.update()
                 progress.set_postfix(slices=n)
                 if error:
                     log.error("prepare: study %s failed: %s", uid, error)
                     failures.append(f"{uid}\t{error}")
-        progress.close()
+        finally:
+            if pool:
+                pool.shutdown()
+            progress.close()
     failed_path = out_dir / "failed.txt"
     failed_path.write_text("\n".join(failures) + ("\n" if failures else ""))
     index = build_index(out_dir, uids)
@@ -197,16 +201,3 @@ def prepare(cfg: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike
              index["StudyInstanceUID"].nunique(), out_dir, per_slice, len(index) * per_slice / 1e9)
     return index
 
-
-class _InProcess:
-    """A stand-in for a process pool that maps in this process (workers=1: easier to debug)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    @staticmethod
-    def map(fn, items):
-        return map(fn, items)
