@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from sklearn.metrics import roc_auc_score
 
 from cspine.models import SLICE_OUTPUTS, SequenceNet, SliceNet, create_backbone
 
@@ -74,10 +75,36 @@ def test_blstm_learns_separable_studies():
         return Study(f"s{i}", x, y)
 
     train = [study(i, i % 2 == 0) for i in range(60)]
-    val = [study(100 + i, i % 2 == 0) for i in range(20)]
+    stop = [study(200 + i, i % 2 == 0) for i in range(10)]
+    test = [study(100 + i, i % 2 == 0) for i in range(20)]
     cfg = SeqConfig(epochs=40, batch_size=8, lr=3e-3, patience=40, dropout=0.0)
-    model, history = fit_sequence_model(train, val, cfg, hidden=16, device=torch.device("cpu"), seed=0)
+    model, history = fit_sequence_model(train, stop, cfg, hidden=16, device=torch.device("cpu"), seed=0)
     assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
-    p = predict_studies(model, val, torch.device("cpu"))
-    y = np.array([v.y[0] for v in val])
-    assert (p[y == 1, 0].min() > p[y == 0, 0].max()) or np.mean((p[:, 0] > 0.5) == y) >= 0.9
+    p = predict_studies(model, test, torch.device("cpu"))
+    y = np.array([v.y[0] for v in test])
+    assert roc_auc_score(y, p[:, 0]) >= 0.95
+    assert np.mean((p[:, 0] > 0.5) == y) >= 0.9
+
+
+def test_box_head_maps_the_second_to_last_stage_and_keeps_the_logits():
+    torch.manual_seed(0)
+    model = SliceNet("test_resnet", dropout=0.0, box_head=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    logits, box_logits = model(x, with_boxes=True)
+    assert box_logits.shape == (2, 1, 4, 4)  # stride 16
+    torch.testing.assert_close(logits, model(x))
+    with pytest.raises(ValueError, match="no box head"):
+        SliceNet("test_resnet")(x, with_boxes=True)
+
+
+def test_early_stopping_studies_come_from_training_studies_only():
+    from cspine.train_seq import Study, split_for_stopping
+
+    studies = [Study(f"s{i}", np.zeros((4, 2), np.float32), np.array([i % 2] + [0] * 7, np.float32))
+               for i in range(20)]
+    fit, stop = split_for_stopping(studies, 0.2, seed=0)
+    assert len(stop) == 4 and len(fit) == 16
+    assert not {s.uid for s in fit} & {s.uid for s in stop}
+    assert sum(s.y[0] for s in stop) == 2  # stratified by case label
+    assert split_for_stopping(studies, 0.0, seed=0) == (studies, [])
+    assert split_for_stopping(studies[:3], 0.2, seed=0) == (studies[:3], [])  # too few to hold any back

@@ -79,6 +79,26 @@ def test_every_study_is_predicted_out_of_fold_by_a_blstm_that_never_saw_it(smoke
                 assert sum(uid not in set(meta["trained_on"]) for meta in inner) == 1, uid
 
 
+def test_probs_input_trains_across_folds_and_scores_only_the_held_out_fold(smoke_run, tmp_path):
+    from cspine.train_seq import load_sequence_model, seq_dir, train_seq_fold
+
+    run_dir = tmp_path / "probs_run"
+    run_dir.mkdir()
+    for name in ("folds.csv", "labels.csv"):
+        shutil.copy(smoke_run / name, run_dir / name)
+    shutil.copytree(smoke_run / "features", run_dir / "features")
+    cfg = load_config(SMOKE_CONFIG, ["seq.input=probs", "seq.hidden=16"])
+    folds = pd.read_csv(run_dir / "folds.csv", dtype={"StudyInstanceUID": str})
+    for fold in sorted(folds["fold"].unique()):
+        oof = train_seq_fold(cfg, run_dir, fold)
+        in_fold = set(folds.loc[folds["fold"] == fold, "StudyInstanceUID"])
+        assert set(oof["StudyInstanceUID"]) == in_fold
+        assert oof[[f"p_{t}" for t in TARGETS]].apply(lambda c: c.between(0, 1)).all().all()
+        model, meta = load_sequence_model(seq_dir(run_dir, 16) / f"fold{fold}" / "model.pt")
+        assert meta["input"] == "probs" and model.lstm.input_size == 15
+        assert set(meta["trained_on"]) == set(folds["StudyInstanceUID"]) - in_fold  # every other fold, none of its own
+
+
 def test_report_tables_have_the_papers_rows_and_columns(smoke_run):
     table3 = pd.read_csv(smoke_run / "report" / "table3.csv")
     assert list(table3.columns) == ["Model", "Data", "TPR", "TNR", "PPV", "NPV", "F1", "Acc", "MCC", "AUC", "folds"]

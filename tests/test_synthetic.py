@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 
+import cv2
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -149,6 +150,22 @@ def test_phantom_anatomy_and_fractures():
     assert np.median(study.hu[gap]) < np.median(study.hu[on_fractured_slices]) - 150  # a low-density break
     assert all(labels[k].max() > 0 for k, *_ in study.fracture_boxes())
     assert {k for k, *_ in study.fracture_boxes()} == set(np.flatnonzero((study.fracture > 0.5).sum(axis=(1, 2)) >= 4))
+
+
+def test_a_healthy_atlas_is_a_closed_ring():
+    """Normal anatomy must not look broken: a C1 whose arches stop short of the lateral masses shows four
+    fracture-like gaps in every healthy study (the demo CNN's false positives gathered there)."""
+    for seed in range(4):
+        study = render_study(np.random.default_rng(seed), PhantomConfig(image_size=160, n_slices=100, fractured=()))
+        c1 = np.flatnonzero((study.labels == 1).any(axis=(1, 2)))
+        middle = c1[len(c1) // 2]  # through both arches
+        bone = (study.labels[middle] == 1).astype(np.uint8)
+        count, _ = cv2.connectedComponents(bone, connectivity=4)
+        assert count - 1 == 1, seed  # one piece of bone, not arches and masses apart
+        holes, hole_labels = cv2.connectedComponents(1 - bone, connectivity=4)
+        enclosed = [(hole_labels == h).sum() for h in range(1, holes)
+                    if not (hole_labels == h)[[0, -1], :].any() and not (hole_labels == h)[:, [0, -1]].any()]
+        assert max(enclosed, default=0) > 100, seed  # the ring closes round the canal, not only round a foramen
 
 
 def test_label_prevalence_follows_the_real_data():

@@ -183,3 +183,83 @@ def test_dataset_keeps_a_bounded_number_of_studies_open(prepared, monkeypatch):
     images = [dataset.image(i) for i in range(len(firsts))]
     assert len(dataset._studies) == 2 and len(firsts) > 2
     np.testing.assert_array_equal(dataset.image(0), images[0])  # evicted studies reopen transparently
+
+
+def test_height_matched_negatives_follow_the_positives_heights():
+    from cspine.data import BalancedDistributedSampler, height_matched_weights
+
+    rows = []
+    for s in range(20):  # 50-slice studies; fractures only in the top fifth (like C2)
+        for k in range(50):
+            rows.append({"StudyInstanceUID": f"s{s}", "order": k, "label": int(s < 10 and 3 <= k < 8)})
+    index = pd.DataFrame(rows)
+    labels = index["label"].to_numpy()
+    weights = height_matched_weights(index, bins=10)
+    assert (weights[labels == 1] == 0).all()
+    assert weights[(labels == 0) & (index["order"] >= 10)].max() == 0  # no positive lies below the top fifth
+
+    height = index["order"].to_numpy()
+    matched = BalancedDistributedSampler(list(range(len(index))), labels, 400, seed=0, positive_fraction=0.25,
+                                         negative_weights=weights, matched_fraction=1.0)
+    uniform = BalancedDistributedSampler(list(range(len(index))), labels, 400, seed=0, positive_fraction=0.25)
+    neg_matched = [i for i in matched if labels[i] == 0]
+    neg_uniform = [i for i in uniform if labels[i] == 0]
+    assert height[neg_matched].max() < 10  # every negative drawn where the positives are
+    assert height[neg_uniform].mean() > 20  # uniform negatives spread over the whole study
+    half = BalancedDistributedSampler(list(range(len(index))), labels, 400, seed=0, positive_fraction=0.25,
+                                      negative_weights=weights, matched_fraction=0.5)
+    share = np.mean(height[[i for i in half if labels[i] == 0]] < 10)
+    assert 0.5 <= share < 0.7  # half matched, plus the uniform half's own top fifth
+
+
+def test_box_maps_follow_the_image_through_augmentation(prepared):
+    from cspine.config import SliceConfig
+    from cspine.prepare import read_meta
+
+    index = pd.read_csv(prepared / "cache" / "index.csv", dtype={"StudyInstanceUID": str})
+    boxed = [u for u in index["StudyInstanceUID"].unique() if read_meta(prepared / "cache", u)["boxes"]]
+    assert boxed
+    meta = read_meta(prepared / "cache", boxed[0])
+    order, x0, y0, x1, y1 = meta["boxes"][0]
+    assert meta["label"][order] == 1 and 0 <= x0 < x1 <= 48 and 0 <= y0 < y1 <= 48
+    rows = index[(index["StudyInstanceUID"] == boxed[0]) & (index["order"].isin([order, 0]))]
+    flip = SliceConfig(hflip=1.0, rotate=0.0)
+    plain = SliceDataset(prepared / "cache", rows, build_transforms(flip, False, 48), with_boxes=True)
+    flipped = SliceDataset(prepared / "cache", rows, build_transforms(flip, True, 48, seed=0), with_boxes=True)
+    k = int(np.flatnonzero(rows["order"].to_numpy() == order)[0])
+    image, _, _, boxes = plain[k]
+    image_f, _, _, boxes_f = flipped[k]
+    torch.testing.assert_close(image_f, image.flip(-1))
+    torch.testing.assert_close(boxes_f, boxes.flip(-1))
+    cols = torch.nonzero(boxes.sum(0)).flatten()
+    assert cols.min() == int(x0) and cols.max() == int(np.ceil(x1)) - 1
+    healthy = plain[1 - k][3]
+    assert healthy.sum() == 0 and healthy.min() == 0  # a labelled slice without boxes: known, all background
+    unknown = SliceDataset(prepared / "cache", rows.assign(label=-1), build_transforms(flip, False, 48), with_boxes=True)
+    assert (unknown[k][3] == -1).all()  # no label: the box loss skips the slice
+
+
+def test_box_loss_skips_unknown_slices_and_learns_where():
+    from cspine.train_slices import box_loss
+
+    boxes = torch.zeros(3, 32, 32)
+    boxes[0, 0:8, 0:8] = 1  # top-left cell of a 2×2 map
+    boxes[2] = -1  # unknown
+    right = torch.full((3, 1, 2, 2), -6.0)
+    right[0, 0, 0, 0] = 6.0
+    wrong = right.clone()
+    wrong[2] = 6.0  # the unknown slice may say anything
+    torch.testing.assert_close(box_loss(right, boxes), box_loss(wrong, boxes))
+    assert box_loss(right, boxes) < 0.01 < box_loss(-right, boxes)
+
+
+def test_training_with_box_head_saves_a_loadable_model(prepared, tmp_path):
+    from cspine.train_slices import load_slice_model
+
+    run_dir = _copy_base(prepared, tmp_path / "run")
+    cfg = load_config(SMOKE_CONFIG, ["slice.box_weight=1.0", "slice.height_matched=0.5"])
+    summary = train_fold(cfg, run_dir, 0, max_steps=2)
+    model = load_slice_model(Path(summary["dir"]) / "best.pt")
+    assert model.box_head is not None
+    logits, box_logits = model(torch.zeros(2, 3, 48, 48), with_boxes=True)
+    assert logits.shape == (2, 15) and box_logits.shape == (2, 1, 3, 3)

@@ -78,12 +78,14 @@ class SliceConfig:
     workers: int = 2
     balance: bool = True  # sample positive slices at positive_fraction (fractured slices are ~3% of the data)
     positive_fraction: float = 0.5  # with balance: the share of fractured slices in each epoch
+    height_matched: float = 0.0  # with balance: share of negatives drawn at the positives' heights in the study
     hflip: float = 0.5  # the paper's horizontal flip
     rotate: float = 10.0  # the paper's ±10° rotation
     extra_aug: bool = False  # brightness/contrast, shift-scale, noise on top of the paper's
     steps_per_epoch: int = 0  # 0 = one pass over the (sampled) training slices
     val_max_slices: int = 0  # 0 = every validation slice
     aux_weight: float = 0.5  # weight of the per-vertebra heads against the slice-fracture head
+    box_weight: float = 0.0  # >0 adds a box-map head trained on the competition's boxes (0 = the paper's CNN)
     seed: int = 0
 
 
@@ -100,7 +102,8 @@ class SeqConfig:
     lr: float = 1e-6
     weight_decay: float = 0.0
     patience: int = 15
-    input: str = "features"  # "features": CNN features (the paper); "probs": the CNN's 15 slice outputs
+    stop_fraction: float = 0.2  # training studies held back to choose the epoch (never the scored studies); 0 = all epochs
+    input: str = "features"  # "features": CNN features (the paper); "probs": its 15 outputs; "fracture": output 0 only
     inner_folds: int = 4  # "features" only: BLSTMs of fold k train on CNN k's own held-out studies, in inner folds
     loss: str = "competition"  # "case": plain BCE on the case labels (the paper); "competition": the metric's weights
     max_len: int = 0  # 0 = whole studies; >0 subsamples longer studies evenly when training

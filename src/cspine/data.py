@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from cspine import VERTEBRAE
 from cspine.config import SliceConfig
-from cspine.prepare import UNKNOWN, load_study_images
+from cspine.prepare import UNKNOWN, load_study_images, read_meta
 
 # Channel statistics for uint8 window images scaled to [0, 1]; a fixed, documented normalisation keeps
 # cached features comparable across runs (ImageNet's would matter only with ImageNet weights).
@@ -55,15 +55,19 @@ class SliceDataset(Dataset):
     """One item per index row: (image float [3, H, W], targets float [15], known float [15]).
 
     Targets follow `SLICE_OUTPUTS`; ``known`` is 0 where the data cannot give a label (no boxes or no mask
-    for that study), so the loss skips it.
+    for that study), so the loss skips it. With ``with_boxes``, a fourth item is the slice's box map float
+    [H, W]: 1 inside its fracture boxes, 0 elsewhere, moved by the same flips and rotations as the image; all
+    −1 where the slice's label is unknown (a fractured study without boxes, or a cache made before boxes
+    were cached), which the loss skips.
     """
 
-    def __init__(self, cache_dir: str | Path, index: pd.DataFrame, transform: A.Compose):
+    def __init__(self, cache_dir: str | Path, index: pd.DataFrame, transform: A.Compose, with_boxes: bool = False):
         self.cache_dir = Path(cache_dir)
         self.uids = index["StudyInstanceUID"].to_numpy()
         self.orders = index["order"].to_numpy()
         self.targets = index[TARGET_COLUMNS].to_numpy(dtype=np.float32)
         self.transform = transform
+        self.boxes = study_boxes(self.cache_dir, pd.unique(self.uids)) if with_boxes else None
         self._studies: OrderedDict[str, np.ndarray] = OrderedDict()
 
     def __len__(self) -> int:
@@ -81,12 +85,43 @@ class SliceDataset(Dataset):
             self._studies[uid] = load_study_images(self.cache_dir, uid)
         return np.asarray(self._studies[uid][self.orders[i]])
 
+    def box_mask(self, i: int, shape: tuple[int, int]) -> np.ndarray | None:
+        """uint8 [H, W] of item i's boxes in the cached image (None: unknown)."""
+        study = self.boxes.get(self.uids[i])
+        if study is None or self.targets[i, 0] == UNKNOWN:
+            return None
+        mask = np.zeros(shape, np.uint8)
+        for x0, y0, x1, y1 in study.get(int(self.orders[i]), ()):
+            mask[max(int(y0), 0):int(np.ceil(y1)), max(int(x0), 0):int(np.ceil(x1))] = 1
+        return mask
+
     def __getitem__(self, i: int):
-        image = self.transform(image=self.image(i))["image"]
+        image = self.image(i)
         target = self.targets[i]
         known = (target != UNKNOWN).astype(np.float32)
-        return (torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+        mask = self.box_mask(i, image.shape[:2]) if self.boxes is not None else None
+        out = self.transform(image=image, mask=mask) if mask is not None else self.transform(image=image)
+        item = (torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1))),
                 torch.from_numpy(np.where(known > 0, target, 0).astype(np.float32)), torch.from_numpy(known))
+        if self.boxes is None:
+            return item
+        side = out["image"].shape[:2]
+        boxes = out["mask"].astype(np.float32) if mask is not None else np.full(side, -1.0, np.float32)
+        return (*item, torch.from_numpy(np.ascontiguousarray(boxes)))
+
+
+def study_boxes(cache_dir: Path, uids) -> dict[str, dict[int, list]]:
+    """{study: {slice order: [(x0, y0, x1, y1), ...]}} from the cache; studies cached without boxes absent."""
+    out = {}
+    for uid in uids:
+        meta = read_meta(cache_dir, uid)
+        if "boxes" not in meta:
+            continue
+        slices: dict[int, list] = {}
+        for order, *box in meta["boxes"]:
+            slices.setdefault(int(order), []).append(box)
+        out[uid] = slices
+    return out
 
 
 def seed_worker(worker_id: int) -> None:
@@ -101,20 +136,50 @@ def seed_worker(worker_id: int) -> None:
     info.dataset.transform.set_random_seed(seed)
 
 
+def height_matched_weights(index: pd.DataFrame, bins: int = 20) -> np.ndarray:
+    """Sampling weights that give negative slices the positives' distribution of height in the study.
+
+    Fractures cluster at some levels (C2, C6–C7), so a slice's height in the series predicts its label; a
+    CNN fed uniform negatives learns "looks like C2" before it learns what a fracture looks like, and then
+    flags C2 in every healthy neck. Negatives drawn at the heights where positives lie remove that shortcut.
+    Height is the slice's rank over the study's slice count (head to feet), in ``bins`` bins.
+
+    Returns:
+        float [len(index)]: per negative slice, the positives' share of its bin over the negatives' share
+        (1 where the bin holds no positive-free evidence); positives get 0. Normalised to mean 1 over
+        negatives.
+    """
+    counts = index.groupby("StudyInstanceUID")["order"].transform("count").to_numpy()
+    height = np.minimum((index["order"].to_numpy() / np.maximum(counts, 1) * bins).astype(int), bins - 1)
+    positive = index["label"].to_numpy() == 1
+    pos_hist = np.bincount(height[positive], minlength=bins).astype(float)
+    neg_hist = np.bincount(height[~positive], minlength=bins).astype(float)
+    if pos_hist.sum() == 0 or neg_hist.sum() == 0:
+        return np.where(positive, 0.0, 1.0)
+    ratio = (pos_hist / pos_hist.sum()) / np.maximum(neg_hist / neg_hist.sum(), 1e-12)
+    weights = np.where(positive, 0.0, ratio[height])
+    return weights / weights[~positive].mean()
+
+
 class BalancedDistributedSampler(DistributedSampler):
     """A DistributedSampler that can also draw positives and negatives equally, per epoch and seed.
 
     With ``labels`` given, each epoch draws ``num_samples_total`` indices (default: each positive once, on
-    average) with replacement, ``positive_fraction`` of them from positive items and the rest from negative ones. Without labels but with
-    ``num_samples_total``, it draws that many items uniformly. Otherwise it is DistributedSampler's shuffled
-    pass. Every rank takes its own interleaved share, and ``set_epoch`` changes the draw.
+    average) with replacement, ``positive_fraction`` of them from positive items and the rest from negative
+    ones; ``negative_weights`` (e.g. `height_matched_weights`) then skew ``matched_fraction`` of the
+    negatives towards chosen items, the rest staying uniform. Without labels but with ``num_samples_total``,
+    it draws that many items uniformly. Otherwise it is DistributedSampler's shuffled pass. Every rank takes
+    its own interleaved share, and ``set_epoch`` changes the draw.
     """
 
     def __init__(self, dataset: Dataset, labels: np.ndarray | None = None, num_samples_total: int | None = None,
-                 num_replicas: int = 1, rank: int = 0, seed: int = 0, positive_fraction: float = 0.5):
+                 num_replicas: int = 1, rank: int = 0, seed: int = 0, positive_fraction: float = 0.5,
+                 negative_weights: np.ndarray | None = None, matched_fraction: float = 0.0):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
         self.labels = None if labels is None else np.asarray(labels)
         self.positive_fraction = positive_fraction
+        self.negative_weights = None if negative_weights is None else np.asarray(negative_weights, dtype=float)
+        self.matched_fraction = matched_fraction if self.negative_weights is not None else 0.0
         self.drawn = self.labels is not None or bool(num_samples_total)
         if self.drawn:
             total = num_samples_total or int(max(int((self.labels == 1).sum()), 1) / positive_fraction)
@@ -130,8 +195,16 @@ class BalancedDistributedSampler(DistributedSampler):
             picks = rng.choice(n, self.total_size, replace=self.total_size > n)
         else:
             pos, neg = np.flatnonzero(self.labels == 1), np.flatnonzero(self.labels != 1)
-            n_pos = int(round(self.total_size * self.positive_fraction))
-            picks = np.concatenate([rng.choice(pos if len(pos) else neg, n_pos),
-                                    rng.choice(neg if len(neg) else pos, self.total_size - n_pos)])
+            n_pos = round(self.total_size * self.positive_fraction)
+            n_neg = self.total_size - n_pos
+            n_matched = round(n_neg * self.matched_fraction) if len(neg) else 0
+            if n_matched:
+                w = self.negative_weights[neg]
+                n_matched = n_matched if w.sum() > 0 else 0
+            picks = [rng.choice(pos if len(pos) else neg, n_pos),
+                     rng.choice(neg if len(neg) else pos, n_neg - n_matched)]
+            if n_matched:
+                picks.append(rng.choice(neg, n_matched, p=w / w.sum()))
+            picks = np.concatenate(picks)
             rng.shuffle(picks)
         return iter(picks[self.rank:self.total_size:self.num_replicas].tolist())

@@ -66,17 +66,6 @@ def save_cam_figure(image: np.ndarray, heat: np.ndarray, path: str | os.PathLike
     return path
 
 
-def boxes_in_cache_frame(boxes: list[dict], crop: tuple[int, int, int, int], size: int) -> list[tuple[float, ...]]:
-    """Maps competition boxes (pixels of the original slice) into the cropped, padded, resized image."""
-    y0, y1, x0, x1 = crop
-    h, w = y1 - y0, x1 - x0
-    side = max(h, w)
-    top, left = (side - h) // 2, (side - w) // 2
-    scale = size / side
-    return [((b["x"] - x0 + left) * scale, (b["y"] - y0 + top) * scale, b["width"] * scale, b["height"] * scale)
-            for b in boxes]
-
-
 def explain_fold(run_dir: str | os.PathLike, fold: int, data_dir: str | os.PathLike, n: int = 6,
                  device: str = "cpu") -> list[Path]:
     """Grad-CAM figures for up to ``n`` boxed slices of fold ``fold``'s held-out studies (its own CNN)."""
@@ -84,6 +73,7 @@ def explain_fold(run_dir: str | os.PathLike, fold: int, data_dir: str | os.PathL
 
     from cspine.competition import read_boxes
     from cspine.prepare import load_study_images, read_meta
+    from cspine.preprocess import boxes_in_cache_frame
     from cspine.train_slices import fold_dir, load_slice_model
 
     run_dir = Path(run_dir)

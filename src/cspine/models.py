@@ -46,22 +46,34 @@ class SliceNet(nn.Module):
     """A slice classifier: timm backbone → pooled features → dropout → one linear head per output.
 
     ``forward`` gives logits [B, 15] in `SLICE_OUTPUTS` order; ``features`` gives the pooled vector
-    [B, D] (2,048 for ResNet-50) that stage 2 reads.
+    [B, D] (2,048 for ResNet-50) that stage 2 reads. With ``box_head``, a 1×1 convolution on the
+    second-to-last stage (stride 16) also maps where the fracture is: ``forward(x, with_boxes=True)`` returns
+    (logits, box logits [B, 1, H/16, W/16]). Trained against the competition's boxes, it tells a from-scratch
+    CNN which pixels make a slice positive, which a slice label alone leaves it to guess.
     """
 
-    def __init__(self, backbone: str = "resnet50", pretrained_file: str = "", dropout: float = 0.3):
+    def __init__(self, backbone: str = "resnet50", pretrained_file: str = "", dropout: float = 0.3,
+                 box_head: bool = False):
         super().__init__()
         self.backbone = create_backbone(backbone, pretrained_file)
         self.num_features = int(self.backbone.num_features)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(self.num_features, len(SLICE_OUTPUTS))
+        self.box_stage = len(self.backbone.feature_info) - 2
+        self.box_head = nn.Conv2d(self.backbone.feature_info[self.box_stage]["num_chs"], 1, 1) if box_head else None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features: float [B, D] for images [B, 3, H, W]."""
         return self.backbone(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.features(x)))
+    def forward(self, x: torch.Tensor, with_boxes: bool = False):
+        if not with_boxes:
+            return self.head(self.dropout(self.features(x)))
+        if self.box_head is None:
+            raise ValueError("this SliceNet has no box head (build it with box_head=True)")
+        final, (stage,) = self.backbone.forward_intermediates(x, indices=[self.box_stage], norm=False)
+        pooled = self.backbone.forward_head(final, pre_logits=True)
+        return self.head(self.dropout(pooled)), self.box_head(stage)
 
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both at once (one backbone pass), for feature extraction."""

@@ -278,11 +278,11 @@ class _SliceRenderer:
 
     def _atlas(self, hu, labels, frac, yb, cy, canal_x, canal_y):
         x, y, s = self.x, self.y, self.a.size
-        arch_ok = 0.15 < frac < 0.85
-        anterior = _ellipse(x, y, 0, yb - 6.0 * s, 5.0 * s, 2.4 * s)
-        if arch_ok:
-            self._bone(hu, labels, anterior, 1, solid=True)
-            posterior = _ring(x, y, 0, cy, canal_x + 2.4 * s, canal_y + 2.4 * s, 2.4 * s) & (y > cy - 1)
+        if 0.15 < frac < 0.85:  # a closed ring: both arches run into the lateral masses, as in a real atlas
+            # (arches that stop short of the masses leave four gaps in every healthy C1 that look like breaks)
+            anterior = _ring(x, y, 0, yb + 1.0 * s, 11.5 * s, 8.9 * s, 2.4 * s) & (y < yb + 1.0 * s)
+            self._bone(hu, labels, anterior, 1, solid=True)  # ~1.4 mm in front of the dens: the joint space
+            posterior = _ring(x, y, 0, cy, canal_x + 2.4 * s, canal_y + 2.4 * s, 2.4 * s) & (y > yb + 6.0 * s)
             self._bone(hu, labels, posterior, 1, solid=True)
         for side in (-1, 1):
             mass = _ellipse(x, y, side * 10.0 * s, yb + 3.0 * s, 5.5 * s, 7.0 * s)

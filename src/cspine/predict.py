@@ -32,7 +32,7 @@ from cspine.models import SequenceNet, SliceNet
 from cspine.preprocess import preprocess_study
 from cspine.runtime import amp_dtype, pick_device
 from cspine.submission import make_submission, prior_from_train, write_submission
-from cspine.train_seq import load_sequence_model, seq_dir
+from cspine.train_seq import CNN_OUTPUTS, load_sequence_model, seq_dir, study_input
 from cspine.train_slices import fold_dir, load_slice_model
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def predict_series(series: Series, ensemble: Ensemble, cfg: Config, device: torc
     per_fold = {k: study_features(cnn, images, size, device, cfg.predict.batch_size, dtype)
                 for k, cnn in ensemble.cnns.items()}
     outputs = []
-    if ensemble.input == "probs":
+    if ensemble.input in CNN_OUTPUTS:
         x = np.mean([probs.astype(np.float32) for _, probs in per_fold.values()], axis=0)
         inputs = {None: x}
     else:
@@ -83,7 +83,10 @@ def predict_series(series: Series, ensemble: Ensemble, cfg: Config, device: torc
         key = meta["source_fold"] if ensemble.input == "features" else None
         if key not in inputs:
             continue
-        x = torch.from_numpy(inputs[key])[None].to(device)
+        x = inputs[key]
+        if meta.get("probs_as_logits"):  # log-odds, as in training (BLSTMs saved before this flag read raw probabilities)
+            x = study_input(None, x, ensemble.input)
+        x = torch.from_numpy(x)[None].to(device)
         outputs.append(torch.sigmoid(model(x, torch.tensor([x.shape[1]]))).cpu().numpy()[0])
     p = np.mean(outputs, axis=0)
     return {t: float(p[i]) for i, t in enumerate(TARGETS)}

@@ -3,9 +3,10 @@
     python -m cspine prepare --config configs/demo.yaml --data input/synthetic --out runs/demo/cache
 
 Per study, ``<uid>.npy`` holds uint8 [N, size, size, 3] head to feet, and ``<uid>.json`` its slice
-numbers, positions, labels and crop; ``index.csv`` has one row per slice. Studies run in parallel; a
-finished study (its JSON written last, by rename) is skipped on the next run, so a killed run resumes
-and never leaves a half-written study that reads as finished. A study that fails is logged and listed.
+numbers, positions, labels, crop and fracture boxes (in the cached image's pixels); ``index.csv`` has one
+row per slice. Studies run in parallel; a finished study (its JSON written last, by rename) is skipped on
+the next run, so a killed run resumes and never leaves a half-written study that reads as finished. A
+study that fails is logged and listed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from cspine import TARGETS, VERTEBRAE
 from cspine.competition import read_boxes, read_mask, read_train, slice_labels, vertebra_presence
 from cspine.config import Config, PrepareConfig, save_config
 from cspine.dicom import load_series
-from cspine.preprocess import preprocess_study
+from cspine.preprocess import boxes_in_cache_frame, preprocess_study
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,20 @@ def _slice_targets(labels: dict | None, slice_label: np.ndarray, presence: np.nd
     return label, np.where(label[:, None] == 1, UNKNOWN, 0) * np.ones((1, 7), int)
 
 
+def cached_boxes(boxes: list[dict], slice_numbers: np.ndarray, crops: list, size: int) -> list[list[float]]:
+    """Competition boxes as [order, x0, y0, x1, y1] in the cached image's pixels (boxes on absent slices dropped)."""
+    order = {int(n): k for k, n in enumerate(slice_numbers)}
+    out = []
+    for box in boxes:
+        k = order.get(int(box["slice_number"]))
+        if k is None:
+            continue
+        crop = crops[0] if len(crops) == 1 else crops[k]
+        ((x, y, w, h),) = boxes_in_cache_frame([box], tuple(crop), size)
+        out.append([k, *(round(float(v), 2) for v in (x, y, x + w, y + h))])
+    return out
+
+
 def cache_study(job: StudyJob) -> tuple[str, int, str | None]:
     """Loads, preprocesses and writes one study; returns (uid, slices, error or None)."""
     images_path, meta_path = study_paths(job.out_dir, job.uid)
@@ -95,15 +110,16 @@ def cache_study(job: StudyJob) -> tuple[str, int, str | None]:
         with open(tmp, "wb") as f:
             np.save(f, images)
         os.replace(tmp, images_path)
+        crops = [list(map(int, b)) for b in (boxes[:1] if job.prepare.crop == "study" else boxes)]
         meta = {
             "uid": job.uid,
             "n": len(images),
             "slice_numbers": series.slice_numbers.tolist(),
             "z": np.nan_to_num(series.positions[:, 2], nan=0.0).tolist(),
             "spacing": list(series.spacing),
-            "crop": [list(map(int, b)) for b in boxes[:1]] if job.prepare.crop == "study" else
-                    [list(map(int, b)) for b in boxes],
+            "crop": crops,
             "label": label.tolist(),
+            "boxes": cached_boxes(job.boxes, series.slice_numbers, crops, job.prepare.size),
             "present": presence.tolist() if presence is not None else None,
             "fracture": fracture.tolist(),
             "targets": job.labels,

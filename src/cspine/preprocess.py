@@ -264,3 +264,14 @@ def preprocess_study(
     for k, (s, box) in enumerate(zip(hu, boxes)):
         out[k] = preprocess_slice(s, size, box)
     return out, boxes
+
+
+def boxes_in_cache_frame(boxes: list[dict], crop: tuple[int, int, int, int], size: int) -> list[tuple[float, ...]]:
+    """Maps competition boxes (pixels of the original slice) into the cropped, padded, resized image."""
+    y0, y1, x0, x1 = crop
+    h, w = y1 - y0, x1 - x0
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    scale = size / side
+    return [((b["x"] - x0 + left) * scale, (b["y"] - y0 + top) * scale, b["width"] * scale, b["height"] * scale)
+            for b in boxes]

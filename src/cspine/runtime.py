@@ -80,7 +80,8 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def seed_everything(seed: int) -> None:
-    """Seeds Python, NumPy and torch (CPU and every GPU)."""
+    """Seeds Python, NumPy and torch (CPU and every GPU); NumPy integers (a fold read from a table) work too."""
+    seed = int(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

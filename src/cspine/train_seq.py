@@ -7,8 +7,9 @@ Two inputs, each with the protocol that keeps it leak-free and consistent:
 - ``seq.input=features`` (the paper): CNNs of different folds learn unrelated feature spaces, so a BLSTM
   must see one CNN's features only, and only of studies that CNN never trained on: fold k's own studies.
   Fold k's BLSTMs are trained in ``seq.inner_folds`` inner folds over fold k's studies, on CNN k's features.
-- ``seq.input=probs``: the CNN's 15 slice outputs mean the same for every fold's CNN, so fold k's BLSTM
-  trains on every other fold's out-of-fold outputs and is scored on fold k.
+- ``seq.input=probs`` (all 15 slice outputs) or ``fracture`` (the slice-fracture output alone): a CNN's
+  outputs mean the same for every fold's CNN, so fold k's BLSTM trains on every other fold's out-of-fold
+  outputs and is scored on fold k.
 
 Either way every study gets an out-of-fold prediction (``<run>/seq/h<H>/oof.csv``) from a BLSTM that never
 trained on it, fed by a CNN that never trained on it.
@@ -27,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from cspine import TARGETS
 from cspine.config import Config, SeqConfig
@@ -37,6 +38,9 @@ from cspine.models import SequenceNet
 from cspine.runtime import pick_device, seed_everything
 
 log = logging.getLogger(__name__)
+
+PROB_CLIP = 1e-4  # slice probabilities are stored as float16; log-odds are clipped to about ±9.2
+CNN_OUTPUTS = {"probs": 15, "fracture": 1}  # inputs made of the CNN's outputs: how many of them (SLICE_OUTPUTS order)
 
 
 @dataclass
@@ -50,13 +54,19 @@ def seq_dir(run_dir: str | os.PathLike, hidden: int) -> Path:
     return Path(run_dir) / "seq" / f"h{hidden}"
 
 
-def study_input(features: np.ndarray, probs: np.ndarray, mode: str) -> np.ndarray:
-    """The BLSTM's per-slice input for a study: CNN features or CNN outputs."""
+def study_input(features: np.ndarray | None, probs: np.ndarray, mode: str) -> np.ndarray:
+    """The BLSTM's per-slice input for a study: CNN features, or CNN outputs as log-odds.
+
+    ``mode``: "features" (the paper), "probs" (all 15 slice outputs) or "fracture" (the slice-fracture
+    output alone). Log-odds, not probabilities: the evidence sits in the tail (0.9 against 0.999), which
+    standardising raw probabilities squeezes into a sliver.
+    """
     if mode == "features":
         return features
-    if mode == "probs":
-        return probs
-    raise ValueError(f"seq.input must be 'features' or 'probs', not {mode!r}")
+    if mode in CNN_OUTPUTS:
+        q = np.clip(probs[:, :CNN_OUTPUTS[mode]].astype(np.float32), PROB_CLIP, 1 - PROB_CLIP)
+        return np.log(q / (1 - q))
+    raise ValueError(f"seq.input must be 'features', 'probs' or 'fracture', not {mode!r}")
 
 
 def collate(studies: list[Study], max_len: int = 0, rng: np.random.Generator | None = None):
@@ -97,9 +107,24 @@ def predict_studies(model: SequenceNet, studies: list[Study], device: torch.devi
     return np.concatenate(out) if out else np.zeros((0, len(TARGETS)))
 
 
-def fit_sequence_model(train: list[Study], val: list[Study], s: SeqConfig, hidden: int, device: torch.device,
+def split_for_stopping(studies: list[Study], fraction: float, seed: int) -> tuple[list[Study], list[Study]]:
+    """(fit, stop): ``fraction`` of the training studies held back to choose the epoch, stratified by case label.
+
+    Early stopping on the studies being scored would pick the epoch that suits them best and flatter the
+    out-of-fold figures; the held-back share comes out of the training studies instead.
+    """
+    n_stop = round(len(studies) * fraction)
+    if fraction <= 0 or n_stop < 2 or len(studies) - n_stop < 2:
+        return studies, []
+    y = np.array([st.y[0] for st in studies]).astype(int)
+    strata = y if np.bincount(y, minlength=2).min() >= 2 else None
+    fit, stop = train_test_split(np.arange(len(studies)), test_size=n_stop, random_state=seed, stratify=strata)
+    return [studies[i] for i in fit], [studies[i] for i in stop]
+
+
+def fit_sequence_model(train: list[Study], stop: list[Study], s: SeqConfig, hidden: int, device: torch.device,
                        seed: int) -> tuple[SequenceNet, list[dict]]:
-    """Trains one BLSTM; early stopping on the validation competition loss (fixed epochs without val)."""
+    """Trains one BLSTM on ``train``; early stopping on the competition loss of ``stop`` (all epochs if empty)."""
     seed_everything(seed)
     model = SequenceNet(train[0].x.shape[1], hidden, s.layers, s.dropout).to(device)
     model.fit_standardization(torch.from_numpy(np.concatenate([st.x for st in train])).to(device))
@@ -118,20 +143,28 @@ def fit_sequence_model(train: list[Study], val: list[Study], s: SeqConfig, hidde
             optimizer.step()
             total += loss.item() * len(x)
         row = {"epoch": epoch + 1, "train_loss": total / len(train)}
-        if val:
-            probs = predict_studies(model, val, device)
-            row["val_loss"] = weighted_log_loss(np.stack([v.y for v in val]), probs)
-            if row["val_loss"] < best:
-                best, bad = row["val_loss"], 0
+        if stop:
+            probs = predict_studies(model, stop, device)
+            row["stop_loss"] = weighted_log_loss(np.stack([v.y for v in stop]), probs)
+            if row["stop_loss"] < best:
+                best, bad = row["stop_loss"], 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
                 bad += 1
         history.append(row)
-        if val and bad >= s.patience:
+        if stop and bad >= s.patience:
             break
     if best_state is not None:
         model.load_state_dict(best_state)
     return model, history
+
+
+def _fit_and_score(train: list[Study], scored: list[Study], s: SeqConfig, hidden: int, device: torch.device,
+                   seed: int) -> tuple[SequenceNet, list[dict], np.ndarray]:
+    """A BLSTM trained on ``train`` (early stopping on a share of it) and its predictions for ``scored``."""
+    fit, stop = split_for_stopping(train, s.stop_fraction, seed)
+    model, history = fit_sequence_model(fit, stop, s, hidden, device, seed)
+    return model, history, predict_studies(model, scored, device)
 
 
 def _load_studies(run_dir: Path, uids: list[str], labels: pd.DataFrame, mode: str, source: dict[str, int]) -> list[Study]:
@@ -145,8 +178,8 @@ def _load_studies(run_dir: Path, uids: list[str], labels: pd.DataFrame, mode: st
 def _save(model: SequenceNet, path: Path, hidden: int, s: SeqConfig, source_fold: int | None, trained_on: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model.state_dict(), "in_features": model.lstm.input_size, "hidden": hidden,
-                "layers": s.layers, "dropout": s.dropout, "input": s.input, "source_fold": source_fold,
-                "trained_on": trained_on}, path)
+                "layers": s.layers, "dropout": s.dropout, "input": s.input,
+                "probs_as_logits": s.input in CNN_OUTPUTS, "source_fold": source_fold, "trained_on": trained_on}, path)
 
 
 def load_sequence_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[SequenceNet, dict]:
@@ -169,13 +202,13 @@ def train_seq_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, hidden: i
     in_fold = [u for u in folds.loc[folds["fold"] == fold, "StudyInstanceUID"] if u in source]
     out = seq_dir(run_dir, hidden) / f"fold{fold}"
     rows = []
-    if s.input == "probs":
+    if s.input in CNN_OUTPUTS:
         others = [u for u in folds.loc[folds["fold"] != fold, "StudyInstanceUID"] if u in source]
-        train = _load_studies(run_dir, others, labels, "probs", source)
-        val = _load_studies(run_dir, in_fold, labels, "probs", source)
-        model, history = fit_sequence_model(train, val, s, hidden, device, s.seed + fold)
+        train = _load_studies(run_dir, others, labels, s.input, source)
+        val = _load_studies(run_dir, in_fold, labels, s.input, source)
+        model, history, probs = _fit_and_score(train, val, s, hidden, device, s.seed + fold)
         _save(model, out / "model.pt", hidden, s, None, others)
-        rows.append((val, predict_studies(model, val, device)))
+        rows.append((val, probs))
         histories = {"model": history}
     else:
         studies = _load_studies(run_dir, in_fold, labels, "features", source)
@@ -186,9 +219,9 @@ def train_seq_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, hidden: i
         histories = {}
         for inner, (tr, va) in enumerate(splitter.split(np.zeros(len(y)), strata)):
             train, val = [studies[i] for i in tr], [studies[i] for i in va]
-            model, history = fit_sequence_model(train, val, s, hidden, device, s.seed + 100 * fold + inner)
+            model, history, probs = _fit_and_score(train, val, s, hidden, device, s.seed + 100 * fold + inner)
             _save(model, out / f"inner{inner}.pt", hidden, s, fold, [st.uid for st in train])
-            rows.append((val, predict_studies(model, val, device)))
+            rows.append((val, probs))
             histories[f"inner{inner}"] = history
     (out / "history.json").write_text(json.dumps(histories))
     oof = pd.DataFrame([{"StudyInstanceUID": st.uid, "fold": fold, **{f"p_{t}": float(p[i]) for i, t in enumerate(TARGETS)}}

@@ -28,11 +28,25 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from cspine.config import Config, config_dict, save_config
-from cspine.data import SliceDataset, BalancedDistributedSampler, build_transforms, seed_worker
+from cspine.data import (
+    BalancedDistributedSampler,
+    SliceDataset,
+    build_transforms,
+    height_matched_weights,
+    seed_worker,
+)
 from cspine.metrics import cv_table, paper_reports, write_table
 from cspine.models import SLICE_OUTPUTS, SliceNet
 from cspine.prepare import UNKNOWN
-from cspine.runtime import Runtime, amp_dtype, autocast, init_distributed, rng_state, seed_everything, set_rng_state
+from cspine.runtime import (
+    Runtime,
+    amp_dtype,
+    autocast,
+    init_distributed,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +72,17 @@ def validation_subset(val: pd.DataFrame, cap: int, seed: int) -> pd.DataFrame:
     return pd.concat([pos, neg]).sort_index().reset_index(drop=True)
 
 
+def box_loss(box_logits: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """BCE of the box map against the boxes pooled to its grid (a cell is positive if a box touches it).
+
+    ``boxes`` float [B, H, W] is 1 inside boxes, 0 outside and −1 on slices whose boxes are unknown (skipped).
+    """
+    target = F.adaptive_max_pool2d(boxes[:, None].float(), box_logits.shape[-2:])
+    known = (target >= 0).float()
+    bce = F.binary_cross_entropy_with_logits(box_logits.float(), target.clamp(min=0), reduction="none")
+    return (bce * known).sum() / known.sum().clamp(min=1.0)
+
+
 def slice_loss(logits: torch.Tensor, targets: torch.Tensor, known: torch.Tensor, aux_weight: float) -> torch.Tensor:
     """BCE over the known outputs: the slice-fracture head weighs 1, the per-vertebra heads ``aux_weight``."""
     weights = torch.full((logits.shape[1],), aux_weight, device=logits.device)
@@ -73,7 +98,7 @@ def predict_loader(model: torch.nn.Module, loader: DataLoader, rt: Runtime, dtyp
     """Probabilities [N, 15], targets and known masks for every item of a loader, in order."""
     model.eval()
     probs, targets, knowns = [], [], []
-    for images, target, known in tqdm(loader, desc=desc, leave=False, disable=not rt.is_main):
+    for images, target, known, *_ in tqdm(loader, desc=desc, leave=False, disable=not rt.is_main):
         images = images.to(rt.device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -102,7 +127,8 @@ def _log_to(path: Path) -> logging.Handler:
 def load_slice_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu") -> SliceNet:
     """The SliceNet saved in a ``best.pt`` (its architecture is in the checkpoint; no weights file needed)."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    model = SliceNet(backbone=state["arch"]["backbone"], dropout=state["arch"]["dropout"])
+    model = SliceNet(backbone=state["arch"]["backbone"], dropout=state["arch"]["dropout"],
+                     box_head=state["arch"].get("box_head", False))
     model.load_state_dict(state["model"])
     return model.to(device).eval()
 
@@ -150,16 +176,24 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
         raise RuntimeError(f"fold {fold}: {len(train_df)} training and {len(val_df)} validation slices with labels; "
                            "more studies with boxes (or negatives) are needed")
     size = s.input_size or cfg.prepare.size
-    train_set = SliceDataset(run_dir / "cache", train_df, build_transforms(s, True, size, seed=s.seed))
+    with_boxes = s.box_weight > 0
+    train_set = SliceDataset(run_dir / "cache", train_df, build_transforms(s, True, size, seed=s.seed), with_boxes)
     val_set = SliceDataset(run_dir / "cache", val_df, build_transforms(s, False, size))
+    if with_boxes and len(train_set.boxes) < train_df["StudyInstanceUID"].nunique() and rt.is_main:
+        log.warning("fold %d: %d of %d training studies were cached without boxes (a cache from before cspine "
+                    "cached them), so the box head learns nothing from them: delete %s and run prepare again",
+                    fold, train_df["StudyInstanceUID"].nunique() - len(train_set.boxes),
+                    train_df["StudyInstanceUID"].nunique(), run_dir / "cache")
     labels = train_df["label"].to_numpy() if s.balance else None
     total = s.steps_per_epoch * s.batch_size * s.accum_steps * rt.world_size if s.steps_per_epoch else None
+    matched = height_matched_weights(train_df) if s.balance and s.height_matched > 0 else None
     sampler = BalancedDistributedSampler(train_set, labels, total, rt.world_size, rt.rank, seed=s.seed + fold,
-                                         positive_fraction=s.positive_fraction)
+                                         positive_fraction=s.positive_fraction, negative_weights=matched,
+                                         matched_fraction=s.height_matched)
     train_loader = _loader(train_set, s.batch_size, s.workers, sampler=sampler, pin=rt.cuda)
     val_loader = _loader(val_set, s.batch_size * 2, s.workers, pin=rt.cuda)
 
-    model = SliceNet(s.backbone, s.pretrained_file, s.dropout).to(rt.device)
+    model = SliceNet(s.backbone, s.pretrained_file, s.dropout, box_head=with_boxes).to(rt.device)
     channels_last = s.channels_last and rt.cuda
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -205,7 +239,7 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
         progress = tqdm(train_loader, desc=f"fold {fold} epoch {epoch + 1}/{s.epochs}", leave=False,
                         disable=not rt.is_main)
         optimizer.zero_grad(set_to_none=True)
-        for step, (images, target, known) in enumerate(progress):
+        for step, (images, target, known, *boxes) in enumerate(progress):
             images = images.to(rt.device, non_blocking=True)
             target, known = target.to(rt.device, non_blocking=True), known.to(rt.device, non_blocking=True)
             if channels_last:
@@ -214,8 +248,13 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
             sync = nullcontext() if update or not rt.distributed else net.no_sync()
             with sync:
                 with autocast(rt.device, dtype):
-                    logits = net(images)
+                    if with_boxes:
+                        logits, box_logits = net(images, with_boxes=True)
+                    else:
+                        logits = net(images)
                 loss = slice_loss(logits, target, known, s.aux_weight)
+                if with_boxes:
+                    loss = loss + s.box_weight * box_loss(box_logits, boxes[0].to(rt.device, non_blocking=True))
                 scaler.scale(loss / s.accum_steps).backward()
             if update:
                 if s.clip_grad:
@@ -250,7 +289,7 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
             if improved:
                 best_loss, bad_epochs = val_loss, 0
                 torch.save({"model": (ema.module if ema is not None else model).state_dict(),
-                            "arch": {"backbone": s.backbone, "dropout": s.dropout},
+                            "arch": {"backbone": s.backbone, "dropout": s.dropout, "box_head": with_boxes},
                             "epoch": epoch + 1, "val_loss": val_loss, "fold": fold, "config": config_dict(cfg)},
                            best_path)
                 _write_validation(out, val_df, probs, report, fold)
