@@ -253,13 +253,24 @@ def test_box_loss_skips_unknown_slices_and_learns_where():
     assert box_loss(right, boxes) < 0.01 < box_loss(-right, boxes)
 
 
-def test_training_with_box_head_saves_a_loadable_model(prepared, tmp_path):
-    from cspine.train_slices import load_slice_model
+def test_training_with_box_head_saves_a_loadable_model(prepared, tmp_path, monkeypatch):
+    import cspine.train_slices as train_slices
 
+    seen = []
+    real_box_loss = train_slices.box_loss
+
+    def recording_box_loss(box_logits, boxes):
+        seen.append(boxes.clone())
+        return real_box_loss(box_logits, boxes)
+
+    monkeypatch.setattr(train_slices, "box_loss", recording_box_loss)
     run_dir = _copy_base(prepared, tmp_path / "run")
-    cfg = load_config(SMOKE_CONFIG, ["slice.box_weight=1.0", "slice.height_matched=0.5"])
+    cfg = load_config(SMOKE_CONFIG, ["slice.box_weight=1.0", "slice.height_matched=0.5", "slice.workers=0"])
     summary = train_fold(cfg, run_dir, 0, max_steps=2)
-    model = load_slice_model(Path(summary["dir"]) / "best.pt")
+    assert len(seen) == 2  # the box loss is part of every training step
+    boxes = torch.cat(seen)
+    assert (boxes == 1).any() and (boxes == 0).any()  # real box maps (the smoke data has boxes), not all unknown
+    model = train_slices.load_slice_model(Path(summary["dir"]) / "best.pt")
     assert model.box_head is not None
     logits, box_logits = model(torch.zeros(2, 3, 48, 48), with_boxes=True)
     assert logits.shape == (2, 15) and box_logits.shape == (2, 1, 3, 3)

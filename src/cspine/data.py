@@ -146,8 +146,8 @@ def height_matched_weights(index: pd.DataFrame, bins: int = 20) -> np.ndarray:
 
     Returns:
         float [len(index)]: per negative slice, the positives' share of its bin over the negatives' share
-        (1 where the bin holds no positive-free evidence); positives get 0. Normalised to mean 1 over
-        negatives.
+        (0 in bins without positives); positives get 0. Normalised to mean 1 over negatives; all negatives
+        weigh 1 when there are no positives.
     """
     counts = index.groupby("StudyInstanceUID")["order"].transform("count").to_numpy()
     height = np.minimum((index["order"].to_numpy() / np.maximum(counts, 1) * bins).astype(int), bins - 1)

@@ -30,32 +30,37 @@ from cspine.train_seq import collect_oof, is_seq_trained, train_seq_fold
 log = logging.getLogger(__name__)
 
 
-def pooled_predictions(run_dir: Path, uids: list[str], how: str) -> pd.DataFrame:
+def oof_slice_probs(run_dir: Path) -> dict[str, tuple[int, np.ndarray]]:
+    """{study: (fold, slice probabilities [N, 15])}, each from the CNN that never trained on the study."""
+    return {uid: (fold, load_features(run_dir, fold, uid)[1]) for uid, fold in oof_sources(run_dir).items()}
+
+
+def pooled_predictions(slice_probs: dict[str, tuple[int, np.ndarray]], uids: list[str], how: str) -> pd.DataFrame:
     """The paper's argument as a baseline: a study's probabilities from its slices' by max or mean pooling.
 
     patient_overall pools the slice-fracture probability; C1..C7 pool the per-vertebra fracture outputs.
     """
-    source = oof_sources(run_dir)
     rows = []
     for uid in uids:
-        _, probs = load_features(run_dir, source[uid], uid)
+        fold, probs = slice_probs[uid]
         pooled = probs.max(axis=0) if how == "max" else probs.mean(axis=0)
-        rows.append({"StudyInstanceUID": uid, "fold": source[uid], "p_patient_overall": float(pooled[0]),
+        rows.append({"StudyInstanceUID": uid, "fold": fold, "p_patient_overall": float(pooled[0]),
                      **{f"p_{v}": float(pooled[1 + i]) for i, v in enumerate(VERTEBRAE)}})
     return pd.DataFrame(rows)
 
 
-def image_level_reports(run_dir: Path, index: pd.DataFrame) -> list[dict]:
+def image_level_reports(slice_probs: dict[str, tuple[int, np.ndarray]], index: pd.DataFrame) -> list[dict]:
     """Table 2's rows per fold: labelled slices of each fold's studies, scored by that fold's CNN."""
-    source = oof_sources(run_dir)
+    slice_labels = {uid: part.sort_values("order")["label"].to_numpy()
+                    for uid, part in index.groupby("StudyInstanceUID")}
     reports = []
-    for fold in sorted(set(source.values())):
+    for fold in sorted({f for f, _ in slice_probs.values()}):
         y, p = [], []
-        for uid in [u for u, f in source.items() if f == fold]:
-            labels = index.loc[index["StudyInstanceUID"] == uid].sort_values("order")["label"].to_numpy()
-            _, probs = load_features(run_dir, fold, uid)
-            known = labels != UNKNOWN
-            y.append(labels[known])
+        for uid, (f, probs) in slice_probs.items():
+            if f != fold:
+                continue
+            known = slice_labels[uid] != UNKNOWN
+            y.append(slice_labels[uid][known])
             p.append(probs[known, 0])
         y, p = np.concatenate(y), np.concatenate(p)
         if len(np.unique(y)) < 2:
@@ -136,14 +141,15 @@ def evaluate(cfg: Config, run_dir: str | os.PathLike) -> Path:
                 train_seq_fold(cfg, run_dir, fold, hidden)
         models[f"{backbone} + BLSTM-{hidden}"] = collect_oof(run_dir, hidden, n_folds)
     uids = models[f"{backbone} + BLSTM-{cfg.seq.hidden}"]["StudyInstanceUID"].tolist()
+    slice_probs = oof_slice_probs(run_dir)  # read once: the pooling baselines and Table 2 share them
     for how in ("max", "mean"):
-        models[f"{backbone}, {how} pooling"] = pooled_predictions(run_dir, uids, how)
+        models[f"{backbone}, {how} pooling"] = pooled_predictions(slice_probs, uids, how)
     prior = prior_from_train(labels.loc[uids].reset_index())
     models["constant prior (2q/(1+q))"] = pd.DataFrame(
         {"StudyInstanceUID": uids, "fold": models[f"{backbone}, max pooling"]["fold"],
          **{f"p_{t}": prior[t] for t in TARGETS}})
 
-    table2 = cv_table(image_level_reports(run_dir, index), row_keys=("Data",))
+    table2 = cv_table(image_level_reports(slice_probs, index), row_keys=("Data",))
     case_rows = [r for name, oof in models.items() if "prior" not in name for r in case_level_reports(name, oof, labels)]
     table3 = cv_table(sorted(case_rows, key=lambda r: r["Data"] != "Imblcd."), row_keys=("Model", "Data"))
     score_table = pd.DataFrame([scores(name, oof, labels) for name, oof in models.items()])

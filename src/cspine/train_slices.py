@@ -179,11 +179,11 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
     with_boxes = s.box_weight > 0
     train_set = SliceDataset(run_dir / "cache", train_df, build_transforms(s, True, size, seed=s.seed), with_boxes)
     val_set = SliceDataset(run_dir / "cache", val_df, build_transforms(s, False, size))
-    if with_boxes and len(train_set.boxes) < train_df["StudyInstanceUID"].nunique() and rt.is_main:
+    n_studies = train_df["StudyInstanceUID"].nunique()
+    if with_boxes and len(train_set.boxes) < n_studies and rt.is_main:
         log.warning("fold %d: %d of %d training studies were cached without boxes (a cache from before cspine "
                     "cached them), so the box head learns nothing from them: delete %s and run prepare again",
-                    fold, train_df["StudyInstanceUID"].nunique() - len(train_set.boxes),
-                    train_df["StudyInstanceUID"].nunique(), run_dir / "cache")
+                    fold, n_studies - len(train_set.boxes), n_studies, run_dir / "cache")
     labels = train_df["label"].to_numpy() if s.balance else None
     total = s.steps_per_epoch * s.batch_size * s.accum_steps * rt.world_size if s.steps_per_epoch else None
     matched = height_matched_weights(train_df) if s.balance and s.height_matched > 0 else None
