@@ -108,3 +108,43 @@ def test_early_stopping_studies_come_from_training_studies_only():
     assert sum(s.y[0] for s in stop) == 2  # stratified by case label
     assert split_for_stopping(studies, 0.0, seed=0) == (studies, [])
     assert split_for_stopping(studies[:3], 0.2, seed=0) == (studies[:3], [])  # too few to hold any back
+
+
+def test_slice_stack_puts_each_slice_between_its_neighbours():
+    from cspine.data import slice_stack
+    from cspine.models import in_channels
+
+    study = np.arange(5, dtype=np.uint8)[:, None, None, None] * np.ones((5, 2, 2, 3), np.uint8)  # slice k is all k
+    middle = slice_stack(study, np.array([2]), context=1)[0]
+    assert middle.shape == (2, 2, in_channels(1)) == (2, 2, 9)
+    assert middle[0, 0].tolist() == [1, 1, 1, 2, 2, 2, 3, 3, 3]  # head to feet, three windows per slice
+    ends = slice_stack(study, np.array([0, 4]), context=2)
+    assert ends[0, 0, 0].tolist() == [0] * 9 + [1] * 3 + [2] * 3  # the first slice repeats above the study
+    assert ends[1, 0, 0].tolist() == [2] * 3 + [3] * 3 + [4] * 9
+    assert np.array_equal(slice_stack(study, np.array([3]), context=0), study[[3]])  # the paper's single slice
+
+
+def test_context_net_takes_the_stacked_channels():
+    model = SliceNet("test_resnet", dropout=0.0, context=1).eval()
+    assert model.forward(torch.zeros(2, 9, 48, 48)).shape == (2, len(SLICE_OUTPUTS))
+    with pytest.raises(RuntimeError):
+        model(torch.zeros(2, 3, 48, 48))  # a single slice is not what it was built for
+
+
+def test_bin_slices_keeps_each_runs_peak_and_stretches_short_studies():
+    from cspine.train_seq import bin_slices, study_input
+
+    x = np.zeros((100, 2), np.float32)
+    x[7, 0], x[93, 1] = 5.0, -1.0  # one-slice evidence near each end
+    pooled = bin_slices(x, 10)
+    assert pooled.shape == (10, 2)
+    assert pooled[0, 0] == 5.0 and pooled[1:, 0].max() == 0.0  # the peak survives, in the first tenth
+    assert pooled[9, 1] == 0.0  # a maximum: the -1 is not the largest value in its run
+    short = bin_slices(np.arange(4, dtype=np.float32)[:, None], 8)
+    assert short[:, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert bin_slices(x, 0) is x  # 0 leaves whole studies
+    probs = np.full((30, 15), 0.5, np.float16)
+    probs[3, 0] = 0.99
+    logits = study_input(None, probs, "fracture", bins=6)
+    assert logits.shape == (6, 1) and logits[0, 0] == pytest.approx(np.log(0.99 / 0.01), rel=1e-2)
+    assert np.allclose(logits[1:], 0.0)

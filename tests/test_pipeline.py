@@ -99,6 +99,27 @@ def test_probs_input_trains_across_folds_and_scores_only_the_held_out_fold(smoke
         assert set(meta["trained_on"]) == set(folds["StudyInstanceUID"]) - in_fold  # every other fold, none of its own
 
 
+def test_predict_feeds_a_blstm_exactly_what_it_trained_on(smoke_run, tmp_path):
+    """Out-of-fold scores from training equal `predict`'s for the same CNN outputs (log-odds, slice bins)."""
+    from cspine.extract import load_features
+    from cspine.predict import Ensemble, blstm_probabilities
+    from cspine.train_seq import load_sequence_model, seq_dir, train_seq_fold
+
+    run_dir = tmp_path / "binned_run"
+    run_dir.mkdir()
+    for name in ("folds.csv", "labels.csv"):
+        shutil.copy(smoke_run / name, run_dir / name)
+    shutil.copytree(smoke_run / "features", run_dir / "features")
+    cfg = load_config(SMOKE_CONFIG, ["seq.input=fracture", "seq.bins=5", "seq.hidden=16"])
+    oof = train_seq_fold(cfg, run_dir, 0).set_index("StudyInstanceUID")
+    model, meta = load_sequence_model(seq_dir(run_dir, 16) / "fold0" / "model.pt")
+    assert meta["bins"] == 5
+    ensemble = Ensemble(cnns={}, blstms=[(meta, model)], input="fracture")
+    for uid, row in oof.iterrows():
+        probs = blstm_probabilities({0: load_features(run_dir, 0, uid)}, ensemble, torch.device("cpu"))  # its own fold's CNN
+        assert np.allclose(probs, row[[f"p_{t}" for t in TARGETS]].to_numpy(float), atol=1e-5), uid
+
+
 def test_report_tables_have_the_papers_rows_and_columns(smoke_run):
     table3 = pd.read_csv(smoke_run / "report" / "table3.csv")
     assert list(table3.columns) == ["Model", "Data", "TPR", "TNR", "PPV", "NPV", "F1", "Acc", "MCC", "AUC", "folds"]

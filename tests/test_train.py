@@ -274,3 +274,30 @@ def test_training_with_box_head_saves_a_loadable_model(prepared, tmp_path, monke
     assert model.box_head is not None
     logits, box_logits = model(torch.zeros(2, 3, 48, 48), with_boxes=True)
     assert logits.shape == (2, 15) and box_logits.shape == (2, 1, 3, 3)
+
+
+def test_training_and_extraction_feed_a_context_cnn_the_same_stack(prepared, tmp_path):
+    import cspine.train_slices as train_slices
+    from cspine.data import slice_stack
+    from cspine.extract import study_features, to_tensor
+    from cspine.prepare import load_study_images
+
+    cfg = load_config(SMOKE_CONFIG, ["slice.context=1", "slice.workers=0"])
+    index = pd.read_csv(prepared / "cache" / "index.csv", dtype={"StudyInstanceUID": str})
+    uid = index["StudyInstanceUID"].iloc[0]
+    rows = index[index["StudyInstanceUID"] == uid].sort_values("order").iloc[[0, 5]]
+    dataset = SliceDataset(prepared / "cache", rows, build_transforms(cfg.slice, False, 48), context=1)
+    single = SliceDataset(prepared / "cache", rows, build_transforms(cfg.slice, False, 48))
+    study = load_study_images(prepared / "cache", uid)
+    for i, order in enumerate(rows["order"]):
+        image = dataset[i][0]
+        assert image.shape == (9, 48, 48)
+        expected = to_tensor(slice_stack(study, np.array([order]), 1), 48, torch.device("cpu"), False)[0]
+        assert torch.allclose(image, expected, atol=1e-5)  # the CNN sees at inference what it trained on
+        assert torch.equal(image[3:6], single[i][0])  # its middle three channels are the slice itself
+
+    summary = train_fold(cfg, _copy_base(prepared, tmp_path / "run"), 0, max_steps=2)
+    model = train_slices.load_slice_model(Path(summary["dir"]) / "best.pt")
+    assert model.context == 1
+    feats, probs = study_features(model, study, 48, torch.device("cpu"), batch_size=4)
+    assert feats.shape[0] == probs.shape[0] == len(study)

@@ -61,6 +61,7 @@ class SliceConfig:
     backbone: str = "resnet50"
     pretrained_file: str = ""  # local weights only (a .pth/.safetensors path); "" = random init as in the paper
     input_size: int = 0  # 0 trains at the cache's size; smaller values resize on the fly
+    context: int = 0  # neighbouring slices each side stacked as channels (2.5D); 0 = the paper's single slice
     epochs: int = 50
     batch_size: int = 16
     lr: float = 1e-3
@@ -106,7 +107,7 @@ class SeqConfig:
     input: str = "features"  # "features": CNN features (the paper); "probs": its 15 outputs; "fracture": output 0 only
     inner_folds: int = 4  # "features" only: BLSTMs of fold k train on CNN k's own held-out studies, in inner folds
     loss: str = "competition"  # "case": plain BCE on the case labels (the paper); "competition": the metric's weights
-    max_len: int = 0  # 0 = whole studies; >0 subsamples longer studies evenly when training
+    bins: int = 0  # 0 = whole studies (the paper); >0 = each study max-pooled into this many runs of slices
     seed: int = 0
 
 

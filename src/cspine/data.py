@@ -17,12 +17,37 @@ from cspine import VERTEBRAE
 from cspine.config import SliceConfig
 from cspine.prepare import UNKNOWN, load_study_images, read_meta
 
-# Channel statistics for uint8 window images scaled to [0, 1]; a fixed, documented normalisation keeps
-# cached features comparable across runs (ImageNet's would matter only with ImageNet weights).
-MEAN = (0.5, 0.5, 0.5)
-STD = (0.25, 0.25, 0.25)
+# One mean and std for every channel (each window, each neighbouring slice) of uint8 images scaled to
+# [0, 1]; a fixed, documented normalisation keeps cached features comparable across runs (ImageNet's
+# would matter only with ImageNet weights).
+MEAN = 0.5
+STD = 0.25
 OPEN_STUDIES = 64  # memory-mapped studies a dataset keeps open at once
 TARGET_COLUMNS = ["label", *[f"{v}_fracture" for v in VERTEBRAE], *[f"{v}_present" for v in VERTEBRAE]]
+
+
+def slice_stack(study: np.ndarray, orders: np.ndarray, context: int = 0) -> np.ndarray:
+    """uint8 [B, H, W, 3·(2·context + 1)]: slices ``orders`` of a study with their neighbours as channels.
+
+    A fracture is a line through the bone in three dimensions, while a joint space or a foramen looks like a
+    gap on one slice too; the slices above and below tell them apart (the "2.5D" input of most RSNA 2022
+    solutions). Channels run head to feet, three windows per slice, so the middle three are the slice
+    itself; neighbours beyond the study's ends repeat its first or last slice. ``context=0`` is the paper's
+    single slice.
+
+    Args:
+        study: uint8 [N, H, W, 3], a study's cached slices, head to feet.
+        orders: int [B], the slices wanted.
+        context: neighbours on each side.
+    """
+    orders = np.asarray(orders, dtype=int)
+    if not context:
+        return np.asarray(study[orders])
+    window = np.clip(orders[:, None] + np.arange(-context, context + 1)[None], 0, len(study) - 1)
+    stacked = np.asarray(study[window.ravel()])  # [B·(2c+1), H, W, 3]
+    b, k = window.shape
+    h, w, c = stacked.shape[1:]
+    return np.ascontiguousarray(stacked.reshape(b, k, h, w, c).transpose(0, 2, 3, 1, 4).reshape(b, h, w, k * c))
 
 
 def build_transforms(cfg: SliceConfig, train: bool, size: int, seed: int | None = None) -> A.Compose:
@@ -52,8 +77,10 @@ def build_transforms(cfg: SliceConfig, train: bool, size: int, seed: int | None 
 
 
 class SliceDataset(Dataset):
-    """One item per index row: (image float [3, H, W], targets float [15], known float [15]).
+    """One item per index row: (image float [C, H, W], targets float [15], known float [15]).
 
+    C is 3 (the slice's three windows), or 3·(2·context + 1) with ``context`` neighbours each side
+    (`slice_stack`).
     Targets follow `SLICE_OUTPUTS`; ``known`` is 0 where the data cannot give a label (no boxes or no mask
     for that study), so the loss skips it. With ``with_boxes``, a fourth item is the slice's box map float
     [H, W]: 1 inside its fracture boxes, 0 elsewhere, moved by the same flips and rotations as the image; all
@@ -61,8 +88,10 @@ class SliceDataset(Dataset):
     were cached), which the loss skips.
     """
 
-    def __init__(self, cache_dir: str | Path, index: pd.DataFrame, transform: A.Compose, with_boxes: bool = False):
+    def __init__(self, cache_dir: str | Path, index: pd.DataFrame, transform: A.Compose, with_boxes: bool = False,
+                 context: int = 0):
         self.cache_dir = Path(cache_dir)
+        self.context = context
         self.uids = index["StudyInstanceUID"].to_numpy()
         self.orders = index["order"].to_numpy()
         self.targets = index[TARGET_COLUMNS].to_numpy(dtype=np.float32)
@@ -74,7 +103,7 @@ class SliceDataset(Dataset):
         return len(self.uids)
 
     def image(self, i: int) -> np.ndarray:
-        """uint8 [H, W, 3] of item i, as cached."""
+        """uint8 [H, W, C] of item i: the cached slice, with its neighbours when ``context`` > 0."""
         uid = self.uids[i]
         if uid in self._studies:
             self._studies.move_to_end(uid)
@@ -83,7 +112,7 @@ class SliceDataset(Dataset):
             if len(self._studies) >= OPEN_STUDIES:
                 self._studies.popitem(last=False)
             self._studies[uid] = load_study_images(self.cache_dir, uid)
-        return np.asarray(self._studies[uid][self.orders[i]])
+        return slice_stack(self._studies[uid], self.orders[i:i + 1], self.context)[0]
 
     def box_mask(self, i: int, shape: tuple[int, int]) -> np.ndarray | None:
         """uint8 [H, W] of item i's boxes in the cached image (None: unknown)."""

@@ -17,6 +17,7 @@ from matplotlib.patches import Rectangle
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+from cspine.data import slice_stack
 from cspine.extract import to_tensor
 from cspine.models import SliceNet
 
@@ -26,7 +27,8 @@ def grad_cam(model: SliceNet, image: np.ndarray, output: int = 0, size: int | No
 
     Args:
         model: a SliceNet (its last backbone stage is the target layer).
-        image: uint8 [H, W, 3], as cached by `prepare`.
+        image: uint8 [H, W, C] as the model reads it: a cached slice, or its `slice_stack` for a model
+            with context.
         output: which logit to explain (0 = the slice's fracture label).
         size: the network's input side (default: the image's).
 
@@ -92,7 +94,7 @@ def explain_fold(run_dir: str | os.PathLike, fold: int, data_dir: str | os.PathL
             crop = meta["crop"][0] if len(meta["crop"]) == 1 else meta["crop"][k]
             mapped = boxes_in_cache_frame(study_boxes[study_boxes["slice_number"] == number].to_dict("records"),
                                           tuple(crop), images.shape[1])
-            heat = grad_cam(model, np.asarray(images[k]))
+            heat = grad_cam(model, slice_stack(images, [k], model.context)[0])
             written.append(save_cam_figure(np.asarray(images[k]), heat,
                                            run_dir / "explain" / f"fold{fold}_{uid}_{number}.png", mapped,
                                            title=f"{uid}, slice {number}"))

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cspine.config import Config
-from cspine.data import MEAN, STD
+from cspine.data import MEAN, STD, slice_stack
 from cspine.models import SliceNet
 from cspine.prepare import load_study_images
 from cspine.runtime import amp_dtype, autocast, pick_device
@@ -37,24 +37,30 @@ def features_dir(run_dir: str | os.PathLike, fold: int) -> Path:
 
 
 def to_tensor(images: np.ndarray, size: int, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """uint8 [B, H, W, 3] → normalised float [B, 3, size, size] on the device (resized if needed)."""
+    """uint8 [B, H, W, C] → normalised float [B, C, size, size] on the device (resized if needed).
+
+    C is 3, or 3·(2·context + 1) for a `slice_stack`; every channel is normalised alike.
+    """
     x = torch.from_numpy(np.require(images, requirements=["C", "W"])).to(device, non_blocking=True)
     x = x.permute(0, 3, 1, 2).float().div_(255.0)
     if x.shape[-1] != size:
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
-    x = (x - mean) / std
+    x = (x - MEAN) / STD
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 @torch.inference_mode()
 def study_features(model: SliceNet, images: np.ndarray, size: int, device: torch.device, batch_size: int,
                    dtype: torch.dtype | None = None, channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Features float16 [N, D] and probabilities float16 [N, 15] of one study's preprocessed slices."""
+    """Features float16 [N, D] and probabilities float16 [N, 15] of one study's preprocessed slices.
+
+    ``images`` is the whole study, uint8 [N, H, W, 3], head to feet: a CNN with context reads each slice's
+    neighbours from it.
+    """
     feats, probs = [], []
     for start in range(0, len(images), batch_size):
-        x = to_tensor(images[start:start + batch_size], size, device, channels_last)
+        batch = slice_stack(images, np.arange(start, min(start + batch_size, len(images))), model.context)
+        x = to_tensor(batch, size, device, channels_last)
         with autocast(device, dtype):
             f, logits = model.features_and_logits(x)
         feats.append(f.float().cpu().numpy().astype(np.float16))

@@ -18,6 +18,12 @@ from cspine import TARGETS, VERTEBRAE
 
 # SliceNet's outputs, in order: the paper's image label, then the competition's targets per slice.
 SLICE_OUTPUTS = ("fracture", *[f"{v}_fracture" for v in VERTEBRAE], *[f"{v}_present" for v in VERTEBRAE])
+WINDOWS = 3  # CT windows per slice, stacked as channels (the paper's input)
+
+
+def in_channels(context: int) -> int:
+    """Input channels of a CNN that sees each slice with ``context`` neighbours on each side."""
+    return WINDOWS * (2 * context + 1)
 
 
 def create_backbone(name: str, pretrained_file: str | os.PathLike = "", in_chans: int = 3) -> nn.Module:
@@ -53,9 +59,10 @@ class SliceNet(nn.Module):
     """
 
     def __init__(self, backbone: str = "resnet50", pretrained_file: str = "", dropout: float = 0.3,
-                 box_head: bool = False):
+                 box_head: bool = False, context: int = 0):
         super().__init__()
-        self.backbone = create_backbone(backbone, pretrained_file)
+        self.context = context  # neighbours each side in the input (`cspine.data.slice_stack`); 0 = one slice
+        self.backbone = create_backbone(backbone, pretrained_file, in_channels(context))
         self.num_features = int(self.backbone.num_features)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(self.num_features, len(SLICE_OUTPUTS))

@@ -66,6 +66,33 @@ def load_ensemble(cfg: Config, run_dir: str | os.PathLike, device: torch.device)
 
 
 @torch.inference_mode()
+def blstm_probabilities(per_fold: dict[int, tuple[np.ndarray, np.ndarray]], ensemble: Ensemble,
+                        device: torch.device) -> np.ndarray:
+    """float [8] in TARGETS order: the mean of the ensemble's BLSTMs over one study's CNN outputs.
+
+    Args:
+        per_fold: {fold: (features [N, D], probabilities [N, 15])} from each fold's CNN, head to feet.
+    """
+    outputs = []
+    if ensemble.input in CNN_OUTPUTS:  # one input from every fold's CNN: their outputs mean the same
+        inputs = {None: (None, np.mean([probs.astype(np.float32) for _, probs in per_fold.values()], axis=0))}
+    else:  # fold k's features for fold k's BLSTMs only: each CNN has its own feature space
+        inputs = per_fold
+    for meta, model in ensemble.blstms:
+        key = meta["source_fold"] if ensemble.input == "features" else None
+        if key not in inputs:
+            continue
+        feats, probs = inputs[key]
+        if ensemble.input == "features" or meta.get("probs_as_logits"):
+            x = study_input(feats, probs, ensemble.input, meta.get("bins", 0))  # exactly as in training
+        else:  # a BLSTM saved before log-odds inputs, which read raw probabilities
+            x = probs[:, :CNN_OUTPUTS[ensemble.input]]
+        x = torch.from_numpy(x)[None].to(device)
+        outputs.append(torch.sigmoid(model(x, torch.tensor([x.shape[1]]))).cpu().numpy()[0])
+    return np.mean(outputs, axis=0)
+
+
+@torch.inference_mode()
 def predict_series(series: Series, ensemble: Ensemble, cfg: Config, device: torch.device) -> dict[str, float]:
     """The 8 probabilities of one loaded study."""
     images, _ = preprocess_study(series.hu, cfg.prepare.size, cfg.prepare.crop, cfg.prepare.margin)
@@ -73,22 +100,7 @@ def predict_series(series: Series, ensemble: Ensemble, cfg: Config, device: torc
     dtype = amp_dtype(device, cfg.slice.amp)
     per_fold = {k: study_features(cnn, images, size, device, cfg.predict.batch_size, dtype)
                 for k, cnn in ensemble.cnns.items()}
-    outputs = []
-    if ensemble.input in CNN_OUTPUTS:
-        x = np.mean([probs.astype(np.float32) for _, probs in per_fold.values()], axis=0)
-        inputs = {None: x}
-    else:
-        inputs = {k: feats.astype(np.float32) for k, (feats, _) in per_fold.items()}
-    for meta, model in ensemble.blstms:
-        key = meta["source_fold"] if ensemble.input == "features" else None
-        if key not in inputs:
-            continue
-        x = inputs[key]
-        if meta.get("probs_as_logits"):  # log-odds, as in training (BLSTMs saved before this flag read raw probabilities)
-            x = study_input(None, x, ensemble.input)
-        x = torch.from_numpy(x)[None].to(device)
-        outputs.append(torch.sigmoid(model(x, torch.tensor([x.shape[1]]))).cpu().numpy()[0])
-    p = np.mean(outputs, axis=0)
+    p = blstm_probabilities(per_fold, ensemble, device)
     return {t: float(p[i]) for i, t in enumerate(TARGETS)}
 
 

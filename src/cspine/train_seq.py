@@ -54,34 +54,44 @@ def seq_dir(run_dir: str | os.PathLike, hidden: int) -> Path:
     return Path(run_dir) / "seq" / f"h{hidden}"
 
 
-def study_input(features: np.ndarray | None, probs: np.ndarray, mode: str) -> np.ndarray:
-    """The BLSTM's per-slice input for a study: CNN features, or CNN outputs as log-odds.
+def bin_slices(x: np.ndarray, bins: int) -> np.ndarray:
+    """[N, D] → [bins, D]: the maximum over each of ``bins`` equal runs of slices (0 leaves x as it is).
+
+    Studies differ several-fold in length, and a BLSTM tells C1 from C7 by how far into the sequence
+    it is. Pooled to a fixed number of runs, every study puts C1 near the start and C7 near the end on the
+    same scale, in training and at inference alike; the maximum keeps a fracture seen on a single slice.
+    Shorter studies are stretched (slices repeated).
+    """
+    if not bins:
+        return x
+    pooled = F.adaptive_max_pool1d(torch.from_numpy(np.ascontiguousarray(x.T, dtype=np.float32))[None], bins)
+    return pooled[0].T.contiguous().numpy()
+
+
+def study_input(features: np.ndarray | None, probs: np.ndarray, mode: str, bins: int = 0) -> np.ndarray:
+    """The BLSTM's input for a study: CNN features, or CNN outputs as log-odds, pooled to ``bins`` runs.
 
     ``mode``: "features" (the paper), "probs" (all 15 slice outputs) or "fracture" (the slice-fracture
     output alone). Log-odds, not probabilities: the evidence sits in the tail (0.9 against 0.999), which
-    standardising raw probabilities squeezes into a sliver.
+    standardising raw probabilities squeezes into a sliver. Training and `predict` both build their input
+    here, so the two never differ.
     """
     if mode == "features":
-        return features
-    if mode in CNN_OUTPUTS:
+        x = features.astype(np.float32)
+    elif mode in CNN_OUTPUTS:
         q = np.clip(probs[:, :CNN_OUTPUTS[mode]].astype(np.float32), PROB_CLIP, 1 - PROB_CLIP)
-        return np.log(q / (1 - q))
-    raise ValueError(f"seq.input must be 'features', 'probs' or 'fracture', not {mode!r}")
+        x = np.log(q / (1 - q))
+    else:
+        raise ValueError(f"seq.input must be 'features', 'probs' or 'fracture', not {mode!r}")
+    return bin_slices(x, bins)
 
 
-def collate(studies: list[Study], max_len: int = 0, rng: np.random.Generator | None = None):
-    """Pads studies into x [B, T, D], lengths [B], y [B, 8]; long studies subsampled evenly to max_len."""
-    xs = []
-    for s in studies:
-        x = s.x
-        if max_len and len(x) > max_len:
-            offset = rng.integers(0, len(x) / max_len) if rng is not None else 0
-            x = x[np.linspace(offset, len(x) - 1, max_len).astype(int)]
-        xs.append(x)
-    lengths = torch.tensor([len(x) for x in xs])
-    batch = torch.zeros(len(xs), int(lengths.max()), xs[0].shape[1])
-    for i, x in enumerate(xs):
-        batch[i, :len(x)] = torch.from_numpy(x)
+def collate(studies: list[Study]):
+    """Pads studies into x [B, T, D], lengths [B], y [B, 8]."""
+    lengths = torch.tensor([len(s.x) for s in studies])
+    batch = torch.zeros(len(studies), int(lengths.max()), studies[0].x.shape[1])
+    for i, s in enumerate(studies):
+        batch[i, :len(s.x)] = torch.from_numpy(s.x)
     return batch, lengths, torch.from_numpy(np.stack([s.y for s in studies]))
 
 
@@ -136,7 +146,7 @@ def fit_sequence_model(train: list[Study], stop: list[Study], s: SeqConfig, hidd
         order = rng.permutation(len(train))
         total = 0.0
         for start in range(0, len(order), s.batch_size):
-            x, lengths, y = collate([train[i] for i in order[start:start + s.batch_size]], s.max_len, rng)
+            x, lengths, y = collate([train[i] for i in order[start:start + s.batch_size]])
             loss = sequence_loss(model(x.to(device), lengths), y.to(device), s.loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -167,11 +177,12 @@ def _fit_and_score(train: list[Study], scored: list[Study], s: SeqConfig, hidden
     return model, history, predict_studies(model, scored, device)
 
 
-def _load_studies(run_dir: Path, uids: list[str], labels: pd.DataFrame, mode: str, source: dict[str, int]) -> list[Study]:
+def _load_studies(run_dir: Path, uids: list[str], labels: pd.DataFrame, mode: str, source: dict[str, int],
+                  bins: int) -> list[Study]:
     studies = []
     for uid in uids:
         feats, probs = load_features(run_dir, source[uid], uid)
-        studies.append(Study(uid, study_input(feats, probs, mode), labels.loc[uid, list(TARGETS)].to_numpy(np.float32)))
+        studies.append(Study(uid, study_input(feats, probs, mode, bins), labels.loc[uid, list(TARGETS)].to_numpy(np.float32)))
     return studies
 
 
@@ -179,7 +190,7 @@ def _save(model: SequenceNet, path: Path, hidden: int, s: SeqConfig, source_fold
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model.state_dict(), "in_features": model.lstm.input_size, "hidden": hidden,
                 "layers": s.layers, "dropout": s.dropout, "input": s.input,
-                "probs_as_logits": s.input in CNN_OUTPUTS, "source_fold": source_fold, "trained_on": trained_on}, path)
+                "probs_as_logits": s.input in CNN_OUTPUTS, "bins": s.bins, "source_fold": source_fold, "trained_on": trained_on}, path)
 
 
 def load_sequence_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[SequenceNet, dict]:
@@ -204,14 +215,14 @@ def train_seq_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, hidden: i
     rows = []
     if s.input in CNN_OUTPUTS:
         others = [u for u in folds.loc[folds["fold"] != fold, "StudyInstanceUID"] if u in source]
-        train = _load_studies(run_dir, others, labels, s.input, source)
-        val = _load_studies(run_dir, in_fold, labels, s.input, source)
+        train = _load_studies(run_dir, others, labels, s.input, source, s.bins)
+        val = _load_studies(run_dir, in_fold, labels, s.input, source, s.bins)
         model, history, probs = _fit_and_score(train, val, s, hidden, device, s.seed + fold)
         _save(model, out / "model.pt", hidden, s, None, others)
         rows.append((val, probs))
         histories = {"model": history}
     else:
-        studies = _load_studies(run_dir, in_fold, labels, "features", source)
+        studies = _load_studies(run_dir, in_fold, labels, "features", source, s.bins)
         y = np.array([st.y[0] for st in studies]).astype(int)
         n_inner = max(2, min(s.inner_folds, len(y)))
         strata = y if np.bincount(y, minlength=2).min() >= n_inner else np.zeros_like(y)  # too few to stratify

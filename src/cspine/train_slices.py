@@ -49,6 +49,7 @@ from cspine.runtime import (
 )
 
 log = logging.getLogger(__name__)
+PROGRESS_EVERY = 10  # steps between progress-bar loss updates (each one waits for the GPU)
 
 
 def fold_dir(run_dir: str | os.PathLike, fold: int) -> Path:
@@ -127,8 +128,9 @@ def _log_to(path: Path) -> logging.Handler:
 def load_slice_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu") -> SliceNet:
     """The SliceNet saved in a ``best.pt`` (its architecture is in the checkpoint; no weights file needed)."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    model = SliceNet(backbone=state["arch"]["backbone"], dropout=state["arch"]["dropout"],
-                     box_head=state["arch"].get("box_head", False))
+    arch = state["arch"]
+    model = SliceNet(backbone=arch["backbone"], dropout=arch["dropout"], box_head=arch.get("box_head", False),
+                     context=arch.get("context", 0))
     model.load_state_dict(state["model"])
     return model.to(device).eval()
 
@@ -177,8 +179,9 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
                            "more studies with boxes (or negatives) are needed")
     size = s.input_size or cfg.prepare.size
     with_boxes = s.box_weight > 0
-    train_set = SliceDataset(run_dir / "cache", train_df, build_transforms(s, True, size, seed=s.seed), with_boxes)
-    val_set = SliceDataset(run_dir / "cache", val_df, build_transforms(s, False, size))
+    train_set = SliceDataset(run_dir / "cache", train_df, build_transforms(s, True, size, seed=s.seed), with_boxes,
+                             context=s.context)
+    val_set = SliceDataset(run_dir / "cache", val_df, build_transforms(s, False, size), context=s.context)
     n_studies = train_df["StudyInstanceUID"].nunique()
     if with_boxes and len(train_set.boxes) < n_studies and rt.is_main:
         log.warning("fold %d: %d of %d training studies were cached without boxes (a cache from before cspine "
@@ -193,7 +196,7 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
     train_loader = _loader(train_set, s.batch_size, s.workers, sampler=sampler, pin=rt.cuda)
     val_loader = _loader(val_set, s.batch_size * 2, s.workers, pin=rt.cuda)
 
-    model = SliceNet(s.backbone, s.pretrained_file, s.dropout, box_head=with_boxes).to(rt.device)
+    model = SliceNet(s.backbone, s.pretrained_file, s.dropout, box_head=with_boxes, context=s.context).to(rt.device)
     channels_last = s.channels_last and rt.cuda
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -235,7 +238,8 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
         train_loader.generator.manual_seed(s.seed * 100003 + fold * 1009 + epoch)  # worker augmentation seeds
         train_set.transform.set_random_seed(s.seed * 100003 + fold * 1009 + epoch)  # in-process augmentation
         net.train()
-        started, seen, loss_sum = time.perf_counter(), 0, 0.0
+        started, seen = time.perf_counter(), 0
+        loss_sum = torch.zeros((), device=rt.device)  # summed on the device: no host sync per step
         progress = tqdm(train_loader, desc=f"fold {fold} epoch {epoch + 1}/{s.epochs}", leave=False,
                         disable=not rt.is_main)
         optimizer.zero_grad(set_to_none=True)
@@ -266,12 +270,14 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
                 if ema is not None:
                     ema.update(model)
                 steps_done += 1
-            loss_sum += loss.item() * len(images)
+            loss_sum += loss.detach() * len(images)
             seen += len(images)
-            progress.set_postfix(loss=f"{loss_sum / seen:.4f}")
+            if step % PROGRESS_EVERY == 0:
+                progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}")
             if max_steps is not None and steps_done >= max_steps:
                 break
         scheduler.step()
+        loss_sum = float(loss_sum)
         train_time = time.perf_counter() - started
 
         stop = [False]
@@ -289,7 +295,8 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
             if improved:
                 best_loss, bad_epochs = val_loss, 0
                 torch.save({"model": (ema.module if ema is not None else model).state_dict(),
-                            "arch": {"backbone": s.backbone, "dropout": s.dropout, "box_head": with_boxes},
+                            "arch": {"backbone": s.backbone, "dropout": s.dropout, "box_head": with_boxes,
+                                     "context": s.context},
                             "epoch": epoch + 1, "val_loss": val_loss, "fold": fold, "config": config_dict(cfg)},
                            best_path)
                 _write_validation(out, val_df, probs, report, fold)
