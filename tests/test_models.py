@@ -114,14 +114,14 @@ def test_slice_stack_puts_each_slice_between_its_neighbours():
     from cspine.data import slice_stack
     from cspine.models import in_channels
 
-    study = np.arange(5, dtype=np.uint8)[:, None, None, None] * np.ones((5, 2, 2, 3), np.uint8)  # slice k is all k
+    study = np.arange(5, dtype=np.uint8)[:, None, None, None] * np.ones((5, 2, 2, 3), np.uint8)  # slice k = k
     middle = slice_stack(study, np.array([2]), context=1)[0]
     assert middle.shape == (2, 2, in_channels(1)) == (2, 2, 9)
     assert middle[0, 0].tolist() == [1, 1, 1, 2, 2, 2, 3, 3, 3]  # head to feet, three windows per slice
     ends = slice_stack(study, np.array([0, 4]), context=2)
     assert ends[0, 0, 0].tolist() == [0] * 9 + [1] * 3 + [2] * 3  # the first slice repeats above the study
     assert ends[1, 0, 0].tolist() == [2] * 3 + [3] * 3 + [4] * 9
-    assert np.array_equal(slice_stack(study, np.array([3]), context=0), study[[3]])  # the paper's single slice
+    assert np.array_equal(slice_stack(study, np.array([3]), context=0), study[[3]])  # the paper's one slice
 
 
 def test_context_net_takes_the_stacked_channels():

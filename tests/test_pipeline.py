@@ -116,7 +116,8 @@ def test_predict_feeds_a_blstm_exactly_what_it_trained_on(smoke_run, tmp_path):
     assert meta["bins"] == 5
     ensemble = Ensemble(cnns={}, blstms=[(meta, model)], input="fracture")
     for uid, row in oof.iterrows():
-        probs = blstm_probabilities({0: load_features(run_dir, 0, uid)}, ensemble, torch.device("cpu"))  # its own fold's CNN
+        features = {0: load_features(run_dir, 0, uid)}  # from its own fold's CNN, as in training
+        probs = blstm_probabilities(features, ensemble, torch.device("cpu"))
         assert np.allclose(probs, row[[f"p_{t}" for t in TARGETS]].to_numpy(float), atol=1e-5), uid
 
 

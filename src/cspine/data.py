@@ -30,7 +30,7 @@ def slice_stack(study: np.ndarray, orders: np.ndarray, context: int = 0) -> np.n
     """uint8 [B, H, W, 3·(2·context + 1)]: slices ``orders`` of a study with their neighbours as channels.
 
     A fracture is a line through the bone in three dimensions, while a joint space or a foramen looks like a
-    gap on one slice too; the slices above and below tell them apart (the "2.5D" input of most RSNA 2022
+    gap on one slice too; the slices above and below tell them apart (the "2.5D" input of many RSNA 2022
     solutions). Channels run head to feet, three windows per slice, so the middle three are the slice
     itself; neighbours beyond the study's ends repeat its first or last slice. ``context=0`` is the paper's
     single slice.
@@ -47,7 +47,8 @@ def slice_stack(study: np.ndarray, orders: np.ndarray, context: int = 0) -> np.n
     stacked = np.asarray(study[window.ravel()])  # [B·(2c+1), H, W, 3]
     b, k = window.shape
     h, w, c = stacked.shape[1:]
-    return np.ascontiguousarray(stacked.reshape(b, k, h, w, c).transpose(0, 2, 3, 1, 4).reshape(b, h, w, k * c))
+    stacked = stacked.reshape(b, k, h, w, c).transpose(0, 2, 3, 1, 4)  # [B, H, W, slice, window]
+    return np.ascontiguousarray(stacked.reshape(b, h, w, k * c))
 
 
 def build_transforms(cfg: SliceConfig, train: bool, size: int, seed: int | None = None) -> A.Compose:
@@ -81,6 +82,7 @@ class SliceDataset(Dataset):
 
     C is 3 (the slice's three windows), or 3·(2·context + 1) with ``context`` neighbours each side
     (`slice_stack`).
+
     Targets follow `SLICE_OUTPUTS`; ``known`` is 0 where the data cannot give a label (no boxes or no mask
     for that study), so the loss skips it. With ``with_boxes``, a fourth item is the slice's box map float
     [H, W]: 1 inside its fracture boxes, 0 elsewhere, moved by the same flips and rotations as the image; all
@@ -88,8 +90,8 @@ class SliceDataset(Dataset):
     were cached), which the loss skips.
     """
 
-    def __init__(self, cache_dir: str | Path, index: pd.DataFrame, transform: A.Compose, with_boxes: bool = False,
-                 context: int = 0):
+    def __init__(self, cache_dir: str | Path, index: pd.DataFrame, transform: A.Compose,
+                 with_boxes: bool = False, context: int = 0):
         self.cache_dir = Path(cache_dir)
         self.context = context
         self.uids = index["StudyInstanceUID"].to_numpy()

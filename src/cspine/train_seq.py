@@ -77,7 +77,7 @@ def study_input(features: np.ndarray | None, probs: np.ndarray, mode: str, bins:
     here, so the two never differ.
     """
     if mode == "features":
-        x = features.astype(np.float32)
+        x = np.asarray(features, dtype=np.float32)
     elif mode in CNN_OUTPUTS:
         q = np.clip(probs[:, :CNN_OUTPUTS[mode]].astype(np.float32), PROB_CLIP, 1 - PROB_CLIP)
         x = np.log(q / (1 - q))
@@ -182,7 +182,8 @@ def _load_studies(run_dir: Path, uids: list[str], labels: pd.DataFrame, mode: st
     studies = []
     for uid in uids:
         feats, probs = load_features(run_dir, source[uid], uid)
-        studies.append(Study(uid, study_input(feats, probs, mode, bins), labels.loc[uid, list(TARGETS)].to_numpy(np.float32)))
+        y = labels.loc[uid, list(TARGETS)].to_numpy(np.float32)
+        studies.append(Study(uid, study_input(feats, probs, mode, bins), y))
     return studies
 
 
@@ -190,7 +191,8 @@ def _save(model: SequenceNet, path: Path, hidden: int, s: SeqConfig, source_fold
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model.state_dict(), "in_features": model.lstm.input_size, "hidden": hidden,
                 "layers": s.layers, "dropout": s.dropout, "input": s.input,
-                "probs_as_logits": s.input in CNN_OUTPUTS, "bins": s.bins, "source_fold": source_fold, "trained_on": trained_on}, path)
+                "probs_as_logits": s.input in CNN_OUTPUTS, "bins": s.bins, "source_fold": source_fold,
+                "trained_on": trained_on}, path)
 
 
 def load_sequence_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[SequenceNet, dict]:

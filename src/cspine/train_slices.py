@@ -179,8 +179,8 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
                            "more studies with boxes (or negatives) are needed")
     size = s.input_size or cfg.prepare.size
     with_boxes = s.box_weight > 0
-    train_set = SliceDataset(run_dir / "cache", train_df, build_transforms(s, True, size, seed=s.seed), with_boxes,
-                             context=s.context)
+    train_set = SliceDataset(run_dir / "cache", train_df, build_transforms(s, True, size, seed=s.seed),
+                             with_boxes, context=s.context)
     val_set = SliceDataset(run_dir / "cache", val_df, build_transforms(s, False, size), context=s.context)
     n_studies = train_df["StudyInstanceUID"].nunique()
     if with_boxes and len(train_set.boxes) < n_studies and rt.is_main:
@@ -196,7 +196,8 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
     train_loader = _loader(train_set, s.batch_size, s.workers, sampler=sampler, pin=rt.cuda)
     val_loader = _loader(val_set, s.batch_size * 2, s.workers, pin=rt.cuda)
 
-    model = SliceNet(s.backbone, s.pretrained_file, s.dropout, box_head=with_boxes, context=s.context).to(rt.device)
+    model = SliceNet(s.backbone, s.pretrained_file, s.dropout, box_head=with_boxes, context=s.context)
+    model = model.to(rt.device)
     channels_last = s.channels_last and rt.cuda
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
