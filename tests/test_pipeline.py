@@ -79,14 +79,19 @@ def test_every_study_is_predicted_out_of_fold_by_a_blstm_that_never_saw_it(smoke
                 assert sum(uid not in set(meta["trained_on"]) for meta in inner) == 1, uid
 
 
-def test_probs_input_trains_across_folds_and_scores_only_the_held_out_fold(smoke_run, tmp_path):
-    from cspine.train_seq import load_sequence_model, seq_dir, train_seq_fold
-
-    run_dir = tmp_path / "probs_run"
+def _features_only_run(smoke_run, run_dir):
+    """A run folder with the smoke run's folds, labels and out-of-fold features, for training BLSTMs anew."""
     run_dir.mkdir()
     for name in ("folds.csv", "labels.csv"):
         shutil.copy(smoke_run / name, run_dir / name)
     shutil.copytree(smoke_run / "features", run_dir / "features")
+    return run_dir
+
+
+def test_probs_input_trains_across_folds_and_scores_only_the_held_out_fold(smoke_run, tmp_path):
+    from cspine.train_seq import load_sequence_model, seq_dir, train_seq_fold
+
+    run_dir = _features_only_run(smoke_run, tmp_path / "probs_run")
     cfg = load_config(SMOKE_CONFIG, ["seq.input=probs", "seq.hidden=16"])
     folds = pd.read_csv(run_dir / "folds.csv", dtype={"StudyInstanceUID": str})
     for fold in sorted(folds["fold"].unique()):
@@ -105,11 +110,7 @@ def test_predict_feeds_a_blstm_exactly_what_it_trained_on(smoke_run, tmp_path):
     from cspine.predict import Ensemble, blstm_probabilities
     from cspine.train_seq import load_sequence_model, seq_dir, train_seq_fold
 
-    run_dir = tmp_path / "binned_run"
-    run_dir.mkdir()
-    for name in ("folds.csv", "labels.csv"):
-        shutil.copy(smoke_run / name, run_dir / name)
-    shutil.copytree(smoke_run / "features", run_dir / "features")
+    run_dir = _features_only_run(smoke_run, tmp_path / "binned_run")
     cfg = load_config(SMOKE_CONFIG, ["seq.input=fracture", "seq.bins=5", "seq.hidden=16"])
     oof = train_seq_fold(cfg, run_dir, 0).set_index("StudyInstanceUID")
     model, meta = load_sequence_model(seq_dir(run_dir, 16) / "fold0" / "model.pt")

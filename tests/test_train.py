@@ -301,3 +301,6 @@ def test_training_and_extraction_feed_a_context_cnn_the_same_stack(prepared, tmp
     assert model.context == 1
     feats, probs = study_features(model, study, 48, torch.device("cpu"), batch_size=4)
     assert feats.shape[0] == probs.shape[0] == len(study)
+    with torch.inference_mode():  # extraction scores each slice as the CNN saw it in training
+        trained_view = torch.sigmoid(model(torch.stack([dataset[i][0] for i in range(len(rows))]))).numpy()
+    np.testing.assert_allclose(probs[rows["order"].to_numpy()].astype(np.float32), trained_view, atol=2e-3)

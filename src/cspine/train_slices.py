@@ -278,7 +278,7 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
             if max_steps is not None and steps_done >= max_steps:
                 break
         scheduler.step()
-        loss_sum = float(loss_sum)
+        train_loss = loss_sum.item() / max(seen, 1)
         train_time = time.perf_counter() - started
 
         stop = [False]
@@ -288,7 +288,7 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
             val_loss = float(slice_loss(torch.logit(torch.from_numpy(probs).clamp(1e-6, 1 - 1e-6)),
                                         torch.from_numpy(targets), torch.from_numpy(known), s.aux_weight))
             report = paper_reports(targets[:, 0], probs[:, 0])
-            row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "val_loss": val_loss,
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                    "val_auc": report["Imblcd."]["AUC"], "lr": optimizer.param_groups[0]["lr"],
                    "images_per_s": seen * rt.world_size / train_time}
             history.append(row)
