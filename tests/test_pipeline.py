@@ -115,11 +115,36 @@ def test_predict_feeds_a_blstm_exactly_what_it_trained_on(smoke_run, tmp_path):
     oof = train_seq_fold(cfg, run_dir, 0).set_index("StudyInstanceUID")
     model, meta = load_sequence_model(seq_dir(run_dir, 16) / "fold0" / "model.pt")
     assert meta["bins"] == 5
-    ensemble = Ensemble(cnns={}, blstms=[(meta, model)], input="fracture")
+    ensemble = Ensemble(cnns={}, blstms=[(meta, model)], input="fracture", tta=False)
     for uid, row in oof.iterrows():
         features = {0: load_features(run_dir, 0, uid)}  # from its own fold's CNN, as in training
         probs = blstm_probabilities(features, ensemble, torch.device("cpu"))
         assert np.allclose(probs, row[[f"p_{t}" for t in TARGETS]].to_numpy(float), atol=1e-5), uid
+
+
+def test_tta_extraction_is_recorded_and_predict_follows_it(smoke_run, tmp_path):
+    """`predict.tta` re-extracts a fold's features; its BLSTMs record it and `predict` reads slices alike."""
+    from cspine.extract import extract_fold, load_features
+    from cspine.predict import load_ensemble
+    from cspine.train_seq import train_seq_fold
+
+    run_dir = _features_only_run(smoke_run, tmp_path / "tta_run")
+    for name in ("cache", "slice"):
+        (run_dir / name).symlink_to(smoke_run / name)
+    cfg = load_config(SMOKE_CONFIG, ["predict.tta=true"])
+    assert load_ensemble(cfg, smoke_run, torch.device("cpu")).tta is False  # the smoke run read plain slices
+    with pytest.raises(RuntimeError, match="some folds"):  # fold 0 re-read mirrored, fold 1 not yet
+        extract_fold(cfg, run_dir, 0)
+        train_seq_fold(cfg, run_dir, 0)
+    for fold in (0, 1):
+        out = extract_fold(cfg, run_dir, fold)
+        assert json.loads((out / "provenance.json").read_text())["tta"] is True
+    uid = next(iter(json.loads((run_dir / "features" / "fold0" / "provenance.json").read_text())["studies"]))
+    assert not np.allclose(load_features(run_dir, 0, uid)[1], load_features(smoke_run, 0, uid)[1])  # re-read
+    for fold in (0, 1):
+        train_seq_fold(cfg, run_dir, fold)
+    ensemble = load_ensemble(load_config(SMOKE_CONFIG), run_dir, torch.device("cpu"))  # config says no tta
+    assert ensemble.tta is True  # the BLSTMs' training features decide, not the config at predict time
 
 
 def test_report_tables_have_the_papers_rows_and_columns(smoke_run):

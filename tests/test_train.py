@@ -60,8 +60,10 @@ def test_a_time_boxed_call_is_not_finished_until_the_last_epoch(prepared, tmp_pa
     assert train_fold(cfg, run_dir, 0)["finished"]
 
 
-def test_resumed_run_matches_an_uninterrupted_one(prepared, tmp_path):
-    cfg = load_config(SMOKE_CONFIG, ["slice.epochs=3", "slice.patience=10"])
+@pytest.mark.parametrize("schedule", ["slice.schedule=step", "slice.schedule=cosine"])
+def test_resumed_run_matches_an_uninterrupted_one(prepared, tmp_path, schedule):
+    cfg = load_config(SMOKE_CONFIG, ["slice.epochs=3", "slice.patience=10", "slice.warmup_epochs=1",
+                                     schedule])
     straight = _copy_base(prepared, tmp_path / "straight")
     train_fold(cfg, straight, 1)
     resumed = _copy_base(prepared, tmp_path / "resumed")
@@ -74,6 +76,36 @@ def test_resumed_run_matches_an_uninterrupted_one(prepared, tmp_path):
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)
     assert [r["train_loss"] for r in a["history"]] == pytest.approx([r["train_loss"] for r in b["history"]])
+    assert [r["lr"] for r in a["history"]] == pytest.approx([r["lr"] for r in b["history"]])  # schedule resumed
+
+
+def test_learning_rate_schedules():
+    """"step" is the paper's StepLR per epoch; "cosine" warms up from lr/100 to lr, then falls to min_lr."""
+    from cspine.train_slices import learning_rate_schedule
+
+    def rates(overrides, updates_per_epoch=5):
+        s = load_config(None, ["slice.epochs=6", "slice.lr=0.01", *overrides]).slice
+        optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=s.lr)
+        scheduler = learning_rate_schedule(optimizer, s, updates_per_epoch)
+        scheduler.step(0)
+        scheduler.step_update(0)
+        seen = []
+        for epoch in range(s.epochs):
+            for update in range(updates_per_epoch):
+                seen.append(optimizer.param_groups[0]["lr"])
+                scheduler.step_update(epoch * updates_per_epoch + update + 1)
+            scheduler.step(epoch + 1)
+        return np.array(seen).reshape(s.epochs, updates_per_epoch)
+
+    step = rates(["slice.step_size=2", "slice.gamma=0.5"])
+    assert np.allclose(step, np.repeat([0.01, 0.01, 0.005, 0.005, 0.0025, 0.0025], 5).reshape(6, 5))
+    cosine = rates(["slice.schedule=cosine", "slice.warmup_epochs=1", "slice.min_lr=1e-4"])
+    assert cosine[0, 0] == pytest.approx(1e-4)  # warm-up starts at lr / 100
+    assert cosine.max() == cosine[1, 0] > 0.009  # the peak comes after one epoch, on the cosine from lr
+    assert np.all(np.diff(cosine.ravel()[5:]) < 0)  # then falls at every update
+    assert 1e-4 < cosine[-1, -1] < 2e-4  # to about min_lr
+    with pytest.raises(ValueError, match="slice.schedule"):
+        rates(["slice.schedule=linear"])
 
 
 def test_workers_draw_different_augmentations(prepared):
@@ -304,3 +336,27 @@ def test_training_and_extraction_feed_a_context_cnn_the_same_stack(prepared, tmp
     with torch.inference_mode():  # extraction scores each slice as the CNN saw it in training
         trained_view = torch.sigmoid(model(torch.stack([dataset[i][0] for i in range(len(rows))]))).numpy()
     np.testing.assert_allclose(probs[rows["order"].to_numpy()].astype(np.float32), trained_view, atol=2e-3)
+
+
+def test_tta_averages_each_slice_with_its_mirror_image(prepared):
+    from cspine.extract import study_features
+    from cspine.models import SliceNet
+    from cspine.prepare import load_study_images
+
+    index = pd.read_csv(prepared / "cache" / "index.csv", dtype={"StudyInstanceUID": str})
+    study = load_study_images(prepared / "cache", index["StudyInstanceUID"].iloc[0])[:6]
+    torch.manual_seed(0)
+    model = SliceNet("resnet10t", dropout=0.0).eval()
+    cpu = torch.device("cpu")
+    plain_f, plain_p = study_features(model, study, 48, cpu, batch_size=4)
+    mirror_f, mirror_p = study_features(model, study[:, :, ::-1], 48, cpu, batch_size=4)
+    tta_f, tta_p = study_features(model, study, 48, cpu, batch_size=4, tta=True)
+
+    def logit(p):
+        p = np.clip(p.astype(np.float64), 1e-4, 1 - 1e-4)
+        return np.log(p / (1 - p))
+
+    assert not np.allclose(plain_p, mirror_p, atol=1e-3)  # the readings differ: the average is a real test
+    np.testing.assert_allclose(logit(tta_p), (logit(plain_p) + logit(mirror_p)) / 2, atol=2e-2)
+    mean_f = (plain_f.astype(np.float32) + mirror_f) / 2
+    np.testing.assert_allclose(tta_f.astype(np.float32), mean_f, atol=1e-2)

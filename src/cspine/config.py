@@ -66,8 +66,11 @@ class SliceConfig:
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.0
+    schedule: str = "step"  # "step": the paper's StepLR (×gamma every step_size epochs); "cosine": per update
     step_size: int = 5  # StepLR epochs
     gamma: float = 0.2
+    warmup_epochs: float = 0.0  # linear warm-up from lr/100 (either schedule)
+    min_lr: float = 0.0  # where "cosine" ends
     dropout: float = 0.3
     patience: int = 8  # early stopping on validation loss, in epochs
     accum_steps: int = 1
@@ -113,8 +116,13 @@ class SeqConfig:
 
 @dataclass(frozen=True)
 class PredictConfig:
+    """How the slice CNN reads a study in `extract` and `predict` alike, and the submission's clip."""
+
     clip: float = 1e-4  # probabilities clipped to [clip, 1 - clip]
     batch_size: int = 32
+    # `extract` reads each slice as it is and mirrored left-right and averages the two (2× the CNN time);
+    # `predict` then does the same, because the BLSTMs record whether their training features were made so
+    tta: bool = False
 
 
 @dataclass(frozen=True)

@@ -51,11 +51,14 @@ def to_tensor(images: np.ndarray, size: int, device: torch.device, channels_last
 
 @torch.inference_mode()
 def study_features(model: SliceNet, images: np.ndarray, size: int, device: torch.device, batch_size: int,
-                   dtype: torch.dtype | None = None, channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                   dtype: torch.dtype | None = None, channels_last: bool = False,
+                   tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Features float16 [N, D] and probabilities float16 [N, 15] of one study's preprocessed slices.
 
     ``images`` is the whole study, uint8 [N, H, W, 3], head to feet: a CNN with context reads each slice's
-    neighbours from it.
+    neighbours from it. With ``tta`` each slice is also read mirrored left-right (the CNN trained with
+    horizontal flips) and the two readings' log-odds and features are averaged: a false positive that one
+    reading alone produces is damped, which matters because a study's score hangs on its highest slices.
     """
     feats, probs = [], []
     for start in range(0, len(images), batch_size):
@@ -63,6 +66,9 @@ def study_features(model: SliceNet, images: np.ndarray, size: int, device: torch
         x = to_tensor(batch, size, device, channels_last)
         with autocast(device, dtype):
             f, logits = model.features_and_logits(x)
+            if tta:
+                f_mirror, logits_mirror = model.features_and_logits(x.flip(-1))
+                f, logits = (f.float() + f_mirror.float()) / 2, (logits.float() + logits_mirror.float()) / 2
         feats.append(f.float().cpu().numpy().astype(np.float16))
         probs.append(torch.sigmoid(logits.float()).cpu().numpy().astype(np.float16))
     return np.concatenate(feats), np.concatenate(probs)
@@ -85,12 +91,14 @@ def extract_fold(cfg: Config, run_dir: str | os.PathLike, fold: int) -> Path:
     trained_on = sorted(folds.loc[folds["fold"] != fold, "StudyInstanceUID"])
     out = features_dir(run_dir, fold)
     out.mkdir(parents=True, exist_ok=True)
-    sha = _sha(checkpoint)
+    sha, tta = _sha(checkpoint), cfg.predict.tta
     provenance_path = out / "provenance.json"
-    if provenance_path.is_file() and json.loads(provenance_path.read_text())["checkpoint_sha"] != sha:
-        for stale in out.glob("*.npz"):  # features of an older checkpoint must not mix with the new ones
-            stale.unlink()
-    provenance = {"fold": fold, "checkpoint": str(checkpoint), "checkpoint_sha": sha,
+    if provenance_path.is_file():
+        old = json.loads(provenance_path.read_text())
+        if old["checkpoint_sha"] != sha or old.get("tta", False) != tta:
+            for stale in out.glob("*.npz"):  # another checkpoint's or reading's features must not mix in
+                stale.unlink()
+    provenance = {"fold": fold, "checkpoint": str(checkpoint), "checkpoint_sha": sha, "tta": tta,
                   "trained_on": trained_on, "studies": held_out}
     provenance_path.write_text(json.dumps(provenance, indent=1))
 
@@ -105,7 +113,8 @@ def extract_fold(cfg: Config, run_dir: str | os.PathLike, fold: int) -> Path:
     slices, started = 0, time.perf_counter()
     for uid in tqdm(todo, desc=f"extract fold {fold}", unit="study"):
         images = load_study_images(run_dir / "cache", uid)
-        feats, probs = study_features(model, images, size, device, cfg.predict.batch_size, dtype, channels_last)
+        feats, probs = study_features(model, images, size, device, cfg.predict.batch_size, dtype,
+                                      channels_last, tta)
         tmp = out / f"{uid}.part.npz"
         np.savez(tmp, features=feats, probs=probs)
         os.replace(tmp, out / f"{uid}.npz")
@@ -121,6 +130,16 @@ def load_features(run_dir: str | os.PathLike, fold: int, uid: str) -> tuple[np.n
     """(features, probs) of one study as extracted by fold ``fold``'s CNN (float32)."""
     with np.load(features_dir(run_dir, fold) / f"{uid}.npz") as data:
         return data["features"].astype(np.float32), data["probs"].astype(np.float32)
+
+
+def extracted_with_tta(run_dir: str | os.PathLike) -> bool:
+    """Whether the run's features were extracted with `predict.tta`; an error if the folds disagree."""
+    settings = {json.loads(p.read_text()).get("tta", False)
+                for p in Path(run_dir, "features").glob("fold*/provenance.json")}
+    if len(settings) > 1:
+        raise RuntimeError(f"{Path(run_dir, 'features')}: some folds were extracted with predict.tta and "
+                           "some without; run extract again with one setting")
+    return settings.pop() if settings else False
 
 
 def oof_sources(run_dir: str | os.PathLike) -> dict[str, int]:

@@ -45,6 +45,7 @@ class Ensemble:
     cnns: dict[int, SliceNet]
     blstms: list[tuple[dict, SequenceNet]]
     input: str
+    tta: bool  # the CNNs read each slice mirrored too, as when the BLSTMs' training features were extracted
 
 
 def load_ensemble(cfg: Config, run_dir: str | os.PathLike, device: torch.device) -> Ensemble:
@@ -62,7 +63,11 @@ def load_ensemble(cfg: Config, run_dir: str | os.PathLike, device: torch.device)
     if not cnns or not blstms:
         raise FileNotFoundError(f"no trained models under {run_dir} (slice/fold*/best.pt: {len(cnns)}, "
                                 f"seq/h{cfg.seq.hidden}/fold*/*.pt: {len(blstms)}); run the training stages first")
-    return Ensemble(cnns, blstms, blstms[0][0]["input"])
+    tta = {meta.get("tta", False) for meta, _ in blstms}  # BLSTMs saved before the key read plain slices
+    if len(tta) > 1:
+        raise ValueError(f"{seq_dir(run_dir, cfg.seq.hidden)}: BLSTMs trained on features with and without "
+                         "predict.tta; train them again on one extraction")
+    return Ensemble(cnns, blstms, blstms[0][0]["input"], tta.pop())
 
 
 @torch.inference_mode()
@@ -98,7 +103,7 @@ def predict_series(series: Series, ensemble: Ensemble, cfg: Config, device: torc
     images, _ = preprocess_study(series.hu, cfg.prepare.size, cfg.prepare.crop, cfg.prepare.margin)
     size = cfg.slice.input_size or cfg.prepare.size
     dtype = amp_dtype(device, cfg.slice.amp)
-    per_fold = {k: study_features(cnn, images, size, device, cfg.predict.batch_size, dtype)
+    per_fold = {k: study_features(cnn, images, size, device, cfg.predict.batch_size, dtype, tta=ensemble.tta)
                 for k, cnn in ensemble.cnns.items()}
     p = blstm_probabilities(per_fold, ensemble, device)
     return {t: float(p[i]) for i, t in enumerate(TARGETS)}

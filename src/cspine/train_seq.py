@@ -32,7 +32,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from cspine import TARGETS
 from cspine.config import Config, SeqConfig
-from cspine.extract import load_features, oof_sources
+from cspine.extract import extracted_with_tta, load_features, oof_sources
 from cspine.metrics import target_weights, weighted_log_loss
 from cspine.models import SequenceNet
 from cspine.runtime import pick_device, seed_everything
@@ -187,12 +187,14 @@ def _load_studies(run_dir: Path, uids: list[str], labels: pd.DataFrame, mode: st
     return studies
 
 
-def _save(model: SequenceNet, path: Path, hidden: int, s: SeqConfig, source_fold: int | None, trained_on: list[str]) -> None:
+def _save(model: SequenceNet, path: Path, hidden: int, s: SeqConfig, source_fold: int | None,
+          trained_on: list[str], tta: bool) -> None:
+    """The BLSTM and how its inputs were made (``tta``: slices read mirrored too), for `predict` to match."""
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model.state_dict(), "in_features": model.lstm.input_size, "hidden": hidden,
                 "layers": s.layers, "dropout": s.dropout, "input": s.input,
-                "probs_as_logits": s.input in CNN_OUTPUTS, "bins": s.bins, "source_fold": source_fold,
-                "trained_on": trained_on}, path)
+                "probs_as_logits": s.input in CNN_OUTPUTS, "bins": s.bins, "tta": tta,
+                "source_fold": source_fold, "trained_on": trained_on}, path)
 
 
 def load_sequence_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[SequenceNet, dict]:
@@ -211,7 +213,7 @@ def train_seq_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, hidden: i
     device = pick_device(cfg.device)
     folds = pd.read_csv(run_dir / "folds.csv", dtype={"StudyInstanceUID": str})
     labels = pd.read_csv(run_dir / "labels.csv", dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
-    source = oof_sources(run_dir)
+    source, tta = oof_sources(run_dir), extracted_with_tta(run_dir)
     in_fold = [u for u in folds.loc[folds["fold"] == fold, "StudyInstanceUID"] if u in source]
     out = seq_dir(run_dir, hidden) / f"fold{fold}"
     rows = []
@@ -220,7 +222,7 @@ def train_seq_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, hidden: i
         train = _load_studies(run_dir, others, labels, s.input, source, s.bins)
         val = _load_studies(run_dir, in_fold, labels, s.input, source, s.bins)
         model, history, probs = _fit_and_score(train, val, s, hidden, device, s.seed + fold)
-        _save(model, out / "model.pt", hidden, s, None, others)
+        _save(model, out / "model.pt", hidden, s, None, others, tta)
         rows.append((val, probs))
         histories = {"model": history}
     else:
@@ -233,7 +235,7 @@ def train_seq_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, hidden: i
         for inner, (tr, va) in enumerate(splitter.split(np.zeros(len(y)), strata)):
             train, val = [studies[i] for i in tr], [studies[i] for i in va]
             model, history, probs = _fit_and_score(train, val, s, hidden, device, s.seed + 100 * fold + inner)
-            _save(model, out / f"inner{inner}.pt", hidden, s, fold, [st.uid for st in train])
+            _save(model, out / f"inner{inner}.pt", hidden, s, fold, [st.uid for st in train], tta)
             rows.append((val, probs))
             histories[f"inner{inner}"] = history
     (out / "history.json").write_text(json.dumps(histories))

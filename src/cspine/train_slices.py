@@ -23,11 +23,12 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.scheduler import create_scheduler_v2
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from cspine.config import Config, config_dict, save_config
+from cspine.config import Config, SliceConfig, config_dict, save_config
 from cspine.data import (
     BalancedDistributedSampler,
     SliceDataset,
@@ -116,6 +117,21 @@ def _loader(dataset, batch_size, workers, sampler=None, shuffle=False, seed=0, p
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle and sampler is None,
                       num_workers=workers, worker_init_fn=seed_worker if workers else None, generator=generator,
                       pin_memory=pin, persistent_workers=False, drop_last=False)
+
+
+def learning_rate_schedule(optimizer: torch.optim.Optimizer, s: SliceConfig, updates_per_epoch: int):
+    """timm's scheduler for ``s.schedule``: the paper's StepLR, stepped per epoch, or cosine, per update.
+
+    Call ``step(epoch)`` after each epoch and ``step_update(n)`` after each optimizer update: the rate is a
+    function of those counts alone, so a resumed run picks it up exactly.
+    """
+    if s.schedule not in ("step", "cosine"):
+        raise ValueError(f"slice.schedule must be 'step' or 'cosine', not {s.schedule!r}")
+    scheduler, _ = create_scheduler_v2(optimizer, sched=s.schedule, num_epochs=s.epochs,
+                                       decay_epochs=s.step_size, decay_rate=s.gamma, min_lr=s.min_lr,
+                                       warmup_lr=s.lr / 100, warmup_epochs=s.warmup_epochs,
+                                       step_on_epochs=s.schedule == "step", updates_per_epoch=updates_per_epoch)
+    return scheduler
 
 
 def _log_to(path: Path) -> logging.Handler:
@@ -208,7 +224,8 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
         ema = ModelEmaV3(model, decay=s.ema_decay)  # before DDP wraps the model
     net = DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.cuda else None) if rt.distributed else model
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=s.step_size, gamma=s.gamma)
+    updates_per_epoch = math.ceil(len(train_loader) / s.accum_steps)
+    scheduler = learning_rate_schedule(optimizer, s, updates_per_epoch)
     dtype = amp_dtype(rt.device, s.amp)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=dtype == torch.float16)
 
@@ -217,8 +234,7 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
     if last_path.is_file():
         state = torch.load(last_path, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        optimizer.load_state_dict(state["optimizer"])  # the rate is a function of the step: set below
         scaler.load_state_dict(state["scaler"])
         if ema is not None and state["ema"] is not None:
             ema.load_state_dict(state["ema"])
@@ -232,6 +248,8 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
                  size, size, dtype or "off")
 
     steps_done, stopped = 0, bad_epochs >= s.patience
+    scheduler.step(start_epoch)
+    scheduler.step_update(start_epoch * updates_per_epoch)
     for epoch in range(start_epoch, s.epochs):
         if stopped or (max_epochs is not None and epoch - start_epoch >= max_epochs):
             break
@@ -239,7 +257,7 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
         train_loader.generator.manual_seed(s.seed * 100003 + fold * 1009 + epoch)  # worker augmentation seeds
         train_set.transform.set_random_seed(s.seed * 100003 + fold * 1009 + epoch)  # in-process augmentation
         net.train()
-        started, seen = time.perf_counter(), 0
+        started, seen, updates = time.perf_counter(), 0, epoch * updates_per_epoch
         loss_sum = torch.zeros((), device=rt.device)  # summed on the device: no host sync per step
         progress = tqdm(train_loader, desc=f"fold {fold} epoch {epoch + 1}/{s.epochs}", leave=False,
                         disable=not rt.is_main)
@@ -270,14 +288,16 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:
                     ema.update(model)
-                steps_done += 1
+                steps_done, updates = steps_done + 1, updates + 1
+                scheduler.step_update(updates)
             loss_sum += loss.detach() * len(images)
             seen += len(images)
             if step % PROGRESS_EVERY == 0:
                 progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}")
             if max_steps is not None and steps_done >= max_steps:
                 break
-        scheduler.step()
+        lr = optimizer.param_groups[0]["lr"]  # the epoch's last rate, before the schedule moves on
+        scheduler.step(epoch + 1)
         train_loss = loss_sum.item() / max(seen, 1)
         train_time = time.perf_counter() - started
 
@@ -289,7 +309,7 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
                                         torch.from_numpy(targets), torch.from_numpy(known), s.aux_weight))
             report = paper_reports(targets[:, 0], probs[:, 0])
             row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
-                   "val_auc": report["Imblcd."]["AUC"], "lr": optimizer.param_groups[0]["lr"],
+                   "val_auc": report["Imblcd."]["AUC"], "lr": lr,
                    "images_per_s": seen * rt.world_size / train_time}
             history.append(row)
             improved = val_loss < best_loss
@@ -309,7 +329,7 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
             pd.DataFrame(history).to_csv(out / "history.csv", index=False)
             tmp = last_path.with_name("last.pt.part")
             torch.save({"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "optimizer": optimizer.state_dict(),
                         "scaler": scaler.state_dict(), "epoch": epoch, "best_loss": best_loss,
                         "bad_epochs": bad_epochs, "history": history, "rng": rng_state()}, tmp)
             os.replace(tmp, last_path)
