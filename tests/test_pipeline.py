@@ -147,6 +147,21 @@ def test_tta_extraction_is_recorded_and_predict_follows_it(smoke_run, tmp_path):
     assert ensemble.tta is True  # the BLSTMs' training features decide, not the config at predict time
 
 
+def test_blstms_train_again_when_their_features_change(smoke_run, tmp_path):
+    from cspine.train_seq import is_seq_trained
+
+    run_dir = _features_only_run(smoke_run, tmp_path / "stale_run")
+    shutil.copytree(smoke_run / "seq", run_dir / "seq")
+    hidden = load_config(SMOKE_CONFIG).seq.hidden
+    assert is_seq_trained(run_dir, hidden, 0) and is_seq_trained(run_dir, hidden, 1)
+    provenance_path = run_dir / "features" / "fold1" / "provenance.json"
+    provenance = json.loads(provenance_path.read_text())
+    provenance_path.write_text(json.dumps({**provenance, "checkpoint_sha": "0" * 16}))  # CNN 1 retrained
+    assert not is_seq_trained(run_dir, hidden, 0)  # fold 0's BLSTM read fold 1's features too
+    provenance_path.write_text(json.dumps(provenance))
+    assert is_seq_trained(run_dir, hidden, 0)
+
+
 def test_report_tables_have_the_papers_rows_and_columns(smoke_run):
     table3 = pd.read_csv(smoke_run / "report" / "table3.csv")
     assert list(table3.columns) == ["Model", "Data", "TPR", "TNR", "PPV", "NPV", "F1", "Acc", "MCC", "AUC", "folds"]

@@ -142,6 +142,16 @@ def extracted_with_tta(run_dir: str | os.PathLike) -> bool:
     return settings.pop() if settings else False
 
 
+def features_signature(run_dir: str | os.PathLike) -> dict[str, dict]:
+    """{fold: its checkpoint's hash and reading}: what the run's features are, to tell when they change."""
+    signature = {}
+    for provenance in sorted(Path(run_dir, "features").glob("fold*/provenance.json")):
+        info = json.loads(provenance.read_text())
+        signature[str(info["fold"])] = {"checkpoint_sha": info.get("checkpoint_sha"),
+                                        "tta": info.get("tta", False)}
+    return signature
+
+
 def oof_sources(run_dir: str | os.PathLike) -> dict[str, int]:
     """{study: the fold whose CNN extracted its out-of-fold features}."""
     sources = {}

@@ -32,7 +32,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from cspine import TARGETS
 from cspine.config import Config, SeqConfig
-from cspine.extract import extracted_with_tta, load_features, oof_sources
+from cspine.extract import extracted_with_tta, features_signature, load_features, oof_sources
 from cspine.metrics import target_weights, weighted_log_loss
 from cspine.models import SequenceNet
 from cspine.runtime import pick_device, seed_everything
@@ -239,6 +239,7 @@ def train_seq_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, hidden: i
             rows.append((val, probs))
             histories[f"inner{inner}"] = history
     (out / "history.json").write_text(json.dumps(histories))
+    (out / "features.json").write_text(json.dumps(features_signature(run_dir), indent=1))
     oof = pd.DataFrame([{"StudyInstanceUID": st.uid, "fold": fold, **{f"p_{t}": float(p[i]) for i, t in enumerate(TARGETS)}}
                         for val, probs in rows for st, p in zip(val, probs)])
     oof.to_csv(out / "oof.csv", index=False)
@@ -258,4 +259,9 @@ def collect_oof(run_dir: str | os.PathLike, hidden: int, n_folds: int) -> pd.Dat
 
 
 def is_seq_trained(run_dir: str | os.PathLike, hidden: int, fold: int) -> bool:
-    return (seq_dir(run_dir, hidden) / f"fold{fold}" / "oof.csv").is_file()
+    """Whether fold ``fold``'s BLSTM(s) trained on the run's current features (a CNN retrained, or features
+    read another way, since then means training them again)."""
+    out = seq_dir(run_dir, hidden) / f"fold{fold}"
+    if not (out / "oof.csv").is_file() or not (out / "features.json").is_file():
+        return False
+    return json.loads((out / "features.json").read_text()) == features_signature(run_dir)
