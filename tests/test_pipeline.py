@@ -133,8 +133,8 @@ def test_tta_extraction_is_recorded_and_predict_follows_it(smoke_run, tmp_path):
         (run_dir / name).symlink_to(smoke_run / name)
     cfg = load_config(SMOKE_CONFIG, ["predict.tta=true"])
     assert load_ensemble(cfg, smoke_run, torch.device("cpu")).tta is False  # the smoke run read plain slices
+    extract_fold(cfg, run_dir, 0)
     with pytest.raises(RuntimeError, match="some folds"):  # fold 0 re-read mirrored, fold 1 not yet
-        extract_fold(cfg, run_dir, 0)
         train_seq_fold(cfg, run_dir, 0)
     for fold in (0, 1):
         out = extract_fold(cfg, run_dir, fold)

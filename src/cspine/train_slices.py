@@ -258,6 +258,7 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
         train_set.transform.set_random_seed(s.seed * 100003 + fold * 1009 + epoch)  # in-process augmentation
         net.train()
         started, seen, updates = time.perf_counter(), 0, epoch * updates_per_epoch
+        lr = optimizer.param_groups[0]["lr"]  # history's lr: the rate of the epoch's last update
         loss_sum = torch.zeros((), device=rt.device)  # summed on the device: no host sync per step
         progress = tqdm(train_loader, desc=f"fold {fold} epoch {epoch + 1}/{s.epochs}", leave=False,
                         disable=not rt.is_main)
@@ -288,7 +289,7 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:
                     ema.update(model)
-                steps_done, updates = steps_done + 1, updates + 1
+                steps_done, updates, lr = steps_done + 1, updates + 1, optimizer.param_groups[0]["lr"]
                 scheduler.step_update(updates)
             loss_sum += loss.detach() * len(images)
             seen += len(images)
@@ -296,7 +297,6 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
                 progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}")
             if max_steps is not None and steps_done >= max_steps:
                 break
-        lr = optimizer.param_groups[0]["lr"]  # the epoch's last rate, before the schedule moves on
         scheduler.step(epoch + 1)
         train_loss = loss_sum.item() / max(seen, 1)
         train_time = time.perf_counter() - started
