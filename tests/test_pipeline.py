@@ -122,10 +122,12 @@ def test_predict_feeds_a_blstm_exactly_what_it_trained_on(smoke_run, tmp_path):
         assert np.allclose(probs, row[[f"p_{t}" for t in TARGETS]].to_numpy(float), atol=1e-5), uid
 
 
-def test_tta_extraction_is_recorded_and_predict_follows_it(smoke_run, tmp_path):
+def test_tta_extraction_is_recorded_and_predict_follows_it(smoke_run, synthetic_root, tmp_path, monkeypatch):
     """`predict.tta` re-extracts a fold's features; its BLSTMs record it and `predict` reads slices alike."""
+    import cspine.predict
+    from cspine.dicom import load_series
     from cspine.extract import extract_fold, load_features
-    from cspine.predict import load_ensemble
+    from cspine.predict import load_ensemble, predict_series
     from cspine.train_seq import train_seq_fold
 
     run_dir = _features_only_run(smoke_run, tmp_path / "tta_run")
@@ -143,8 +145,19 @@ def test_tta_extraction_is_recorded_and_predict_follows_it(smoke_run, tmp_path):
     assert not np.allclose(load_features(run_dir, 0, uid)[1], load_features(smoke_run, 0, uid)[1])  # re-read
     for fold in (0, 1):
         train_seq_fold(cfg, run_dir, fold)
-    ensemble = load_ensemble(load_config(SMOKE_CONFIG), run_dir, torch.device("cpu"))  # config says no tta
+    plain_cfg = load_config(SMOKE_CONFIG)  # the config at predict time says no tta
+    ensemble = load_ensemble(plain_cfg, run_dir, torch.device("cpu"))
     assert ensemble.tta is True  # the BLSTMs' training features decide, not the config at predict time
+    readings, study_features = [], cspine.predict.study_features
+
+    def recording(*args, **kwargs):
+        readings.append(kwargs.get("tta"))
+        return study_features(*args, **kwargs)
+
+    monkeypatch.setattr(cspine.predict, "study_features", recording)
+    series = load_series(sorted((synthetic_root / "test_images").iterdir())[0])
+    predict_series(series, ensemble, plain_cfg, torch.device("cpu"))
+    assert readings == [True] * len(ensemble.cnns)  # every fold's CNN read the study mirrored too
 
 
 def test_blstms_train_again_when_their_features_change(smoke_run, tmp_path):

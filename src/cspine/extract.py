@@ -132,16 +132,6 @@ def load_features(run_dir: str | os.PathLike, fold: int, uid: str) -> tuple[np.n
         return data["features"].astype(np.float32), data["probs"].astype(np.float32)
 
 
-def extracted_with_tta(run_dir: str | os.PathLike) -> bool:
-    """Whether the run's features were extracted with `predict.tta`; an error if the folds disagree."""
-    settings = {json.loads(p.read_text()).get("tta", False)
-                for p in Path(run_dir, "features").glob("fold*/provenance.json")}
-    if len(settings) > 1:
-        raise RuntimeError(f"{Path(run_dir, 'features')}: some folds were extracted with predict.tta and "
-                           "some without; run extract again with one setting")
-    return settings.pop() if settings else False
-
-
 def features_signature(run_dir: str | os.PathLike) -> dict[str, dict]:
     """{fold: its checkpoint's hash and reading}: what the run's features are, to tell when they change."""
     signature = {}
@@ -150,6 +140,16 @@ def features_signature(run_dir: str | os.PathLike) -> dict[str, dict]:
         signature[str(info["fold"])] = {"checkpoint_sha": info.get("checkpoint_sha"),
                                         "tta": info.get("tta", False)}
     return signature
+
+
+def extracted_with_tta(signature: dict[str, dict]) -> bool:
+    """Whether a run's features (its `features_signature`) were read with `predict.tta`; folds must agree."""
+    settings = {info["tta"] for info in signature.values()}
+    if len(settings) > 1:
+        mirrored = sorted(fold for fold, info in signature.items() if info["tta"])
+        raise RuntimeError(f"some folds were extracted with predict.tta (folds {', '.join(mirrored)}) and "
+                           "some without; run extract again with one setting")
+    return settings.pop() if settings else False
 
 
 def oof_sources(run_dir: str | os.PathLike) -> dict[str, int]:

@@ -213,7 +213,8 @@ def train_seq_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, hidden: i
     device = pick_device(cfg.device)
     folds = pd.read_csv(run_dir / "folds.csv", dtype={"StudyInstanceUID": str})
     labels = pd.read_csv(run_dir / "labels.csv", dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
-    source, tta = oof_sources(run_dir), extracted_with_tta(run_dir)
+    source, signature = oof_sources(run_dir), features_signature(run_dir)
+    tta = extracted_with_tta(signature)
     in_fold = [u for u in folds.loc[folds["fold"] == fold, "StudyInstanceUID"] if u in source]
     out = seq_dir(run_dir, hidden) / f"fold{fold}"
     rows = []
@@ -239,7 +240,7 @@ def train_seq_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, hidden: i
             rows.append((val, probs))
             histories[f"inner{inner}"] = history
     (out / "history.json").write_text(json.dumps(histories))
-    (out / "features.json").write_text(json.dumps(features_signature(run_dir), indent=1))
+    (out / "features.json").write_text(json.dumps(signature, indent=1))
     oof = pd.DataFrame([{"StudyInstanceUID": st.uid, "fold": fold, **{f"p_{t}": float(p[i]) for i, t in enumerate(TARGETS)}}
                         for val, probs in rows for st, p in zip(val, probs)])
     oof.to_csv(out / "oof.csv", index=False)

@@ -248,7 +248,7 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
                  size, size, dtype or "off")
 
     steps_done, stopped = 0, bad_epochs >= s.patience
-    scheduler.step(start_epoch)
+    scheduler.step(start_epoch)  # a per-epoch schedule moves here, a per-update one on the next line
     scheduler.step_update(start_epoch * updates_per_epoch)
     for epoch in range(start_epoch, s.epochs):
         if stopped or (max_epochs is not None and epoch - start_epoch >= max_epochs):
