@@ -27,6 +27,17 @@ def test_resnet50_features_are_2048():
     assert SliceNet("resnet50").num_features == 2048
 
 
+@pytest.mark.parametrize("backbone", ["mobilenetv3_small_050", "lcnet_050"])
+def test_backbones_with_a_head_convolution_feed_the_heads(backbone):
+    # their pooled vector is wider than the last stage (num_features); the heads must take that width
+    model = SliceNet(backbone, dropout=0.0, box_head=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    f, logits = model.features_and_logits(x)
+    assert f.shape == (2, model.num_features) and model.num_features > model.backbone.num_features
+    logits_with_boxes, _ = model(x, with_boxes=True)
+    torch.testing.assert_close(logits_with_boxes, logits)
+
+
 def test_pretrained_weights_come_from_a_local_file_only(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     source = timm.create_model("test_resnet", num_classes=0)

@@ -63,7 +63,9 @@ class SliceNet(nn.Module):
         super().__init__()
         self.context = context  # neighbours each side in the input (`cspine.data.slice_stack`); 0 = one slice
         self.backbone = create_backbone(backbone, pretrained_file, in_channels(context))
-        self.num_features = int(self.backbone.num_features)
+        # what the pooled path gives: MobileNetV3 and LCNet add a head convolution after the last stage,
+        # so their pooled vector is head_hidden_size wide, not num_features
+        self.num_features = int(getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(self.num_features, len(SLICE_OUTPUTS))
         self.box_stage = len(self.backbone.feature_info) - 2
