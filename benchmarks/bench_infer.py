@@ -50,8 +50,8 @@ def measure(config: str, study_dir: Path, n_slices_limit: int, device: torch.dev
     t0 = time.perf_counter()
     images, _ = preprocess_study(hu, cfg.prepare.size, cfg.prepare.crop, cfg.prepare.margin)
     t_pre = (time.perf_counter() - t0) / len(hu) * len(series)
-    model = SliceNet(cfg.slice.backbone).to(device).eval()
-    flops = cnn_flops(SliceNet(cfg.slice.backbone).eval(), size)
+    model = SliceNet(cfg.slice.backbone, width=cfg.slice.width).to(device).eval()
+    flops = cnn_flops(SliceNet(cfg.slice.backbone, width=cfg.slice.width).eval(), size)
     dtype = amp_dtype(device, cfg.slice.amp)
     study_features(model, images[:4], size, device, cfg.predict.batch_size, dtype)  # warm-up
     if device.type == "cuda":

@@ -43,7 +43,7 @@ def loader_rate(cfg, run_dir: Path, batches: int, workers: int) -> float:
 
 def step_rate(cfg, batches: int, device: torch.device) -> float:
     size = cfg.slice.input_size or cfg.prepare.size
-    model = SliceNet(cfg.slice.backbone, dropout=cfg.slice.dropout).to(device)
+    model = SliceNet(cfg.slice.backbone, dropout=cfg.slice.dropout, width=cfg.slice.width).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.slice.lr)
     x = torch.randn(cfg.slice.batch_size, 3, size, size, device=device)
     y = torch.zeros(cfg.slice.batch_size, 15, device=device)
@@ -105,7 +105,8 @@ def main() -> None:
     cfg = load_config(args.config)
     cpu = torch.device("cpu")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; config {args.config} "
-          f"({cfg.slice.backbone}, batch {cfg.slice.batch_size}, {cfg.slice.input_size or cfg.prepare.size} px)")
+          f"({cfg.slice.backbone} at width {cfg.slice.width:g}, batch {cfg.slice.batch_size}, "
+          f"{cfg.slice.input_size or cfg.prepare.size} px)")
     step = step_rate(cfg, args.batches, cpu)
     print(f"training step alone:   {step:6.2f} batches/s ({step * cfg.slice.batch_size:.0f} images/s)")
     for workers in sorted({0, cfg.slice.workers}):

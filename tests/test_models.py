@@ -27,6 +27,27 @@ def test_resnet50_features_are_2048():
     assert SliceNet("resnet50").num_features == 2048
 
 
+def test_width_scales_a_resnets_stages_and_deep_stem():
+    full, half = SliceNet("resnet10t"), SliceNet("resnet10t", width=0.5)
+    assert [i["num_chs"] for i in full.backbone.feature_info] == [64, 64, 128, 256, 512]
+    assert [i["num_chs"] for i in half.backbone.feature_info] == [32, 32, 64, 128, 256]
+    assert half.num_features == 256 and half.head.in_features == 256
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert 0.2 < count(half) / count(full) < 0.3  # convolutions scale with width squared
+    bottleneck = SliceNet("resnet26", width=0.5)  # stage widths are given before the bottleneck's 4x
+    assert [i["num_chs"] for i in bottleneck.backbone.feature_info][1:] == [128, 256, 512, 1024]
+    assert half(torch.randn(2, 3, 64, 64)).shape == (2, len(SLICE_OUTPUTS))
+
+
+def test_width_refuses_what_it_cannot_scale(tmp_path):
+    with pytest.raises(ValueError, match="ResNets only.*lcnet_050"):
+        SliceNet("lcnet_050", width=0.5)
+    weights = tmp_path / "resnet10t.pth"
+    torch.save(timm.create_model("resnet10t").state_dict(), weights)
+    with pytest.raises(ValueError, match="own width"):
+        create_backbone("resnet10t", weights, width=0.5)
+
+
 @pytest.mark.parametrize("backbone", ["mobilenetv3_small_050", "lcnet_050"])
 def test_backbones_with_a_head_convolution_feed_the_heads(backbone):
     # their pooled vector is wider than the last stage (num_features); the heads must take that width

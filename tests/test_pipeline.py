@@ -92,7 +92,7 @@ def test_probs_input_trains_across_folds_and_scores_only_the_held_out_fold(smoke
     from cspine.train_seq import load_sequence_model, seq_dir, train_seq_fold
 
     run_dir = _features_only_run(smoke_run, tmp_path / "probs_run")
-    cfg = load_config(SMOKE_CONFIG, ["seq.input=probs", "seq.hidden=16"])
+    cfg = load_config(SMOKE_CONFIG, ["seq.input=probs", "seq.hidden=16", "seq.train_on=other_folds"])
     folds = pd.read_csv(run_dir / "folds.csv", dtype={"StudyInstanceUID": str})
     for fold in sorted(folds["fold"].unique()):
         oof = train_seq_fold(cfg, run_dir, fold)
@@ -104,20 +104,51 @@ def test_probs_input_trains_across_folds_and_scores_only_the_held_out_fold(smoke
         assert set(meta["trained_on"]) == set(folds["StudyInstanceUID"]) - in_fold  # every other fold, none of its own
 
 
-def test_predict_feeds_a_blstm_exactly_what_it_trained_on(smoke_run, tmp_path):
+def test_own_fold_blstms_train_on_their_fold_through_its_cnn_only(smoke_run, tmp_path):
+    from cspine.train_seq import load_sequence_model, seq_dir, train_seq_fold
+
+    run_dir = _features_only_run(smoke_run, tmp_path / "own_run")
+    cfg = load_config(SMOKE_CONFIG, ["seq.input=fracture", "seq.hidden=16", "seq.inner_folds=2"])
+    assert cfg.seq.train_on == "own_fold"  # the default
+    folds = pd.read_csv(run_dir / "folds.csv", dtype={"StudyInstanceUID": str})
+    for fold in sorted(folds["fold"].unique()):
+        oof = train_seq_fold(cfg, run_dir, fold)
+        in_fold = set(folds.loc[folds["fold"] == fold, "StudyInstanceUID"])
+        assert set(oof["StudyInstanceUID"]) == in_fold
+        models = sorted((seq_dir(run_dir, 16) / f"fold{fold}").glob("*.pt"))
+        assert [m.name for m in models] == ["inner0.pt", "inner1.pt"]
+        scored = set()
+        for path in models:
+            _, meta = load_sequence_model(path)
+            assert meta["source_fold"] == fold and set(meta["trained_on"]) < in_fold  # CNN k's studies only
+            scored |= in_fold - set(meta["trained_on"])
+        assert scored == in_fold  # every study scored by an inner BLSTM that did not train on it
+    with pytest.raises(ValueError, match="other_folds"):  # features of two CNNs are never mixed
+        train_seq_fold(load_config(SMOKE_CONFIG, ["seq.train_on=other_folds"]), run_dir, 0)
+
+
+@pytest.mark.parametrize("train_on", ["other_folds", "own_fold"])
+def test_predict_feeds_a_blstm_exactly_what_it_trained_on(smoke_run, tmp_path, train_on):
     """Out-of-fold scores from training equal `predict`'s for the same CNN outputs (log-odds, slice bins)."""
     from cspine.extract import load_features
     from cspine.predict import Ensemble, blstm_probabilities
     from cspine.train_seq import load_sequence_model, seq_dir, train_seq_fold
 
     run_dir = _features_only_run(smoke_run, tmp_path / "binned_run")
-    cfg = load_config(SMOKE_CONFIG, ["seq.input=fracture", "seq.bins=5", "seq.hidden=16"])
+    cfg = load_config(SMOKE_CONFIG, ["seq.input=fracture", "seq.bins=5", "seq.hidden=16", "seq.inner_folds=2",
+                                     f"seq.train_on={train_on}"])
     oof = train_seq_fold(cfg, run_dir, 0).set_index("StudyInstanceUID")
-    model, meta = load_sequence_model(seq_dir(run_dir, 16) / "fold0" / "model.pt")
-    assert meta["bins"] == 5
-    ensemble = Ensemble(cnns={}, blstms=[(meta, model)], input="fracture", tta=False)
+    paths = sorted((seq_dir(run_dir, 16) / "fold0").glob("*.pt"))
+    blstms = [load_sequence_model(path)[::-1] for path in paths]  # (meta, model), as in Ensemble
+    assert len(blstms) == (1 if train_on == "other_folds" else 2) and all(m["bins"] == 5 for m, _ in blstms)
     for uid, row in oof.iterrows():
-        features = {0: load_features(run_dir, 0, uid)}  # from its own fold's CNN, as in training
+        scorer = [(meta, model) for meta, model in blstms if uid not in meta["trained_on"]]
+        ensemble = Ensemble(cnns={}, blstms=scorer, input="fracture", tta=False)
+        # fold 0's CNN reads the study, as in training; fold 1's reading must not reach an own_fold BLSTM
+        own = load_features(run_dir, 0, uid)
+        features = {0: own, 1: (None, np.zeros_like(own[1]))}
+        if train_on == "other_folds":
+            features = {0: features[0]}
         probs = blstm_probabilities(features, ensemble, torch.device("cpu"))
         assert np.allclose(probs, row[[f"p_{t}" for t in TARGETS]].to_numpy(float), atol=1e-5), uid
 
@@ -160,19 +191,23 @@ def test_tta_extraction_is_recorded_and_predict_follows_it(smoke_run, synthetic_
     assert readings == [True] * len(ensemble.cnns)  # every fold's CNN read the study mirrored too
 
 
-def test_blstms_train_again_when_their_features_change(smoke_run, tmp_path):
+def test_blstms_train_again_when_their_features_or_settings_change(smoke_run, tmp_path):
     from cspine.train_seq import is_seq_trained
 
     run_dir = _features_only_run(smoke_run, tmp_path / "stale_run")
     shutil.copytree(smoke_run / "seq", run_dir / "seq")
-    hidden = load_config(SMOKE_CONFIG).seq.hidden
-    assert is_seq_trained(run_dir, hidden, 0) and is_seq_trained(run_dir, hidden, 1)
+    s = load_config(SMOKE_CONFIG).seq
+    assert is_seq_trained(run_dir, s.hidden, 0, s) and is_seq_trained(run_dir, s.hidden, 1, s)
     provenance_path = run_dir / "features" / "fold1" / "provenance.json"
     provenance = json.loads(provenance_path.read_text())
     provenance_path.write_text(json.dumps({**provenance, "checkpoint_sha": "0" * 16}))  # CNN 1 retrained
-    assert not is_seq_trained(run_dir, hidden, 0)  # fold 0's BLSTM read fold 1's features too
+    assert not is_seq_trained(run_dir, s.hidden, 0, s)  # any CNN retrained: every fold's (conservative)
     provenance_path.write_text(json.dumps(provenance))
-    assert is_seq_trained(run_dir, hidden, 0)
+    assert is_seq_trained(run_dir, s.hidden, 0, s)
+    other = load_config(SMOKE_CONFIG, ["seq.epochs=4"]).seq
+    assert not is_seq_trained(run_dir, s.hidden, 0, other)  # another seq setting
+    sizes = load_config(SMOKE_CONFIG, ["seq.hidden=32", "seq.compare_hidden=[32]"]).seq
+    assert is_seq_trained(run_dir, s.hidden, 0, sizes)  # the sizes to train are not how one size trained
 
 
 def test_report_tables_have_the_papers_rows_and_columns(smoke_run):

@@ -60,6 +60,51 @@ def test_a_time_boxed_call_is_not_finished_until_the_last_epoch(prepared, tmp_pa
     assert train_fold(cfg, run_dir, 0)["finished"]
 
 
+@pytest.mark.parametrize("select", ["val_loss", "last"])
+def test_best_pt_holds_the_epoch_that_select_names(prepared, tmp_path, monkeypatch, select):
+    # validation reads the CNN's outputs inverted at epochs 2 and 4, so those epochs' validation loss is
+    # the worst: "val_loss" must keep epoch 1 and stop at epoch 2 (patience 1); "last" must train all 4
+    # epochs and keep the fourth, whatever its loss
+    from cspine import train_slices
+
+    calls = []
+
+    def inverted_at_even_epochs(*args, **kwargs):
+        probs, targets, known = real_predict_loader(*args, **kwargs)
+        calls.append(1)
+        return (1 - probs if len(calls) % 2 == 0 else probs), targets, known
+
+    real_predict_loader = train_slices.predict_loader
+    monkeypatch.setattr(train_slices, "predict_loader", inverted_at_even_epochs)
+    run_dir = _copy_base(prepared, tmp_path / select)
+    cfg = load_config(SMOKE_CONFIG, ["slice.epochs=4", "slice.patience=1", f"slice.select={select}"])
+    train_fold(cfg, run_dir, 0)
+    out = run_dir / "slice" / "fold0"
+    history = pd.read_csv(out / "history.csv")
+    best = torch.load(out / "best.pt", weights_only=False)
+    last = torch.load(out / "last.pt", weights_only=False)
+    same = all(torch.equal(best["model"][key], last["model"][key]) for key in last["model"])
+    if select == "last":
+        assert len(history) == 4 and best["epoch"] == 4 and same
+        assert history["val_loss"].iloc[-1] > history["val_loss"].min()
+    else:
+        assert len(history) == 2 and best["epoch"] == 1 and not same
+        assert best["val_loss"] == pytest.approx(history["val_loss"].min())
+    with pytest.raises(ValueError, match="slice.select"):
+        bad = load_config(SMOKE_CONFIG, ["slice.select=lowest"])
+        train_fold(bad, _copy_base(prepared, tmp_path / "bad"), 0)
+
+
+def test_a_narrow_cnn_trains_and_loads_at_its_width(prepared, tmp_path):
+    from cspine.train_slices import load_slice_model
+
+    run_dir = _copy_base(prepared, tmp_path / "narrow")
+    cfg = load_config(SMOKE_CONFIG, ["slice.backbone=resnet10t", "slice.width=0.25", "slice.epochs=1"])
+    train_fold(cfg, run_dir, 0)
+    model = load_slice_model(run_dir / "slice" / "fold0" / "best.pt")  # no config needed: the width is saved
+    assert model.width == 0.25 and model.num_features == 128  # resnet10t's 512 at a quarter
+
+
 @pytest.mark.parametrize("schedule", ["slice.schedule=step", "slice.schedule=cosine"])
 def test_resumed_run_matches_an_uninterrupted_one(prepared, tmp_path, schedule):
     cfg = load_config(SMOKE_CONFIG, ["slice.epochs=3", "slice.patience=10", "slice.warmup_epochs=1",

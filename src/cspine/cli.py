@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from cspine.competition import DataError
-from cspine.config import ConfigError, load_config
+from cspine.config import Config, ConfigError, load_config
 
 log = logging.getLogger("cspine")
 
@@ -86,6 +86,15 @@ def _pop_fold(args: argparse.Namespace) -> int | None:
     return fold
 
 
+def _folds_and_config(args: argparse.Namespace) -> tuple[list[int], Config]:
+    """The folds a per-fold command runs (`fold=K`, else every fold the config trains) and the config."""
+    from cspine.pipeline import fold_list
+
+    fold = _pop_fold(args)
+    cfg = _config(args)
+    return ([fold] if fold is not None else fold_list(cfg)), cfg
+
+
 def _run_dir(args: argparse.Namespace, cfg) -> Path:
     return args.out or Path("runs") / cfg.name
 
@@ -102,12 +111,11 @@ def _data_for_run(args: argparse.Namespace, run_dir: Path) -> Path:
 def cmd_train_slices(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from cspine.pipeline import fold_list, setup_run
+    from cspine.pipeline import setup_run
     from cspine.runtime import init_distributed
     from cspine.train_slices import train_fold
 
-    fold = _pop_fold(args)
-    cfg = _config(args)
+    folds, cfg = _folds_and_config(args)
     run_dir = _run_dir(args, cfg)
     if not (run_dir / "cache" / "index.csv").is_file():
         log.error("%s has no slice cache: run `python -m cspine prepare` first", run_dir)
@@ -117,7 +125,7 @@ def cmd_train_slices(args: argparse.Namespace) -> int:
         setup_run(cfg, _data_for_run(args, run_dir), run_dir)
     if rt.distributed:
         dist.barrier()
-    for k in [fold] if fold is not None else fold_list(cfg):
+    for k in folds:
         summary = train_fold(cfg, run_dir, k, rt=rt)
         if rt.is_main:
             print(summary)
@@ -126,22 +134,18 @@ def cmd_train_slices(args: argparse.Namespace) -> int:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from cspine.extract import extract_fold
-    from cspine.pipeline import fold_list
 
-    fold = _pop_fold(args)
-    cfg = _config(args)
-    for k in [fold] if fold is not None else fold_list(cfg):
+    folds, cfg = _folds_and_config(args)
+    for k in folds:
         print(extract_fold(cfg, _run_dir(args, cfg), k))
     return 0
 
 
 def cmd_train_seq(args: argparse.Namespace) -> int:
-    from cspine.pipeline import fold_list
     from cspine.train_seq import train_seq_fold
 
-    fold = _pop_fold(args)
-    cfg = _config(args)
-    for k in [fold] if fold is not None else fold_list(cfg):
+    folds, cfg = _folds_and_config(args)
+    for k in folds:
         train_seq_fold(cfg, _run_dir(args, cfg), k)
     return 0
 

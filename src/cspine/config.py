@@ -62,6 +62,7 @@ class SliceConfig:
     pretrained_file: str = ""  # local weights only (a .pth/.safetensors path); "" = random init as in the paper
     input_size: int = 0  # 0 trains at the cache's size; smaller values resize on the fly
     context: int = 0  # neighbouring slices each side stacked as channels (2.5D); 0 = the paper's single slice
+    width: float = 1.0  # channel multiplier for a timm ResNet backbone (0.5: a quarter of the arithmetic)
     epochs: int = 50
     batch_size: int = 16
     lr: float = 1e-3
@@ -72,7 +73,11 @@ class SliceConfig:
     warmup_epochs: float = 0.0  # linear warm-up from lr/100 (either schedule)
     min_lr: float = 0.0  # where "cosine" ends
     dropout: float = 0.3
-    patience: int = 8  # early stopping on validation loss, in epochs
+    patience: int = 8  # early stopping on validation loss, in epochs (select="val_loss")
+    # which epoch's weights become best.pt, the model extract and predict use: "val_loss", the lowest
+    # validation loss (the paper's early stopping); "last", the final epoch's, chosen without looking at the
+    # held-out fold (whose out-of-fold scores the BLSTM and the report then use)
+    select: str = "val_loss"
     accum_steps: int = 1
     clip_grad: float = 0.0  # 0 = no clipping
     amp: bool = True  # bf16/fp16 autocast on CUDA; ignored on CPU
@@ -108,7 +113,11 @@ class SeqConfig:
     patience: int = 15
     stop_fraction: float = 0.2  # training studies held back to choose the epoch (never the scored studies); 0 = all epochs
     input: str = "features"  # "features": CNN features (the paper); "probs": its 15 outputs; "fracture": output 0 only
-    inner_folds: int = 4  # "features" only: BLSTMs of fold k train on CNN k's own held-out studies, in inner folds
+    # "own_fold": fold k's BLSTMs train in `inner_folds` inner folds on fold k's studies, read by CNN k, the
+    # CNN they are scored through (one CNN's scale; the only choice for "features"); "other_folds" ("probs"
+    # and "fracture" only): fold k's BLSTM trains on every other fold's studies, read by those folds' CNNs
+    train_on: str = "own_fold"
+    inner_folds: int = 4  # with train_on="own_fold"
     loss: str = "competition"  # "case": plain BCE on the case labels (the paper); "competition": the metric's weights
     bins: int = 0  # 0 = whole studies (the paper); >0 = each study max-pooled into this many runs of slices
     seed: int = 0

@@ -134,10 +134,12 @@ def evaluate(cfg: Config, run_dir: str | os.PathLike) -> Path:
     index = pd.read_csv(run_dir / "cache" / "index.csv", dtype={"StudyInstanceUID": str})
     n_folds = cfg.folds.n_splits
     backbone = {"resnet50": "ResNet-50"}.get(cfg.slice.backbone, cfg.slice.backbone)
+    if cfg.slice.width != 1:
+        backbone += f" ×{cfg.slice.width:g}"
     models: dict[str, pd.DataFrame] = {}
     for hidden in dict.fromkeys((*cfg.seq.compare_hidden, cfg.seq.hidden)):
         for fold in range(n_folds):
-            if not is_seq_trained(run_dir, hidden, fold):
+            if not is_seq_trained(run_dir, hidden, fold, cfg.seq):
                 train_seq_fold(cfg, run_dir, fold, hidden)
         models[f"{backbone} + BLSTM-{hidden}"] = collect_oof(run_dir, hidden, n_folds)
     uids = models[f"{backbone} + BLSTM-{cfg.seq.hidden}"]["StudyInstanceUID"].tolist()

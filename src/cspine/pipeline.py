@@ -100,7 +100,7 @@ def run_stages(cfg: Config, data_dir: Path, run_dir: Path, until: str = "predict
             stage(f"extract fold {fold}", extract_fold, cfg, run_dir, fold)
     if last >= 3:
         for fold in fold_list(cfg):
-            if not is_seq_trained(run_dir, cfg.seq.hidden, fold):
+            if not is_seq_trained(run_dir, cfg.seq.hidden, fold, cfg.seq):
                 stage(f"train-seq fold {fold}", train_seq_fold, cfg, run_dir, fold)
     if last >= 4:
         report = stage("evaluate", evaluate, cfg, run_dir)

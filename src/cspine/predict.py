@@ -79,15 +79,14 @@ def blstm_probabilities(per_fold: dict[int, tuple[np.ndarray, np.ndarray]], ense
         per_fold: {fold: (features [N, D], probabilities [N, 15])} from each fold's CNN, head to feet.
     """
     outputs = []
-    if ensemble.input in CNN_OUTPUTS:  # one input from every fold's CNN: their outputs mean the same
-        inputs = {None: (None, np.mean([probs.astype(np.float32) for _, probs in per_fold.values()], axis=0))}
-    else:  # fold k's features for fold k's BLSTMs only: each CNN has its own feature space
-        inputs = per_fold
     for meta, model in ensemble.blstms:
-        key = meta["source_fold"] if ensemble.input == "features" else None
-        if key not in inputs:
+        key = meta.get("source_fold")
+        if key is None:  # trained on other folds' CNNs (seq.train_on="other_folds"): reads every CNN's mean
+            feats, probs = None, np.mean([probs.astype(np.float32) for _, probs in per_fold.values()], axis=0)
+        elif key in per_fold:  # trained on CNN k's reading (own_fold): reads CNN k's, as in training
+            feats, probs = per_fold[key]
+        else:
             continue
-        feats, probs = inputs[key]
         if ensemble.input == "features" or meta.get("probs_as_logits"):
             x = study_input(feats, probs, ensemble.input, meta.get("bins", 0))  # exactly as in training
         else:  # a BLSTM saved before log-odds inputs, which read raw probabilities

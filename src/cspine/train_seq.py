@@ -2,14 +2,16 @@
 
     python -m cspine train-seq --config configs/demo.yaml fold=0
 
-Two inputs, each with the protocol that keeps it leak-free and consistent:
+Two protocols (``seq.train_on``), both leak-free:
 
-- ``seq.input=features`` (the paper): CNNs of different folds learn unrelated feature spaces, so a BLSTM
-  must see one CNN's features only, and only of studies that CNN never trained on: fold k's own studies.
-  Fold k's BLSTMs are trained in ``seq.inner_folds`` inner folds over fold k's studies, on CNN k's features.
-- ``seq.input=probs`` (all 15 slice outputs) or ``fracture`` (the slice-fracture output alone): a CNN's
-  outputs mean the same for every fold's CNN, so fold k's BLSTM trains on every other fold's out-of-fold
-  outputs and is scored on fold k.
+- ``own_fold`` (the default, and the only one for the paper's ``seq.input=features``): fold k's BLSTMs
+  train in ``seq.inner_folds`` inner folds over fold k's studies, read by CNN k. A BLSTM then meets one
+  CNN's features or outputs, on the scale it learned, in training and in `predict` alike. CNNs of
+  different folds learn unrelated feature spaces, and even their outputs sit on different scales: on the
+  demo, one fold's healthy studies peak at −0.2 log-odds and the other's at −3.1.
+- ``other_folds`` (``seq.input=probs``, all 15 slice outputs, or ``fracture``, the slice-fracture output
+  alone): fold k's BLSTM trains on every other fold's out-of-fold outputs and is scored on fold k. More
+  studies to train on, read by other CNNs than the one it is scored through.
 
 Either way every study gets an out-of-fold prediction (``<run>/seq/h<H>/oof.csv``) from a BLSTM that never
 trained on it, fed by a CNN that never trained on it.
@@ -17,6 +19,7 @@ trained on it, fed by a CNN that never trained on it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -215,10 +218,18 @@ def train_seq_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, hidden: i
     labels = pd.read_csv(run_dir / "labels.csv", dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
     source, signature = oof_sources(run_dir), features_signature(run_dir)
     tta = extracted_with_tta(signature)
+    if s.train_on not in ("own_fold", "other_folds"):
+        raise ValueError(f"seq.train_on must be 'own_fold' or 'other_folds', not {s.train_on!r}")
+    if s.train_on == "other_folds" and s.input not in CNN_OUTPUTS:
+        raise ValueError("seq.train_on='other_folds' needs seq.input 'probs' or 'fracture': CNNs of "
+                         "different folds learn unrelated feature spaces, so a BLSTM reads one CNN's "
+                         "features only")
     in_fold = [u for u in folds.loc[folds["fold"] == fold, "StudyInstanceUID"] if u in source]
     out = seq_dir(run_dir, hidden) / f"fold{fold}"
+    for stale in out.glob("*.pt"):  # `predict` loads every BLSTM here: none may survive from another protocol
+        stale.unlink()
     rows = []
-    if s.input in CNN_OUTPUTS:
+    if s.train_on == "other_folds":
         others = [u for u in folds.loc[folds["fold"] != fold, "StudyInstanceUID"] if u in source]
         train = _load_studies(run_dir, others, labels, s.input, source, s.bins)
         val = _load_studies(run_dir, in_fold, labels, s.input, source, s.bins)
@@ -227,7 +238,7 @@ def train_seq_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, hidden: i
         rows.append((val, probs))
         histories = {"model": history}
     else:
-        studies = _load_studies(run_dir, in_fold, labels, "features", source, s.bins)
+        studies = _load_studies(run_dir, in_fold, labels, s.input, source, s.bins)
         y = np.array([st.y[0] for st in studies]).astype(int)
         n_inner = max(2, min(s.inner_folds, len(y)))
         strata = y if np.bincount(y, minlength=2).min() >= n_inner else np.zeros_like(y)  # too few to stratify
@@ -240,7 +251,8 @@ def train_seq_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, hidden: i
             rows.append((val, probs))
             histories[f"inner{inner}"] = history
     (out / "history.json").write_text(json.dumps(histories))
-    (out / "features.json").write_text(json.dumps(signature, indent=1))
+    recorded = {"features": signature, "seq": _seq_signature(s)}  # what `is_seq_trained` compares
+    (out / "features.json").write_text(json.dumps(recorded, indent=1))
     oof = pd.DataFrame([{"StudyInstanceUID": st.uid, "fold": fold, **{f"p_{t}": float(p[i]) for i, t in enumerate(TARGETS)}}
                         for val, probs in rows for st, p in zip(val, probs)])
     oof.to_csv(out / "oof.csv", index=False)
@@ -259,10 +271,17 @@ def collect_oof(run_dir: str | os.PathLike, hidden: int, n_folds: int) -> pd.Dat
     return oof
 
 
-def is_seq_trained(run_dir: str | os.PathLike, hidden: int, fold: int) -> bool:
-    """Whether fold ``fold``'s BLSTM(s) trained on the run's current features (a CNN retrained, or features
-    read another way, since then means training them again)."""
+def _seq_signature(s: SeqConfig) -> dict:
+    """The ``seq`` settings a fold's BLSTMs were trained with (the size is the folder's, so not here)."""
+    return {k: v for k, v in dataclasses.asdict(s).items() if k not in ("hidden", "compare_hidden")}
+
+
+def is_seq_trained(run_dir: str | os.PathLike, hidden: int, fold: int, s: SeqConfig) -> bool:
+    """Whether fold ``fold``'s BLSTM(s) trained on the run's current features with settings ``s`` (a CNN
+    retrained, features read another way, or another ``seq`` setting means training them again)."""
     out = seq_dir(run_dir, hidden) / f"fold{fold}"
     if not (out / "oof.csv").is_file() or not (out / "features.json").is_file():
         return False
-    return json.loads((out / "features.json").read_text()) == features_signature(run_dir)
+    recorded = json.loads((out / "features.json").read_text())
+    current = {"features": features_signature(run_dir), "seq": _seq_signature(s)}
+    return recorded == json.loads(json.dumps(current))  # through JSON, as recorded: tuples become lists

@@ -146,7 +146,7 @@ def load_slice_model(checkpoint: str | os.PathLike, device: torch.device | str =
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     arch = state["arch"]
     model = SliceNet(backbone=arch["backbone"], dropout=arch["dropout"], box_head=arch.get("box_head", False),
-                     context=arch.get("context", 0))
+                     context=arch.get("context", 0), width=arch.get("width", 1.0))
     model.load_state_dict(state["model"])
     return model.to(device).eval()
 
@@ -185,6 +185,9 @@ def train_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, rt: Runtime |
 
 def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_epochs, max_steps) -> dict:
     s = cfg.slice
+    if s.select not in ("val_loss", "last"):
+        raise ValueError(f"slice.select must be 'val_loss' or 'last', not {s.select!r}")
+    early_stopping = s.select == "val_loss"  # "last" trains every epoch: the final one is the model
     seed_everything(s.seed + fold)
     index = pd.read_csv(run_dir / "cache" / "index.csv", dtype={"StudyInstanceUID": str})
     folds = pd.read_csv(run_dir / "folds.csv", dtype={"StudyInstanceUID": str})
@@ -212,7 +215,8 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
     train_loader = _loader(train_set, s.batch_size, s.workers, sampler=sampler, pin=rt.cuda)
     val_loader = _loader(val_set, s.batch_size * 2, s.workers, pin=rt.cuda)
 
-    model = SliceNet(s.backbone, s.pretrained_file, s.dropout, box_head=with_boxes, context=s.context)
+    model = SliceNet(s.backbone, s.pretrained_file, s.dropout, box_head=with_boxes, context=s.context,
+                     width=s.width)
     model = model.to(rt.device)
     channels_last = s.channels_last and rt.cuda
     if channels_last:
@@ -244,10 +248,11 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
         log.info("fold %d: resumed after epoch %d (best validation loss %.4f)", fold, state["epoch"], best_loss)
     if rt.is_main:
         log.info("fold %d: %d training slices (%d positive), %d validation slices; %s on %s, %d×%d, AMP %s",
-                 fold, len(train_df), int((train_df["label"] == 1).sum()), len(val_df), s.backbone, rt.device,
-                 size, size, dtype or "off")
+                 fold, len(train_df), int((train_df["label"] == 1).sum()), len(val_df),
+                 s.backbone if s.width == 1 else f"{s.backbone} at width {s.width:g}", rt.device, size, size,
+                 dtype or "off")
 
-    steps_done, stopped = 0, bad_epochs >= s.patience
+    steps_done, stopped = 0, early_stopping and bad_epochs >= s.patience
     scheduler.step(start_epoch)  # a per-epoch schedule moves here, a per-update one on the next line
     scheduler.step_update(start_epoch * updates_per_epoch)
     for epoch in range(start_epoch, s.epochs):
@@ -315,14 +320,16 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
             improved = val_loss < best_loss
             if improved:
                 best_loss, bad_epochs = val_loss, 0
-                torch.save({"model": (ema.module if ema is not None else model).state_dict(),
-                            "arch": {"backbone": s.backbone, "dropout": s.dropout, "box_head": with_boxes,
-                                     "context": s.context},
-                            "epoch": epoch + 1, "val_loss": val_loss, "fold": fold, "config": config_dict(cfg)},
-                           best_path)
-                _write_validation(out, val_df, probs, report, fold)
             else:
                 bad_epochs += 1
+            if improved or not early_stopping:
+                torch.save({"model": (ema.module if ema is not None else model).state_dict(),
+                            "arch": {"backbone": s.backbone, "dropout": s.dropout, "box_head": with_boxes,
+                                     "context": s.context, "width": s.width},
+                            "epoch": epoch + 1, "val_loss": val_loss, "fold": fold, "config": config_dict(cfg)},
+                           best_path.with_name("best.pt.part"))
+                os.replace(best_path.with_name("best.pt.part"), best_path)  # a crash never leaves half a file
+                _write_validation(out, val_df, probs, report, fold)
             log.info("fold %d epoch %d: train loss %.4f, val loss %.4f, val AUC %.3f, %.1f img/s%s", fold,
                      epoch + 1, row["train_loss"], val_loss, row["val_auc"], row["images_per_s"],
                      " (best)" if improved else "")
@@ -333,7 +340,7 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
                         "scaler": scaler.state_dict(), "epoch": epoch, "best_loss": best_loss,
                         "bad_epochs": bad_epochs, "history": history, "rng": rng_state()}, tmp)
             os.replace(tmp, last_path)
-            stop = [bad_epochs >= s.patience]
+            stop = [early_stopping and bad_epochs >= s.patience]
             if stop[0]:
                 log.info("fold %d: early stopping after epoch %d (no improvement in %d epochs)", fold, epoch + 1,
                          s.patience)
@@ -350,7 +357,7 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
 
 
 def _write_validation(out: Path, val_df: pd.DataFrame, probs: np.ndarray, report: dict, fold: int) -> None:
-    """Out-of-fold slice predictions and the image-level report (Table 2's form) at the best epoch."""
+    """Out-of-fold slice predictions and the image-level report (Table 2's form) of the epoch in best.pt."""
     oof = val_df[["StudyInstanceUID", "order", "slice_number", "label"]].copy()
     for i, name in enumerate(SLICE_OUTPUTS):
         oof[f"p_{name}"] = probs[:, i]
