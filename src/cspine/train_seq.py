@@ -226,8 +226,10 @@ def train_seq_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, hidden: i
                          "features only")
     in_fold = [u for u in folds.loc[folds["fold"] == fold, "StudyInstanceUID"] if u in source]
     out = seq_dir(run_dir, hidden) / f"fold{fold}"
-    for stale in out.glob("*.pt"):  # `predict` loads every BLSTM here: none may survive from another protocol
-        stale.unlink()
+    # `predict` loads every BLSTM here, so none may survive from another protocol; and until this training
+    # ends, the fold must not count as trained (`is_seq_trained` reads features.json)
+    for stale in [*out.glob("*.pt"), out / "features.json"]:
+        stale.unlink(missing_ok=True)
     rows = []
     if s.train_on == "other_folds":
         others = [u for u in folds.loc[folds["fold"] != fold, "StudyInstanceUID"] if u in source]
