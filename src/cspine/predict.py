@@ -78,11 +78,13 @@ def blstm_probabilities(per_fold: dict[int, tuple[np.ndarray, np.ndarray]], ense
     Args:
         per_fold: {fold: (features [N, D], probabilities [N, 15])} from each fold's CNN, head to feet.
     """
-    outputs = []
+    outputs, folds_mean = [], None
     for meta, model in ensemble.blstms:
         key = meta.get("source_fold")
         if key is None:  # trained on other folds' CNNs (seq.train_on="other_folds"): reads every CNN's mean
-            feats, probs = None, np.mean([probs.astype(np.float32) for _, probs in per_fold.values()], axis=0)
+            if folds_mean is None:  # one mean for all such BLSTMs
+                folds_mean = np.mean([probs.astype(np.float32) for _, probs in per_fold.values()], axis=0)
+            feats, probs = None, folds_mean
         elif key in per_fold:  # trained on CNN k's reading (own_fold): reads CNN k's, as in training
             feats, probs = per_fold[key]
         else:

@@ -323,23 +323,21 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
             else:
                 bad_epochs += 1
             if improved or not early_stopping:
-                torch.save({"model": (ema.module if ema is not None else model).state_dict(),
-                            "arch": {"backbone": s.backbone, "dropout": s.dropout, "box_head": with_boxes,
-                                     "context": s.context, "width": s.width},
-                            "epoch": epoch + 1, "val_loss": val_loss, "fold": fold, "config": config_dict(cfg)},
-                           best_path.with_name("best.pt.part"))
-                os.replace(best_path.with_name("best.pt.part"), best_path)  # a crash never leaves half a file
+                arch = {"backbone": s.backbone, "dropout": s.dropout, "box_head": with_boxes,
+                        "context": s.context, "width": s.width}
+                _save_atomically({"model": (ema.module if ema is not None else model).state_dict(), "arch": arch,
+                                  "epoch": epoch + 1, "val_loss": val_loss, "fold": fold,
+                                  "config": config_dict(cfg)}, best_path)
                 _write_validation(out, val_df, probs, report, fold)
             log.info("fold %d epoch %d: train loss %.4f, val loss %.4f, val AUC %.3f, %.1f img/s%s", fold,
                      epoch + 1, row["train_loss"], val_loss, row["val_auc"], row["images_per_s"],
                      " (best)" if improved else "")
             pd.DataFrame(history).to_csv(out / "history.csv", index=False)
-            tmp = last_path.with_name("last.pt.part")
-            torch.save({"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                        "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(), "epoch": epoch, "best_loss": best_loss,
-                        "bad_epochs": bad_epochs, "history": history, "rng": rng_state()}, tmp)
-            os.replace(tmp, last_path)
+            _save_atomically({"model": model.state_dict(),
+                              "ema": ema.state_dict() if ema is not None else None,
+                              "optimizer": optimizer.state_dict(),
+                              "scaler": scaler.state_dict(), "epoch": epoch, "best_loss": best_loss,
+                              "bad_epochs": bad_epochs, "history": history, "rng": rng_state()}, last_path)
             stop = [early_stopping and bad_epochs >= s.patience]
             if stop[0]:
                 log.info("fold %d: early stopping after epoch %d (no improvement in %d epochs)", fold, epoch + 1,
@@ -354,6 +352,13 @@ def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_ep
         (out / "done").write_text(json.dumps({"best_loss": best_loss, "epochs": len(history)}))
     return {"fold": fold, "dir": str(out), "epochs": len(history), "best_val_loss": best_loss,
             "finished": finished, "steps": steps_done}
+
+
+def _save_atomically(state: dict, path: Path) -> None:
+    """torch.save through a temporary file, so a crash never leaves half a checkpoint at ``path``."""
+    tmp = path.with_name(path.name + ".part")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 def _write_validation(out: Path, val_df: pd.DataFrame, probs: np.ndarray, report: dict, fold: int) -> None:
