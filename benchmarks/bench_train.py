@@ -16,21 +16,22 @@ import argparse
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cspine.config import load_config
 from cspine.data import SliceDataset, build_transforms, seed_worker
 from cspine.models import SliceNet
+from cspine.runs import Run
 from cspine.train_slices import slice_loss
 
 
 def loader_rate(cfg, run_dir: Path, batches: int, workers: int) -> float:
-    index = pd.read_csv(run_dir / "cache" / "index.csv", dtype={"StudyInstanceUID": str})
+    cache = Run(run_dir).cache
+    index = cache.read_index()
     index = index[index["label"] != -1].sample(frac=1.0, random_state=0)
     size = cfg.slice.input_size or cfg.prepare.size
-    dataset = SliceDataset(run_dir / "cache", index, build_transforms(cfg.slice, True, size, seed=0))
+    dataset = SliceDataset(cache.root, index, build_transforms(cfg.slice, True, size, seed=0))
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.slice.batch_size, num_workers=workers,
                                          worker_init_fn=seed_worker if workers else None, shuffle=False)
     it = iter(loader)

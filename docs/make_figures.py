@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 from cspine.competition import read_boxes  # noqa: E402
 from cspine.dicom import load_series  # noqa: E402
 from cspine.explain import explain_fold  # noqa: E402
+from cspine.runs import Run  # noqa: E402
 from cspine.viz import plot_window_functions, show_crop_steps, show_windows  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent
@@ -38,7 +39,7 @@ def main() -> None:
     cams = explain_fold(args.run, 0, data_dir, n=1)
     if cams:
         shutil.copy(cams[0], DOCS / "gradcam.png")
-    shutil.copy(args.run / "report" / "roc.png", DOCS / "roc.png")
+    shutil.copy(Run(args.run).report / "roc.png", DOCS / "roc.png")
     print("figures written to", DOCS)
 
 

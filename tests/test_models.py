@@ -143,7 +143,7 @@ def test_early_stopping_studies_come_from_training_studies_only():
 
 
 def test_slice_stack_puts_each_slice_between_its_neighbours():
-    from cspine.data import slice_stack
+    from cspine.inputs import slice_stack
     from cspine.models import in_channels
 
     study = np.arange(5, dtype=np.uint8)[:, None, None, None] * np.ones((5, 2, 2, 3), np.uint8)  # slice k = k
@@ -164,7 +164,7 @@ def test_context_net_takes_the_stacked_channels():
 
 
 def test_bin_slices_keeps_each_runs_peak_and_stretches_short_studies():
-    from cspine.train_seq import bin_slices, study_input
+    from cspine.inputs import bin_slices, study_input
 
     x = np.zeros((100, 2), np.float32)
     x[7, 0], x[93, 1] = 5.0, -1.0  # one-slice evidence near each end

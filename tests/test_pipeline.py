@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from cspine import TARGETS
+from cspine.checkpoints import load_sequence_model, load_slice_model
 from cspine.competition import read_test
 from cspine.config import load_config
 from cspine.dicom_writer import Encoding, write_series
 from cspine.predict import predict
+from cspine.runs import Run
 from cspine.submission import validate_submission
 
 from .conftest import SMOKE_CONFIG
@@ -42,22 +44,23 @@ def test_second_run_resumes_and_skips_finished_stages(smoke_run, synthetic_root)
 
 
 def test_features_never_come_from_a_model_that_saw_the_study(smoke_run):
-    folds = pd.read_csv(smoke_run / "folds.csv", dtype={"StudyInstanceUID": str})
+    """The studies each CNN trained on, as its checkpoint records them (not as the fold split says they
+    should be), never include a study whose out-of-fold features it wrote."""
+    run = Run(smoke_run)
+    folds = run.read_folds()
     seen = set()
-    for provenance_path in sorted(smoke_run.glob("features/fold*/provenance.json")):
-        info = json.loads(provenance_path.read_text())
-        fold = info["fold"]
-        trained_on = set(folds.loc[folds["fold"] != fold, "StudyInstanceUID"])
-        assert set(info["trained_on"]) == trained_on  # the CNN's training studies, from the fold split
-        extracted = {p.stem for p in provenance_path.parent.glob("*.npz")}
-        assert extracted and extracted <= set(info["studies"])
-        assert not extracted & set(info["trained_on"])
+    for fold, checkpoint in run.slice_checkpoints().items():
+        trained_on = set(load_slice_model(checkpoint)[1]["trained_on"])
+        assert trained_on and trained_on <= set(folds.loc[folds["fold"] != fold, "StudyInstanceUID"])
+        extracted = {p.stem for p in run.features_dir(fold).glob("*.npz")}
+        assert extracted and not extracted & trained_on
+        assert set(json.loads(run.provenance(fold).read_text())["trained_on"]) == trained_on
         seen |= extracted
     assert seen == set(folds["StudyInstanceUID"])  # every study has out-of-fold features
     models = list(smoke_run.glob("seq/h*/fold*/*.pt"))
     assert models
     for model_path in models:
-        meta = torch.load(model_path, map_location="cpu", weights_only=False)
+        meta = load_sequence_model(model_path)[1]
         fold = int(model_path.parent.name.removeprefix("fold"))
         in_fold = set(folds.loc[folds["fold"] == fold, "StudyInstanceUID"])
         if meta["input"] == "features":  # a BLSTM reads features of its own fold's CNN, on that fold's studies
@@ -72,7 +75,7 @@ def test_every_study_is_predicted_out_of_fold_by_a_blstm_that_never_saw_it(smoke
         assert oof["StudyInstanceUID"].is_unique
         for fold_dir in hidden_dir.glob("fold*"):
             scored = set(pd.read_csv(fold_dir / "oof.csv", dtype={"StudyInstanceUID": str})["StudyInstanceUID"])
-            inner = [torch.load(p, map_location="cpu", weights_only=False) for p in fold_dir.glob("inner*.pt")]
+            inner = [load_sequence_model(p)[1] for p in fold_dir.glob("inner*.pt")]
             assert len(inner) >= 2
             # the inner splits partition the fold: each study is held out by exactly one inner model
             for uid in scored:
@@ -82,14 +85,15 @@ def test_every_study_is_predicted_out_of_fold_by_a_blstm_that_never_saw_it(smoke
 def _features_only_run(smoke_run, run_dir):
     """A run folder with the smoke run's folds, labels and out-of-fold features, for training BLSTMs anew."""
     run_dir.mkdir()
-    for name in ("folds.csv", "labels.csv"):
-        shutil.copy(smoke_run / name, run_dir / name)
+    source, run = Run(smoke_run), Run(run_dir)
+    for src, dst in ((source.folds, run.folds), (source.labels, run.labels)):
+        shutil.copy(src, dst)
     shutil.copytree(smoke_run / "features", run_dir / "features")
     return run_dir
 
 
 def test_probs_input_trains_across_folds_and_scores_only_the_held_out_fold(smoke_run, tmp_path):
-    from cspine.train_seq import load_sequence_model, seq_dir, train_seq_fold
+    from cspine.train_seq import train_seq_fold
 
     run_dir = _features_only_run(smoke_run, tmp_path / "probs_run")
     cfg = load_config(SMOKE_CONFIG, ["seq.input=probs", "seq.hidden=16", "seq.train_on=other_folds"])
@@ -99,13 +103,13 @@ def test_probs_input_trains_across_folds_and_scores_only_the_held_out_fold(smoke
         in_fold = set(folds.loc[folds["fold"] == fold, "StudyInstanceUID"])
         assert set(oof["StudyInstanceUID"]) == in_fold
         assert oof[[f"p_{t}" for t in TARGETS]].apply(lambda c: c.between(0, 1)).all().all()
-        model, meta = load_sequence_model(seq_dir(run_dir, 16) / f"fold{fold}" / "model.pt")
+        model, meta = load_sequence_model(Run(run_dir).blstm(16, fold, None))
         assert meta["input"] == "probs" and model.lstm.input_size == 15
         assert set(meta["trained_on"]) == set(folds["StudyInstanceUID"]) - in_fold  # every other fold, none of its own
 
 
 def test_own_fold_blstms_train_on_their_fold_through_its_cnn_only(smoke_run, tmp_path):
-    from cspine.train_seq import load_sequence_model, seq_dir, train_seq_fold
+    from cspine.train_seq import train_seq_fold
 
     run_dir = _features_only_run(smoke_run, tmp_path / "own_run")
     cfg = load_config(SMOKE_CONFIG, ["seq.input=fracture", "seq.hidden=16", "seq.inner_folds=2"])
@@ -115,7 +119,8 @@ def test_own_fold_blstms_train_on_their_fold_through_its_cnn_only(smoke_run, tmp
         oof = train_seq_fold(cfg, run_dir, fold)
         in_fold = set(folds.loc[folds["fold"] == fold, "StudyInstanceUID"])
         assert set(oof["StudyInstanceUID"]) == in_fold
-        models = sorted((seq_dir(run_dir, 16) / f"fold{fold}").glob("*.pt"))
+        models = Run(run_dir).blstm_checkpoints(16)
+        models = [m for m in models if m.parent.name == f"fold{fold}"]
         assert [m.name for m in models] == ["inner0.pt", "inner1.pt"]
         scored = set()
         for path in models:
@@ -132,18 +137,18 @@ def test_predict_feeds_a_blstm_exactly_what_it_trained_on(smoke_run, tmp_path, t
     """Out-of-fold scores from training equal `predict`'s for the same CNN outputs (log-odds, slice bins)."""
     from cspine.extract import load_features
     from cspine.predict import Ensemble, blstm_probabilities
-    from cspine.train_seq import load_sequence_model, seq_dir, train_seq_fold
+    from cspine.train_seq import train_seq_fold
 
     run_dir = _features_only_run(smoke_run, tmp_path / "binned_run")
     cfg = load_config(SMOKE_CONFIG, ["seq.input=fracture", "seq.bins=5", "seq.hidden=16", "seq.inner_folds=2",
                                      f"seq.train_on={train_on}"])
     oof = train_seq_fold(cfg, run_dir, 0).set_index("StudyInstanceUID")
-    paths = sorted((seq_dir(run_dir, 16) / "fold0").glob("*.pt"))
+    paths = sorted(Run(run_dir).seq_fold_dir(16, 0).glob("*.pt"))
     blstms = [load_sequence_model(path)[::-1] for path in paths]  # (meta, model), as in Ensemble
     assert len(blstms) == (1 if train_on == "other_folds" else 2) and all(m["bins"] == 5 for m, _ in blstms)
     for uid, row in oof.iterrows():
         scorer = [(meta, model) for meta, model in blstms if uid not in meta["trained_on"]]
-        ensemble = Ensemble(cnns={}, blstms=scorer, input="fracture", tta=False)
+        ensemble = Ensemble(cnns={}, blstms=scorer, inputs={}, arch={}, input="fracture", bins=5, tta=False)
         # fold 0's CNN reads the study, as in training; fold 1's reading must not reach an own_fold BLSTM
         own = load_features(run_dir, 0, uid)
         features = {0: own, 1: (None, np.zeros_like(own[1]))}
@@ -158,27 +163,30 @@ def test_tta_extraction_is_recorded_and_predict_follows_it(smoke_run, synthetic_
     import cspine.predict
     from cspine.dicom import load_series
     from cspine.extract import extract_fold, load_features
-    from cspine.predict import load_ensemble, predict_series
+    from cspine.config import ConfigError
+    from cspine.predict import check_config, load_ensemble, predict_series
     from cspine.train_seq import train_seq_fold
 
     run_dir = _features_only_run(smoke_run, tmp_path / "tta_run")
     for name in ("cache", "slice"):
         (run_dir / name).symlink_to(smoke_run / name)
     cfg = load_config(SMOKE_CONFIG, ["predict.tta=true"])
-    assert load_ensemble(cfg, smoke_run, torch.device("cpu")).tta is False  # the smoke run read plain slices
+    assert load_ensemble(smoke_run, cfg.seq.hidden, torch.device("cpu")).tta is False  # plain slices
     extract_fold(cfg, run_dir, 0)
     with pytest.raises(RuntimeError, match="some folds"):  # fold 0 re-read mirrored, fold 1 not yet
         train_seq_fold(cfg, run_dir, 0)
     for fold in (0, 1):
-        out = extract_fold(cfg, run_dir, fold)
-        assert json.loads((out / "provenance.json").read_text())["tta"] is True
-    uid = next(iter(json.loads((run_dir / "features" / "fold0" / "provenance.json").read_text())["studies"]))
+        extract_fold(cfg, run_dir, fold)
+        assert json.loads(Run(run_dir).provenance(fold).read_text())["tta"] is True
+    uid = next(iter(json.loads(Run(run_dir).provenance(0).read_text())["studies"]))
     assert not np.allclose(load_features(run_dir, 0, uid)[1], load_features(smoke_run, 0, uid)[1])  # re-read
     for fold in (0, 1):
         train_seq_fold(cfg, run_dir, fold)
     plain_cfg = load_config(SMOKE_CONFIG)  # the config at predict time says no tta
-    ensemble = load_ensemble(plain_cfg, run_dir, torch.device("cpu"))
-    assert ensemble.tta is True  # the BLSTMs' training features decide, not the config at predict time
+    ensemble = load_ensemble(run_dir, plain_cfg.seq.hidden, torch.device("cpu"))
+    assert ensemble.tta is True  # the BLSTMs' training features decide how slices are read
+    with pytest.raises(ConfigError, match="predict.tta"):  # and a config that says otherwise is refused
+        check_config(plain_cfg, ensemble)
     readings, study_features = [], cspine.predict.study_features
 
     def recording(*args, **kwargs):
@@ -198,7 +206,7 @@ def test_blstms_train_again_when_their_features_or_settings_change(smoke_run, tm
     shutil.copytree(smoke_run / "seq", run_dir / "seq")
     s = load_config(SMOKE_CONFIG).seq
     assert is_seq_trained(run_dir, s.hidden, 0, s) and is_seq_trained(run_dir, s.hidden, 1, s)
-    provenance_path = run_dir / "features" / "fold1" / "provenance.json"
+    provenance_path = Run(run_dir).provenance(1)
     provenance = json.loads(provenance_path.read_text())
     provenance_path.write_text(json.dumps({**provenance, "checkpoint_sha": "0" * 16}))  # CNN 1 retrained
     assert not is_seq_trained(run_dir, s.hidden, 0, s)  # any CNN retrained: every fold's (conservative)

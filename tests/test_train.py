@@ -11,8 +11,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from cspine.checkpoints import load_checkpoint, load_slice_model
 from cspine.config import load_config
 from cspine.data import SliceDataset, build_transforms, seed_worker
+from cspine.runs import Run
 from cspine.runtime import Runtime
 from cspine.train_slices import train_fold
 
@@ -34,9 +36,10 @@ def prepared(tmp_path_factory, synthetic_root):
 
 def _copy_base(prepared: Path, dest: Path) -> Path:
     dest.mkdir()
-    shutil.copytree(prepared / "cache", dest / "cache")
-    for name in ("folds.csv", "labels.csv"):
-        shutil.copy(prepared / name, dest / name)
+    source, run = Run(prepared), Run(dest)
+    shutil.copytree(source.cache.root, run.cache.root)
+    for src, dst in ((source.folds, run.folds), (source.labels, run.labels)):
+        shutil.copy(src, dst)
     return dest
 
 
@@ -81,8 +84,8 @@ def test_best_pt_holds_the_epoch_that_select_names(prepared, tmp_path, monkeypat
     train_fold(cfg, run_dir, 0)
     out = run_dir / "slice" / "fold0"
     history = pd.read_csv(out / "history.csv")
-    best = torch.load(out / "best.pt", weights_only=False)
-    last = torch.load(out / "last.pt", weights_only=False)
+    best = load_checkpoint(out / "best.pt", "slice-cnn")
+    last = load_checkpoint(out / "last.pt", "slice-resume")
     same = all(torch.equal(best["model"][key], last["model"][key]) for key in last["model"])
     if select == "last":
         assert len(history) == 4 and best["epoch"] == 4 and same
@@ -96,12 +99,10 @@ def test_best_pt_holds_the_epoch_that_select_names(prepared, tmp_path, monkeypat
 
 
 def test_a_narrow_cnn_trains_and_loads_at_its_width(prepared, tmp_path):
-    from cspine.train_slices import load_slice_model
-
     run_dir = _copy_base(prepared, tmp_path / "narrow")
     cfg = load_config(SMOKE_CONFIG, ["slice.backbone=resnet10t", "slice.width=0.25", "slice.epochs=1"])
     train_fold(cfg, run_dir, 0)
-    model = load_slice_model(run_dir / "slice" / "fold0" / "best.pt")  # no config needed: the width is saved
+    model, _ = load_slice_model(run_dir / "slice" / "fold0" / "best.pt")  # no config needed: the width is saved
     assert model.width == 0.25 and model.num_features == 128  # resnet10t's 512 at a quarter
 
 
@@ -116,8 +117,8 @@ def test_resumed_run_matches_an_uninterrupted_one(prepared, tmp_path, schedule):
     assert not first["finished"] and not (resumed / "slice" / "fold1" / "done").exists()
     second = train_fold(cfg, resumed, 1)
     assert second["finished"] and second["epochs"] == 3
-    a = torch.load(straight / "slice" / "fold1" / "last.pt", weights_only=False)
-    b = torch.load(resumed / "slice" / "fold1" / "last.pt", weights_only=False)
+    a = load_checkpoint(straight / "slice" / "fold1" / "last.pt", "slice-resume")
+    b = load_checkpoint(resumed / "slice" / "fold1" / "last.pt", "slice-resume")
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)
     assert [r["train_loss"] for r in a["history"]] == pytest.approx([r["train_loss"] for r in b["history"]])
@@ -347,16 +348,16 @@ def test_training_with_box_head_saves_a_loadable_model(prepared, tmp_path, monke
     assert len(seen) == 2  # the box loss is part of every training step
     boxes = torch.cat(seen)
     assert (boxes == 1).any() and (boxes == 0).any()  # real box maps (the smoke data has boxes), not all unknown
-    model = train_slices.load_slice_model(Path(summary["dir"]) / "best.pt")
+    model, _ = load_slice_model(Path(summary["dir"]) / "best.pt")
     assert model.box_head is not None
     logits, box_logits = model(torch.zeros(2, 3, 48, 48), with_boxes=True)
     assert logits.shape == (2, 15) and box_logits.shape == (2, 1, 3, 3)
 
 
 def test_training_and_extraction_feed_a_context_cnn_the_same_stack(prepared, tmp_path):
-    import cspine.train_slices as train_slices
-    from cspine.data import slice_stack
-    from cspine.extract import study_features, to_tensor
+    from cspine.inputs import slice_stack
+    from cspine.extract import study_features
+    from cspine.inputs import to_tensor
     from cspine.prepare import load_study_images
 
     cfg = load_config(SMOKE_CONFIG, ["slice.context=1", "slice.workers=0"])
@@ -374,7 +375,7 @@ def test_training_and_extraction_feed_a_context_cnn_the_same_stack(prepared, tmp
         assert torch.equal(image[3:6], single[i][0])  # its middle three channels are the slice itself
 
     summary = train_fold(cfg, _copy_base(prepared, tmp_path / "run"), 0, max_steps=2)
-    model = train_slices.load_slice_model(Path(summary["dir"]) / "best.pt")
+    model, _ = load_slice_model(Path(summary["dir"]) / "best.pt")
     assert model.context == 1
     feats, probs = study_features(model, study, 48, torch.device("cpu"), batch_size=4)
     assert feats.shape[0] == probs.shape[0] == len(study)

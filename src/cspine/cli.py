@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cspine.competition import DataError
 from cspine.config import Config, ConfigError, load_config
+from cspine.runs import CheckpointError, Run
 
 log = logging.getLogger("cspine")
 
@@ -37,6 +38,18 @@ def _config(args: argparse.Namespace):
     if path is None and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
     return load_config(path, args.overrides)
+
+
+def _models_and_config(args: argparse.Namespace) -> tuple[Path, Config]:
+    """The run folder to read models from (--models, else runs/<name>) and its config: the run's own
+    ``config.yaml`` unless --config names another (which `predict` then checks against the checkpoints)."""
+    if args.config is None and args.models is not None and Run(args.models).config.is_file():
+        return args.models, load_config(Run(args.models).config, args.overrides)
+    cfg = _config(args)
+    models = args.models or Path("runs") / cfg.name
+    if args.config is None and Run(models).config.is_file():
+        cfg = load_config(Run(models).config, args.overrides)
+    return models, cfg
 
 
 def _add_common(parser: argparse.ArgumentParser, data: bool = True, out: bool = True) -> None:
@@ -68,8 +81,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     out = args.out or Path("runs") / cfg.name
-    index = prepare(cfg, find_data_dir(args.data), out / "cache")
-    print(f"{len(index)} slices cached in {out / 'cache'}")
+    cache = Run(out).cache.root
+    index = prepare(cfg, find_data_dir(args.data), cache)
+    print(f"{len(index)} slices cached in {cache}")
     return 0
 
 
@@ -79,7 +93,10 @@ def _pop_fold(args: argparse.Namespace) -> int | None:
     rest = []
     for item in args.overrides:
         if item.startswith("fold="):
-            fold = int(item.split("=", 1)[1])
+            value = item.split("=", 1)[1]
+            if not value.isdigit():
+                raise ConfigError(f"fold={value!r}: a fold is a number from 0")
+            fold = int(value)
         else:
             rest.append(item)
     args.overrides = rest
@@ -103,8 +120,8 @@ def _data_for_run(args: argparse.Namespace, run_dir: Path) -> Path:
     """--data, else the folder the run was set up with, else the usual search."""
     from cspine.competition import find_data_dir
 
-    if args.data is None and (run_dir / "data_dir.txt").is_file():
-        return Path((run_dir / "data_dir.txt").read_text().strip())
+    if args.data is None and Run(run_dir).data_dir_file.is_file():
+        return Path(Run(run_dir).data_dir_file.read_text().strip())
     return find_data_dir(args.data)
 
 
@@ -117,7 +134,7 @@ def cmd_train_slices(args: argparse.Namespace) -> int:
 
     folds, cfg = _folds_and_config(args)
     run_dir = _run_dir(args, cfg)
-    if not (run_dir / "cache" / "index.csv").is_file():
+    if not Run(run_dir).cache.index.is_file():
         log.error("%s has no slice cache: run `python -m cspine prepare` first", run_dir)
         return 1
     rt = init_distributed(cfg.device)
@@ -142,11 +159,12 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_train_seq(args: argparse.Namespace) -> int:
-    from cspine.train_seq import train_seq_fold
+    from cspine.train_seq import train_seq
 
     folds, cfg = _folds_and_config(args)
     for k in folds:
-        train_seq_fold(cfg, _run_dir(args, cfg), k)
+        sizes = train_seq(cfg, _run_dir(args, cfg), k)
+        print(f"fold {k}: BLSTM sizes trained: {', '.join(map(str, sizes)) or 'none (all up to date)'}")
     return 0
 
 
@@ -164,14 +182,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from cspine.pipeline import default_submission_path
     from cspine.predict import predict
 
-    cfg = _config(args)
-    models = args.models or Path("runs") / cfg.name
+    models, cfg = _models_and_config(args)
     out = args.out or default_submission_path()
     train = None
-    if (models / "labels.csv").is_file():
+    if Run(models).labels.is_file():
         import pandas as pd
 
-        train = pd.read_csv(models / "labels.csv")
+        train = pd.read_csv(Run(models).labels)
     predict(cfg, find_data_dir(args.data), models, out, train=train)
     print(f"submission written to {out}")
     return 0
@@ -182,7 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     run_dir = _run_dir(args, cfg)
-    _setup_logging(run_dir / "run.log")
+    _setup_logging(Run(run_dir).log)
     run(cfg, args.data, run_dir, args.submission)
     return 0
 
@@ -201,8 +218,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_package_kaggle(args: argparse.Namespace) -> int:
     from cspine.kaggle import package_kaggle
 
-    cfg = _config(args)
-    out = package_kaggle(cfg, args.models or Path("runs") / cfg.name, args.out, wheels=not args.no_wheels)
+    models, cfg = _models_and_config(args)
+    out = package_kaggle(cfg, models, args.out, wheels=not args.no_wheels)
     print(f"Kaggle dataset folder ready: {out}")
     return 0
 
@@ -271,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("config: %s", exc)
         return 2
-    except (DataError, FileNotFoundError) as exc:
+    except (DataError, FileNotFoundError, FileExistsError, CheckpointError) as exc:
         log.error("%s", exc)
         return 1
     except KeyboardInterrupt:

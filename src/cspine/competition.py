@@ -17,6 +17,7 @@ import pandas as pd
 
 from cspine import TARGETS, VERTEBRAE
 from cspine.dicom import Series
+from cspine.runs import write_csv
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +250,4 @@ def make_folds(train: pd.DataFrame, n_splits: int = 5, seed: int = 42, attempts:
 
 def write_folds(folds: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Writes folds.csv (commit it: CV scores are comparable across forks only on the same folds)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    folds.to_csv(path, index=False)
-    return path
+    return write_csv(folds, path)

@@ -122,6 +122,11 @@ class SeqConfig:
     bins: int = 0  # 0 = whole studies (the paper); >0 = each study max-pooled into this many runs of slices
     seed: int = 0
 
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """The BLSTM sizes a run trains: those the report compares, then the one `predict` uses."""
+        return tuple(dict.fromkeys((*self.compare_hidden, self.hidden)))
+
 
 @dataclass(frozen=True)
 class PredictConfig:

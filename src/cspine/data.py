@@ -15,40 +15,11 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from cspine import VERTEBRAE
 from cspine.config import SliceConfig
+from cspine.inputs import MEAN, STD, slice_stack
 from cspine.prepare import UNKNOWN, load_study_images, read_meta
 
-# One mean and std for every channel (each window, each neighbouring slice) of uint8 images scaled to
-# [0, 1]; a fixed, documented normalisation keeps cached features comparable across runs (ImageNet's
-# would matter only with ImageNet weights).
-MEAN = 0.5
-STD = 0.25
 OPEN_STUDIES = 64  # memory-mapped studies a dataset keeps open at once
 TARGET_COLUMNS = ["label", *[f"{v}_fracture" for v in VERTEBRAE], *[f"{v}_present" for v in VERTEBRAE]]
-
-
-def slice_stack(study: np.ndarray, orders: np.ndarray, context: int = 0) -> np.ndarray:
-    """uint8 [B, H, W, 3·(2·context + 1)]: slices ``orders`` of a study with their neighbours as channels.
-
-    A fracture is a line through the bone in three dimensions, while a joint space or a foramen looks like a
-    gap on one slice too; the slices above and below tell them apart (the "2.5D" input of many RSNA 2022
-    solutions). Channels run head to feet, three windows per slice, so the middle three are the slice
-    itself; neighbours beyond the study's ends repeat its first or last slice. ``context=0`` is the paper's
-    single slice.
-
-    Args:
-        study: uint8 [N, H, W, 3], a study's cached slices, head to feet.
-        orders: int [B], the slices wanted.
-        context: neighbours on each side.
-    """
-    orders = np.asarray(orders, dtype=int)
-    if not context:
-        return np.asarray(study[orders])
-    window = np.clip(orders[:, None] + np.arange(-context, context + 1)[None], 0, len(study) - 1)
-    stacked = np.asarray(study[window.ravel()])  # [B·(2c+1), H, W, 3]
-    b, k = window.shape
-    h, w, c = stacked.shape[1:]
-    stacked = stacked.reshape(b, k, h, w, c).transpose(0, 2, 3, 1, 4)  # [B, H, W, slice, window]
-    return np.ascontiguousarray(stacked.reshape(b, h, w, k * c))
 
 
 def build_transforms(cfg: SliceConfig, train: bool, size: int, seed: int | None = None) -> A.Compose:
@@ -86,8 +57,7 @@ class SliceDataset(Dataset):
     Targets follow `SLICE_OUTPUTS`; ``known`` is 0 where the data cannot give a label (no boxes or no mask
     for that study), so the loss skips it. With ``with_boxes``, a fourth item is the slice's box map float
     [H, W]: 1 inside its fracture boxes, 0 elsewhere, moved by the same flips and rotations as the image; all
-    −1 where the slice's label is unknown (a fractured study without boxes, or a cache made before boxes
-    were cached), which the loss skips.
+    −1 where the slice's label is unknown (a fractured study without boxes), which the loss skips.
     """
 
     def __init__(self, cache_dir: str | Path, index: pd.DataFrame, transform: A.Compose,
@@ -118,11 +88,10 @@ class SliceDataset(Dataset):
 
     def box_mask(self, i: int, shape: tuple[int, int]) -> np.ndarray | None:
         """uint8 [H, W] of item i's boxes in the cached image (None: unknown)."""
-        study = self.boxes.get(self.uids[i])
-        if study is None or self.targets[i, 0] == UNKNOWN:
+        if self.targets[i, 0] == UNKNOWN:
             return None
         mask = np.zeros(shape, np.uint8)
-        for x0, y0, x1, y1 in study.get(int(self.orders[i]), ()):
+        for x0, y0, x1, y1 in self.boxes[self.uids[i]].get(int(self.orders[i]), ()):
             mask[max(int(y0), 0):int(np.ceil(y1)), max(int(x0), 0):int(np.ceil(x1))] = 1
         return mask
 
@@ -142,14 +111,11 @@ class SliceDataset(Dataset):
 
 
 def study_boxes(cache_dir: Path, uids) -> dict[str, dict[int, list]]:
-    """{study: {slice order: [(x0, y0, x1, y1), ...]}} from the cache; studies cached without boxes absent."""
+    """{study: {slice order: [(x0, y0, x1, y1), ...]}} from the cache (slices without boxes absent)."""
     out = {}
     for uid in uids:
-        meta = read_meta(cache_dir, uid)
-        if "boxes" not in meta:
-            continue
         slices: dict[int, list] = {}
-        for order, *box in meta["boxes"]:
+        for order, *box in read_meta(cache_dir, uid)["boxes"]:
             slices.setdefault(int(order), []).append(box)
         out[uid] = slices
     return out

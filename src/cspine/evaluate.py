@@ -24,13 +24,13 @@ from cspine.config import Config, save_config
 from cspine.extract import load_features, oof_sources
 from cspine.metrics import cv_table, paper_reports, weighted_log_loss, write_table
 from cspine.prepare import UNKNOWN
+from cspine.runs import Run, save_figure, write_csv, write_text
 from cspine.submission import prior_from_train
-from cspine.train_seq import collect_oof, is_seq_trained, train_seq_fold
 
 log = logging.getLogger(__name__)
 
 
-def oof_slice_probs(run_dir: Path) -> dict[str, tuple[int, np.ndarray]]:
+def oof_slice_probs(run_dir: str | os.PathLike) -> dict[str, tuple[int, np.ndarray]]:
     """{study: (fold, slice probabilities [N, 15])}, each from the CNN that never trained on the study."""
     return {uid: (fold, load_features(run_dir, fold, uid)[1]) for uid, fold in oof_sources(run_dir).items()}
 
@@ -105,7 +105,7 @@ def _figures(models: dict[str, pd.DataFrame], labels: pd.DataFrame, out: Path, c
     ax.set(xlabel="1 − specificity", ylabel="sensitivity", title="Case level (patient_overall), out of fold")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(out / "roc.png", dpi=120)
+    save_figure(fig, out / "roc.png", dpi=120)
     plt.close(fig)
 
     oof = models[calibrated]
@@ -120,30 +120,49 @@ def _figures(models: dict[str, pd.DataFrame], labels: pd.DataFrame, out: Path, c
     ax.set(xlabel="predicted probability", ylabel="observed frequency", title=f"Calibration: {calibrated}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "calibration.png", dpi=120)
+    save_figure(fig, out / "calibration.png", dpi=120)
     plt.close(fig)
 
 
+def collect_oof(run: Run, hidden: int, n_folds: int) -> pd.DataFrame:
+    """Every fold's out-of-fold BLSTM predictions of one size, together (also written to ``seq/h<H>/oof.csv``).
+
+    Raises:
+        FileNotFoundError: a fold's BLSTMs of that size are not trained (`python -m cspine train-seq`).
+    """
+    paths = [run.seq_file(hidden, k, "oof.csv") for k in range(n_folds)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"BLSTM-{hidden} predictions missing ({', '.join(missing)}): run "
+                                "`python -m cspine train-seq` first")
+    oof = pd.concat([pd.read_csv(p, dtype={"StudyInstanceUID": str}) for p in paths], ignore_index=True)
+    write_csv(oof, run.seq_oof(hidden))
+    return oof
+
+
+def model_name(cfg: Config) -> str:
+    """The slice CNN as the report names it, e.g. "ResNet-50" or "resnet10t ×0.5"."""
+    name = {"resnet50": "ResNet-50"}.get(cfg.slice.backbone, cfg.slice.backbone)
+    return name + (f" ×{cfg.slice.width:g}" if cfg.slice.width != 1 else "")
+
+
 def evaluate(cfg: Config, run_dir: str | os.PathLike) -> Path:
-    """Trains the BLSTM sizes the report compares (skipping trained ones), then writes the report."""
-    run_dir = Path(run_dir)
-    out = run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    """Writes the report from the run's out-of-fold predictions; trains nothing (`train-seq` trains the sizes).
+
+    Returns:
+        The report folder, ``<run>/report``.
+    """
+    run = Run(run_dir)
+    out = run.report
     save_config(cfg, out / "config.yaml")
-    labels = pd.read_csv(run_dir / "labels.csv", dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
-    index = pd.read_csv(run_dir / "cache" / "index.csv", dtype={"StudyInstanceUID": str})
+    labels, index = run.read_labels(), run.cache.read_index()
     n_folds = cfg.folds.n_splits
-    backbone = {"resnet50": "ResNet-50"}.get(cfg.slice.backbone, cfg.slice.backbone)
-    if cfg.slice.width != 1:
-        backbone += f" ×{cfg.slice.width:g}"
+    backbone = model_name(cfg)
     models: dict[str, pd.DataFrame] = {}
-    for hidden in dict.fromkeys((*cfg.seq.compare_hidden, cfg.seq.hidden)):
-        for fold in range(n_folds):
-            if not is_seq_trained(run_dir, hidden, fold, cfg.seq):
-                train_seq_fold(cfg, run_dir, fold, hidden)
-        models[f"{backbone} + BLSTM-{hidden}"] = collect_oof(run_dir, hidden, n_folds)
+    for hidden in cfg.seq.sizes:
+        models[f"{backbone} + BLSTM-{hidden}"] = collect_oof(run, hidden, n_folds)
     uids = models[f"{backbone} + BLSTM-{cfg.seq.hidden}"]["StudyInstanceUID"].tolist()
-    slice_probs = oof_slice_probs(run_dir)  # read once: the pooling baselines and Table 2 share them
+    slice_probs = oof_slice_probs(run)  # read once: the pooling baselines and Table 2 share them
     for how in ("max", "mean"):
         models[f"{backbone}, {how} pooling"] = pooled_predictions(slice_probs, uids, how)
     prior = prior_from_train(labels.loc[uids].reset_index())
@@ -157,7 +176,7 @@ def evaluate(cfg: Config, run_dir: str | os.PathLike) -> Path:
     score_table = pd.DataFrame([scores(name, oof, labels) for name, oof in models.items()])
     write_table(table2, out / "table2", "Table 2 — image level (out-of-fold, mean ± std % over folds)")
     write_table(table3, out / "table3", "Table 3 — case level, patient_overall (out-of-fold, mean ± std % over folds)")
-    score_table.to_csv(out / "scores.csv", index=False)
+    write_csv(score_table, out / "scores.csv")
     default_model = f"{backbone} + BLSTM-{cfg.seq.hidden}"
     _figures({k: v for k, v in models.items() if "prior" not in k}, labels, out, default_model)
 
@@ -175,6 +194,6 @@ def evaluate(cfg: Config, run_dir: str | os.PathLike) -> Path:
         fmt.to_markdown(index=False), "",
         "![ROC](roc.png) ![calibration](calibration.png)", "",
     ]
-    (out / "report.md").write_text("\n".join(lines))
+    write_text(out / "report.md", "\n".join(lines))
     log.info("evaluate: report in %s", out / "report.md")
     return out

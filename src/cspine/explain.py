@@ -17,9 +17,13 @@ from matplotlib.patches import Rectangle
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from cspine.data import slice_stack
-from cspine.extract import to_tensor
+from cspine.checkpoints import load_slice_model
+from cspine.competition import read_boxes
+from cspine.inputs import slice_stack, to_tensor
 from cspine.models import SliceNet
+from cspine.prepare import load_study_images, read_meta
+from cspine.preprocess import boxes_in_cache_frame
+from cspine.runs import Run, save_figure
 
 
 def grad_cam(model: SliceNet, image: np.ndarray, output: int = 0, size: int | None = None) -> np.ndarray:
@@ -61,32 +65,23 @@ def save_cam_figure(image: np.ndarray, heat: np.ndarray, path: str | os.PathLike
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
-    return path
+    return Path(path)
 
 
 def explain_fold(run_dir: str | os.PathLike, fold: int, data_dir: str | os.PathLike, n: int = 6,
                  device: str = "cpu") -> list[Path]:
     """Grad-CAM figures for up to ``n`` boxed slices of fold ``fold``'s held-out studies (its own CNN)."""
-    import pandas as pd
-
-    from cspine.competition import read_boxes
-    from cspine.prepare import load_study_images, read_meta
-    from cspine.preprocess import boxes_in_cache_frame
-    from cspine.train_slices import fold_dir, load_slice_model
-
-    run_dir = Path(run_dir)
-    model = load_slice_model(fold_dir(run_dir, fold) / "best.pt", device)
-    folds = pd.read_csv(run_dir / "folds.csv", dtype={"StudyInstanceUID": str})
+    run = Run(run_dir)
+    model, _ = load_slice_model(run.slice_best(fold), device)
+    folds = run.read_folds()
     boxes = read_boxes(data_dir)
     held_out = set(folds.loc[folds["fold"] == fold, "StudyInstanceUID"])
     written = []
     for uid, study_boxes in boxes[boxes["StudyInstanceUID"].isin(held_out)].groupby("StudyInstanceUID"):
-        meta = read_meta(run_dir / "cache", uid)
-        images = load_study_images(run_dir / "cache", uid)
+        meta = read_meta(run.cache.root, uid)
+        images = load_study_images(run.cache.root, uid)
         numbers = meta["slice_numbers"]
         picks = study_boxes.drop_duplicates("slice_number")
         for number in picks["slice_number"].iloc[len(picks) // 2: len(picks) // 2 + 1]:
@@ -96,7 +91,7 @@ def explain_fold(run_dir: str | os.PathLike, fold: int, data_dir: str | os.PathL
                                           tuple(crop), images.shape[1])
             heat = grad_cam(model, slice_stack(images, [k], model.context)[0])
             written.append(save_cam_figure(np.asarray(images[k]), heat,
-                                           run_dir / "explain" / f"fold{fold}_{uid}_{number}.png", mapped,
+                                           run.explain / f"fold{fold}_{uid}_{number}.png", mapped,
                                            title=f"{uid}, slice {number}"))
         if len(written) >= n:
             break

@@ -5,48 +5,30 @@
 For fold k, CNN k (trained on the other folds) reads only fold k's studies, so every study's features
 come from a network that never trained on it. Per study, ``<run>/features/fold<k>/<uid>.npz`` holds
 ``features`` float16 [N, D] and ``probs`` float16 [N, 15] (SLICE_OUTPUTS), head to feet;
-``provenance.json`` records the checkpoint and the studies it trained on, so the no-leak rule can be checked.
+``provenance.json`` records the checkpoint, the studies it trained on (from the checkpoint itself) and the
+studies it read, so the no-leak rule can be checked from the files alone.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
+from cspine.checkpoints import load_slice_model
 from cspine.config import Config
-from cspine.data import MEAN, STD, slice_stack
+from cspine.inputs import slice_stack, to_tensor
 from cspine.models import SliceNet
 from cspine.prepare import load_study_images
-from cspine.runtime import amp_dtype, autocast, pick_device
-from cspine.train_slices import fold_dir, load_slice_model
+from cspine.runs import Run, atomic_path, read_json, write_json
+from cspine.runtime import amp_dtype, autocast, pick_device, progress
 
 log = logging.getLogger(__name__)
-
-
-def features_dir(run_dir: str | os.PathLike, fold: int) -> Path:
-    return Path(run_dir) / "features" / f"fold{fold}"
-
-
-def to_tensor(images: np.ndarray, size: int, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """uint8 [B, H, W, C] → normalised float [B, C, size, size] on the device (resized if needed).
-
-    C is 3, or 3·(2·context + 1) for a `slice_stack`; every channel is normalised alike.
-    """
-    x = torch.from_numpy(np.require(images, requirements=["C", "W"])).to(device, non_blocking=True)
-    x = x.permute(0, 3, 1, 2).float().div_(255.0)
-    if x.shape[-1] != size:
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    x = (x - MEAN) / STD
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 @torch.inference_mode()
@@ -79,45 +61,47 @@ def _sha(path: Path) -> str:
 
 
 def extract_fold(cfg: Config, run_dir: str | os.PathLike, fold: int) -> Path:
-    """Writes the out-of-fold features of one fold (skipping studies already extracted by this checkpoint)."""
-    run_dir = Path(run_dir)
-    checkpoint = fold_dir(run_dir, fold) / "best.pt"
+    """Writes the out-of-fold features of one fold (skipping studies already extracted by this checkpoint).
+
+    Raises:
+        RuntimeError: the fold's CNN trained on a study it would read (a leak: folds.csv changed after training).
+    """
+    run = Run(run_dir)
+    checkpoint = run.slice_best(fold)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{checkpoint} not found: train the slice CNN of fold {fold} first")
-    folds = pd.read_csv(run_dir / "folds.csv", dtype={"StudyInstanceUID": str})
-    index = pd.read_csv(run_dir / "cache" / "index.csv", dtype={"StudyInstanceUID": str})
-    cached = set(index["StudyInstanceUID"])
+    model, meta = load_slice_model(checkpoint, pick_device(cfg.device))
+    folds = run.read_folds()
+    cached = set(run.cache.read_index()["StudyInstanceUID"])
     held_out = [u for u in folds.loc[folds["fold"] == fold, "StudyInstanceUID"] if u in cached]
-    trained_on = sorted(folds.loc[folds["fold"] != fold, "StudyInstanceUID"])
-    out = features_dir(run_dir, fold)
-    out.mkdir(parents=True, exist_ok=True)
+    leaked = sorted(set(meta["trained_on"]) & set(held_out))
+    if leaked:
+        raise RuntimeError(f"{checkpoint} trained on {len(leaked)} of fold {fold}'s studies (e.g. {leaked[0]}): "
+                           f"{run.folds} changed after training; train the fold again")
+    out = run.features_dir(fold)
     sha, tta = _sha(checkpoint), cfg.predict.tta
-    provenance_path = out / "provenance.json"
-    if provenance_path.is_file():
-        old = json.loads(provenance_path.read_text())
-        if old["checkpoint_sha"] != sha or old.get("tta", False) != tta:
+    if run.provenance(fold).is_file():
+        old = read_json(run.provenance(fold))
+        if old["checkpoint_sha"] != sha or old["tta"] != tta:
             for stale in out.glob("*.npz"):  # another checkpoint's or reading's features must not mix in
                 stale.unlink()
-    provenance = {"fold": fold, "checkpoint": str(checkpoint), "checkpoint_sha": sha, "tta": tta,
-                  "trained_on": trained_on, "studies": held_out}
-    provenance_path.write_text(json.dumps(provenance, indent=1))
+    write_json({"fold": fold, "checkpoint": str(checkpoint), "checkpoint_sha": sha, "tta": tta,
+                "trained_on": meta["trained_on"], "studies": held_out}, run.provenance(fold))
 
-    device = pick_device(cfg.device)
-    model = load_slice_model(checkpoint, device)
+    device = next(model.parameters()).device
     channels_last = cfg.slice.channels_last and device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     dtype = amp_dtype(device, cfg.slice.amp)
-    size = cfg.slice.input_size or cfg.prepare.size
-    todo = [u for u in held_out if not (out / f"{u}.npz").is_file()]
+    size = meta["inputs"]["input_size"]
+    todo = [u for u in held_out if not run.features_file(fold, u).is_file()]
     slices, started = 0, time.perf_counter()
-    for uid in tqdm(todo, desc=f"extract fold {fold}", unit="study"):
-        images = load_study_images(run_dir / "cache", uid)
+    for uid in progress(todo, f"extract fold {fold}", unit="study"):
+        images = load_study_images(run.cache.root, uid)
         feats, probs = study_features(model, images, size, device, cfg.predict.batch_size, dtype,
                                       channels_last, tta)
-        tmp = out / f"{uid}.part.npz"
-        np.savez(tmp, features=feats, probs=probs)
-        os.replace(tmp, out / f"{uid}.npz")
+        with atomic_path(run.features_file(fold, uid)) as tmp, open(tmp, "wb") as f:
+            np.savez(f, features=feats, probs=probs)
         slices += len(images)
     if todo:
         elapsed = time.perf_counter() - started
@@ -126,19 +110,28 @@ def extract_fold(cfg: Config, run_dir: str | os.PathLike, fold: int) -> Path:
     return out
 
 
+def is_extracted(cfg: Config, run_dir: str | os.PathLike, fold: int) -> bool:
+    """Whether every study of the fold has features from its current checkpoint, read as ``cfg`` says."""
+    run = Run(run_dir)
+    if not run.provenance(fold).is_file() or not run.slice_best(fold).is_file():
+        return False
+    recorded = read_json(run.provenance(fold))
+    return (recorded["checkpoint_sha"] == _sha(run.slice_best(fold)) and recorded["tta"] == cfg.predict.tta
+            and all(run.features_file(fold, u).is_file() for u in recorded["studies"]))
+
+
 def load_features(run_dir: str | os.PathLike, fold: int, uid: str) -> tuple[np.ndarray, np.ndarray]:
     """(features, probs) of one study as extracted by fold ``fold``'s CNN (float32)."""
-    with np.load(features_dir(run_dir, fold) / f"{uid}.npz") as data:
+    with np.load(Run(run_dir).features_file(fold, uid)) as data:
         return data["features"].astype(np.float32), data["probs"].astype(np.float32)
 
 
 def features_signature(run_dir: str | os.PathLike) -> dict[str, dict]:
     """{fold: its checkpoint's hash and reading}: what the run's features are, to tell when they change."""
     signature = {}
-    for provenance in sorted(Path(run_dir, "features").glob("fold*/provenance.json")):
-        info = json.loads(provenance.read_text())
-        signature[str(info["fold"])] = {"checkpoint_sha": info.get("checkpoint_sha"),
-                                        "tta": info.get("tta", False)}
+    for provenance in Run(run_dir).provenances():
+        info = read_json(provenance)
+        signature[str(info["fold"])] = {"checkpoint_sha": info["checkpoint_sha"], "tta": info["tta"]}
     return signature
 
 
@@ -155,8 +148,8 @@ def extracted_with_tta(signature: dict[str, dict]) -> bool:
 def oof_sources(run_dir: str | os.PathLike) -> dict[str, int]:
     """{study: the fold whose CNN extracted its out-of-fold features}."""
     sources = {}
-    for provenance in sorted(Path(run_dir, "features").glob("fold*/provenance.json")):
-        info = json.loads(provenance.read_text())
+    for provenance in Run(run_dir).provenances():
+        info = read_json(provenance)
         for uid in info["studies"]:
             sources[uid] = info["fold"]
     return sources

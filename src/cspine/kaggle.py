@@ -17,25 +17,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cspine.checkpoints import load_sequence_model, load_slice_model
 from cspine.config import Config, save_config
-from cspine.train_seq import seq_dir
+from cspine.runs import Run, write_text
 
 log = logging.getLogger(__name__)
 
 # What inference imports beyond Kaggle's image (torch, timm, numpy, pandas, scikit-learn, matplotlib are
 # there). Downloaded with their own dependencies; cspine itself installs with --no-deps, so training-only
-# packages (grad-cam, python-gdcm) are never needed offline.
+# packages (albumentations, iterative-stratification, grad-cam, python-gdcm) are never needed offline: the
+# predict path imports none of them (a test checks).
 INFERENCE_REQUIREMENTS = ["pydicom>=3.0", "pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1", "pylibjpeg-openjpeg>=2.3",
-                          "pylibjpeg-rle>=2.0", "dicomsdl>=0.109", "albumentations>=2.0,<2.1",
-                          "opencv-python-headless>=4.8", "nibabel>=5.0", "iterative-stratification>=0.1.9",
+                          "pylibjpeg-rle>=2.0", "dicomsdl>=0.109", "opencv-python-headless>=4.8", "nibabel>=5.0",
                           "tabulate>=0.9", "pyyaml>=6.0"]
+MARKER = ".cspine-bundle"  # written into every bundle folder: only a folder holding it is ever replaced
 
 INFERENCE_SCRIPT = '''"""Kaggle notebook cell (internet off): install cspine from this dataset, write the submission."""
 import os, subprocess, sys
 from pathlib import Path
 
 BUNDLE = Path(__file__).resolve().parent if "__file__" in globals() else Path("/kaggle/input/{dataset}")
-os.environ["HF_HUB_OFFLINE"] = "1"  # no hub call, ever
+os.environ.update(HF_HUB_OFFLINE="1", NO_ALBUMENTATIONS_UPDATE="1")  # no network call, ever
 pip = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(BUNDLE / "wheels")]
 subprocess.run(pip + ["--no-deps", "cspine"], check=True)
 subprocess.run(pip + {requirements!r}, check=True)
@@ -49,6 +51,41 @@ def _copy(src: Path, dst: Path) -> None:
     shutil.copy2(src, dst)
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies within it."""
+    return path == folder or folder in path.parents
+
+
+def check_bundle_folder(out: Path, models_dir: Path) -> None:
+    """Refuses a bundle folder whose replacement would destroy something else.
+
+    Raises:
+        FileExistsError: ``out`` holds (or is) the models being bundled, the repository or the working
+            directory, or is a non-empty folder that `package_kaggle` did not create (no `MARKER` in it).
+    """
+    target = out.resolve()
+    repo = Path(__file__).resolve().parents[2]
+    for what, folder in (("the models being bundled", models_dir.resolve()), ("the working directory", Path.cwd()),
+                         ("the cspine repository", repo)):
+        if _inside(folder, target):
+            raise FileExistsError(f"--out {out} holds {what} ({folder}); choose another bundle folder")
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / MARKER).is_file())):
+        raise FileExistsError(f"--out {out} exists and is not a cspine bundle (no {MARKER} in it); "
+                              "choose an empty or new folder")
+
+
+def _verified_checkpoints(models: Run, hidden: int) -> tuple[list[Path], list[Path]]:
+    """Every slice CNN and BLSTM of the run, each loaded once to prove it is whole."""
+    checkpoints, blstms = list(models.slice_checkpoints().values()), models.blstm_checkpoints(hidden)
+    if not checkpoints or not blstms:
+        raise FileNotFoundError(f"no trained models under {models.root}: train them first (python -m cspine run)")
+    for path in checkpoints:
+        load_slice_model(path)
+    for path in blstms:
+        load_sequence_model(path)
+    return checkpoints, blstms
+
+
 def package_kaggle(cfg: Config, models_dir: str | os.PathLike, out: str | os.PathLike, wheels: bool = True,
                    dataset: str = "cspine-bundle") -> Path:
     """Writes the bundle; returns its folder.
@@ -56,28 +93,31 @@ def package_kaggle(cfg: Config, models_dir: str | os.PathLike, out: str | os.Pat
     Args:
         cfg: the run's config (saved resolved into the bundle).
         models_dir: the run folder with ``slice/fold*/best.pt`` and ``seq/h<hidden>/fold*/*.pt``.
-        out: the bundle folder (replaced).
+        out: the bundle folder: new, empty, or a bundle written before (replaced).
         wheels: False skips building and downloading wheels (a machine without a package index).
         dataset: the Kaggle dataset's name, for the script's default path.
 
     Raises:
         FileNotFoundError: no trained models in ``models_dir``.
+        FileExistsError: ``out`` is not safe to replace (`check_bundle_folder`).
+        CheckpointError: a checkpoint is damaged; nothing is written.
     """
     models_dir, out = Path(models_dir), Path(out)
-    checkpoints = sorted(models_dir.glob("slice/fold*/best.pt"))
-    blstms = sorted(seq_dir(models_dir, cfg.seq.hidden).glob("fold*/*.pt"))
-    if not checkpoints or not blstms:
-        raise FileNotFoundError(f"no trained models under {models_dir}: train them first (python -m cspine run)")
+    models = Run(models_dir)
+    check_bundle_folder(out, models_dir)
+    checkpoints, blstms = _verified_checkpoints(models, cfg.seq.hidden)
     if out.exists():
         shutil.rmtree(out)
-    bundle = out / "models"
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("written by python -m cspine package-kaggle; replaced on the next run\n")
+    bundle = Run(out / "models")
     for path in [*checkpoints, *blstms]:
-        _copy(path, bundle / path.relative_to(models_dir))
-    for name in ("labels.csv", "folds.csv"):
-        if (models_dir / name).is_file():
-            _copy(models_dir / name, bundle / name)
-    save_config(cfg, bundle / "config.yaml")
-    (out / "kaggle_inference.py").write_text(INFERENCE_SCRIPT.format(dataset=dataset, requirements=INFERENCE_REQUIREMENTS))
+        _copy(path, bundle.root / path.relative_to(models_dir))
+    for src, dst in ((models.labels, bundle.labels), (models.folds, bundle.folds)):
+        if src.is_file():
+            _copy(src, dst)
+    save_config(cfg, bundle.config)
+    write_text(out / "kaggle_inference.py", INFERENCE_SCRIPT.format(dataset=dataset, requirements=INFERENCE_REQUIREMENTS))
     if wheels:
         wheel_dir = out / "wheels"
         root = Path(__file__).resolve().parents[2]

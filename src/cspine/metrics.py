@@ -16,6 +16,7 @@ import pandas as pd
 from sklearn.metrics import confusion_matrix, matthews_corrcoef, roc_auc_score
 
 from cspine import TARGETS
+from cspine.runs import write_csv, write_text
 
 EPS = 1e-15
 NEGATIVE_WEIGHT = {"patient_overall": 7.0, **{t: 1.0 for t in TARGETS[1:]}}
@@ -145,8 +146,6 @@ def cv_table(reports: list[dict], row_keys: tuple[str, ...] = ("Model", "Data"))
 def write_table(table: pd.DataFrame, path_stem: str | os.PathLike, title: str = "") -> tuple[Path, Path]:
     """Writes a table as ``<stem>.md`` and ``<stem>.csv``."""
     stem = Path(path_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(stem.with_suffix(".csv"), index=False)
-    md = (f"{title}\n\n" if title else "") + table.to_markdown(index=False) + "\n"
-    stem.with_suffix(".md").write_text(md)
+    write_csv(table, stem.with_suffix(".csv"))
+    write_text(stem.with_suffix(".md"), (f"{title}\n\n" if title else "") + table.to_markdown(index=False) + "\n")
     return stem.with_suffix(".md"), stem.with_suffix(".csv")

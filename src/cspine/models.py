@@ -88,7 +88,10 @@ class SliceNet(nn.Module):
     def __init__(self, backbone: str = "resnet50", pretrained_file: str = "", dropout: float = 0.3,
                  box_head: bool = False, context: int = 0, width: float = 1.0):
         super().__init__()
-        self.context = context  # neighbours each side in the input (`cspine.data.slice_stack`); 0 = one slice
+        # what a checkpoint needs to rebuild this network (`cspine.runs.load_slice_model`); weights come separately
+        self.arch = {"backbone": backbone, "dropout": dropout, "box_head": box_head, "context": context,
+                     "width": width}
+        self.context = context  # neighbours each side in the input (`cspine.inputs.slice_stack`); 0 = one slice
         self.width = width  # channel multiplier of a ResNet backbone (`width_args`)
         self.backbone = create_backbone(backbone, pretrained_file, in_channels(context), width)
         # what the pooled path gives: MobileNetV3 and LCNet add a head convolution after the last stage,
@@ -134,6 +137,8 @@ class SequenceNet(nn.Module):
     def __init__(self, in_features: int, hidden: int = 128, layers: int = 1, dropout: float = 0.2,
                  n_outputs: int = len(TARGETS)):
         super().__init__()
+        self.arch = {"in_features": in_features, "hidden": hidden, "layers": layers, "dropout": dropout,
+                     "n_outputs": n_outputs}
         self.register_buffer("feature_mean", torch.zeros(in_features))
         self.register_buffer("feature_std", torch.ones(in_features))
         self.dropout = nn.Dropout(dropout)

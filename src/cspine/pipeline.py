@@ -4,8 +4,9 @@
     python -m cspine run --data /path/to/rsna-2022-cervical-spine-fracture-detection
     python -m cspine run --config configs/paper.yaml       # the paper's settings, for a GPU
 
-Stages: synth (only without real data) → prepare → folds → train-slices (every fold) → extract →
-train-seq → evaluate → predict. A second run resumes: finished studies, folds and stages are skipped.
+Stages (`STAGES`): prepare → train-slices (every fold) → extract → train-seq (every BLSTM size) → evaluate →
+predict, after the run folder is set up (synthetic data when none is found, labels, folds). A second run
+resumes: each stage whose outputs are complete is skipped, and within a stage finished studies and folds are.
 """
 
 from __future__ import annotations
@@ -13,18 +14,21 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
 from cspine.competition import DataError, find_data_dir, make_folds, read_train, write_folds
 from cspine.config import Config, save_config
 from cspine.evaluate import evaluate
-from cspine.extract import extract_fold
+from cspine.extract import extract_fold, is_extracted
 from cspine.predict import predict
-from cspine.prepare import prepare
+from cspine.prepare import is_cached, prepare
+from cspine.runs import Run, write_csv, write_text
 from cspine.synthetic import is_complete, make_competition
-from cspine.train_seq import is_seq_trained, train_seq_fold
+from cspine.train_seq import is_seq_trained, train_seq
 from cspine.train_slices import is_trained, train_fold
 
 log = logging.getLogger(__name__)
@@ -56,16 +60,15 @@ def resolve_data(cfg: Config, data: str | os.PathLike | None, synthetic_dir: Pat
                                 workers=max(1, min(cfg.prepare.workers, os.cpu_count() or 1)))
 
 
-def setup_run(cfg: Config, data_dir: Path, run_dir: Path) -> pd.DataFrame:
+def setup_run(cfg: Config, data_dir: Path, run_dir: str | os.PathLike) -> pd.DataFrame:
     """The run folder: resolved config, training labels, and folds (kept if present: CV stays comparable)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    (run_dir / "data_dir.txt").write_text(str(data_dir.resolve()) + "\n")
+    run = Run(run_dir)
+    save_config(cfg, run.config)
+    write_text(run.data_dir_file, str(data_dir.resolve()) + "\n")
     train = read_train(data_dir)
-    train.to_csv(run_dir / "labels.csv", index=False)
-    folds_path = run_dir / "folds.csv"
-    if not folds_path.is_file():
-        write_folds(make_folds(train, cfg.folds.n_splits, cfg.folds.seed), folds_path)
+    write_csv(train, run.labels)
+    if not run.folds.is_file():
+        write_folds(make_folds(train, cfg.folds.n_splits, cfg.folds.seed), run.folds)
     return train
 
 
@@ -73,40 +76,67 @@ def fold_list(cfg: Config) -> list[int]:
     return list(cfg.folds.folds) if cfg.folds.folds else list(range(cfg.folds.n_splits))
 
 
-STAGES = ("prepare", "train-slices", "extract", "train-seq", "evaluate", "predict")
+@dataclass(frozen=True)
+class Job:
+    """What every stage of one `run` reads: the config, the data, the run folder, where the submission goes."""
+
+    cfg: Config
+    data_dir: Path
+    run: Run
+    submission: Path
+    train: pd.DataFrame | None = None
+
+    @property
+    def folds(self) -> list[int]:
+        return fold_list(self.cfg)
 
 
-def run_stages(cfg: Config, data_dir: Path, run_dir: Path, until: str = "predict",
-               submission: Path | None = None, train: pd.DataFrame | None = None) -> Path | None:
-    """Runs the stages in order through ``until``, skipping finished work; returns the report folder if made."""
-    if until not in STAGES:
-        raise ValueError(f"until must be one of {STAGES}, not {until!r}")
-    last = STAGES.index(until)
-    report = None
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline: its command's name, whether its outputs are complete, and how to make them."""
 
-    def stage(name: str, fn, *args, **kwargs):
-        t = time.perf_counter()
-        result = fn(*args, **kwargs)
-        log.info("stage %s: %.1f s", name, time.perf_counter() - t)
-        return result
+    name: str
+    done: Callable[[Job], bool]
+    run: Callable[[Job], object]
 
-    stage("prepare", prepare, cfg, data_dir, run_dir / "cache")
-    if last >= 1:
-        for fold in fold_list(cfg):
-            if not is_trained(run_dir, fold):
-                stage(f"train-slices fold {fold}", train_fold, cfg, run_dir, fold)
-    if last >= 2:
-        for fold in fold_list(cfg):
-            stage(f"extract fold {fold}", extract_fold, cfg, run_dir, fold)
-    if last >= 3:
-        for fold in fold_list(cfg):
-            if not is_seq_trained(run_dir, cfg.seq.hidden, fold, cfg.seq):
-                stage(f"train-seq fold {fold}", train_seq_fold, cfg, run_dir, fold)
-    if last >= 4:
-        report = stage("evaluate", evaluate, cfg, run_dir)
-    if last >= 5:
-        stage("predict", predict, cfg, data_dir, run_dir, submission or default_submission_path(), train=train)
-    return report
+
+def _prepared(job: Job) -> bool:
+    train = job.train if job.train is not None else read_train(job.data_dir)
+    return job.run.cache.index.is_file() and all(is_cached(job.run.cache.root, u) for u in train["StudyInstanceUID"])
+
+
+def _always(job: Job) -> bool:
+    return False  # cheap stages whose inputs may have changed: evaluate and predict run every time
+
+
+# A new stage is one entry here; `run` and `run_stages` need nothing else.
+STAGES: tuple[Stage, ...] = (
+    Stage("prepare", _prepared, lambda j: prepare(j.cfg, j.data_dir, j.run.cache.root)),
+    Stage("train-slices", lambda j: all(is_trained(j.run, k) for k in j.folds),
+          lambda j: [train_fold(j.cfg, j.run, k) for k in j.folds if not is_trained(j.run, k)]),
+    Stage("extract", lambda j: all(is_extracted(j.cfg, j.run, k) for k in j.folds),
+          lambda j: [extract_fold(j.cfg, j.run, k) for k in j.folds]),
+    Stage("train-seq", lambda j: all(is_seq_trained(j.run, h, k, j.cfg.seq) for h in j.cfg.seq.sizes for k in j.folds),
+          lambda j: [train_seq(j.cfg, j.run, k) for k in j.folds]),
+    Stage("evaluate", _always, lambda j: evaluate(j.cfg, j.run)),
+    Stage("predict", _always, lambda j: predict(j.cfg, j.data_dir, j.run, j.submission, train=j.train)),
+)
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
+
+
+def run_stages(cfg: Config, data_dir: Path, run_dir: str | os.PathLike, until: str = "predict",
+               submission: Path | None = None, train: pd.DataFrame | None = None) -> None:
+    """Runs the stages in order through ``until``, skipping those whose outputs are complete."""
+    if until not in STAGE_NAMES:
+        raise ValueError(f"until must be one of {STAGE_NAMES}, not {until!r}")
+    job = Job(cfg, Path(data_dir), Run(run_dir), Path(submission or default_submission_path()), train)
+    for stage in STAGES[:STAGE_NAMES.index(until) + 1]:
+        if stage.done(job):
+            log.info("stage %s: done already", stage.name)
+            continue
+        started = time.perf_counter()
+        stage.run(job)
+        log.info("stage %s: %.1f s", stage.name, time.perf_counter() - started)
 
 
 def run(cfg: Config, data: str | os.PathLike | None = None, run_dir: str | os.PathLike | None = None,
@@ -114,12 +144,13 @@ def run(cfg: Config, data: str | os.PathLike | None = None, run_dir: str | os.Pa
     """The whole baseline; returns where each output is."""
     started = time.perf_counter()
     data_dir = resolve_data(cfg, data)
-    run_dir = Path(run_dir or Path("runs") / cfg.name)
+    run_folder = Run(run_dir or Path("runs") / cfg.name)
     submission = Path(submission or default_submission_path())
-    train = setup_run(cfg, data_dir, run_dir)
-    log.info("run %s: data %s, outputs %s", cfg.name, data_dir, run_dir)
-    report = run_stages(cfg, data_dir, run_dir, "predict", submission, train)
-    outputs = {"submission": submission, "report": report / "report.md", "figures": report, "run": run_dir}
+    train = setup_run(cfg, data_dir, run_folder)
+    log.info("run %s: data %s, outputs %s", cfg.name, data_dir, run_folder.root)
+    run_stages(cfg, data_dir, run_folder, "predict", submission, train)
+    outputs = {"submission": submission, "report": run_folder.report / "report.md", "figures": run_folder.report,
+               "run": run_folder.root}
     minutes = (time.perf_counter() - started) / 60
     print(f"\ncspine run '{cfg.name}' finished in {minutes:.1f} min")
     for name, path in outputs.items():

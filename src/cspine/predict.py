@@ -21,53 +21,87 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from cspine import TARGETS
+from cspine.checkpoints import CheckpointError, load_sequence_model, load_slice_model
 from cspine.competition import list_test_studies, read_test
-from cspine.config import Config
+from cspine.config import Config, ConfigError
 from cspine.dicom import Series, load_series
 from cspine.extract import study_features
+from cspine.inputs import study_input
 from cspine.models import SequenceNet, SliceNet
 from cspine.preprocess import preprocess_study
-from cspine.runtime import amp_dtype, pick_device
+from cspine.runs import Run
+from cspine.runtime import amp_dtype, pick_device, progress
 from cspine.submission import make_submission, prior_from_train, write_submission
-from cspine.train_seq import CNN_OUTPUTS, load_sequence_model, seq_dir, study_input
-from cspine.train_slices import fold_dir, load_slice_model
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Ensemble:
-    """Every fold's slice CNN and the BLSTMs of the configured size."""
+    """Every fold's slice CNN, the BLSTMs of one size, and how they read a study (from their checkpoints)."""
 
     cnns: dict[int, SliceNet]
     blstms: list[tuple[dict, SequenceNet]]
-    input: str
+    inputs: dict  # the CNNs' preprocessing and reading: size, crop, margin, input_size, context
+    arch: dict  # the CNNs' architecture: backbone, width, ...
+    input: str  # what the BLSTMs read: "features", "probs" or "fracture"
+    bins: int
     tta: bool  # the CNNs read each slice mirrored too, as when the BLSTMs' training features were extracted
 
 
-def load_ensemble(cfg: Config, run_dir: str | os.PathLike, device: torch.device) -> Ensemble:
-    """Loads ``slice/fold*/best.pt`` and ``seq/h<hidden>/fold*/*.pt`` of a run (or a Kaggle bundle)."""
-    run_dir = Path(run_dir)
-    cnns = {}
-    for k in range(cfg.folds.n_splits):
-        checkpoint = fold_dir(run_dir, k) / "best.pt"
-        if checkpoint.is_file():
-            cnns[k] = load_slice_model(checkpoint, device)
-    blstms = []
-    for path in sorted(seq_dir(run_dir, cfg.seq.hidden).glob("fold*/*.pt")):
+def _one(values: dict, what: str, where: Path):
+    """The single value every checkpoint records for ``what``; an error naming the disagreeing files."""
+    distinct = {repr(v) for v in values.values()}
+    if len(distinct) > 1:
+        listing = "; ".join(f"{path}: {value}" for path, value in values.items())
+        raise CheckpointError(f"{where}: the checkpoints disagree on {what} ({listing}); train them again together")
+    return next(iter(values.values()))
+
+
+def load_ensemble(run_dir: str | os.PathLike, hidden: int, device: torch.device) -> Ensemble:
+    """Loads every ``slice/fold*/best.pt`` and the ``seq/h<hidden>/fold*/*.pt`` of a run (or a Kaggle bundle).
+
+    Raises:
+        FileNotFoundError: no slice CNN or no BLSTM of that size.
+        CheckpointError: a damaged checkpoint, or checkpoints that disagree on how to read a study.
+    """
+    run = Run(run_dir)
+    cnns, cnn_meta = {}, {}
+    for fold, path in run.slice_checkpoints().items():
+        cnns[fold], cnn_meta[path] = load_slice_model(path, device)
+    blstms, blstm_meta = [], {}
+    for path in run.blstm_checkpoints(hidden):
         model, meta = load_sequence_model(path, device)
         blstms.append((meta, model))
+        blstm_meta[path] = meta
     if not cnns or not blstms:
-        raise FileNotFoundError(f"no trained models under {run_dir} (slice/fold*/best.pt: {len(cnns)}, "
-                                f"seq/h{cfg.seq.hidden}/fold*/*.pt: {len(blstms)}); run the training stages first")
-    tta = {meta.get("tta", False) for meta, _ in blstms}  # BLSTMs saved before the key read plain slices
-    if len(tta) > 1:
-        raise ValueError(f"{seq_dir(run_dir, cfg.seq.hidden)}: BLSTMs trained on features with and without "
-                         "predict.tta; train them again on one extraction")
-    return Ensemble(cnns, blstms, blstms[0][0]["input"], tta.pop())
+        raise FileNotFoundError(f"no trained models under {run.root} (slice CNNs: {len(cnns)}, BLSTMs of size "
+                                f"{hidden}: {len(blstms)}); run the training stages first")
+    return Ensemble(cnns, blstms, _one({p: m["inputs"] for p, m in cnn_meta.items()}, "preprocessing", run.root),
+                    _one({p: m["arch"] for p, m in cnn_meta.items()}, "architecture", run.root), _one({p: m["input"] for p, m in blstm_meta.items()}, "BLSTM input", run.root),
+                    _one({p: m["bins"] for p, m in blstm_meta.items()}, "seq.bins", run.root),
+                    _one({p: m["tta"] for p, m in blstm_meta.items()}, "predict.tta", run.root))
+
+
+def check_config(cfg: Config, ensemble: Ensemble) -> None:
+    """Raises ConfigError naming every setting of ``cfg`` that contradicts the checkpoints.
+
+    Inference reads its settings from the checkpoints; a config that says otherwise would describe models
+    that do not exist, so it is refused rather than silently overridden.
+    """
+    i, a = ensemble.inputs, ensemble.arch
+    pairs = {"prepare.size": (cfg.prepare.size, i["size"]), "prepare.crop": (cfg.prepare.crop, i["crop"]),
+             "prepare.margin": (cfg.prepare.margin, i["margin"]),
+             "slice.input_size": (cfg.slice.input_size or cfg.prepare.size, i["input_size"]),
+             "slice.context": (cfg.slice.context, i["context"]), "slice.backbone": (cfg.slice.backbone, a["backbone"]),
+             "slice.width": (cfg.slice.width, a["width"]), "seq.input": (cfg.seq.input, ensemble.input),
+             "seq.bins": (cfg.seq.bins, ensemble.bins), "predict.tta": (cfg.predict.tta, ensemble.tta)}
+    differ = [f"{key}={mine!r} (the models: {theirs!r})" for key, (mine, theirs) in pairs.items() if mine != theirs]
+    if differ:
+        raise ConfigError("the config contradicts the trained models: " + ", ".join(differ)
+                          + "; predict with the run's own config (the default) or train again")
 
 
 @torch.inference_mode()
@@ -80,7 +114,7 @@ def blstm_probabilities(per_fold: dict[int, tuple[np.ndarray, np.ndarray]], ense
     """
     outputs, folds_mean = [], None
     for meta, model in ensemble.blstms:
-        key = meta.get("source_fold")
+        key = meta["source_fold"]
         if key is None:  # trained on other folds' CNNs (seq.train_on="other_folds"): reads every CNN's mean
             if folds_mean is None:  # one mean for all such BLSTMs
                 folds_mean = np.mean([probs.astype(np.float32) for _, probs in per_fold.values()], axis=0)
@@ -89,22 +123,20 @@ def blstm_probabilities(per_fold: dict[int, tuple[np.ndarray, np.ndarray]], ense
             feats, probs = per_fold[key]
         else:
             continue
-        if ensemble.input == "features" or meta.get("probs_as_logits"):
-            x = study_input(feats, probs, ensemble.input, meta.get("bins", 0))  # exactly as in training
-        else:  # a BLSTM saved before log-odds inputs, which read raw probabilities
-            x = probs[:, :CNN_OUTPUTS[ensemble.input]]
-        x = torch.from_numpy(x)[None].to(device)
+        x = torch.from_numpy(study_input(feats, probs, ensemble.input, ensemble.bins))[None].to(device)
         outputs.append(torch.sigmoid(model(x, torch.tensor([x.shape[1]]))).cpu().numpy()[0])
     return np.mean(outputs, axis=0)
 
 
 @torch.inference_mode()
 def predict_series(series: Series, ensemble: Ensemble, cfg: Config, device: torch.device) -> dict[str, float]:
-    """The 8 probabilities of one loaded study."""
-    images, _ = preprocess_study(series.hu, cfg.prepare.size, cfg.prepare.crop, cfg.prepare.margin)
-    size = cfg.slice.input_size or cfg.prepare.size
+    """The 8 probabilities of one loaded study (preprocessed as the checkpoints record; ``cfg`` gives the
+    batch size and mixed precision only)."""
+    i = ensemble.inputs
+    images, _ = preprocess_study(series.hu, i["size"], i["crop"], i["margin"])
     dtype = amp_dtype(device, cfg.slice.amp)
-    per_fold = {k: study_features(cnn, images, size, device, cfg.predict.batch_size, dtype, tta=ensemble.tta)
+    per_fold = {k: study_features(cnn, images, i["input_size"], device, cfg.predict.batch_size, dtype,
+                                  tta=ensemble.tta)
                 for k, cnn in ensemble.cnns.items()}
     p = blstm_probabilities(per_fold, ensemble, device)
     return {t: float(p[i]) for i, t in enumerate(TARGETS)}
@@ -128,7 +160,8 @@ def predict(cfg: Config, data_dir: str | os.PathLike, models_dir: str | os.PathL
     """
     data_dir = Path(data_dir)
     device = pick_device(cfg.device)
-    ensemble = load_ensemble(cfg, models_dir, device)
+    ensemble = load_ensemble(models_dir, cfg.seq.hidden, device)
+    check_config(cfg, ensemble)
     test = read_test(data_dir)
     uids = list_test_studies(data_dir, test)
     prior = prior_from_train(train)
@@ -137,7 +170,7 @@ def predict(cfg: Config, data_dir: str | os.PathLike, models_dir: str | os.PathL
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1) as reader:
         pending: Future | None = reader.submit(_load, data_dir / "test_images" / uids[0]) if uids else None
-        for i, uid in enumerate(tqdm(uids, desc="predict", unit="study")):
+        for i, uid in enumerate(progress(uids, "predict", unit="study")):
             current = pending
             pending = reader.submit(_load, data_dir / "test_images" / uids[i + 1]) if i + 1 < len(uids) else None
             try:

@@ -28,6 +28,7 @@ from cspine.competition import read_boxes, read_mask, read_train, slice_labels, 
 from cspine.config import Config, PrepareConfig, save_config
 from cspine.dicom import load_series
 from cspine.preprocess import boxes_in_cache_frame, preprocess_study
+from cspine.runs import Cache, atomic_path, write_csv, write_text
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,10 @@ class StudyJob:
     prepare: PrepareConfig
 
 
-def study_paths(cache_dir: Path, uid: str) -> tuple[Path, Path]:
-    return cache_dir / f"{uid}.npy", cache_dir / f"{uid}.json"
-
-
 def is_cached(cache_dir: Path, uid: str) -> bool:
     """A study is cached when its JSON exists: it is written (by rename) only after its array."""
-    images, meta = study_paths(cache_dir, uid)
-    return images.is_file() and meta.is_file()
+    cache = Cache(cache_dir)
+    return cache.images(uid).is_file() and cache.meta(uid).is_file()
 
 
 def _slice_targets(labels: dict | None, slice_label: np.ndarray, presence: np.ndarray | None,
@@ -94,7 +91,7 @@ def cached_boxes(boxes: list[dict], slice_numbers: np.ndarray, crops: list, size
 
 def cache_study(job: StudyJob) -> tuple[str, int, str | None]:
     """Loads, preprocesses and writes one study; returns (uid, slices, error or None)."""
-    images_path, meta_path = study_paths(job.out_dir, job.uid)
+    cache = Cache(job.out_dir)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -106,10 +103,8 @@ def cache_study(job: StudyJob) -> tuple[str, int, str | None]:
         slice_label = slice_labels(series.slice_numbers, box_df)
         presence = vertebra_presence(read_mask(job.mask_path, series)) if job.mask_path else None
         label, fracture = _slice_targets(job.labels, slice_label, presence, bool(job.boxes))
-        tmp = images_path.with_name(images_path.name + ".part")
-        with open(tmp, "wb") as f:
+        with atomic_path(cache.images(job.uid)) as tmp, open(tmp, "wb") as f:
             np.save(f, images)
-        os.replace(tmp, images_path)
         crops = [list(map(int, b)) for b in (boxes[:1] if job.prepare.crop == "study" else boxes)]
         meta = {
             "uid": job.uid,
@@ -125,9 +120,7 @@ def cache_study(job: StudyJob) -> tuple[str, int, str | None]:
             "targets": job.labels,
             "skipped": [str(p) for p, _ in series.skipped],
         }
-        tmp = meta_path.with_name(meta_path.name + ".part")
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, meta_path)
+        write_text(cache.meta(job.uid), json.dumps(meta))
         return job.uid, len(images), None
     except Exception as exc:  # one bad study must never stop the run: it is reported at the end
         return job.uid, 0, f"{type(exc).__name__}: {exc}"
@@ -146,19 +139,19 @@ def _index_rows(meta: dict) -> pd.DataFrame:
 
 
 def read_meta(cache_dir: Path, uid: str) -> dict:
-    return json.loads(study_paths(cache_dir, uid)[1].read_text())
+    return json.loads(Cache(cache_dir).meta(uid).read_text())
 
 
 def load_study_images(cache_dir: Path, uid: str, mmap: bool = True) -> np.ndarray:
     """uint8 [N, size, size, 3] of one cached study (memory-mapped by default)."""
-    return np.load(study_paths(cache_dir, uid)[0], mmap_mode="r" if mmap else None)
+    return np.load(Cache(cache_dir).images(uid), mmap_mode="r" if mmap else None)
 
 
 def build_index(cache_dir: Path, uids: list[str]) -> pd.DataFrame:
     """One row per cached slice, in study then head-to-feet order; written to index.csv."""
     frames = [_index_rows(read_meta(cache_dir, uid)) for uid in uids if is_cached(cache_dir, uid)]
     index = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=INDEX_COLUMNS)
-    index.to_csv(cache_dir / "index.csv", index=False)
+    write_csv(index, Cache(cache_dir).index)
     return index
 
 
@@ -171,7 +164,7 @@ def prepare(cfg: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
+    save_config(cfg, Cache(out_dir).config)
     train = read_train(data_dir)
     boxes = read_boxes(data_dir, train)
     if studies is not None:
@@ -205,8 +198,7 @@ def prepare(cfg: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike
             if pool:
                 pool.shutdown()
             progress.close()
-    failed_path = out_dir / "failed.txt"
-    failed_path.write_text("\n".join(failures) + ("\n" if failures else ""))
+    failed_path = write_text(Cache(out_dir).failed, "\n".join(failures) + ("\n" if failures else ""))
     index = build_index(out_dir, uids)
     if failures:
         log.warning("prepare: %d studies failed (listed in %s)", len(failures), failed_path)

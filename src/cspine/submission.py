@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pandas as pd
 
 from cspine import TARGETS
 from cspine.metrics import best_constant
+from cspine.runs import write_csv
 
 # Real training-set prevalences (shared/competition.md), the fallback when no train.csv is at hand.
 TRAIN_PREVALENCE = {"patient_overall": 0.476, "C1": 0.072, "C2": 0.141, "C3": 0.036, "C4": 0.054,
@@ -72,16 +72,6 @@ def validate_submission(sub: pd.DataFrame, test: pd.DataFrame) -> None:
 
 
 def write_submission(sub: pd.DataFrame, test: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Validates, then writes to a temporary file beside ``path`` and renames it into place."""
+    """Validates, then writes atomically (a temporary file beside ``path``, renamed into place)."""
     validate_submission(sub, test)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            sub.to_csv(f, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_csv(sub, path)

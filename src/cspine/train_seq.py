@@ -2,6 +2,9 @@
 
     python -m cspine train-seq --config configs/demo.yaml fold=0
 
+Trains every BLSTM size the report compares (``seq.compare_hidden``, and ``seq.hidden``, the one
+`predict` uses), skipping sizes already trained on the run's current features with the current settings.
+
 Two protocols (``seq.train_on``), both leak-free:
 
 - ``own_fold`` (the default, and the only one for the paper's ``seq.input=features``): fold k's BLSTMs
@@ -25,7 +28,6 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -34,16 +36,17 @@ import torch.nn.functional as F
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from cspine import TARGETS
+from cspine.checkpoints import save_sequence_model
 from cspine.config import Config, SeqConfig
 from cspine.extract import extracted_with_tta, features_signature, load_features, oof_sources
+from cspine.inputs import CNN_OUTPUTS, study_input
 from cspine.metrics import target_weights, weighted_log_loss
 from cspine.models import SequenceNet
+from cspine.runs import Run, read_json, write_csv, write_json
 from cspine.runtime import pick_device, seed_everything
 
 log = logging.getLogger(__name__)
 
-PROB_CLIP = 1e-4  # slice probabilities are stored as float16; log-odds are clipped to about ±9.2
-CNN_OUTPUTS = {"probs": 15, "fracture": 1}  # inputs made of the CNN's outputs: how many of them (SLICE_OUTPUTS order)
 
 
 @dataclass
@@ -51,42 +54,6 @@ class Study:
     uid: str
     x: np.ndarray  # float32 [N, D]
     y: np.ndarray  # float32 [8] in TARGETS order
-
-
-def seq_dir(run_dir: str | os.PathLike, hidden: int) -> Path:
-    return Path(run_dir) / "seq" / f"h{hidden}"
-
-
-def bin_slices(x: np.ndarray, bins: int) -> np.ndarray:
-    """[N, D] → [bins, D]: the maximum over each of ``bins`` equal runs of slices (0 leaves x as it is).
-
-    Studies differ several-fold in length, and a BLSTM tells C1 from C7 by how far into the sequence
-    it is. Pooled to a fixed number of runs, every study puts C1 near the start and C7 near the end on the
-    same scale, in training and at inference alike; the maximum keeps a fracture seen on a single slice.
-    Shorter studies are stretched (slices repeated).
-    """
-    if not bins:
-        return x
-    pooled = F.adaptive_max_pool1d(torch.from_numpy(np.ascontiguousarray(x.T, dtype=np.float32))[None], bins)
-    return pooled[0].T.contiguous().numpy()
-
-
-def study_input(features: np.ndarray | None, probs: np.ndarray, mode: str, bins: int = 0) -> np.ndarray:
-    """The BLSTM's input for a study: CNN features, or CNN outputs as log-odds, pooled to ``bins`` runs.
-
-    ``mode``: "features" (the paper), "probs" (all 15 slice outputs) or "fracture" (the slice-fracture
-    output alone). Log-odds, not probabilities: the evidence sits in the tail (0.9 against 0.999), which
-    standardising raw probabilities squeezes into a sliver. Training and `predict` both build their input
-    here, so the two never differ.
-    """
-    if mode == "features":
-        x = np.asarray(features, dtype=np.float32)
-    elif mode in CNN_OUTPUTS:
-        q = np.clip(probs[:, :CNN_OUTPUTS[mode]].astype(np.float32), PROB_CLIP, 1 - PROB_CLIP)
-        x = np.log(q / (1 - q))
-    else:
-        raise ValueError(f"seq.input must be 'features', 'probs' or 'fracture', not {mode!r}")
-    return bin_slices(x, bins)
 
 
 def collate(studies: list[Study]):
@@ -180,43 +147,39 @@ def _fit_and_score(train: list[Study], scored: list[Study], s: SeqConfig, hidden
     return model, history, predict_studies(model, scored, device)
 
 
-def _load_studies(run_dir: Path, uids: list[str], labels: pd.DataFrame, mode: str, source: dict[str, int],
+def _load_studies(run: Run, uids: list[str], labels: pd.DataFrame, mode: str, source: dict[str, int],
                   bins: int) -> list[Study]:
     studies = []
     for uid in uids:
-        feats, probs = load_features(run_dir, source[uid], uid)
+        feats, probs = load_features(run, source[uid], uid)
         y = labels.loc[uid, list(TARGETS)].to_numpy(np.float32)
         studies.append(Study(uid, study_input(feats, probs, mode, bins), y))
     return studies
 
 
-def _save(model: SequenceNet, path: Path, hidden: int, s: SeqConfig, source_fold: int | None,
-          trained_on: list[str], tta: bool) -> None:
+def _save(model: SequenceNet, path, s: SeqConfig, source_fold: int | None, trained_on: list[str],
+          tta: bool) -> None:
     """The BLSTM and how its inputs were made (``tta``: slices read mirrored too), for `predict` to match."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "in_features": model.lstm.input_size, "hidden": hidden,
-                "layers": s.layers, "dropout": s.dropout, "input": s.input,
-                "probs_as_logits": s.input in CNN_OUTPUTS, "bins": s.bins, "tta": tta,
-                "source_fold": source_fold, "trained_on": trained_on}, path)
+    save_sequence_model(model, path, input=s.input, bins=s.bins, tta=tta, source_fold=source_fold,
+                        trained_on=trained_on)
 
 
-def load_sequence_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[SequenceNet, dict]:
-    """A saved BLSTM and its metadata (input kind, source fold, studies it trained on)."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    model = SequenceNet(state["in_features"], state["hidden"], state["layers"], state["dropout"])
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), {k: v for k, v in state.items() if k != "model"}
+def train_seq(cfg: Config, run_dir: str | os.PathLike, fold: int) -> list[int]:
+    """Trains fold ``fold``'s BLSTMs of every size in ``cfg.seq.sizes`` not trained yet; returns those sizes."""
+    todo = [h for h in cfg.seq.sizes if not is_seq_trained(run_dir, h, fold, cfg.seq)]
+    for hidden in todo:
+        train_seq_fold(cfg, run_dir, fold, hidden)
+    return todo
 
 
 def train_seq_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, hidden: int | None = None) -> pd.DataFrame:
     """Trains fold ``fold``'s BLSTM(s) and returns their out-of-fold predictions for the fold's studies."""
-    run_dir = Path(run_dir)
+    run = Run(run_dir)
     s = cfg.seq
     hidden = hidden or s.hidden
     device = pick_device(cfg.device)
-    folds = pd.read_csv(run_dir / "folds.csv", dtype={"StudyInstanceUID": str})
-    labels = pd.read_csv(run_dir / "labels.csv", dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
-    source, signature = oof_sources(run_dir), features_signature(run_dir)
+    folds, labels = run.read_folds(), run.read_labels()
+    source, signature = oof_sources(run), features_signature(run)
     tta = extracted_with_tta(signature)
     if s.train_on not in ("own_fold", "other_folds"):
         raise ValueError(f"seq.train_on must be 'own_fold' or 'other_folds', not {s.train_on!r}")
@@ -225,22 +188,21 @@ def train_seq_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, hidden: i
                          "different folds learn unrelated feature spaces, so a BLSTM reads one CNN's "
                          "features only")
     in_fold = [u for u in folds.loc[folds["fold"] == fold, "StudyInstanceUID"] if u in source]
-    out = seq_dir(run_dir, hidden) / f"fold{fold}"
     # `predict` loads every BLSTM here, so none may survive from another protocol; and until this training
     # ends, the fold must not count as trained (`is_seq_trained` reads features.json)
-    for stale in [*out.glob("*.pt"), out / "features.json"]:
+    for stale in [*run.seq_fold_dir(hidden, fold).glob("*.pt"), run.seq_file(hidden, fold, "features.json")]:
         stale.unlink(missing_ok=True)
     rows = []
     if s.train_on == "other_folds":
         others = [u for u in folds.loc[folds["fold"] != fold, "StudyInstanceUID"] if u in source]
-        train = _load_studies(run_dir, others, labels, s.input, source, s.bins)
-        val = _load_studies(run_dir, in_fold, labels, s.input, source, s.bins)
+        train = _load_studies(run, others, labels, s.input, source, s.bins)
+        val = _load_studies(run, in_fold, labels, s.input, source, s.bins)
         model, history, probs = _fit_and_score(train, val, s, hidden, device, s.seed + fold)
-        _save(model, out / "model.pt", hidden, s, None, others, tta)
+        _save(model, run.blstm(hidden, fold, None), s, None, others, tta)
         rows.append((val, probs))
         histories = {"model": history}
     else:
-        studies = _load_studies(run_dir, in_fold, labels, s.input, source, s.bins)
+        studies = _load_studies(run, in_fold, labels, s.input, source, s.bins)
         y = np.array([st.y[0] for st in studies]).astype(int)
         n_inner = max(2, min(s.inner_folds, len(y)))
         strata = y if np.bincount(y, minlength=2).min() >= n_inner else np.zeros_like(y)  # too few to stratify
@@ -249,27 +211,18 @@ def train_seq_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, hidden: i
         for inner, (tr, va) in enumerate(splitter.split(np.zeros(len(y)), strata)):
             train, val = [studies[i] for i in tr], [studies[i] for i in va]
             model, history, probs = _fit_and_score(train, val, s, hidden, device, s.seed + 100 * fold + inner)
-            _save(model, out / f"inner{inner}.pt", hidden, s, fold, [st.uid for st in train], tta)
+            _save(model, run.blstm(hidden, fold, inner), s, fold, [st.uid for st in train], tta)
             rows.append((val, probs))
             histories[f"inner{inner}"] = history
-    (out / "history.json").write_text(json.dumps(histories))
-    recorded = {"features": signature, "seq": _seq_signature(s)}  # what `is_seq_trained` compares
-    (out / "features.json").write_text(json.dumps(recorded, indent=1))
+    write_json(histories, run.seq_file(hidden, fold, "history.json"))
     oof = pd.DataFrame([{"StudyInstanceUID": st.uid, "fold": fold, **{f"p_{t}": float(p[i]) for i, t in enumerate(TARGETS)}}
                         for val, probs in rows for st, p in zip(val, probs)])
-    oof.to_csv(out / "oof.csv", index=False)
+    write_csv(oof, run.seq_file(hidden, fold, "oof.csv"))
+    # written last: until it exists the fold's BLSTMs do not count as trained (`is_seq_trained`)
+    write_json({"features": signature, "seq": _seq_signature(s)}, run.seq_file(hidden, fold, "features.json"))
     log.info("train-seq fold %d, BLSTM-%d (%s): %d studies scored out of fold, loss %.4f", fold, hidden, s.input,
              len(oof), weighted_log_loss(labels.loc[oof["StudyInstanceUID"], list(TARGETS)].to_numpy(),
                                          oof[[f"p_{t}" for t in TARGETS]].to_numpy()) if len(oof) else float("nan"))
-    return oof
-
-
-def collect_oof(run_dir: str | os.PathLike, hidden: int, n_folds: int) -> pd.DataFrame:
-    """Every fold's out-of-fold BLSTM predictions for one size, written to ``seq/h<H>/oof.csv``."""
-    frames = [pd.read_csv(seq_dir(run_dir, hidden) / f"fold{k}" / "oof.csv", dtype={"StudyInstanceUID": str})
-              for k in range(n_folds)]
-    oof = pd.concat(frames, ignore_index=True)
-    oof.to_csv(seq_dir(run_dir, hidden) / "oof.csv", index=False)
     return oof
 
 
@@ -281,9 +234,10 @@ def _seq_signature(s: SeqConfig) -> dict:
 def is_seq_trained(run_dir: str | os.PathLike, hidden: int, fold: int, s: SeqConfig) -> bool:
     """Whether fold ``fold``'s BLSTM(s) trained on the run's current features with settings ``s`` (a CNN
     retrained, features read another way, or another ``seq`` setting means training them again)."""
-    out = seq_dir(run_dir, hidden) / f"fold{fold}"
-    if not (out / "oof.csv").is_file() or not (out / "features.json").is_file():
+    run = Run(run_dir)
+    record = run.seq_file(hidden, fold, "features.json")
+    if not run.seq_file(hidden, fold, "oof.csv").is_file() or not record.is_file():
         return False
-    recorded = json.loads((out / "features.json").read_text())
+    recorded = read_json(record)
     current = {"features": features_signature(run_dir), "seq": _seq_signature(s)}
     return recorded == json.loads(json.dumps(current))  # through JSON, as recorded: tuples become lists

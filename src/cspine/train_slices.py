@@ -4,8 +4,10 @@
     torchrun --nproc_per_node=4 -m cspine train-slices --config configs/paper.yaml fold=0
 
 Writes to ``<run>/slice/fold<k>/``: ``last.pt`` every epoch (a killed run resumes from it, exactly),
-``best.pt`` (lowest validation loss; EMA weights when enabled), ``history.csv``, ``train.log``, the
-resolved ``config.yaml``, the validation report in Table 2's form and the out-of-fold slice predictions.
+``best.pt`` (the model `extract` and `predict` use, with the studies it trained on and how it reads a
+study), ``history.csv``, ``train.log``, the resolved ``config.yaml``, the validation report in Table 2's
+form and the out-of-fold slice predictions. The shape follows timm's ``train.py``: `setup_fold` builds,
+`train_one_epoch` trains, `validate` scores, `save_epoch` writes, and `train_fold` runs the loop.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +29,8 @@ import torch.nn.functional as F
 from timm.scheduler import create_scheduler_v2
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
+from cspine.checkpoints import load_checkpoint, save_checkpoint, save_slice_model
 from cspine.config import Config, SliceConfig, config_dict, save_config
 from cspine.data import (
     BalancedDistributedSampler,
@@ -39,11 +42,13 @@ from cspine.data import (
 from cspine.metrics import cv_table, paper_reports, write_table
 from cspine.models import SLICE_OUTPUTS, SliceNet
 from cspine.prepare import UNKNOWN
+from cspine.runs import Run, write_csv, write_json, write_text
 from cspine.runtime import (
     Runtime,
     amp_dtype,
     autocast,
     init_distributed,
+    progress,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -51,10 +56,6 @@ from cspine.runtime import (
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY = 10  # steps between progress-bar loss updates (each one waits for the GPU)
-
-
-def fold_dir(run_dir: str | os.PathLike, fold: int) -> Path:
-    return Path(run_dir) / "slice" / f"fold{fold}"
 
 
 def slice_pools(index: pd.DataFrame, folds: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -66,12 +67,18 @@ def slice_pools(index: pd.DataFrame, folds: pd.DataFrame, fold: int) -> tuple[pd
 
 
 def validation_subset(val: pd.DataFrame, cap: int, seed: int) -> pd.DataFrame:
-    """At most ``cap`` validation slices: every positive, negatives drawn at random (0 = all)."""
+    """At most ``cap`` validation slices, drawn per label in the fold's proportions (0 = all).
+
+    Both labels stay present whenever the fold has both (at least one positive), so the learning curve's
+    AUC is defined; drawing every positive first could leave no negative at all when positives exceed ``cap``.
+    """
     if not cap or len(val) <= cap:
         return val
-    pos = val[val["label"] == 1]
-    neg = val[val["label"] != 1].sample(n=max(cap - len(pos), 0), random_state=seed)
-    return pd.concat([pos, neg]).sort_index().reset_index(drop=True)
+    positive = val["label"] == 1
+    n_pos = min(int(positive.sum()), max(int(positive.any()), round(cap * positive.mean())))
+    picks = [val[positive].sample(n=n_pos, random_state=seed),
+             val[~positive].sample(n=min(cap - n_pos, int((~positive).sum())), random_state=seed)]
+    return pd.concat(picks).sort_index().reset_index(drop=True)
 
 
 def box_loss(box_logits: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -100,7 +107,7 @@ def predict_loader(model: torch.nn.Module, loader: DataLoader, rt: Runtime, dtyp
     """Probabilities [N, 15], targets and known masks for every item of a loader, in order."""
     model.eval()
     probs, targets, knowns = [], [], []
-    for images, target, known, *_ in tqdm(loader, desc=desc, leave=False, disable=not rt.is_main):
+    for images, target, known, *_ in progress(loader, desc, steps=True, enabled=rt.is_main, leave=False):
         images = images.to(rt.device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -141,14 +148,206 @@ def _log_to(path: Path) -> logging.Handler:
     return handler
 
 
-def load_slice_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu") -> SliceNet:
-    """The SliceNet saved in a ``best.pt`` (its architecture is in the checkpoint; no weights file needed)."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    arch = state["arch"]
-    model = SliceNet(backbone=arch["backbone"], dropout=arch["dropout"], box_head=arch.get("box_head", False),
-                     context=arch.get("context", 0), width=arch.get("width", 1.0))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval()
+@dataclass
+class FoldTraining:
+    """Everything one fold's training holds, built by `setup_fold`, advanced by `train_one_epoch`."""
+
+    cfg: Config
+    run: Run
+    fold: int
+    rt: Runtime
+    train_df: pd.DataFrame
+    val_df: pd.DataFrame
+    train_set: SliceDataset
+    sampler: BalancedDistributedSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    model: SliceNet
+    net: torch.nn.Module  # the model, wrapped in DistributedDataParallel under torchrun
+    ema: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    dtype: torch.dtype | None
+    channels_last: bool
+    updates_per_epoch: int
+    epoch: int = 0  # the next epoch to train
+    best_loss: float = math.inf
+    bad_epochs: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def with_boxes(self) -> bool:
+        return self.cfg.slice.box_weight > 0
+
+    @property
+    def size(self) -> int:
+        return self.cfg.slice.input_size or self.cfg.prepare.size
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights validation scores and best.pt keeps: the EMA's when enabled."""
+        return self.ema.module if self.ema is not None else self.model
+
+
+def setup_fold(cfg: Config, run: Run, fold: int, rt: Runtime) -> FoldTraining:
+    """Data, model, optimiser and schedule of one fold, in the order that fixes the RNG streams."""
+    s = cfg.slice
+    if s.select not in ("val_loss", "last"):
+        raise ValueError(f"slice.select must be 'val_loss' or 'last', not {s.select!r}")
+    seed_everything(s.seed + fold)
+    train_df, val_df = slice_pools(run.cache.read_index(), run.read_folds(), fold)
+    val_df = validation_subset(val_df, s.val_max_slices, s.seed)
+    if train_df.empty or val_df.empty:
+        raise RuntimeError(f"fold {fold}: {len(train_df)} training and {len(val_df)} validation slices with labels; "
+                           "more studies with boxes (or negatives) are needed")
+    size, with_boxes = s.input_size or cfg.prepare.size, s.box_weight > 0
+    train_set = SliceDataset(run.cache.root, train_df, build_transforms(s, True, size, seed=s.seed), with_boxes,
+                             context=s.context)
+    val_set = SliceDataset(run.cache.root, val_df, build_transforms(s, False, size), context=s.context)
+    labels = train_df["label"].to_numpy() if s.balance else None
+    total = s.steps_per_epoch * s.batch_size * s.accum_steps * rt.world_size if s.steps_per_epoch else None
+    matched = height_matched_weights(train_df) if s.balance and s.height_matched > 0 else None
+    sampler = BalancedDistributedSampler(train_set, labels, total, rt.world_size, rt.rank, seed=s.seed + fold,
+                                         positive_fraction=s.positive_fraction, negative_weights=matched,
+                                         matched_fraction=s.height_matched)
+    train_loader = _loader(train_set, s.batch_size, s.workers, sampler=sampler, pin=rt.cuda)
+    val_loader = _loader(val_set, s.batch_size * 2, s.workers, pin=rt.cuda)
+
+    model = SliceNet(s.backbone, s.pretrained_file, s.dropout, box_head=with_boxes, context=s.context,
+                     width=s.width).to(rt.device)
+    channels_last = s.channels_last and rt.cuda
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = None
+    if s.ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=s.ema_decay)  # before DDP wraps the model
+    net = DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.cuda else None) if rt.distributed else model
+    optimizer = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    updates_per_epoch = math.ceil(len(train_loader) / s.accum_steps)
+    dtype = amp_dtype(rt.device, s.amp)
+    return FoldTraining(cfg, run, fold, rt, train_df, val_df, train_set, sampler, train_loader, val_loader, model,
+                        net, ema, optimizer, learning_rate_schedule(optimizer, s, updates_per_epoch),
+                        torch.amp.GradScaler(rt.device.type, enabled=dtype == torch.float16), dtype,
+                        channels_last, updates_per_epoch)
+
+
+def resume(t: FoldTraining) -> None:
+    """Continues from ``last.pt`` if there is one: weights, optimiser, scaler, EMA, history and RNG states."""
+    path = t.run.slice_last(t.fold)
+    if not path.is_file():
+        return
+    state = load_checkpoint(path, "slice-resume")
+    t.model.load_state_dict(state["model"])
+    t.optimizer.load_state_dict(state["optimizer"])  # the rate is a function of the step: `train_fold` sets it
+    t.scaler.load_state_dict(state["scaler"])
+    if t.ema is not None:
+        t.ema.load_state_dict(state["ema"])
+    t.epoch, t.best_loss, t.bad_epochs = state["epoch"] + 1, state["best_loss"], state["bad_epochs"]
+    t.history = state["history"]
+    set_rng_state(state["rng"])
+    log.info("fold %d: resumed after epoch %d (best validation loss %.4f)", t.fold, state["epoch"], t.best_loss)
+
+
+def train_one_epoch(t: FoldTraining, epoch: int, max_steps: int | None) -> dict:
+    """One epoch of updates; returns its mean training loss, images seen, seconds, last rate and updates."""
+    s, rt = t.cfg.slice, t.rt
+    t.sampler.set_epoch(epoch)
+    t.train_loader.generator.manual_seed(s.seed * 100003 + t.fold * 1009 + epoch)  # worker augmentation seeds
+    t.train_set.transform.set_random_seed(s.seed * 100003 + t.fold * 1009 + epoch)  # in-process augmentation
+    t.net.train()
+    started, seen, updates, steps = time.perf_counter(), 0, epoch * t.updates_per_epoch, 0
+    lr = t.optimizer.param_groups[0]["lr"]  # history's lr: the rate of the epoch's last update
+    loss_sum = torch.zeros((), device=rt.device)  # summed on the device: no host sync per step
+    bar = progress(t.train_loader, f"fold {t.fold} epoch {epoch + 1}/{s.epochs}", steps=True, enabled=rt.is_main,
+                   leave=False)
+    t.optimizer.zero_grad(set_to_none=True)
+    for step, (images, target, known, *boxes) in enumerate(bar):
+        images = images.to(rt.device, non_blocking=True)
+        target, known = target.to(rt.device, non_blocking=True), known.to(rt.device, non_blocking=True)
+        if t.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        update = (step + 1) % s.accum_steps == 0 or step + 1 == len(t.train_loader)
+        with nullcontext() if update or not rt.distributed else t.net.no_sync():
+            with autocast(rt.device, t.dtype):
+                logits, box_logits = t.net(images, with_boxes=True) if t.with_boxes else (t.net(images), None)
+            loss = slice_loss(logits, target, known, s.aux_weight)
+            if t.with_boxes:
+                loss = loss + s.box_weight * box_loss(box_logits, boxes[0].to(rt.device, non_blocking=True))
+            t.scaler.scale(loss / s.accum_steps).backward()
+        if update:
+            if s.clip_grad:
+                t.scaler.unscale_(t.optimizer)
+                torch.nn.utils.clip_grad_norm_(t.model.parameters(), s.clip_grad)
+            t.scaler.step(t.optimizer)
+            t.scaler.update()
+            t.optimizer.zero_grad(set_to_none=True)
+            if t.ema is not None:
+                t.ema.update(t.model)
+            steps, updates, lr = steps + 1, updates + 1, t.optimizer.param_groups[0]["lr"]
+            t.scheduler.step_update(updates)
+        loss_sum += loss.detach() * len(images)
+        seen += len(images)
+        if step % PROGRESS_EVERY == 0:
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}")
+        if max_steps is not None and steps >= max_steps:
+            break
+    t.scheduler.step(epoch + 1)
+    return {"train_loss": loss_sum.item() / max(seen, 1), "seen": seen, "seconds": time.perf_counter() - started,
+            "lr": lr, "steps": steps}
+
+
+def validate(t: FoldTraining) -> tuple[np.ndarray, float, dict]:
+    """The evaluation weights on the validation slices: probabilities [N, 15], loss and Table 2's report."""
+    probs, targets, known = predict_loader(t.eval_model, t.val_loader, t.rt, t.dtype, t.channels_last)
+    val_loss = float(slice_loss(torch.logit(torch.from_numpy(probs).clamp(1e-6, 1 - 1e-6)),
+                                torch.from_numpy(targets), torch.from_numpy(known), t.cfg.slice.aux_weight))
+    return probs, val_loss, paper_reports(targets[:, 0], probs[:, 0])
+
+
+def save_best(t: FoldTraining, epoch: int, val_loss: float, probs: np.ndarray, report: dict) -> None:
+    """best.pt, with what inference needs and the studies it trained on, and its validation outputs."""
+    cfg = t.cfg
+    inputs = {"size": cfg.prepare.size, "crop": cfg.prepare.crop, "margin": cfg.prepare.margin,
+              "input_size": t.size, "context": cfg.slice.context}
+    save_slice_model(t.eval_model, t.run.slice_best(t.fold), inputs, fold=t.fold, epoch=epoch + 1,
+                     val_loss=val_loss, trained_on=sorted(t.train_df["StudyInstanceUID"].unique()),
+                     config=config_dict(cfg))
+    _write_validation(t, probs, report)
+
+
+def save_last(t: FoldTraining, epoch: int) -> None:
+    """last.pt: everything `resume` needs to continue after ``epoch`` exactly, and the history so far."""
+    write_csv(pd.DataFrame(t.history), t.run.slice_file(t.fold, "history.csv"))
+    save_checkpoint({"model": t.model.state_dict(), "ema": t.ema.state_dict() if t.ema is not None else None,
+                     "optimizer": t.optimizer.state_dict(), "scaler": t.scaler.state_dict(), "epoch": epoch,
+                     "best_loss": t.best_loss, "bad_epochs": t.bad_epochs, "history": t.history,
+                     "rng": rng_state()}, t.run.slice_last(t.fold), "slice-resume")
+
+
+def end_of_epoch(t: FoldTraining, epoch: int, trained: dict) -> bool:
+    """Validates, records and saves one finished epoch (rank 0); returns whether to stop early."""
+    s = t.cfg.slice
+    early_stopping = s.select == "val_loss"  # "last" trains every epoch: the final one is the model
+    probs, val_loss, report = validate(t)
+    row = {"epoch": epoch + 1, "train_loss": trained["train_loss"], "val_loss": val_loss,
+           "val_auc": report["Imblcd."]["AUC"], "lr": trained["lr"],
+           "images_per_s": trained["seen"] * t.rt.world_size / trained["seconds"]}
+    t.history.append(row)
+    improved = val_loss < t.best_loss
+    t.best_loss, t.bad_epochs = (val_loss, 0) if improved else (t.best_loss, t.bad_epochs + 1)
+    if improved or not early_stopping:
+        save_best(t, epoch, val_loss, probs, report)
+    log.info("fold %d epoch %d: train loss %.4f, val loss %.4f, val AUC %.3f, %.1f img/s%s", t.fold, epoch + 1,
+             row["train_loss"], val_loss, row["val_auc"], row["images_per_s"], " (best)" if improved else "")
+    save_last(t, epoch)
+    stop = early_stopping and t.bad_epochs >= s.patience
+    if stop:
+        log.info("fold %d: early stopping after epoch %d (no improvement in %d epochs)", t.fold, epoch + 1,
+                 s.patience)
+    return stop
 
 
 def train_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, rt: Runtime | None = None,
@@ -165,214 +364,72 @@ def train_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, rt: Runtime |
         max_steps: stop after this many optimizer steps in this call (smoke checks).
 
     Returns:
-        A summary: epochs run, best epoch and validation loss, the fold directory.
+        A summary: epochs run, best validation loss, whether the fold finished, the fold directory.
     """
     rt = rt or init_distributed(cfg.device)
-    run_dir = Path(run_dir)
-    out = fold_dir(run_dir, fold)
+    run = Run(run_dir)
     handler = None
     if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        handler = _log_to(out / "train.log")
+        save_config(cfg, run.slice_file(fold, "config.yaml"))
+        handler = _log_to(run.slice_file(fold, "train.log"))
     try:
-        return _train(cfg, run_dir, out, fold, rt, max_epochs, max_steps)
+        t = setup_fold(cfg, run, fold, rt)
+        resume(t)
+        _log_start(t)
+        return _loop(t, max_epochs, max_steps)
     finally:
         if handler is not None:
             logging.getLogger("cspine").removeHandler(handler)
             handler.close()
 
 
-def _train(cfg: Config, run_dir: Path, out: Path, fold: int, rt: Runtime, max_epochs, max_steps) -> dict:
-    s = cfg.slice
-    if s.select not in ("val_loss", "last"):
-        raise ValueError(f"slice.select must be 'val_loss' or 'last', not {s.select!r}")
-    early_stopping = s.select == "val_loss"  # "last" trains every epoch: the final one is the model
-    seed_everything(s.seed + fold)
-    index = pd.read_csv(run_dir / "cache" / "index.csv", dtype={"StudyInstanceUID": str})
-    folds = pd.read_csv(run_dir / "folds.csv", dtype={"StudyInstanceUID": str})
-    train_df, val_df = slice_pools(index, folds, fold)
-    val_df = validation_subset(val_df, s.val_max_slices, s.seed)
-    if train_df.empty or val_df.empty:
-        raise RuntimeError(f"fold {fold}: {len(train_df)} training and {len(val_df)} validation slices with labels; "
-                           "more studies with boxes (or negatives) are needed")
-    size = s.input_size or cfg.prepare.size
-    with_boxes = s.box_weight > 0
-    train_set = SliceDataset(run_dir / "cache", train_df, build_transforms(s, True, size, seed=s.seed),
-                             with_boxes, context=s.context)
-    val_set = SliceDataset(run_dir / "cache", val_df, build_transforms(s, False, size), context=s.context)
-    n_studies = train_df["StudyInstanceUID"].nunique()
-    if with_boxes and len(train_set.boxes) < n_studies and rt.is_main:
-        log.warning("fold %d: %d of %d training studies were cached without boxes (a cache from before cspine "
-                    "cached them), so the box head learns nothing from them: delete %s and run prepare again",
-                    fold, n_studies - len(train_set.boxes), n_studies, run_dir / "cache")
-    labels = train_df["label"].to_numpy() if s.balance else None
-    total = s.steps_per_epoch * s.batch_size * s.accum_steps * rt.world_size if s.steps_per_epoch else None
-    matched = height_matched_weights(train_df) if s.balance and s.height_matched > 0 else None
-    sampler = BalancedDistributedSampler(train_set, labels, total, rt.world_size, rt.rank, seed=s.seed + fold,
-                                         positive_fraction=s.positive_fraction, negative_weights=matched,
-                                         matched_fraction=s.height_matched)
-    train_loader = _loader(train_set, s.batch_size, s.workers, sampler=sampler, pin=rt.cuda)
-    val_loader = _loader(val_set, s.batch_size * 2, s.workers, pin=rt.cuda)
-
-    model = SliceNet(s.backbone, s.pretrained_file, s.dropout, box_head=with_boxes, context=s.context,
-                     width=s.width)
-    model = model.to(rt.device)
-    channels_last = s.channels_last and rt.cuda
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ema = None
-    if s.ema:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(model, decay=s.ema_decay)  # before DDP wraps the model
-    net = DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.cuda else None) if rt.distributed else model
-    optimizer = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    updates_per_epoch = math.ceil(len(train_loader) / s.accum_steps)
-    scheduler = learning_rate_schedule(optimizer, s, updates_per_epoch)
-    dtype = amp_dtype(rt.device, s.amp)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=dtype == torch.float16)
-
-    start_epoch, best_loss, bad_epochs, history = 0, math.inf, 0, []
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    if last_path.is_file():
-        state = torch.load(last_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])  # the rate is a function of the step: set below
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None and state["ema"] is not None:
-            ema.load_state_dict(state["ema"])
-        start_epoch, best_loss, bad_epochs = state["epoch"] + 1, state["best_loss"], state["bad_epochs"]
-        history = state["history"]
-        set_rng_state(state["rng"])
-        log.info("fold %d: resumed after epoch %d (best validation loss %.4f)", fold, state["epoch"], best_loss)
-    if rt.is_main:
-        log.info("fold %d: %d training slices (%d positive), %d validation slices; %s on %s, %d×%d, AMP %s",
-                 fold, len(train_df), int((train_df["label"] == 1).sum()), len(val_df),
-                 s.backbone if s.width == 1 else f"{s.backbone} at width {s.width:g}", rt.device, size, size,
-                 dtype or "off")
-
-    steps_done, stopped = 0, early_stopping and bad_epochs >= s.patience
-    scheduler.step(start_epoch)  # a per-epoch schedule moves here, a per-update one on the next line
-    scheduler.step_update(start_epoch * updates_per_epoch)
-    for epoch in range(start_epoch, s.epochs):
-        if stopped or (max_epochs is not None and epoch - start_epoch >= max_epochs):
+def _loop(t: FoldTraining, max_epochs: int | None, max_steps: int | None) -> dict:
+    s, rt = t.cfg.slice, t.rt
+    start, steps = t.epoch, 0
+    stopped = s.select == "val_loss" and t.bad_epochs >= s.patience
+    t.scheduler.step(start)  # a per-epoch schedule moves here, a per-update one on the next line
+    t.scheduler.step_update(start * t.updates_per_epoch)
+    for epoch in range(start, s.epochs):
+        if stopped or (max_epochs is not None and epoch - start >= max_epochs):
             break
-        sampler.set_epoch(epoch)
-        train_loader.generator.manual_seed(s.seed * 100003 + fold * 1009 + epoch)  # worker augmentation seeds
-        train_set.transform.set_random_seed(s.seed * 100003 + fold * 1009 + epoch)  # in-process augmentation
-        net.train()
-        started, seen, updates = time.perf_counter(), 0, epoch * updates_per_epoch
-        lr = optimizer.param_groups[0]["lr"]  # history's lr: the rate of the epoch's last update
-        loss_sum = torch.zeros((), device=rt.device)  # summed on the device: no host sync per step
-        progress = tqdm(train_loader, desc=f"fold {fold} epoch {epoch + 1}/{s.epochs}", leave=False,
-                        disable=not rt.is_main)
-        optimizer.zero_grad(set_to_none=True)
-        for step, (images, target, known, *boxes) in enumerate(progress):
-            images = images.to(rt.device, non_blocking=True)
-            target, known = target.to(rt.device, non_blocking=True), known.to(rt.device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            update = (step + 1) % s.accum_steps == 0 or step + 1 == len(train_loader)
-            sync = nullcontext() if update or not rt.distributed else net.no_sync()
-            with sync:
-                with autocast(rt.device, dtype):
-                    if with_boxes:
-                        logits, box_logits = net(images, with_boxes=True)
-                    else:
-                        logits = net(images)
-                loss = slice_loss(logits, target, known, s.aux_weight)
-                if with_boxes:
-                    loss = loss + s.box_weight * box_loss(box_logits, boxes[0].to(rt.device, non_blocking=True))
-                scaler.scale(loss / s.accum_steps).backward()
-            if update:
-                if s.clip_grad:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(model)
-                steps_done, updates, lr = steps_done + 1, updates + 1, optimizer.param_groups[0]["lr"]
-                scheduler.step_update(updates)
-            loss_sum += loss.detach() * len(images)
-            seen += len(images)
-            if step % PROGRESS_EVERY == 0:
-                progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}")
-            if max_steps is not None and steps_done >= max_steps:
-                break
-        scheduler.step(epoch + 1)
-        train_loss = loss_sum.item() / max(seen, 1)
-        train_time = time.perf_counter() - started
-
-        stop = [False]
-        if rt.is_main:
-            eval_model = ema.module if ema is not None else model
-            probs, targets, known = predict_loader(eval_model, val_loader, rt, dtype, channels_last)
-            val_loss = float(slice_loss(torch.logit(torch.from_numpy(probs).clamp(1e-6, 1 - 1e-6)),
-                                        torch.from_numpy(targets), torch.from_numpy(known), s.aux_weight))
-            report = paper_reports(targets[:, 0], probs[:, 0])
-            row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
-                   "val_auc": report["Imblcd."]["AUC"], "lr": lr,
-                   "images_per_s": seen * rt.world_size / train_time}
-            history.append(row)
-            improved = val_loss < best_loss
-            if improved:
-                best_loss, bad_epochs = val_loss, 0
-            else:
-                bad_epochs += 1
-            if improved or not early_stopping:
-                arch = {"backbone": s.backbone, "dropout": s.dropout, "box_head": with_boxes,
-                        "context": s.context, "width": s.width}
-                _save_atomically({"model": (ema.module if ema is not None else model).state_dict(), "arch": arch,
-                                  "epoch": epoch + 1, "val_loss": val_loss, "fold": fold,
-                                  "config": config_dict(cfg)}, best_path)
-                _write_validation(out, val_df, probs, report, fold)
-            log.info("fold %d epoch %d: train loss %.4f, val loss %.4f, val AUC %.3f, %.1f img/s%s", fold,
-                     epoch + 1, row["train_loss"], val_loss, row["val_auc"], row["images_per_s"],
-                     " (best)" if improved else "")
-            pd.DataFrame(history).to_csv(out / "history.csv", index=False)
-            _save_atomically({"model": model.state_dict(),
-                              "ema": ema.state_dict() if ema is not None else None,
-                              "optimizer": optimizer.state_dict(),
-                              "scaler": scaler.state_dict(), "epoch": epoch, "best_loss": best_loss,
-                              "bad_epochs": bad_epochs, "history": history, "rng": rng_state()}, last_path)
-            stop = [early_stopping and bad_epochs >= s.patience]
-            if stop[0]:
-                log.info("fold %d: early stopping after epoch %d (no improvement in %d epochs)", fold, epoch + 1,
-                         s.patience)
+        trained = train_one_epoch(t, epoch, None if max_steps is None else max_steps - steps)
+        steps += trained["steps"]
+        stop = [end_of_epoch(t, epoch, trained) if rt.is_main else False]
         if rt.distributed:
             dist.broadcast_object_list(stop, src=0)
         stopped = stop[0]
-        if max_steps is not None and steps_done >= max_steps:
+        if max_steps is not None and steps >= max_steps:
             break
-    finished = stopped or len(history) >= s.epochs  # history holds every epoch trained, resumed ones too
+    finished = stopped or len(t.history) >= s.epochs  # history holds every epoch trained, resumed ones too
     if finished and rt.is_main:
-        (out / "done").write_text(json.dumps({"best_loss": best_loss, "epochs": len(history)}))
-    return {"fold": fold, "dir": str(out), "epochs": len(history), "best_val_loss": best_loss,
-            "finished": finished, "steps": steps_done}
+        write_json({"best_loss": t.best_loss, "epochs": len(t.history)}, t.run.slice_done(t.fold))
+    return {"fold": t.fold, "dir": str(t.run.slice_dir(t.fold)), "epochs": len(t.history),
+            "best_val_loss": t.best_loss, "finished": finished, "steps": steps}
 
 
-def _save_atomically(state: dict, path: Path) -> None:
-    """torch.save through a temporary file, so a crash never leaves half a checkpoint at ``path``."""
-    tmp = path.with_name(path.name + ".part")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def _log_start(t: FoldTraining) -> None:
+    if not t.rt.is_main:
+        return
+    s = t.cfg.slice
+    log.info("fold %d: %d training slices (%d positive), %d validation slices; %s on %s, %d×%d, AMP %s", t.fold,
+             len(t.train_df), int((t.train_df["label"] == 1).sum()), len(t.val_df),
+             s.backbone if s.width == 1 else f"{s.backbone} at width {s.width:g}", t.rt.device, t.size, t.size,
+             t.dtype or "off")
 
 
-def _write_validation(out: Path, val_df: pd.DataFrame, probs: np.ndarray, report: dict, fold: int) -> None:
+def _write_validation(t: FoldTraining, probs: np.ndarray, report: dict) -> None:
     """Out-of-fold slice predictions and the image-level report (Table 2's form) of the epoch in best.pt."""
-    oof = val_df[["StudyInstanceUID", "order", "slice_number", "label"]].copy()
+    oof = t.val_df[["StudyInstanceUID", "order", "slice_number", "label"]].copy()
     for i, name in enumerate(SLICE_OUTPUTS):
         oof[f"p_{name}"] = probs[:, i]
-    oof.to_csv(out / "oof_slices.csv", index=False)
+    write_csv(oof, t.run.slice_file(t.fold, "oof_slices.csv"))
     rows = [{"Data": data, **metrics} for data, metrics in report.items()]
-    write_table(cv_table(rows, row_keys=("Data",)), out / "table2", title=f"Image level, fold {fold} (validation)")
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_table(cv_table(rows, row_keys=("Data",)), t.run.slice_file(t.fold, "table2"),
+                title=f"Image level, fold {t.fold} (validation)")
+    write_text(t.run.slice_file(t.fold, "report.json"), json.dumps(report, indent=2))
 
 
 def is_trained(run_dir: str | os.PathLike, fold: int) -> bool:
     """Whether a fold finished training (early stop or last epoch) and has its best checkpoint."""
-    out = fold_dir(run_dir, fold)
-    return (out / "done").is_file() and (out / "best.pt").is_file()
+    run = Run(run_dir)
+    return run.slice_done(fold).is_file() and run.slice_best(fold).is_file()

@@ -1,0 +1,90 @@
+"""Checkpoints: what each one holds, written and read in one place.
+
+    model, meta = load_slice_model(Run("runs/demo").slice_best(0))   # meta["inputs"]: how it reads a study
+
+Every checkpoint holds ``schema`` and ``kind`` ("slice-cnn", "slice-resume", "blstm"). Inference takes
+everything it needs from the checkpoints (architecture, the preprocessing and reading the CNN trained
+with, the studies a model trained on), never from training code or from the config given at predict time.
+A checkpoint of another schema, or a damaged one, is an error that names the file.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from cspine.models import SequenceNet, SliceNet
+from cspine.runs import CheckpointError, atomic_path
+
+__all__ = ["CHECKPOINT_SCHEMA", "CheckpointError", "load_checkpoint", "save_checkpoint", "load_slice_model",
+           "save_slice_model", "load_sequence_model", "save_sequence_model"]
+
+CHECKPOINT_SCHEMA = 1  # bumped on any change to what a checkpoint holds; older ones are then refused
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike, kind: str) -> Path:
+    """torch.save of ``state`` with the schema and ``kind`` added, atomically."""
+    with atomic_path(path) as tmp:
+        torch.save({"schema": CHECKPOINT_SCHEMA, "kind": kind, **state}, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike, kind: str) -> dict:
+    """A checkpoint's contents, after checking that it is whole, of this schema and of ``kind``.
+
+    Raises:
+        CheckpointError: the file is missing, damaged (a 0-byte or truncated file), of another kind, or was
+            written by another version of cspine. The message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointError(f"{path}: damaged or incomplete checkpoint ({type(exc).__name__}: {exc}); "
+                              "delete it and train that model again") from None
+    if not isinstance(state, dict) or state.get("schema") != CHECKPOINT_SCHEMA:
+        found = state.get("schema") if isinstance(state, dict) else None
+        raise CheckpointError(f"{path}: checkpoint schema {found}, this cspine reads schema {CHECKPOINT_SCHEMA}; "
+                              "train again with this version")
+    if state["kind"] != kind:
+        raise CheckpointError(f"{path}: a {state['kind']!r} checkpoint, not a {kind!r} one")
+    return state
+
+
+def save_slice_model(model: SliceNet, path: str | os.PathLike, inputs: dict, **info) -> Path:
+    """A slice CNN for inference: weights, architecture, how it reads a study, and ``info``.
+
+    Args:
+        inputs: the preprocessing and reading it trained with: ``size``, ``crop``, ``margin`` (the cache's),
+            ``input_size`` (the side the CNN reads) and ``context``.
+        info: provenance, e.g. ``fold``, ``epoch``, ``val_loss``, ``trained_on`` (study UIDs), ``config``.
+    """
+    return save_checkpoint({"model": model.state_dict(), "arch": model.arch, "inputs": inputs, **info},
+                           path, "slice-cnn")
+
+
+def load_slice_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[SliceNet, dict]:
+    """The SliceNet saved in a ``best.pt``, in eval mode, and its metadata (everything but the weights)."""
+    state = load_checkpoint(path, "slice-cnn")
+    model = SliceNet(**state["arch"])
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), {k: v for k, v in state.items() if k != "model"}
+
+
+def save_sequence_model(model: SequenceNet, path: str | os.PathLike, **info) -> Path:
+    """A BLSTM for inference: weights, architecture and ``info`` (its input, bins, tta, source fold, studies)."""
+    return save_checkpoint({"model": model.state_dict(), "arch": model.arch, **info}, path, "blstm")
+
+
+def load_sequence_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[SequenceNet, dict]:
+    """A saved BLSTM, in eval mode, and its metadata (input kind, bins, tta, source fold, studies)."""
+    state = load_checkpoint(path, "blstm")
+    model = SequenceNet(**state["arch"])
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), {k: v for k, v in state.items() if k != "model"}

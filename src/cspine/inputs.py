@@ -1,0 +1,90 @@
+"""How the models read a study: normalisation, neighbouring slices as channels, and the BLSTM's input.
+
+Training (`cspine.data`, `cspine.train_seq`), extraction and inference (`cspine.extract`, `cspine.predict`)
+all build their inputs with these functions, so a model never meets an input made another way. Nothing here
+trains, and nothing here needs a training-only package.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# One mean and std for every channel (each window, each neighbouring slice) of uint8 images scaled to
+# [0, 1]; a fixed, documented normalisation keeps cached features comparable across runs (ImageNet's
+# would matter only with ImageNet weights).
+MEAN = 0.5
+STD = 0.25
+PROB_CLIP = 1e-4  # slice probabilities are stored as float16; log-odds are clipped to about ±9.2
+CNN_OUTPUTS = {"probs": 15, "fracture": 1}  # inputs made of the CNN's outputs: how many of them (SLICE_OUTPUTS order)
+
+
+def slice_stack(study: np.ndarray, orders: np.ndarray, context: int = 0) -> np.ndarray:
+    """uint8 [B, H, W, 3·(2·context + 1)]: slices ``orders`` of a study with their neighbours as channels.
+
+    A fracture is a line through the bone in three dimensions, while a joint space or a foramen looks like a
+    gap on one slice too; the slices above and below tell them apart (the "2.5D" input of many RSNA 2022
+    solutions). Channels run head to feet, three windows per slice, so the middle three are the slice
+    itself; neighbours beyond the study's ends repeat its first or last slice. ``context=0`` is the paper's
+    single slice.
+
+    Args:
+        study: uint8 [N, H, W, 3], a study's cached slices, head to feet.
+        orders: int [B], the slices wanted.
+        context: neighbours on each side.
+    """
+    orders = np.asarray(orders, dtype=int)
+    if not context:
+        return np.asarray(study[orders])
+    window = np.clip(orders[:, None] + np.arange(-context, context + 1)[None], 0, len(study) - 1)
+    stacked = np.asarray(study[window.ravel()])  # [B·(2c+1), H, W, 3]
+    b, k = window.shape
+    h, w, c = stacked.shape[1:]
+    stacked = stacked.reshape(b, k, h, w, c).transpose(0, 2, 3, 1, 4)  # [B, H, W, slice, window]
+    return np.ascontiguousarray(stacked.reshape(b, h, w, k * c))
+
+
+def to_tensor(images: np.ndarray, size: int, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """uint8 [B, H, W, C] → normalised float [B, C, size, size] on the device (resized if needed).
+
+    C is 3, or 3·(2·context + 1) for a `slice_stack`; every channel is normalised alike.
+    """
+    x = torch.from_numpy(np.require(images, requirements=["C", "W"])).to(device, non_blocking=True)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    if x.shape[-1] != size:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = (x - MEAN) / STD
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def bin_slices(x: np.ndarray, bins: int) -> np.ndarray:
+    """[N, D] → [bins, D]: the maximum over each of ``bins`` equal runs of slices (0 leaves x as it is).
+
+    Studies differ several-fold in length, and a BLSTM tells C1 from C7 by how far into the sequence
+    it is. Pooled to a fixed number of runs, every study puts C1 near the start and C7 near the end on the
+    same scale, in training and at inference alike; the maximum keeps a fracture seen on a single slice.
+    Shorter studies are stretched (slices repeated).
+    """
+    if not bins:
+        return x
+    pooled = F.adaptive_max_pool1d(torch.from_numpy(np.ascontiguousarray(x.T, dtype=np.float32))[None], bins)
+    return pooled[0].T.contiguous().numpy()
+
+
+def study_input(features: np.ndarray | None, probs: np.ndarray, mode: str, bins: int = 0) -> np.ndarray:
+    """The BLSTM's input for a study: CNN features, or CNN outputs as log-odds, pooled to ``bins`` runs.
+
+    ``mode``: "features" (the paper), "probs" (all 15 slice outputs) or "fracture" (the slice-fracture
+    output alone). Log-odds, not probabilities: the evidence sits in the tail (0.9 against 0.999), which
+    standardising raw probabilities squeezes into a sliver. Training and `predict` both build their input
+    here, so the two never differ.
+    """
+    if mode == "features":
+        x = np.asarray(features, dtype=np.float32)
+    elif mode in CNN_OUTPUTS:
+        q = np.clip(probs[:, :CNN_OUTPUTS[mode]].astype(np.float32), PROB_CLIP, 1 - PROB_CLIP)
+        x = np.log(q / (1 - q))
+    else:
+        raise ValueError(f"seq.input must be 'features', 'probs' or 'fracture', not {mode!r}")
+    return bin_slices(x, bins)

@@ -1,0 +1,229 @@
+"""The run folder: every path in it, and how files are written there.
+
+    run = Run("runs/demo")
+    run.slice_best(0)          # runs/demo/slice/fold0/best.pt
+
+Layout of ``runs/<name>/``::
+
+    config.yaml  data_dir.txt  labels.csv  folds.csv  run.log
+    cache/            index.csv, config.yaml, failed.txt, <uid>.npy + <uid>.json per study   (prepare)
+    slice/fold<k>/    best.pt, last.pt, done, history.csv, oof_slices.csv, table2.*        (train-slices)
+    features/fold<k>/ <uid>.npz, provenance.json                                           (extract)
+    seq/h<H>/fold<k>/ inner<i>.pt or model.pt, oof.csv, features.json, history.json        (train-seq)
+    seq/h<H>/oof.csv                                                                       (evaluate)
+    report/           report.md, tables, figures                                           (evaluate)
+    explain/          Grad-CAM figures                                                     (explain)
+
+What checkpoints hold is `cspine.checkpoints`'s business. Every file goes through a temporary name and a
+rename (`atomic_path`), so a crash never leaves half a file under the real name. This module imports no
+torch: `prepare`'s worker processes use it too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read, or was written by another version of cspine (`cspine.checkpoints`)."""
+
+
+# the records a stage keeps beside its models; `Run.slice_file` and `Run.seq_file` accept only these
+SLICE_FILES = ("history.csv", "oof_slices.csv", "table2", "report.json", "train.log", "config.yaml")
+SEQ_FILES = ("oof.csv", "features.json", "history.json")
+
+
+class Cache:
+    """The slice cache written by `prepare` (by default ``<run>/cache``)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    @property
+    def index(self) -> Path:
+        return self.root / "index.csv"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def failed(self) -> Path:
+        return self.root / "failed.txt"
+
+    def images(self, uid: str) -> Path:
+        return self.root / f"{uid}.npy"
+
+    def meta(self, uid: str) -> Path:
+        return self.root / f"{uid}.json"
+
+    def read_index(self) -> pd.DataFrame:
+        """One row per cached slice (`cspine.prepare.INDEX_COLUMNS`)."""
+        return pd.read_csv(self.index, dtype={"StudyInstanceUID": str})
+
+
+class Run:
+    """Paths of one run folder; nothing outside this class spells them."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.root)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.root)
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def data_dir_file(self) -> Path:
+        return self.root / "data_dir.txt"
+
+    @property
+    def labels(self) -> Path:
+        return self.root / "labels.csv"
+
+    @property
+    def folds(self) -> Path:
+        return self.root / "folds.csv"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "run.log"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def explain(self) -> Path:
+        return self.root / "explain"
+
+
+    @property
+    def cache(self) -> Cache:
+        return Cache(self.root / "cache")
+
+    def slice_dir(self, fold: int) -> Path:
+        return self.root / "slice" / f"fold{fold}"
+
+    def slice_best(self, fold: int) -> Path:
+        return self.slice_dir(fold) / "best.pt"
+
+    def slice_last(self, fold: int) -> Path:
+        return self.slice_dir(fold) / "last.pt"
+
+    def slice_done(self, fold: int) -> Path:
+        return self.slice_dir(fold) / "done"
+
+    def slice_file(self, fold: int, name: str) -> Path:
+        """One of a fold's training records (`SLICE_FILES`)."""
+        if name not in SLICE_FILES:
+            raise ValueError(f"{name!r} is not a slice record; one of {SLICE_FILES}")
+        return self.slice_dir(fold) / name
+
+    def slice_checkpoints(self) -> dict[int, Path]:
+        """{fold: best.pt} for every fold that has one."""
+        return {int(p.parent.name[4:]): p for p in sorted(self.root.glob("slice/fold*/best.pt"))}
+
+    def features_dir(self, fold: int) -> Path:
+        return self.root / "features" / f"fold{fold}"
+
+    def features_file(self, fold: int, uid: str) -> Path:
+        return self.features_dir(fold) / f"{uid}.npz"
+
+    def provenance(self, fold: int) -> Path:
+        return self.features_dir(fold) / "provenance.json"
+
+    def provenances(self) -> list[Path]:
+        return sorted(self.root.glob("features/fold*/provenance.json"))
+
+    def seq_dir(self, hidden: int) -> Path:
+        return self.root / "seq" / f"h{hidden}"
+
+    def seq_fold_dir(self, hidden: int, fold: int) -> Path:
+        return self.seq_dir(hidden) / f"fold{fold}"
+
+    def seq_file(self, hidden: int, fold: int, name: str) -> Path:
+        """One of a fold's BLSTM records (`SEQ_FILES`; features.json: what they trained on)."""
+        if name not in SEQ_FILES:
+            raise ValueError(f"{name!r} is not a BLSTM record; one of {SEQ_FILES}")
+        return self.seq_fold_dir(hidden, fold) / name
+
+    def blstm(self, hidden: int, fold: int, inner: int | None) -> Path:
+        """A BLSTM checkpoint: ``inner<i>.pt`` (trained in inner fold i of the fold) or ``model.pt`` (on other folds)."""
+        return self.seq_fold_dir(hidden, fold) / ("model.pt" if inner is None else f"inner{inner}.pt")
+
+    def seq_oof(self, hidden: int) -> Path:
+        """Every fold's out-of-fold BLSTM predictions of one size, together."""
+        return self.seq_dir(hidden) / "oof.csv"
+
+    def blstm_checkpoints(self, hidden: int) -> list[Path]:
+        return sorted(self.seq_dir(hidden).glob("fold*/*.pt"))
+
+
+    def read_folds(self) -> pd.DataFrame:
+        """StudyInstanceUID → fold, as `make_folds` wrote it."""
+        return pd.read_csv(self.folds, dtype={"StudyInstanceUID": str})
+
+    def read_labels(self) -> pd.DataFrame:
+        """The training labels (train.csv's columns), indexed by StudyInstanceUID."""
+        return pd.read_csv(self.labels, dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; renamed onto ``path`` only if the block succeeds.
+
+    A crash or an exception leaves ``path`` as it was (absent, or the previous complete version), never
+    half written. The temporary name ends in ``.part``, so no glob for the real files (``*.pt``, ``*.npz``)
+    meets one left by a killed process; give NumPy an open file, not this path, or it appends a suffix.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Writes a text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_csv(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Writes a table atomically, without its index."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return Path(path)
+
+
+def write_json(data, path: str | os.PathLike) -> Path:
+    """Writes JSON atomically."""
+    return write_text(path, json.dumps(data, indent=1))
+
+
+def read_json(path: str | os.PathLike):
+    return json.loads(Path(path).read_text())
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Saves a matplotlib figure atomically, in the format its suffix names."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip("."))
+    return path
