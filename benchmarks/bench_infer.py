@@ -89,7 +89,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "study"
         write_series(study.hu, folder, spacing=study.spacing, study_uid="1.2.826.0.1.3680043.99998",
-                     encoding=Encoding("jpegls1", signed=False, intercept=-1024.0, bits_stored=12))
+                     encoding=Encoding("jpeg_lossless", signed=False, intercept=-1024.0, bits_stored=12))
         rows = [measure("configs/demo.yaml", folder, args.slices, device),
                 measure("configs/paper.yaml", folder, args.paper_slices if device.type == "cpu" else args.slices, device)]
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, "

@@ -24,7 +24,7 @@ ENCODINGS = [
     Encoding("rle", signed=False, intercept=-1024.0, slope=1.0),
     Encoding("j2k", signed=True, intercept=0.0),
     Encoding("j2k", signed=False, intercept=-1024.0, bits_stored=12),
-    Encoding("jpegls1", signed=True, intercept=0.0),
+    Encoding("jpeg_lossless", signed=True, intercept=0.0),
     Encoding("explicit", signed=True, intercept=-1000.0, slope=0.5),
 ]
 
@@ -252,7 +252,7 @@ def test_real_slices_load_as_a_series(tmp_path):
     assert s.hu.shape[0] == 2 and s.hu.min() < -500 and s.hu.max() > 500
 
 
-@pytest.mark.parametrize("syntax", ["explicit", "rle", "j2k", "jpegls1"])
+@pytest.mark.parametrize("syntax", ["explicit", "rle", "j2k", "jpeg_lossless"])
 def test_truncation_anywhere_is_a_dicom_error_never_a_crash(tmp_path, syntax):
     # dicomsdl segfaults on truncated pixel data; the byte-level check must keep every cut away from it.
     # A cut that leaves the pixels whole (only the closing delimiter lost) may decode, but exactly.

@@ -275,3 +275,61 @@ def test_package_kaggle_bundles_models_and_script(smoke_run, tmp_path):
     assert load_config(out / "models" / "config.yaml") == load_config(SMOKE_CONFIG)
     script = (out / "kaggle_inference.py").read_text()
     assert "--no-index" in script and "HF_HUB_OFFLINE" in script and "/kaggle/working/submission.csv" in script
+
+
+def test_predict_rejects_a_config_that_contradicts_the_checkpoints(smoke_run, synthetic_root, tmp_path):
+    from cspine.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"prepare.size=32 \(the models: 48\)"):
+        predict(load_config(SMOKE_CONFIG, ["prepare.size=32"]), synthetic_root, smoke_run, tmp_path / "sub.csv")
+    assert not (tmp_path / "sub.csv").exists()
+
+
+def test_predict_command_reads_the_runs_own_config(smoke_run, synthetic_root, tmp_path, capsys, monkeypatch):
+    from cspine.cli import main
+
+    from .conftest import REPO
+
+    monkeypatch.chdir(REPO)  # where configs/demo.yaml, the default config, would contradict the smoke models
+    common = ["predict", "--models", str(smoke_run), "--data", str(synthetic_root), "--out", str(tmp_path / "s.csv")]
+    assert main(common) == 0
+    validate_submission(pd.read_csv(tmp_path / "s.csv"), read_test(synthetic_root))
+    assert main([*common, "--config", str(SMOKE_CONFIG), "prepare.crop=slice"]) == 2
+    assert "prepare.crop='slice' (the models: 'study')" in capsys.readouterr().err
+
+
+def test_package_kaggle_never_replaces_what_it_did_not_create(smoke_run, tmp_path):
+    from cspine.kaggle import MARKER, package_kaggle
+
+    from .conftest import REPO
+
+    cfg = load_config(SMOKE_CONFIG)
+    for out in (smoke_run, smoke_run.parent, REPO, REPO.parent):  # the models, the repository, their parents
+        with pytest.raises(FileExistsError, match="holds"):
+            package_kaggle(cfg, smoke_run, out, wheels=False)
+    assert Run(smoke_run).slice_best(0).is_file()
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a cspine bundle"):
+        package_kaggle(cfg, smoke_run, work, wheels=False)
+    assert (work / "notes.txt").read_text() == "mine"
+    bundle = package_kaggle(cfg, smoke_run, tmp_path / "bundle", wheels=False)
+    assert (bundle / MARKER).is_file()
+    (bundle / "stale.txt").write_text("from an earlier bundle")
+    package_kaggle(cfg, smoke_run, bundle, wheels=False)  # its own bundle: replaced whole
+    assert not (bundle / "stale.txt").exists() and (bundle / "kaggle_inference.py").is_file()
+
+
+def test_package_kaggle_refuses_a_damaged_checkpoint(smoke_run, tmp_path):
+    from cspine.kaggle import package_kaggle
+    from cspine.runs import CheckpointError
+
+    models = tmp_path / "models"
+    shutil.copytree(smoke_run / "slice", models / "slice")
+    shutil.copytree(smoke_run / "seq", models / "seq")
+    victim = sorted(models.glob("seq/h128/fold1/*.pt"))[0]
+    victim.write_bytes(b"")  # as a kill mid-write once left it
+    with pytest.raises(CheckpointError, match=victim.name):
+        package_kaggle(load_config(SMOKE_CONFIG), models, tmp_path / "bundle", wheels=False)
+    assert not (tmp_path / "bundle").exists()

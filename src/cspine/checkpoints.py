@@ -45,7 +45,9 @@ def load_checkpoint(path: str | os.PathLike, kind: str) -> dict:
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
-    except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
+    except PermissionError:
+        raise
+    except (EOFError, OSError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
         raise CheckpointError(f"{path}: damaged or incomplete checkpoint ({type(exc).__name__}: {exc}); "
                               "delete it and train that model again") from None
     if not isinstance(state, dict) or state.get("schema") != CHECKPOINT_SCHEMA:

@@ -31,9 +31,9 @@ SYNTAXES = {
     "explicit": ExplicitVRLittleEndian,
     "rle": RLELossless,
     "j2k": JPEG2000Lossless,
-    "jpegls1": JPEGLosslessSV1,
+    "jpeg_lossless": JPEGLosslessSV1,
 }
-Syntax = Literal["explicit", "rle", "j2k", "jpegls1"]
+Syntax = Literal["explicit", "rle", "j2k", "jpeg_lossless"]
 
 
 @dataclass(frozen=True)

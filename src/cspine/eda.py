@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pydicom
-from tqdm.auto import tqdm
 
 from cspine import VERTEBRAE
+from cspine.progress import progress
 
 
 def study_summary(root: str | os.PathLike, split: str = "train", limit: int | None = None) -> pd.DataFrame:
@@ -21,7 +21,7 @@ def study_summary(root: str | os.PathLike, split: str = "train", limit: int | No
     """
     folders = sorted(p for p in (Path(root) / f"{split}_images").iterdir() if p.is_dir())[:limit]
     rows = []
-    for folder in tqdm(folders, desc="headers", unit="study"):
+    for folder in progress(folders, "headers", unit="study"):
         files = sorted(folder.glob("*.dcm"), key=lambda p: int(p.stem) if p.stem.isdigit() else 0)
         if not files:
             continue

@@ -26,7 +26,8 @@ from cspine.inputs import slice_stack, to_tensor
 from cspine.models import SliceNet
 from cspine.prepare import load_study_images
 from cspine.runs import Run, atomic_path, read_json, write_json
-from cspine.runtime import amp_dtype, autocast, pick_device, progress
+from cspine.progress import progress
+from cspine.runtime import amp_dtype, autocast, pick_device
 
 log = logging.getLogger(__name__)
 

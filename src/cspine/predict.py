@@ -32,7 +32,8 @@ from cspine.inputs import study_input
 from cspine.models import SequenceNet, SliceNet
 from cspine.preprocess import preprocess_study
 from cspine.runs import Run
-from cspine.runtime import amp_dtype, pick_device, progress
+from cspine.progress import progress
+from cspine.runtime import amp_dtype, pick_device
 from cspine.submission import make_submission, prior_from_train, write_submission
 
 log = logging.getLogger(__name__)

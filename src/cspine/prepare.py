@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from cspine import TARGETS, VERTEBRAE
 from cspine.competition import read_boxes, read_mask, read_train, slice_labels, vertebra_presence
@@ -29,6 +28,7 @@ from cspine.config import Config, PrepareConfig, save_config
 from cspine.dicom import load_series
 from cspine.preprocess import boxes_in_cache_frame, preprocess_study
 from cspine.runs import Cache, atomic_path, write_csv, write_text
+from cspine.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -184,20 +184,20 @@ def prepare(cfg: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike
     log.info("prepare: %d studies, %d cached already, %d to do", len(uids), len(uids) - len(jobs), len(jobs))
     failures = []
     if jobs:
-        progress = tqdm(total=len(jobs), desc="prepare", unit="study")
+        bar = progress(total=len(jobs), desc="prepare", unit="study")
         workers = max(1, min(cfg.prepare.workers, len(jobs)))
         pool = ProcessPoolExecutor(workers) if workers > 1 else None
         try:
             for uid, n, error in (pool.map if pool else map)(cache_study, jobs):  # in-process: easier to debug
-                progress.update()
-                progress.set_postfix(slices=n)
+                bar.update()
+                bar.set_postfix(slices=n)
                 if error:
                     log.error("prepare: study %s failed: %s", uid, error)
                     failures.append(f"{uid}\t{error}")
         finally:
             if pool:
                 pool.shutdown()
-            progress.close()
+            bar.close()
     failed_path = write_text(Cache(out_dir).failed, "\n".join(failures) + ("\n" if failures else ""))
     index = build_index(out_dir, uids)
     if failures:

@@ -11,13 +11,11 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 
 @dataclass(frozen=True)
@@ -104,17 +102,3 @@ def set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
-
-def progress(iterable=None, desc: str = "", steps: bool = False, enabled: bool = True, **kwargs) -> tqdm:
-    """A tqdm bar on stderr that suits where stderr goes.
-
-    Args:
-        steps: a bar of many quick updates (training or validation steps, a study's slices). It shows only
-            on a terminal: redirected to a file it would add a line a step, and the logger already writes
-            one a epoch.
-        enabled: False hides it (every rank but 0 under DDP).
-        kwargs: passed to tqdm. Off a terminal, stage bars (studies) refresh at most every 30 s.
-    """
-    terminal = sys.stderr.isatty()
-    return tqdm(iterable, desc=desc, disable=not enabled or (steps and not terminal),
-                mininterval=0.1 if terminal else 30.0, **kwargs)

@@ -19,11 +19,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from cspine import TARGETS, VERTEBRAE
 from cspine.dicom_writer import Encoding, write_series
 from cspine.phantom import PhantomConfig, render_study
+from cspine.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class StudyFiles:
 
 def draw_study_files(rng: np.random.Generator, fov: float) -> StudyFiles:
     """File variety in the real data's proportions (competition.md): ~10% reversed numbering, etc."""
-    syntax = rng.choice(["explicit", "rle", "j2k", "jpegls1"], p=[0.4, 0.2, 0.2, 0.2])
+    syntax = rng.choice(["explicit", "rle", "j2k", "jpeg_lossless"], p=[0.4, 0.2, 0.2, 0.2])
     if rng.random() < 0.6:
         encoding = Encoding(str(syntax), signed=False, intercept=-1024.0, bits_stored=12)
     else:
@@ -179,12 +179,12 @@ def make_competition(
         jobs.append(dict(root=root, split=split, uid=_study_uid(i, seed), seed=(seed, 2, i), config=config,
                          with_boxes=split == "train" and plan_rng.random() < box_fraction,
                          with_mask=split == "train" and plan_rng.random() < mask_fraction))
-    progress = dict(total=len(jobs), desc="synthetic studies", unit="study")
+    bar = dict(total=len(jobs), desc="synthetic studies", unit="study")
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            results = list(tqdm(pool.map(_make_study_star, jobs), **progress))
+            results = list(progress(pool.map(_make_study_star, jobs), **bar))
     else:
-        results = [make_study(**job) for job in tqdm(jobs, **progress)]
+        results = [make_study(**job) for job in progress(jobs, **bar)]
 
     train = pd.DataFrame([r["row"] for r in results[:n_train]], columns=["StudyInstanceUID", *TARGETS])
     train.to_csv(root / "train.csv", index=False)

@@ -42,13 +42,13 @@ from cspine.data import (
 from cspine.metrics import cv_table, paper_reports, write_table
 from cspine.models import SLICE_OUTPUTS, SliceNet
 from cspine.prepare import UNKNOWN
+from cspine.progress import progress
 from cspine.runs import Run, write_csv, write_json, write_text
 from cspine.runtime import (
     Runtime,
     amp_dtype,
     autocast,
     init_distributed,
-    progress,
     rng_state,
     seed_everything,
     set_rng_state,

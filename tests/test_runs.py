@@ -1,0 +1,172 @@
+"""The run layer: paths, atomic writes, checkpoints; the stage list; what inference imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cspine.checkpoints import (
+    CHECKPOINT_SCHEMA,
+    CheckpointError,
+    load_checkpoint,
+    load_sequence_model,
+    load_slice_model,
+    save_checkpoint,
+    save_sequence_model,
+    save_slice_model,
+)
+from cspine.models import SequenceNet, SliceNet
+from cspine.runs import Run, atomic_path, write_text
+
+INPUTS = {"size": 48, "crop": "study", "margin": 0.05, "input_size": 48, "context": 0}
+
+
+def test_atomic_path_replaces_only_on_success(tmp_path):
+    target = tmp_path / "table.csv"
+    write_text(target, "old\n")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"]  # no temporary left behind
+    with atomic_path(target) as tmp:
+        assert tmp.name.endswith(".part") and not tmp.name.endswith(".csv")  # never matched by *.csv globs
+        tmp.write_text("new\n")
+    assert target.read_text() == "new\n"
+
+
+def test_slice_model_round_trip_keeps_weights_architecture_and_inputs(tmp_path):
+    torch.manual_seed(0)
+    model = SliceNet("test_resnet", dropout=0.1, box_head=True, context=1).eval()
+    path = save_slice_model(model, tmp_path / "best.pt", INPUTS, fold=1, trained_on=["a", "b"])
+    loaded, meta = load_slice_model(path)
+    assert meta["schema"] == CHECKPOINT_SCHEMA and meta["kind"] == "slice-cnn"
+    assert meta["inputs"] == INPUTS and meta["trained_on"] == ["a", "b"] and meta["fold"] == 1
+    assert loaded.context == 1 and loaded.box_head is not None
+    x = torch.randn(2, 9, 48, 48)
+    with torch.inference_mode():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_sequence_model_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = SequenceNet(3, hidden=8).eval()
+    save_sequence_model(model, tmp_path / "inner0.pt", input="fracture", bins=4, tta=False, source_fold=0,
+                        trained_on=["a"])
+    loaded, meta = load_sequence_model(tmp_path / "inner0.pt")
+    x, lengths = torch.randn(1, 4, 3), torch.tensor([4])
+    assert meta["bins"] == 4 and meta["source_fold"] == 0
+    with torch.inference_mode():
+        assert torch.equal(model(x, lengths), loaded(x, lengths))
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_damaged_checkpoint_is_an_error_naming_the_file(tmp_path, damage):
+    path = save_sequence_model(SequenceNet(3, hidden=8), tmp_path / "inner0.pt", input="fracture", bins=0,
+                               tta=False, source_fold=0, trained_on=[])
+    data = path.read_bytes()
+    path.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="inner0.pt.*damaged"):
+        load_sequence_model(path)
+
+
+def test_checkpoints_of_another_schema_or_kind_are_refused(tmp_path):
+    torch.save({"model": {}, "arch": {}}, tmp_path / "old.pt")  # as an earlier cspine wrote them
+    with pytest.raises(CheckpointError, match="old.pt: checkpoint schema None"):
+        load_checkpoint(tmp_path / "old.pt", "slice-cnn")
+    save_checkpoint({"epoch": 3}, tmp_path / "last.pt", "slice-resume")
+    with pytest.raises(CheckpointError, match="not a 'slice-cnn'"):
+        load_slice_model(tmp_path / "last.pt")
+
+
+def test_run_paths_and_record_names(tmp_path):
+    run = Run(tmp_path)
+    assert run.slice_best(2) == tmp_path / "slice" / "fold2" / "best.pt"
+    assert run.blstm(128, 1, 0) == tmp_path / "seq" / "h128" / "fold1" / "inner0.pt"
+    assert run.blstm(128, 1, None).name == "model.pt"
+    assert run.cache.index == tmp_path / "cache" / "index.csv"
+    with pytest.raises(ValueError, match="not a slice record"):
+        run.slice_file(0, "best.pt.bak")
+    save_checkpoint({}, run.slice_best(0), "slice-cnn")
+    save_checkpoint({}, run.slice_best(3), "slice-cnn")
+    assert run.slice_checkpoints() == {0: run.slice_best(0), 3: run.slice_best(3)}
+
+
+def test_slice_pools_split_by_study_and_drop_unknown_labels():
+    from cspine.train_slices import slice_pools
+
+    index = pd.DataFrame({"StudyInstanceUID": ["a", "a", "b", "b", "c", "c"], "order": [0, 1] * 3,
+                          "label": [0, 1, -1, -1, 0, -1]})
+    folds = pd.DataFrame({"StudyInstanceUID": ["a", "b", "c"], "fold": [0, 1, 1]})
+    train, val = slice_pools(index, folds, 1)
+    assert set(train["StudyInstanceUID"]) == {"a"} and len(train) == 2
+    assert set(val["StudyInstanceUID"]) == {"c"} and list(val["label"]) == [0]  # c's unknown slice dropped
+    train, val = slice_pools(index, folds, 0)
+    assert set(train["StudyInstanceUID"]) == {"c"} and set(val["StudyInstanceUID"]) == {"a"}
+
+
+def test_validation_subset_keeps_both_labels_in_the_folds_proportions():
+    from cspine.train_slices import validation_subset
+
+    val = pd.DataFrame({"StudyInstanceUID": "s", "order": range(1000), "label": [1] * 700 + [0] * 300})
+    sub = validation_subset(val, 200, seed=0)
+    assert len(sub) == 200 and sub["label"].value_counts().to_dict() == {1: 140, 0: 60}
+    rare = pd.DataFrame({"StudyInstanceUID": "s", "order": range(1000), "label": [1] + [0] * 999})
+    assert validation_subset(rare, 50, seed=0)["label"].sum() == 1  # a lone positive is kept
+    assert validation_subset(val, 0, seed=0) is val
+
+
+def test_run_stages_runs_only_unfinished_stages_in_order(monkeypatch, tmp_path):
+    import cspine.pipeline as pipeline
+    from cspine.config import Config
+
+    ran = []
+    fake = tuple(pipeline.Stage(name, lambda job, n=name: n == "b", lambda job, n=name: ran.append(n))
+                 for name in ("a", "b", "c", "d"))
+    monkeypatch.setattr(pipeline, "STAGES", fake)
+    monkeypatch.setattr(pipeline, "STAGE_NAMES", ("a", "b", "c", "d"))
+    pipeline.run_stages(Config(), tmp_path, tmp_path, until="c")
+    assert ran == ["a", "c"]  # b was done, d comes after `until`
+    with pytest.raises(ValueError, match="until"):
+        pipeline.run_stages(Config(), tmp_path, tmp_path, until="e")
+
+
+def test_every_stage_is_a_cli_command():
+    from cspine.cli import build_parser
+    from cspine.pipeline import STAGE_NAMES
+
+    commands = set(build_parser()._subparsers._group_actions[0].choices)
+    assert set(STAGE_NAMES) <= commands
+
+
+def test_step_bars_stay_off_when_stderr_is_not_a_terminal(monkeypatch):
+    from cspine.progress import progress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert progress(range(3), "steps", steps=True).disable
+    study_bar = progress(range(3), "studies")
+    assert not study_bar.disable and study_bar.mininterval == 30.0
+    assert progress(range(3), "rank 1", enabled=False).disable
+
+
+def test_inference_imports_no_training_module():
+    code = ("import sys, cspine.predict, cspine.evaluate, cspine.explain, cspine.kaggle; "
+            "print(' '.join(m for m in ('cspine.train_slices', 'cspine.train_seq', 'cspine.data', "
+            "'albumentations', 'iterstrat') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == ""
+
+
+def test_bin_and_study_input_agree_with_numpy():
+    from cspine.inputs import study_input
+
+    probs = np.full((6, 15), 0.5, np.float32)
+    probs[2, 0] = 0.9
+    x = study_input(None, probs, "fracture", bins=3)
+    assert x.shape == (3, 1) and x[1, 0] == pytest.approx(np.log(9.0), rel=1e-3) and x[0, 0] == 0
