@@ -272,3 +272,78 @@ def test_truncation_anywhere_is_a_dicom_error_never_a_crash(tmp_path, syntax):
                 assert "cut.dcm" in str(exc)
                 errors += 1
     assert errors >= 2 * 23
+
+
+def _with_defect(root: Path, edit, encoding: Encoding, victims=(2,)) -> Path:
+    """A 6-slice study whose slices ``victims`` (by file order) had their headers edited by ``edit``."""
+    study = root / "study"
+    write_series(ramp_volume(6, 32, seed=3), study, spacing=(2.0, 0.5, 0.5), study_uid=UID, encoding=encoding)
+    for k in victims:
+        path = sorted(study.iterdir(), key=lambda p: int(p.stem))[k]
+        ds = pydicom.dcmread(path)
+        edit(ds)
+        with pydicom.config.disable_value_validation():
+            ds.save_as(path, enforce_file_format=True)
+    return study
+
+
+RESCALE_DEFECTS = {
+    "slope 0": lambda ds: setattr(ds, "RescaleSlope", "0"),
+    "NaN slope": lambda ds: setattr(ds, "RescaleSlope", "NaN"),
+    "infinite intercept": lambda ds: setattr(ds, "RescaleIntercept", "inf"),
+    "no intercept": lambda ds: delattr(ds, "RescaleIntercept"),
+}
+
+
+@pytest.mark.parametrize("backend", ["pydicom", "dicomsdl", "auto"])
+@pytest.mark.parametrize("defect", list(RESCALE_DEFECTS))
+def test_a_slice_with_a_broken_rescale_takes_its_studys_on_every_backend(tmp_path, defect, backend):
+    encoding = Encoding("explicit", signed=False, intercept=-1024.0, bits_stored=12)
+    clean = load_series(_with_defect(tmp_path / "clean", lambda ds: None, encoding), backend=backend)
+    broken_dir = _with_defect(tmp_path / "broken", RESCALE_DEFECTS[defect], encoding)
+    with pytest.warns(UserWarning, match=r"1 slice\(s\) with a missing, zero or non-finite .*\(3\.dcm\).*"
+                                         r"RescaleIntercept -1024"):
+        broken = load_series(broken_dir, backend=backend)
+    assert np.isfinite(broken.hu).all()
+    np.testing.assert_array_equal(broken.hu, clean.hu)  # repaired exactly, on every backend alike
+
+
+def test_a_study_without_any_rescale_reads_stored_values_as_hu(tmp_path):
+    def strip(ds):
+        del ds.RescaleSlope, ds.RescaleIntercept
+
+    encoding = Encoding("explicit", signed=True, intercept=0.0)
+    study = _with_defect(tmp_path, strip, encoding, victims=range(6))
+    for backend in ("pydicom", "dicomsdl"):
+        with pytest.warns(UserWarning, match="no slice of the study has a usable rescale"):
+            series = load_series(study, backend=backend)
+        np.testing.assert_array_equal(series.hu, _expected(ramp_volume(6, 32, seed=3), encoding))
+
+
+def test_a_slice_with_its_own_valid_rescale_keeps_it(tmp_path):
+    encoding = Encoding("explicit", signed=True, intercept=0.0)
+
+    def other_scale(ds):  # a valid header: HU = 2 · stored − 1000, stored values left as they are
+        ds.RescaleSlope, ds.RescaleIntercept = "2", "-1000"
+
+    clean = load_series(_with_defect(tmp_path / "clean", lambda ds: None, encoding), backend="pydicom")
+    study = _with_defect(tmp_path / "other", other_scale, encoding)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to repair, nothing to warn about
+        series = load_series(study, backend="pydicom")
+    k = [p.name for p in series.paths].index("3.dcm")
+    np.testing.assert_array_equal(series.hu[k], clean.hu[k] * 2 - 1000)  # clean HU are the stored values
+    others = [i for i in range(6) if i != k]
+    np.testing.assert_array_equal(series.hu[others], clean.hu[others])
+
+
+def test_a_truncated_compressed_slice_is_reported_as_truncated(tmp_path):
+    study = tmp_path / "study"
+    write_series(ramp_volume(4, 32), study, spacing=(1, 1, 1), study_uid=UID,
+                 encoding=Encoding("jpeg_lossless", signed=True, intercept=0.0))
+    victim = sorted(study.iterdir())[1]
+    victim.write_bytes(victim.read_bytes()[:-300])
+    for backend in ("auto", "pydicom", "dicomsdl"):
+        with pytest.raises(DicomError, match=f"{victim.name}: .*truncated"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            read_hu(victim, backend)

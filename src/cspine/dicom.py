@@ -46,6 +46,7 @@ FAST_PATH_SYNTAXES = {
 }
 JPEG2000_SYNTAXES = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
 ENHANCED_CT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.2.1"
+PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
 GANTRY_TILT_TOLERANCE_DEG = 0.5  # steps between positions this far off the slice normal count as a tilt
 SPACING_TOLERANCE = 0.1  # relative deviation from the median step that counts as non-uniform
 PROCESS_DECODE_SECONDS = 0.004  # per-slice decode time above which a study is decoded in processes
@@ -100,8 +101,8 @@ class _Slice:
 
     path: Path
     shape: tuple[int, ...]  # (H, W), or (F, H, W) for a multi-frame file
-    slope: float | np.ndarray
-    intercept: float | np.ndarray
+    slope: float | np.ndarray | None  # None: missing, zero or not finite in the header (`_repair_rescale`)
+    intercept: float | np.ndarray | None  # None: missing or not finite
     position: np.ndarray | None
     orientation: np.ndarray | None
     instance_number: int | None
@@ -228,6 +229,50 @@ def _vector(value, size: int) -> np.ndarray | None:
     return arr if arr.shape == (size,) else None
 
 
+def _number(value) -> float | None:
+    """A header value as a finite float; None when it is absent, empty, unparsable or not finite."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) else None
+
+
+def _slope(value) -> float | None:
+    """A usable RescaleSlope: finite and not zero (a zero slope would flatten the slice to its intercept)."""
+    number = _number(value)
+    return number if number else None
+
+
+def _repair_rescale(slices: list[_Slice], study_dir: Path) -> None:
+    """Gives every slice whose header lacks a usable rescale the study's own, with a warning naming it.
+
+    A slice without RescaleIntercept, with a slope of 0, or with a NaN or infinite value would otherwise
+    be shifted or flattened (a missing intercept among slices at −1024 moves it by +1024 HU and, through
+    the crop, the whole study). Such a slice takes the rescale most of its study's slices give: one
+    scanner wrote them all. Slices whose headers give a valid rescale keep their own, even when it differs
+    from the others, as DICOM allows. A study where no slice gives one is read as stored values = HU.
+    Both backends read headers alike and repair here, so they agree on defective files.
+    """
+    scalar = [s for s in slices if np.ndim(s.slope) == 0 and np.ndim(s.intercept) == 0]
+    bad = [s for s in scalar if s.slope is None or s.intercept is None]
+    if not bad:
+        return
+    good = Counter((s.slope, s.intercept) for s in scalar if s.slope is not None and s.intercept is not None)
+    if good:
+        slope, intercept = good.most_common(1)[0][0]
+        source = f"the study's RescaleSlope {slope:g} and RescaleIntercept {intercept:g}"
+    else:
+        slope, intercept = 1.0, 0.0
+        source = "slope 1 and intercept 0 (no slice of the study has a usable rescale)"
+    for s in bad:
+        s.slope = slope if s.slope is None else s.slope
+        s.intercept = intercept if s.intercept is None else s.intercept
+    names = ", ".join(s.path.name for s in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+    warnings.warn(f"{study_dir}: {len(bad)} slice(s) with a missing, zero or non-finite RescaleSlope or "
+                  f"RescaleIntercept ({names}) read with {source}", stacklevel=3)
+
+
 def _read_pydicom(path: Path) -> _Slice:
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -239,7 +284,9 @@ def _read_pydicom(path: Path) -> _Slice:
     except Exception as exc:  # pydicom raises many types on truncated or corrupt headers
         raise _fail(path, f"unreadable DICOM header ({type(exc).__name__}: {exc})") from None
     if "PixelData" not in ds:
-        raise _fail(path, "no pixel data")
+        # pydicom drops an element cut short by the end of the file: a tag without its element is a truncation
+        truncated = PIXEL_DATA_TAG in path.read_bytes()
+        raise _fail(path, "truncated: the pixel data is incomplete" if truncated else "no pixel data")
     _check_image(path, ds.get("Modality"), ds.get("SamplesPerPixel"), ds.get("PhotometricInterpretation"))
     syntax = str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
     try:
@@ -267,15 +314,16 @@ def _read_pydicom(path: Path) -> _Slice:
 
 def _pydicom_rescale(ds, frames: int) -> tuple[float | np.ndarray, float | np.ndarray]:
     """Slope and intercept from the top level, else from the functional groups (enhanced CT)."""
-    if "RescaleSlope" in ds or "RescaleIntercept" in ds:
-        return float(ds.get("RescaleSlope", 1.0) or 1.0), float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    groups = "SharedFunctionalGroupsSequence" in ds or "PerFrameFunctionalGroupsSequence" in ds
+    if "RescaleSlope" in ds or "RescaleIntercept" in ds or not groups:
+        return _slope(ds.get("RescaleSlope")), _number(ds.get("RescaleIntercept"))
 
     def from_group(group) -> tuple[float, float] | None:
         seq = group.get("PixelValueTransformationSequence") if group is not None else None
         if not seq:
             return None
         item = seq[0]
-        return float(item.get("RescaleSlope", 1.0)), float(item.get("RescaleIntercept", 0.0))
+        return _slope(item.get("RescaleSlope")) or 1.0, _number(item.get("RescaleIntercept")) or 0.0
 
     shared = ds.get("SharedFunctionalGroupsSequence")
     shared_pair = from_group(shared[0]) if shared else None
@@ -339,8 +387,8 @@ def _read_dicomsdl(path: Path, data: bytes | None = None, strict: bool = True) -
     return _Slice(
         path=path,
         shape=shape,
-        slope=float(slope) if slope is not None else 1.0,
-        intercept=float(intercept) if intercept is not None else 0.0,
+        slope=_slope(slope),
+        intercept=_number(intercept),
         position=_vector(tags["ImagePositionPatient"], 3),
         orientation=_vector(tags["ImageOrientationPatient"], 6),
         instance_number=int(instance) if instance is not None else None,
@@ -383,6 +431,7 @@ def read_hu(path: str | os.PathLike, backend: Backend = "auto") -> np.ndarray:
             or in a transfer syntax no installed decoder handles.
     """
     item = _read_slice(Path(path), backend)
+    _repair_rescale([item], Path(path).parent)
     out = np.empty(item.shape, np.float32)
     _decode_into(item, out, backend)
     return out
@@ -395,7 +444,9 @@ def _decode_into(item: _Slice, out: np.ndarray, backend: Backend) -> None:
     except DicomError:
         if backend != "auto" or item.decoder != "dicomsdl":
             raise
-        _read_pydicom(item.path).hu_into(out)
+        reference = _read_pydicom(item.path)
+        reference.slope, reference.intercept = item.slope, item.intercept  # as repaired for the study
+        reference.hu_into(out)
     finally:
         item.dataset = None  # release the file's bytes as soon as its pixels are out
 
@@ -470,11 +521,15 @@ def _drop_odd_shapes(slices: list[_Slice], study_dir: Path, on_error: OnError,
     return [s for s in slices if s.shape == main_shape]
 
 
-def _decode_path(job: tuple[Path, Backend]) -> np.ndarray | str:
-    """Worker-process decoding of one file: its HU, or the DicomError's message."""
-    path, backend = job
+def _decode_path(job: tuple[Path, Backend, float, float]) -> np.ndarray | str:
+    """Worker-process decoding of one file with its study's rescale: its HU, or the DicomError's message."""
+    path, backend, slope, intercept = job
     try:
-        return read_hu(path, backend)
+        item = _read_slice(path, backend)
+        item.slope, item.intercept = slope, intercept
+        out = np.empty(item.shape, np.float32)
+        _decode_into(item, out, backend)
+        return out
     except DicomError as exc:
         return str(exc)
 
@@ -544,6 +599,7 @@ def load_series(
         skipped.extend((s.path, reason) for s in multi)
         slices = [s for s in slices if len(s.shape) == 2]
     slices = _drop_odd_shapes(slices, study_dir, on_error, skipped)
+    _repair_rescale(slices, study_dir)
     if not slices:
         raise _fail(study_dir, f"no readable slice among {len(files)} files: "
                                + "; ".join(f"{p.name}: {why}" for p, why in skipped[:5]))
@@ -565,7 +621,7 @@ def load_series(
     slow = time.perf_counter() - start > PROCESS_DECODE_SECONDS
     if workers > 1 and slow and len(slices) > PROCESS_DECODE_MIN_SLICES:
         # heavy codecs hold the GIL in dicomsdl: decode the rest in processes, one per core
-        jobs = [(slices[k].path, backend) for k in range(1, len(slices))]
+        jobs = [(slices[k].path, backend, slices[k].slope, slices[k].intercept) for k in range(1, len(slices))]
         with ProcessPoolExecutor(workers, mp_context=_process_context()) as pool:
             for k, result in enumerate(pool.map(_decode_path, jobs, chunksize=8), start=1):
                 slices[k].dataset = None
