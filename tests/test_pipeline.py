@@ -333,3 +333,36 @@ def test_package_kaggle_refuses_a_damaged_checkpoint(smoke_run, tmp_path):
     with pytest.raises(CheckpointError, match=victim.name):
         package_kaggle(load_config(SMOKE_CONFIG), models, tmp_path / "bundle", wheels=False)
     assert not (tmp_path / "bundle").exists()
+
+
+OFFLINE_PREDICT = '''
+import socket, sys
+attempts = []
+
+def refuse(*args, **kwargs):
+    attempts.append(args)
+    raise OSError("the network is off in this test")
+
+socket.socket.connect = socket.socket.connect_ex = refuse
+socket.create_connection = socket.getaddrinfo = refuse
+import cspine.data  # albumentations: would ask the package index for updates
+from cspine.config import load_config
+from cspine.predict import predict
+config, data, models, out = sys.argv[1:]
+predict(load_config(config), data, models, out)
+print("network attempts:", len(attempts))
+'''
+
+
+def test_predict_runs_with_the_network_off(smoke_run, synthetic_root, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_ALBUMENTATIONS_UPDATE", "HF_HUB_OFFLINE")}
+    out = tmp_path / "sub.csv"
+    result = subprocess.run([sys.executable, "-c", OFFLINE_PREDICT, str(SMOKE_CONFIG), str(synthetic_root),
+                             str(smoke_run), str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "network attempts: 0" in result.stdout  # `import cspine` switched the update check off itself
+    validate_submission(pd.read_csv(out), read_test(synthetic_root))

@@ -170,3 +170,27 @@ def test_bin_and_study_input_agree_with_numpy():
     probs[2, 0] = 0.9
     x = study_input(None, probs, "fracture", bins=3)
     assert x.shape == (3, 1) and x[1, 0] == pytest.approx(np.log(9.0), rel=1e-3) and x[0, 0] == 0
+
+
+def test_every_artifact_is_written_through_the_run_layer():
+    """No module writes a file directly: each goes through `cspine.runs` (temporary name, then rename), so a
+    kill never leaves half a file under a real name. The DICOM writer is the exception: the synthetic
+    generator writes each study into a temporary folder and renames it when whole."""
+    import re
+    from pathlib import Path
+
+    import cspine
+
+    direct = re.compile(r"\.write_text\(|\.write_bytes\(|\.to_csv\(|torch\.save\(|\.savefig\(|np\.savez?\(|"
+                        r"nib\.save\(|\.save_as\(|open\([^)]*[\"'][wa]b?[\"']")
+    allowed = {"runs.py", "checkpoints.py", "dicom_writer.py"}
+    offenders = []
+    for path in sorted(Path(cspine.__file__).parent.glob("*.py")):
+        if path.name in allowed:
+            continue
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            inside_atomic = any("atomic_path(" in above for above in lines[max(0, i - 1):i + 1])
+            if direct.search(line) and not inside_atomic:
+                offenders.append(f"{path.name}:{i + 1}: {line.strip()}")
+    assert not offenders, offenders

@@ -406,3 +406,14 @@ def test_tta_averages_each_slice_with_its_mirror_image(prepared):
     np.testing.assert_allclose(logit(tta_p), (logit(plain_p) + logit(mirror_p)) / 2, atol=2e-2)
     mean_f = (plain_f.astype(np.float32) + mirror_f) / 2
     np.testing.assert_allclose(tta_f.astype(np.float32), mean_f, atol=1e-2)
+
+
+def test_a_fold_resumes_only_with_the_settings_it_began_with(prepared, tmp_path):
+    from cspine.config import ConfigError
+
+    run_dir = _copy_base(prepared, tmp_path / "resume")
+    cfg = load_config(SMOKE_CONFIG, ["slice.epochs=2"])
+    train_fold(cfg, run_dir, 0, max_epochs=1)
+    with pytest.raises(ConfigError, match=r"fold 0 .*\(slice.lr: 0.001 → 0.01\)"):
+        train_fold(load_config(SMOKE_CONFIG, ["slice.epochs=2", "slice.lr=0.01"]), run_dir, 0)
+    assert train_fold(load_config(SMOKE_CONFIG, ["slice.epochs=2", "slice.workers=0"]), run_dir, 0)["finished"]

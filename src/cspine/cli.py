@@ -80,8 +80,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from cspine.prepare import prepare
 
     cfg = _config(args)
-    out = args.out or Path("runs") / cfg.name
-    cache = Run(out).cache.root
+    cache = Run(_bound(args, cfg)).cache.root
     index = prepare(cfg, find_data_dir(args.data), cache)
     print(f"{len(index)} slices cached in {cache}")
     return 0
@@ -114,6 +113,17 @@ def _folds_and_config(args: argparse.Namespace) -> tuple[list[int], Config]:
 
 def _run_dir(args: argparse.Namespace, cfg) -> Path:
     return args.out or Path("runs") / cfg.name
+
+
+def _bound(args: argparse.Namespace, cfg: Config) -> Path:
+    """The run folder of a per-stage command, its config checked against the run's artifacts and recorded."""
+    from cspine.pipeline import bind_config
+    from cspine.runs import check_writable
+
+    run_dir = _run_dir(args, cfg)
+    check_writable(run_dir)
+    bind_config(cfg, Run(run_dir))
+    return run_dir
 
 
 def _data_for_run(args: argparse.Namespace, run_dir: Path) -> Path:
@@ -153,8 +163,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from cspine.extract import extract_fold
 
     folds, cfg = _folds_and_config(args)
+    run_dir = _bound(args, cfg)
     for k in folds:
-        print(extract_fold(cfg, _run_dir(args, cfg), k))
+        print(extract_fold(cfg, run_dir, k))
     return 0
 
 
@@ -162,8 +173,9 @@ def cmd_train_seq(args: argparse.Namespace) -> int:
     from cspine.train_seq import train_seq
 
     folds, cfg = _folds_and_config(args)
+    run_dir = _bound(args, cfg)
     for k in folds:
-        sizes = train_seq(cfg, _run_dir(args, cfg), k)
+        sizes = train_seq(cfg, run_dir, k)
         print(f"fold {k}: BLSTM sizes trained: {', '.join(map(str, sizes)) or 'none (all up to date)'}")
     return 0
 
@@ -172,7 +184,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from cspine.evaluate import evaluate
 
     cfg = _config(args)
-    report = evaluate(cfg, _run_dir(args, cfg))
+    report = evaluate(cfg, _bound(args, cfg))
     print((report / "report.md").read_text())
     return 0
 
@@ -288,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("config: %s", exc)
         return 2
-    except (DataError, FileNotFoundError, FileExistsError, CheckpointError) as exc:
+    except (DataError, OSError, CheckpointError) as exc:  # each names its file; no traceback for the user
         log.error("%s", exc)
         return 1
     except KeyboardInterrupt:

@@ -67,7 +67,12 @@ def find_data_dir(explicit: str | os.PathLike | None = None) -> Path:
 def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    df = pd.read_csv(path, dtype={"StudyInstanceUID": str, "row_id": str, "prediction_type": str})
+    try:
+        df = pd.read_csv(path, dtype={"StudyInstanceUID": str, "row_id": str, "prediction_type": str})
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty; expected columns {columns}") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable CSV table ({str(exc).splitlines()[0]})") from None
     missing = [c for c in columns if c not in df.columns]
     extra = [c for c in df.columns if c not in columns]
     if missing or extra:

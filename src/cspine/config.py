@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from cspine.runs import write_text
+
 
 class ConfigError(ValueError):
     """An unknown key or a value of the wrong type in a config file or override."""
@@ -248,10 +250,7 @@ def config_dict(cfg: Config) -> dict:
 
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:
     """Writes the resolved config (every key) beside a stage's outputs."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
-    return path
+    return write_text(path, yaml.safe_dump(config_dict(cfg), sort_keys=False))
 
 
 def diff_from_defaults(cfg: Config) -> dict:
@@ -267,3 +266,36 @@ def diff_from_defaults(cfg: Config) -> dict:
                 out[key] = value
         return out
     return diff(config_dict(cfg), config_dict(Config()))
+
+
+# Settings that shape no artifact of a run folder: how fast and where it runs, which folds one call trains,
+# how the submission is clipped (predict runs anew each time), and the synthetic data's recipe (the data
+# folder records its own, `cspine.synthetic.synthetic_settings`).
+RUNTIME_KEYS = ("name", "device", "prepare.workers", "slice.workers", "slice.amp", "slice.channels_last",
+                "predict.batch_size", "predict.clip", "folds.folds", "synth.")
+# Settings whose stages compare them with what they made and redo their work when they differ.
+REDONE_KEYS = ("seq.", "predict.tta")
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+        return out
+    a, b = flat(config_dict(old)), flat(config_dict(new))
+    return [key for key in a if a[key] != b[key]]
+
+
+def is_free(key: str) -> bool:
+    """Whether a setting may change in an existing run: it shapes nothing kept, or its stage redoes itself."""
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in (*RUNTIME_KEYS, *REDONE_KEYS))
+
+
+def config_value(cfg: Config, key: str):
+    """The value of a dotted key ("slice.epochs")."""
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value

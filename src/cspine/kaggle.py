@@ -109,7 +109,7 @@ def package_kaggle(cfg: Config, models_dir: str | os.PathLike, out: str | os.Pat
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    (out / MARKER).write_text("written by python -m cspine package-kaggle; replaced on the next run\n")
+    write_text(out / MARKER, "written by python -m cspine package-kaggle; replaced on the next run\n")
     bundle = Run(out / "models")
     for path in [*checkpoints, *blstms]:
         _copy(path, bundle.root / path.relative_to(models_dir))

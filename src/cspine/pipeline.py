@@ -20,14 +20,14 @@ from typing import Callable
 
 import pandas as pd
 
-from cspine.competition import DataError, find_data_dir, make_folds, read_train, write_folds
-from cspine.config import Config, save_config
+from cspine.competition import DataError, find_data_dir, make_folds, read_boxes, read_test, read_train, write_folds
+from cspine.config import Config, ConfigError, changed_keys, config_value, is_free, load_config, save_config
 from cspine.evaluate import evaluate
 from cspine.extract import extract_fold, is_extracted
 from cspine.predict import predict
 from cspine.prepare import is_cached, prepare
-from cspine.runs import Run, write_csv, write_text
-from cspine.synthetic import is_complete, make_competition
+from cspine.runs import Run, check_writable, write_csv, write_text
+from cspine.synthetic import is_complete, make_competition, synthetic_settings
 from cspine.train_seq import is_seq_trained, train_seq
 from cspine.train_slices import is_trained, train_fold
 
@@ -50,6 +50,7 @@ def resolve_data(cfg: Config, data: str | os.PathLike | None, synthetic_dir: Pat
         return find_data_dir()
     except DataError as exc:
         if is_complete(synthetic_dir):
+            _check_synthetic(cfg, synthetic_dir)
             log.info("no competition data found; using the synthetic competition in %s", synthetic_dir)
             return synthetic_dir
         log.info("%s\n→ generating a synthetic competition in %s", exc, synthetic_dir)
@@ -60,12 +61,86 @@ def resolve_data(cfg: Config, data: str | os.PathLike | None, synthetic_dir: Pat
                                 workers=max(1, min(cfg.prepare.workers, os.cpu_count() or 1)))
 
 
-def setup_run(cfg: Config, data_dir: Path, run_dir: str | os.PathLike) -> pd.DataFrame:
-    """The run folder: resolved config, training labels, and folds (kept if present: CV stays comparable)."""
-    run = Run(run_dir)
+def _check_synthetic(cfg: Config, root: Path) -> None:
+    """Refuses a synthetic competition made with other `synth` settings than ``cfg`` asks for."""
+    wanted = {k: getattr(cfg.synth, k) for k in ("n_train", "n_test", "image_size", "n_slices", "difficulty",
+                                                 "box_fraction", "mask_fraction", "seed")}
+    made = synthetic_settings(root)
+    differ = [f"synth.{k}={v!r} (it has {made[k]!r})" for k, v in wanted.items() if made and made.get(k) != v]
+    if made is None or differ:
+        raise ConfigError(f"{root} holds a synthetic competition made with other settings than this config's: "
+                          + (", ".join(differ) if made else "its settings are not recorded")
+                          + f"; delete {root} to generate it anew, or pass --data {root} to use it as it is")
+
+
+def bind_config(cfg: Config, run: Run) -> None:
+    """Records ``cfg`` as the run's config, unless it contradicts what the run's artifacts were made with.
+
+    The run's ``config.yaml`` always describes its artifacts. A setting may change in an existing run only
+    while nothing it shapes exists yet, or when its stage redoes its work by itself (`is_free`: the BLSTMs
+    retrain on changed ``seq`` settings, extraction re-reads on ``predict.tta``).
+
+    Raises:
+        ConfigError: naming every setting that differs from the one the run's artifacts were made with.
+    """
+    if run.config.is_file():
+        recorded = load_config(run.config)
+        fixed = [key for key in changed_keys(recorded, cfg) if not is_free(key) and _shaped(run, key)]
+        if fixed:
+            listing = ", ".join(f"{key}={config_value(cfg, key)!r} (made with {config_value(recorded, key)!r})"
+                                for key in fixed)
+            raise ConfigError(f"{run.root} was made with other settings: {listing}; use another run folder "
+                              "(--out, or name=...) or delete this one")
     save_config(cfg, run.config)
-    write_text(run.data_dir_file, str(data_dir.resolve()) + "\n")
+
+
+def _shaped(run: Run, key: str) -> Path | None:
+    """The first artifact of the run that setting ``key`` shaped, if one exists."""
+    section = key.split(".", 1)[0]
+    if section == "prepare":
+        return next(run.cache.root.glob("*.json"), None)
+    if section == "folds":
+        return run.folds if run.folds.is_file() else None
+    if section == "slice":
+        return next(run.root.glob("slice/fold*/*.pt"), None)
+    return None
+
+
+def check_inputs(cfg: Config, data_dir: Path, train: pd.DataFrame) -> None:
+    """What `run` validates before its first stage, so that no mistake waits until after hours of training.
+
+    Reads test.csv and the boxes (each reader names the file and rows it rejects) and checks the fold
+    counts against the studies.
+
+    Raises:
+        ConfigError: fold settings that cannot work.
+        DataError: a table that cannot be used, or too few studies for the folds.
+    """
+    read_boxes(data_dir, train)
+    read_test(data_dir)
+    k, inner = cfg.folds.n_splits, cfg.seq.inner_folds
+    if k < 2:
+        raise ConfigError(f"folds.n_splits={k}: cross-validation needs at least 2 folds")
+    if cfg.seq.train_on == "own_fold" and inner < 2:
+        raise ConfigError(f"seq.inner_folds={inner}: the BLSTMs train in at least 2 inner folds of each fold")
+    if any(f not in range(k) for f in cfg.folds.folds):
+        raise ConfigError(f"folds.folds={list(cfg.folds.folds)}: folds are numbered 0 to {k - 1}")
+    per_fold = len(train) // k
+    needed = inner if cfg.seq.train_on == "own_fold" else 2
+    if per_fold < needed:
+        raise DataError(f"{len(train)} training studies make {k} folds of about {per_fold}: each needs at least "
+                        f"{needed} (seq.inner_folds) for its BLSTMs; lower folds.n_splits")
+
+
+def setup_run(cfg: Config, data_dir: Path, run_dir: str | os.PathLike) -> pd.DataFrame:
+    """The run folder: its config (bound to its artifacts), training labels, folds (kept if present: CV
+    stays comparable), after checking every input the stages will need."""
+    run = Run(run_dir)
+    check_writable(run.root)
     train = read_train(data_dir)
+    check_inputs(cfg, data_dir, train)
+    bind_config(cfg, run)
+    write_text(run.data_dir_file, str(data_dir.resolve()) + "\n")
     write_csv(train, run.labels)
     if not run.folds.is_file():
         write_folds(make_folds(train, cfg.folds.n_splits, cfg.folds.seed), run.folds)
@@ -146,6 +221,7 @@ def run(cfg: Config, data: str | os.PathLike | None = None, run_dir: str | os.Pa
     data_dir = resolve_data(cfg, data)
     run_folder = Run(run_dir or Path("runs") / cfg.name)
     submission = Path(submission or default_submission_path())
+    check_writable(submission.parent)
     train = setup_run(cfg, data_dir, run_folder)
     log.info("run %s: data %s, outputs %s", cfg.name, data_dir, run_folder.root)
     run_stages(cfg, data_dir, run_folder, "predict", submission, train)

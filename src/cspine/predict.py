@@ -31,7 +31,8 @@ from cspine.extract import study_features
 from cspine.inputs import study_input
 from cspine.models import SequenceNet, SliceNet
 from cspine.preprocess import preprocess_study
-from cspine.runs import Run
+from cspine.prepare import MIN_SLICES
+from cspine.runs import Run, check_writable
 from cspine.progress import progress
 from cspine.runtime import amp_dtype, pick_device
 from cspine.submission import make_submission, prior_from_train, write_submission
@@ -160,6 +161,7 @@ def predict(cfg: Config, data_dir: str | os.PathLike, models_dir: str | os.PathL
         train: training labels for the prior of failed or absent studies (default: the real data's).
     """
     data_dir = Path(data_dir)
+    check_writable(Path(out_csv).parent)
     device = pick_device(cfg.device)
     ensemble = load_ensemble(models_dir, cfg.seq.hidden, device)
     check_config(cfg, ensemble)
@@ -176,7 +178,7 @@ def predict(cfg: Config, data_dir: str | os.PathLike, models_dir: str | os.PathL
             pending = reader.submit(_load, data_dir / "test_images" / uids[i + 1]) if i + 1 < len(uids) else None
             try:
                 series = current.result()
-                if len(series) < 2:
+                if len(series) < MIN_SLICES:
                     raise ValueError(f"only {len(series)} readable slice(s)")
                 probs[uid] = predict_series(series, ensemble, cfg, device)
             except Exception as exc:  # one bad study must never cost the submission: it gets the prior

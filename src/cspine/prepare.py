@@ -24,7 +24,7 @@ import pandas as pd
 
 from cspine import TARGETS, VERTEBRAE
 from cspine.competition import read_boxes, read_mask, read_train, slice_labels, vertebra_presence
-from cspine.config import Config, PrepareConfig, save_config
+from cspine.config import Config, ConfigError, PrepareConfig, load_config, save_config
 from cspine.dicom import load_series
 from cspine.preprocess import boxes_in_cache_frame, preprocess_study
 from cspine.runs import Cache, atomic_path, write_csv, write_text
@@ -33,6 +33,7 @@ from cspine.progress import progress
 log = logging.getLogger(__name__)
 
 UNKNOWN = -1  # a label that the data cannot give (no boxes, or no mask, for that study)
+MIN_SLICES = 2  # fewer readable slices make no crop and no sequence: prepare skips the study, predict gives the prior
 INDEX_COLUMNS = ["StudyInstanceUID", "order", "slice_number", "z", "label",
                  *[f"{v}_present" for v in VERTEBRAE], *[f"{v}_fracture" for v in VERTEBRAE]]
 
@@ -89,6 +90,23 @@ def cached_boxes(boxes: list[dict], slice_numbers: np.ndarray, crops: list, size
     return out
 
 
+def _presence(mask_path: Path, series) -> np.ndarray | None:
+    """Per-slice vertebra presence from a segmentation; None, with a warning, when the file is unusable.
+
+    A damaged or empty mask costs the study its per-vertebra labels, never its images and study labels.
+    """
+    try:
+        mask = read_mask(mask_path, series)
+    except Exception as exc:  # nibabel raises many types on a damaged file
+        log.warning("prepare: segmentation %s cannot be read (%s: %s); the study is kept without it",
+                    mask_path, type(exc).__name__, exc)
+        return None
+    if not mask.any():
+        log.warning("prepare: segmentation %s labels no vertebra; the study is kept without it", mask_path)
+        return None
+    return vertebra_presence(mask)
+
+
 def cache_study(job: StudyJob) -> tuple[str, int, str | None]:
     """Loads, preprocesses and writes one study; returns (uid, slices, error or None)."""
     cache = Cache(job.out_dir)
@@ -98,10 +116,12 @@ def cache_study(job: StudyJob) -> tuple[str, int, str | None]:
             series = load_series(job.image_dir, workers=1, on_error="skip")
         for w in caught:
             log.warning("%s", w.message)
+        if len(series) < MIN_SLICES:
+            raise ValueError(f"only {len(series)} readable slice(s)")
         images, boxes = preprocess_study(series.hu, job.prepare.size, job.prepare.crop, job.prepare.margin)
         box_df = pd.DataFrame(job.boxes, columns=["StudyInstanceUID", "x", "y", "width", "height", "slice_number"])
         slice_label = slice_labels(series.slice_numbers, box_df)
-        presence = vertebra_presence(read_mask(job.mask_path, series)) if job.mask_path else None
+        presence = _presence(job.mask_path, series) if job.mask_path else None
         label, fracture = _slice_targets(job.labels, slice_label, presence, bool(job.boxes))
         with atomic_path(cache.images(job.uid)) as tmp, open(tmp, "wb") as f:
             np.save(f, images)
@@ -155,6 +175,23 @@ def build_index(cache_dir: Path, uids: list[str]) -> pd.DataFrame:
     return index
 
 
+def bind_cache(cfg: Config, cache: Cache) -> None:
+    """Records the settings of a new cache once; refuses other preprocessing for a cache that holds studies.
+
+    Raises:
+        ConfigError: naming each ``prepare`` setting that differs from the one the cache was made with.
+    """
+    if cache.config.is_file() and any(cache.root.glob("*.json")):
+        made = load_config(cache.config).prepare
+        differ = [f"prepare.{key}={getattr(cfg.prepare, key)!r} (cached with {getattr(made, key)!r})"
+                  for key in ("size", "crop", "margin") if getattr(made, key) != getattr(cfg.prepare, key)]
+        if differ:
+            raise ConfigError(f"{cache.root} was made with other settings: {', '.join(differ)}; use another "
+                              "run folder (--out, or name=...) or delete the cache")
+        return
+    save_config(cfg, cache.config)
+
+
 def prepare(cfg: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
             studies: list[str] | None = None) -> pd.DataFrame:
     """Caches every training study (or ``studies``) and returns the slice index.
@@ -164,7 +201,7 @@ def prepare(cfg: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, Cache(out_dir).config)
+    bind_cache(cfg, Cache(out_dir))
     train = read_train(data_dir)
     boxes = read_boxes(data_dir, train)
     if studies is not None:

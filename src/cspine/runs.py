@@ -227,3 +227,18 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip("."))
     return path
+
+
+def check_writable(*paths: Path) -> None:
+    """Creates each path's folder and proves it writable now, not after hours of work.
+
+    Raises:
+        OSError: naming the folder that cannot be written.
+    """
+    for folder in {Path(p) for p in paths}:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_text(folder / ".cspine-write-check", "")
+            (folder / ".cspine-write-check").unlink()
+        except OSError as exc:
+            raise OSError(f"cannot write to {folder}: {exc.strerror or exc}") from None

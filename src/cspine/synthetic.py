@@ -9,6 +9,7 @@ subset of training studies, so every stage runs unchanged on it and on the real 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -24,6 +25,7 @@ from cspine import TARGETS, VERTEBRAE
 from cspine.dicom_writer import Encoding, write_series
 from cspine.phantom import PhantomConfig, render_study
 from cspine.progress import progress
+from cspine.runs import atomic_path, write_csv, write_text
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +86,9 @@ def write_mask(path: str | os.PathLike, labels: np.ndarray, origin: tuple[float,
     data = np.ascontiguousarray(labels[::-1, ::-1, :].transpose(2, 1, 0))
     image = nib.Nifti1Image(data, mask_affine(labels.shape, origin, spacing))
     image.header.set_data_dtype(np.uint8)
-    path = Path(path)
-    nib.save(image, path)
-    return path
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(image.to_bytes())
+    return Path(path)
 
 
 def _study_uid(index: int, seed: int) -> str:
@@ -187,17 +189,19 @@ def make_competition(
         results = [make_study(**job) for job in progress(jobs, **bar)]
 
     train = pd.DataFrame([r["row"] for r in results[:n_train]], columns=["StudyInstanceUID", *TARGETS])
-    train.to_csv(root / "train.csv", index=False)
+    write_csv(train, root / "train.csv")
     boxes = pd.DataFrame([b for r in results[:n_train] for b in r["boxes"]],
                          columns=["StudyInstanceUID", "x", "y", "width", "height", "slice_number"])
-    boxes.to_csv(root / "train_bounding_boxes.csv", index=False)
+    write_csv(boxes, root / "train_bounding_boxes.csv")
     test_uids = [job["uid"] for job in jobs[n_train:]]
     types = [*VERTEBRAE, "patient_overall"]
     test = pd.DataFrame([{"row_id": f"{uid}_{t}", "StudyInstanceUID": uid, "prediction_type": t}
                          for uid in test_uids for t in types], columns=["row_id", "StudyInstanceUID", "prediction_type"])
-    test.to_csv(root / "test.csv", index=False)
-    pd.DataFrame({"row_id": test["row_id"], "fractured": 0.5}).to_csv(root / "sample_submission.csv", index=False)
-    (root / COMPLETE_MARKER).write_text(f"seed={seed} train={n_train} test={n_test} image_size={image_size}\n")
+    write_csv(test, root / "test.csv")
+    write_csv(pd.DataFrame({"row_id": test["row_id"], "fractured": 0.5}), root / "sample_submission.csv")
+    settings = {"n_train": n_train, "n_test": n_test, "image_size": image_size, "n_slices": n_slices or 0,
+                "difficulty": difficulty, "box_fraction": box_fraction, "mask_fraction": mask_fraction, "seed": seed}
+    write_text(root / COMPLETE_MARKER, json.dumps(settings, indent=1) + "\n")  # written last: the folder is whole
     log.info("synthetic competition at %s: %d train (%d positive, %d reversed), %d test", root, n_train,
              int(train["patient_overall"].sum()), sum(r["reversed"] for r in results[:n_train]), n_test)
     return root
@@ -206,3 +210,11 @@ def make_competition(
 def is_complete(root: str | os.PathLike) -> bool:
     """Whether `make_competition` finished writing this folder."""
     return (Path(root) / COMPLETE_MARKER).is_file()
+
+
+def synthetic_settings(root: str | os.PathLike) -> dict | None:
+    """The `synth` settings a finished synthetic competition was made with (None: unknown)."""
+    try:
+        return json.loads((Path(root) / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return None

@@ -31,7 +31,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from cspine.checkpoints import load_checkpoint, save_checkpoint, save_slice_model
-from cspine.config import Config, SliceConfig, config_dict, save_config
+from cspine.config import (
+    Config,
+    ConfigError,
+    SliceConfig,
+    changed_keys,
+    config_dict,
+    config_value,
+    is_free,
+    load_config,
+    save_config,
+)
 from cspine.data import (
     BalancedDistributedSampler,
     SliceDataset,
@@ -370,7 +380,7 @@ def train_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, rt: Runtime |
     run = Run(run_dir)
     handler = None
     if rt.is_main:
-        save_config(cfg, run.slice_file(fold, "config.yaml"))
+        _bind_fold_config(cfg, run, fold)
         handler = _log_to(run.slice_file(fold, "train.log"))
     try:
         t = setup_fold(cfg, run, fold, rt)
@@ -405,6 +415,25 @@ def _loop(t: FoldTraining, max_epochs: int | None, max_steps: int | None) -> dic
         write_json({"best_loss": t.best_loss, "epochs": len(t.history)}, t.run.slice_done(t.fold))
     return {"fold": t.fold, "dir": str(t.run.slice_dir(t.fold)), "epochs": len(t.history),
             "best_val_loss": t.best_loss, "finished": finished, "steps": steps}
+
+
+def _bind_fold_config(cfg: Config, run: Run, fold: int) -> None:
+    """Records the fold's config when it starts; a resumed fold must continue with the settings it began with.
+
+    Raises:
+        ConfigError: naming each setting that would change the CNN of a fold already under way.
+    """
+    record = run.slice_file(fold, "config.yaml")
+    if run.slice_last(fold).is_file() and record.is_file():
+        began = load_config(record)
+        differ = [key for key in changed_keys(began, cfg) if not is_free(key) and key.split(".")[0] in
+                  ("prepare", "slice", "folds")]
+        if differ:
+            raise ConfigError(f"fold {fold} of {run.root} began with other settings ("
+                              + ", ".join(f"{k}: {config_value(began, k)!r} → {config_value(cfg, k)!r}" for k in differ)
+                              + "); resume with those, or use another run folder")
+        return
+    save_config(cfg, record)
 
 
 def _log_start(t: FoldTraining) -> None:
