@@ -34,7 +34,7 @@ def synthetic_root(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("synthetic")
     return make_competition(root, n_train=8, n_test=2, seed=11, image_size=96, n_slices=40,
-                            box_fraction=1.0, mask_fraction=0.75)
+                            box_fraction=1.0, mask_fraction=0.75, min_masks=0)
 
 
 SMOKE_CONFIG = REPO / "configs" / "smoke.yaml"

@@ -38,6 +38,6 @@ def test_synth_and_prepare_commands(tmp_path):
 
 def test_module_entry_point_lists_every_stage():
     out = subprocess.run([sys.executable, "-m", "cspine", "--help"], capture_output=True, text=True, check=True).stdout
-    for stage in ("run", "synth", "prepare", "train-slices", "extract", "train-seq", "evaluate", "predict",
+    for stage in ("run", "synth", "prepare", "segment", "train-slices", "extract", "train-seq", "evaluate", "predict",
                   "explain", "package-kaggle"):
         assert stage in out

@@ -181,3 +181,36 @@ def test_label_prevalence_follows_the_real_data():
 def test_a_competition_without_test_studies_is_still_complete(tmp_path):
     root = make_competition(tmp_path, n_train=2, n_test=0, seed=1, image_size=40, n_slices=8)
     assert read_test(root).empty and list(pd.read_csv(root / "sample_submission.csv").columns) == ["row_id", "fractured"]
+
+
+def test_label_shares_follow_the_real_data_with_a_dozen_masks(tmp_path):
+    from cspine.synthetic import make_competition
+
+    root = make_competition(tmp_path, n_train=40, n_test=2, seed=5, image_size=48, n_slices=12)
+    train = pd.read_csv(root / "train.csv")
+    boxes = pd.read_csv(root / "train_bounding_boxes.csv")
+    positives = set(train.loc[train["patient_overall"] == 1, "StudyInstanceUID"])
+    boxed = set(boxes["StudyInstanceUID"])
+    assert boxed <= positives and 0 < len(boxed) < len(positives) / 2  # about a quarter, as in the real data
+    assert len(list((root / "segmentations").glob("*.nii"))) == 12  # 4.3% of 40 is 2: at least a dozen
+
+
+def test_truth_gives_every_slice_of_every_study_its_true_vertebra(tmp_path):
+    from cspine.competition import read_mask
+    from cspine.dicom import load_series
+    from cspine.synthetic import TRUTH_DIR, make_competition
+
+    root = make_competition(tmp_path, n_train=3, n_test=1, seed=2, image_size=48, n_slices=14, mask_fraction=1.0)
+    truth = pd.read_csv(root / TRUTH_DIR / "vertebrae.csv", dtype={"StudyInstanceUID": str})
+    studies = [*(root / "train_images").iterdir(), *(root / "test_images").iterdir()]
+    assert truth["StudyInstanceUID"].nunique() == len(studies) == 4 and len(truth) == 4 * 14
+    assert not (root / "train_images" / TRUTH_DIR).exists()  # outside the competition layout
+    for mask_path in (root / "segmentations").glob("*.nii"):
+        uid = mask_path.name.removesuffix(".nii")
+        series = load_series(root / "train_images" / uid)
+        mask = read_mask(mask_path, series)
+        rows = truth[truth["StudyInstanceUID"] == uid].set_index("slice_number").loc[series.slice_numbers]
+        for k in range(len(series)):  # the truth agrees with the segmentation slice by slice
+            present = {int(v) for v in np.unique(mask[k]) if 1 <= v <= 7}
+            assert present == {i + 1 for i, v in enumerate(("C1", "C2", "C3", "C4", "C5", "C6", "C7"))
+                               if rows.iloc[k][v]}

@@ -70,6 +70,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     s = cfg.synth
     root = make_competition(args.out, n_train=s.n_train, n_test=s.n_test, seed=s.seed, image_size=s.image_size,
                             difficulty=s.difficulty, box_fraction=s.box_fraction, mask_fraction=s.mask_fraction,
+                            min_masks=s.min_masks,
                             n_slices=s.n_slices or None, workers=args.workers)
     print(f"synthetic competition written to {root}")
     return 0
@@ -156,6 +157,15 @@ def cmd_train_slices(args: argparse.Namespace) -> int:
         summary = train_fold(cfg, run_dir, k, rt=rt)
         if rt.is_main:
             print(summary)
+    return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from cspine.segment import segment
+
+    cfg = _config(args)
+    table = segment(cfg, _bound(args, cfg))
+    print(f"{table['StudyInstanceUID'].nunique()} studies segmented, {len(table)} slices")
     return 0
 
 
@@ -249,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="preprocess every training study into the slice cache")
     _add_common(p)
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("segment", help="label every cached slice's vertebrae (a U-Net trained on the masks)")
+    _add_common(p, data=False)
+    p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("train-slices", help="stage 1: train the slice CNN (fold=K, or every fold)")
     _add_common(p)

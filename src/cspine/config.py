@@ -34,8 +34,9 @@ class SynthConfig:
     image_size: int = 160  # real scans are 512; 160 keeps the CPU demo in minutes
     n_slices: int = 0  # 0 draws 60–120 slices per study
     difficulty: float = 0.5
-    box_fraction: float = 0.6  # real data: 235 of 961 positive studies have boxes
-    mask_fraction: float = 0.25  # real data: 87 of 2,019 studies have segmentations
+    box_fraction: float = 0.245  # real data: 235 of 961 positive studies have boxes
+    mask_fraction: float = 0.043  # real data: 87 of 2,019 studies have segmentations
+    min_masks: int = 12  # but at least this many (all, if fewer studies): a segmentation network needs a dozen
     seed: int = 0
 
 
@@ -97,6 +98,31 @@ class SliceConfig:
     val_max_slices: int = 0  # 0 = every validation slice
     aux_weight: float = 0.5  # weight of the per-vertebra heads against the slice-fracture head
     box_weight: float = 0.0  # >0 adds a box-map head trained on the competition's boxes (0 = the paper's CNN)
+    # where fractured studies without boxes get slice labels: "boxes" leaves them unknown (the paper's
+    # labels, a quarter of the real positives); "vertebrae" marks the slices of each fractured vertebra,
+    # from the `segment` stage (true masks where a study has one)
+    labels: str = "boxes"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SegConfig:
+    """Stage `segment`: a 2.5D U-Net that labels every voxel of a study C1..C7 (or T1, or nothing).
+
+    It reads sagittal planes of the cached study: on an axial slice C3 looks like C6, while a sagittal
+    plane shows the column from the skull down, so the network can count.
+    """
+
+    encoder: str = "resnet10t"  # a timm encoder (segmentation-models-pytorch's "tu-" family)
+    context: int = 2  # neighbouring sagittal planes on each side, as channels
+    depth: int = 96  # the study's slices resampled to this many rows of the sagittal image (a multiple of 32)
+    folds: int = 2  # folds over the studies with masks: each one's out-of-fold Dice comes from a model that never saw it
+    steps: int = 400  # optimizer steps per fold
+    batch_size: int = 16
+    lr: float = 2e-3
+    plane_stride: int = 2  # predict every n-th sagittal plane (neighbours copy it): a vertebra spans many
+    min_pixels: int = 8  # a vertebra is present on an axial slice from this many of its pixels (at the cache's size)
+    workers: int = 0
     seed: int = 0
 
 
@@ -150,6 +176,7 @@ class Config:
     synth: SynthConfig = field(default_factory=SynthConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     folds: FoldConfig = field(default_factory=FoldConfig)
+    seg: SegConfig = field(default_factory=SegConfig)
     slice: SliceConfig = field(default_factory=SliceConfig)
     seq: SeqConfig = field(default_factory=SeqConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
@@ -271,7 +298,7 @@ def diff_from_defaults(cfg: Config) -> dict:
 # Settings that shape no artifact of a run folder: how fast and where it runs, which folds one call trains,
 # how the submission is clipped (predict runs anew each time), and the synthetic data's recipe (the data
 # folder records its own, `cspine.synthetic.synthetic_settings`).
-RUNTIME_KEYS = ("name", "device", "prepare.workers", "slice.workers", "slice.amp", "slice.channels_last",
+RUNTIME_KEYS = ("name", "device", "prepare.workers", "seg.workers", "slice.workers", "slice.amp", "slice.channels_last",
                 "predict.batch_size", "predict.clip", "folds.folds", "synth.")
 # Settings whose stages compare them with what they made and redo their work when they differ.
 REDONE_KEYS = ("seq.", "predict.tta")

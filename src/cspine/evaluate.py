@@ -26,6 +26,7 @@ from cspine.metrics import cv_table, paper_reports, weighted_log_loss, write_tab
 from cspine.prepare import UNKNOWN
 from cspine.runs import Run, save_figure, write_csv, write_text
 from cspine.submission import prior_from_train
+from cspine.synthetic import TRUTH_DIR
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,48 @@ def collect_oof(run: Run, hidden: int, n_folds: int) -> pd.DataFrame:
     return oof
 
 
+def segmentation_scores(run: Run) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Out-of-fold Dice per vertebra (masked studies), and slice-level agreement with the true vertebra of
+    every slice where the data has it (the synthetic competition's ``truth/``; evaluation only).
+
+    Returns:
+        The Dice table (one row per masked study), and per group of studies (with a mask: out of fold;
+        without: all fold models) the share of slices whose level (the vertebra with most pixels) and
+        whose set of C1..C7 shown both match the truth, or None without truth.
+    """
+    dice = pd.read_csv(run.seg_file("dice.csv"), dtype={"StudyInstanceUID": str})
+    data_dir = Path(run.data_dir_file.read_text().strip()) if run.data_dir_file.is_file() else None
+    truth_path = data_dir / TRUTH_DIR / "vertebrae.csv" if data_dir else None
+    if truth_path is None or not truth_path.is_file():
+        return dice, None
+    table = pd.read_csv(run.seg_file("vertebrae.csv"), dtype={"StudyInstanceUID": str})
+    truth = pd.read_csv(truth_path, dtype={"StudyInstanceUID": str})
+    both = table.merge(truth, on=["StudyInstanceUID", "slice_number"], suffixes=("", "_true"))
+    both["group"] = np.where(both["StudyInstanceUID"].isin(dice["StudyInstanceUID"]), "with a mask (out of fold)",
+                             "without a mask")
+    both["level ok"] = both["level"] == both["level_true"]
+    both["vertebrae ok"] = (both[list(VERTEBRAE)].to_numpy() == both[[f"{v}_true" for v in VERTEBRAE]].to_numpy()).all(1)
+    accuracy = both.groupby("group").agg(studies=("StudyInstanceUID", "nunique"), slices=("level", "size"),
+                                         **{"slice level": ("level ok", "mean"),
+                                            "vertebrae shown": ("vertebrae ok", "mean")}).reset_index()
+    return dice, accuracy
+
+
+def segmentation_section(run: Run) -> list[str]:
+    """The report's segmentation lines (none when the run has no segmentation)."""
+    if not run.seg_file("dice.csv").is_file():
+        return []
+    dice, accuracy = segmentation_scores(run)
+    means = dice[list(VERTEBRAE)].mean()
+    lines = ["## Segmentation", "",
+             f"Out-of-fold Dice per vertebra on the {len(dice)} studies with a mask (mean {means.mean():.3f}):", "",
+             means.to_frame("Dice").T.round(3).to_markdown(index=False), ""]
+    if accuracy is not None:
+        lines += ["Slices whose predicted vertebrae match the truth (synthetic data only):", "",
+                  accuracy.round(3).to_markdown(index=False), ""]
+    return lines
+
+
 def model_name(cfg: Config) -> str:
     """The slice CNN as the report names it, e.g. "ResNet-50" or "resnet10t ×0.5"."""
     name = {"resnet50": "ResNet-50"}.get(cfg.slice.backbone, cfg.slice.backbone)
@@ -193,6 +236,7 @@ def evaluate(cfg: Config, run_dir: str | os.PathLike) -> Path:
         "Weighted log loss (lower is better; a constant 0.5 scores 0.6931).", "",
         fmt.to_markdown(index=False), "",
         "![ROC](roc.png) ![calibration](calibration.png)", "",
+        *segmentation_section(run),
     ]
     write_text(out / "report.md", "\n".join(lines))
     log.info("evaluate: report in %s", out / "report.md")

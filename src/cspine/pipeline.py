@@ -4,13 +4,14 @@
     python -m cspine run --data /path/to/rsna-2022-cervical-spine-fracture-detection
     python -m cspine run --config configs/paper.yaml       # the paper's settings, for a GPU
 
-Stages (`STAGES`): prepare → train-slices (every fold) → extract → train-seq (every BLSTM size) → evaluate →
+Stages (`STAGES`): prepare → segment (when ``slice.labels="vertebrae"``) → train-slices (every fold) → extract → train-seq (every BLSTM size) → evaluate →
 predict, after the run folder is set up (synthetic data when none is found, labels, folds). A second run
 resumes: each stage whose outputs are complete is skipped, and within a stage finished studies and folds are.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -27,6 +28,7 @@ from cspine.extract import extract_fold, is_extracted
 from cspine.predict import predict
 from cspine.prepare import is_cached, prepare
 from cspine.runs import Run, check_writable, write_csv, write_text
+from cspine.segment import is_segmented, segment
 from cspine.synthetic import is_complete, make_competition, synthetic_settings
 from cspine.train_seq import is_seq_trained, train_seq
 from cspine.train_slices import is_trained, train_fold
@@ -57,16 +59,15 @@ def resolve_data(cfg: Config, data: str | os.PathLike | None, synthetic_dir: Pat
         s = cfg.synth
         return make_competition(synthetic_dir, n_train=s.n_train, n_test=s.n_test, seed=s.seed,
                                 image_size=s.image_size, difficulty=s.difficulty, box_fraction=s.box_fraction,
-                                mask_fraction=s.mask_fraction, n_slices=s.n_slices or None,
+                                mask_fraction=s.mask_fraction, min_masks=s.min_masks, n_slices=s.n_slices or None,
                                 workers=max(1, min(cfg.prepare.workers, os.cpu_count() or 1)))
 
 
 def _check_synthetic(cfg: Config, root: Path) -> None:
     """Refuses a synthetic competition made with other `synth` settings than ``cfg`` asks for."""
-    wanted = {k: getattr(cfg.synth, k) for k in ("n_train", "n_test", "image_size", "n_slices", "difficulty",
-                                                 "box_fraction", "mask_fraction", "seed")}
+    wanted = dataclasses.asdict(cfg.synth)
     made = synthetic_settings(root)
-    differ = [f"synth.{k}={v!r} (it has {made[k]!r})" for k, v in wanted.items() if made and made.get(k) != v]
+    differ = [f"synth.{k}={v!r} (it has {made.get(k)!r})" for k, v in wanted.items() if made and made.get(k) != v]
     if made is None or differ:
         raise ConfigError(f"{root} holds a synthetic competition made with other settings than this config's: "
                           + (", ".join(differ) if made else "its settings are not recorded")
@@ -103,6 +104,8 @@ def _shaped(run: Run, key: str) -> Path | None:
         return run.folds if run.folds.is_file() else None
     if section == "slice":
         return next(run.root.glob("slice/fold*/*.pt"), None)
+    if section == "seg":
+        return next(run.root.glob("segment/fold*.pt"), None)
     return None
 
 
@@ -187,6 +190,8 @@ def _always(job: Job) -> bool:
 # A new stage is one entry here; `run` and `run_stages` need nothing else.
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", _prepared, lambda j: prepare(j.cfg, j.data_dir, j.run.cache.root)),
+    Stage("segment", lambda j: j.cfg.slice.labels != "vertebrae" or is_segmented(j.run, j.cfg.seg),
+          lambda j: segment(j.cfg, j.run)),
     Stage("train-slices", lambda j: all(is_trained(j.run, k) for k in j.folds),
           lambda j: [train_fold(j.cfg, j.run, k) for k in j.folds if not is_trained(j.run, k)]),
     Stage("extract", lambda j: all(is_extracted(j.cfg, j.run, k) for k in j.folds),

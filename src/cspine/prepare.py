@@ -2,9 +2,10 @@
 
     python -m cspine prepare --config configs/demo.yaml --data input/synthetic --out runs/demo/cache
 
-Per study, ``<uid>.npy`` holds uint8 [N, size, size, 3] head to feet, and ``<uid>.json`` its slice
-numbers, positions, labels, crop and fracture boxes (in the cached image's pixels); ``index.csv`` has one
-row per slice. Studies run in parallel; a finished study (its JSON written last, by rename) is skipped on
+Per study, ``<uid>.npy`` holds uint8 [N, size, size, 3] head to feet, ``<uid>.json`` its slice
+numbers, positions, labels, crop and fracture boxes (in the cached image's pixels), and, for a study with
+a segmentation, ``<uid>.mask.npy`` its vertebra labels in the same frame; ``index.csv`` has one row per
+slice. Studies run in parallel; a finished study (its JSON written last, by rename) is skipped on
 the next run, so a killed run resumes and never leaves a half-written study that reads as finished. A
 study that fails is logged and listed.
 """
@@ -26,7 +27,7 @@ from cspine import TARGETS, VERTEBRAE
 from cspine.competition import read_boxes, read_mask, read_train, slice_labels, vertebra_presence
 from cspine.config import Config, ConfigError, PrepareConfig, load_config, save_config
 from cspine.dicom import load_series
-from cspine.preprocess import boxes_in_cache_frame, preprocess_study
+from cspine.preprocess import boxes_in_cache_frame, labels_in_cache_frame, preprocess_study
 from cspine.runs import Cache, atomic_path, write_csv, write_text
 from cspine.progress import progress
 
@@ -90,8 +91,8 @@ def cached_boxes(boxes: list[dict], slice_numbers: np.ndarray, crops: list, size
     return out
 
 
-def _presence(mask_path: Path, series) -> np.ndarray | None:
-    """Per-slice vertebra presence from a segmentation; None, with a warning, when the file is unusable.
+def _mask(mask_path: Path, series) -> np.ndarray | None:
+    """A study's segmentation aligned with its slices; None, with a warning, when the file is unusable.
 
     A damaged or empty mask costs the study its per-vertebra labels, never its images and study labels.
     """
@@ -104,7 +105,7 @@ def _presence(mask_path: Path, series) -> np.ndarray | None:
     if not mask.any():
         log.warning("prepare: segmentation %s labels no vertebra; the study is kept without it", mask_path)
         return None
-    return vertebra_presence(mask)
+    return mask
 
 
 def cache_study(job: StudyJob) -> tuple[str, int, str | None]:
@@ -121,8 +122,12 @@ def cache_study(job: StudyJob) -> tuple[str, int, str | None]:
         images, boxes = preprocess_study(series.hu, job.prepare.size, job.prepare.crop, job.prepare.margin)
         box_df = pd.DataFrame(job.boxes, columns=["StudyInstanceUID", "x", "y", "width", "height", "slice_number"])
         slice_label = slice_labels(series.slice_numbers, box_df)
-        presence = _presence(job.mask_path, series) if job.mask_path else None
+        mask = _mask(job.mask_path, series) if job.mask_path else None
+        presence = vertebra_presence(mask) if mask is not None else None
         label, fracture = _slice_targets(job.labels, slice_label, presence, bool(job.boxes))
+        if mask is not None:  # the segmentation stage trains on it, in the cached images' frame
+            with atomic_path(cache.mask(job.uid)) as tmp, open(tmp, "wb") as f:
+                np.save(f, labels_in_cache_frame(mask, boxes, job.prepare.size))
         with atomic_path(cache.images(job.uid)) as tmp, open(tmp, "wb") as f:
             np.save(f, images)
         crops = [list(map(int, b)) for b in (boxes[:1] if job.prepare.crop == "study" else boxes)]
@@ -227,7 +232,7 @@ def prepare(cfg: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike
         try:
             for uid, n, error in (pool.map if pool else map)(cache_study, jobs):  # in-process: easier to debug
                 bar.update()
-                bar.set_postfix(slices=n)
+                bar.set_postfix(slices=n, refresh=False)
                 if error:
                     log.error("prepare: study %s failed: %s", uid, error)
                     failures.append(f"{uid}\t{error}")

@@ -275,3 +275,25 @@ def boxes_in_cache_frame(boxes: list[dict], crop: tuple[int, int, int, int], siz
     scale = size / side
     return [((b["x"] - x0 + left) * scale, (b["y"] - y0 + top) * scale, b["width"] * scale, b["height"] * scale)
             for b in boxes]
+
+
+def labels_in_cache_frame(labels: np.ndarray, boxes: list[Box], size: int) -> np.ndarray:
+    """A label volume cropped, padded and resized exactly as its study's slices were (nearest neighbour).
+
+    Args:
+        labels: uint8 [N, H, W] aligned with the study's HU (e.g. `cspine.competition.read_mask`).
+        boxes: the crop of each slice, as `preprocess_study` returned them.
+        size: the cache's side.
+
+    Returns:
+        uint8 [N, size, size], the labels of each cached pixel.
+    """
+    out = np.zeros((len(labels), size, size), np.uint8)
+    for k, (y0, y1, x0, x1) in enumerate(boxes):
+        crop = np.ascontiguousarray(labels[k, y0:y1, x0:x1])
+        h, w = crop.shape
+        side = max(h, w)
+        top, left = (side - h) // 2, (side - w) // 2
+        padded = cv2.copyMakeBorder(crop, top, side - h - top, left, side - w - left, cv2.BORDER_CONSTANT, value=0)
+        out[k] = cv2.resize(padded, (size, size), interpolation=cv2.INTER_NEAREST)
+    return out

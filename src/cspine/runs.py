@@ -37,6 +37,7 @@ class CheckpointError(RuntimeError):
 # the records a stage keeps beside its models; `Run.slice_file` and `Run.seq_file` accept only these
 SLICE_FILES = ("history.csv", "oof_slices.csv", "table2", "report.json", "train.log", "config.yaml")
 SEQ_FILES = ("oof.csv", "features.json", "history.json")
+SEG_FILES = ("vertebrae.csv", "extents.csv", "dice.csv")
 
 
 class Cache:
@@ -62,6 +63,10 @@ class Cache:
 
     def meta(self, uid: str) -> Path:
         return self.root / f"{uid}.json"
+
+    def mask(self, uid: str) -> Path:
+        """uint8 [N, size, size] vertebra labels of a study with a segmentation, in the cached images' frame."""
+        return self.root / f"{uid}.mask.npy"
 
     def read_index(self) -> pd.DataFrame:
         """One row per cached slice (`cspine.prepare.INDEX_COLUMNS`)."""
@@ -134,6 +139,16 @@ class Run:
     def slice_checkpoints(self) -> dict[int, Path]:
         """{fold: best.pt} for every fold that has one."""
         return {int(p.parent.name[4:]): p for p in sorted(self.root.glob("slice/fold*/best.pt"))}
+
+    def seg_model(self, fold: int) -> Path:
+        """The segmentation model of one fold (`cspine.segment`)."""
+        return self.root / "segment" / f"fold{fold}.pt"
+
+    def seg_file(self, name: str) -> Path:
+        """One of the segmentation stage's tables (`SEG_FILES`)."""
+        if name not in SEG_FILES:
+            raise ValueError(f"{name!r} is not a segmentation table; one of {SEG_FILES}")
+        return self.root / "segment" / name
 
     def features_dir(self, fold: int) -> Path:
         return self.root / "features" / f"fold{fold}"

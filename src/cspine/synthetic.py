@@ -23,7 +23,7 @@ import pandas as pd
 
 from cspine import TARGETS, VERTEBRAE
 from cspine.dicom_writer import Encoding, write_series
-from cspine.phantom import PhantomConfig, render_study
+from cspine.phantom import T1_LABEL, PhantomConfig, render_study
 from cspine.progress import progress
 from cspine.runs import atomic_path, write_csv, write_text
 
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 UID_ROOT = "1.2.826.0.1.3680043."
 COMPLETE_MARKER = ".complete"
+TRUTH_DIR = "truth"  # the true vertebra of every slice; no training code may read it (a test audits this)
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ def make_study(root: str | os.PathLike, split: str, uid: str, seed: tuple[int, .
     if with_mask:
         (root / "segmentations").mkdir(exist_ok=True)
         write_mask(root / "segmentations" / f"{uid}.nii", study.labels, files.origin, study.spacing)
+    truth = vertebra_truth(uid, study.labels, numbers)
     fractured = set(study.fractured_levels)
     row = {"StudyInstanceUID": uid, "patient_overall": int(bool(fractured))}
     row.update({v: int(i + 1 in fractured) for i, v in enumerate(VERTEBRAE)})
@@ -137,7 +139,18 @@ def make_study(root: str | os.PathLike, split: str, uid: str, seed: tuple[int, .
         found = study.fracture_boxes() or study.fracture_boxes(min_coverage=0.1, min_pixels=1)
         boxes = [{"StudyInstanceUID": uid, "x": float(x), "y": float(y), "width": float(bw), "height": float(bh),
                   "slice_number": int(numbers[k])} for k, x, y, bw, bh in found]
-    return {"row": row, "boxes": boxes, "reversed": files.numbering == "feet_to_head"}
+    return {"row": row, "boxes": boxes, "truth": truth, "reversed": files.numbering == "feet_to_head"}
+
+
+def vertebra_truth(uid: str, labels: np.ndarray, numbers: np.ndarray) -> list[dict]:
+    """One row per slice: its file's slice_number, which of C1..C7 it shows, and its level.
+
+    ``level`` is the vertebra with the most voxels on the slice (1..7 = C1..C7, 8 = T1, 0 = none).
+    """
+    counts = np.stack([(labels == k).sum(axis=(1, 2)) for k in range(1, T1_LABEL + 1)], axis=1)
+    level = np.where(counts.max(axis=1) > 0, counts.argmax(axis=1) + 1, 0)
+    return [{"StudyInstanceUID": uid, "slice_number": int(numbers[k]), "level": int(level[k]),
+             **{v: int(counts[k, i] > 0) for i, v in enumerate(VERTEBRAE)}} for k in range(len(labels))]
 
 
 def _make_study_star(kwargs: dict) -> dict:
@@ -151,8 +164,9 @@ def make_competition(
     seed: int = 0,
     image_size: int = 160,
     difficulty: float = 0.5,
-    box_fraction: float = 0.6,
-    mask_fraction: float = 0.25,
+    box_fraction: float = 0.245,
+    mask_fraction: float = 0.043,
+    min_masks: int = 12,
     n_slices: int | None = None,
     workers: int = 1,
 ) -> Path:
@@ -166,6 +180,8 @@ def make_competition(
         difficulty: 0 (obvious fractures) to 1 (sub-millimetre, noisy).
         box_fraction: share of positive training studies with bounding boxes (real data: 235 of 961).
         mask_fraction: share of training studies with a segmentation (real data: 87 of 2,019).
+        min_masks: at least this many training studies have a segmentation (all of them if fewer): the
+            phantoms are simpler than patients, but a segmentation network still needs a dozen.
         n_slices: fixed slices per study; None draws 60–120.
         workers: processes; the output is identical for any number.
     """
@@ -175,12 +191,14 @@ def make_competition(
     (root / COMPLETE_MARKER).unlink(missing_ok=True)
     config = PhantomConfig(image_size=image_size, n_slices=n_slices, difficulty=difficulty)
     plan_rng = np.random.default_rng([seed, 1])
+    boxed = plan_rng.random(n_train) < box_fraction  # decided before the fractures: a share of the positives
+    masked = set(plan_rng.choice(n_train, min(n_train, max(min_masks, round(mask_fraction * n_train))),
+                                 replace=False).tolist())
     jobs = []
     for i in range(n_train + n_test):
         split = "train" if i < n_train else "test"
         jobs.append(dict(root=root, split=split, uid=_study_uid(i, seed), seed=(seed, 2, i), config=config,
-                         with_boxes=split == "train" and plan_rng.random() < box_fraction,
-                         with_mask=split == "train" and plan_rng.random() < mask_fraction))
+                         with_boxes=split == "train" and bool(boxed[i]), with_mask=i in masked))
     bar = dict(total=len(jobs), desc="synthetic studies", unit="study")
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -199,8 +217,12 @@ def make_competition(
                          for uid in test_uids for t in types], columns=["row_id", "StudyInstanceUID", "prediction_type"])
     write_csv(test, root / "test.csv")
     write_csv(pd.DataFrame({"row_id": test["row_id"], "fractured": 0.5}), root / "sample_submission.csv")
+    truth = pd.DataFrame([t for r in results for t in r["truth"]],
+                         columns=["StudyInstanceUID", "slice_number", "level", *VERTEBRAE])
+    write_csv(truth, root / TRUTH_DIR / "vertebrae.csv")  # outside the competition layout: evaluation only
     settings = {"n_train": n_train, "n_test": n_test, "image_size": image_size, "n_slices": n_slices or 0,
-                "difficulty": difficulty, "box_fraction": box_fraction, "mask_fraction": mask_fraction, "seed": seed}
+                "difficulty": difficulty, "box_fraction": box_fraction, "mask_fraction": mask_fraction,
+                "min_masks": min_masks, "seed": seed}
     write_text(root / COMPLETE_MARKER, json.dumps(settings, indent=1) + "\n")  # written last: the folder is whole
     log.info("synthetic competition at %s: %d train (%d positive, %d reversed), %d test", root, n_train,
              int(train["patient_overall"].sum()), sum(r["reversed"] for r in results[:n_train]), n_test)

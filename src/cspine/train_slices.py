@@ -49,6 +49,7 @@ from cspine.data import (
     height_matched_weights,
     seed_worker,
 )
+from cspine.labels import vertebra_slice_labels
 from cspine.metrics import cv_table, paper_reports, write_table
 from cspine.models import SLICE_OUTPUTS, SliceNet
 from cspine.prepare import UNKNOWN
@@ -205,8 +206,14 @@ def setup_fold(cfg: Config, run: Run, fold: int, rt: Runtime) -> FoldTraining:
     s = cfg.slice
     if s.select not in ("val_loss", "last"):
         raise ValueError(f"slice.select must be 'val_loss' or 'last', not {s.select!r}")
+    if s.labels not in ("boxes", "vertebrae"):
+        raise ValueError(f"slice.labels must be 'boxes' or 'vertebrae', not {s.labels!r}")
     seed_everything(s.seed + fold)
-    train_df, val_df = slice_pools(run.cache.read_index(), run.read_folds(), fold)
+    index = run.cache.read_index()
+    if s.labels == "vertebrae":
+        index = vertebra_slice_labels(index, run.read_labels(), pd.read_csv(run.seg_file("vertebrae.csv"),
+                                                                            dtype={"StudyInstanceUID": str}))
+    train_df, val_df = slice_pools(index, run.read_folds(), fold)
     val_df = validation_subset(val_df, s.val_max_slices, s.seed)
     if train_df.empty or val_df.empty:
         raise RuntimeError(f"fold {fold}: {len(train_df)} training and {len(val_df)} validation slices with labels; "

@@ -1,0 +1,171 @@
+"""Vertebrae first: the segmentation stage, its geometry, and slice labels from vertebrae."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cspine import VERTEBRAE
+from cspine.config import load_config
+from cspine.prepare import UNKNOWN
+from cspine.runs import Run
+from cspine.segment import sagittal_labels, sagittal_planes, slice_levels, vertebra_extents
+
+from .conftest import SMOKE_CONFIG
+
+SEG_SMOKE = ["seg.steps=3", "seg.batch_size=4", "seg.depth=32", "seg.folds=2", "slice.labels=vertebrae"]
+
+
+def test_a_sagittal_plane_is_one_column_of_every_slice_with_its_neighbours():
+    n, s = 5, 8
+    study = np.zeros((n, s, s, 3), np.uint8)
+    study[..., 0] = np.arange(s)[None, None, :] * 10  # window 0 encodes the column
+    study[..., 1] = np.arange(n)[:, None, None] * 10  # window 1 encodes the slice
+    planes = sagittal_planes(study, np.array([0, 4]), context=1, depth=n)
+    assert planes.shape == (2, 9, n, 32)  # 3 planes × 3 windows; width rounded up to 32
+    column = planes[:, 0::3, :, 0] * 0.25 + 0.5  # undo the normalisation: window 0 of each plane
+    assert np.allclose(column[0].numpy() * 255, [[0] * n, [0] * n, [10] * n], atol=1e-3)  # edge repeats
+    assert np.allclose(column[1].numpy() * 255, [[30] * n, [40] * n, [50] * n], atol=1e-3)
+    rows = planes[0, 1, :, 0] * 0.25 + 0.5  # window 1 of the first plane, down the slices
+    assert np.allclose(rows.numpy() * 255, np.arange(n) * 10, atol=1e-3)  # head to feet, top to bottom
+    mask = np.zeros((n, s, s), np.uint8)
+    mask[2, 3, 4] = 5
+    labels = sagittal_labels(mask, np.array([4]), depth=n)
+    assert labels.shape == (1, n, 32) and labels[0, 2].max() == 5 and labels.sum() == 5 * 4  # 8 → 32 wide
+
+
+def test_vertebra_extents_keep_each_vertebras_longest_run():
+    labels = np.zeros((12, 16, 16), np.uint8)
+    labels[2:6, 4:8, 5:9] = 3  # C3 on slices 2..5
+    labels[9, 0:3, 0:3] = 3  # a stray blob of C3 below it: noise
+    labels[6:10, 6:10, 6:10] = 4  # C4 on slices 6..9
+    presence, extents = vertebra_extents(labels, min_pixels=4)
+    assert presence[:, 2].nonzero()[0].tolist() == [2, 3, 4, 5]
+    assert presence[:, 3].nonzero()[0].tolist() == [6, 7, 8, 9]
+    assert not presence[:, [0, 1, 4, 5, 6]].any()
+    c3 = next(e for e in extents if e["vertebra"] == "C3")
+    assert (c3["z0"], c3["z1"], c3["y0"], c3["y1"], c3["x0"], c3["x1"]) == (2, 5, 4, 8, 5, 9)
+    assert slice_levels(labels, 4).tolist() == [0, 0, 3, 3, 3, 3, 4, 4, 4, 4, 0, 0]  # slice 9: C4 outnumbers
+
+
+def test_pseudo_labels_are_presence_times_the_study_labels():
+    from cspine.labels import vertebra_slice_labels
+
+    def rows(uid, label, present, fracture):
+        return [{"StudyInstanceUID": uid, "order": k, "label": label[k],
+                 **{f"{v}_present": present[k][i] for i, v in enumerate(VERTEBRAE)},
+                 **{f"{v}_fracture": fracture[k][i] for i, v in enumerate(VERTEBRAE)}} for k in range(3)]
+
+    u, none = [UNKNOWN] * 7, [0] * 7
+    index = pd.DataFrame(
+        rows("no_boxes", [UNKNOWN] * 3, [u] * 3, [u] * 3)  # fractured C2 and C5, no boxes, no mask
+        + rows("masked", [UNKNOWN] * 3, [[0, 1, 0, 0, 0, 0, 0], none, none], [u] * 3)  # its own mask wins
+        + rows("boxed", [0, 1, 0], [u] * 3, [none, [0, 1, 0, 0, 0, 0, 0], none])  # boxes stay the label
+        + rows("healthy", [0] * 3, [u] * 3, [none] * 3))
+    labels = pd.DataFrame({"StudyInstanceUID": ["no_boxes", "masked", "boxed", "healthy"],
+                           **{v: [int(v in ("C2", "C5")), int(v in ("C2", "C5")), int(v == "C2"), 0]
+                              for v in VERTEBRAE}}).set_index("StudyInstanceUID")
+    shown = {0: {"C1", "C2"}, 1: {"C4"}, 2: {"C5", "C6"}}  # the segmentation's reading, every study alike
+    vertebrae = pd.DataFrame([{"StudyInstanceUID": uid, "order": k, **{v: int(v in shown[k]) for v in VERTEBRAE}}
+                              for uid in labels.index for k in range(3)])
+    out = vertebra_slice_labels(index, labels, vertebrae).set_index(["StudyInstanceUID", "order"])
+    assert out.loc["no_boxes", "label"].tolist() == [1, 0, 1]  # C2 on slice 0, C5 on slice 2
+    assert out.loc[("no_boxes", 2), "C5_fracture"] == 1 and out.loc[("no_boxes", 2), "C6_fracture"] == 0
+    assert out.loc["masked", "label"].tolist() == [1, 0, 0]  # its mask shows C2 on slice 0 only
+    assert out.loc["boxed", "label"].tolist() == [0, 1, 0]  # unchanged
+    assert out.loc["healthy", "label"].tolist() == [0, 0, 0]
+    assert (out[[f"{v}_present" for v in VERTEBRAE]].to_numpy() == index[[f"{v}_present" for v in VERTEBRAE]]
+            .to_numpy()).all()  # presence heads keep learning from true masks only
+
+
+def _prepared(synthetic_root, run_dir, overrides=()):
+    from cspine.pipeline import setup_run
+    from cspine.prepare import prepare
+
+    cfg = load_config(SMOKE_CONFIG, [*SEG_SMOKE, *overrides])
+    setup_run(cfg, synthetic_root, run_dir)
+    prepare(cfg, synthetic_root, Run(run_dir).cache.root)
+    return cfg
+
+
+def test_cached_masks_put_each_vertebra_on_its_slices_even_with_gaps(synthetic_root, tmp_path):
+    """Feet-to-head numbering and missing slices: the cached mask, read by order, agrees with the truth
+    file, read by slice number."""
+    from cspine.prepare import read_meta
+    from cspine.synthetic import TRUTH_DIR
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    truth_path = data / TRUTH_DIR / "vertebrae.csv"
+    truth = pd.read_csv(truth_path, dtype={"StudyInstanceUID": str})
+    masked = sorted(p.name.removesuffix(".nii") for p in (data / "segmentations").glob("*.nii"))
+    flipped = data / "train_images" / masked[1]  # renumbered feet to head, as about 10% of real studies are
+    files = sorted(flipped.iterdir(), key=lambda p: int(p.stem))
+    last = int(files[-1].stem) + 1
+    for path in files:
+        path.rename(path.with_name(f"{last - int(path.stem)}.tmp"))
+    for path in flipped.iterdir():
+        path.rename(path.with_suffix(".dcm"))
+    rows = truth["StudyInstanceUID"] == masked[1]
+    truth.loc[rows, "slice_number"] = last - truth.loc[rows, "slice_number"]
+    truth.to_csv(truth_path, index=False)
+    gappy = data / "train_images" / masked[0]
+    for path in sorted(gappy.iterdir(), key=lambda p: int(p.stem))[10:13]:
+        path.unlink()  # three slices missing in the middle: uneven spacing
+    run = Run(tmp_path / "run")
+    _prepared(data, run.root)
+    for uid in masked:
+        numbers = read_meta(run.cache.root, uid)["slice_numbers"]
+        assert (numbers[0] > numbers[-1]) == (uid == masked[1])  # head first in the cache, whatever the numbering
+        levels = slice_levels(np.load(run.cache.mask(uid)), min_pixels=1)
+        expected = truth[truth["StudyInstanceUID"] == uid].set_index("slice_number").loc[numbers, "level"].to_numpy()
+        assert np.mean(levels == expected) > 0.9, uid  # the crop can hide a level's last few pixels
+    assert len(read_meta(run.cache.root, masked[0])["slice_numbers"]) == 40 - 3
+
+
+@pytest.mark.slow
+def test_segment_trains_and_segments_every_study_out_of_fold(synthetic_root, tmp_path):
+    from cspine.segment import is_segmented, load_segmenter, segment
+
+    run = Run(tmp_path / "run")
+    cfg = _prepared(synthetic_root, run.root)
+    table = segment(cfg, run.root)
+    index = run.cache.read_index()
+    assert len(table) == len(index) and set(table["StudyInstanceUID"]) == set(index["StudyInstanceUID"])
+    assert set(table.columns) >= {"order", "slice_number", "level", *VERTEBRAE}
+    assert is_segmented(run.root, cfg.seg)
+    dice = pd.read_csv(run.seg_file("dice.csv"), dtype={"StudyInstanceUID": str})
+    trained_on = {k: set(load_segmenter(run.seg_model(k))[1]["trained_on"]) for k in range(2)}
+    for uid, fold in zip(dice["StudyInstanceUID"], dice["fold"]):
+        assert uid not in trained_on[fold]  # every Dice is out of fold
+    assert set(dice["StudyInstanceUID"]) == {u for u in index["StudyInstanceUID"].unique()
+                                             if run.cache.mask(u).is_file()}
+
+
+@pytest.mark.slow
+def test_no_training_stage_reads_the_truth_files(synthetic_root, tmp_path):
+    """The truth files are for evaluation: an audit hook records every file opened from them while the
+    training stages run, segmentation included."""
+    from cspine.pipeline import run_stages
+    from cspine.synthetic import TRUTH_DIR
+
+    assert (synthetic_root / TRUTH_DIR / "vertebrae.csv").is_file()  # there to be read, if anything wanted to
+    opened, recording = [], [True]
+
+    def audit(event, args):
+        if recording[0] and event == "open" and args and f"/{TRUTH_DIR}/" in str(args[0]):
+            opened.append(str(args[0]))
+
+    sys.addaudithook(audit)  # hooks cannot be removed: this one stops recording when the test ends
+    try:
+        run = Run(tmp_path / "run")
+        cfg = _prepared(synthetic_root, run.root)
+        run_stages(cfg, synthetic_root, run.root, until="train-seq")
+    finally:
+        recording[0] = False
+    assert Run(run.root).seg_file("vertebrae.csv").is_file() and Run(run.root).slice_best(0).is_file()
+    assert opened == []
