@@ -169,3 +169,68 @@ def test_no_training_stage_reads_the_truth_files(synthetic_root, tmp_path):
         recording[0] = False
     assert Run(run.root).seg_file("vertebrae.csv").is_file() and Run(run.root).slice_best(0).is_file()
     assert opened == []
+
+
+def test_each_vertebra_reads_only_its_own_slices():
+    from cspine.inputs import VERTEBRA_FEATURES, vertebra_inputs
+
+    probs = np.full((20, 15), 0.01, np.float32)
+    probs[5, 0] = 0.99  # a fracture-looking slice inside C3 (slices 4..7, 3..8 with the margin)
+    probs[15, 0] = 0.999  # a stronger one far below it
+    x = vertebra_inputs(probs, {"C3": (4, 7)}, margin=1, bins=4)
+    assert x.shape == (7, 4, VERTEBRA_FEATURES)
+    assert x[2, :, 0].max() == pytest.approx(np.log(0.99 / 0.01), abs=1e-3)  # C3 sees slice 5, not slice 15
+    assert x[0, :, 0].max() == pytest.approx(np.log(0.999 / 0.001), abs=1e-2)  # C1 not found: the whole study
+    assert (x[2, :, 3 + 2] == 1).all() and x[2, :, 3:].sum() == 4  # one-hot: which vertebra it reads
+
+
+@pytest.fixture(scope="module")
+def vertebra_run(synthetic_root, tmp_path_factory):
+    """The smoke pipeline with the segmentation and the vertebra track, run once."""
+    from cspine.pipeline import run
+
+    run_dir = tmp_path_factory.mktemp("vertebra_run")
+    cfg = load_config(SMOKE_CONFIG, [*SEG_SMOKE, "vert.enabled=true", "vert.epochs=2", "vert.inner_folds=2"])
+    run(cfg, synthetic_root, run_dir, run_dir / "submission.csv")
+    return run_dir, cfg
+
+
+@pytest.mark.slow
+def test_the_vertebra_track_never_scores_a_study_with_a_model_that_trained_on_it(vertebra_run):
+    from cspine.checkpoints import load_vertebra_model
+
+    run_dir, _ = vertebra_run
+    run = Run(run_dir)
+    folds = run.read_folds()
+    for fold in sorted(folds["fold"].unique()):
+        in_fold = set(folds.loc[folds["fold"] == fold, "StudyInstanceUID"])
+        scored = set(pd.read_csv(run.vert_file(fold, "oof.csv"), dtype={"StudyInstanceUID": str})["StudyInstanceUID"])
+        metas = [load_vertebra_model(p)[1] for p in run.vert_models() if p.parent == run.vert_dir(fold)]
+        assert len(metas) == 2 and scored == in_fold
+        for meta in metas:
+            assert meta["source_fold"] == fold and set(meta["trained_on"]) < in_fold  # through CNN k, on fold k
+        for uid in scored:  # held out by exactly one inner model
+            assert sum(uid not in set(meta["trained_on"]) for meta in metas) == 1
+
+
+@pytest.mark.slow
+def test_predict_evaluate_and_the_bundle_use_the_vertebra_track(vertebra_run, synthetic_root, tmp_path):
+    import torch
+
+    from cspine.competition import read_test
+    from cspine.evaluate import VERTEBRA_TRACK
+    from cspine.kaggle import package_kaggle
+    from cspine.predict import load_ensemble
+    from cspine.submission import validate_submission
+
+    run_dir, cfg = vertebra_run
+    validate_submission(pd.read_csv(run_dir / "submission.csv"), read_test(synthetic_root))
+    ensemble = load_ensemble(run_dir, cfg.seq.hidden, torch.device("cpu"))
+    assert len(ensemble.vertebra) == 4 and len(ensemble.segmenters) == 2 and ensemble.seg_reading["depth"] == 32
+    scores = pd.read_csv(Run(run_dir).report / "scores.csv")
+    assert VERTEBRA_TRACK in set(scores["Model"])
+    bundle = package_kaggle(cfg, run_dir, tmp_path / "bundle", wheels=False)
+    assert len(list(bundle.glob("models/vertebra/fold*/inner*.pt"))) == 4
+    assert len(list(bundle.glob("models/segment/fold*.pt"))) == 2
+    bundled = load_ensemble(bundle / "models", cfg.seq.hidden, torch.device("cpu"))
+    assert len(bundled.vertebra) == 4

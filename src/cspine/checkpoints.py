@@ -21,7 +21,7 @@ from cspine.models import SequenceNet, SliceNet
 from cspine.runs import CheckpointError, atomic_path
 
 __all__ = ["CHECKPOINT_SCHEMA", "CheckpointError", "load_checkpoint", "save_checkpoint", "load_slice_model",
-           "save_slice_model", "load_sequence_model", "save_sequence_model"]
+           "save_slice_model", "load_sequence_model", "save_sequence_model", "load_vertebra_model"]
 
 CHECKPOINT_SCHEMA = 1  # bumped on any change to what a checkpoint holds; older ones are then refused
 
@@ -87,6 +87,14 @@ def save_sequence_model(model: SequenceNet, path: str | os.PathLike, **info) -> 
 def load_sequence_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[SequenceNet, dict]:
     """A saved BLSTM, in eval mode, and its metadata (input kind, bins, tta, source fold, studies)."""
     state = load_checkpoint(path, "blstm")
+    model = SequenceNet(**state["arch"])
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), {k: v for k, v in state.items() if k != "model"}
+
+
+def load_vertebra_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[SequenceNet, dict]:
+    """A saved vertebra-track BiLSTM, in eval mode, and its metadata (margin, bins, tta, source fold, studies)."""
+    state = load_checkpoint(path, "vertebra-lstm")
     model = SequenceNet(**state["arch"])
     model.load_state_dict(state["model"])
     return model.to(device).eval(), {k: v for k, v in state.items() if k != "model"}

@@ -190,6 +190,16 @@ def cmd_train_seq(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_vertebrae(args: argparse.Namespace) -> int:
+    from cspine.vertebra import train_vertebra_fold
+
+    folds, cfg = _folds_and_config(args)
+    run_dir = _bound(args, cfg)
+    for k in folds:
+        train_vertebra_fold(cfg, run_dir, k)
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cspine.evaluate import evaluate
 
@@ -275,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-seq", help="stage 2: train the BLSTM study model (fold=K, or every fold)")
     _add_common(p, data=False)
     p.set_defaults(func=cmd_train_seq)
+
+    p = sub.add_parser("train-vertebrae", help="the vertebra track: each vertebra's probability (fold=K, or every fold)")
+    _add_common(p, data=False)
+    p.set_defaults(func=cmd_train_vertebrae)
 
     p = sub.add_parser("evaluate", help="cross-validated report: the paper's tables, competition score, figures")
     _add_common(p, data=False)

@@ -36,7 +36,7 @@ class SynthConfig:
     difficulty: float = 0.5
     box_fraction: float = 0.245  # real data: 235 of 961 positive studies have boxes
     mask_fraction: float = 0.043  # real data: 87 of 2,019 studies have segmentations
-    min_masks: int = 12  # but at least this many (all, if fewer studies): a segmentation network needs a dozen
+    min_masks: int = 12  # but at least this many (all, if fewer): a segmentation network needs a dozen
     seed: int = 0
 
 
@@ -116,12 +116,12 @@ class SegConfig:
     encoder: str = "resnet10t"  # a timm encoder (segmentation-models-pytorch's "tu-" family)
     context: int = 2  # neighbouring sagittal planes on each side, as channels
     depth: int = 96  # the study's slices resampled to this many rows of the sagittal image (a multiple of 32)
-    folds: int = 2  # folds over the studies with masks: each one's out-of-fold Dice comes from a model that never saw it
+    folds: int = 2  # folds over the masked studies: each one's Dice comes from a model that never saw it
     steps: int = 400  # optimizer steps per fold
     batch_size: int = 16
     lr: float = 2e-3
     plane_stride: int = 2  # predict every n-th sagittal plane (neighbours copy it): a vertebra spans many
-    min_pixels: int = 8  # a vertebra is present on an axial slice from this many of its pixels (at the cache's size)
+    min_pixels: int = 8  # a vertebra is present on an axial slice from this many of its pixels (cache size)
     workers: int = 0
     seed: int = 0
 
@@ -157,6 +157,29 @@ class SeqConfig:
 
 
 @dataclass(frozen=True)
+class VertebraConfig:
+    """The vertebra track: each vertebra's own fracture probability, from the slices it spans.
+
+    Stage 1's CNN reads every slice already (out of fold, in `extract`); this track takes its outputs on
+    the slices of one vertebra (the `segment` stage's extent, ``margin`` slices wider), pools them into
+    ``bins`` runs, and a small BiLSTM, shared by the seven vertebrae (each told which it reads), gives
+    that vertebra's probability. patient_overall is 1 − Π(1 − p_k).
+    """
+
+    enabled: bool = False  # train it (needs slice.labels="vertebrae": the segmentation) and predict with it
+    margin: int = 1  # slices added above and below each vertebra's extent
+    bins: int = 8  # each vertebra's slices max-pooled into this many runs
+    hidden: int = 32
+    dropout: float = 0.1
+    epochs: int = 40
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    inner_folds: int = 4  # trained within each fold, through that fold's CNN, as the BLSTMs (seq.train_on)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class PredictConfig:
     """How the slice CNN reads a study in `extract` and `predict` alike, and the submission's clip."""
 
@@ -179,6 +202,7 @@ class Config:
     seg: SegConfig = field(default_factory=SegConfig)
     slice: SliceConfig = field(default_factory=SliceConfig)
     seq: SeqConfig = field(default_factory=SeqConfig)
+    vert: VertebraConfig = field(default_factory=VertebraConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
 
 
@@ -298,10 +322,10 @@ def diff_from_defaults(cfg: Config) -> dict:
 # Settings that shape no artifact of a run folder: how fast and where it runs, which folds one call trains,
 # how the submission is clipped (predict runs anew each time), and the synthetic data's recipe (the data
 # folder records its own, `cspine.synthetic.synthetic_settings`).
-RUNTIME_KEYS = ("name", "device", "prepare.workers", "seg.workers", "slice.workers", "slice.amp", "slice.channels_last",
-                "predict.batch_size", "predict.clip", "folds.folds", "synth.")
+RUNTIME_KEYS = ("name", "device", "prepare.workers", "seg.workers", "slice.workers", "slice.amp",
+                "slice.channels_last", "predict.batch_size", "predict.clip", "folds.folds", "synth.")
 # Settings whose stages compare them with what they made and redo their work when they differ.
-REDONE_KEYS = ("seq.", "predict.tta")
+REDONE_KEYS = ("seq.", "vert.", "predict.tta")
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:

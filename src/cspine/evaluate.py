@@ -183,6 +183,25 @@ def segmentation_section(run: Run) -> list[str]:
     return lines
 
 
+VERTEBRA_TRACK = "vertebra track (segmentation + CNN in each vertebra's slices + BiLSTM)"
+
+
+def collect_vertebra_oof(run: Run, n_folds: int) -> pd.DataFrame:
+    """Every fold's out-of-fold vertebra-track predictions (also written to ``vertebra/oof.csv``).
+
+    Raises:
+        FileNotFoundError: a fold's vertebra track is not trained (`python -m cspine train-vertebrae`).
+    """
+    paths = [run.vert_file(k, "oof.csv") for k in range(n_folds)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"vertebra-track predictions missing ({', '.join(missing)}): run "
+                                "`python -m cspine train-vertebrae` first")
+    oof = pd.concat([pd.read_csv(p, dtype={"StudyInstanceUID": str}) for p in paths], ignore_index=True)
+    write_csv(oof, run.vert_oof())
+    return oof
+
+
 def model_name(cfg: Config) -> str:
     """The slice CNN as the report names it, e.g. "ResNet-50" or "resnet10t ×0.5"."""
     name = {"resnet50": "ResNet-50"}.get(cfg.slice.backbone, cfg.slice.backbone)
@@ -205,6 +224,8 @@ def evaluate(cfg: Config, run_dir: str | os.PathLike) -> Path:
     for hidden in cfg.seq.sizes:
         models[f"{backbone} + BLSTM-{hidden}"] = collect_oof(run, hidden, n_folds)
     uids = models[f"{backbone} + BLSTM-{cfg.seq.hidden}"]["StudyInstanceUID"].tolist()
+    if cfg.vert.enabled:
+        models[VERTEBRA_TRACK] = collect_vertebra_oof(run, n_folds)
     slice_probs = oof_slice_probs(run)  # read once: the pooling baselines and Table 2 share them
     for how in ("max", "mean"):
         models[f"{backbone}, {how} pooling"] = pooled_predictions(slice_probs, uids, how)

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cspine import VERTEBRAE
+
 # One mean and std for every channel (each window, each neighbouring slice) of uint8 images scaled to
 # [0, 1]; a fixed, documented normalisation keeps cached features comparable across runs (ImageNet's
 # would matter only with ImageNet weights).
@@ -88,3 +90,33 @@ def study_input(features: np.ndarray | None, probs: np.ndarray, mode: str, bins:
     else:
         raise ValueError(f"seq.input must be 'features', 'probs' or 'fracture', not {mode!r}")
     return bin_slices(x, bins)
+
+
+VERTEBRA_FEATURES = 3 + len(VERTEBRAE)  # per run of slices: fracture, k-fracture, k-presence log-odds; one-hot of k
+
+
+def vertebra_inputs(probs: np.ndarray, extents: dict[str, tuple[int, int]], margin: int, bins: int) -> np.ndarray:
+    """float32 [7, bins, VERTEBRA_FEATURES]: each vertebra's slices, as the vertebra track reads them.
+
+    Args:
+        probs: the CNN's outputs [N, 15] on a study's slices (`SLICE_OUTPUTS` order), head to feet.
+        extents: {vertebra: (first, last slice)}; a vertebra the segmentation did not find reads the
+            whole study.
+        margin: slices added on each side of an extent.
+        bins: runs each vertebra's slices are max-pooled into (`cspine.inputs.bin_slices`).
+    """
+    q = np.clip(probs.astype(np.float32), PROB_CLIP, 1 - PROB_CLIP)
+    logits = np.log(q / (1 - q))
+    n = len(probs)
+    out = np.zeros((len(VERTEBRAE), bins, VERTEBRA_FEATURES), np.float32)
+    for i, name in enumerate(VERTEBRAE):
+        z0, z1 = extents.get(name, (0, n - 1))
+        lo, hi = max(0, z0 - margin), min(n - 1, z1 + margin)
+        out[i, :, :3] = bin_slices(logits[lo:hi + 1][:, [0, 1 + i, 1 + len(VERTEBRAE) + i]], bins)
+        out[i, :, 3 + i] = 1.0
+    return out
+
+
+def combine(p: np.ndarray) -> np.ndarray:
+    """[S, 7] vertebra probabilities → [S, 8] in TARGETS order, patient_overall = 1 − Π(1 − p_k)."""
+    return np.concatenate([1 - np.prod(1 - p, axis=1, keepdims=True), p], axis=1)

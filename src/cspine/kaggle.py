@@ -17,9 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cspine.checkpoints import load_sequence_model, load_slice_model
+from cspine.checkpoints import load_sequence_model, load_slice_model, load_vertebra_model
 from cspine.config import Config, save_config
 from cspine.runs import Run, write_text
+from cspine.segmenter import load_segmenter
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 # predict path imports none of them (a test checks).
 INFERENCE_REQUIREMENTS = ["pydicom>=3.0", "pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1", "pylibjpeg-openjpeg>=2.3",
                           "pylibjpeg-rle>=2.0", "dicomsdl>=0.109", "opencv-python-headless>=4.8", "nibabel>=5.0",
-                          "tabulate>=0.9", "pyyaml>=6.0"]
+                          "tabulate>=0.9", "pyyaml>=6.0", "segmentation-models-pytorch>=0.6"]
 MARKER = ".cspine-bundle"  # written into every bundle folder: only a folder holding it is ever replaced
 
 INFERENCE_SCRIPT = '''"""Kaggle notebook cell (internet off): install cspine from this dataset, write the submission."""
@@ -75,15 +76,22 @@ def check_bundle_folder(out: Path, models_dir: Path) -> None:
 
 
 def _verified_checkpoints(models: Run, hidden: int) -> tuple[list[Path], list[Path]]:
-    """Every slice CNN and BLSTM of the run, each loaded once to prove it is whole."""
+    """Every checkpoint `predict` reads (slice CNNs, BLSTMs, and the vertebra track's models with their
+    segmentation models), each loaded once to prove it is whole; returns (slice CNNs, the others)."""
     checkpoints, blstms = list(models.slice_checkpoints().values()), models.blstm_checkpoints(hidden)
     if not checkpoints or not blstms:
         raise FileNotFoundError(f"no trained models under {models.root}: train them first (python -m cspine run)")
+    vertebra = models.vert_models()
+    segmenters = sorted(models.seg_model(0).parent.glob("fold*.pt")) if vertebra else []
     for path in checkpoints:
         load_slice_model(path)
     for path in blstms:
         load_sequence_model(path)
-    return checkpoints, blstms
+    for path in vertebra:
+        load_vertebra_model(path)
+    for path in segmenters:
+        load_segmenter(path)
+    return checkpoints, [*blstms, *vertebra, *segmenters]
 
 
 def package_kaggle(cfg: Config, models_dir: str | os.PathLike, out: str | os.PathLike, wheels: bool = True,
@@ -126,5 +134,6 @@ def package_kaggle(cfg: Config, models_dir: str | os.PathLike, out: str | os.Pat
                         "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_28_x86_64",
                         "-d", str(wheel_dir), *INFERENCE_REQUIREMENTS], check=True)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    log.info("Kaggle bundle in %s: %d slice CNNs, %d BLSTMs, %.1f MB", out, len(checkpoints), len(blstms), size / 1e6)
+    log.info("Kaggle bundle in %s: %d slice CNNs, %d other models, %.1f MB", out, len(checkpoints), len(blstms),
+             size / 1e6)
     return out

@@ -4,7 +4,7 @@
     python -m cspine run --data /path/to/rsna-2022-cervical-spine-fracture-detection
     python -m cspine run --config configs/paper.yaml       # the paper's settings, for a GPU
 
-Stages (`STAGES`): prepare → segment (when ``slice.labels="vertebrae"``) → train-slices (every fold) → extract → train-seq (every BLSTM size) → evaluate →
+Stages (`STAGES`): prepare → segment (when ``slice.labels="vertebrae"``) → train-slices (every fold) → extract → train-seq (every BLSTM size) → train-vertebrae (with ``vert.enabled``) → evaluate →
 predict, after the run folder is set up (synthetic data when none is found, labels, folds). A second run
 resumes: each stage whose outputs are complete is skipped, and within a stage finished studies and folds are.
 """
@@ -32,6 +32,7 @@ from cspine.segment import is_segmented, segment
 from cspine.synthetic import is_complete, make_competition, synthetic_settings
 from cspine.train_seq import is_seq_trained, train_seq
 from cspine.train_slices import is_trained, train_fold
+from cspine.vertebra import is_vert_trained, train_vertebra_fold
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,8 @@ STAGES: tuple[Stage, ...] = (
           lambda j: [extract_fold(j.cfg, j.run, k) for k in j.folds]),
     Stage("train-seq", lambda j: all(is_seq_trained(j.run, h, k, j.cfg.seq) for h in j.cfg.seq.sizes for k in j.folds),
           lambda j: [train_seq(j.cfg, j.run, k) for k in j.folds]),
+    Stage("train-vertebrae", lambda j: not j.cfg.vert.enabled or all(is_vert_trained(j.run, k, j.cfg.vert) for k in j.folds),
+          lambda j: [train_vertebra_fold(j.cfg, j.run, k) for k in j.folds if not is_vert_trained(j.run, k, j.cfg.vert)]),
     Stage("evaluate", _always, lambda j: evaluate(j.cfg, j.run)),
     Stage("predict", _always, lambda j: predict(j.cfg, j.data_dir, j.run, j.submission, train=j.train)),
 )
@@ -212,7 +215,7 @@ def run_stages(cfg: Config, data_dir: Path, run_dir: str | os.PathLike, until: s
     job = Job(cfg, Path(data_dir), Run(run_dir), Path(submission or default_submission_path()), train)
     for stage in STAGES[:STAGE_NAMES.index(until) + 1]:
         if stage.done(job):
-            log.info("stage %s: done already", stage.name)
+            log.info("stage %s: nothing to do", stage.name)
             continue
         started = time.perf_counter()
         stage.run(job)

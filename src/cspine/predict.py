@@ -15,7 +15,7 @@ import os
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +23,19 @@ import pandas as pd
 import torch
 
 from cspine import TARGETS
-from cspine.checkpoints import CheckpointError, load_sequence_model, load_slice_model
+from cspine.checkpoints import CheckpointError, load_sequence_model, load_slice_model, load_vertebra_model
 from cspine.competition import list_test_studies, read_test
 from cspine.config import Config, ConfigError
 from cspine.dicom import Series, load_series
 from cspine.extract import study_features
-from cspine.inputs import study_input
+from cspine.inputs import combine, study_input, vertebra_inputs
 from cspine.models import SequenceNet, SliceNet
 from cspine.preprocess import preprocess_study
 from cspine.prepare import MIN_SLICES
 from cspine.runs import Run, check_writable
 from cspine.progress import progress
 from cspine.runtime import amp_dtype, pick_device
+from cspine.segmenter import load_segmenter, segment_study, vertebra_extents
 from cspine.submission import make_submission, prior_from_train, write_submission
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ class Ensemble:
     input: str  # what the BLSTMs read: "features", "probs" or "fracture"
     bins: int
     tta: bool  # the CNNs read each slice mirrored too, as when the BLSTMs' training features were extracted
+    segmenters: list[torch.nn.Module] = field(default_factory=list)  # with the vertebra track only
+    seg_reading: dict = field(default_factory=dict)  # how they read a study (`cspine.segmenter.reading`)
+    vertebra: list[tuple[dict, SequenceNet]] = field(default_factory=list)  # the vertebra track's BiLSTMs
 
 
 def _one(values: dict, what: str, where: Path):
@@ -81,10 +85,35 @@ def load_ensemble(run_dir: str | os.PathLike, hidden: int, device: torch.device)
     if not cnns or not blstms:
         raise FileNotFoundError(f"no trained models under {run.root} (slice CNNs: {len(cnns)}, BLSTMs of size "
                                 f"{hidden}: {len(blstms)}); run the training stages first")
-    return Ensemble(cnns, blstms, _one({p: m["inputs"] for p, m in cnn_meta.items()}, "preprocessing", run.root),
-                    _one({p: m["arch"] for p, m in cnn_meta.items()}, "architecture", run.root), _one({p: m["input"] for p, m in blstm_meta.items()}, "BLSTM input", run.root),
-                    _one({p: m["bins"] for p, m in blstm_meta.items()}, "seq.bins", run.root),
-                    _one({p: m["tta"] for p, m in blstm_meta.items()}, "predict.tta", run.root))
+    ensemble = Ensemble(
+        cnns, blstms,
+        inputs=_one({p: m["inputs"] for p, m in cnn_meta.items()}, "preprocessing", run.root),
+        arch=_one({p: m["arch"] for p, m in cnn_meta.items()}, "architecture", run.root),
+        input=_one({p: m["input"] for p, m in blstm_meta.items()}, "BLSTM input", run.root),
+        bins=_one({p: m["bins"] for p, m in blstm_meta.items()}, "seq.bins", run.root),
+        tta=_one({p: m["tta"] for p, m in blstm_meta.items()}, "predict.tta", run.root))
+    if run.vert_models():
+        _add_vertebra_track(ensemble, run, device)
+    return ensemble
+
+
+def _add_vertebra_track(ensemble: Ensemble, run: Run, device: torch.device) -> None:
+    """The vertebra track's BiLSTMs and the segmentation models they need to find each vertebra."""
+    metas = {}
+    for path in run.vert_models():
+        model, meta = load_vertebra_model(path, device)
+        ensemble.vertebra.append((meta, model))
+        metas[path] = meta
+    readings = {}
+    for path in sorted(run.seg_model(0).parent.glob("fold*.pt")):
+        model, meta = load_segmenter(path, device)
+        ensemble.segmenters.append(model)
+        readings[path] = meta["reading"]
+    if not ensemble.segmenters:
+        raise FileNotFoundError(f"{run.root}: vertebra-track models but no segmentation model (segment/fold*.pt)")
+    ensemble.seg_reading = _one(readings, "segmentation reading", run.root)
+    if _one({p: m["tta"] for p, m in metas.items()}, "predict.tta of the vertebra track", run.root) != ensemble.tta:
+        raise CheckpointError(f"{run.root}: the vertebra track and the BLSTMs read slices differently (tta)")
 
 
 def check_config(cfg: Config, ensemble: Ensemble) -> None:
@@ -99,7 +128,8 @@ def check_config(cfg: Config, ensemble: Ensemble) -> None:
              "slice.input_size": (cfg.slice.input_size or cfg.prepare.size, i["input_size"]),
              "slice.context": (cfg.slice.context, i["context"]), "slice.backbone": (cfg.slice.backbone, a["backbone"]),
              "slice.width": (cfg.slice.width, a["width"]), "seq.input": (cfg.seq.input, ensemble.input),
-             "seq.bins": (cfg.seq.bins, ensemble.bins), "predict.tta": (cfg.predict.tta, ensemble.tta)}
+             "seq.bins": (cfg.seq.bins, ensemble.bins), "predict.tta": (cfg.predict.tta, ensemble.tta),
+             "vert.enabled": (cfg.vert.enabled, bool(ensemble.vertebra))}
     differ = [f"{key}={mine!r} (the models: {theirs!r})" for key, (mine, theirs) in pairs.items() if mine != theirs]
     if differ:
         raise ConfigError("the config contradicts the trained models: " + ", ".join(differ)
@@ -140,8 +170,31 @@ def predict_series(series: Series, ensemble: Ensemble, cfg: Config, device: torc
     per_fold = {k: study_features(cnn, images, i["input_size"], device, cfg.predict.batch_size, dtype,
                                   tta=ensemble.tta)
                 for k, cnn in ensemble.cnns.items()}
-    p = blstm_probabilities(per_fold, ensemble, device)
+    p = vertebra_probabilities(images, per_fold, ensemble, device) if ensemble.vertebra else \
+        blstm_probabilities(per_fold, ensemble, device)
     return {t: float(p[i]) for i, t in enumerate(TARGETS)}
+
+
+@torch.inference_mode()
+def vertebra_probabilities(images: np.ndarray, per_fold: dict[int, tuple[np.ndarray, np.ndarray]],
+                           ensemble: Ensemble, device: torch.device) -> np.ndarray:
+    """float [8] in TARGETS order from the vertebra track: segment the study, read each vertebra's slices.
+
+    Args:
+        images: the study preprocessed as the CNNs read it, uint8 [N, S, S, 3].
+        per_fold: {fold: (features, probabilities [N, 15])} from each fold's CNN.
+    """
+    labels = segment_study(ensemble.segmenters, images, ensemble.seg_reading, device)
+    _, found = vertebra_extents(labels, ensemble.seg_reading["min_pixels"])
+    extents = {e["vertebra"]: (e["z0"], e["z1"]) for e in found}
+    outputs = []
+    for meta, model in ensemble.vertebra:
+        if meta["source_fold"] not in per_fold:
+            continue
+        x = torch.from_numpy(vertebra_inputs(per_fold[meta["source_fold"]][1], extents, meta["margin"],
+                                             meta["bins"])).to(device)
+        outputs.append(torch.sigmoid(model(x, torch.full((len(x),), x.shape[1]))[:, 0]).cpu().numpy())
+    return combine(np.mean(outputs, axis=0)[None])[0]
 
 
 def _load(path: Path) -> Series:

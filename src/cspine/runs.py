@@ -38,6 +38,7 @@ class CheckpointError(RuntimeError):
 SLICE_FILES = ("history.csv", "oof_slices.csv", "table2", "report.json", "train.log", "config.yaml")
 SEQ_FILES = ("oof.csv", "features.json", "history.json")
 SEG_FILES = ("vertebrae.csv", "extents.csv", "dice.csv")
+VERT_FILES = ("oof.csv", "record.json", "history.json")
 
 
 class Cache:
@@ -149,6 +150,26 @@ class Run:
         if name not in SEG_FILES:
             raise ValueError(f"{name!r} is not a segmentation table; one of {SEG_FILES}")
         return self.root / "segment" / name
+
+    def vert_dir(self, fold: int) -> Path:
+        return self.root / "vertebra" / f"fold{fold}"
+
+    def vert_model(self, fold: int, inner: int) -> Path:
+        """A vertebra-track BiLSTM, trained in inner fold ``inner`` of fold ``fold`` (`cspine.vertebra`)."""
+        return self.vert_dir(fold) / f"inner{inner}.pt"
+
+    def vert_file(self, fold: int, name: str) -> Path:
+        """One of a fold's vertebra-track records (`VERT_FILES`)."""
+        if name not in VERT_FILES:
+            raise ValueError(f"{name!r} is not a vertebra-track record; one of {VERT_FILES}")
+        return self.vert_dir(fold) / name
+
+    def vert_models(self) -> list[Path]:
+        return sorted(self.root.glob("vertebra/fold*/inner*.pt"))
+
+    def vert_oof(self) -> Path:
+        """Every fold's out-of-fold vertebra-track predictions, together."""
+        return self.root / "vertebra" / "oof.csv"
 
     def features_dir(self, fold: int) -> Path:
         return self.root / "features" / f"fold{fold}"

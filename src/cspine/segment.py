@@ -30,57 +30,29 @@ import torch.nn.functional as F
 from sklearn.model_selection import KFold
 
 from cspine import VERTEBRAE
-from cspine.checkpoints import load_checkpoint, save_checkpoint
+from cspine.checkpoints import save_checkpoint
 from cspine.config import Config, SegConfig
-from cspine.inputs import MEAN, STD
 from cspine.prepare import load_study_images
 from cspine.progress import progress
 from cspine.runs import Run, write_csv
 from cspine.runtime import pick_device, seed_everything
+from cspine.segmenter import (
+    plane_width,
+    build_segmenter,
+    load_segmenter,
+    reading,
+    sagittal_planes,
+    segment_study,
+    slice_levels,
+    vertebra_extents,
+)
 
 log = logging.getLogger(__name__)
-
-SEG_CLASSES = 9  # background, C1..C7, T1 (the competition's masks: 1..7 = C1..C7, 8+ = thoracic)
-# Half segmentation-models-pytorch's default decoder widths: at 96×64 planes on a 2-core CPU it trains
-# 1.4× as many steps a second (9.8 against 6.8 at 64 rows), and nine classes of bone need no more.
-DECODER_CHANNELS = (128, 64, 32, 16, 16)
-
-
-def build_segmenter(encoder: str, context: int) -> torch.nn.Module:
-    """A U-Net with a timm encoder, reading 3·(2·context + 1) channels, giving `SEG_CLASSES` logits a pixel."""
-    import segmentation_models_pytorch as smp
-
-    return smp.Unet(encoder_name=f"tu-{encoder}", encoder_weights=None, in_channels=3 * (2 * context + 1),
-                    classes=SEG_CLASSES, decoder_channels=DECODER_CHANNELS)
-
-
-def sagittal_planes(study: np.ndarray, xs: np.ndarray, context: int, depth: int) -> torch.Tensor:
-    """float [B, 3·(2c+1), depth, W]: sagittal planes ``xs`` of a cached study, with neighbours as channels.
-
-    Args:
-        study: uint8 [N, S, S, 3], head to feet (rows y, columns x).
-        xs: int [B], the columns whose sagittal planes are wanted.
-        context: neighbouring planes on each side; beyond the image's edge the edge plane repeats.
-        depth: rows of the output; the N slices are resampled to it (linear).
-
-    W is S rounded up to a multiple of 32, as the U-Net's five poolings need (linear resampling).
-    """
-    cols = np.clip(np.asarray(xs)[:, None] + np.arange(-context, context + 1)[None], 0, study.shape[2] - 1)
-    planes = np.asarray(study[:, :, cols.ravel()])  # [N, S, B·k, 3]
-    n, s = planes.shape[:2]
-    x = torch.from_numpy(planes).reshape(n, s, len(xs), -1).permute(2, 3, 0, 1).float().div_(255.0)
-    x = (x - MEAN) / STD  # [B, k·3, N, S]
-    return F.interpolate(x, size=(depth, _width(s)), mode="bilinear", align_corners=False)
-
-
-def _width(side: int) -> int:
-    return -(-side // 32) * 32
-
 
 def sagittal_labels(mask: np.ndarray, xs: np.ndarray, depth: int) -> torch.Tensor:
     """long [B, depth, W]: the labels of sagittal planes ``xs`` of a mask uint8 [N, S, S], resampled (nearest)."""
     planes = torch.from_numpy(np.ascontiguousarray(mask[:, :, xs].transpose(2, 0, 1)))[:, None].float()
-    return F.interpolate(planes, size=(depth, _width(mask.shape[1])), mode="nearest")[:, 0].long()
+    return F.interpolate(planes, size=(depth, plane_width(mask.shape[1])), mode="nearest")[:, 0].long()
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -127,59 +99,6 @@ def train_segmenter(studies: dict[str, tuple[np.ndarray, np.ndarray]], s: SegCon
     return model.eval(), losses
 
 
-@torch.inference_mode()
-def segment_study(models: list[torch.nn.Module], study: np.ndarray, s: SegConfig,
-                  device: torch.device, batch_size: int = 32) -> np.ndarray:
-    """uint8 [N, S, S] labels of a cached study uint8 [N, S, S, 3]: the models' mean probabilities, argmax.
-
-    Every ``s.plane_stride``-th sagittal plane is read; the planes between take the nearest one's reading.
-    """
-    n, size = study.shape[:2]
-    read = np.arange(0, size, s.plane_stride)
-    probs = torch.zeros(SEG_CLASSES, n, size, len(read))  # [class, slice, y, read plane]
-    for model in models:
-        for start in range(0, len(read), batch_size):
-            xs = read[start:start + batch_size]
-            logits = model(sagittal_planes(study, xs, s.context, s.depth).to(device)).float()
-            back = F.interpolate(logits, size=(n, size), mode="bilinear", align_corners=False).softmax(1).cpu()
-            probs[..., start:start + len(xs)] += back.permute(1, 2, 3, 0)
-    nearest = np.clip(np.rint(np.arange(size) / s.plane_stride).astype(int), 0, len(read) - 1)
-    return probs.argmax(0).numpy().astype(np.uint8)[:, :, nearest]
-
-
-def vertebra_extents(labels: np.ndarray, min_pixels: int) -> tuple[np.ndarray, list[dict]]:
-    """Per-slice presence of C1..C7 and each vertebra's extent, from a label volume uint8 [N, S, S].
-
-    A vertebra is present on a slice with at least ``min_pixels`` of its pixels; of its slices, only the
-    longest unbroken run counts (a vertebra is one piece along z; stray pixels elsewhere are noise).
-
-    Returns:
-        bool [N, 7] presence, and for each vertebra found a dict: vertebra, z0, z1 (orders, inclusive),
-        y0, y1, x0, x1 (pixels, exclusive ends).
-    """
-    presence = np.zeros((len(labels), len(VERTEBRAE)), bool)
-    extents = []
-    for i, name in enumerate(VERTEBRAE):
-        on = (labels == i + 1).sum(axis=(1, 2)) >= min_pixels
-        if not on.any():
-            continue
-        edges = np.flatnonzero(np.diff(np.concatenate([[0], on.astype(int), [0]])))
-        starts, ends = edges[::2], edges[1::2]
-        longest = int(np.argmax(ends - starts))
-        z0, z1 = int(starts[longest]), int(ends[longest]) - 1
-        presence[z0:z1 + 1, i] = True
-        ys, xs = np.nonzero((labels[z0:z1 + 1] == i + 1).any(axis=0))
-        extents.append({"vertebra": name, "z0": z0, "z1": z1, "y0": int(ys.min()), "y1": int(ys.max()) + 1,
-                        "x0": int(xs.min()), "x1": int(xs.max()) + 1})
-    return presence, extents
-
-
-def slice_levels(labels: np.ndarray, min_pixels: int) -> np.ndarray:
-    """int [N]: each slice's level, the label with most pixels (1..7 = C1..C7, 8 = T1; 0 = none shown)."""
-    counts = np.stack([(labels == k).sum(axis=(1, 2)) for k in range(1, SEG_CLASSES)], axis=1)
-    return np.where(counts.max(axis=1) >= min_pixels, counts.argmax(axis=1) + 1, 0)
-
-
 def dice_per_vertebra(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
     """Dice of each of C1..C7 between two label volumes (NaN where a vertebra is in neither)."""
     out = {}
@@ -217,18 +136,11 @@ def train_seg_fold(cfg: Config, run_dir: str | os.PathLike, fold: int) -> dict:
     started = time.perf_counter()
     model, losses = train_segmenter(train, s, pick_device(cfg.device), s.seed + fold, f"segment fold {fold}")
     save_checkpoint({"model": model.state_dict(), "arch": {"encoder": s.encoder, "context": s.context},
-                     "depth": s.depth, "fold": fold, "trained_on": sorted(train), "losses": losses}, path, "segmenter")
+                     "reading": reading(s), "fold": fold, "trained_on": sorted(train), "losses": losses},
+                    path, "segmenter")
     log.info("segment fold %d: %d studies, %d steps in %.0f s, loss %.3f → %.3f", fold, len(train), s.steps,
              time.perf_counter() - started, np.mean(losses[:20]), np.mean(losses[-20:]))
     return {"fold": fold, "trained": True}
-
-
-def load_segmenter(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
-    """A saved segmentation model, in eval mode, and its metadata."""
-    state = load_checkpoint(path, "segmenter")
-    model = build_segmenter(**state["arch"])
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), {k: v for k, v in state.items() if k != "model"}
 
 
 def segment(cfg: Config, run_dir: str | os.PathLike) -> pd.DataFrame:
@@ -236,6 +148,7 @@ def segment(cfg: Config, run_dir: str | os.PathLike) -> pd.DataFrame:
     run, s = Run(run_dir), cfg.seg
     device = pick_device(cfg.device)
     folds = seg_folds(masked_studies(run), s)
+    how = reading(s)
     for fold in range(s.folds):
         train_seg_fold(cfg, run, fold)
     loaded = [load_segmenter(run.seg_model(k), device) for k in range(s.folds)]
@@ -249,7 +162,7 @@ def segment(cfg: Config, run_dir: str | os.PathLike) -> pd.DataFrame:
     for uid, part in progress(index.groupby("StudyInstanceUID", sort=False), "segment studies", unit="study"):
         study = load_study_images(run.cache.root, uid)
         fold = folds.get(uid)
-        labels = segment_study(models if fold is None else [models[fold]], study, s, device)
+        labels = segment_study(models if fold is None else [models[fold]], study, how, device)
         presence, found = vertebra_extents(labels, s.min_pixels)
         levels = slice_levels(labels, s.min_pixels)
         part = part.sort_values("order")
