@@ -163,7 +163,7 @@ class VertebraConfig:
     Stage 1's CNN reads every slice already (out of fold, in `extract`); this track takes its outputs on
     the slices of one vertebra (the `segment` stage's extent, ``margin`` slices wider), pools them into
     ``bins`` runs, and a small BiLSTM, shared by the seven vertebrae (each told which it reads), gives
-    that vertebra's probability. patient_overall is 1 − Π(1 − p_k).
+    that vertebra's probability.
     """
 
     enabled: bool = False  # train it (needs slice.labels="vertebrae": the segmentation) and predict with it
@@ -176,6 +176,9 @@ class VertebraConfig:
     lr: float = 3e-3
     weight_decay: float = 0.01
     inner_folds: int = 4  # trained within each fold, through that fold's CNN, as the BLSTMs (seq.train_on)
+    # where patient_overall comes from: "blstm", the study BLSTM of size seq.hidden (on the demo it ranks
+    # studies better: case AUC 0.819 against 0.764, loss 0.407 against 0.455), or "vertebrae", 1 − Π(1 − p_k)
+    overall: str = "blstm"
     seed: int = 0
 
 

@@ -199,8 +199,8 @@ STAGES: tuple[Stage, ...] = (
           lambda j: [extract_fold(j.cfg, j.run, k) for k in j.folds]),
     Stage("train-seq", lambda j: all(is_seq_trained(j.run, h, k, j.cfg.seq) for h in j.cfg.seq.sizes for k in j.folds),
           lambda j: [train_seq(j.cfg, j.run, k) for k in j.folds]),
-    Stage("train-vertebrae", lambda j: not j.cfg.vert.enabled or all(is_vert_trained(j.run, k, j.cfg.vert) for k in j.folds),
-          lambda j: [train_vertebra_fold(j.cfg, j.run, k) for k in j.folds if not is_vert_trained(j.run, k, j.cfg.vert)]),
+    Stage("train-vertebrae", lambda j: not j.cfg.vert.enabled or all(is_vert_trained(j.run, k, j.cfg) for k in j.folds),
+          lambda j: [train_vertebra_fold(j.cfg, j.run, k) for k in j.folds if not is_vert_trained(j.run, k, j.cfg)]),
     Stage("evaluate", _always, lambda j: evaluate(j.cfg, j.run)),
     Stage("predict", _always, lambda j: predict(j.cfg, j.data_dir, j.run, j.submission, train=j.train)),
 )

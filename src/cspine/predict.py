@@ -55,6 +55,7 @@ class Ensemble:
     segmenters: list[torch.nn.Module] = field(default_factory=list)  # with the vertebra track only
     seg_reading: dict = field(default_factory=dict)  # how they read a study (`cspine.segmenter.reading`)
     vertebra: list[tuple[dict, SequenceNet]] = field(default_factory=list)  # the vertebra track's BiLSTMs
+    overall: str = "blstm"  # where the vertebra track takes patient_overall from (`VertebraConfig.overall`)
 
 
 def _one(values: dict, what: str, where: Path):
@@ -112,6 +113,7 @@ def _add_vertebra_track(ensemble: Ensemble, run: Run, device: torch.device) -> N
     if not ensemble.segmenters:
         raise FileNotFoundError(f"{run.root}: vertebra-track models but no segmentation model (segment/fold*.pt)")
     ensemble.seg_reading = _one(readings, "segmentation reading", run.root)
+    ensemble.overall = _one({p: m["overall"] for p, m in metas.items()}, "vert.overall", run.root)
     if _one({p: m["tta"] for p, m in metas.items()}, "predict.tta of the vertebra track", run.root) != ensemble.tta:
         raise CheckpointError(f"{run.root}: the vertebra track and the BLSTMs read slices differently (tta)")
 
@@ -129,7 +131,8 @@ def check_config(cfg: Config, ensemble: Ensemble) -> None:
              "slice.context": (cfg.slice.context, i["context"]), "slice.backbone": (cfg.slice.backbone, a["backbone"]),
              "slice.width": (cfg.slice.width, a["width"]), "seq.input": (cfg.seq.input, ensemble.input),
              "seq.bins": (cfg.seq.bins, ensemble.bins), "predict.tta": (cfg.predict.tta, ensemble.tta),
-             "vert.enabled": (cfg.vert.enabled, bool(ensemble.vertebra))}
+             "vert.enabled": (cfg.vert.enabled, bool(ensemble.vertebra)),
+             **({"vert.overall": (cfg.vert.overall, ensemble.overall)} if ensemble.vertebra else {})}
     differ = [f"{key}={mine!r} (the models: {theirs!r})" for key, (mine, theirs) in pairs.items() if mine != theirs]
     if differ:
         raise ConfigError("the config contradicts the trained models: " + ", ".join(differ)
@@ -194,7 +197,10 @@ def vertebra_probabilities(images: np.ndarray, per_fold: dict[int, tuple[np.ndar
         x = torch.from_numpy(vertebra_inputs(per_fold[meta["source_fold"]][1], extents, meta["margin"],
                                              meta["bins"])).to(device)
         outputs.append(torch.sigmoid(model(x, torch.full((len(x),), x.shape[1]))[:, 0]).cpu().numpy())
-    return combine(np.mean(outputs, axis=0)[None])[0]
+    p = combine(np.mean(outputs, axis=0)[None])[0]
+    if ensemble.overall == "blstm":
+        p[0] = blstm_probabilities(per_fold, ensemble, device)[0]
+    return p
 
 
 def _load(path: Path) -> Series:

@@ -5,8 +5,9 @@
 Stage 1's CNN has read every slice of every study out of fold (`extract`). For vertebra k of a study,
 this track takes the CNN's outputs on the slices k spans (its extent from the `segment` stage, widened by
 ``vert.margin``): the slice-fracture, k-fracture and k-presence log-odds, max-pooled into ``vert.bins``
-runs, with a one-hot of k. A small BiLSTM (`SequenceNet`) shared by the seven vertebrae gives p_k, and
-patient_overall = 1 − Π(1 − p_k), as the competition's winners combined theirs.
+runs, with a one-hot of k. A small BiLSTM (`SequenceNet`) shared by the seven vertebrae gives p_k.
+patient_overall comes from the study BLSTM (``vert.overall="blstm"``, the default) or is 1 − Π(1 − p_k)
+(``"vertebrae"``), as the competition's winners combined theirs.
 
 Fold k's BiLSTMs train as the study BLSTMs do (``seq.train_on="own_fold"``): in ``vert.inner_folds`` inner folds
 of fold k's studies, as CNN k reads them, so every study is scored by a BiLSTM and a CNN that never trained
@@ -16,6 +17,7 @@ on it (``<run>/vertebra/fold<k>/oof.csv``).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 
@@ -88,19 +90,23 @@ def fit(x: np.ndarray, y: np.ndarray, v: VertebraConfig, device: torch.device, s
     return model, history
 
 
-def _record(run: Run, v: VertebraConfig) -> dict:
-    """What a fold's BiLSTMs were trained on: the features, the segmentation's extents, the settings."""
-    extents = run.seg_file("extents.csv")
-    return {"features": features_signature(run), "extents": extents.read_text() if extents.is_file() else None,
-            "vert": dataclasses.asdict(v)}
+def _record(run: Run, cfg: Config, fold: int) -> dict:
+    """What a fold's track was made from: the features, the segmentation's extents, the study BLSTM's
+    out-of-fold predictions (with ``vert.overall="blstm"``), the settings."""
+    def text(path):
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+
+    blstm = run.seq_file(cfg.seq.hidden, fold, "oof.csv") if cfg.vert.overall == "blstm" else None
+    return {"features": features_signature(run), "extents": text(run.seg_file("extents.csv")),
+            "blstm": text(blstm) if blstm else None, "vert": dataclasses.asdict(cfg.vert)}
 
 
-def is_vert_trained(run_dir: str | os.PathLike, fold: int, v: VertebraConfig) -> bool:
-    """Whether fold ``fold``'s BiLSTMs trained on the run's current features and extents with settings ``v``."""
+def is_vert_trained(run_dir: str | os.PathLike, fold: int, cfg: Config) -> bool:
+    """Whether fold ``fold``'s track was made from the run's current inputs with the current settings."""
     run = Run(run_dir)
     if not run.vert_file(fold, "oof.csv").is_file() or not run.vert_file(fold, "record.json").is_file():
         return False
-    return read_json(run.vert_file(fold, "record.json")) == _record(run, v)
+    return read_json(run.vert_file(fold, "record.json")) == _record(run, cfg, fold)
 
 
 def train_vertebra_fold(cfg: Config, run_dir: str | os.PathLike, fold: int) -> pd.DataFrame:
@@ -126,14 +132,19 @@ def train_vertebra_fold(cfg: Config, run_dir: str | os.PathLike, fold: int) -> p
         model, history = fit(x[tr], y[tr], v, device, v.seed + 100 * fold + inner)
         p[va] = score(model, x[va], device)
         save_checkpoint({"model": model.state_dict(), "arch": model.arch, "margin": v.margin, "bins": v.bins,
-                         "tta": tta, "source_fold": fold, "trained_on": [uids[i] for i in tr]},
+                         "overall": v.overall, "tta": tta, "source_fold": fold, "trained_on": [uids[i] for i in tr]},
                         run.vert_model(fold, inner), "vertebra-lstm")
         histories[f"inner{inner}"] = history
     write_json(histories, run.vert_file(fold, "history.json"))
     probs = combine(p)
+    if v.overall == "blstm":
+        blstm = pd.read_csv(run.seq_file(cfg.seq.hidden, fold, "oof.csv"), dtype={"StudyInstanceUID": str})
+        probs[:, 0] = blstm.set_index("StudyInstanceUID").loc[uids, "p_patient_overall"].to_numpy()
+    elif v.overall != "vertebrae":
+        raise ValueError(f"vert.overall must be 'blstm' or 'vertebrae', not {v.overall!r}")
     oof = pd.DataFrame({"StudyInstanceUID": uids, "fold": fold, **{f"p_{t}": probs[:, i] for i, t in enumerate(TARGETS)}})
     write_csv(oof, run.vert_file(fold, "oof.csv"))
-    write_json(_record(run, v), run.vert_file(fold, "record.json"))  # last: until then the fold is not trained
+    write_json(_record(run, cfg, fold), run.vert_file(fold, "record.json"))  # last: the fold counts as trained
     log.info("train-vertebrae fold %d: %d studies scored out of fold, loss %.4f", fold, len(uids),
              weighted_log_loss(labels.loc[uids, list(TARGETS)].to_numpy(), probs))
     return oof
