@@ -115,9 +115,9 @@ class SegConfig:
 
     encoder: str = "resnet10t"  # a timm encoder (segmentation-models-pytorch's "tu-" family)
     context: int = 2  # neighbouring sagittal planes on each side, as channels
-    depth: int = 96  # the study's slices resampled to this many rows of the sagittal image (a multiple of 32)
-    folds: int = 2  # folds over the masked studies: each one's Dice comes from a model that never saw it
-    steps: int = 400  # optimizer steps per fold
+    depth: int = 128  # the study's slices resampled to this many rows of the sagittal image (a multiple of 32)
+    folds: int = 3  # folds over the masked studies: each one's Dice comes from a model that never saw it
+    steps: int = 500  # optimizer steps per fold
     batch_size: int = 16
     lr: float = 2e-3
     plane_stride: int = 2  # predict every n-th sagittal plane (neighbours copy it): a vertebra spans many

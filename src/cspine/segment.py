@@ -37,9 +37,9 @@ from cspine.progress import progress
 from cspine.runs import Run, write_csv
 from cspine.runtime import pick_device, seed_everything
 from cspine.segmenter import (
-    plane_width,
     build_segmenter,
     load_segmenter,
+    plane_width,
     reading,
     sagittal_planes,
     segment_study,
@@ -48,6 +48,7 @@ from cspine.segmenter import (
 )
 
 log = logging.getLogger(__name__)
+
 
 def sagittal_labels(mask: np.ndarray, xs: np.ndarray, depth: int) -> torch.Tensor:
     """long [B, depth, W]: the labels of sagittal planes ``xs`` of a mask uint8 [N, S, S], resampled (nearest)."""
@@ -95,8 +96,8 @@ def train_segmenter(studies: dict[str, tuple[np.ndarray, np.ndarray]], s: SegCon
         loss.backward()
         optimizer.step()
         schedule.step()
-        losses.append(float(loss.detach()))
-    return model.eval(), losses
+        losses.append(loss.detach())  # read back once at the end: no host sync per step on a GPU
+    return model.eval(), torch.stack(losses).cpu().tolist()
 
 
 def dice_per_vertebra(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
