@@ -20,6 +20,7 @@ from cspine.checkpoints import (
     save_sequence_model,
     save_slice_model,
 )
+from cspine.config import load_config
 from cspine.models import SequenceNet, SliceNet
 from cspine.runs import Run, atomic_path, write_text
 
@@ -194,3 +195,11 @@ def test_every_artifact_is_written_through_the_run_layer():
             if direct.search(line) and not inside_atomic:
                 offenders.append(f"{path.name}:{i + 1}: {line.strip()}")
     assert not offenders, offenders
+
+
+def test_the_segmentation_runs_when_either_labels_or_the_vertebra_track_need_it():
+    from cspine.pipeline import needs_vertebrae
+
+    assert not needs_vertebrae(load_config())
+    assert needs_vertebrae(load_config(None, ["slice.labels=vertebrae"]))
+    assert needs_vertebrae(load_config(None, ["vert.enabled=true"]))  # boxes for the CNN, vertebrae for the track

@@ -88,7 +88,7 @@ class SliceNet(nn.Module):
     def __init__(self, backbone: str = "resnet50", pretrained_file: str = "", dropout: float = 0.3,
                  box_head: bool = False, context: int = 0, width: float = 1.0):
         super().__init__()
-        # what a checkpoint needs to rebuild this network (`cspine.runs.load_slice_model`); weights come separately
+        # what a checkpoint needs to rebuild this network (`cspine.checkpoints`); the weights are saved apart
         self.arch = {"backbone": backbone, "dropout": dropout, "box_head": box_head, "context": context,
                      "width": width}
         self.context = context  # neighbours each side in the input (`cspine.inputs.slice_stack`); 0 = one slice

@@ -4,9 +4,10 @@
     python -m cspine run --data /path/to/rsna-2022-cervical-spine-fracture-detection
     python -m cspine run --config configs/paper.yaml       # the paper's settings, for a GPU
 
-Stages (`STAGES`): prepare → segment (when ``slice.labels="vertebrae"``) → train-slices (every fold) → extract → train-seq (every BLSTM size) → train-vertebrae (with ``vert.enabled``) → evaluate →
-predict, after the run folder is set up (synthetic data when none is found, labels, folds). A second run
-resumes: each stage whose outputs are complete is skipped, and within a stage finished studies and folds are.
+Stages (`STAGES`), after the run folder is set up (synthetic data when none is found, labels, folds):
+prepare → segment (with ``slice.labels="vertebrae"`` or ``vert.enabled``) → train-slices (every fold) → extract → train-seq
+(every BLSTM size) → train-vertebrae (with ``vert.enabled``) → evaluate → predict. A second run resumes:
+each stage whose outputs are complete is skipped, and within a stage finished studies and folds are.
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ from typing import Callable
 
 import pandas as pd
 
-from cspine.competition import DataError, find_data_dir, make_folds, read_boxes, read_test, read_train, write_folds
+from cspine.competition import (
+    DataError,
+    find_data_dir,
+    make_folds,
+    read_boxes,
+    read_test,
+    read_train,
+    write_folds,
+)
 from cspine.config import Config, ConfigError, changed_keys, config_value, is_free, load_config, save_config
 from cspine.evaluate import evaluate
 from cspine.extract import extract_fold, is_extracted
@@ -184,6 +193,11 @@ def _prepared(job: Job) -> bool:
     return job.run.cache.index.is_file() and all(is_cached(job.run.cache.root, u) for u in train["StudyInstanceUID"])
 
 
+def needs_vertebrae(cfg: Config) -> bool:
+    """Whether a run needs the `segment` stage: for slice labels from vertebrae, or for the vertebra track."""
+    return cfg.slice.labels == "vertebrae" or cfg.vert.enabled
+
+
 def _always(job: Job) -> bool:
     return False  # cheap stages whose inputs may have changed: evaluate and predict run every time
 
@@ -191,7 +205,7 @@ def _always(job: Job) -> bool:
 # A new stage is one entry here; `run` and `run_stages` need nothing else.
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", _prepared, lambda j: prepare(j.cfg, j.data_dir, j.run.cache.root)),
-    Stage("segment", lambda j: j.cfg.slice.labels != "vertebrae" or is_segmented(j.run, j.cfg.seg),
+    Stage("segment", lambda j: not needs_vertebrae(j.cfg) or is_segmented(j.run, j.cfg.seg),
           lambda j: segment(j.cfg, j.run)),
     Stage("train-slices", lambda j: all(is_trained(j.run, k) for k in j.folds),
           lambda j: [train_fold(j.cfg, j.run, k) for k in j.folds if not is_trained(j.run, k)]),

@@ -2,7 +2,8 @@
 
     python -m cspine predict --config configs/demo.yaml --data DIR --models runs/demo --out submissions/submission.csv
 
-Per study: DICOM → preprocessing → every fold's slice CNN → the BLSTMs → 8 probabilities. The next study
+Per study: DICOM → preprocessing → every fold's slice CNN → the BLSTMs → 8 probabilities; with the
+vertebra track, the study is also segmented and C1..C7 come from each vertebra's own slices. The next study
 is decoded in a background thread while the models work on the current one, so memory holds at most two
 studies. A study that fails anywhere is logged and gets the prior; every row_id of test.csv is written,
 validated, and the file replaced atomically.
