@@ -40,6 +40,7 @@ def main() -> None:
     if cams:
         shutil.copy(cams[0], DOCS / "gradcam.png")
     shutil.copy(Run(args.run).report / "roc.png", DOCS / "roc.png")
+    shutil.copy(Run(args.run).report / "vertebrae.png", DOCS / "vertebrae.png")
     print("figures written to", DOCS)
 
 

@@ -94,6 +94,24 @@ def scores(name: str, oof: pd.DataFrame, labels: pd.DataFrame) -> dict:
     return row
 
 
+def vertebra_figure(score_table: pd.DataFrame, path: Path) -> Path:
+    """Out-of-fold AUC of each model on each vertebra, side by side: can it say *which* vertebra?"""
+    rows = score_table[~score_table["Model"].str.contains("prior|mean pooling")]
+    fig, ax = plt.subplots(figsize=(8, 4.4))
+    width = 0.8 / max(len(rows), 1)
+    for i, (_, row) in enumerate(rows.iterrows()):
+        aucs = [row[f"AUC {v}"] for v in VERTEBRAE]
+        ax.bar(np.arange(len(VERTEBRAE)) + (i - (len(rows) - 1) / 2) * width, aucs, width, label=row["Model"])
+    ax.axhline(0.5, color="k", ls=":", lw=1)
+    ax.set(xticks=range(len(VERTEBRAE)), xticklabels=VERTEBRAE, ylim=(0, 1.05), ylabel="AUC, out of fold",
+           title="Which vertebra is broken?")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _figures(models: dict[str, pd.DataFrame], labels: pd.DataFrame, out: Path, calibrated: str) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for name, oof in models.items():
@@ -243,6 +261,7 @@ def evaluate(cfg: Config, run_dir: str | os.PathLike) -> Path:
     write_csv(score_table, out / "scores.csv")
     default_model = f"{backbone} + BLSTM-{cfg.seq.hidden}"
     _figures({k: v for k, v in models.items() if "prior" not in k}, labels, out, default_model)
+    vertebra_figure(score_table, out / "vertebrae.png")
 
     fmt = score_table.copy()
     for col in fmt.columns[1:]:
@@ -256,7 +275,7 @@ def evaluate(cfg: Config, run_dir: str | os.PathLike) -> Path:
         "## Competition metric and per-target AUC", "",
         "Weighted log loss (lower is better; a constant 0.5 scores 0.6931).", "",
         fmt.to_markdown(index=False), "",
-        "![ROC](roc.png) ![calibration](calibration.png)", "",
+        "![ROC](roc.png) ![calibration](calibration.png)", "", "![per vertebra](vertebrae.png)", "",
         *segmentation_section(run),
     ]
     write_text(out / "report.md", "\n".join(lines))
