@@ -164,7 +164,7 @@ def test_inference_imports_no_training_module():
     assert loaded.strip() == ""
 
 
-def test_bin_and_study_input_agree_with_numpy():
+def test_study_input_max_pools_log_odds_into_bins():
     from cspine.inputs import study_input
 
     probs = np.full((6, 15), 0.5, np.float32)

@@ -414,6 +414,6 @@ def test_a_fold_resumes_only_with_the_settings_it_began_with(prepared, tmp_path)
     run_dir = _copy_base(prepared, tmp_path / "resume")
     cfg = load_config(SMOKE_CONFIG, ["slice.epochs=2"])
     train_fold(cfg, run_dir, 0, max_epochs=1)
-    with pytest.raises(ConfigError, match=r"fold 0 .*\(slice.lr: 0.001 → 0.01\)"):
+    with pytest.raises(ConfigError, match=r"fold 0 of .* made with other settings: slice.lr=0.01 \(made with 0.001\)"):
         train_fold(load_config(SMOKE_CONFIG, ["slice.epochs=2", "slice.lr=0.01"]), run_dir, 0)
     assert train_fold(load_config(SMOKE_CONFIG, ["slice.epochs=2", "slice.workers=0"]), run_dir, 0)["finished"]

@@ -131,7 +131,7 @@ class SeqConfig:
     """Stage 2: the BLSTM over a study's slice features (the paper: Adam 1e-6, 100 epochs, batch 4)."""
 
     hidden: int = 128  # the paper's Table 3 compares 96, 128, 256
-    compare_hidden: tuple[int, ...] = (96, 128, 256)  # sizes `evaluate` trains for Table 3
+    compare_hidden: tuple[int, ...] = (96, 128, 256)  # sizes `train-seq` also trains, for Table 3
     layers: int = 1
     dropout: float = 0.2
     epochs: int = 100
@@ -166,7 +166,7 @@ class VertebraConfig:
     that vertebra's probability.
     """
 
-    enabled: bool = False  # train it (needs slice.labels="vertebrae": the segmentation) and predict with it
+    enabled: bool = False  # train it (the segment stage then runs too) and predict with it
     margin: int = 1  # slices added above and below each vertebra's extent
     bins: int = 8  # each vertebra's slices max-pooled into this many runs
     hidden: int = 32
@@ -345,6 +345,26 @@ def changed_keys(old: Config, new: Config) -> list[str]:
 def is_free(key: str) -> bool:
     """Whether a setting may change in an existing run: it shapes nothing kept, or its stage redoes itself."""
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in (*RUNTIME_KEYS, *REDONE_KEYS))
+
+
+def check_unchanged(made: Config, wanted: Config, where: str, shaped=lambda key: True) -> None:
+    """Refuses settings that differ from those ``where`` was made with and cannot change there.
+
+    Args:
+        made: the config recorded with the artifact(s).
+        wanted: the config asked for now.
+        where: what was made, for the message (a run folder, a cache, a fold under way).
+        shaped: which dotted keys the artifact depends on; `is_free` keys may always change.
+
+    Raises:
+        ConfigError: naming every such key, with the value asked for and the value it was made with.
+    """
+    fixed = [key for key in changed_keys(made, wanted) if not is_free(key) and shaped(key)]
+    if fixed:
+        listing = ", ".join(f"{key}={config_value(wanted, key)!r} (made with {config_value(made, key)!r})"
+                            for key in fixed)
+        raise ConfigError(f"{where} was made with other settings: {listing}; use another run folder "
+                          "(--out, or name=...) or delete it")
 
 
 def config_value(cfg: Config, key: str):

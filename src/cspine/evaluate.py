@@ -143,19 +143,18 @@ def _figures(models: dict[str, pd.DataFrame], labels: pd.DataFrame, out: Path, c
     plt.close(fig)
 
 
-def collect_oof(run: Run, hidden: int, n_folds: int) -> pd.DataFrame:
-    """Every fold's out-of-fold BLSTM predictions of one size, together (also written to ``seq/h<H>/oof.csv``).
+def collect(paths: list[Path], out: Path, what: str, command: str) -> pd.DataFrame:
+    """Every fold's out-of-fold predictions of one model, together (also written to ``out``).
 
     Raises:
-        FileNotFoundError: a fold's BLSTMs of that size are not trained (`python -m cspine train-seq`).
+        FileNotFoundError: a fold's file is missing; the message says which ``command`` makes it.
     """
-    paths = [run.seq_file(hidden, k, "oof.csv") for k in range(n_folds)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"BLSTM-{hidden} predictions missing ({', '.join(missing)}): run "
-                                "`python -m cspine train-seq` first")
+        raise FileNotFoundError(f"{what} predictions missing ({', '.join(missing)}): run "
+                                f"`python -m cspine {command}` first")
     oof = pd.concat([pd.read_csv(p, dtype={"StudyInstanceUID": str}) for p in paths], ignore_index=True)
-    write_csv(oof, run.seq_oof(hidden))
+    write_csv(oof, out)
     return oof
 
 
@@ -204,22 +203,6 @@ def segmentation_section(run: Run) -> list[str]:
 VERTEBRA_TRACK = "vertebra track (segmentation + CNN in each vertebra's slices + BiLSTM)"
 
 
-def collect_vertebra_oof(run: Run, n_folds: int) -> pd.DataFrame:
-    """Every fold's out-of-fold vertebra-track predictions (also written to ``vertebra/oof.csv``).
-
-    Raises:
-        FileNotFoundError: a fold's vertebra track is not trained (`python -m cspine train-vertebrae`).
-    """
-    paths = [run.vert_file(k, "oof.csv") for k in range(n_folds)]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"vertebra-track predictions missing ({', '.join(missing)}): run "
-                                "`python -m cspine train-vertebrae` first")
-    oof = pd.concat([pd.read_csv(p, dtype={"StudyInstanceUID": str}) for p in paths], ignore_index=True)
-    write_csv(oof, run.vert_oof())
-    return oof
-
-
 def model_name(cfg: Config) -> str:
     """The slice CNN as the report names it, e.g. "ResNet-50" or "resnet10t ×0.5"."""
     name = {"resnet50": "ResNet-50"}.get(cfg.slice.backbone, cfg.slice.backbone)
@@ -240,10 +223,12 @@ def evaluate(cfg: Config, run_dir: str | os.PathLike) -> Path:
     backbone = model_name(cfg)
     models: dict[str, pd.DataFrame] = {}
     for hidden in cfg.seq.sizes:
-        models[f"{backbone} + BLSTM-{hidden}"] = collect_oof(run, hidden, n_folds)
+        models[f"{backbone} + BLSTM-{hidden}"] = collect([run.seq_file(hidden, k, "oof.csv") for k in range(n_folds)],
+                                                         run.seq_oof(hidden), f"BLSTM-{hidden}", "train-seq")
     uids = models[f"{backbone} + BLSTM-{cfg.seq.hidden}"]["StudyInstanceUID"].tolist()
     if cfg.vert.enabled:
-        models[VERTEBRA_TRACK] = collect_vertebra_oof(run, n_folds)
+        models[VERTEBRA_TRACK] = collect([run.vert_file(k, "oof.csv") for k in range(n_folds)], run.vert_oof(),
+                                         "vertebra-track", "train-vertebrae")
     slice_probs = oof_slice_probs(run)  # read once: the pooling baselines and Table 2 share them
     for how in ("max", "mean"):
         models[f"{backbone}, {how} pooling"] = pooled_predictions(slice_probs, uids, how)

@@ -11,7 +11,6 @@ studies it read, so the no-leak rule can be checked from the files alone.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -25,7 +24,7 @@ from cspine.config import Config
 from cspine.inputs import slice_stack, to_tensor
 from cspine.models import SliceNet
 from cspine.prepare import load_study_images
-from cspine.runs import Run, atomic_path, read_json, write_json
+from cspine.runs import Run, atomic_path, digest, read_json, write_json
 from cspine.progress import progress
 from cspine.runtime import amp_dtype, autocast, pick_device
 
@@ -57,10 +56,6 @@ def study_features(model: SliceNet, images: np.ndarray, size: int, device: torch
     return np.concatenate(feats), np.concatenate(probs)
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
 def extract_fold(cfg: Config, run_dir: str | os.PathLike, fold: int) -> Path:
     """Writes the out-of-fold features of one fold (skipping studies already extracted by this checkpoint).
 
@@ -80,7 +75,7 @@ def extract_fold(cfg: Config, run_dir: str | os.PathLike, fold: int) -> Path:
         raise RuntimeError(f"{checkpoint} trained on {len(leaked)} of fold {fold}'s studies (e.g. {leaked[0]}): "
                            f"{run.folds} changed after training; train the fold again")
     out = run.features_dir(fold)
-    sha, tta = _sha(checkpoint), cfg.predict.tta
+    sha, tta = digest(checkpoint), cfg.predict.tta
     if run.provenance(fold).is_file():
         old = read_json(run.provenance(fold))
         if old["checkpoint_sha"] != sha or old["tta"] != tta:
@@ -117,7 +112,7 @@ def is_extracted(cfg: Config, run_dir: str | os.PathLike, fold: int) -> bool:
     if not run.provenance(fold).is_file() or not run.slice_best(fold).is_file():
         return False
     recorded = read_json(run.provenance(fold))
-    return (recorded["checkpoint_sha"] == _sha(run.slice_best(fold)) and recorded["tta"] == cfg.predict.tta
+    return (recorded["checkpoint_sha"] == digest(run.slice_best(fold)) and recorded["tta"] == cfg.predict.tta
             and all(run.features_file(fold, u).is_file() for u in recorded["studies"]))
 
 

@@ -82,7 +82,7 @@ def _verified_checkpoints(models: Run, hidden: int) -> tuple[list[Path], list[Pa
     if not checkpoints or not blstms:
         raise FileNotFoundError(f"no trained models under {models.root}: train them first (python -m cspine run)")
     vertebra = models.vert_models()
-    segmenters = sorted(models.seg_model(0).parent.glob("fold*.pt")) if vertebra else []
+    segmenters = models.seg_models() if vertebra else []
     for path in checkpoints:
         load_slice_model(path)
     for path in blstms:

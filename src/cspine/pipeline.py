@@ -31,7 +31,7 @@ from cspine.competition import (
     read_train,
     write_folds,
 )
-from cspine.config import Config, ConfigError, changed_keys, config_value, is_free, load_config, save_config
+from cspine.config import Config, ConfigError, check_unchanged, load_config, save_config
 from cspine.evaluate import evaluate
 from cspine.extract import extract_fold, is_extracted
 from cspine.predict import predict
@@ -95,13 +95,7 @@ def bind_config(cfg: Config, run: Run) -> None:
         ConfigError: naming every setting that differs from the one the run's artifacts were made with.
     """
     if run.config.is_file():
-        recorded = load_config(run.config)
-        fixed = [key for key in changed_keys(recorded, cfg) if not is_free(key) and _shaped(run, key)]
-        if fixed:
-            listing = ", ".join(f"{key}={config_value(cfg, key)!r} (made with {config_value(recorded, key)!r})"
-                                for key in fixed)
-            raise ConfigError(f"{run.root} was made with other settings: {listing}; use another run folder "
-                              "(--out, or name=...) or delete this one")
+        check_unchanged(load_config(run.config), cfg, str(run.root), lambda key: _shaped(run, key) is not None)
     save_config(cfg, run.config)
 
 
@@ -113,9 +107,9 @@ def _shaped(run: Run, key: str) -> Path | None:
     if section == "folds":
         return run.folds if run.folds.is_file() else None
     if section == "slice":
-        return next(run.root.glob("slice/fold*/*.pt"), None)
+        return next(iter(run.slice_states()), None)
     if section == "seg":
-        return next(run.root.glob("segment/fold*.pt"), None)
+        return next(iter(run.seg_models()), None)
     return None
 
 

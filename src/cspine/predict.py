@@ -107,7 +107,7 @@ def _add_vertebra_track(ensemble: Ensemble, run: Run, device: torch.device) -> N
         ensemble.vertebra.append((meta, model))
         metas[path] = meta
     readings = {}
-    for path in sorted(run.seg_model(0).parent.glob("fold*.pt")):
+    for path in run.seg_models():
         model, meta = load_segmenter(path, device)
         ensemble.segmenters.append(model)
         readings[path] = meta["reading"]

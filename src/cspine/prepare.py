@@ -25,7 +25,7 @@ import pandas as pd
 
 from cspine import TARGETS, VERTEBRAE
 from cspine.competition import read_boxes, read_mask, read_train, slice_labels, vertebra_presence
-from cspine.config import Config, ConfigError, PrepareConfig, load_config, save_config
+from cspine.config import Config, PrepareConfig, check_unchanged, load_config, save_config
 from cspine.dicom import load_series
 from cspine.preprocess import boxes_in_cache_frame, labels_in_cache_frame, preprocess_study
 from cspine.runs import Cache, atomic_path, write_csv, write_text
@@ -187,12 +187,7 @@ def bind_cache(cfg: Config, cache: Cache) -> None:
         ConfigError: naming each ``prepare`` setting that differs from the one the cache was made with.
     """
     if cache.config.is_file() and any(cache.root.glob("*.json")):
-        made = load_config(cache.config).prepare
-        differ = [f"prepare.{key}={getattr(cfg.prepare, key)!r} (cached with {getattr(made, key)!r})"
-                  for key in ("size", "crop", "margin") if getattr(made, key) != getattr(cfg.prepare, key)]
-        if differ:
-            raise ConfigError(f"{cache.root} was made with other settings: {', '.join(differ)}; use another "
-                              "run folder (--out, or name=...) or delete the cache")
+        check_unchanged(load_config(cache.config), cfg, str(cache.root), lambda key: key.startswith("prepare."))
         return
     save_config(cfg, cache.config)
 

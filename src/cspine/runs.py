@@ -22,6 +22,7 @@ torch: `prepare`'s worker processes use it too.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -137,6 +138,10 @@ class Run:
             raise ValueError(f"{name!r} is not a slice record; one of {SLICE_FILES}")
         return self.slice_dir(fold) / name
 
+    def slice_states(self) -> list[Path]:
+        """Every slice-CNN checkpoint of the run, best.pt and last.pt, of every fold."""
+        return sorted(self.root.glob("slice/fold*/*.pt"))
+
     def slice_checkpoints(self) -> dict[int, Path]:
         """{fold: best.pt} for every fold that has one."""
         return {int(p.parent.name[4:]): p for p in sorted(self.root.glob("slice/fold*/best.pt"))}
@@ -144,6 +149,10 @@ class Run:
     def seg_model(self, fold: int) -> Path:
         """The segmentation model of one fold (`cspine.segment`)."""
         return self.root / "segment" / f"fold{fold}.pt"
+
+    def seg_models(self) -> list[Path]:
+        """Every fold's segmentation model that exists."""
+        return sorted(self.root.glob("segment/fold*.pt"))
 
     def seg_file(self, name: str) -> Path:
         """One of the segmentation stage's tables (`SEG_FILES`)."""
@@ -239,6 +248,11 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def digest(path: str | os.PathLike) -> str:
+    """A short content hash of a file: tells when an artifact was made anew."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def write_csv(frame: pd.DataFrame, path: str | os.PathLike) -> Path:

@@ -31,17 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from cspine.checkpoints import load_checkpoint, save_checkpoint, save_slice_model
-from cspine.config import (
-    Config,
-    ConfigError,
-    SliceConfig,
-    changed_keys,
-    config_dict,
-    config_value,
-    is_free,
-    load_config,
-    save_config,
-)
+from cspine.config import Config, SliceConfig, check_unchanged, config_dict, load_config, save_config
 from cspine.data import (
     BalancedDistributedSampler,
     SliceDataset,
@@ -432,13 +422,8 @@ def _bind_fold_config(cfg: Config, run: Run, fold: int) -> None:
     """
     record = run.slice_file(fold, "config.yaml")
     if run.slice_last(fold).is_file() and record.is_file():
-        began = load_config(record)
-        differ = [key for key in changed_keys(began, cfg) if not is_free(key) and key.split(".")[0] in
-                  ("prepare", "slice", "folds")]
-        if differ:
-            raise ConfigError(f"fold {fold} of {run.root} began with other settings ("
-                              + ", ".join(f"{k}: {config_value(began, k)!r} → {config_value(cfg, k)!r}" for k in differ)
-                              + "); resume with those, or use another run folder")
+        check_unchanged(load_config(record), cfg, f"fold {fold} of {run.root}",
+                        lambda key: key.split(".")[0] in ("prepare", "slice", "folds"))
         return
     save_config(cfg, record)
 

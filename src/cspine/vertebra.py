@@ -17,7 +17,6 @@ on it (``<run>/vertebra/fold<k>/oof.csv``).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 
@@ -34,7 +33,7 @@ from cspine.extract import extracted_with_tta, features_signature, load_features
 from cspine.inputs import VERTEBRA_FEATURES, combine, vertebra_inputs
 from cspine.metrics import weighted_log_loss
 from cspine.models import SequenceNet
-from cspine.runs import Run, read_json, write_csv, write_json
+from cspine.runs import Run, digest, read_json, write_csv, write_json
 from cspine.runtime import pick_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -93,12 +92,12 @@ def fit(x: np.ndarray, y: np.ndarray, v: VertebraConfig, device: torch.device, s
 def _record(run: Run, cfg: Config, fold: int) -> dict:
     """What a fold's track was made from: the features, the segmentation's extents, the study BLSTM's
     out-of-fold predictions (with ``vert.overall="blstm"``), the settings."""
-    def text(path):
-        return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+    def made(path):
+        return digest(path) if path is not None and path.is_file() else None
 
     blstm = run.seq_file(cfg.seq.hidden, fold, "oof.csv") if cfg.vert.overall == "blstm" else None
-    return {"features": features_signature(run), "extents": text(run.seg_file("extents.csv")),
-            "blstm": text(blstm) if blstm else None, "vert": dataclasses.asdict(cfg.vert)}
+    return {"features": features_signature(run), "extents": made(run.seg_file("extents.csv")),
+            "blstm": made(blstm), "vert": dataclasses.asdict(cfg.vert)}
 
 
 def is_vert_trained(run_dir: str | os.PathLike, fold: int, cfg: Config) -> bool:
