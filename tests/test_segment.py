@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -144,6 +145,45 @@ def test_segment_trains_and_segments_every_study_out_of_fold(synthetic_root, tmp
         assert uid not in trained_on[fold]  # every Dice is out of fold
     assert set(dice["StudyInstanceUID"]) == {u for u in index["StudyInstanceUID"].unique()
                                              if run.cache.mask(u).is_file()}
+
+
+@pytest.mark.slow
+def test_segment_under_ddp_gathers_every_ranks_share_as_one_process_would(synthetic_root, tmp_path):
+    """Two gloo ranks train one model each fold and segment half the studies each; rank 0 writes tables
+    equal to those one process writes from the same models."""
+    import torch.multiprocessing as mp
+
+    from cspine.segment import segment
+
+    run = Run(tmp_path / "run")
+    cfg = _prepared(synthetic_root, run.root)
+    mp.spawn(_segment_rank, args=(2, str(tmp_path / "init"), str(run.root)), nprocs=2, join=True)
+    assert (tmp_path / "rank1_returned_none").is_file()
+    shared = {name: pd.read_csv(run.seg_file(name), dtype={"StudyInstanceUID": str})
+              for name in ("vertebrae.csv", "extents.csv", "dice.csv")}
+    for name in shared:
+        run.seg_file(name).unlink()
+    segment(cfg, run.root)  # the fold models exist: only the segmentation runs again, in one process
+    for name, table in shared.items():
+        pd.testing.assert_frame_equal(table, pd.read_csv(run.seg_file(name), dtype={"StudyInstanceUID": str}))
+    order = run.cache.read_index().drop_duplicates("StudyInstanceUID")["StudyInstanceUID"].tolist()
+    assert shared["vertebrae.csv"]["StudyInstanceUID"].drop_duplicates().tolist() == order
+
+
+def _segment_rank(rank: int, world: int, init_file: str, run_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from cspine.runtime import Runtime
+    from cspine.segment import segment
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    table = segment(load_config(SMOKE_CONFIG, SEG_SMOKE), run_dir, Runtime(torch.device("cpu"), rank=rank, world_size=world))
+    if rank == 1 and table is None:
+        (Path(init_file).parent / "rank1_returned_none").touch()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 @pytest.mark.slow

@@ -161,11 +161,19 @@ def cmd_train_slices(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from cspine.runtime import init_distributed
     from cspine.segment import segment
 
     cfg = _config(args)
-    table = segment(cfg, _bound(args, cfg))
-    print(f"{table['StudyInstanceUID'].nunique()} studies segmented, {len(table)} slices")
+    rt = init_distributed(cfg.device)
+    run_dir = _bound(args, cfg) if rt.is_main else _run_dir(args, cfg)  # one writer of config.yaml
+    if rt.distributed:
+        dist.barrier()
+    table = segment(cfg, run_dir, rt)
+    if rt.is_main:
+        print(f"{table['StudyInstanceUID'].nunique()} studies segmented, {len(table)} slices")
     return 0
 
 

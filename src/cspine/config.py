@@ -122,7 +122,7 @@ class SegConfig:
     lr: float = 2e-3
     plane_stride: int = 2  # predict every n-th sagittal plane (neighbours copy it): a vertebra spans many
     min_pixels: int = 8  # a vertebra is present on an axial slice from this many of its pixels (cache size)
-    workers: int = 0
+    amp: bool = True  # mixed precision on a GPU (bf16 where supported); ignored on CPU
     seed: int = 0
 
 
@@ -325,7 +325,7 @@ def diff_from_defaults(cfg: Config) -> dict:
 # Settings that shape no artifact of a run folder: how fast and where it runs, which folds one call trains,
 # how the submission is clipped (predict runs anew each time), and the synthetic data's recipe (the data
 # folder records its own, `cspine.synthetic.synthetic_settings`).
-RUNTIME_KEYS = ("name", "device", "prepare.workers", "seg.workers", "slice.workers", "slice.amp",
+RUNTIME_KEYS = ("name", "device", "prepare.workers", "seg.amp", "slice.workers", "slice.amp",
                 "slice.channels_last", "predict.batch_size", "predict.clip", "folds.folds", "synth.")
 # Settings whose stages compare them with what they made and redo their work when they differ.
 REDONE_KEYS = ("seq.", "vert.", "predict.tta")

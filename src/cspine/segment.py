@@ -8,7 +8,9 @@ cached study with ``seg.context`` planes on each side as channels (three windows
 slices resampled to ``seg.depth`` rows, and labels each pixel background, C1..C7 or T1.
 
 It trains on the studies that have a segmentation (``cache/<uid>.mask.npy``), in ``seg.folds`` folds at
-study level. A masked study is segmented by the fold model that did not train on it (its Dice is out of
+study level. Under torchrun it behaves like `train-slices`: every rank draws its own batch of planes into
+one DistributedDataParallel model (the global batch is ``seg.batch_size`` × ranks), rank 0 saves, and the
+studies are then segmented in shares, one per rank, gathered on rank 0, which writes the tables. A masked study is segmented by the fold model that did not train on it (its Dice is out of
 fold); every other study by the mean of all fold models. Writes ``<run>/segment/``:
 - ``fold<k>.pt``: the fold models;
 - ``vertebrae.csv``: per cached slice, which of C1..C7 it shows and its level (the vertebra with most pixels);
@@ -26,8 +28,10 @@ import time
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from sklearn.model_selection import KFold
+from torch.nn.parallel import DistributedDataParallel
 
 from cspine import VERTEBRAE
 from cspine.checkpoints import save_checkpoint
@@ -35,7 +39,7 @@ from cspine.config import Config, SegConfig
 from cspine.prepare import load_study_images
 from cspine.progress import progress
 from cspine.runs import Run, write_csv
-from cspine.runtime import pick_device, seed_everything
+from cspine.runtime import Runtime, amp_dtype, autocast, init_distributed, seed_everything
 from cspine.segmenter import (
     build_segmenter,
     load_segmenter,
@@ -72,18 +76,24 @@ def _columns(rng: np.random.Generator, mask: np.ndarray, n: int) -> np.ndarray:
     return np.where(rng.random(n) < 0.8, rng.choice(spine, n), anywhere)
 
 
-def train_segmenter(studies: dict[str, tuple[np.ndarray, np.ndarray]], s: SegConfig, device: torch.device,
+def train_segmenter(studies: dict[str, tuple[np.ndarray, np.ndarray]], s: SegConfig, rt: Runtime,
                     seed: int, desc: str = "segment") -> tuple[torch.nn.Module, list[float]]:
-    """Trains one U-Net on {uid: (images uint8 [N, S, S, 3], mask uint8 [N, S, S])}; returns it and its losses."""
+    """Trains one U-Net on {uid: (images uint8 [N, S, S, 3], mask uint8 [N, S, S])}; returns it and its losses.
+
+    Every rank starts from the same weights (``seed``) and draws its own planes (``seed`` + rank).
+    """
     seed_everything(seed)
-    model = build_segmenter(s.encoder, s.context).to(device)
+    model = build_segmenter(s.encoder, s.context).to(rt.device)
+    net = DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.cuda else None) if rt.distributed else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=s.lr, total_steps=s.steps, pct_start=0.1)
-    rng = np.random.default_rng(seed)
+    dtype = amp_dtype(rt.device, s.amp)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=dtype == torch.float16)
+    rng = np.random.default_rng(seed + 1000 * rt.rank)
     uids = sorted(studies)
     losses = []
-    model.train()
-    for _ in progress(range(s.steps), desc, steps=True, leave=False):
+    net.train()
+    for _ in progress(range(s.steps), desc, steps=True, leave=False, enabled=rt.is_main):
         picks = rng.choice(len(uids), s.batch_size)
         xs, ys = [], []
         for i in np.unique(picks):
@@ -91,10 +101,14 @@ def train_segmenter(studies: dict[str, tuple[np.ndarray, np.ndarray]], s: SegCon
             cols = _columns(rng, mask, int((picks == i).sum()))
             xs.append(sagittal_planes(images, cols, s.context, s.depth))
             ys.append(sagittal_labels(mask, cols, s.depth))
-        loss = segmentation_loss(model(torch.cat(xs).to(device)), torch.cat(ys).to(device))
+        x = torch.cat(xs).to(rt.device, non_blocking=True)
+        with autocast(rt.device, dtype):
+            logits = net(x)
+        loss = segmentation_loss(logits.float(), torch.cat(ys).to(rt.device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         schedule.step()
         losses.append(loss.detach())  # read back once at the end: no host sync per step on a GPU
     return model.eval(), torch.stack(losses).cpu().tolist()
@@ -125,7 +139,7 @@ def seg_folds(uids: list[str], s: SegConfig) -> dict[str, int]:
     return {uids[i]: k for k, (_, held) in enumerate(splitter.split(uids)) for i in held}
 
 
-def train_seg_fold(cfg: Config, run_dir: str | os.PathLike, fold: int) -> dict:
+def train_seg_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, rt: Runtime) -> dict:
     """Trains (or finds trained) the segmentation model of one fold; returns a summary."""
     run, s = Run(run_dir), cfg.seg
     path = run.seg_model(fold)
@@ -135,35 +149,36 @@ def train_seg_fold(cfg: Config, run_dir: str | os.PathLike, fold: int) -> dict:
     train = {u: (np.asarray(load_study_images(run.cache.root, u)), np.load(run.cache.mask(u)))
              for u, k in folds.items() if k != fold}
     started = time.perf_counter()
-    model, losses = train_segmenter(train, s, pick_device(cfg.device), s.seed + fold, f"segment fold {fold}")
-    save_checkpoint({"model": model.state_dict(), "arch": {"encoder": s.encoder, "context": s.context},
-                     "reading": reading(s), "fold": fold, "trained_on": sorted(train), "losses": losses},
-                    path, "segmenter")
-    log.info("segment fold %d: %d studies, %d steps in %.0f s, loss %.3f → %.3f", fold, len(train), s.steps,
-             time.perf_counter() - started, np.mean(losses[:20]), np.mean(losses[-20:]))
+    model, losses = train_segmenter(train, s, rt, s.seed + fold, f"segment fold {fold}")
+    if rt.is_main:
+        save_checkpoint({"model": model.state_dict(), "arch": {"encoder": s.encoder, "context": s.context},
+                         "reading": reading(s), "fold": fold, "trained_on": sorted(train), "losses": losses},
+                        path, "segmenter")
+        log.info("segment fold %d: %d studies, %d steps × %d ranks in %.0f s, loss %.3f → %.3f", fold, len(train),
+                 s.steps, rt.world_size, time.perf_counter() - started, np.mean(losses[:20]), np.mean(losses[-20:]))
+    if rt.distributed:
+        dist.barrier()
     return {"fold": fold, "trained": True}
 
 
-def segment(cfg: Config, run_dir: str | os.PathLike) -> pd.DataFrame:
-    """The stage: trains every fold's model, then segments every cached study; returns the per-slice table."""
-    run, s = Run(run_dir), cfg.seg
-    device = pick_device(cfg.device)
-    folds = seg_folds(masked_studies(run), s)
-    how = reading(s)
-    for fold in range(s.folds):
-        train_seg_fold(cfg, run, fold)
-    loaded = [load_segmenter(run.seg_model(k), device) for k in range(s.folds)]
-    models = [m for m, _ in loaded]
-    for fold, (_, meta) in enumerate(loaded):  # the out-of-fold promise, from the checkpoints themselves
+def _check_out_of_fold(run: Run, folds: dict[str, int], metas: list[dict]) -> None:
+    """The out-of-fold promise, from the checkpoints themselves."""
+    for fold, meta in enumerate(metas):
         held = {u for u, k in folds.items() if k == fold}
         if held & set(meta["trained_on"]):
             raise RuntimeError(f"{run.seg_model(fold)} trained on a study it would score; delete it and train again")
-    index = run.cache.read_index()
+
+
+def segment_share(run: Run, s: SegConfig, rt: Runtime, models: list, folds: dict[str, int]) -> tuple[list, list, list]:
+    """Segments this rank's share of the cached studies: per-slice tables, extents and Dice rows."""
+    how, dtype = reading(s), amp_dtype(rt.device, s.amp)
+    groups = list(run.cache.read_index().groupby("StudyInstanceUID", sort=False))[rt.rank::rt.world_size]
     rows, extents, dice = [], [], []
-    for uid, part in progress(index.groupby("StudyInstanceUID", sort=False), "segment studies", unit="study"):
+    for uid, part in progress(groups, "segment studies", unit="study", enabled=rt.is_main):
         study = load_study_images(run.cache.root, uid)
         fold = folds.get(uid)
-        labels = segment_study(models if fold is None else [models[fold]], study, how, device)
+        with autocast(rt.device, dtype):
+            labels = segment_study(models if fold is None else [models[fold]], study, how, rt.device)
         presence, found = vertebra_extents(labels, s.min_pixels)
         levels = slice_levels(labels, s.min_pixels)
         part = part.sort_values("order")
@@ -173,7 +188,38 @@ def segment(cfg: Config, run_dir: str | os.PathLike) -> pd.DataFrame:
         extents += [{"StudyInstanceUID": uid, **e} for e in found]
         if fold is not None:
             dice.append({"StudyInstanceUID": uid, "fold": fold, **dice_per_vertebra(labels, np.load(run.cache.mask(uid)))})
-    table = pd.concat(rows, ignore_index=True)
+    return rows, extents, dice
+
+
+def _gather(share: tuple[list, list, list], rt: Runtime) -> tuple[list, list, list] | None:
+    """Every rank's share, joined on rank 0 (None on the others)."""
+    if not rt.distributed:
+        return share
+    shares = [None] * rt.world_size if rt.is_main else None
+    dist.gather_object(share, shares, dst=0)
+    if not rt.is_main:
+        return None
+    return tuple([item for part in shares for item in part[i]] for i in range(3))
+
+
+def segment(cfg: Config, run_dir: str | os.PathLike, rt: Runtime | None = None) -> pd.DataFrame | None:
+    """The stage: trains every fold's model, then segments every cached study; returns the per-slice table
+    (on rank 0; None on the other ranks under torchrun)."""
+    rt = rt or init_distributed(cfg.device)
+    run, s = Run(run_dir), cfg.seg
+    folds = seg_folds(masked_studies(run), s)
+    for fold in range(s.folds):
+        train_seg_fold(cfg, run, fold, rt)
+    loaded = [load_segmenter(run.seg_model(k), rt.device) for k in range(s.folds)]
+    _check_out_of_fold(run, folds, [meta for _, meta in loaded])
+    joined = _gather(segment_share(run, s, rt, [m for m, _ in loaded], folds), rt)
+    if joined is None:
+        return None
+    rows, extents, dice = joined
+    order = {u: i for i, u in enumerate(run.cache.read_index()["StudyInstanceUID"].unique())}
+    table = pd.concat(sorted(rows, key=lambda r: order[r["StudyInstanceUID"].iat[0]]), ignore_index=True)
+    extents.sort(key=lambda e: order[e["StudyInstanceUID"]])  # stable: C1..C7 within a study
+    dice.sort(key=lambda d: order[d["StudyInstanceUID"]])
     write_csv(pd.DataFrame(extents, columns=["StudyInstanceUID", "vertebra", "z0", "z1", "y0", "y1", "x0", "x1"]),
               run.seg_file("extents.csv"))
     write_csv(pd.DataFrame(dice), run.seg_file("dice.csv"))
