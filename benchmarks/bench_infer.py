@@ -90,8 +90,8 @@ def main() -> None:
         folder = Path(tmp) / "study"
         write_series(study.hu, folder, spacing=study.spacing, study_uid="1.2.826.0.1.3680043.99998",
                      encoding=Encoding("jpeg_lossless", signed=False, intercept=-1024.0, bits_stored=12))
-        rows = [measure("configs/demo.yaml", folder, args.slices, device),
-                measure("configs/paper.yaml", folder, args.paper_slices if device.type == "cpu" else args.slices, device)]
+        rows = [measure("demo", folder, args.slices, device),
+                measure("paper", folder, args.paper_slices if device.type == "cpu" else args.slices, device)]
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, "
           f"{torch.get_num_threads()} threads; one 512² study of {args.slices} slices, JPEG Lossless\n")
     print("| config | CNN | decode s | preprocess s | CNN s (all folds) | BLSTM s | s/study | CNN GFLOP/s |")

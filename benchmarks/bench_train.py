@@ -5,7 +5,7 @@
 2. ResNet-50 at 384×384: forward images/s on this CPU and the achieved GFLOP/s (FLOPs counted by torch).
 3. With CUDA: the paper config's training images/s with AMP and channels_last.
 
-    python benchmarks/bench_train.py [--config configs/demo.yaml] [--run runs/demo] [--batches 20]
+    python benchmarks/bench_train.py [--config demo] [--run runs/demo] [--batches 20]
 
 Needs a prepared cache (``python -m cspine run`` or ``prepare``) in --run.
 """
@@ -75,7 +75,7 @@ def forward_gflops(device: torch.device, batch: int = 8, size: int = 384, repeat
 
 
 def cuda_training(batches: int = 30) -> float:
-    cfg = load_config("configs/paper.yaml")
+    cfg = load_config("paper")
     model = SliceNet("resnet50").cuda().to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -99,7 +99,7 @@ def cuda_training(batches: int = 30) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--config", default="demo")
     parser.add_argument("--run", type=Path, default=Path("runs/demo"))
     parser.add_argument("--batches", type=int, default=20)
     args = parser.parse_args()

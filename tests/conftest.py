@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cspine.config import config_path
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CSPINE_SHARED", REPO.parent / "shared"))
 TRANSFER_SYNTAX_FIXTURES = SHARED / "fixtures" / "ct-transfer-syntaxes"
@@ -37,7 +39,7 @@ def synthetic_root(tmp_path_factory) -> Path:
                             box_fraction=1.0, mask_fraction=0.75, min_masks=0)
 
 
-SMOKE_CONFIG = REPO / "configs" / "smoke.yaml"
+SMOKE_CONFIG = config_path("smoke")
 
 
 @pytest.fixture(scope="session")

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
 
-from cspine.config import Config, ConfigError, diff_from_defaults, load_config, save_config
+from cspine.config import (
+    Config,
+    ConfigError,
+    config_path,
+    diff_from_defaults,
+    load_config,
+    save_config,
+    shipped_configs,
+)
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "cspine" / "configs"
 
 
 def test_defaults_and_overrides_are_typed():
@@ -31,12 +42,33 @@ def test_unknown_keys_and_bad_values_are_errors(tmp_path):
         load_config(None, ["slice.epochs"])
 
 
-@pytest.mark.parametrize("name", ["smoke", "demo", "paper"])
+@pytest.mark.parametrize("name", ["smoke", "demo", "paper", "rsna"])
 def test_shipped_configs_load_and_hold_only_differences(name):
     path = CONFIGS / f"{name}.yaml"
     cfg = load_config(path)
     written = yaml.safe_load(path.read_text())
     assert diff_from_defaults(cfg) == written  # nothing in the file repeats a default
+
+
+def test_shipped_configs_are_found_by_name_from_any_directory(tmp_path, monkeypatch):
+    assert set(shipped_configs()) == {"smoke", "demo", "paper", "rsna"}
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the names still resolve, inside the package
+    assert load_config("demo") == load_config("demo.yaml") == load_config(CONFIGS / "demo.yaml")
+    assert load_config("demo").name == "demo"
+    with pytest.raises(ConfigError, match="'dmeo' is neither a file nor a shipped config; shipped: demo, paper"):
+        load_config("dmeo")
+    (tmp_path / "demo.yaml").write_text("name: mine\n")
+    assert config_path("demo.yaml") == Path("demo.yaml")  # a file the user names wins over a shipped name
+    assert load_config("demo.yaml").name == "mine"
+
+
+def test_the_wheel_ships_the_configs(tmp_path):
+    repo = CONFIGS.parents[2]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(repo)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("cspine-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"cspine/configs/{n}.yaml" for n in shipped_configs()} <= names
 
 
 def test_paper_config_is_the_papers():

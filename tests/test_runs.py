@@ -164,6 +164,17 @@ def test_inference_imports_no_training_module():
     assert loaded.strip() == ""
 
 
+def test_the_predict_command_imports_no_training_module(tmp_path):
+    """The Kaggle bundle installs cspine without its training dependencies: `python -m cspine predict` must
+    not import them on its way (here it stops at the missing data, after its imports)."""
+    code = ("import sys\nfrom cspine.cli import main\n"
+            f"rc = main(['predict', '--models', {str(tmp_path)!r}, '--data', {str(tmp_path / 'none')!r}])\n"
+            "print(rc, ' '.join(m for m in ('cspine.pipeline', 'cspine.train_slices', 'cspine.data', 'cspine.segment', "
+            "'albumentations', 'iterstrat') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1"]
+
+
 def test_study_input_max_pools_log_odds_into_bins():
     from cspine.inputs import study_input
 

@@ -2,7 +2,7 @@
 
     python -m cspine run                                  # the whole baseline (synthetic data if none found)
     python -m cspine synth --out input/synthetic          # a synthetic competition only
-    python -m cspine prepare --config configs/demo.yaml --data DIR --out runs/demo
+    python -m cspine prepare --config demo --data DIR --out runs/demo
 
 Options after the stage name; ``key=value`` words override the config (``slice.epochs=3``).
 """
@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 
 from cspine.competition import DataError
-from cspine.config import Config, ConfigError, load_config
+from cspine.config import Config, ConfigError, load_config, shipped_configs
 from cspine.runs import CheckpointError, Run
 
 log = logging.getLogger("cspine")
 
-DEFAULT_CONFIG = Path("configs/demo.yaml")
+DEFAULT_CONFIG = "demo"  # a shipped config (cspine/configs/demo.yaml), found from any working directory
 
 
 def _setup_logging(log_file: Path | None = None) -> None:
@@ -34,10 +34,7 @@ def _setup_logging(log_file: Path | None = None) -> None:
 
 
 def _config(args: argparse.Namespace):
-    path = args.config
-    if path is None and DEFAULT_CONFIG.is_file():
-        path = DEFAULT_CONFIG
-    return load_config(path, args.overrides)
+    return load_config(args.config or DEFAULT_CONFIG, args.overrides)
 
 
 def _models_and_config(args: argparse.Namespace) -> tuple[Path, Config]:
@@ -53,8 +50,8 @@ def _models_and_config(args: argparse.Namespace) -> tuple[Path, Config]:
 
 
 def _add_common(parser: argparse.ArgumentParser, data: bool = True, out: bool = True) -> None:
-    parser.add_argument("--config", type=Path, default=None,
-                        help=f"experiment YAML (default: {DEFAULT_CONFIG} when present, else built-in defaults)")
+    parser.add_argument("--config", default=None,
+                        help=f"a shipped config ({', '.join(shipped_configs())}) or a YAML file (default: {DEFAULT_CONFIG})")
     if data:
         parser.add_argument("--data", type=Path, default=None,
                             help="competition folder (default: $CSPINE_DATA, ./input/…, /kaggle/input/…)")
@@ -219,8 +216,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from cspine.competition import find_data_dir
-    from cspine.pipeline import default_submission_path
     from cspine.predict import predict
+    from cspine.submission import default_submission_path
 
     models, cfg = _models_and_config(args)
     out = args.out or default_submission_path()
@@ -259,8 +256,8 @@ def cmd_package_kaggle(args: argparse.Namespace) -> int:
     from cspine.kaggle import package_kaggle
 
     models, cfg = _models_and_config(args)
-    out = package_kaggle(cfg, models, args.out, wheels=not args.no_wheels)
-    print(f"Kaggle dataset folder ready: {out}")
+    out = package_kaggle(cfg, models, args.out, wheels=not args.no_wheels, dataset=args.dataset, python=args.python)
+    print(f"Kaggle dataset folder ready: {out}\nupload it with: kaggle datasets create -p {out} --dir-mode zip")
     return 0
 
 
@@ -324,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", type=Path, default=None, help="run folder with trained models")
     p.add_argument("--out", type=Path, default=Path("kaggle_package"), help="folder to write")
     p.add_argument("--no-wheels", action="store_true", help="leave out the dependency wheels")
+    p.add_argument("--python", default=None, help="the notebook's Python version, e.g. 3.11 (default: this one's)")
+    p.add_argument("--dataset", default="cspine-bundle", help="the Kaggle dataset's name (dataset-metadata.json)")
     p.set_defaults(func=cmd_package_kaggle)
     return parser
 

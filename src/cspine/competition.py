@@ -227,6 +227,57 @@ def vertebra_presence(mask: np.ndarray) -> np.ndarray:
     return np.stack([(mask == level).any(axis=(1, 2)) for level in range(1, 8)], axis=1).astype(np.uint8)
 
 
+def select_studies(train: pd.DataFrame, data_dir: str | os.PathLike, studies: float = 0, study_list: str = "",
+                   seed: int = 42) -> pd.DataFrame:
+    """The training studies a run uses: all, a listed set, or a stratified subset (``prepare.studies``).
+
+    Args:
+        train: train.csv's rows.
+        data_dir: the competition folder (its ``segmentations/`` decides which studies are always kept).
+        studies: 0 = all; a number >= 1 = that many studies; below 1 = that share of them.
+        study_list: a file of StudyInstanceUIDs (one per line, or a CSV with that column); applied first.
+        seed: the draw's seed (the folds' seed: the same subset every time).
+
+    Every study with a segmentation stays in the subset; the others are drawn stratified on the eight
+    targets, so the fracture shares, and so the folds, stay those of the whole set.
+
+    Raises:
+        DataError: a list naming studies train.csv lacks, or a size that is not a count or a share.
+    """
+    if study_list:
+        path = Path(study_list)
+        if not path.is_file():
+            raise DataError(f"prepare.study_list: {path} not found")
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        header = lines[0].split(",") if lines else []
+        listed = pd.read_csv(path, dtype=str)["StudyInstanceUID"].tolist() if "StudyInstanceUID" in header else lines
+        unknown = sorted(set(listed) - set(train["StudyInstanceUID"]))
+        if unknown:
+            raise DataError(f"{path}: {len(unknown)} studies are not in train.csv (first: {unknown[:3]})")
+        train = train[train["StudyInstanceUID"].isin(listed)]
+    if studies < 0 or (studies >= 1 and not float(studies).is_integer()):
+        raise DataError(f"prepare.studies={studies}: give a count (>= 1), a share (< 1), or 0 for all")
+    n = int(studies) if studies >= 1 else round(studies * len(train)) if studies > 0 else len(train)
+    if n >= len(train):
+        return train.reset_index(drop=True)
+    from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
+    seg_dir = Path(data_dir) / "segmentations"
+    kept = train["StudyInstanceUID"].map(lambda u: (seg_dir / f"{u}.nii").is_file()).to_numpy()
+    rest = train[~kept]
+    take = n - int(kept.sum())
+    chosen = np.zeros(len(rest), bool)
+    if take >= len(rest):
+        chosen[:] = True
+    elif take > 0:
+        splitter = MultilabelStratifiedShuffleSplit(n_splits=1, train_size=take, test_size=len(rest) - take,
+                                                    random_state=seed)
+        picked, _ = next(splitter.split(np.zeros(len(rest)), rest[list(TARGETS)].to_numpy()))
+        chosen[picked] = True
+    keep = set(train.loc[kept, "StudyInstanceUID"]) | set(rest.loc[chosen, "StudyInstanceUID"])
+    return train[train["StudyInstanceUID"].isin(keep)].reset_index(drop=True)
+
+
 def make_folds(train: pd.DataFrame, n_splits: int = 5, seed: int = 42, attempts: int = 16) -> pd.DataFrame:
     """Study-level folds, multilabel-stratified on all 8 targets together; deterministic for a seed.
 

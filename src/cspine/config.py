@@ -1,6 +1,6 @@
 """One configuration for every stage: frozen dataclass defaults, a YAML diff per experiment, overrides.
 
-    cfg = load_config("configs/demo.yaml", ["slice.epochs=3", "seq.hidden=256"])
+    cfg = load_config("demo", ["slice.epochs=3", "seq.hidden=256"])  # a shipped config, or a YAML path
     save_config(cfg, out_dir / "config.yaml")
 
 A YAML file holds only what differs from the defaults; an unknown key (in the file or an override) is an
@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
+from importlib import resources
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,11 @@ class PrepareConfig:
     crop: str = "study"  # "study": one box per study (steady scale for the BLSTM); "slice": the paper's
     margin: float = 0.05  # the paper's 5% on each side of the detected spine
     workers: int = 2  # studies preprocessed in parallel
+    # a subset of the training studies, for a disk or a time limit (Kaggle's 20 GB): 0 = all, a number >= 1
+    # = that many studies, below 1 = that share; drawn stratified on the eight targets, and every study with
+    # a segmentation is kept (the segment stage trains on them)
+    studies: float = 0
+    study_list: str = ""  # or a file of StudyInstanceUIDs (one per line, or a CSV with that column)
 
 
 @dataclass(frozen=True)
@@ -199,6 +205,9 @@ class Config:
 
     name: str = "default"
     device: str = "auto"
+    # the data the config is made for: "synthetic" (the CPU demos: `run` refuses them on the real data),
+    # "real", or "any"
+    meant_for: str = "any"
     synth: SynthConfig = field(default_factory=SynthConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     folds: FoldConfig = field(default_factory=FoldConfig)
@@ -275,13 +284,36 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
+def shipped_configs() -> dict[str, Path]:
+    """{name: path} of the configs inside the package (``cspine/configs/*.yaml``)."""
+    folder = Path(str(resources.files("cspine") / "configs"))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def config_path(name_or_path: str | os.PathLike) -> Path:
+    """A YAML file: a path that exists, else a shipped config by name (``demo`` or ``demo.yaml``).
+
+    Works from any working directory and from an installed wheel.
+
+    Raises:
+        ConfigError: neither a file nor a shipped name; lists the shipped names.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    stem = path.name.removesuffix(".yaml")
+    if stem in shipped and path.parent == Path("."):
+        return shipped[stem]
+    raise ConfigError(f"config {str(name_or_path)!r} is neither a file nor a shipped config; shipped: "
+                      f"{', '.join(shipped)}")
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML diff at ``path``, then ``key=value`` overrides."""
+    """Defaults, then the YAML diff at ``path`` (a file, or a shipped config's name), then ``key=value`` overrides."""
     cfg = Config()
     if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
+        path = config_path(path)
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a config is a mapping of keys, not {type(data).__name__}")
@@ -325,7 +357,7 @@ def diff_from_defaults(cfg: Config) -> dict:
 # Settings that shape no artifact of a run folder: how fast and where it runs, which folds one call trains,
 # how the submission is clipped (predict runs anew each time), and the synthetic data's recipe (the data
 # folder records its own, `cspine.synthetic.synthetic_settings`).
-RUNTIME_KEYS = ("name", "device", "prepare.workers", "seg.amp", "slice.workers", "slice.amp",
+RUNTIME_KEYS = ("name", "device", "meant_for", "prepare.workers", "seg.amp", "slice.workers", "slice.amp",
                 "slice.channels_last", "predict.batch_size", "predict.clip", "folds.folds", "synth.")
 # Settings whose stages compare them with what they made and redo their work when they differ.
 REDONE_KEYS = ("seq.", "vert.", "predict.tta")

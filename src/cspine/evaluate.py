@@ -1,6 +1,6 @@
 """Stage `evaluate`: the paper's cross-validated tables and the competition score, from out-of-fold predictions.
 
-    python -m cspine evaluate --config configs/demo.yaml
+    python -m cspine evaluate --config demo
 
 Writes ``<run>/report/``: ``report.md`` (Table 2: image level; Table 3: BLSTM-96/128/256 with max and mean
 pooling of slice probabilities beside them, balanced and imbalanced; competition scores in both

@@ -1,6 +1,6 @@
 """Grad-CAM on the slice CNN (the paper's Fig. 3): where the network looks, beside the true boxes.
 
-    python -m cspine explain --config configs/demo.yaml fold=0      # PNGs in <run>/explain/
+    python -m cspine explain --config demo fold=0      # PNGs in <run>/explain/
 
 Uses the grad-cam package on the backbone's last stage and the slice-fracture logit.
 """

@@ -1,6 +1,6 @@
 """Stage `extract`: out-of-fold slice features and probabilities from each fold's slice CNN.
 
-    python -m cspine extract --config configs/demo.yaml
+    python -m cspine extract --config demo
 
 For fold k, CNN k (trained on the other folds) reads only fold k's studies, so every study's features
 come from a network that never trained on it. Per study, ``<run>/features/fold<k>/<uid>.npz`` holds

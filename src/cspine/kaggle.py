@@ -1,11 +1,15 @@
 """`python -m cspine package-kaggle`: a folder to upload as a Kaggle dataset for offline inference.
 
-    python -m cspine package-kaggle --config configs/paper.yaml --models runs/paper --out kaggle_package
+    python -m cspine package-kaggle --models runs/rsna --out kaggle_package [--python 3.11]
+    kaggle datasets create -p kaggle_package --dir-mode zip
 
-The folder holds ``wheels/`` (cspine, and the inference dependencies Kaggle's image lacks or has too old
-with theirs, for Python 3.11 manylinux), ``models/`` (every fold's slice CNN and BLSTMs, the resolved config, the
-training prior) and ``kaggle_inference.py``, the notebook cell that installs offline and writes
-``/kaggle/working/submission.csv``. Nothing is downloaded at inference time.
+The folder holds ``wheels/`` (cspine, and the inference dependencies Kaggle's image lacks or has too old,
+for one Python version on manylinux x86-64), ``models/`` (every fold's models, the resolved config, the
+training prior), ``cspine-bundle.json`` (what the wheels were built for; also the mark that the folder is a
+bundle), ``dataset-metadata.json`` (for the Kaggle API's upload) and ``kaggle_inference.py``, the notebook
+cell that finds the bundle under ``/kaggle/input/*`` whatever the dataset is called, checks the interpreter
+against the wheels, installs offline and writes ``/kaggle/working/submission.csv``. Nothing is downloaded
+at inference time.
 """
 
 from __future__ import annotations
@@ -17,33 +21,83 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cspine import __version__
 from cspine.checkpoints import load_sequence_model, load_slice_model, load_vertebra_model
 from cspine.config import Config, save_config
-from cspine.runs import Run, write_text
+from cspine.runs import Run, write_json, write_text
 from cspine.segmenter import load_segmenter
 
 log = logging.getLogger(__name__)
 
-# What inference imports beyond Kaggle's image (torch, timm, numpy, pandas, scikit-learn, matplotlib are
-# there). Downloaded with their own dependencies; cspine itself installs with --no-deps, so training-only
-# packages (albumentations, iterative-stratification, grad-cam, python-gdcm) are never needed offline: the
-# predict path imports none of them (a test checks).
+# What inference imports beyond Kaggle's image (torch, torchvision, timm, numpy, pandas, scikit-learn,
+# matplotlib are there). Downloaded with their own dependencies; cspine itself installs with --no-deps, so
+# training-only packages (albumentations, iterative-stratification, grad-cam, python-gdcm) are never needed
+# offline: the predict path imports none of them (a test checks).
 INFERENCE_REQUIREMENTS = ["pydicom>=3.0", "pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1", "pylibjpeg-openjpeg>=2.3",
                           "pylibjpeg-rle>=2.0", "dicomsdl>=0.109", "opencv-python-headless>=4.8", "nibabel>=5.0",
                           "tabulate>=0.9", "pyyaml>=6.0", "segmentation-models-pytorch>=0.6"]
-MARKER = ".cspine-bundle"  # written into every bundle folder: only a folder holding it is ever replaced
+KAGGLE_PREINSTALLED = ["torch", "torchvision", "timm", "numpy", "pandas", "scikit-learn", "matplotlib"]
+# The bundle's manifest, a plain visible file (a dotfile may not survive an upload): the script finds the
+# bundle by it, and `package_kaggle` replaces only a folder that holds it.
+MARKER = "cspine-bundle.json"
+PLATFORMS = ["manylinux2014_x86_64", "manylinux_2_28_x86_64"]
 
-INFERENCE_SCRIPT = '''"""Kaggle notebook cell (internet off): install cspine from this dataset, write the submission."""
-import os, subprocess, sys
+INFERENCE_SCRIPT = '''"""Kaggle notebook cell (internet off): find the cspine bundle, check it fits this Python, install it
+offline, write the submission. Run it as `%run /kaggle/input/<your dataset>/kaggle_inference.py`, or paste it.
+
+CSPINE_BUNDLE (the bundle folder), CSPINE_KAGGLE_INPUT (where to look for it) and CSPINE_SUBMISSION (the
+output) override the defaults; the competition data is found as `python -m cspine predict` finds it.
+"""
+import json, os, subprocess, sys
 from pathlib import Path
 
-BUNDLE = Path(__file__).resolve().parent if "__file__" in globals() else Path("/kaggle/input/{dataset}")
+MARKER = {marker!r}
+
+
+def find_bundle() -> Path:
+    if os.environ.get("CSPINE_BUNDLE"):
+        return Path(os.environ["CSPINE_BUNDLE"])
+    if "__file__" in globals() and (Path(__file__).resolve().parent / MARKER).is_file():
+        return Path(__file__).resolve().parent
+    root = Path(os.environ.get("CSPINE_KAGGLE_INPUT", "/kaggle/input"))
+    found = sorted({{p.parent for depth in ("*", "*/*", "*/*/*") for p in root.glob(f"{{depth}}/{{MARKER}}")}})
+    if len(found) != 1:
+        listed = ", ".join(sorted(p.name for p in root.iterdir())) if root.is_dir() else "nothing"
+        sys.exit(f"cspine: {{len(found)}} bundles (folders holding {{MARKER}}) under {{root}}: "
+                 f"{{', '.join(map(str, found)) or 'none'}}; attached there: {{listed}}. Attach the bundle dataset, "
+                 "or set CSPINE_BUNDLE to its folder")
+    return found[0]
+
+
+def check_interpreter(bundle: Path, manifest: dict) -> None:
+    have = f"{{sys.version_info.major}}.{{sys.version_info.minor}}"
+    if manifest["python"] != have:
+        sys.exit(f"cspine: the bundle's wheels are for Python {{manifest['python']}}, this notebook runs Python "
+                 f"{{have}} ({{sys.executable}}); rebuild it with `python -m cspine package-kaggle --python {{have}}`")
+    try:
+        from packaging.tags import sys_tags
+        from packaging.utils import parse_wheel_filename
+    except ImportError:
+        return  # the version check above stands alone
+    supported = set(sys_tags())
+    unusable = [w.name for w in sorted((bundle / "wheels").glob("*.whl"))
+                if not set(parse_wheel_filename(w.name)[3]) & supported]
+    if unusable:
+        sys.exit(f"cspine: {{len(unusable)}} wheels of the bundle do not install on this interpreter "
+                 f"({{sys.executable}}, Python {{have}}): {{', '.join(unusable)}}")
+
+
+BUNDLE = find_bundle()
+MANIFEST = json.loads((BUNDLE / MARKER).read_text())
+check_interpreter(BUNDLE, MANIFEST)
 os.environ.update(HF_HUB_OFFLINE="1", NO_ALBUMENTATIONS_UPDATE="1")  # no network call, ever
 pip = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(BUNDLE / "wheels")]
 subprocess.run(pip + ["--no-deps", "cspine"], check=True)
-subprocess.run(pip + {requirements!r}, check=True)
+subprocess.run(pip + MANIFEST["requirements"], check=True)
+out = os.environ.get("CSPINE_SUBMISSION", "/kaggle/working/submission.csv")
 subprocess.run([sys.executable, "-m", "cspine", "predict", "--config", str(BUNDLE / "models" / "config.yaml"),
-                "--models", str(BUNDLE / "models"), "--out", "/kaggle/working/submission.csv"], check=True)
+                "--models", str(BUNDLE / "models"), "--out", out], check=True)
+print("submission written to", out)
 '''
 
 
@@ -94,8 +148,23 @@ def _verified_checkpoints(models: Run, hidden: int) -> tuple[list[Path], list[Pa
     return checkpoints, [*blstms, *vertebra, *segmenters]
 
 
+def dataset_metadata(dataset: str) -> dict:
+    """The Kaggle API's dataset-metadata.json: the id takes $KAGGLE_USERNAME when set (edit it otherwise)."""
+    user = os.environ.get("KAGGLE_USERNAME", "YOUR-KAGGLE-USERNAME")
+    return {"title": dataset, "id": f"{user}/{dataset}", "licenses": [{"name": "other"}]}
+
+
+def download_wheels(wheel_dir: Path, python: str) -> None:
+    """cspine's own wheel, and the inference requirements' wheels for ``python`` on manylinux x86-64."""
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheel_dir), str(root)], check=True)
+    platforms = [arg for platform in PLATFORMS for arg in ("--platform", platform)]
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--python-version", python,
+                    *platforms, "-d", str(wheel_dir), *INFERENCE_REQUIREMENTS], check=True)
+
+
 def package_kaggle(cfg: Config, models_dir: str | os.PathLike, out: str | os.PathLike, wheels: bool = True,
-                   dataset: str = "cspine-bundle") -> Path:
+                   dataset: str = "cspine-bundle", python: str | None = None) -> Path:
     """Writes the bundle; returns its folder.
 
     Args:
@@ -103,7 +172,8 @@ def package_kaggle(cfg: Config, models_dir: str | os.PathLike, out: str | os.Pat
         models_dir: the run folder with ``slice/fold*/best.pt`` and ``seq/h<hidden>/fold*/*.pt``.
         out: the bundle folder: new, empty, or a bundle written before (replaced).
         wheels: False skips building and downloading wheels (a machine without a package index).
-        dataset: the Kaggle dataset's name, for the script's default path.
+        dataset: the Kaggle dataset's name (its slug in ``dataset-metadata.json``).
+        python: the Python version ("3.11") the notebook runs; default: this interpreter's.
 
     Raises:
         FileNotFoundError: no trained models in ``models_dir``.
@@ -111,13 +181,15 @@ def package_kaggle(cfg: Config, models_dir: str | os.PathLike, out: str | os.Pat
         CheckpointError: a checkpoint is damaged; nothing is written.
     """
     models_dir, out = Path(models_dir), Path(out)
+    python = python or f"{sys.version_info.major}.{sys.version_info.minor}"
     models = Run(models_dir)
     check_bundle_folder(out, models_dir)
     checkpoints, blstms = _verified_checkpoints(models, cfg.seq.hidden)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    write_text(out / MARKER, "written by python -m cspine package-kaggle; replaced on the next run\n")
+    write_json({"python": python, "platforms": PLATFORMS, "requirements": INFERENCE_REQUIREMENTS,
+                "cspine": __version__, "wheels": wheels}, out / MARKER)
     bundle = Run(out / "models")
     for path in [*checkpoints, *blstms]:
         _copy(path, bundle.root / path.relative_to(models_dir))
@@ -125,15 +197,11 @@ def package_kaggle(cfg: Config, models_dir: str | os.PathLike, out: str | os.Pat
         if src.is_file():
             _copy(src, dst)
     save_config(cfg, bundle.config)
-    write_text(out / "kaggle_inference.py", INFERENCE_SCRIPT.format(dataset=dataset, requirements=INFERENCE_REQUIREMENTS))
+    write_text(out / "kaggle_inference.py", INFERENCE_SCRIPT.format(marker=MARKER))
+    write_json(dataset_metadata(dataset), out / "dataset-metadata.json")
     if wheels:
-        wheel_dir = out / "wheels"
-        root = Path(__file__).resolve().parents[2]
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(wheel_dir), str(root)], check=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--python-version", "3.11",
-                        "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_28_x86_64",
-                        "-d", str(wheel_dir), *INFERENCE_REQUIREMENTS], check=True)
+        download_wheels(out / "wheels", python)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    log.info("Kaggle bundle in %s: %d slice CNNs, %d other models, %.1f MB", out, len(checkpoints), len(blstms),
-             size / 1e6)
+    log.info("Kaggle bundle in %s for Python %s: %d slice CNNs, %d other models, %.1f MB; upload it with "
+             "`kaggle datasets create -p %s --dir-mode zip`", out, python, len(checkpoints), len(blstms), size / 1e6, out)
     return out

@@ -2,7 +2,7 @@
 
     python -m cspine run                                   # synthetic data when no competition data is found
     python -m cspine run --data /path/to/rsna-2022-cervical-spine-fracture-detection
-    python -m cspine run --config configs/paper.yaml       # the paper's settings, for a GPU
+    python -m cspine run --config paper       # the paper's settings, for a GPU
 
 Stages (`STAGES`), after the run folder is set up (synthetic data when none is found, labels, folds):
 prepare → segment (with ``slice.labels="vertebrae"`` or ``vert.enabled``) → train-slices (every fold) → extract → train-seq
@@ -29,6 +29,7 @@ from cspine.competition import (
     read_boxes,
     read_test,
     read_train,
+    select_studies,
     write_folds,
 )
 from cspine.config import Config, ConfigError, check_unchanged, load_config, save_config
@@ -38,6 +39,7 @@ from cspine.predict import predict
 from cspine.prepare import is_cached, prepare
 from cspine.runs import Run, check_writable, write_csv, write_text
 from cspine.segment import is_segmented, segment
+from cspine.submission import default_submission_path
 from cspine.synthetic import is_complete, make_competition, synthetic_settings
 from cspine.train_seq import is_seq_trained, train_seq
 from cspine.train_slices import is_trained, train_fold
@@ -46,12 +48,6 @@ from cspine.vertebra import is_vert_trained, train_vertebra_fold
 log = logging.getLogger(__name__)
 
 SYNTHETIC_DIR = Path("input/synthetic")
-
-
-def default_submission_path() -> Path:
-    """Kaggle's /kaggle/working/submission.csv inside a Kaggle notebook, else submissions/submission.csv."""
-    kaggle = Path("/kaggle/working")
-    return kaggle / "submission.csv" if kaggle.is_dir() else Path("submissions/submission.csv")
 
 
 def resolve_data(cfg: Config, data: str | os.PathLike | None, synthetic_dir: Path = SYNTHETIC_DIR) -> Path:
@@ -113,6 +109,28 @@ def _shaped(run: Run, key: str) -> Path | None:
     return None
 
 
+def check_meant_for(cfg: Config, data_dir: Path) -> None:
+    """Refuses a config made for the synthetic phantoms (``meant_for: synthetic``) on other data.
+
+    Raises:
+        ConfigError: naming the data, the config and the config to use instead.
+    """
+    if cfg.meant_for not in ("synthetic", "real", "any"):
+        raise ConfigError(f"meant_for={cfg.meant_for!r}: one of 'synthetic', 'real', 'any'")
+    if cfg.meant_for == "synthetic" and not is_complete(data_dir):
+        raise ConfigError(
+            f"{data_dir} is not a synthetic competition, and config {cfg.name!r} is a CPU demo made for the "
+            f"phantoms (prepare.size={cfg.prepare.size}, {cfg.slice.backbone}, {cfg.slice.steps_per_epoch or 'all'} "
+            "steps an epoch). For the real competition use `--config rsna` (README, 'The real competition'); "
+            "to run this one on it anyway, add meant_for=any")
+
+
+def run_studies(cfg: Config, data_dir: Path) -> pd.DataFrame:
+    """train.csv's rows that the run uses: all, or the subset ``prepare.studies``/``prepare.study_list`` asks for."""
+    p = cfg.prepare
+    return select_studies(read_train(data_dir), data_dir, p.studies, p.study_list, cfg.folds.seed)
+
+
 def check_inputs(cfg: Config, data_dir: Path, train: pd.DataFrame) -> None:
     """What `run` validates before its first stage, so that no mistake waits until after hours of training.
 
@@ -123,7 +141,7 @@ def check_inputs(cfg: Config, data_dir: Path, train: pd.DataFrame) -> None:
         ConfigError: fold settings that cannot work.
         DataError: a table that cannot be used, or too few studies for the folds.
     """
-    read_boxes(data_dir, train)
+    read_boxes(data_dir, read_train(data_dir))  # boxes may name studies a subset leaves out
     read_test(data_dir)
     k, inner = cfg.folds.n_splits, cfg.seq.inner_folds
     if k < 2:
@@ -144,7 +162,8 @@ def setup_run(cfg: Config, data_dir: Path, run_dir: str | os.PathLike) -> pd.Dat
     stays comparable), after checking every input the stages will need."""
     run = Run(run_dir)
     check_writable(run.root)
-    train = read_train(data_dir)
+    check_meant_for(cfg, data_dir)
+    train = run_studies(cfg, data_dir)
     check_inputs(cfg, data_dir, train)
     bind_config(cfg, run)
     write_text(run.data_dir_file, str(data_dir.resolve()) + "\n")
@@ -183,7 +202,7 @@ class Stage:
 
 
 def _prepared(job: Job) -> bool:
-    train = job.train if job.train is not None else read_train(job.data_dir)
+    train = job.train if job.train is not None else run_studies(job.cfg, job.data_dir)
     return job.run.cache.index.is_file() and all(is_cached(job.run.cache.root, u) for u in train["StudyInstanceUID"])
 
 

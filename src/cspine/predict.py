@@ -1,6 +1,6 @@
 """Stage `predict`: test studies → submission.csv, one study at a time, never losing a submission.
 
-    python -m cspine predict --config configs/demo.yaml --data DIR --models runs/demo --out submissions/submission.csv
+    python -m cspine predict --config demo --data DIR --models runs/demo --out submissions/submission.csv
 
 Per study: DICOM → preprocessing → every fold's slice CNN → the BLSTMs → 8 probabilities; with the
 vertebra track, the study is also segmented and C1..C7 come from each vertebra's own slices. The next study

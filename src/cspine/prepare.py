@@ -1,6 +1,6 @@
 """Stage `prepare`: every training study → a cache of preprocessed uint8 slices and one index table.
 
-    python -m cspine prepare --config configs/demo.yaml --data input/synthetic --out runs/demo/cache
+    python -m cspine prepare --config demo --data input/synthetic --out runs/demo/cache
 
 Per study, ``<uid>.npy`` holds uint8 [N, size, size, 3] head to feet, ``<uid>.json`` its slice
 numbers, positions, labels, crop and fracture boxes (in the cached image's pixels), and, for a study with
@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from cspine import TARGETS, VERTEBRAE
-from cspine.competition import read_boxes, read_mask, read_train, slice_labels, vertebra_presence
+from cspine.competition import read_boxes, read_mask, read_train, select_studies, slice_labels, vertebra_presence
 from cspine.config import Config, PrepareConfig, check_unchanged, load_config, save_config
 from cspine.dicom import load_series
 from cspine.preprocess import boxes_in_cache_frame, labels_in_cache_frame, preprocess_study
@@ -194,7 +194,8 @@ def bind_cache(cfg: Config, cache: Cache) -> None:
 
 def prepare(cfg: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
             studies: list[str] | None = None) -> pd.DataFrame:
-    """Caches every training study (or ``studies``) and returns the slice index.
+    """Caches the run's training studies (`select_studies`: all, or ``prepare.studies``), or ``studies``, and
+    returns the slice index.
 
     Raises:
         RuntimeError: when every study failed (the failures are listed in ``failed.txt``).
@@ -202,8 +203,9 @@ def prepare(cfg: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bind_cache(cfg, Cache(out_dir))
-    train = read_train(data_dir)
-    boxes = read_boxes(data_dir, train)
+    every = read_train(data_dir)
+    boxes = read_boxes(data_dir, every)
+    train = select_studies(every, data_dir, cfg.prepare.studies, cfg.prepare.study_list, cfg.folds.seed)
     if studies is not None:
         train = train[train["StudyInstanceUID"].isin(studies)]
     seg_dir = data_dir / "segmentations"

@@ -225,6 +225,20 @@ class Run:
         return pd.read_csv(self.labels, dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
 
 
+def default_work_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """Where a notebook puts ``input/`` (a synthetic competition) and ``runs/``, without changing directory:
+    ``explicit``; else ``/kaggle/working`` on Kaggle; else the repository root when started in its
+    ``notebooks/`` folder; else the working directory."""
+    if explicit is not None:
+        return Path(explicit)
+    if Path("/kaggle/working").is_dir():
+        return Path("/kaggle/working")
+    here = Path.cwd()
+    if here.name == "notebooks" and (here.parent / "pyproject.toml").is_file():
+        return here.parent
+    return here
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; renamed onto ``path`` only if the block succeeds.

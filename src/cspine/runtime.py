@@ -1,6 +1,6 @@
 """Where and how training runs: device, mixed precision, seeds, and DistributedDataParallel under torchrun.
 
-    torchrun --nproc_per_node=2 -m cspine train-slices --config configs/paper.yaml fold=0
+    torchrun --nproc_per_node=2 -m cspine train-slices --config paper fold=0
 
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; `init_distributed` joins the group (NCCL on GPUs, gloo
 on CPU). Rank 0 alone logs and saves.

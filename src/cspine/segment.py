@@ -1,6 +1,6 @@
 """Stage `segment`: which vertebra every voxel of a study belongs to, from a 2.5D U-Net on sagittal planes.
 
-    python -m cspine segment --config configs/demo.yaml
+    python -m cspine segment --config demo
 
 On an axial slice C3 looks like C6; a sagittal plane shows the column from the skull base down, so a
 network can count. The U-Net (segmentation-models-pytorch, a timm encoder) reads one sagittal plane of the

@@ -75,3 +75,9 @@ def write_submission(sub: pd.DataFrame, test: pd.DataFrame, path: str | os.PathL
     """Validates, then writes atomically (a temporary file beside ``path``, renamed into place)."""
     validate_submission(sub, test)
     return write_csv(sub, path)
+
+
+def default_submission_path() -> Path:
+    """Kaggle's /kaggle/working/submission.csv inside a Kaggle notebook, else submissions/submission.csv."""
+    kaggle = Path("/kaggle/working")
+    return kaggle / "submission.csv" if kaggle.is_dir() else Path("submissions/submission.csv")

@@ -1,6 +1,6 @@
 """Stage 2: the BLSTM study model over a study's slice features, trained without leaks.
 
-    python -m cspine train-seq --config configs/demo.yaml fold=0
+    python -m cspine train-seq --config demo fold=0
 
 Trains every BLSTM size the report compares (``seq.compare_hidden``, and ``seq.hidden``, the one
 `predict` uses), skipping sizes already trained on the run's current features with the current settings.

@@ -1,7 +1,7 @@
 """Stage 1: train the slice CNN for one fold (the paper's ResNet-50 on single slices).
 
-    python -m cspine train-slices --config configs/demo.yaml fold=0
-    torchrun --nproc_per_node=4 -m cspine train-slices --config configs/paper.yaml fold=0
+    python -m cspine train-slices --config demo fold=0
+    torchrun --nproc_per_node=4 -m cspine train-slices --config paper fold=0
 
 Writes to ``<run>/slice/fold<k>/``: ``last.pt`` every epoch (a killed run resumes from it, exactly),
 ``best.pt`` (the model `extract` and `predict` use, with the studies it trained on and how it reads a

@@ -1,6 +1,6 @@
 """Stage `train-vertebrae`: the vertebra track, each vertebra's own fracture probability.
 
-    python -m cspine train-vertebrae --config configs/demo.yaml fold=0
+    python -m cspine train-vertebrae --config demo fold=0
 
 Stage 1's CNN has read every slice of every study out of fold (`extract`). For vertebra k of a study,
 this track takes the CNN's outputs on the slices k spans (its extent from the `segment` stage, widened by
@@ -84,7 +84,7 @@ def fit(x: np.ndarray, y: np.ndarray, v: VertebraConfig, device: torch.device, s
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         history.append(total / len(flat_x))
     return model, history
 

@@ -1,0 +1,81 @@
+"""The Kaggle bundle as a Kaggle notebook meets it: found under /kaggle/input whatever its name, checked
+against the interpreter, installed offline into Kaggle's preinstalled set, and writing a valid submission."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from cspine.competition import read_test
+from cspine.config import load_config
+from cspine.kaggle import MARKER, package_kaggle
+from cspine.submission import validate_submission
+
+from .conftest import SMOKE_CONFIG
+
+pytestmark = pytest.mark.slow
+HERE = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def _run_as_a_cell(script, env, python=sys.executable):
+    """The script as a pasted notebook cell runs it: no __file__."""
+    code = f"exec(compile(open({str(script)!r}).read(), 'cell', 'exec'), {{'__name__': '__main__'}})"
+    return subprocess.run([python, "-c", code], env={**os.environ, **env}, capture_output=True, text=True)
+
+
+def test_the_bundle_records_what_it_is_for_and_how_to_upload_it(smoke_run, tmp_path):
+    out = package_kaggle(load_config(SMOKE_CONFIG), smoke_run, tmp_path / "b", wheels=False, python="3.10",
+                         dataset="my-cspine")
+    manifest = json.loads((out / MARKER).read_text())
+    assert manifest["python"] == "3.10" and "segmentation-models-pytorch>=0.6" in manifest["requirements"]
+    meta = json.loads((out / "dataset-metadata.json").read_text())
+    assert meta["id"].endswith("/my-cspine") and meta["title"] == "my-cspine"
+
+
+def test_the_script_finds_the_bundle_under_any_name_and_refuses_another_python(smoke_run, tmp_path):
+    kaggle_input = tmp_path / "input"
+    bundle = package_kaggle(load_config(SMOKE_CONFIG), smoke_run, kaggle_input / "whatever-i-called-it" / "v2",
+                            wheels=False, python="3.9")
+    (kaggle_input / "rsna-2022-cervical-spine-fracture-detection").mkdir()
+    done = _run_as_a_cell(bundle / "kaggle_inference.py", {"CSPINE_KAGGLE_INPUT": str(kaggle_input)})
+    assert done.returncode != 0
+    assert f"wheels are for Python 3.9, this notebook runs Python {HERE}" in done.stderr  # found, then checked
+    assert f"--python {HERE}" in done.stderr
+    shutil.copytree(bundle, kaggle_input / "a-second-copy")
+    done = _run_as_a_cell(bundle / "kaggle_inference.py", {"CSPINE_KAGGLE_INPUT": str(kaggle_input)})
+    assert "2 bundles" in done.stderr and "a-second-copy" in done.stderr and "CSPINE_BUNDLE" in done.stderr
+
+
+def test_the_bundle_installs_offline_into_kaggles_preinstalled_set_and_writes_a_valid_submission(
+        smoke_run, synthetic_root, tmp_path):
+    """Needs the package index (to download the wheels and to build the Kaggle-like environment); skips
+    without it. Inference then runs with pip's configuration and indexes switched off."""
+    kaggle_input = tmp_path / "input"
+    try:
+        bundle = package_kaggle(load_config(SMOKE_CONFIG), smoke_run, kaggle_input / "someones-models", wheels=True)
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"the package index is unreachable (pip exited {exc.returncode} downloading the wheels)")
+    venv = tmp_path / "kaggle-image"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    kaggle_image = ["torch", "torchvision", "timm", "numpy", "pandas", "scikit-learn", "matplotlib"]
+    made = subprocess.run([python, "-m", "pip", "install", "-q", *kaggle_image], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"the package index is unreachable (building Kaggle's preinstalled set): {made.stderr[-300:]}")
+    data = kaggle_input / "rsna-2022-cervical-spine-fracture-detection"
+    shutil.copytree(synthetic_root, data)
+    submission = tmp_path / "working" / "submission.csv"
+    offline = {"CSPINE_KAGGLE_INPUT": str(kaggle_input), "CSPINE_DATA": str(data), "CSPINE_SUBMISSION": str(submission),
+               "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": "", "PIP_INDEX_URL": "http://127.0.0.1:9/none"}
+    done = _run_as_a_cell(bundle / "kaggle_inference.py", offline, python=python)
+    assert done.returncode == 0, done.stderr[-3000:]
+    validate_submission(pd.read_csv(submission), read_test(data))
+    listed = subprocess.run([python, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True).stdout
+    for training_only in ("albumentations", "iterative-stratification", "grad-cam", "python-gdcm"):
+        assert training_only not in listed.lower()

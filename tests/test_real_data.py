@@ -1,0 +1,88 @@
+"""Real data: a demo config refused on it, and a stratified subset of the studies for a small disk."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cspine import TARGETS
+from cspine.competition import DataError, read_train, select_studies
+from cspine.config import ConfigError, load_config
+from cspine.pipeline import setup_run
+from cspine.runs import Run
+from cspine.synthetic import COMPLETE_MARKER
+
+
+@pytest.fixture
+def real_looking(synthetic_root, tmp_path):
+    """The synthetic competition without its marker: to the kit, a real competition folder."""
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data, ignore=shutil.ignore_patterns("*_images"))
+    (data / COMPLETE_MARKER).unlink()
+    return data
+
+
+def test_a_demo_config_is_refused_on_real_data_and_says_which_to_use(real_looking, synthetic_root, tmp_path):
+    for name in ("smoke", "demo"):
+        with pytest.raises(ConfigError, match=rf"config '{name}' is a CPU demo.*--config rsna.*meant_for=any"):
+            setup_run(load_config(name), real_looking, tmp_path / name)
+        assert not (tmp_path / name / "config.yaml").exists()  # refused before anything is written
+    setup_run(load_config("smoke", ["meant_for=any"]), real_looking, tmp_path / "asked")  # unless asked
+    setup_run(load_config("rsna", ["folds.n_splits=2", "seq.inner_folds=2"]), real_looking, tmp_path / "rsna")
+    setup_run(load_config("smoke"), synthetic_root, tmp_path / "phantoms")  # the phantoms it is made for
+    with pytest.raises(ConfigError, match="meant_for='gpu'"):
+        setup_run(load_config("smoke", ["meant_for=gpu"]), synthetic_root, tmp_path / "bad")
+
+
+def _train(n: int, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    vert = (rng.random((n, 7)) < [0.07, 0.14, 0.04, 0.05, 0.08, 0.14, 0.19]).astype(int)
+    return pd.DataFrame({"StudyInstanceUID": [f"1.2.{i}" for i in range(n)], "patient_overall": vert.max(1),
+                         **{f"C{k + 1}": vert[:, k] for k in range(7)}})[["StudyInstanceUID", *TARGETS]]
+
+
+def test_a_subset_is_stratified_keeps_every_masked_study_and_is_the_same_each_time(tmp_path):
+    train = _train(2000)
+    (tmp_path / "segmentations").mkdir()
+    masked = train["StudyInstanceUID"].iloc[[3, 500, 1999]].tolist()
+    for uid in masked:
+        (tmp_path / "segmentations" / f"{uid}.nii").touch()
+    for studies, n in ((300, 300), (0.1, 200), (0, 2000), (5000, 2000)):
+        sub = select_studies(train, tmp_path, studies=studies)
+        assert len(sub) == n and set(masked) <= set(sub["StudyInstanceUID"])
+    sub = select_studies(train, tmp_path, studies=400)
+    share = sub[list(TARGETS)].mean() - train[list(TARGETS)].mean()
+    assert share.abs().max() < 0.015  # every target's share within 1.5 points of the whole set's
+    pd.testing.assert_frame_equal(sub, select_studies(train, tmp_path, studies=400))
+    assert not sub.equals(select_studies(train, tmp_path, studies=400, seed=7))
+    with pytest.raises(DataError, match=r"prepare.studies=2.5"):
+        select_studies(train, tmp_path, studies=2.5)
+
+
+def test_a_study_list_is_read_as_lines_or_as_a_csv_and_unknown_studies_are_named(tmp_path):
+    train = _train(50)
+    uids = train["StudyInstanceUID"].iloc[:10].tolist()
+    (tmp_path / "lines.txt").write_text("\n".join(uids) + "\n")
+    train.iloc[:10].to_csv(tmp_path / "table.csv", index=False)
+    for name in ("lines.txt", "table.csv"):
+        assert select_studies(train, tmp_path, study_list=str(tmp_path / name))["StudyInstanceUID"].tolist() == uids
+    assert len(select_studies(train, tmp_path, studies=4, study_list=str(tmp_path / "lines.txt"))) == 4
+    (tmp_path / "bad.txt").write_text("1.2.3\n9.9.9\n")
+    with pytest.raises(DataError, match=r"bad.txt: 1 studies are not in train.csv.*9\.9\.9"):
+        select_studies(train, tmp_path, study_list=str(tmp_path / "bad.txt"))
+
+
+@pytest.mark.slow
+def test_a_run_on_a_subset_labels_folds_and_caches_only_the_subset(synthetic_root, tmp_path):
+    from cspine.prepare import prepare
+
+    cfg = load_config("smoke", ["prepare.studies=6", "seq.inner_folds=2"])
+    run = Run(tmp_path / "run")
+    train = setup_run(cfg, synthetic_root, run.root)
+    assert len(train) == 6 and len(run.read_labels()) == 6 and len(run.read_folds()) == 6
+    index = prepare(cfg, synthetic_root, run.cache.root)
+    assert set(index["StudyInstanceUID"]) == set(train["StudyInstanceUID"])
+    assert len(read_train(synthetic_root)) == 8
