@@ -75,11 +75,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from cspine.competition import find_data_dir
+    from cspine.pipeline import check_meant_for
     from cspine.prepare import prepare
 
     cfg = _config(args)
+    data_dir = find_data_dir(args.data)
+    check_meant_for(cfg, data_dir)
     cache = Run(_bound(args, cfg)).cache.root
-    index = prepare(cfg, find_data_dir(args.data), cache)
+    index = prepare(cfg, data_dir, cache)
     print(f"{len(index)} slices cached in {cache}")
     return 0
 

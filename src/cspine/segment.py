@@ -8,10 +8,11 @@ cached study with ``seg.context`` planes on each side as channels (three windows
 slices resampled to ``seg.depth`` rows, and labels each pixel background, C1..C7 or T1.
 
 It trains on the studies that have a segmentation (``cache/<uid>.mask.npy``), in ``seg.folds`` folds at
-study level. Under torchrun it behaves like `train-slices`: every rank draws its own batch of planes into
-one DistributedDataParallel model (the global batch is ``seg.batch_size`` × ranks), rank 0 saves, and the
-studies are then segmented in shares, one per rank, gathered on rank 0, which writes the tables. A masked study is segmented by the fold model that did not train on it (its Dice is out of
-fold); every other study by the mean of all fold models. Writes ``<run>/segment/``:
+study level. A masked study is segmented by the fold model that did not train on it (its Dice is out of
+fold); every other study by the mean of all fold models. Under torchrun it behaves like `train-slices`:
+every rank draws its own batch of planes into one DistributedDataParallel model (the global batch is
+``seg.batch_size`` × ranks), rank 0 saves, and the studies are segmented in shares, one per rank, gathered
+on rank 0, which writes the tables. Writes ``<run>/segment/``:
 - ``fold<k>.pt``: the fold models;
 - ``vertebrae.csv``: per cached slice, which of C1..C7 it shows and its level (the vertebra with most pixels);
 - ``extents.csv``: per study and vertebra, its slices (``z0``..``z1``, orders, inclusive) and in-plane box
