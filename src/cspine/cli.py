@@ -77,8 +77,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from cspine.competition import find_data_dir
     from cspine.pipeline import check_meant_for
     from cspine.prepare import prepare
+    from cspine.runs import check_writable
 
     cfg = _config(args)
+    check_writable(_run_dir(args, cfg))  # the run folder first, then the data, and only then the config is written
     data_dir = find_data_dir(args.data)
     check_meant_for(cfg, data_dir)
     cache = Run(_bound(args, cfg)).cache.root
