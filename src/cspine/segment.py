@@ -170,10 +170,11 @@ def _check_out_of_fold(run: Run, folds: dict[str, int], metas: list[dict]) -> No
             raise RuntimeError(f"{run.seg_model(fold)} trained on a study it would score; delete it and train again")
 
 
-def segment_share(run: Run, s: SegConfig, rt: Runtime, models: list, folds: dict[str, int]) -> tuple[list, list, list]:
+def segment_share(run: Run, index: pd.DataFrame, s: SegConfig, rt: Runtime, models: list,
+                  folds: dict[str, int]) -> tuple[list, list, list]:
     """Segments this rank's share of the cached studies: per-slice tables, extents and Dice rows."""
     how, dtype = reading(s), amp_dtype(rt.device, s.amp)
-    groups = list(run.cache.read_index().groupby("StudyInstanceUID", sort=False))[rt.rank::rt.world_size]
+    groups = list(index.groupby("StudyInstanceUID", sort=False))[rt.rank::rt.world_size]
     rows, extents, dice = [], [], []
     for uid, part in progress(groups, "segment studies", unit="study", enabled=rt.is_main):
         study = load_study_images(run.cache.root, uid)
@@ -213,11 +214,12 @@ def segment(cfg: Config, run_dir: str | os.PathLike, rt: Runtime | None = None) 
         train_seg_fold(cfg, run, fold, rt)
     loaded = [load_segmenter(run.seg_model(k), rt.device) for k in range(s.folds)]
     _check_out_of_fold(run, folds, [meta for _, meta in loaded])
-    joined = _gather(segment_share(run, s, rt, [m for m, _ in loaded], folds), rt)
+    index = run.cache.read_index()
+    joined = _gather(segment_share(run, index, s, rt, [m for m, _ in loaded], folds), rt)
     if joined is None:
         return None
     rows, extents, dice = joined
-    order = {u: i for i, u in enumerate(run.cache.read_index()["StudyInstanceUID"].unique())}
+    order = {u: i for i, u in enumerate(index["StudyInstanceUID"].unique())}
     table = pd.concat(sorted(rows, key=lambda r: order[r["StudyInstanceUID"].iat[0]]), ignore_index=True)
     extents.sort(key=lambda e: order[e["StudyInstanceUID"]])  # stable: C1..C7 within a study
     dice.sort(key=lambda d: order[d["StudyInstanceUID"]])
