@@ -159,7 +159,7 @@ def test_step_bars_stay_off_when_stderr_is_not_a_terminal(monkeypatch):
 def test_inference_imports_no_training_module():
     code = ("import sys, cspine.predict, cspine.evaluate, cspine.explain, cspine.kaggle; "
             "print(' '.join(m for m in ('cspine.train_slices', 'cspine.train_seq', 'cspine.data', "
-            "'cspine.segment', 'cspine.vertebra', 'albumentations', 'iterstrat') if m in sys.modules))")
+            "'cspine.segment', 'cspine.vertebra', 'albumentations', 'iterstrat', 'zarr') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == ""
 
@@ -170,7 +170,7 @@ def test_the_predict_command_imports_no_training_module(tmp_path):
     code = ("import sys\nfrom cspine.cli import main\n"
             f"rc = main(['predict', '--models', {str(tmp_path)!r}, '--data', {str(tmp_path / 'none')!r}])\n"
             "print(rc, ' '.join(m for m in ('cspine.pipeline', 'cspine.train_slices', 'cspine.data', 'cspine.segment', "
-            "'albumentations', 'iterstrat') if m in sys.modules))")
+            "'albumentations', 'iterstrat', 'zarr') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["1"]
 

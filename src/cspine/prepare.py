@@ -2,7 +2,8 @@
 
     python -m cspine prepare --config demo --data input/synthetic --out runs/demo/cache
 
-Per study, ``<uid>.npy`` holds uint8 [N, size, size, 3] head to feet, ``<uid>.json`` its slice
+Per study, ``<uid>.npy`` (or, with ``prepare.format: zarr``, the compressed store ``<uid>.zarr``) holds
+uint8 [N, size, size, 3] head to feet, ``<uid>.json`` its slice
 numbers, positions, labels, crop and fracture boxes (in the cached image's pixels), and, for a study with
 a segmentation, ``<uid>.mask.npy`` its vertebra labels in the same frame; ``index.csv`` has one row per
 slice. Studies run in parallel; a finished study (its JSON written last, by rename) is skipped on
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ import pandas as pd
 
 from cspine import TARGETS, VERTEBRAE
 from cspine.competition import read_boxes, read_mask, read_train, select_studies, slice_labels, vertebra_presence
-from cspine.config import Config, PrepareConfig, check_unchanged, load_config, save_config
+from cspine.config import Config, ConfigError, PrepareConfig, check_unchanged, load_config, save_config
 from cspine.dicom import load_series
 from cspine.preprocess import boxes_in_cache_frame, labels_in_cache_frame, preprocess_study
 from cspine.runs import Cache, atomic_path, write_csv, write_text
@@ -35,6 +37,8 @@ log = logging.getLogger(__name__)
 
 UNKNOWN = -1  # a label that the data cannot give (no boxes, or no mask, for that study)
 MIN_SLICES = 2  # fewer readable slices make no crop and no sequence: prepare skips the study, predict gives the prior
+FORMATS = ("npy", "zarr")
+ZARR_CLEVEL = 3  # zstd level: 5 saves 2-5% more and encodes 2-3x slower (benchmarks/bench_cache.py)
 INDEX_COLUMNS = ["StudyInstanceUID", "order", "slice_number", "z", "label",
                  *[f"{v}_present" for v in VERTEBRAE], *[f"{v}_fracture" for v in VERTEBRAE]]
 
@@ -55,7 +59,60 @@ class StudyJob:
 def is_cached(cache_dir: Path, uid: str) -> bool:
     """A study is cached when its JSON exists: it is written (by rename) only after its array."""
     cache = Cache(cache_dir)
-    return cache.images(uid).is_file() and cache.meta(uid).is_file()
+    return (cache.images(uid).is_file() or cache.zarr(uid).is_dir()) and cache.meta(uid).is_file()
+
+
+def write_study_images(cache: Cache, uid: str, images: np.ndarray, fmt: str) -> Path:
+    """Writes a study's uint8 [N, H, W, 3] slices in ``fmt`` (`FORMATS`), atomically; returns the path.
+
+    ``zarr``: one chunk per slice (a slice is read alone), all in one shard file per study (two files a
+    study, not hundreds), zstd through Blosc without shuffle (bytes are the unit of uint8 images; shuffling
+    them changes nothing). The store is built in a ``.part`` folder and renamed into place, so a killed
+    run leaves no store that a later one would read.
+    """
+    if fmt == "npy":
+        with atomic_path(cache.images(uid)) as tmp, open(tmp, "wb") as f:
+            np.save(f, images)
+        return cache.images(uid)
+    import zarr  # training-only: inference never reads the cache
+    from zarr.codecs import BloscCodec
+
+    final = cache.zarr(uid)
+    tmp = final.with_name(final.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        store = zarr.create_array(str(tmp), shape=images.shape, dtype=np.uint8, chunks=(1, *images.shape[1:]),
+                                  shards=images.shape,
+                                  compressors=BloscCodec(cname="zstd", clevel=ZARR_CLEVEL, shuffle="noshuffle"))
+        store[:] = images
+        shutil.rmtree(final, ignore_errors=True)  # a store without its JSON is unfinished: replace it
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+class ZarrStudy:
+    """A zarr-cached study read like the memory map of a ``.npy`` one: ``len``, ``shape``, ``study[k]``,
+    ``study[lo:hi]``, ``study[int_array]`` and ``np.asarray(study)``, each decoding only the slices asked for.
+    """
+
+    def __init__(self, path: Path):
+        import zarr
+
+        self._array = zarr.open_array(str(path), mode="r")
+        self.shape = self._array.shape
+        self.dtype = self._array.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        return self._array[key]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self._array[:]
+        return out if dtype is None else out.astype(dtype)
 
 
 def _slice_targets(labels: dict | None, slice_label: np.ndarray, presence: np.ndarray | None,
@@ -128,8 +185,7 @@ def cache_study(job: StudyJob) -> tuple[str, int, str | None]:
         if mask is not None:  # the segmentation stage trains on it, in the cached images' frame
             with atomic_path(cache.mask(job.uid)) as tmp, open(tmp, "wb") as f:
                 np.save(f, labels_in_cache_frame(mask, boxes, job.prepare.size))
-        with atomic_path(cache.images(job.uid)) as tmp, open(tmp, "wb") as f:
-            np.save(f, images)
+        write_study_images(cache, job.uid, images, job.prepare.format)
         crops = [list(map(int, b)) for b in (boxes[:1] if job.prepare.crop == "study" else boxes)]
         meta = {
             "uid": job.uid,
@@ -167,9 +223,14 @@ def read_meta(cache_dir: Path, uid: str) -> dict:
     return json.loads(Cache(cache_dir).meta(uid).read_text())
 
 
-def load_study_images(cache_dir: Path, uid: str, mmap: bool = True) -> np.ndarray:
-    """uint8 [N, size, size, 3] of one cached study (memory-mapped by default)."""
-    return np.load(Cache(cache_dir).images(uid), mmap_mode="r" if mmap else None)
+def load_study_images(cache_dir: Path, uid: str, mmap: bool = True) -> np.ndarray | ZarrStudy:
+    """uint8 [N, size, size, 3] of one cached study: memory-mapped by default, or read lazily from zarr
+    (``mmap=False`` reads the whole study into memory either way)."""
+    cache = Cache(cache_dir)
+    if cache.zarr(uid).is_dir():
+        study = ZarrStudy(cache.zarr(uid))
+        return study if mmap else np.asarray(study)
+    return np.load(cache.images(uid), mmap_mode="r" if mmap else None)
 
 
 def build_index(cache_dir: Path, uids: list[str]) -> pd.DataFrame:
@@ -200,6 +261,8 @@ def prepare(cfg: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike
     Raises:
         RuntimeError: when every study failed (the failures are listed in ``failed.txt``).
     """
+    if cfg.prepare.format not in FORMATS:
+        raise ConfigError(f"prepare.format: {cfg.prepare.format!r} is not one of {', '.join(FORMATS)}")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bind_cache(cfg, Cache(out_dir))
@@ -243,8 +306,18 @@ def prepare(cfg: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike
         log.warning("prepare: %d studies failed (listed in %s)", len(failures), failed_path)
     if index.empty:
         raise RuntimeError(f"prepare: no study could be cached; see {failed_path}")
-    per_slice = cfg.prepare.size ** 2 * 3
-    log.info("prepare: %d slices of %d studies cached in %s, %d bytes per slice (%.1f GB)", len(index),
-             index["StudyInstanceUID"].nunique(), out_dir, per_slice, len(index) * per_slice / 1e9)
+    on_disk = cache_bytes(out_dir, index["StudyInstanceUID"].unique())
+    log.info("prepare: %d slices of %d studies cached in %s (%s): %.1f GB, %d bytes per slice (%.1fx smaller "
+             "than raw)", len(index), index["StudyInstanceUID"].nunique(), out_dir, cfg.prepare.format,
+             on_disk / 1e9, on_disk / len(index), len(index) * cfg.prepare.size ** 2 * 3 / max(on_disk, 1))
     return index
+
+
+def cache_bytes(cache_dir: Path, uids) -> int:
+    """Bytes on disk of the studies' cached slices (not their JSON or masks)."""
+    cache, total = Cache(cache_dir), 0
+    for uid in uids:
+        total += sum(f.stat().st_size for f in cache.zarr(uid).rglob("*") if f.is_file())
+        total += cache.images(uid).stat().st_size if cache.images(uid).is_file() else 0
+    return total
 

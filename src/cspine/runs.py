@@ -6,7 +6,7 @@
 Layout of ``runs/<name>/``::
 
     config.yaml  data_dir.txt  labels.csv  folds.csv  run.log
-    cache/            index.csv, config.yaml, failed.txt, <uid>.npy + <uid>.json per study   (prepare)
+    cache/            index.csv, config.yaml, failed.txt, <uid>.npy (or .zarr) + <uid>.json per study   (prepare)
     slice/fold<k>/    best.pt, last.pt, done, history.csv, oof_slices.csv, table2.*        (train-slices)
     features/fold<k>/ <uid>.npz, provenance.json                                           (extract)
     seq/h<H>/fold<k>/ inner<i>.pt or model.pt, oof.csv, features.json, history.json        (train-seq)
@@ -61,7 +61,12 @@ class Cache:
         return self.root / "failed.txt"
 
     def images(self, uid: str) -> Path:
+        """A study's slices as plain ``.npy`` (``prepare.format: npy``)."""
         return self.root / f"{uid}.npy"
+
+    def zarr(self, uid: str) -> Path:
+        """A study's slices as a compressed zarr store, a folder (``prepare.format: zarr``)."""
+        return self.root / f"{uid}.zarr"
 
     def meta(self, uid: str) -> Path:
         return self.root / f"{uid}.json"
