@@ -347,3 +347,44 @@ def test_a_truncated_compressed_slice_is_reported_as_truncated(tmp_path):
         with pytest.raises(DicomError, match=f"{victim.name}: .*truncated"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             read_hu(victim, backend)
+
+
+@pytest.fixture(scope="module")
+def jpeg_lossless_study(tmp_path_factory):
+    """24 noisy 64² slices in JPEG Lossless SV1 (the real data's syntax): enough to decode in processes."""
+    folder = tmp_path_factory.mktemp("jl") / "study"
+    hu = np.random.default_rng(3).normal(0, 300, (24, 64, 64)) + ramp_volume(n=24, size=64)
+    write_series(hu, folder, spacing=(1, 1, 1), study_uid=UID,
+                 encoding=Encoding("jpeg_lossless", signed=True, intercept=-1024.0))
+    return folder
+
+
+def test_a_codec_bound_study_decodes_in_processes_to_the_reference(jpeg_lossless_study, monkeypatch):
+    import cspine.dicom
+
+    calls, real = [], cspine.dicom._decode_in_processes
+    monkeypatch.setattr(cspine.dicom, "_decode_in_processes", lambda *a: calls.append(a[1]) or real(*a))
+    parallel = load_series(jpeg_lossless_study, workers=2)
+    assert calls == [2]
+    serial = load_series(jpeg_lossless_study, workers=1)
+    reference = load_series(jpeg_lossless_study, backend="pydicom")
+    assert calls == [2] and len(parallel) == 24
+    assert np.array_equal(parallel.hu, serial.hu) and np.array_equal(parallel.hu, reference.hu)
+    assert list(parallel.slice_numbers) == list(reference.slice_numbers)
+
+
+def test_a_slice_that_fails_in_a_decoding_process_is_named(jpeg_lossless_study, tmp_path):
+    folder = tmp_path / "study"
+    shutil.copytree(jpeg_lossless_study, folder)
+    victim = folder / "7.dcm"
+    data = bytearray(victim.read_bytes())
+    data[-400:-2] = b"\x00" * 398  # a damaged JPEG stream of the right length: parsed, then not decodable
+    victim.write_bytes(bytes(data))
+    with pytest.raises(DicomError, match="7.dcm"):
+        load_series(folder, workers=2)
+    with pytest.warns(UserWarning, match=r"skipped 1 of 24 slices: 7\.dcm"):
+        skipped = load_series(folder, workers=2, on_error="skip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        serial = load_series(folder, workers=1, on_error="skip")
+    assert len(skipped) == 23 and np.array_equal(skipped.hu, serial.hu)

@@ -161,17 +161,17 @@ def test_predict_feeds_a_blstm_exactly_what_it_trained_on(smoke_run, tmp_path, t
 def test_tta_extraction_is_recorded_and_predict_follows_it(smoke_run, synthetic_root, tmp_path, monkeypatch):
     """`predict.tta` re-extracts a fold's features; its BLSTMs record it and `predict` reads slices alike."""
     import cspine.predict
-    from cspine.dicom import load_series
     from cspine.extract import extract_fold, load_features
     from cspine.config import ConfigError
-    from cspine.predict import check_config, load_ensemble, predict_series
+    from cspine.predict import check_config, load_ensemble, predict_images
+    from cspine.studies import read_study
     from cspine.train_seq import train_seq_fold
 
     run_dir = _features_only_run(smoke_run, tmp_path / "tta_run")
     for name in ("cache", "slice"):
         (run_dir / name).symlink_to(smoke_run / name)
     cfg = load_config(SMOKE_CONFIG, ["predict.tta=true"])
-    assert load_ensemble(smoke_run, cfg.seq.hidden, torch.device("cpu")).tta is False  # plain slices
+    assert load_ensemble(smoke_run, cfg.seq.hidden, [torch.device("cpu")]).tta is False  # plain slices
     extract_fold(cfg, run_dir, 0)
     with pytest.raises(RuntimeError, match="some folds"):  # fold 0 re-read mirrored, fold 1 not yet
         train_seq_fold(cfg, run_dir, 0)
@@ -183,7 +183,7 @@ def test_tta_extraction_is_recorded_and_predict_follows_it(smoke_run, synthetic_
     for fold in (0, 1):
         train_seq_fold(cfg, run_dir, fold)
     plain_cfg = load_config(SMOKE_CONFIG)  # the config at predict time says no tta
-    ensemble = load_ensemble(run_dir, plain_cfg.seq.hidden, torch.device("cpu"))
+    ensemble = load_ensemble(run_dir, plain_cfg.seq.hidden, [torch.device("cpu")])
     assert ensemble.tta is True  # the BLSTMs' training features decide how slices are read
     with pytest.raises(ConfigError, match="predict.tta"):  # and a config that says otherwise is refused
         check_config(plain_cfg, ensemble)
@@ -194,8 +194,9 @@ def test_tta_extraction_is_recorded_and_predict_follows_it(smoke_run, synthetic_
         return study_features(*args, **kwargs)
 
     monkeypatch.setattr(cspine.predict, "study_features", recording)
-    series = load_series(sorted((synthetic_root / "test_images").iterdir())[0])
-    predict_series(series, ensemble, plain_cfg, torch.device("cpu"))
+    i = ensemble.inputs
+    study = read_study(sorted((synthetic_root / "test_images").iterdir())[0], i["size"], i["crop"], i["margin"], 2)
+    predict_images(study.images, ensemble, plain_cfg)
     assert readings == [True] * len(ensemble.cnns)  # every fold's CNN read the study mirrored too
 
 
@@ -366,3 +367,22 @@ def test_predict_runs_with_the_network_off(smoke_run, synthetic_root, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "network attempts: 0" in result.stdout  # `import cspine` switched the update check off itself
     validate_submission(pd.read_csv(out), read_test(synthetic_root))
+
+
+def test_predict_gives_the_same_submission_with_more_study_workers_and_folds_spread_over_devices(
+        smoke_run, synthetic_root, tmp_path):
+    from cspine.predict import load_ensemble, predict_images
+    from cspine.studies import read_study
+
+    one = predict(load_config(SMOKE_CONFIG, ["predict.workers=1"]), synthetic_root, smoke_run, tmp_path / "1.csv")
+    two = predict(load_config(SMOKE_CONFIG, ["predict.workers=2"]), synthetic_root, smoke_run, tmp_path / "2.csv")
+    pd.testing.assert_frame_equal(one, two)
+    cfg = load_config(SMOKE_CONFIG)
+    single = load_ensemble(smoke_run, cfg.seq.hidden, [torch.device("cpu")])
+    spread = load_ensemble(smoke_run, cfg.seq.hidden, [torch.device("cpu"), torch.device("cpu")])
+    i = single.inputs
+    study = read_study(sorted((synthetic_root / "test_images").iterdir())[0], i["size"], i["crop"], i["margin"], 2)
+    assert predict_images(study.images, spread, cfg) == predict_images(study.images, single, cfg)
+    submitted = one.set_index("row_id")["fractured"]
+    uid = sorted((synthetic_root / "test_images").iterdir())[0].name
+    assert submitted[f"{uid}_C3"] == pytest.approx(predict_images(study.images, single, cfg)["C3"], abs=1e-6)

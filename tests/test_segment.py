@@ -265,12 +265,12 @@ def test_predict_evaluate_and_the_bundle_use_the_vertebra_track(vertebra_run, sy
 
     run_dir, cfg = vertebra_run
     validate_submission(pd.read_csv(run_dir / "submission.csv"), read_test(synthetic_root))
-    ensemble = load_ensemble(run_dir, cfg.seq.hidden, torch.device("cpu"))
+    ensemble = load_ensemble(run_dir, cfg.seq.hidden, [torch.device("cpu")])
     assert len(ensemble.vertebra) == 4 and len(ensemble.segmenters) == 2 and ensemble.seg_reading["depth"] == 32
     scores = pd.read_csv(Run(run_dir).report / "scores.csv")
     assert VERTEBRA_TRACK in set(scores["Model"])
     bundle = package_kaggle(cfg, run_dir, tmp_path / "bundle", wheels=False)
     assert len(list(bundle.glob("models/vertebra/fold*/inner*.pt"))) == 4
     assert len(list(bundle.glob("models/segment/fold*.pt"))) == 2
-    bundled = load_ensemble(bundle / "models", cfg.seq.hidden, torch.device("cpu"))
+    bundled = load_ensemble(bundle / "models", cfg.seq.hidden, [torch.device("cpu")])
     assert len(bundled.vertebra) == 4

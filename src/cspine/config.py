@@ -200,6 +200,8 @@ class PredictConfig:
     # `extract` reads each slice as it is and mirrored left-right and averages the two (2× the CNN time);
     # `predict` then does the same, because the BLSTMs record whether their training features were made so
     tta: bool = False
+    # `predict`: processes that decode and preprocess the next studies while the models work (0: every core)
+    workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -360,8 +362,8 @@ def diff_from_defaults(cfg: Config) -> dict:
 # Settings that shape no artifact of a run folder: how fast and where it runs, which folds one call trains,
 # how the submission is clipped (predict runs anew each time), and the synthetic data's recipe (the data
 # folder records its own, `cspine.synthetic.synthetic_settings`).
-RUNTIME_KEYS = ("name", "device", "meant_for", "prepare.workers", "seg.amp", "slice.workers", "slice.amp",
-                "slice.channels_last", "predict.batch_size", "predict.clip", "folds.folds", "synth.")
+RUNTIME_KEYS = ("name", "device", "meant_for", "prepare.workers", "predict.workers", "seg.amp", "slice.workers",
+                "slice.amp", "slice.channels_last", "predict.batch_size", "predict.clip", "folds.folds", "synth.")
 # Settings whose stages compare them with what they made and redo their work when they differ.
 REDONE_KEYS = ("seq.", "vert.", "predict.tta")
 

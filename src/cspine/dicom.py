@@ -15,12 +15,12 @@ Every failure is a `DicomError` (a ValueError) whose message names the file and 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import warnings
 from collections import Counter
 import multiprocessing as mp
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +49,9 @@ ENHANCED_CT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.2.1"
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
 GANTRY_TILT_TOLERANCE_DEG = 0.5  # steps between positions this far off the slice normal count as a tilt
 SPACING_TOLERANCE = 0.1  # relative deviation from the median step that counts as non-uniform
-PROCESS_DECODE_SECONDS = 0.004  # per-slice decode time above which a study is decoded in processes
+# Syntaxes whose decoding is memory-bound (about 1 ms a 512² slice): processes would not pay for themselves.
+# Every other syntax on the fast path (JPEG Lossless ~2.3 ms, JPEG-LS, JPEG 2000 ~40 ms) is codec-bound.
+LIGHT_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.5"}
 PROCESS_DECODE_MIN_SLICES = 16  # fewer slices do not repay starting the processes
 
 
@@ -113,6 +115,7 @@ class _Slice:
     dataset: object = None  # dicomsdl: the parsed DataSet
     bits_stored: int = 16
     signed: bool = False
+    syntax: str = ""  # dicomsdl: the transfer syntax UID (whether decoding is codec-bound)
 
     def _stored(self) -> np.ndarray:
         if self.stored is not None:
@@ -398,6 +401,7 @@ def _read_dicomsdl(path: Path, data: bytes | None = None, strict: bool = True) -
         dataset=dset,
         bits_stored=int(tags["BitsStored"] or 16),
         signed=signed,
+        syntax=syntax,
     )
 
 
@@ -521,26 +525,51 @@ def _drop_odd_shapes(slices: list[_Slice], study_dir: Path, on_error: OnError,
     return [s for s in slices if s.shape == main_shape]
 
 
-def _decode_path(job: tuple[Path, Backend, float, float]) -> np.ndarray | str:
-    """Worker-process decoding of one file with its study's rescale: its HU, or the DicomError's message."""
-    path, backend, slope, intercept = job
+_SHARED: tuple | None = None  # in a decoding process: (the study's slices, its volume in shared memory, backend)
+
+
+def _attach(slices: list[_Slice], buffer: mmap.mmap, shape: tuple[int, ...], backend: Backend) -> None:
+    """Initialises a forked decoding process with the parent's parsed slices and the shared volume."""
+    global _SHARED
+    _SHARED = slices, np.frombuffer(buffer, np.float32).reshape(shape), backend
+
+
+def _decode_slot(k: int) -> str | None:
+    """In a decoding process: decodes slice k straight into the shared volume; the DicomError's message, or None."""
+    slices, hu, backend = _SHARED
     try:
-        item = _read_slice(path, backend)
-        item.slope, item.intercept = slope, intercept
-        out = np.empty(item.shape, np.float32)
-        _decode_into(item, out, backend)
-        return out
+        _decode_into(slices[k], hu[k], backend)
     except DicomError as exc:
         return str(exc)
+    return None
 
 
-def _process_context():
-    # fork starts workers in milliseconds; the children only decode, touching no threads or CUDA state
-    return mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+def _decode_in_processes(slices: list[_Slice], workers: int, backend: Backend) -> tuple[np.ndarray, list[str | None]]:
+    """Decodes every slice in ``workers`` forked processes; returns the volume and each slice's error or None.
+
+    The volume lives in an anonymous shared mapping that the forked processes inherit (not /dev/shm, which
+    containers often cap at 64 MB): each decodes its slices in place, so nothing but the error messages
+    crosses a pipe. Pickling each slice back cost more than the second core gained (bench_dicom.py). The
+    processes also inherit the parsed headers and the files' bytes, so no file is read twice.
+    """
+    shape = (len(slices), *slices[0].shape)
+    buffer = mmap.mmap(-1, int(np.prod(shape)) * 4)
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_attach,
+                             initargs=(slices, buffer, shape, backend)) as pool:
+        errors = list(pool.map(_decode_slot, range(len(slices)), chunksize=max(1, len(slices) // (4 * workers))))
+    for item in slices:
+        item.dataset = None  # the processes decoded from their copies: release the parent's file bytes
+    return np.frombuffer(buffer, np.float32).reshape(shape), errors
+
+
+def _can_fork() -> bool:
+    """Decoding processes are forked, to inherit the volume's shared memory: Linux only. Forking is safe
+    here because the children only decode, touching no thread, lock or CUDA state of the parent."""
+    return sys.platform.startswith("linux")
 
 
 def default_workers() -> int:
-    """Decoding processes for a heavily compressed study: every core this process may use."""
+    """Decoding processes for a codec-bound study: every core this process may use."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
@@ -561,9 +590,9 @@ def load_series(
     Args:
         study_dir: folder with one ``<n>.dcm`` per axial slice.
         backend: "auto", "pydicom" or "dicomsdl" (see the module docstring).
-        workers: processes for studies whose slices take over 4 ms each to decode (JPEG 2000, JPEG-LS);
-            None uses every available core. Lighter studies decode in this process, which measures
-            faster: they are memory-bound, and threads only add contention.
+        workers: processes for studies in a codec-bound syntax (JPEG Lossless, JPEG-LS, JPEG 2000), on
+            Linux; None uses every available core. Uncompressed and RLE studies decode in this process,
+            which measures faster: they are memory-bound, and threads only add contention.
         on_error: "raise" stops at the first bad slice with a DicomError; "skip" leaves bad slices out
             and warns once, listing them.
 
@@ -605,36 +634,24 @@ def load_series(
                                + "; ".join(f"{p.name}: {why}" for p, why in skipped[:5]))
     order = _order(slices, study_dir)
     slices = [slices[i] for i in order]
-    hu = np.empty((len(slices), *slices[0].shape), np.float32)
-
-    def decode(k: int) -> tuple[Path, str] | None:
-        try:
-            _decode_into(slices[k], hu[k], backend)
-        except DicomError as exc:
-            if on_error == "raise":
-                raise
-            return slices[k].path, str(exc).removeprefix(f"{slices[k].path}: ")
-        return None
-
-    start = time.perf_counter()
-    failed = [decode(0)]
-    slow = time.perf_counter() - start > PROCESS_DECODE_SECONDS
-    if workers > 1 and slow and len(slices) > PROCESS_DECODE_MIN_SLICES:
-        # heavy codecs hold the GIL in dicomsdl: decode the rest in processes, one per core
-        jobs = [(slices[k].path, backend, slices[k].slope, slices[k].intercept) for k in range(1, len(slices))]
-        with ProcessPoolExecutor(workers, mp_context=_process_context()) as pool:
-            for k, result in enumerate(pool.map(_decode_path, jobs, chunksize=8), start=1):
-                slices[k].dataset = None
-                if isinstance(result, str):
-                    if on_error == "raise":
-                        raise DicomError(result)
-                    failed.append((slices[k].path, result.removeprefix(f"{slices[k].path}: ")))
-                else:
-                    hu[k] = result
-                    failed.append(None)
-    else:
-        # uncompressed and light codecs are memory-bound: threads only add contention (measured)
-        failed += [decode(k) for k in range(1, len(slices))]
+    codec_bound = all(s.decoder == "dicomsdl" and s.syntax not in LIGHT_SYNTAXES for s in slices)
+    if workers > 1 and codec_bound and len(slices) > PROCESS_DECODE_MIN_SLICES and _can_fork():
+        hu, errors = _decode_in_processes(slices, workers, backend)
+    else:  # memory-bound syntaxes, and pydicom's already decoded slices: in this process (threads measured slower)
+        hu, errors = np.empty((len(slices), *slices[0].shape), np.float32), []
+        for k, item in enumerate(slices):
+            try:
+                _decode_into(item, hu[k], backend)
+                errors.append(None)
+            except DicomError as exc:
+                if on_error == "raise":
+                    raise
+                errors.append(str(exc))
+    failed = []
+    for item, error in zip(slices, errors):
+        if error is not None and on_error == "raise":
+            raise DicomError(error)
+        failed.append(None if error is None else (item.path, error.removeprefix(f"{item.path}: ")))
     if any(failed):
         keep = [k for k, f in enumerate(failed) if f is None]
         skipped.extend(f for f in failed if f is not None)

@@ -3,9 +3,10 @@
     python -m cspine predict --config demo --data DIR --models runs/demo --out submissions/submission.csv
 
 Per study: DICOM → preprocessing → every fold's slice CNN → the BLSTMs → 8 probabilities; with the
-vertebra track, the study is also segmented and C1..C7 come from each vertebra's own slices. The next study
-is decoded in a background thread while the models work on the current one, so memory holds at most two
-studies. A study that fails anywhere is logged and gets the prior; every row_id of test.csv is written,
+vertebra track, the study is also segmented and C1..C7 come from each vertebra's own slices. Worker
+processes (``predict.workers``) decode and preprocess the next studies while the models work on the
+current one (`cspine.studies`). With several GPUs the folds' CNNs are spread over them and run at once.
+A study that fails anywhere is logged and gets the prior; every row_id of test.csv is written,
 validated, and the file replaced atomically.
 """
 
@@ -14,8 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,16 +27,16 @@ from cspine import TARGETS
 from cspine.checkpoints import CheckpointError, load_sequence_model, load_slice_model, load_vertebra_model
 from cspine.competition import list_test_studies, read_test
 from cspine.config import Config, ConfigError
-from cspine.dicom import Series, load_series
 from cspine.extract import study_features
+from cspine.dicom import default_workers
 from cspine.inputs import combine, study_input, vertebra_inputs
 from cspine.models import SequenceNet, SliceNet
-from cspine.preprocess import preprocess_study
 from cspine.prepare import MIN_SLICES
 from cspine.runs import Run, check_writable
 from cspine.progress import progress
-from cspine.runtime import amp_dtype, pick_device
+from cspine.runtime import amp_dtype, pick_devices
 from cspine.segmenter import load_segmenter, segment_study, vertebra_extents
+from cspine.studies import read_ahead, reading_pool
 from cspine.submission import make_submission, prior_from_train, write_submission
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Ensemble:
-    """Every fold's slice CNN, the BLSTMs of one size, and how they read a study (from their checkpoints)."""
+    """Every fold's slice CNN, the BLSTMs of one size, and how they read a study (from their checkpoints).
+
+    The k-th CNN sits on ``devices[k % len(devices)]`` (folds spread over the GPUs); everything else on the first.
+    """
 
     cnns: dict[int, SliceNet]
     blstms: list[tuple[dict, SequenceNet]]
@@ -57,6 +60,7 @@ class Ensemble:
     seg_reading: dict = field(default_factory=dict)  # how they read a study (`cspine.segmenter.reading`)
     vertebra: list[tuple[dict, SequenceNet]] = field(default_factory=list)  # the vertebra track's BiLSTMs
     overall: str = "blstm"  # where the vertebra track takes patient_overall from (`VertebraConfig.overall`)
+    devices: list[torch.device] = field(default_factory=lambda: [torch.device("cpu")])
 
 
 def _one(values: dict, what: str, where: Path):
@@ -68,17 +72,20 @@ def _one(values: dict, what: str, where: Path):
     return next(iter(values.values()))
 
 
-def load_ensemble(run_dir: str | os.PathLike, hidden: int, device: torch.device) -> Ensemble:
+def load_ensemble(run_dir: str | os.PathLike, hidden: int, devices: list[torch.device]) -> Ensemble:
     """Loads every ``slice/fold*/best.pt`` and the ``seq/h<hidden>/fold*/*.pt`` of a run (or a Kaggle bundle).
+
+    The k-th CNN goes to ``devices[k % len(devices)]``; the BLSTMs and the vertebra track to ``devices[0]``.
 
     Raises:
         FileNotFoundError: no slice CNN or no BLSTM of that size.
         CheckpointError: a damaged checkpoint, or checkpoints that disagree on how to read a study.
     """
     run = Run(run_dir)
+    device = devices[0]
     cnns, cnn_meta = {}, {}
-    for fold, path in run.slice_checkpoints().items():
-        cnns[fold], cnn_meta[path] = load_slice_model(path, device)
+    for k, (fold, path) in enumerate(run.slice_checkpoints().items()):
+        cnns[fold], cnn_meta[path] = load_slice_model(path, devices[k % len(devices)])
     blstms, blstm_meta = [], {}
     for path in run.blstm_checkpoints(hidden):
         model, meta = load_sequence_model(path, device)
@@ -93,7 +100,7 @@ def load_ensemble(run_dir: str | os.PathLike, hidden: int, device: torch.device)
         arch=_one({p: m["arch"] for p, m in cnn_meta.items()}, "architecture", run.root),
         input=_one({p: m["input"] for p, m in blstm_meta.items()}, "BLSTM input", run.root),
         bins=_one({p: m["bins"] for p, m in blstm_meta.items()}, "seq.bins", run.root),
-        tta=_one({p: m["tta"] for p, m in blstm_meta.items()}, "predict.tta", run.root))
+        tta=_one({p: m["tta"] for p, m in blstm_meta.items()}, "predict.tta", run.root), devices=list(devices))
     if run.vert_models():
         _add_vertebra_track(ensemble, run, device)
     return ensemble
@@ -165,17 +172,29 @@ def blstm_probabilities(per_fold: dict[int, tuple[np.ndarray, np.ndarray]], ense
 
 
 @torch.inference_mode()
-def predict_series(series: Series, ensemble: Ensemble, cfg: Config, device: torch.device) -> dict[str, float]:
-    """The 8 probabilities of one loaded study (preprocessed as the checkpoints record; ``cfg`` gives the
-    batch size and mixed precision only)."""
-    i = ensemble.inputs
-    images, _ = preprocess_study(series.hu, i["size"], i["crop"], i["margin"])
-    dtype = amp_dtype(device, cfg.slice.amp)
-    per_fold = {k: study_features(cnn, images, i["input_size"], device, cfg.predict.batch_size, dtype,
+def predict_images(images: np.ndarray, ensemble: Ensemble, cfg: Config) -> dict[str, float]:
+    """The 8 probabilities of one study, preprocessed as the checkpoints record (`cspine.studies.read_study`);
+    ``cfg`` gives the batch size, mixed precision and channels_last only.
+
+    With several devices, one thread per device runs the folds that sit there: the GPUs work at once.
+    """
+    i, devices, folds = ensemble.inputs, ensemble.devices, list(ensemble.cnns)
+
+    def on_device(g: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        device = devices[g]
+        return {k: study_features(ensemble.cnns[k], images, i["input_size"], device, cfg.predict.batch_size,
+                                  amp_dtype(device, cfg.slice.amp), cfg.slice.channels_last and device.type == "cuda",
                                   tta=ensemble.tta)
-                for k, cnn in ensemble.cnns.items()}
-    p = vertebra_probabilities(images, per_fold, ensemble, device) if ensemble.vertebra else \
-        blstm_probabilities(per_fold, ensemble, device)
+                for k in folds[g::len(devices)]}
+
+    if len(devices) > 1:
+        with ThreadPoolExecutor(len(devices)) as pool:
+            parts = list(pool.map(on_device, range(len(devices))))
+    else:
+        parts = [on_device(0)]
+    per_fold = {k: part[k] for k in folds for part in parts if k in part}
+    p = vertebra_probabilities(images, per_fold, ensemble, devices[0]) if ensemble.vertebra else \
+        blstm_probabilities(per_fold, ensemble, devices[0])
     return {t: float(p[i]) for i, t in enumerate(TARGETS)}
 
 
@@ -204,15 +223,6 @@ def vertebra_probabilities(images: np.ndarray, per_fold: dict[int, tuple[np.ndar
     return p
 
 
-def _load(path: Path) -> Series:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        series = load_series(path, on_error="skip")
-    for w in caught:
-        log.warning("%s", w.message)
-    return series
-
-
 def predict(cfg: Config, data_dir: str | os.PathLike, models_dir: str | os.PathLike,
             out_csv: str | os.PathLike, train: pd.DataFrame | None = None) -> pd.DataFrame:
     """Writes a complete, validated submission for the test set of ``data_dir``; returns it.
@@ -222,29 +232,35 @@ def predict(cfg: Config, data_dir: str | os.PathLike, models_dir: str | os.PathL
     """
     data_dir = Path(data_dir)
     check_writable(Path(out_csv).parent)
-    device = pick_device(cfg.device)
-    ensemble = load_ensemble(models_dir, cfg.seq.hidden, device)
+    devices = pick_devices(cfg.device)
+    ensemble = load_ensemble(models_dir, cfg.seq.hidden, devices)
     check_config(cfg, ensemble)
+    if cfg.slice.channels_last:
+        for k, cnn in enumerate(ensemble.cnns.values()):
+            if devices[k % len(devices)].type == "cuda":
+                cnn.to(memory_format=torch.channels_last)
     test = read_test(data_dir)
     uids = list_test_studies(data_dir, test)
     prior = prior_from_train(train)
     probs: dict[str, dict[str, float]] = {}
     failed: list[str] = []
     started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=1) as reader:
-        pending: Future | None = reader.submit(_load, data_dir / "test_images" / uids[0]) if uids else None
-        for i, uid in enumerate(progress(uids, "predict", unit="study")):
-            current = pending
-            pending = reader.submit(_load, data_dir / "test_images" / uids[i + 1]) if i + 1 < len(uids) else None
+    i = ensemble.inputs
+    workers = cfg.predict.workers or default_workers()
+    log.info("predict: %d studies on %s, read by %d worker processes", len(uids), ", ".join(map(str, devices)),
+             workers)
+    with reading_pool(workers) as pool:
+        reads = read_ahead(pool, [data_dir / "test_images" / u for u in uids], i["size"], i["crop"], i["margin"],
+                           MIN_SLICES, ahead=2 * workers)
+        for uid, future in zip(progress(uids, "predict", unit="study"), reads):
             try:
-                series = current.result()
-                if len(series) < MIN_SLICES:
-                    raise ValueError(f"only {len(series)} readable slice(s)")
-                probs[uid] = predict_series(series, ensemble, cfg, device)
+                study = future.result()
+                for warning in study.warnings:
+                    log.warning("%s", warning)
+                probs[uid] = predict_images(study.images, ensemble, cfg)
             except Exception as exc:  # one bad study must never cost the submission: it gets the prior
                 log.error("predict: study %s failed (%s: %s); it gets the prior", uid, type(exc).__name__, exc)
                 failed.append(uid)
-            del current
     elapsed = time.perf_counter() - started
     sub = make_submission(test, probs, prior=prior, clip=cfg.predict.clip)
     path = write_submission(sub, test, out_csv)

@@ -50,6 +50,14 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+def pick_devices(name: str = "auto") -> list[torch.device]:
+    """Every device `predict` may use: "auto" or "cuda" take every visible GPU (else the CPU, for "auto");
+    "cpu" and "cuda:1" are taken as given."""
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return [torch.device("cuda", k) for k in range(torch.cuda.device_count())]
+    return [pick_device(name)]
+
+
 def init_distributed(device: str = "auto") -> Runtime:
     """Joins the torchrun process group when WORLD_SIZE > 1; a single-process Runtime otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

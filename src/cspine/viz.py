@@ -1,9 +1,11 @@
-"""Figures for the notebooks and the README: studies with boxes and masks, windows, the crop, training curves.
+"""Figures for the notebooks and the README: the study viewer, windows, the crop, training curves.
 
 Every function returns the matplotlib Figure, so a notebook shows it and a script saves it.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pandas as pd
@@ -161,3 +163,130 @@ def plot_prevalence(train: pd.DataFrame) -> Figure:
     ax.set(ylabel="% of studies", title=f"Label prevalence ({len(train)} studies)")
     fig.tight_layout()
     return fig
+
+
+def _display_volume(volume: np.ndarray) -> tuple[np.ndarray, dict]:
+    """What to show of a volume: HU [N, H, W] in the bone window, or the cache's uint8 [N, S, S, 3] as its
+    three windows in colour (what the CNN sees); and imshow's arguments for it."""
+    if volume.ndim == 4:
+        return volume, {}
+    return window(volume, *BONE_VIEW), {"cmap": "gray", "vmin": 0, "vmax": 1}
+
+
+def draw_study(volume: np.ndarray, k: int, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+               boxes: list | None = None, mask: np.ndarray | None = None, cam: dict | None = None,
+               slice_probs: dict | None = None, truth: np.ndarray | None = None, column: int | None = None,
+               title: str = "") -> Figure:
+    """One frame of the study viewer: axial slice ``k`` beside sagittal and coronal reformats, and the
+    per-slice predictions along the study beneath, with a marker at ``k``.
+
+    Args:
+        volume: HU [N, H, W] (`Series.hu`) or cached uint8 [N, S, S, 3], head to feet.
+        spacing: (dz, dy, dx) in mm, for the reformats' aspect.
+        boxes: [[k, x0, y0, x1, y1], ...] in the volume's pixels (a cache's ``meta["boxes"]``, or
+            `competition_boxes` for a loaded series): drawn red on the axial slice, marked on the sagittal.
+        mask: vertebra labels [N, H, W] (0 none, 1..7 C1..C7), outlined in each view.
+        cam: {slice: heat [H, W] in 0..1} (Grad-CAM, `cspine.explain.grad_cam`), laid over the axial slice.
+        slice_probs: {name: float [N]} per-slice outputs (a CNN's fracture probability, a vertebra's).
+        truth: 0/1 [N], the slices known fractured, shaded in the predictions' strip.
+        column: sagittal column (default: the middle).
+    """
+    n, h, w = volume.shape[:3]
+    k = int(np.clip(k, 0, n - 1))
+    column = w // 2 if column is None else column
+    row = h // 2 + h // 10  # the coronal plane through the vertebral bodies, in front of the canal
+    shown, style = _display_volume(volume)
+    dz, dy, _ = spacing
+    aspect = dz / dy if np.isfinite(dz) and dy > 0 else 1.0
+    fig = plt.figure(figsize=(13, 6.6 if slice_probs else 4.6))
+    grid = fig.add_gridspec(2 if slice_probs else 1, 3, height_ratios=[3, 1.1] if slice_probs else [1])
+    axial, sagittal, coronal = (fig.add_subplot(grid[0, i]) for i in range(3))
+    axial.imshow(shown[k], **style)
+    axial.set_title(f"axial, slice {k} of {n}")
+    if cam is not None and k in cam:
+        axial.imshow(cam[k], cmap="jet", alpha=0.35, vmin=0, vmax=1, extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+    for kk, x0, y0, x1, y1 in boxes or []:
+        if int(kk) == k:
+            axial.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="red", lw=1.5))
+    sagittal.imshow(shown[:, :, column], aspect=aspect, **style)
+    sagittal.set_title("sagittal (head at the top)")
+    coronal.imshow(shown[:, row, :], aspect=aspect, **style)
+    coronal.set_title("coronal")
+    for kk in sorted({int(b[0]) for b in boxes or []}):
+        sagittal.axhline(kk, color="red", lw=0.4, alpha=0.5)
+    for ax in (sagittal, coronal):
+        ax.axhline(k, color="yellow", lw=0.8)
+    if mask is not None:
+        levels = np.arange(0.5, 8.5)
+        for ax, plane in ((axial, mask[k]), (sagittal, mask[:, :, column]), (coronal, mask[:, row, :])):
+            if plane.any():
+                ax.contour(plane, levels=levels, cmap="tab10", vmin=0, vmax=9, linewidths=0.8)
+        for v in range(1, 8):
+            rows = np.flatnonzero((mask[:, :, column] == v).any(axis=1))
+            if len(rows):
+                sagittal.text(2, rows.mean(), VERTEBRAE[v - 1], color=plt.cm.tab10(v / 9), fontsize=8, va="center")
+    for ax in (axial, sagittal, coronal):
+        ax.axis("off")
+    if slice_probs:
+        strip = fig.add_subplot(grid[1, :])
+        if truth is not None:
+            strip.fill_between(np.arange(n), 0, np.asarray(truth) > 0, step="mid", color="red", alpha=0.15,
+                               label="fractured slices (truth)")
+        for name, values in slice_probs.items():
+            strip.plot(np.asarray(values, dtype=float), lw=1, label=name)
+        strip.axvline(k, color="goldenrod", lw=1)
+        strip.set(xlim=(0, n - 1), ylim=(0, 1), xlabel="slice (head → feet)", ylabel="probability")
+        strip.legend(fontsize=7, loc="upper right", ncol=4)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def competition_boxes(series: Series, boxes: pd.DataFrame) -> list[list[float]]:
+    """A study's rows of train_bounding_boxes.csv as [[k, x0, y0, x1, y1], ...] in the loaded series' order."""
+    order = {int(s): k for k, s in enumerate(series.slice_numbers)}
+    return [[order[int(b.slice_number)], b.x, b.y, b.x + b.width, b.y + b.height]
+            for b in boxes.itertuples() if int(b.slice_number) in order]
+
+
+def in_kernel() -> bool:
+    """Whether a Jupyter kernel runs this code (a slider can work), and ``CSPINE_STATIC`` does not ask for
+    still figures (set when the committed notebooks are executed, so GitHub shows every figure)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and hasattr(shell, "kernel") and not os.environ.get("CSPINE_STATIC")
+
+
+def view_study(volume: np.ndarray, slice_index: int | None = None, interactive: bool | None = None,
+               **overlays):
+    """The study viewer: `draw_study` with a slider through the axial slices when a kernel runs (ipywidgets),
+    a still figure otherwise (scripts, CI, GitHub). ``overlays`` are `draw_study`'s keyword arguments.
+
+    ``slice_index`` defaults to the middle of the boxed slices, else the most probable slice of the first
+    per-slice prediction, else the middle. Returns the widget, or the Figure.
+    """
+    n = len(volume)
+    boxes, probs = overlays.get("boxes"), overlays.get("slice_probs")
+    if slice_index is None:
+        if boxes:
+            slice_index = int(np.median([b[0] for b in boxes]))
+        elif probs:
+            slice_index = int(np.argmax(np.asarray(next(iter(probs.values())), dtype=float)))
+        else:
+            slice_index = n // 2
+    if not (in_kernel() if interactive is None else interactive):
+        return draw_study(volume, slice_index, **overlays)
+    import ipywidgets
+    from IPython.display import display
+
+    def frame(k: int) -> None:
+        fig = draw_study(volume, k, **overlays)
+        display(fig)
+        plt.close(fig)
+
+    slider = ipywidgets.IntSlider(value=slice_index, min=0, max=n - 1, description="slice",
+                                  continuous_update=False, layout=ipywidgets.Layout(width="60%"))
+    return ipywidgets.interactive(frame, k=slider)
