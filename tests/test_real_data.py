@@ -90,3 +90,22 @@ def test_a_run_on_a_subset_labels_folds_and_caches_only_the_subset(synthetic_roo
     index = prepare(cfg, synthetic_root, run.cache.root)
     assert set(index["StudyInstanceUID"]) == set(train["StudyInstanceUID"])
     assert len(read_train(synthetic_root)) == 8
+
+
+def test_a_notebook_takes_the_rsna_config_on_real_data_and_the_smoke_scale_on_phantoms(real_looking, synthetic_root,
+                                                                                      tmp_path, monkeypatch):
+    from cspine.notebook import NOTEBOOK_SMOKE, notebook_setup
+
+    cfg, data_dir, run_dir = notebook_setup(real_looking, work_dir=tmp_path, overrides=["prepare.studies=0.25"])
+    assert (cfg.name, cfg.meant_for, cfg.prepare.studies) == ("rsna", "real", 0.25)
+    assert data_dir == real_looking and run_dir == tmp_path / "runs" / "rsna"
+    monkeypatch.setenv("CSPINE_DATA", str(real_looking))  # found, as on a Kaggle fork with the data attached
+    assert notebook_setup(work_dir=tmp_path).cfg.name == "rsna"
+    smoke = load_config("smoke", NOTEBOOK_SMOKE)
+    cfg, data_dir, run_dir = notebook_setup(synthetic_root, work_dir=tmp_path)
+    assert cfg == smoke and data_dir == synthetic_root and run_dir == tmp_path / "runs" / "notebooks"
+    cfg, _, run_dir = notebook_setup(synthetic_root, work_dir=tmp_path, smoke=False)
+    assert cfg == load_config("demo") and run_dir == tmp_path / "runs" / "demo"
+    cfg, _, run_dir = notebook_setup(synthetic_root, work_dir=tmp_path, smoke_overrides=["vert.enabled=true"],
+                                     variant="-vertebrae")
+    assert cfg.vert.enabled and run_dir == tmp_path / "runs" / "notebooks-vertebrae"

@@ -86,3 +86,13 @@ def test_competition_boxes_follow_the_series_order():
                     positions=np.zeros((3, 3)), spacing=(1, 1, 1), uid="u", paths=[])
     boxes = pd.DataFrame({"slice_number": [7, 5], "x": [1.0, 0], "y": [2.0, 0], "width": [3.0, 1], "height": [4.0, 1]})
     assert competition_boxes(series, boxes) == [[2, 1.0, 2.0, 4.0, 6.0]]  # file 5 is not in the series
+
+
+def test_the_blstm_picture_has_a_column_per_slice_and_the_eight_targets():
+    from cspine.viz import draw_blstm
+
+    fig = draw_blstm(slices=5)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts.count("LSTM →") == 5 and texts.count("← LSTM") == 5 and "slice N" in texts
+    assert any("8 probabilities" in t for t in texts)
+    plt.close(fig)

@@ -249,14 +249,18 @@ def competition_boxes(series: Series, boxes: pd.DataFrame) -> list[list[float]]:
             for b in boxes.itertuples() if int(b.slice_number) in order]
 
 
-def in_kernel() -> bool:
-    """Whether a Jupyter kernel runs this code (a slider can work), and ``CSPINE_STATIC`` does not ask for
-    still figures (set when the committed notebooks are executed, so GitHub shows every figure)."""
+def _ipython():
     try:
         from IPython import get_ipython
     except ImportError:
-        return False
-    shell = get_ipython()
+        return None
+    return get_ipython()
+
+
+def in_kernel() -> bool:
+    """Whether a Jupyter kernel runs this code (a slider can work), and ``CSPINE_STATIC`` does not ask for
+    still figures (set when the committed notebooks are executed, so GitHub shows every figure)."""
+    shell = _ipython()
     return shell is not None and hasattr(shell, "kernel") and not os.environ.get("CSPINE_STATIC")
 
 
@@ -266,7 +270,8 @@ def view_study(volume: np.ndarray, slice_index: int | None = None, interactive: 
     a still figure otherwise (scripts, CI, GitHub). ``overlays`` are `draw_study`'s keyword arguments.
 
     ``slice_index`` defaults to the middle of the boxed slices, else the most probable slice of the first
-    per-slice prediction, else the middle. Returns the widget, or the Figure.
+    per-slice prediction, else the middle. Under IPython the viewer shows itself (end the line with ``;``);
+    it returns the widget, or the Figure.
     """
     n = len(volume)
     boxes, probs = overlays.get("boxes"), overlays.get("slice_probs")
@@ -277,8 +282,15 @@ def view_study(volume: np.ndarray, slice_index: int | None = None, interactive: 
             slice_index = int(np.argmax(np.asarray(next(iter(probs.values())), dtype=float)))
         else:
             slice_index = n // 2
+    shown = _ipython() is not None
     if not (in_kernel() if interactive is None else interactive):
-        return draw_study(volume, slice_index, **overlays)
+        fig = draw_study(volume, slice_index, **overlays)
+        if shown:  # shown once, here: closed, so that the inline backend does not show it again
+            from IPython.display import display
+
+            display(fig)
+            plt.close(fig)
+        return fig
     import ipywidgets
     from IPython.display import display
 
@@ -289,4 +301,40 @@ def view_study(volume: np.ndarray, slice_index: int | None = None, interactive: 
 
     slider = ipywidgets.IntSlider(value=slice_index, min=0, max=n - 1, description="slice",
                                   continuous_update=False, layout=ipywidgets.Layout(width="60%"))
-    return ipywidgets.interactive(frame, k=slider)
+    widget = ipywidgets.interactive(frame, k=slider)
+    if shown:
+        display(widget)
+    return widget
+
+
+def draw_blstm(slices: int = 6) -> Figure:
+    """The paper's stage 2 as a picture: each slice's CNN features, read head to feet and feet to head by a
+    bidirectional LSTM, pooled over the study (masked mean and max) into the eight targets."""
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    xs = np.arange(slices) * 1.6
+    box = dict(boxstyle="round,pad=0.3", lw=0.8)
+    for i, x in enumerate(xs):
+        name = f"slice {i + 1}" if i < slices - 1 else "slice N"
+        ax.text(x, 0, name, ha="center", va="center", fontsize=8, bbox={**box, "fc": "#dddddd"})
+        ax.text(x, 1, "CNN\n→ features", ha="center", va="center", fontsize=7, bbox={**box, "fc": "#cfe2f3"})
+        ax.text(x, 2.2, "LSTM →", ha="center", va="center", fontsize=7, bbox={**box, "fc": "#d9ead3"})
+        ax.text(x, 2.9, "← LSTM", ha="center", va="center", fontsize=7, bbox={**box, "fc": "#fce5cd"})
+        for y0, y1 in ((0.25, 0.7), (1.35, 1.95)):
+            ax.annotate("", (x, y1), (x, y0), arrowprops={"arrowstyle": "->", "lw": 0.7})
+        ax.annotate("", (x, 3.7), (x, 3.15), arrowprops={"arrowstyle": "->", "lw": 0.5, "color": "grey"})
+    for i in range(slices - 1):
+        ax.annotate("", (xs[i + 1] - 0.45, 2.2), (xs[i] + 0.45, 2.2), arrowprops={"arrowstyle": "->", "color": "green"})
+        ax.annotate("", (xs[i] + 0.45, 2.9), (xs[i + 1] - 0.45, 2.9), arrowprops={"arrowstyle": "->", "color": "darkorange"})
+    middle = xs.mean()
+    ax.text(middle, 4.0, "mean and max over the slices (padding masked)", ha="center", va="center", fontsize=8,
+            bbox={**box, "fc": "#eeeeee"})
+    ax.annotate("", (middle, 4.7), (middle, 4.25), arrowprops={"arrowstyle": "->", "lw": 0.8})
+    ax.text(middle, 5.0, "linear → 8 probabilities: patient_overall, C1 … C7", ha="center", va="center",
+            fontsize=9, bbox={**box, "fc": "#f4cccc"})
+    ax.text(xs[0] - 1.2, 0, "head", ha="right", va="center", fontsize=8, style="italic")
+    ax.text(xs[-1] + 1.2, 0, "feet", ha="left", va="center", fontsize=8, style="italic")
+    ax.set(xlim=(xs[0] - 1.8, xs[-1] + 1.8), ylim=(-0.5, 5.5))
+    ax.axis("off")
+    ax.set_title("Stage 2: a bidirectional LSTM reads the whole study, then decides once", fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,69 @@
+"""The notebooks as documents: parameters a Kaggle fork can leave alone, exercises, references, saved outputs.
+
+nbmake executes them (pytest's --nbmake); these tests read them.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+PARAMETERS = ["DATA_DIR", "CONFIG", "OVERRIDES", "SMOKE", "WORK_DIR"]
+REFERENCES = ["arxiv.org/abs/2010.13336", "kaggle.com/competitions/rsna-2022-cervical-spine-fracture-detection",
+              "doi.org/10.1148/ryai.230034"]
+
+
+@pytest.fixture(params=NOTEBOOKS, ids=lambda p: p.stem)
+def notebook(request):
+    return request.param, nbformat.read(request.param, as_version=4)
+
+
+def test_there_are_six_notebooks():
+    assert [p.stem[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06"]
+
+
+def test_the_parameters_cell_holds_the_five_parameters_and_the_setup_uses_them(notebook):
+    _, nb = notebook
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1
+    assigned = [t.id for node in ast.parse(cells[0].source).body for t in node.targets]
+    assert assigned == PARAMETERS
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert "notebook_setup(DATA_DIR, CONFIG, OVERRIDES, SMOKE, WORK_DIR" in code
+    assert 'glob(f"{depth}/cspine-*.whl")' in code  # the kit installs from an attached dataset on Kaggle
+
+
+def test_the_first_cell_says_how_to_run_it_here_and_on_kaggle(notebook):
+    _, nb = notebook
+    first = nb.cells[0].source
+    assert nb.cells[0].cell_type == "markdown" and "**On Kaggle.**" in first and "**Run it.**" in first
+    assert "python notebooks/execute.py" in first
+
+
+def test_every_notebook_ends_with_exercises_and_names_its_references(notebook):
+    _, nb = notebook
+    exercises = next(c.source for c in reversed(nb.cells) if c.cell_type == "markdown")
+    assert exercises.startswith("## Try this")
+    assert 2 <= len(re.findall(r"^\d\. \*\*", exercises, re.M)) <= 3
+    text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert all(ref in text for ref in REFERENCES)
+
+
+def test_the_saved_notebooks_show_figures_and_stay_small(notebook):
+    path, nb = notebook
+    assert path.stat().st_size < 2_000_000
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if "image/png" in o.get("data", {})]
+    assert images, f"{path.name} was saved without outputs: run python notebooks/execute.py"
+    assert "widgets" not in nb.metadata  # a slider's state, which GitHub cannot show
+
+
+def test_notebook_01_works_the_metric_examples():
+    nb = nbformat.read(NOTEBOOKS[0], as_version=4)
+    text = "\n".join(c.source for c in nb.cells)
+    assert "0.693" in text and "2q/(1+q)" in text and "weighted_log_loss" in text
