@@ -29,7 +29,7 @@ from cspine.config import load_config
 from cspine.dicom import default_workers, load_series
 from cspine.extract import study_features
 from cspine.models import SequenceNet, SliceNet
-from cspine.predict import Ensemble, predict_images
+from cspine.predict import Ensemble, blstm_probabilities, predict_images
 from cspine.prepare import MIN_SLICES
 from cspine.preprocess import preprocess_study
 from cspine.runtime import amp_dtype, pick_device
@@ -47,7 +47,8 @@ def ensemble_of(config: str, device: torch.device) -> tuple[Ensemble, object]:
     """Random networks of a config's shape, as `predict` would load them."""
     cfg = load_config(config)
     size = cfg.slice.input_size or cfg.prepare.size
-    cnns = {k: SliceNet(cfg.slice.backbone, width=cfg.slice.width).to(device).eval() for k in range(cfg.folds.n_splits)}
+    cnns = {k: SliceNet(cfg.slice.backbone, width=cfg.slice.width).to(device).eval()
+            for k in range(cfg.folds.n_splits)}
     dim = cnns[0].num_features if cfg.seq.input == "features" else (15 if cfg.seq.input == "probs" else 1)
     blstms = [({"source_fold": k}, SequenceNet(dim, cfg.seq.hidden).to(device).eval()) for k in cnns]
     inputs = {"size": cfg.prepare.size, "crop": cfg.prepare.crop, "margin": cfg.prepare.margin, "input_size": size,
@@ -78,8 +79,6 @@ def parts(config: str, study_dir: Path, cnn_slices: int, device: torch.device) -
     flops = cnn_flops(SliceNet(cfg.slice.backbone, width=cfg.slice.width).eval(), i["input_size"])
     per_fold = {k: (np.resize(feats, (len(images), feats.shape[1])), np.resize(probs, (len(images), 15)))
                 for k in ensemble.cnns}
-    from cspine.predict import blstm_probabilities
-
     t0 = time.perf_counter()
     with torch.inference_mode():
         blstm_probabilities(per_fold, ensemble, device)

@@ -107,7 +107,8 @@ def test_the_training_loader_reads_the_same_items_from_either_format(both_caches
     cfg = load_config(SMOKE_CONFIG)
     transform = build_transforms(cfg.slice, train=False, size=cfg.prepare.size)
     index = caches["npy"][1]
-    npy, zarr = (SliceDataset(caches[fmt][0], index, transform, with_boxes=True, context=1) for fmt in ("npy", "zarr"))
+    npy, zarr = (SliceDataset(caches[fmt][0], index, transform, with_boxes=True, context=1)
+                 for fmt in ("npy", "zarr"))
     loader = torch.utils.data.DataLoader(zarr, batch_size=4, num_workers=2, sampler=[0, len(index) - 1, 7, 3])
     batch = next(iter(loader))
     for got, want in zip(batch, torch.utils.data.default_collate([npy[i] for i in (0, len(index) - 1, 7, 3)])):

@@ -84,7 +84,8 @@ def test_in_a_kernel_the_viewer_is_a_slider_that_redraws(study, monkeypatch):
 def test_competition_boxes_follow_the_series_order():
     series = Series(hu=np.zeros((3, 4, 4), np.float32), slice_numbers=np.array([9, 8, 7]),
                     positions=np.zeros((3, 3)), spacing=(1, 1, 1), uid="u", paths=[])
-    boxes = pd.DataFrame({"slice_number": [7, 5], "x": [1.0, 0], "y": [2.0, 0], "width": [3.0, 1], "height": [4.0, 1]})
+    boxes = pd.DataFrame({"slice_number": [7, 5], "x": [1.0, 0], "y": [2.0, 0], "width": [3.0, 1],
+                          "height": [4.0, 1]})
     assert competition_boxes(series, boxes) == [[2, 1.0, 2.0, 4.0, 6.0]]  # file 5 is not in the series
 
 

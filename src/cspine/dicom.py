@@ -544,7 +544,8 @@ def _decode_slot(k: int) -> str | None:
     return None
 
 
-def _decode_in_processes(slices: list[_Slice], workers: int, backend: Backend) -> tuple[np.ndarray, list[str | None]]:
+def _decode_in_processes(slices: list[_Slice], workers: int,
+                         backend: Backend) -> tuple[np.ndarray, list[str | None]]:
     """Decodes every slice in ``workers`` forked processes; returns the volume and each slice's error or None.
 
     The volume lives in an anonymous shared mapping that the forked processes inherit (not /dev/shm, which

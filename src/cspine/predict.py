@@ -27,8 +27,8 @@ from cspine import TARGETS
 from cspine.checkpoints import CheckpointError, load_sequence_model, load_slice_model, load_vertebra_model
 from cspine.competition import list_test_studies, read_test
 from cspine.config import Config, ConfigError
-from cspine.extract import study_features
 from cspine.dicom import default_workers
+from cspine.extract import study_features
 from cspine.inputs import combine, study_input, vertebra_inputs
 from cspine.models import SequenceNet, SliceNet
 from cspine.prepare import MIN_SLICES
@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 class Ensemble:
     """Every fold's slice CNN, the BLSTMs of one size, and how they read a study (from their checkpoints).
 
-    The k-th CNN sits on ``devices[k % len(devices)]`` (folds spread over the GPUs); everything else on the first.
+    The k-th CNN sits on ``devices[k % len(devices)]`` (folds spread over the GPUs); everything else on the
+    first.
     """
 
     cnns: dict[int, SliceNet]
@@ -100,7 +101,8 @@ def load_ensemble(run_dir: str | os.PathLike, hidden: int, devices: list[torch.d
         arch=_one({p: m["arch"] for p, m in cnn_meta.items()}, "architecture", run.root),
         input=_one({p: m["input"] for p, m in blstm_meta.items()}, "BLSTM input", run.root),
         bins=_one({p: m["bins"] for p, m in blstm_meta.items()}, "seq.bins", run.root),
-        tta=_one({p: m["tta"] for p, m in blstm_meta.items()}, "predict.tta", run.root), devices=list(devices))
+        tta=_one({p: m["tta"] for p, m in blstm_meta.items()}, "predict.tta", run.root),
+        devices=list(devices))
     if run.vert_models():
         _add_vertebra_track(ensemble, run, device)
     return ensemble
@@ -182,9 +184,9 @@ def predict_images(images: np.ndarray, ensemble: Ensemble, cfg: Config) -> dict[
 
     def on_device(g: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         device = devices[g]
+        channels_last = cfg.slice.channels_last and device.type == "cuda"
         return {k: study_features(ensemble.cnns[k], images, i["input_size"], device, cfg.predict.batch_size,
-                                  amp_dtype(device, cfg.slice.amp), cfg.slice.channels_last and device.type == "cuda",
-                                  tta=ensemble.tta)
+                                  amp_dtype(device, cfg.slice.amp), channels_last, tta=ensemble.tta)
                 for k in folds[g::len(devices)]}
 
     if len(devices) > 1:

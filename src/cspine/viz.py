@@ -20,49 +20,6 @@ from cspine.preprocess import GROSS_BONE, WINDOWS, _body, _window_u8, otsu_crop_
 BONE_VIEW = (400.0, 1800.0)  # center, width: the standard bone window, for display
 
 
-def show_study(series: Series, boxes: pd.DataFrame | None = None, mask: np.ndarray | None = None,
-               slice_index: int | None = None, column: int | None = None) -> Figure:
-    """Axial slice (with its boxes and mask outline) beside sagittal and coronal reformats.
-
-    Args:
-        series: the loaded study (head to feet).
-        boxes: this study's rows of train_bounding_boxes.csv (slice_number = file number).
-        mask: aligned labels [N, H, W] (`cspine.competition.read_mask`), outlined per vertebra.
-        slice_index: axial slice to show (default: the first boxed slice, else the middle).
-        column: sagittal column (default: the image centre).
-    """
-    n, h, w = series.hu.shape
-    numbers = list(series.slice_numbers)
-    boxed = [] if boxes is None else [numbers.index(s) for s in boxes["slice_number"] if s in numbers]
-    k = slice_index if slice_index is not None else (int(np.median(boxed)) if boxed else n // 2)
-    column = column if column is not None else w // 2
-    dz, dy, dx = series.spacing
-    aspect = dz / dy if np.isfinite(dz) and dy > 0 else 1.0
-    fig, axes = plt.subplots(1, 3, figsize=(14, 5))
-    view = lambda a: window(a, *BONE_VIEW)  # noqa: E731
-    axes[0].imshow(view(series.hu[k]), cmap="gray")
-    axes[0].set_title(f"axial, slice {k} (file {numbers[k]})")
-    if boxes is not None:
-        for b in boxes[boxes["slice_number"] == numbers[k]].itertuples():
-            axes[0].add_patch(Rectangle((b.x, b.y), b.width, b.height, fill=False, edgecolor="red", lw=1.5))
-    if mask is not None:
-        axes[0].contour(mask[k], levels=np.arange(0.5, 8.5), cmap="tab10", linewidths=0.8)
-    axes[1].imshow(view(series.hu[:, :, column]), cmap="gray", aspect=aspect)
-    axes[1].axhline(k, color="yellow", lw=0.6)
-    axes[1].set_title("sagittal (head at the top)")
-    axes[2].imshow(view(series.hu[:, h // 2 + h // 10, :]), cmap="gray", aspect=aspect)
-    axes[2].set_title("coronal")
-    for row in boxed:
-        axes[1].axhline(row, color="red", lw=0.4, alpha=0.6)
-    if mask is not None:
-        axes[1].contour(mask[:, :, column], levels=np.arange(0.5, 8.5), cmap="tab10", linewidths=0.6)
-    for ax in axes:
-        ax.axis("off")
-    fig.suptitle(series.uid, fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
 def plot_window_functions() -> Figure:
     """The paper's Fig. 2: each window as a function of HU."""
     hu = np.linspace(-1000, 2000, 600)
@@ -224,7 +181,8 @@ def draw_study(volume: np.ndarray, k: int, spacing: tuple[float, float, float] =
         for v in range(1, 8):
             rows = np.flatnonzero((mask[:, :, column] == v).any(axis=1))
             if len(rows):
-                sagittal.text(2, rows.mean(), VERTEBRAE[v - 1], color=plt.cm.tab10(v / 9), fontsize=8, va="center")
+                sagittal.text(2, rows.mean(), VERTEBRAE[v - 1], color=plt.cm.tab10(v / 9), fontsize=8,
+                              va="center")
     for ax in (axial, sagittal, coronal):
         ax.axis("off")
     if slice_probs:
@@ -323,8 +281,9 @@ def draw_blstm(slices: int = 6) -> Figure:
             ax.annotate("", (x, y1), (x, y0), arrowprops={"arrowstyle": "->", "lw": 0.7})
         ax.annotate("", (x, 3.7), (x, 3.15), arrowprops={"arrowstyle": "->", "lw": 0.5, "color": "grey"})
     for i in range(slices - 1):
-        ax.annotate("", (xs[i + 1] - 0.45, 2.2), (xs[i] + 0.45, 2.2), arrowprops={"arrowstyle": "->", "color": "green"})
-        ax.annotate("", (xs[i] + 0.45, 2.9), (xs[i + 1] - 0.45, 2.9), arrowprops={"arrowstyle": "->", "color": "darkorange"})
+        forward, backward = {"arrowstyle": "->", "color": "green"}, {"arrowstyle": "->", "color": "darkorange"}
+        ax.annotate("", (xs[i + 1] - 0.45, 2.2), (xs[i] + 0.45, 2.2), arrowprops=forward)
+        ax.annotate("", (xs[i] + 0.45, 2.9), (xs[i + 1] - 0.45, 2.9), arrowprops=backward)
     middle = xs.mean()
     ax.text(middle, 4.0, "mean and max over the slices (padding masked)", ha="center", va="center", fontsize=8,
             bbox={**box, "fc": "#eeeeee"})
