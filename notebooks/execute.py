@@ -21,6 +21,8 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
+from cspine.runs import write_text
+
 HERE = Path(__file__).resolve().parent
 MAX_BYTES = 2_000_000
 INJECTED = ("SMOKE = False  # injected by notebooks/execute.py: the saved outputs are the demo's\n"
@@ -42,7 +44,7 @@ def execute(path: Path) -> int:
     if size > MAX_BYTES:
         raise SystemExit(f"{path.name}: {size / 1e6:.1f} MB with outputs, over {MAX_BYTES / 1e6:.0f} MB; "
                          "make its figures smaller or fewer")
-    path.write_text(text)
+    write_text(path, text)  # atomically: a killed run leaves the notebook as it was
     return size
 
 
