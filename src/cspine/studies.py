@@ -27,7 +27,6 @@ class ReadStudy:
     """One test study as the CNNs read it."""
 
     images: np.ndarray  # uint8 [N, size, size, 3], head to feet
-    slices: int
     warnings: list[str] = field(default_factory=list)  # what loading warned about (skipped files, tilt)
 
 
@@ -44,7 +43,7 @@ def read_study(path: str | os.PathLike, size: int, crop: str, margin: float, min
     if len(series) < min_slices:
         raise ValueError(f"only {len(series)} readable slice(s)")
     images, _ = preprocess_study(series.hu, size, crop, margin)
-    return ReadStudy(images, len(series), [str(w.message) for w in caught])
+    return ReadStudy(images, [str(w.message) for w in caught])
 
 
 def _one_thread() -> None:

@@ -122,12 +122,12 @@ def plot_prevalence(train: pd.DataFrame) -> Figure:
     return fig
 
 
-def _display_volume(volume: np.ndarray) -> tuple[np.ndarray, dict]:
-    """What to show of a volume: HU [N, H, W] in the bone window, or the cache's uint8 [N, S, S, 3] as its
-    three windows in colour (what the CNN sees); and imshow's arguments for it."""
-    if volume.ndim == 4:
-        return volume, {}
-    return window(volume, *BONE_VIEW), {"cmap": "gray", "vmin": 0, "vmax": 1}
+def _display(plane: np.ndarray) -> tuple[np.ndarray, dict]:
+    """What to show of a plane and imshow's arguments: HU in the bone window, or the cache's uint8 [.., .., 3]
+    as its three windows in colour (what the CNN sees). Planes only: a slider frame never windows a volume."""
+    if plane.ndim == 3:
+        return plane, {}
+    return window(plane, *BONE_VIEW), {"cmap": "gray", "vmin": 0, "vmax": 1}
 
 
 def draw_study(volume: np.ndarray, k: int, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
@@ -152,22 +152,22 @@ def draw_study(volume: np.ndarray, k: int, spacing: tuple[float, float, float] =
     k = int(np.clip(k, 0, n - 1))
     column = w // 2 if column is None else column
     row = h // 2 + h // 10  # the coronal plane through the vertebral bodies, in front of the canal
-    shown, style = _display_volume(volume)
     dz, dy, _ = spacing
     aspect = dz / dy if np.isfinite(dz) and dy > 0 else 1.0
     fig = plt.figure(figsize=(13, 6.6 if slice_probs else 4.6))
     grid = fig.add_gridspec(2 if slice_probs else 1, 3, height_ratios=[3, 1.1] if slice_probs else [1])
     axial, sagittal, coronal = (fig.add_subplot(grid[0, i]) for i in range(3))
-    axial.imshow(shown[k], **style)
+    image, style = _display(volume[k])
+    axial.imshow(image, **style)
     axial.set_title(f"axial, slice {k} of {n}")
     if cam is not None and k in cam:
         axial.imshow(cam[k], cmap="jet", alpha=0.35, vmin=0, vmax=1, extent=(-0.5, w - 0.5, h - 0.5, -0.5))
     for kk, x0, y0, x1, y1 in boxes or []:
         if int(kk) == k:
             axial.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="red", lw=1.5))
-    sagittal.imshow(shown[:, :, column], aspect=aspect, **style)
+    sagittal.imshow(_display(volume[:, :, column])[0], aspect=aspect, **style)
     sagittal.set_title("sagittal (head at the top)")
-    coronal.imshow(shown[:, row, :], aspect=aspect, **style)
+    coronal.imshow(_display(volume[:, row, :])[0], aspect=aspect, **style)
     coronal.set_title("coronal")
     for kk in sorted({int(b[0]) for b in boxes or []}):
         sagittal.axhline(kk, color="red", lw=0.4, alpha=0.5)
