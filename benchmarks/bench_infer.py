@@ -29,7 +29,7 @@ from cspine.config import load_config
 from cspine.dicom import default_workers, load_series
 from cspine.extract import study_features
 from cspine.models import SequenceNet, SliceNet
-from cspine.predict import Ensemble, blstm_probabilities, predict_images
+from cspine.predict import Ensemble, blstm_outputs, predict_images
 from cspine.prepare import MIN_SLICES
 from cspine.preprocess import preprocess_study
 from cspine.runtime import amp_dtype, pick_device
@@ -53,7 +53,8 @@ def ensemble_of(config: str, device: torch.device) -> tuple[Ensemble, object]:
     blstms = [({"source_fold": k}, SequenceNet(dim, cfg.seq.hidden).to(device).eval()) for k in cnns]
     inputs = {"size": cfg.prepare.size, "crop": cfg.prepare.crop, "margin": cfg.prepare.margin, "input_size": size,
               "context": 0}
-    return Ensemble(cnns, blstms, inputs, {}, cfg.seq.input, cfg.seq.bins, False, devices=[device]), cfg
+    return Ensemble(cnns, {cfg.seq.hidden: blstms}, cfg.seq.hidden, inputs, {}, cfg.seq.input, cfg.seq.bins, False,
+                    devices=[device]), cfg
 
 
 def parts(config: str, study_dir: Path, cnn_slices: int, device: torch.device) -> dict:
@@ -81,7 +82,7 @@ def parts(config: str, study_dir: Path, cnn_slices: int, device: torch.device) -
                 for k in ensemble.cnns}
     t0 = time.perf_counter()
     with torch.inference_mode():
-        blstm_probabilities(per_fold, ensemble, device)
+        blstm_outputs(per_fold, ensemble, cfg.seq.hidden, device)
     t_blstm = time.perf_counter() - t0
     folds = len(ensemble.cnns)
     return {"config": config, "slices": len(series), "decode": t_decode, "preprocess": t_pre,

@@ -136,7 +136,7 @@ def test_own_fold_blstms_train_on_their_fold_through_its_cnn_only(smoke_run, tmp
 def test_predict_feeds_a_blstm_exactly_what_it_trained_on(smoke_run, tmp_path, train_on):
     """Out-of-fold scores from training equal `predict`'s for the same CNN outputs (log-odds, slice bins)."""
     from cspine.extract import load_features
-    from cspine.predict import Ensemble, blstm_probabilities
+    from cspine.predict import Ensemble, blstm_outputs
     from cspine.train_seq import train_seq_fold
 
     run_dir = _features_only_run(smoke_run, tmp_path / "binned_run")
@@ -148,13 +148,14 @@ def test_predict_feeds_a_blstm_exactly_what_it_trained_on(smoke_run, tmp_path, t
     assert len(blstms) == (1 if train_on == "other_folds" else 2) and all(m["bins"] == 5 for m, _ in blstms)
     for uid, row in oof.iterrows():
         scorer = [(meta, model) for meta, model in blstms if uid not in meta["trained_on"]]
-        ensemble = Ensemble(cnns={}, blstms=scorer, inputs={}, arch={}, input="fracture", bins=5, tta=False)
+        ensemble = Ensemble(cnns={}, blstms={16: scorer}, hidden=16, inputs={}, arch={}, input="fracture", bins=5,
+                            tta=False)
         # fold 0's CNN reads the study, as in training; fold 1's reading must not reach an own_fold BLSTM
         own = load_features(run_dir, 0, uid)
         features = {0: own, 1: (None, np.zeros_like(own[1]))}
         if train_on == "other_folds":
             features = {0: features[0]}
-        probs = blstm_probabilities(features, ensemble, torch.device("cpu"))
+        (probs,), = blstm_outputs(features, ensemble, 16, torch.device("cpu")).values()
         assert np.allclose(probs, row[[f"p_{t}" for t in TARGETS]].to_numpy(float), atol=1e-5), uid
 
 

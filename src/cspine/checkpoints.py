@@ -2,7 +2,8 @@
 
     model, meta = load_slice_model(Run("runs/demo").slice_best(0))   # meta["inputs"]: how it reads a study
 
-Every checkpoint holds ``schema`` and ``kind`` ("slice-cnn", "slice-resume", "blstm"). Inference takes
+Every checkpoint holds ``schema`` and ``kind`` ("slice-cnn", "slice-resume", "blstm", "vertebra-lstm",
+"segmenter", "blend"). Inference takes
 everything it needs from the checkpoints (architecture, the preprocessing and reading the CNN trained
 with, the studies a model trained on), never from training code or from the config given at predict time.
 A checkpoint of another schema, or a damaged one, is an error that names the file.
@@ -17,11 +18,12 @@ from pathlib import Path
 
 import torch
 
+from cspine import TARGETS
 from cspine.models import SequenceNet, SliceNet
 from cspine.runs import CheckpointError, atomic_path
 
 __all__ = ["CHECKPOINT_SCHEMA", "CheckpointError", "load_checkpoint", "save_checkpoint", "load_slice_model",
-           "save_slice_model", "load_sequence_model", "save_sequence_model", "load_vertebra_model"]
+           "save_slice_model", "load_sequence_model", "save_sequence_model", "load_vertebra_model", "save_blend", "load_blend"]
 
 CHECKPOINT_SCHEMA = 1  # bumped on any change to what a checkpoint holds; older ones are then refused
 
@@ -98,3 +100,24 @@ def load_vertebra_model(path: str | os.PathLike, device: torch.device | str = "c
     model = SequenceNet(**state["arch"])
     model.load_state_dict(state["model"])
     return model.to(device).eval(), {k: v for k, v in state.items() if k != "model"}
+
+
+def save_blend(blend: dict, path: str | os.PathLike) -> Path:
+    """A level-2 blend: per target its inputs, standardisation, coefficients and intercept (plain numbers,
+    no scikit-learn object), ``floor``, what it read (``top_k``, ``margin``, ``sizes``, ``extents``,
+    ``vertebra``), its fold and the studies it was fitted on."""
+    return save_checkpoint(blend, path, "blend")
+
+
+def load_blend(path: str | os.PathLike) -> dict:
+    """A saved level-2 blend (`save_blend`), checked to hold a model for every target.
+
+    Raises:
+        CheckpointError: damaged, of another kind or schema, or missing a target (the file is named).
+    """
+    blend = load_checkpoint(path, "blend")
+    missing = [t for t in TARGETS if t not in blend.get("targets", {})]
+    if missing:
+        raise CheckpointError(f"{path}: blend checkpoint without a model for {', '.join(missing)}; run "
+                              "`python -m cspine blend` again")
+    return blend

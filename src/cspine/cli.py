@@ -210,6 +210,17 @@ def cmd_train_vertebrae(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_blend(args: argparse.Namespace) -> int:
+    from cspine.blend import blend_fold
+
+    folds, cfg = _folds_and_config(args)
+    run_dir = _bound(args, cfg)
+    for k in folds:
+        blend_fold(cfg, run_dir, k)
+    print(f"blends of folds {', '.join(map(str, folds))} in {Run(run_dir).root / 'blend'}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cspine.evaluate import evaluate
 
@@ -299,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-vertebrae", help="the vertebra track: each vertebra's probability (fold=K, or every fold)")
     _add_common(p, data=False)
     p.set_defaults(func=cmd_train_vertebrae)
+
+    p = sub.add_parser("blend", help="level 2: per target, a calibrated blend of every model (fold=K, or every fold)")
+    _add_common(p, data=False)
+    p.set_defaults(func=cmd_blend)
 
     p = sub.add_parser("evaluate", help="cross-validated report: the paper's tables, competition score, figures")
     _add_common(p, data=False)

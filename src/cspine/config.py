@@ -192,6 +192,29 @@ class VertebraConfig:
 
 
 @dataclass(frozen=True)
+class BlendConfig:
+    """Level 2: per target, a logistic regression over every model's out-of-fold outputs (`cspine.blend`).
+
+    Fold k's blend trains on fold k's studies as fold k's models read them (the BLSTMs' protocol), scored in
+    ``inner_folds`` inner folds; `predict` applies each fold's blend to that fold's models and averages.
+    """
+
+    enabled: bool = True  # fit it, and let it write the submission
+    # whose outputs it reads: "blstm" (every size the run trains), "cnn" (the slice CNN pooled over the
+    # study and over each vertebra's slices), "vertebra" (the vertebra track, with vert.enabled)
+    models: tuple[str, ...] = ("blstm", "cnn", "vertebra")
+    # inverse L2 strength on standardised log-odds, with the metric's weights normalised to mean 1: about
+    # 36 studies fit each inner model on the demo, so the coefficients must stay small
+    C: float = 0.3
+    inner_folds: int = 4
+    top_k: int = 5  # slices averaged for the "top" pooling of the slice-fracture output
+    margin: int = 1  # slices added on each side of a vertebra's extent for the CNN's per-vertebra inputs
+    # patient_overall never below the largest vertebra probability (a broken vertebra is a broken study)
+    floor: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class PredictConfig:
     """How the slice CNN reads a study in `extract` and `predict` alike, and the submission's clip."""
 
@@ -220,6 +243,7 @@ class Config:
     slice: SliceConfig = field(default_factory=SliceConfig)
     seq: SeqConfig = field(default_factory=SeqConfig)
     vert: VertebraConfig = field(default_factory=VertebraConfig)
+    blend: BlendConfig = field(default_factory=BlendConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
 
 
@@ -365,7 +389,7 @@ def diff_from_defaults(cfg: Config) -> dict:
 RUNTIME_KEYS = ("name", "device", "meant_for", "prepare.workers", "predict.workers", "seg.amp", "slice.workers",
                 "slice.amp", "slice.channels_last", "predict.batch_size", "predict.clip", "folds.folds", "synth.")
 # Settings whose stages compare them with what they made and redo their work when they differ.
-REDONE_KEYS = ("seq.", "vert.", "predict.tta")
+REDONE_KEYS = ("seq.", "vert.", "blend.", "predict.tta")
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:

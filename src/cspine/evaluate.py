@@ -22,7 +22,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from cspine import TARGETS, VERTEBRAE
 from cspine.config import Config, save_config
 from cspine.extract import load_features, oof_sources
-from cspine.metrics import cv_table, paper_reports, weighted_log_loss, write_table
+from cspine.checkpoints import load_blend
+from cspine.metrics import bootstrap_auc, cv_table, loss_by_target, paper_reports, weighted_log_loss, write_table
 from cspine.prepare import UNKNOWN
 from cspine.runs import Run, save_figure, write_csv, write_text
 from cspine.submission import prior_from_train
@@ -112,7 +113,8 @@ def vertebra_figure(score_table: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def _figures(models: dict[str, pd.DataFrame], labels: pd.DataFrame, out: Path, calibrated: str) -> None:
+def roc_figure(models: dict[str, pd.DataFrame], labels: pd.DataFrame, path: Path) -> Path:
+    """Out-of-fold ROC of patient_overall for every model."""
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for name, oof in models.items():
         y = labels.loc[oof["StudyInstanceUID"], "patient_overall"].to_numpy()
@@ -122,25 +124,44 @@ def _figures(models: dict[str, pd.DataFrame], labels: pd.DataFrame, out: Path, c
         ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(y, oof['p_patient_overall']):.3f})")
     ax.plot([0, 1], [0, 1], "k:", lw=1)
     ax.set(xlabel="1 − specificity", ylabel="sensitivity", title="Case level (patient_overall), out of fold")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    save_figure(fig, out / "roc.png", dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
+    return path
 
-    oof = models[calibrated]
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    for t in ("patient_overall", "C2", "C7"):
-        y = labels.loc[oof["StudyInstanceUID"], t].to_numpy()
-        if len(np.unique(y)) < 2:
-            continue
-        frac, mean = calibration_curve(y, oof[f"p_{t}"], n_bins=min(8, max(2, len(y) // 6)), strategy="quantile")
-        ax.plot(mean, frac, "o-", label=t)
-    ax.plot([0, 1], [0, 1], "k:", lw=1)
-    ax.set(xlabel="predicted probability", ylabel="observed frequency", title=f"Calibration: {calibrated}")
-    ax.legend(fontsize=8)
+
+def _reliability(ax, y: np.ndarray, p: np.ndarray, label: str, style: str) -> None:
+    if len(np.unique(y)) < 2:
+        return
+    frac, mean = calibration_curve(y, p, n_bins=min(8, max(2, len(y) // 12)), strategy="quantile")
+    ax.plot(mean, frac, style, label=label)
+
+
+def calibration_figure(submitted: str, models: dict[str, pd.DataFrame], labels: pd.DataFrame,
+                       contrast: list[str], path: Path) -> Path:
+    """Reliability of what is submitted: patient_overall (beside ``contrast`` models), and C1..C7 pooled."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+    oof = models[submitted]
+    y = labels.loc[oof["StudyInstanceUID"]]
+    _reliability(axes[0], y["patient_overall"].to_numpy(), oof["p_patient_overall"].to_numpy(),
+                 f"submitted: {submitted}", "o-")
+    for name in contrast:
+        other = models[name]
+        _reliability(axes[0], labels.loc[other["StudyInstanceUID"], "patient_overall"].to_numpy(),
+                     other["p_patient_overall"].to_numpy(), name, "s--")
+    _reliability(axes[1], y[list(VERTEBRAE)].to_numpy().ravel(),
+                 oof[[f"p_{v}" for v in VERTEBRAE]].to_numpy().ravel(), f"submitted: {submitted}", "o-")
+    for ax, title in zip(axes, ("patient_overall", "C1..C7, every vertebra of every study")):
+        ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfectly calibrated")
+        ax.set(xlabel="predicted probability (mean of a bin)", ylabel="observed frequency of fractures",
+               xlim=(0, 1), ylim=(0, 1), title=title)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("Calibration, out of fold (bins of equal size)", fontsize=10)
     fig.tight_layout()
-    save_figure(fig, out / "calibration.png", dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
+    return path
 
 
 def collect(paths: list[Path], out: Path, what: str, command: str) -> pd.DataFrame:
@@ -201,12 +222,110 @@ def segmentation_section(run: Run) -> list[str]:
 
 
 VERTEBRA_TRACK = "vertebra track (segmentation + CNN in each vertebra's slices + BiLSTM)"
+BLEND = "blend (level 2)"
+BLEND_UNFLOORED = "blend, patient_overall without the floor"
+PRIOR = "constant prior (2q/(1+q))"
 
 
 def model_name(cfg: Config) -> str:
     """The slice CNN as the report names it, e.g. "ResNet-50" or "resnet10t ×0.5"."""
     name = {"resnet50": "ResNet-50"}.get(cfg.slice.backbone, cfg.slice.backbone)
     return name + (f" ×{cfg.slice.width:g}" if cfg.slice.width != 1 else "")
+
+
+def submitted_columns(cfg: Config) -> dict[str, str]:
+    """{target: the model whose output `predict` submits for it}, as the report names the models."""
+    blstm = f"{model_name(cfg)} + BLSTM-{cfg.seq.hidden}"
+    if cfg.blend.enabled:
+        return {t: BLEND for t in TARGETS}
+    if cfg.vert.enabled:
+        overall = blstm if cfg.vert.overall == "blstm" else f"{VERTEBRA_TRACK}, 1 − Π(1 − p_k)"
+        return {"patient_overall": overall, **{v: VERTEBRA_TRACK for v in VERTEBRAE}}
+    return {t: blstm for t in TARGETS}
+
+
+def submitted_model(cfg: Config) -> str:
+    """The model whose out-of-fold file holds what `predict` submits (the vertebra track's file holds its
+    patient_overall source's answers too)."""
+    return BLEND if cfg.blend.enabled else VERTEBRA_TRACK if cfg.vert.enabled else submitted_columns(cfg)["C1"]
+
+
+def loss_table(models: dict[str, pd.DataFrame], labels: pd.DataFrame) -> pd.DataFrame:
+    """Per model: the per-study loss, how much of it patient_overall and C1..C7 carry, and the AUCs."""
+    rows = []
+    for name, oof in models.items():
+        y = labels.loc[oof["StudyInstanceUID"], list(TARGETS)].to_numpy()
+        p = oof[[f"p_{t}" for t in TARGETS]].to_numpy()
+        parts = loss_by_target(y, p)
+        aucs = [roc_auc_score(y[:, i], p[:, i]) if len(np.unique(y[:, i])) == 2 else np.nan
+                for i in range(1, len(TARGETS))]
+        rows.append({"model": name, "loss per study": parts.sum(),
+                     "of which patient_overall": f"{parts[0]:.3f} ({parts[0] / parts.sum():.0%})",
+                     "C1..C7 together": parts[1:].sum(),
+                     "AUC patient_overall": roc_auc_score(y[:, 0], p[:, 0]) if len(np.unique(y[:, 0])) == 2 else np.nan,
+                     "AUC C1..C7 mean / min": f"{np.nanmean(aucs):.3f} / {np.nanmin(aucs):.3f}"})
+    return pd.DataFrame(rows)
+
+
+def auc_interval_table(models: dict[str, pd.DataFrame], labels: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Each model's AUC per target with its 95% bootstrap interval; the first row counts the positives."""
+    uids = next(iter(models.values()))["StudyInstanceUID"]
+    counts = {t: f"{int(labels.loc[uids, t].sum())} of {len(uids)}" for t in TARGETS}
+    rows = [{"model": "fractured studies", **counts}]
+    for name, oof in models.items():
+        y = labels.loc[oof["StudyInstanceUID"]]
+        row = {"model": name}
+        for t in TARGETS:
+            auc, lo, hi = bootstrap_auc(y[t].to_numpy(), oof[f"p_{t}"].to_numpy(), seed=seed)
+            row[t] = f"{auc:.2f} [{lo:.2f}, {hi:.2f}]" if np.isfinite(auc) else "n/a"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def coefficient_table(run: Run) -> pd.DataFrame | None:
+    """Every fold's blend: per target and input, the coefficient on the standardised input (None without)."""
+    blends = {fold: load_blend(path) for fold, path in run.blend_models().items()}
+    if not blends:
+        return None
+    rows = []
+    for t in TARGETS:
+        names = list(dict.fromkeys(n for b in blends.values() for n in [*b["targets"][t]["inputs"], "intercept"]))
+        for name in names:
+            row = {"target": t, "input": name}
+            for fold, b in blends.items():
+                model = b["targets"][t]
+                values = dict(zip(model["inputs"], model["coef"])) | {"intercept": model["intercept"]}
+                row[f"fold {fold}"] = round(values[name], 3) if name in values else None
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def opening(cfg: Config, models: dict[str, pd.DataFrame]) -> list[str]:
+    """The report's first paragraph: the tracks, the blend, and which model gives each submitted column."""
+    columns = submitted_columns(cfg)
+    by_model: dict[str, list[str]] = {}
+    for t, name in columns.items():
+        by_model.setdefault(name, []).append(t)
+    given = "; ".join(f"{', '.join(ts)} from **{name}**" for name, ts in by_model.items())
+    lines = ["**What is scored here.** The *paper track* is Salehinejad et al.'s method: a slice CNN reads "
+             "every slice in three CT windows, and a BLSTM reads the CNN's outputs over the whole study and "
+             "answers all eight targets."]
+    if cfg.vert.enabled:
+        lines.append("The *vertebra track* segments the vertebrae first and reads the same CNN on each vertebra's "
+                     "own slices, one probability per vertebra.")
+    if BLEND in models:
+        lines.append("The *blend* (level 2) is, per target, a logistic regression over the out-of-fold outputs "
+                     "of every model above (the BLSTMs, the CNN pooled over the study and over each vertebra's "
+                     "slices" + (", the vertebra track" if cfg.vert.enabled else "") + "), weighted as the "
+                     "metric weighs, so what it gives is a calibrated probability, not only a ranking.")
+    lines.append(f"The submission takes {given}.")
+    return [" ".join(lines), ""]
+
+
+MAX_POOLING_NOTE = ("Max pooling ranks studies well and scores badly: the highest of a hundred slice "
+                    "probabilities is high in healthy studies too (one bright joint space is enough), so as a "
+                    "probability it is overconfident, while the order it puts studies in survives; the blend "
+                    "keeps the order and learns the calibration.")
 
 
 def evaluate(cfg: Config, run_dir: str | os.PathLike) -> Path:
@@ -229,38 +348,60 @@ def evaluate(cfg: Config, run_dir: str | os.PathLike) -> Path:
     if cfg.vert.enabled:
         models[VERTEBRA_TRACK] = collect([run.vert_file(k, "oof.csv") for k in range(n_folds)], run.vert_oof(),
                                          "vertebra-track", "train-vertebrae")
+    if cfg.blend.enabled:
+        blend = collect([run.blend_file(k, "oof.csv") for k in range(n_folds)], run.blend_oof(), "blend", "blend")
+        models[BLEND] = blend.drop(columns="p_patient_overall_unfloored")
+        models[BLEND_UNFLOORED] = blend.assign(p_patient_overall=blend["p_patient_overall_unfloored"])
     slice_probs = oof_slice_probs(run)  # read once: the pooling baselines and Table 2 share them
     for how in ("max", "mean"):
         models[f"{backbone}, {how} pooling"] = pooled_predictions(slice_probs, uids, how)
     prior = prior_from_train(labels.loc[uids].reset_index())
-    models["constant prior (2q/(1+q))"] = pd.DataFrame(
-        {"StudyInstanceUID": uids, "fold": models[f"{backbone}, max pooling"]["fold"],
-         **{f"p_{t}": prior[t] for t in TARGETS}})
+    models[PRIOR] = pd.DataFrame({"StudyInstanceUID": uids, "fold": models[f"{backbone}, max pooling"]["fold"],
+                                  **{f"p_{t}": prior[t] for t in TARGETS}})
 
     table2 = cv_table(image_level_reports(slice_probs, index), row_keys=("Data",))
-    case_rows = [r for name, oof in models.items() if "prior" not in name for r in case_level_reports(name, oof, labels)]
+    case_rows = [r for name, oof in models.items() if name != PRIOR for r in case_level_reports(name, oof, labels)]
     table3 = cv_table(sorted(case_rows, key=lambda r: r["Data"] != "Imblcd."), row_keys=("Model", "Data"))
     score_table = pd.DataFrame([scores(name, oof, labels) for name, oof in models.items()])
+    losses, intervals, coefficients = loss_table(models, labels), auc_interval_table(models, labels), coefficient_table(run)
     write_table(table2, out / "table2", "Table 2 — image level (out-of-fold, mean ± std % over folds)")
     write_table(table3, out / "table3", "Table 3 — case level, patient_overall (out-of-fold, mean ± std % over folds)")
     write_csv(score_table, out / "scores.csv")
-    default_model = f"{backbone} + BLSTM-{cfg.seq.hidden}"
-    _figures({k: v for k, v in models.items() if "prior" not in k}, labels, out, default_model)
-    vertebra_figure(score_table, out / "vertebrae.png")
+    write_csv(losses, out / "loss.csv")
+    write_csv(intervals, out / "auc_intervals.csv")
+    submitted = submitted_model(cfg)
+    roc_figure({k: v for k, v in models.items() if k not in (PRIOR, BLEND_UNFLOORED)}, labels, out / "roc.png")
+    calibration_figure(submitted, models, labels, [f"{backbone}, max pooling", f"{backbone} + BLSTM-{cfg.seq.hidden}"],
+                       out / "calibration.png")
+    vertebra_figure(score_table[score_table["Model"] != BLEND_UNFLOORED], out / "vertebrae.png")
 
     fmt = score_table.copy()
     for col in fmt.columns[1:]:
         fmt[col] = fmt[col].map(lambda v: f"{v:.4f}" if col.startswith("loss") else f"{v:.3f}")
     lines = [
         f"# Evaluation: {cfg.name}", "",
+        *opening(cfg, models),
         f"{len(uids)} studies, {n_folds}-fold cross-validation; every number is out of fold (each study scored "
-        f"by a CNN and a BLSTM that never trained on it). BLSTM input: `{cfg.seq.input}`, loss: `{cfg.seq.loss}`.",
-        "Balanced (Blcd.) rows use every positive and as many negatives drawn at random, as in the paper.", "",
+        "by models, the blend included, that never trained on it). BLSTM input: "
+        f"`{cfg.seq.input}`, loss: `{cfg.seq.loss}`.", "",
+        "## Where the loss is", "",
+        "The competition's weighted log loss per study (lower is better; a constant 0.5 scores 0.6931), split "
+        "into what patient_overall (weights 7 and 14) and the seven vertebrae (1 and 2 each) carry.", "",
+        losses.to_markdown(index=False, floatfmt=".3f"), "", MAX_POOLING_NOTE, "",
+        "## AUC with 95% bootstrap intervals", "",
+        "Studies resampled 1,000 times within each class. With a handful of fractured studies (the first row) "
+        "an interval spans much of the range: two models whose intervals overlap widely are not told apart "
+        "by this run.", "",
+        intervals.to_markdown(index=False), "",
+        "![calibration](calibration.png)", "",
+        *(["## The blend's coefficients", "",
+           "Per target and fold, the logistic regression's coefficient on each standardised input (log-odds; "
+           "`cspine.stacking` names them), and its intercept. A large weight on a weak model would show here.",
+           "", coefficients.to_markdown(index=False), ""] if coefficients is not None else []),
         (out / "table2.md").read_text(), (out / "table3.md").read_text(),
-        "## Competition metric and per-target AUC", "",
-        "Weighted log loss (lower is better; a constant 0.5 scores 0.6931).", "",
+        "## Every score", "",
         fmt.to_markdown(index=False), "",
-        "![ROC](roc.png) ![calibration](calibration.png)", "", "![per vertebra](vertebrae.png)", "",
+        "![ROC](roc.png)", "", "![per vertebra](vertebrae.png)", "",
         *segmentation_section(run),
     ]
     write_text(out / "report.md", "\n".join(lines))

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from cspine import __version__
-from cspine.checkpoints import load_sequence_model, load_slice_model, load_vertebra_model
+from cspine.checkpoints import load_blend, load_sequence_model, load_slice_model, load_vertebra_model
 from cspine.config import Config, save_config
 from cspine.runs import Run, write_json, write_text
 from cspine.segmenter import load_segmenter
@@ -130,22 +130,30 @@ def check_bundle_folder(out: Path, models_dir: Path) -> None:
 
 
 def _verified_checkpoints(models: Run, hidden: int) -> tuple[list[Path], list[Path]]:
-    """Every checkpoint `predict` reads (slice CNNs, BLSTMs, and the vertebra track's models with their
-    segmentation models), each loaded once to prove it is whole; returns (slice CNNs, the others)."""
-    checkpoints, blstms = list(models.slice_checkpoints().values()), models.blstm_checkpoints(hidden)
-    if not checkpoints or not blstms:
+    """Every checkpoint `predict` reads (slice CNNs, the BLSTMs of size ``hidden`` and of every size a blend
+    reads, the vertebra track, the segmentation models, the blends), each loaded once to prove it is whole;
+    returns (slice CNNs, the others)."""
+    checkpoints = list(models.slice_checkpoints().values())
+    blends = list(models.blend_models().values())
+    sizes = sorted({hidden, *(h for path in blends for h in load_blend(path)["sizes"])})
+    blstms = {size: models.blstm_checkpoints(size) for size in sizes}
+    if not checkpoints or not all(blstms.values()):
         raise FileNotFoundError(f"no trained models under {models.root}: train them first (python -m cspine run)")
     vertebra = models.vert_models()
-    segmenters = models.seg_models() if vertebra else []
+    needs_segments = vertebra or any(load_blend(path)["extents"] for path in blends)
+    segmenters = models.seg_models() if needs_segments else []
+    if needs_segments and not segmenters:
+        raise FileNotFoundError(f"{models.root}: its models read each vertebra's slices, but it has no segmentation "
+                                "model (segment/fold*.pt): run `python -m cspine segment` first")
     for path in checkpoints:
         load_slice_model(path)
-    for path in blstms:
+    for path in (p for paths in blstms.values() for p in paths):
         load_sequence_model(path)
     for path in vertebra:
         load_vertebra_model(path)
     for path in segmenters:
         load_segmenter(path)
-    return checkpoints, [*blstms, *vertebra, *segmenters]
+    return checkpoints, [*(p for paths in blstms.values() for p in paths), *vertebra, *segmenters, *blends]
 
 
 def dataset_metadata(dataset: str) -> dict:

@@ -6,7 +6,8 @@
 
 Stages (`STAGES`), after the run folder is set up (synthetic data when none is found, labels, folds):
 prepare → segment (with ``slice.labels="vertebrae"`` or ``vert.enabled``) → train-slices (every fold) → extract → train-seq
-(every BLSTM size) → train-vertebrae (with ``vert.enabled``) → evaluate → predict. A second run resumes:
+(every BLSTM size) → train-vertebrae (with ``vert.enabled``) → blend (with ``blend.enabled``, the default) →
+evaluate → predict. A second run resumes:
 each stage whose outputs are complete is skipped, and within a stage finished studies and folds are.
 """
 
@@ -22,6 +23,7 @@ from typing import Callable
 
 import pandas as pd
 
+from cspine.blend import blend_fold, is_blended
 from cspine.competition import (
     DataError,
     find_data_dir,
@@ -228,6 +230,8 @@ STAGES: tuple[Stage, ...] = (
           lambda j: [train_seq(j.cfg, j.run, k) for k in j.folds]),
     Stage("train-vertebrae", lambda j: not j.cfg.vert.enabled or all(is_vert_trained(j.run, k, j.cfg) for k in j.folds),
           lambda j: [train_vertebra_fold(j.cfg, j.run, k) for k in j.folds if not is_vert_trained(j.run, k, j.cfg)]),
+    Stage("blend", lambda j: not j.cfg.blend.enabled or all(is_blended(j.run, k, j.cfg) for k in j.folds),
+          lambda j: [blend_fold(j.cfg, j.run, k) for k in j.folds if not is_blended(j.run, k, j.cfg)]),
     Stage("evaluate", _always, lambda j: evaluate(j.cfg, j.run)),
     Stage("predict", _always, lambda j: predict(j.cfg, j.data_dir, j.run, j.submission, train=j.train)),
 )

@@ -2,8 +2,9 @@
 
     python -m cspine predict --config demo --data DIR --models runs/demo --out submissions/submission.csv
 
-Per study: DICOM → preprocessing → every fold's slice CNN → the BLSTMs → 8 probabilities; with the
-vertebra track, the study is also segmented and C1..C7 come from each vertebra's own slices. Worker
+Per study: DICOM → preprocessing → every fold's slice CNN → the BLSTMs (and, with the vertebra track, the
+study segmented and each vertebra's own slices read) → with a blend (`cspine.blend`), each fold's blend
+over that fold's models, averaged over the folds → 8 probabilities. Worker
 processes (``predict.workers``) decode and preprocess the next studies while the models work on the
 current one (`cspine.studies`). With several GPUs the folds' CNNs are spread over them and run at once.
 A study that fails anywhere is logged and gets the prior; every row_id of test.csv is written,
@@ -24,7 +25,13 @@ import pandas as pd
 import torch
 
 from cspine import TARGETS
-from cspine.checkpoints import CheckpointError, load_sequence_model, load_slice_model, load_vertebra_model
+from cspine.checkpoints import (
+    CheckpointError,
+    load_blend,
+    load_sequence_model,
+    load_slice_model,
+    load_vertebra_model,
+)
 from cspine.competition import list_test_studies, read_test
 from cspine.config import Config, ConfigError
 from cspine.dicom import default_workers
@@ -36,6 +43,7 @@ from cspine.runs import Run, check_writable
 from cspine.progress import progress
 from cspine.runtime import amp_dtype, pick_devices
 from cspine.segmenter import load_segmenter, segment_study, vertebra_extents
+from cspine.stacking import apply_blend, study_inputs
 from cspine.studies import read_ahead, reading_pool
 from cspine.submission import make_submission, prior_from_train, write_submission
 
@@ -44,14 +52,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Ensemble:
-    """Every fold's slice CNN, the BLSTMs of one size, and how they read a study (from their checkpoints).
+    """Every fold's slice CNN, the BLSTMs, the blends, and how they read a study (from their checkpoints).
 
     The k-th CNN sits on ``devices[k % len(devices)]`` (folds spread over the GPUs); everything else on the
     first.
     """
 
     cnns: dict[int, SliceNet]
-    blstms: list[tuple[dict, SequenceNet]]
+    blstms: dict[int, list[tuple[dict, SequenceNet]]]  # {size: BLSTMs}: seq.hidden, and those a blend reads
+    hidden: int  # the size that answers without a blend
     inputs: dict  # the CNNs' preprocessing and reading: size, crop, margin, input_size, context
     arch: dict  # the CNNs' architecture: backbone, width, ...
     input: str  # what the BLSTMs read: "features", "probs" or "fracture"
@@ -61,6 +70,7 @@ class Ensemble:
     seg_reading: dict = field(default_factory=dict)  # how they read a study (`cspine.segmenter.reading`)
     vertebra: list[tuple[dict, SequenceNet]] = field(default_factory=list)  # the vertebra track's BiLSTMs
     overall: str = "blstm"  # where the vertebra track takes patient_overall from (`VertebraConfig.overall`)
+    blends: dict[int, dict] = field(default_factory=dict)  # {fold: its level-2 blend}; they answer when present
     devices: list[torch.device] = field(default_factory=lambda: [torch.device("cpu")])
 
 
@@ -74,12 +84,13 @@ def _one(values: dict, what: str, where: Path):
 
 
 def load_ensemble(run_dir: str | os.PathLike, hidden: int, devices: list[torch.device]) -> Ensemble:
-    """Loads every ``slice/fold*/best.pt`` and the ``seq/h<hidden>/fold*/*.pt`` of a run (or a Kaggle bundle).
+    """Loads every ``slice/fold*/best.pt``, the BLSTMs of size ``hidden`` (and of every size the blends read),
+    the vertebra track and its segmentation models, and the blends, of a run (or a Kaggle bundle).
 
-    The k-th CNN goes to ``devices[k % len(devices)]``; the BLSTMs and the vertebra track to ``devices[0]``.
+    The k-th CNN goes to ``devices[k % len(devices)]``; the other models to ``devices[0]``.
 
     Raises:
-        FileNotFoundError: no slice CNN or no BLSTM of that size.
+        FileNotFoundError: no slice CNN or no BLSTM of a size needed.
         CheckpointError: a damaged checkpoint, or checkpoints that disagree on how to read a study.
     """
     run = Run(run_dir)
@@ -87,25 +98,58 @@ def load_ensemble(run_dir: str | os.PathLike, hidden: int, devices: list[torch.d
     cnns, cnn_meta = {}, {}
     for k, (fold, path) in enumerate(run.slice_checkpoints().items()):
         cnns[fold], cnn_meta[path] = load_slice_model(path, devices[k % len(devices)])
-    blstms, blstm_meta = [], {}
-    for path in run.blstm_checkpoints(hidden):
-        model, meta = load_sequence_model(path, device)
-        blstms.append((meta, model))
-        blstm_meta[path] = meta
-    if not cnns or not blstms:
+    blends = {fold: load_blend(path) for fold, path in run.blend_models().items()}
+    sizes = sorted({hidden, *(h for blend in blends.values() for h in blend["sizes"])})
+    blstms, blstm_meta = {}, {}
+    for size in sizes:
+        blstms[size] = []
+        for path in run.blstm_checkpoints(size):
+            model, meta = load_sequence_model(path, device)
+            blstms[size].append((meta, model))
+            blstm_meta[path] = meta
+    empty = [size for size, models in blstms.items() if not models]
+    if not cnns or empty:
         raise FileNotFoundError(f"no trained models under {run.root} (slice CNNs: {len(cnns)}, BLSTMs of size "
-                                f"{hidden}: {len(blstms)}); run the training stages first")
+                                f"{', '.join(map(str, empty)) or hidden}: none); run the training stages first")
     ensemble = Ensemble(
-        cnns, blstms,
+        cnns, blstms, hidden,
         inputs=_one({p: m["inputs"] for p, m in cnn_meta.items()}, "preprocessing", run.root),
         arch=_one({p: m["arch"] for p, m in cnn_meta.items()}, "architecture", run.root),
         input=_one({p: m["input"] for p, m in blstm_meta.items()}, "BLSTM input", run.root),
         bins=_one({p: m["bins"] for p, m in blstm_meta.items()}, "seq.bins", run.root),
         tta=_one({p: m["tta"] for p, m in blstm_meta.items()}, "predict.tta", run.root),
-        devices=list(devices))
+        blends=blends, devices=list(devices))
     if run.vert_models():
         _add_vertebra_track(ensemble, run, device)
+    elif any(blend["extents"] for blend in blends.values()):
+        _add_segmenters(ensemble, run, device)
+    _check_blends(ensemble, run)
     return ensemble
+
+
+def _add_segmenters(ensemble: Ensemble, run: Run, device: torch.device) -> None:
+    """The segmentation models that find each vertebra's slices (for the vertebra track or a blend)."""
+    readings = {}
+    for path in run.seg_models():
+        model, meta = load_segmenter(path, device)
+        ensemble.segmenters.append(model)
+        readings[path] = meta["reading"]
+    if not ensemble.segmenters:
+        raise FileNotFoundError(f"{run.root}: models that read each vertebra's slices, but no segmentation model "
+                                "(segment/fold*.pt)")
+    ensemble.seg_reading = _one(readings, "segmentation reading", run.root)
+
+
+def _check_blends(ensemble: Ensemble, run: Run) -> None:
+    """Each fold's blend must find its fold's models: a CNN, and the vertebra track where it read one."""
+    for fold, blend in ensemble.blends.items():
+        missing = [what for what, present in (("slice CNN", fold in ensemble.cnns),
+                                               ("vertebra track", not blend["vertebra"] or any(
+                                                   m["source_fold"] == fold for m, _ in ensemble.vertebra)))
+                   if not present]
+        if missing:
+            raise CheckpointError(f"{run.blend_models()[fold]}: the blend of fold {fold} reads that fold's "
+                                  f"{' and '.join(missing)}, which {run.root} lacks")
 
 
 def _add_vertebra_track(ensemble: Ensemble, run: Run, device: torch.device) -> None:
@@ -115,14 +159,7 @@ def _add_vertebra_track(ensemble: Ensemble, run: Run, device: torch.device) -> N
         model, meta = load_vertebra_model(path, device)
         ensemble.vertebra.append((meta, model))
         metas[path] = meta
-    readings = {}
-    for path in run.seg_models():
-        model, meta = load_segmenter(path, device)
-        ensemble.segmenters.append(model)
-        readings[path] = meta["reading"]
-    if not ensemble.segmenters:
-        raise FileNotFoundError(f"{run.root}: vertebra-track models but no segmentation model (segment/fold*.pt)")
-    ensemble.seg_reading = _one(readings, "segmentation reading", run.root)
+    _add_segmenters(ensemble, run, device)
     ensemble.overall = _one({p: m["overall"] for p, m in metas.items()}, "vert.overall", run.root)
     if _one({p: m["tta"] for p, m in metas.items()}, "predict.tta of the vertebra track", run.root) != ensemble.tta:
         raise CheckpointError(f"{run.root}: the vertebra track and the BLSTMs read slices differently (tta)")
@@ -142,6 +179,7 @@ def check_config(cfg: Config, ensemble: Ensemble) -> None:
              "slice.width": (cfg.slice.width, a["width"]), "seq.input": (cfg.seq.input, ensemble.input),
              "seq.bins": (cfg.seq.bins, ensemble.bins), "predict.tta": (cfg.predict.tta, ensemble.tta),
              "vert.enabled": (cfg.vert.enabled, bool(ensemble.vertebra)),
+             "blend.enabled": (cfg.blend.enabled, bool(ensemble.blends)),
              **({"vert.overall": (cfg.vert.overall, ensemble.overall)} if ensemble.vertebra else {})}
     differ = [f"{key}={mine!r} (the models: {theirs!r})" for key, (mine, theirs) in pairs.items() if mine != theirs]
     if differ:
@@ -149,28 +187,87 @@ def check_config(cfg: Config, ensemble: Ensemble) -> None:
                           + "; predict with the run's own config (the default) or train again")
 
 
-@torch.inference_mode()
-def blstm_probabilities(per_fold: dict[int, tuple[np.ndarray, np.ndarray]], ensemble: Ensemble,
-                        device: torch.device) -> np.ndarray:
-    """float [8] in TARGETS order: the mean of the ensemble's BLSTMs over one study's CNN outputs.
+PerFold = dict[int, tuple[np.ndarray, np.ndarray]]  # {fold: (features [N, D], probabilities [N, 15])} of each CNN
 
-    Args:
-        per_fold: {fold: (features [N, D], probabilities [N, 15])} from each fold's CNN, head to feet.
+
+@torch.inference_mode()
+def blstm_outputs(per_fold: PerFold, ensemble: Ensemble, hidden: int, device: torch.device) -> dict:
+    """{source fold: [float [8] of each BLSTM of size ``hidden``]} for one study.
+
+    A BLSTM trained within fold k (``seq.train_on="own_fold"``) reads CNN k's outputs, as in training; one
+    trained across folds (source None) reads the mean of every CNN's probabilities.
     """
-    outputs, folds_mean = [], None
-    for meta, model in ensemble.blstms:
+    outputs: dict = {}
+    folds_mean = None
+    for meta, model in ensemble.blstms[hidden]:
         key = meta["source_fold"]
-        if key is None:  # trained on other folds' CNNs (seq.train_on="other_folds"): reads every CNN's mean
+        if key is None:
             if folds_mean is None:  # one mean for all such BLSTMs
                 folds_mean = np.mean([probs.astype(np.float32) for _, probs in per_fold.values()], axis=0)
             feats, probs = None, folds_mean
-        elif key in per_fold:  # trained on CNN k's reading (own_fold): reads CNN k's, as in training
+        elif key in per_fold:
             feats, probs = per_fold[key]
         else:
             continue
         x = torch.from_numpy(study_input(feats, probs, ensemble.input, ensemble.bins))[None].to(device)
-        outputs.append(torch.sigmoid(model(x, torch.tensor([x.shape[1]]))).cpu().numpy()[0])
-    return np.mean(outputs, axis=0)
+        outputs.setdefault(key, []).append(torch.sigmoid(model(x, torch.tensor([x.shape[1]]))).cpu().numpy()[0])
+    return outputs
+
+
+@torch.inference_mode()
+def vertebra_outputs(per_fold: PerFold, extents: dict[str, tuple[int, int]], ensemble: Ensemble,
+                     device: torch.device) -> dict[int, list[np.ndarray]]:
+    """{source fold: [float [7] of each vertebra-track BiLSTM]}: C1..C7 from each vertebra's own slices."""
+    outputs: dict[int, list[np.ndarray]] = {}
+    for meta, model in ensemble.vertebra:
+        if meta["source_fold"] not in per_fold:
+            continue
+        x = torch.from_numpy(vertebra_inputs(per_fold[meta["source_fold"]][1], extents, meta["margin"],
+                                             meta["bins"])).to(device)
+        p = torch.sigmoid(model(x, torch.full((len(x),), x.shape[1]))[:, 0]).cpu().numpy()
+        outputs.setdefault(meta["source_fold"], []).append(p)
+    return outputs
+
+
+def _pooled(outputs: dict) -> np.ndarray:
+    """The mean of every model's output, whatever its fold."""
+    return np.mean([p for ps in outputs.values() for p in ps], axis=0)
+
+
+def _fold_mean(outputs: dict, fold: int) -> np.ndarray:
+    """Fold ``fold``'s models' mean output; models trained across folds (source None) serve every fold."""
+    return np.mean(outputs[fold] if fold in outputs else outputs[None], axis=0)
+
+
+def blend_inputs(fold: int, blend: dict, per_fold: PerFold, extents: dict | None, blstm: dict,
+                 vert: dict | None) -> dict[str, float]:
+    """What fold ``fold``'s blend reads of one study: fold ``fold``'s CNN outputs, BLSTMs (of the sizes it
+    read, each size's models of the fold averaged) and vertebra track, as `cspine.blend` fitted it."""
+    return study_inputs(per_fold[fold][1], extents if blend["extents"] else None,
+                        {h: _fold_mean(blstm[h], fold) for h in blend["sizes"]},
+                        _fold_mean(vert, fold) if blend["vertebra"] else None, blend["top_k"], blend["margin"])
+
+
+def combine_outputs(per_fold: PerFold, extents: dict | None, ensemble: Ensemble, device: torch.device) -> np.ndarray:
+    """float [8] in TARGETS order from the CNNs' outputs on one study (and its vertebrae's extents).
+
+    With blends, fold k's blend reads fold k's CNN, BLSTMs and vertebra track (as it was fitted) and the
+    folds' answers are averaged; without, the BLSTMs of size ``hidden`` answer, and the vertebra track gives
+    C1..C7 (and patient_overall with ``vert.overall="vertebrae"``).
+    """
+    blstm = {h: blstm_outputs(per_fold, ensemble, h, device) for h in ensemble.blstms}
+    vert = vertebra_outputs(per_fold, extents or {}, ensemble, device) if ensemble.vertebra else None
+    if ensemble.blends:
+        answers = [apply_blend(blend, pd.DataFrame([blend_inputs(fold, blend, per_fold, extents, blstm, vert)]))[0]
+                   for fold, blend in ensemble.blends.items()]
+        return np.mean(answers, axis=0)
+    p = _pooled(blstm[ensemble.hidden])
+    if vert is None:
+        return p
+    track = combine(_pooled(vert)[None])[0]
+    if ensemble.overall == "blstm":
+        track[0] = p[0]
+    return track
 
 
 @torch.inference_mode()
@@ -182,7 +279,7 @@ def predict_images(images: np.ndarray, ensemble: Ensemble, cfg: Config) -> dict[
     """
     i, devices, folds = ensemble.inputs, ensemble.devices, list(ensemble.cnns)
 
-    def on_device(g: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    def on_device(g: int) -> PerFold:
         device = devices[g]
         channels_last = cfg.slice.channels_last and device.type == "cuda"
         return {k: study_features(ensemble.cnns[k], images, i["input_size"], device, cfg.predict.batch_size,
@@ -195,34 +292,13 @@ def predict_images(images: np.ndarray, ensemble: Ensemble, cfg: Config) -> dict[
     else:
         parts = [on_device(0)]
     per_fold = {k: part[k] for k in folds for part in parts if k in part}
-    p = vertebra_probabilities(images, per_fold, ensemble, devices[0]) if ensemble.vertebra else \
-        blstm_probabilities(per_fold, ensemble, devices[0])
+    extents = None
+    if ensemble.segmenters:
+        labels = segment_study(ensemble.segmenters, images, ensemble.seg_reading, devices[0])
+        _, found = vertebra_extents(labels, ensemble.seg_reading["min_pixels"])
+        extents = {e["vertebra"]: (e["z0"], e["z1"]) for e in found}
+    p = combine_outputs(per_fold, extents, ensemble, devices[0])
     return {t: float(p[i]) for i, t in enumerate(TARGETS)}
-
-
-@torch.inference_mode()
-def vertebra_probabilities(images: np.ndarray, per_fold: dict[int, tuple[np.ndarray, np.ndarray]],
-                           ensemble: Ensemble, device: torch.device) -> np.ndarray:
-    """float [8] in TARGETS order from the vertebra track: segment the study, read each vertebra's slices.
-
-    Args:
-        images: the study preprocessed as the CNNs read it, uint8 [N, S, S, 3].
-        per_fold: {fold: (features, probabilities [N, 15])} from each fold's CNN.
-    """
-    labels = segment_study(ensemble.segmenters, images, ensemble.seg_reading, device)
-    _, found = vertebra_extents(labels, ensemble.seg_reading["min_pixels"])
-    extents = {e["vertebra"]: (e["z0"], e["z1"]) for e in found}
-    outputs = []
-    for meta, model in ensemble.vertebra:
-        if meta["source_fold"] not in per_fold:
-            continue
-        x = torch.from_numpy(vertebra_inputs(per_fold[meta["source_fold"]][1], extents, meta["margin"],
-                                             meta["bins"])).to(device)
-        outputs.append(torch.sigmoid(model(x, torch.full((len(x),), x.shape[1]))[:, 0]).cpu().numpy())
-    p = combine(np.mean(outputs, axis=0)[None])[0]
-    if ensemble.overall == "blstm":
-        p[0] = blstm_probabilities(per_fold, ensemble, device)[0]
-    return p
 
 
 def predict(cfg: Config, data_dir: str | os.PathLike, models_dir: str | os.PathLike,

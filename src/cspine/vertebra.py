@@ -35,17 +35,9 @@ from cspine.metrics import weighted_log_loss
 from cspine.models import SequenceNet
 from cspine.runs import Run, digest, read_json, write_csv, write_json
 from cspine.runtime import pick_device, seed_everything
+from cspine.stacking import extents_by_study
 
 log = logging.getLogger(__name__)
-
-
-
-def study_extents(extents: pd.DataFrame) -> dict[str, dict[str, tuple[int, int]]]:
-    """{study: {vertebra: (z0, z1)}} from the `segment` stage's extents table."""
-    out: dict[str, dict[str, tuple[int, int]]] = {}
-    for row in extents.itertuples(index=False):
-        out.setdefault(row.StudyInstanceUID, {})[row.vertebra] = (int(row.z0), int(row.z1))
-    return out
 
 
 def vertebra_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -115,7 +107,7 @@ def train_vertebra_fold(cfg: Config, run_dir: str | os.PathLike, fold: int) -> p
     folds, labels = run.read_folds(), run.read_labels()
     source = oof_sources(run)
     tta = extracted_with_tta(features_signature(run))
-    extents = study_extents(pd.read_csv(run.seg_file("extents.csv"), dtype={"StudyInstanceUID": str}))
+    extents = extents_by_study(pd.read_csv(run.seg_file("extents.csv"), dtype={"StudyInstanceUID": str}))
     uids = [u for u in folds.loc[folds["fold"] == fold, "StudyInstanceUID"] if u in source]
     x = np.stack([vertebra_inputs(load_features(run, source[u], u)[1], extents.get(u, {}), v.margin, v.bins)
                   for u in uids])

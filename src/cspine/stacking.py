@@ -1,0 +1,111 @@
+"""Level 2: what the blend reads of a study, and how a saved blend answers. Inference imports this module.
+
+The `blend` stage fits, per target, a regularised logistic regression over the outputs of every model a
+run has (`study_inputs`); `predict` computes the same inputs on a test study from each fold's models and
+applies that fold's blend (`apply_blend`). Everything is log-odds: the evidence sits in the tails, which
+probabilities squeeze together, and a logistic regression on log-odds can only rescale and shift them.
+
+Inputs, by name (``H`` a BLSTM size, ``Ck`` a vertebra):
+
+- ``blstm{H}:{target}``: the study BLSTM's output for the target;
+- ``cnn:max``, ``cnn:top``, ``cnn:mean``: the slice CNN's slice-fracture output over the whole study,
+  pooled by the maximum, the mean of the ``top_k`` highest slices, and the mean;
+- ``cnn:{Ck}`` and ``cnn:frac@{Ck}``: the CNN's Ck head and its slice-fracture output, each max-pooled over
+  the slices Ck spans (its segmented extent, ``margin`` slices wider; the whole study where no
+  segmentation found it, or none exists);
+- ``vert:{Ck}``: the vertebra track; ``vert:max`` and ``vert:noisy_or`` (1 − Π(1 − p_k)) aggregate it for
+  patient_overall.
+
+This module needs no scikit-learn: a saved blend is plain numbers (`cspine.checkpoints`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from cspine import TARGETS, VERTEBRAE
+from cspine.inputs import PROB_CLIP
+
+OVERALL = TARGETS[0]
+
+
+def logit(p) -> np.ndarray:
+    """Log-odds of probabilities clipped to [PROB_CLIP, 1 − PROB_CLIP] (about ±9.2)."""
+    q = np.clip(np.asarray(p, dtype=np.float64), PROB_CLIP, 1 - PROB_CLIP)
+    return np.log(q / (1 - q))
+
+
+def extents_by_study(extents: pd.DataFrame) -> dict[str, dict[str, tuple[int, int]]]:
+    """{study: {vertebra: (z0, z1)}} from the `segment` stage's extents table."""
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    for row in extents.itertuples(index=False):
+        out.setdefault(row.StudyInstanceUID, {})[row.vertebra] = (int(row.z0), int(row.z1))
+    return out
+
+
+def study_inputs(probs: np.ndarray, extents: dict[str, tuple[int, int]] | None, blstm: dict[int, np.ndarray],
+                 vert: np.ndarray | None, top_k: int, margin: int) -> dict[str, float]:
+    """Every level-2 input of one study, as read through one fold's models.
+
+    Args:
+        probs: float [N, 15], the slice CNN's outputs on the study (`SLICE_OUTPUTS` order), head to feet.
+        extents: {vertebra: (first, last slice)} from the segmentation, or None without one.
+        blstm: {size: float [8]} the study BLSTMs' probabilities in TARGETS order.
+        vert: float [7], the vertebra track's C1..C7 probabilities, or None without the track.
+        top_k: slices averaged for ``cnn:top``.
+        margin: slices added on each side of a vertebra's extent.
+    """
+    z = logit(probs)
+    fracture = z[:, 0]
+    n = len(z)
+    top = np.sort(fracture)[::-1][:max(1, min(top_k, n))]
+    out = {"cnn:max": float(fracture.max()), "cnn:top": float(top.mean()), "cnn:mean": float(fracture.mean())}
+    for i, name in enumerate(VERTEBRAE):
+        z0, z1 = (extents or {}).get(name, (0, n - 1))
+        lo, hi = max(0, z0 - margin), min(n - 1, z1 + margin)
+        out[f"cnn:{name}"] = float(z[lo:hi + 1, 1 + i].max())
+        out[f"cnn:frac@{name}"] = float(fracture[lo:hi + 1].max())
+    for hidden, p in blstm.items():
+        out.update({f"blstm{hidden}:{t}": float(v) for t, v in zip(TARGETS, logit(p))})
+    if vert is not None:
+        out.update({f"vert:{v}": float(x) for v, x in zip(VERTEBRAE, logit(vert))})
+        out["vert:max"] = float(logit(np.max(vert)))
+        out["vert:noisy_or"] = float(logit(1 - np.prod(1 - np.asarray(vert, dtype=np.float64))))
+    return out
+
+
+def target_inputs(target: str, available: list[str]) -> list[str]:
+    """The inputs the blend of ``target`` reads, of those ``available`` (a run without a track lacks its).
+
+    patient_overall reads every study-level view: the BLSTMs' patient_overall, the three poolings of the
+    slice-fracture output and the vertebra track's two aggregates. Vertebra Ck reads what speaks of Ck:
+    the BLSTMs' Ck, the CNN's Ck head and slice-fracture output on Ck's slices, and the track's Ck.
+    """
+    if target == OVERALL:
+        wanted = ["cnn:max", "cnn:top", "cnn:mean", "vert:max", "vert:noisy_or"]
+    else:
+        wanted = [f"cnn:{target}", f"cnn:frac@{target}", f"vert:{target}"]
+    blstms = sorted(name for name in available if name.startswith("blstm") and name.endswith(f":{target}"))
+    return blstms + [name for name in wanted if name in available]
+
+
+def apply_blend(blend: dict, inputs: pd.DataFrame) -> np.ndarray:
+    """float [S, 8] in TARGETS order: a saved blend's probabilities for studies' inputs (one row each).
+
+    Each target's model is ``sigmoid(coef · (x − mean) / scale + intercept)`` on its own inputs; with
+    ``floor``, patient_overall is raised to the largest vertebra probability (a study with a broken
+    vertebra is a broken study).
+
+    Raises:
+        KeyError: an input the blend needs is missing from ``inputs``.
+    """
+    out = np.zeros((len(inputs), len(TARGETS)))
+    for i, target in enumerate(TARGETS):
+        model = blend["targets"][target]
+        x = inputs[model["inputs"]].to_numpy(np.float64) if model["inputs"] else np.zeros((len(inputs), 0))
+        z = ((x - np.asarray(model["mean"])) / np.asarray(model["scale"])) @ np.asarray(model["coef"]) + model["intercept"]
+        out[:, i] = 1 / (1 + np.exp(-z))
+    if blend["floor"]:
+        out[:, 0] = np.maximum(out[:, 0], out[:, 1:].max(axis=1))
+    return out
