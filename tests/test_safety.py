@@ -84,10 +84,10 @@ def test_a_synthetic_competition_made_otherwise_is_not_reused(tmp_path):
     from cspine.pipeline import resolve_data
 
     small = load_config(SMOKE_CONFIG, ["synth.n_train=3", "synth.n_test=1"])
-    root = resolve_data(small, None, synthetic_dir=tmp_path / "synthetic")
-    assert resolve_data(small, None, synthetic_dir=root) == root  # same recipe: reused
+    root = resolve_data(small, None, synthetic=tmp_path / "synthetic")
+    assert resolve_data(small, None, synthetic=root) == root  # same recipe: reused
     with pytest.raises(ConfigError, match=r"synth.n_train=4 \(it has 3\)"):
-        resolve_data(load_config(SMOKE_CONFIG, ["synth.n_train=4", "synth.n_test=1"]), None, synthetic_dir=root)
+        resolve_data(load_config(SMOKE_CONFIG, ["synth.n_train=4", "synth.n_test=1"]), None, synthetic=root)
 
 
 def test_fold_override_that_is_not_a_number_is_one_clear_error(capsys):

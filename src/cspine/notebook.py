@@ -50,7 +50,7 @@ def notebook_setup(data_dir: str | os.PathLike | None = None, config: str | None
     scale = [*NOTEBOOK_SMOKE, *smoke_overrides] if smoke else []
     synthetic = load_config(config or base, [*scale, *overrides] if not config else overrides)
     synthetic_dir = work / "input" / (f"synthetic-notebooks{variant}" if smoke else "synthetic")
-    found = resolve_data(synthetic, data_dir, synthetic_dir=synthetic_dir)
+    found = resolve_data(synthetic, data_dir, synthetic=synthetic_dir)
     if is_complete(found):
         cfg = synthetic
         run_dir = work / "runs" / (f"notebooks{variant}" if smoke and not config else cfg.name)

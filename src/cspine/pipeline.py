@@ -50,22 +50,31 @@ from cspine.vertebra import is_vert_trained, train_vertebra_fold
 log = logging.getLogger(__name__)
 
 SYNTHETIC_DIR = Path("input/synthetic")
+DEFAULT_SYNTHETIC = "demo"  # the config whose synthetic competition is `SYNTHETIC_DIR` itself
 
 
-def resolve_data(cfg: Config, data: str | os.PathLike | None, synthetic_dir: Path = SYNTHETIC_DIR) -> Path:
-    """The competition data: the named folder, or one found, or (none found) a synthetic competition."""
+def synthetic_dir(cfg: Config) -> Path:
+    """Where `run` writes the synthetic competition of a config: ``input/synthetic`` for the demo,
+    ``input/synthetic-<name>`` for any other, so configs of different sizes (``bench``) never share one."""
+    return SYNTHETIC_DIR if cfg.name == DEFAULT_SYNTHETIC else SYNTHETIC_DIR.with_name(f"synthetic-{cfg.name}")
+
+
+def resolve_data(cfg: Config, data: str | os.PathLike | None, synthetic: Path | None = None) -> Path:
+    """The competition data: the named folder, or one found, or (none found) a synthetic competition
+    (in the folder ``synthetic``, by default the config's own, `synthetic_dir`)."""
     if data is not None:
         return find_data_dir(data)
+    folder = synthetic or synthetic_dir(cfg)
     try:
         return find_data_dir()
     except DataError as exc:
-        if is_complete(synthetic_dir):
-            _check_synthetic(cfg, synthetic_dir)
-            log.info("no competition data found; using the synthetic competition in %s", synthetic_dir)
-            return synthetic_dir
-        log.info("%s\n→ generating a synthetic competition in %s", exc, synthetic_dir)
+        if is_complete(folder):
+            _check_synthetic(cfg, folder)
+            log.info("no competition data found; using the synthetic competition in %s", folder)
+            return folder
+        log.info("%s\n→ generating a synthetic competition in %s", exc, folder)
         s = cfg.synth
-        return make_competition(synthetic_dir, n_train=s.n_train, n_test=s.n_test, seed=s.seed,
+        return make_competition(folder, n_train=s.n_train, n_test=s.n_test, seed=s.seed,
                                 image_size=s.image_size, difficulty=s.difficulty, box_fraction=s.box_fraction,
                                 mask_fraction=s.mask_fraction, min_masks=s.min_masks, n_slices=s.n_slices or None,
                                 workers=max(1, min(cfg.prepare.workers, os.cpu_count() or 1)))

@@ -74,10 +74,16 @@ def init_distributed(device: str = "auto") -> Runtime:
 
 
 def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """bf16 where the GPU supports it, else fp16; None (full precision) on CPU or when disabled."""
+    """bf16 on GPUs of compute capability 8 or higher (A100, H100), else fp16 (Kaggle's T4 and P100, with a
+    gradient scaler in training); None (full precision) on CPU or when disabled.
+
+    `torch.cuda.is_bf16_supported()` alone answers True on a T4 (it counts emulation), where cuDNN has no
+    bf16 convolutions: a CNN there would fail or crawl. The hardware decides, not the emulation.
+    """
     if not enabled or device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    native = torch.cuda.get_device_capability(device)[0] >= 8
+    return torch.bfloat16 if native and torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
