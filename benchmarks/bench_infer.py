@@ -6,7 +6,7 @@ the weights):
 1. parts, each config: decode (`load_series`, every core), preprocess (one core), the CNN (every fold;
    on CPU the paper's ResNet-50 is timed on --paper-slices and scaled), the BLSTMs; the CNN's GFLOP/s;
 2. `predict`'s loop on --studies copies of the study, the demo config: reading each study in this process
-   and then predicting it (the baseline), against `cspine.studies.read_ahead`'s worker processes reading
+   and then predicting it (the baseline), against `cspine.studies.StudyReader`'s worker processes reading
    the next studies while this one is predicted, as `predict` does (the pool started beforehand: it
    starts once per `predict`, in about a second a process).
 
@@ -33,7 +33,7 @@ from cspine.predict import Ensemble, blstm_outputs, predict_images
 from cspine.prepare import MIN_SLICES
 from cspine.preprocess import preprocess_study
 from cspine.runtime import amp_dtype, pick_device
-from cspine.studies import read_ahead, read_study, reading_pool
+from cspine.studies import StudyReader, read_study
 from real_shaped import REAL_MEAN_SLICES, write_real_shaped_study
 
 
@@ -91,13 +91,13 @@ def parts(config: str, study_dir: Path, cnn_slices: int, device: torch.device) -
             "width": cfg.slice.width}
 
 
-def loop(paths: list[Path], ensemble: Ensemble, cfg, pool=None) -> float:
-    """Seconds a study for `predict`'s loop, reading in this process or ahead in the pool's processes."""
+def loop(paths: list[Path], ensemble: Ensemble, cfg, reader: StudyReader | None = None) -> float:
+    """Seconds a study for `predict`'s loop, reading in this process or ahead in the reader's processes."""
     i = ensemble.inputs
     started = time.perf_counter()
-    if pool is not None:
-        for future in read_ahead(pool, paths, i["size"], i["crop"], i["margin"], MIN_SLICES, 2 * default_workers()):
-            predict_images(future.result().images, ensemble, cfg)
+    if reader is not None:
+        for study in reader.read(paths, 2 * default_workers()):
+            predict_images(study.images, ensemble, cfg)
     else:
         for path in paths:
             predict_images(read_study(path, i["size"], i["crop"], i["margin"], MIN_SLICES).images, ensemble, cfg)
@@ -135,9 +135,10 @@ def main() -> None:
         ensemble, cfg = ensemble_of("demo", device)
         loop(paths[:1], ensemble, cfg)  # warm-up
         serial = loop(paths, ensemble, cfg)
-        with reading_pool() as pool:
-            loop(paths[:default_workers()], ensemble, cfg, pool)  # the processes started, as once per predict
-            ahead = loop(paths, ensemble, cfg, pool)
+        i = ensemble.inputs
+        with StudyReader(0, i["size"], i["crop"], i["margin"], MIN_SLICES) as reader:
+            loop(paths[:default_workers()], ensemble, cfg, reader)  # the processes started, as once per predict
+            ahead = loop(paths, ensemble, cfg, reader)
         print(f"\npredict's loop, demo config, {args.studies} studies: read in this process then predicted "
               f"{serial:.2f} s/study; read ahead by {default_workers()} worker processes {ahead:.2f} s/study "
               f"({serial / ahead:.2f}×)")

@@ -11,7 +11,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from cspine import TARGETS, VERTEBRAE
-from cspine.blend import blend_fold, fit_blend, fit_target, metric_weights
+from cspine.blend import blend, fit_blend, fit_target, fit_vertebrae, metric_weights
 from cspine.checkpoints import CheckpointError, load_blend, save_checkpoint
 from cspine.config import load_config
 from cspine.metrics import best_constant, bootstrap_auc, loss_by_target, weighted_log_loss
@@ -76,6 +76,21 @@ def test_the_metric_weights_lift_a_rare_targets_probabilities():
     assert p.mean() == pytest.approx(best_constant(y.mean()), abs=0.01)
 
 
+def test_the_vertebrae_share_one_model_that_reads_each_vertebras_own_inputs():
+    rng = np.random.default_rng(5)
+    n = 80
+    labels = pd.DataFrame({v: (rng.random(n) < 0.1 + 0.03 * i).astype(int) for i, v in enumerate(VERTEBRAE)})
+    inputs = pd.DataFrame({**{f"vert:{v}": 3 * labels[v] + rng.normal(size=n) for v in VERTEBRAE},
+                           **{f"cnn:{v}": rng.normal(size=n) for v in VERTEBRAE}})
+    models = fit_vertebrae(inputs, labels, C=3.0)
+    assert models["C3"]["inputs"] == ["cnn:C3", "vert:C3"]
+    assert all(models[v]["coef"] == models["C1"]["coef"] for v in VERTEBRAE)  # one model for the seven
+    assert models["C1"]["coef"][1] > 1  # the track's own vertebra carries the signal
+    assert models["C7"]["intercept"] > models["C1"]["intercept"]  # each keeps its own prevalence
+    p = apply_blend({"targets": {"patient_overall": models["C1"], **models}, "floor": False}, inputs)
+    assert all(np.corrcoef(p[:, 1 + i], labels[v])[0, 1] > 0.5 for i, v in enumerate(VERTEBRAE))
+
+
 def test_one_class_alone_gives_the_best_constant():
     x = pd.DataFrame({"a": np.arange(5.0)})
     model = fit_target(x, np.zeros(5, int), "C1", C=1.0)
@@ -120,27 +135,27 @@ def blended(smoke_run):
 
 @pytest.mark.slow
 def test_a_blend_never_scores_a_study_it_saw(blended):
-    """From the recorded study lists: inner blends score only studies they did not fit, each study of the
-    fold exactly once, and refitting each inner blend on its recorded studies gives the out-of-fold rows."""
+    """From the recorded study lists: each fold is scored by a blend fitted on the other folds' studies alone
+    (as its checkpoint records them), every study once, and refitting that blend on the recorded studies
+    gives the out-of-fold rows."""
     run, cfg = blended
     folds = run.read_folds()
     labels = run.read_labels()
+    splits = read_json(run.blend_file("record.json"))["splits"]
+    inputs = pd.read_csv(run.blend_file("inputs.csv"), dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
+    oof = pd.read_csv(run.blend_file("oof.csv"), dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
+    assert sorted(oof.index) == sorted(folds["StudyInstanceUID"]) and oof.index.is_unique
     for fold in sorted(folds["fold"].unique()):
         in_fold = set(folds.loc[folds["fold"] == fold, "StudyInstanceUID"])
-        splits = read_json(run.blend_file(fold, "record.json"))["splits"]
-        scored = [u for split in splits for u in split["scored"]]
-        assert sorted(scored) == sorted(in_fold)
-        inputs = pd.read_csv(run.blend_file(fold, "inputs.csv"), dtype={"StudyInstanceUID": str}).set_index(
-            "StudyInstanceUID")
-        oof = pd.read_csv(run.blend_file(fold, "oof.csv"), dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
-        for split in splits:
-            assert not set(split["trained_on"]) & set(split["scored"])
-            assert set(split["trained_on"]) <= in_fold
-            blend = fit_blend(inputs.loc[split["trained_on"]].reset_index(),
-                              labels.loc[split["trained_on"], list(TARGETS)].reset_index(drop=True), cfg.blend)
-            p = apply_blend(blend, inputs.loc[split["scored"]].reset_index())
-            assert np.allclose(p, oof.loc[split["scored"], [f"p_{t}" for t in TARGETS]].to_numpy(), atol=1e-9)
-        assert set(load_blend(run.blend_model(fold))["trained_on"]) == in_fold
+        split = splits[str(fold)]
+        assert set(split["scored"]) == in_fold and set(oof.loc[oof["fold"] == fold].index) == in_fold
+        trained_on = set(load_blend(run.blend_scorer(fold))["trained_on"])
+        assert trained_on == set(split["trained_on"]) and trained_on and not trained_on & in_fold
+        refit = fit_blend(inputs.loc[split["trained_on"]].reset_index(),
+                          labels.loc[split["trained_on"], list(TARGETS)].reset_index(drop=True), cfg.blend)
+        p = apply_blend(refit, inputs.loc[split["scored"]].reset_index())
+        assert np.allclose(p, oof.loc[split["scored"], [f"p_{t}" for t in TARGETS]].to_numpy(), atol=1e-9)
+    assert set(load_blend(run.blend_model)["trained_on"]) == set(folds["StudyInstanceUID"])
 
 
 @pytest.mark.slow
@@ -153,14 +168,14 @@ def test_predict_computes_the_blends_inputs_as_the_blend_stage_read_them(blended
 
     run, cfg = blended
     ensemble = load_ensemble(run, cfg.seq.hidden, [torch.device("cpu")])
-    assert set(ensemble.blends) == {0, 1} and set(ensemble.blstms) == set(cfg.seq.sizes)
-    inputs = pd.read_csv(run.blend_file(0, "inputs.csv"), dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
-    uid = inputs.index[0]
+    assert ensemble.blend["folds"] == [0, 1] and set(ensemble.blstms) == set(cfg.seq.sizes)
+    inputs = pd.read_csv(run.blend_file("inputs.csv"), dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
+    uid = inputs.index[(inputs["fold"] == 0).argmax()]
     i = ensemble.inputs
     study = read_study(synthetic_root / "train_images" / uid, i["size"], i["crop"], i["margin"], 2)
     per_fold = {0: study_features(ensemble.cnns[0], study.images, i["input_size"], torch.device("cpu"), 16)}
     blstm = {h: blstm_outputs(per_fold, ensemble, h, torch.device("cpu")) for h in ensemble.blstms}
-    x = blend_inputs(0, ensemble.blends[0], per_fold, None, blstm, None)
+    x = blend_inputs(0, ensemble.blend, per_fold, None, blstm, None)
     cnn = [c for c in inputs.columns if c.startswith("cnn:")]
     assert np.allclose([x[c] for c in cnn], inputs.loc[uid, cnn].to_numpy(float), atol=2e-3)
     assert set(x) == set(inputs.columns) - {"fold"}
@@ -177,13 +192,15 @@ def test_a_run_without_blstms_or_a_vertebra_track_still_blends_what_it_has(blend
         shutil.copy(run.root / name, copy.root / name)
     shutil.copytree(run.root / "features", copy.root / "features")  # no BLSTMs, no segmentation
     cfg = load_config(SMOKE_CONFIG, ["blend.models=[cnn,vertebra]"])  # the track is off in smoke: ignored
-    oof = blend_fold(cfg, copy, 0)
+    oof = blend(cfg, copy, [0, 1])
     assert len(oof) and oof[[f"p_{t}" for t in TARGETS]].apply(lambda c: c.between(0, 1)).all().all()
-    blend = load_blend(copy.blend_model(0))
-    assert blend["sizes"] == [] and not blend["vertebra"] and not blend["extents"]
-    assert all(n.startswith("cnn:") for t in TARGETS for n in blend["targets"][t]["inputs"])
+    saved = load_blend(copy.blend_model)
+    assert saved["sizes"] == [] and not saved["vertebra"] and not saved["extents"]
+    assert all(n.startswith("cnn:") for t in TARGETS for n in saved["targets"][t]["inputs"])
     with pytest.raises(FileNotFoundError, match="oof.csv"):  # BLSTMs asked for, absent: named
-        blend_fold(load_config(SMOKE_CONFIG), copy, 0)
+        blend(load_config(SMOKE_CONFIG), copy, [0, 1])
+    with pytest.raises(ValueError, match="two folds"):
+        blend(cfg, copy, [0])
 
 
 @pytest.mark.slow
@@ -193,11 +210,15 @@ def test_a_damaged_or_incomplete_blend_checkpoint_is_named(blended, tmp_path):
     run, cfg = blended
     copy = Run(tmp_path / "run")
     shutil.copytree(run.root, copy.root, ignore=shutil.ignore_patterns("cache"))
-    copy.blend_model(1).write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match=r"blend/fold1/blend\.pt"):
+    copy.blend_model.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"blend/blend\.pt"):
         load_ensemble(copy, cfg.seq.hidden, [torch.device("cpu")])
-    save_checkpoint({"targets": {"patient_overall": {}}, "floor": True}, copy.blend_model(1), "blend")
-    with pytest.raises(CheckpointError, match=r"fold1/blend\.pt.*C1"):
+    save_checkpoint({"targets": {"patient_overall": {}}, "floor": True}, copy.blend_model, "blend")
+    with pytest.raises(CheckpointError, match=r"blend/blend\.pt.*C1"):
+        load_ensemble(copy, cfg.seq.hidden, [torch.device("cpu")])
+    shutil.copy(run.blend_model, copy.blend_model)
+    shutil.rmtree(copy.slice_dir(1))  # the blend reads fold 1's CNN: its absence is named
+    with pytest.raises(CheckpointError, match="fold 1's slice CNN"):
         load_ensemble(copy, cfg.seq.hidden, [torch.device("cpu")])
 
 
@@ -208,11 +229,11 @@ def test_the_bundle_carries_the_blends_and_every_blstm_size_they_read(blended, t
 
     run, cfg = blended
     bundle = package_kaggle(cfg, run.root, tmp_path / "bundle", wheels=False)
-    assert len(list(bundle.glob("models/blend/fold*/blend.pt"))) == 2
+    assert (bundle / "models" / "blend" / "blend.pt").is_file()
     for size in cfg.seq.sizes:
         assert list(bundle.glob(f"models/seq/h{size}/fold*/*.pt")), size
     ensemble = load_ensemble(bundle / "models", cfg.seq.hidden, [torch.device("cpu")])
-    assert set(ensemble.blends) == {0, 1}
+    assert ensemble.blend["folds"] == [0, 1]
 
 
 @pytest.mark.slow

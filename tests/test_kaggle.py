@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -52,6 +53,39 @@ def test_the_script_finds_the_bundle_under_any_name_and_refuses_another_python(s
     assert "2 bundles" in done.stderr and "a-second-copy" in done.stderr and "CSPINE_BUNDLE" in done.stderr
 
 
+def test_the_script_is_the_packages_file_and_names_the_packages_marker(smoke_run, tmp_path):
+    from cspine import kaggle_inference
+
+    assert kaggle_inference.MARKER == MARKER
+    bundle = package_kaggle(load_config(SMOKE_CONFIG), smoke_run, tmp_path / "b", wheels=False)
+    assert (bundle / "kaggle_inference.py").read_text() == Path(kaggle_inference.__file__).read_text()
+
+
+def test_a_no_wheels_bundle_still_holds_cspine_and_installs_where_the_dependencies_are(
+        smoke_run, synthetic_root, tmp_path):
+    """--no-wheels leaves out the dependencies only: the script installs cspine's own wheel, checks the
+    dependencies are there, and predicts; where they are not, it stops naming them."""
+    kaggle_input = tmp_path / "input"
+    bundle = package_kaggle(load_config(SMOKE_CONFIG), smoke_run, kaggle_input / "nowheels", wheels=False)
+    assert [w.name.split("-")[0] for w in (bundle / "wheels").glob("*.whl")] == ["cspine"]
+    assert json.loads((bundle / MARKER).read_text())["wheels"] is False
+    data = kaggle_input / "rsna-2022-cervical-spine-fracture-detection"
+    shutil.copytree(synthetic_root, data)
+    submission = tmp_path / "working" / "submission.csv"
+    env = {"CSPINE_KAGGLE_INPUT": str(kaggle_input), "CSPINE_DATA": str(data), "CSPINE_SUBMISSION": str(submission),
+           "PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:9/none"}
+    bare = tmp_path / "bare"  # a Python without the dependencies
+    subprocess.run([sys.executable, "-m", "venv", str(bare)], check=True)
+    done = _run_as_a_cell(bundle / "kaggle_inference.py", env, python=bare / "bin" / "python")
+    assert done.returncode != 0 and "made with --no-wheels" in done.stderr and "pydicom>=3.0" in done.stderr
+    assert not submission.exists()
+    full = tmp_path / "full"  # one that has them (this environment's, seen through the venv)
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(full)], check=True)
+    done = _run_as_a_cell(bundle / "kaggle_inference.py", env, python=full / "bin" / "python")
+    assert done.returncode == 0, done.stderr[-3000:]
+    validate_submission(pd.read_csv(submission), read_test(data))
+
+
 def test_the_bundle_installs_offline_into_kaggles_preinstalled_set_and_writes_a_valid_submission(
         smoke_run, synthetic_root, tmp_path):
     """Needs the package index (to download the wheels and to build the Kaggle-like environment); skips
@@ -76,6 +110,16 @@ def test_the_bundle_installs_offline_into_kaggles_preinstalled_set_and_writes_a_
     done = _run_as_a_cell(bundle / "kaggle_inference.py", offline, python=python)
     assert done.returncode == 0, done.stderr[-3000:]
     validate_submission(pd.read_csv(submission), read_test(data))
+    public = kaggle_input / "public-rerun"  # test.csv lists studies whose images are absent
+    shutil.copytree(data, public, ignore=shutil.ignore_patterns("test_images"))
+    done = _run_as_a_cell(bundle / "kaggle_inference.py", {**offline, "CSPINE_DATA": str(public)}, python=python)
+    assert done.returncode == 0 and "cspine self-test: 3 training studies" in done.stdout, done.stderr[-3000:]
+    broken = kaggle_input / "broken"  # every test study unreadable: the notebook must fail, with the cause
+    shutil.copytree(data, broken)
+    for dcm in (broken / "test_images").rglob("*.dcm"):
+        dcm.write_bytes(b"")
+    done = _run_as_a_cell(bundle / "kaggle_inference.py", {**offline, "CSPINE_DATA": str(broken)}, python=python)
+    assert done.returncode != 0 and "test studies failed" in done.stderr and "DicomError" in done.stderr
     listed = subprocess.run([python, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True).stdout
     for training_only in ("albumentations", "iterative-stratification", "grad-cam", "python-gdcm", "zarr"):
         assert training_only not in listed.lower()

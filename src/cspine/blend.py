@@ -1,6 +1,6 @@
 """Stage `blend`: level 2, the answer where the loss is: per target, a calibrated blend of every model.
 
-    python -m cspine blend --config demo             # every fold; or fold=K
+    python -m cspine blend --config demo
 
 patient_overall carries most of the competition loss (its weights are 7 and 14 against 1 and 2), and no
 single model gives it best: the slice CNN's max pooling ranks studies well but is no probability, the
@@ -8,13 +8,17 @@ BLSTM is a probability but ranks worse. Per target, a logistic regression (sciki
 standardised log-odds, the metric's weights as sample weights) learns how to weigh and calibrate them
 all (`cspine.stacking` lists the inputs).
 
-Leak-free like the BLSTMs (``seq.train_on="own_fold"``): fold k's blend trains on fold k's studies as
-fold k's models read them out of fold, scored in ``blend.inner_folds`` inner folds, so a study is never
-scored by a blend that saw it, and a blend meets one CNN's scale. The blend `predict` uses for fold k is
-fitted on all of fold k's studies and applied to fold k's models' outputs; the folds' answers are then
-averaged. Writes ``<run>/blend/fold<k>/``: ``blend.pt`` (coefficients, `cspine.checkpoints.save_blend`),
-``inputs.csv`` (what it read), ``oof.csv`` and ``record.json`` (the inputs' digests, the settings, and each
-inner split's studies).
+Every study's inputs are its out-of-fold outputs: read through the models of its own fold, which never
+trained on it. Fold k is scored by a blend fitted on the other folds' studies (``blend/fold<k>.pt``), so a
+study is never scored by a blend that saw it; those studies were read by the other folds' models, so the
+score also measures what `predict` meets: a blend applied to outputs of models it was not fitted through.
+`predict` applies the blend fitted on every study (``blend/blend.pt``) to each fold's models' outputs on a
+test study and averages the folds' answers. Writes ``<run>/blend/``: the blends (coefficients,
+`cspine.checkpoints.save_blend`), ``inputs.csv`` (what they read), ``oof.csv`` and ``record.json`` (the
+inputs' digests, the settings, and the studies each scoring blend was fitted on).
+
+Fitting each fold's blend on that fold's own studies alone (as the BLSTMs train) was measured and not
+adopted: with 36 studies an inner fold, eight inputs overfit (docs/experiments.md).
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ import os
 import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold
 
 from cspine import TARGETS, VERTEBRAE
 from cspine.checkpoints import save_blend
@@ -34,7 +37,7 @@ from cspine.config import BlendConfig, Config
 from cspine.extract import features_signature, load_features
 from cspine.metrics import NEGATIVE_WEIGHT, POSITIVE_WEIGHT, best_constant, weighted_log_loss
 from cspine.runs import Run, digest, read_json, write_csv, write_json
-from cspine.stacking import apply_blend, extents_by_study, logit, study_inputs, target_inputs
+from cspine.stacking import OVERALL, apply_blend, extents_by_study, logit, study_inputs, target_inputs
 
 log = logging.getLogger(__name__)
 
@@ -121,25 +124,43 @@ def fit_target(x: pd.DataFrame, y: np.ndarray, target: str, C: float) -> dict:
             "intercept": float(model.intercept_[0])}
 
 
-def fit_blend(inputs: pd.DataFrame, labels: pd.DataFrame, b: BlendConfig) -> dict:
-    """Every target's model, fitted on studies' inputs (`fold_inputs` rows) and their labels (same order)."""
+def fit_vertebrae(inputs: pd.DataFrame, labels: pd.DataFrame, C: float) -> dict[str, dict]:
+    """One logistic regression shared by C1..C7, on every (study, vertebra) pair; {vertebra: its model}.
+
+    Each vertebra alone has a handful of fractured studies (4 to 17 of 96 in the demo): seven separate
+    regressions on two or three positives each would fit noise. Shared, the model sees every fractured
+    vertebra, each read through its own inputs (the BLSTMs' Ck, the CNN on Ck's slices, the track's Ck);
+    a vertebra's own intercept keeps its prevalence. As for every target, the metric's weights apply.
+    """
     available = [c for c in inputs.columns if c not in ("StudyInstanceUID", "fold")]
-    targets = {t: fit_target(inputs[target_inputs(t, available)], labels[t].to_numpy(int), t, b.C) for t in TARGETS}
-    return {"targets": targets, "floor": b.floor}
+    names = {v: target_inputs(v, available) for v in VERTEBRAE}
+    x = np.concatenate([inputs[names[v]].to_numpy(np.float64) for v in VERTEBRAE])
+    y = np.concatenate([labels[v].to_numpy(int) for v in VERTEBRAE])
+    which = np.repeat(np.eye(len(VERTEBRAE)), len(inputs), axis=0)  # one column per vertebra: its intercept
+    mean, scale = x.mean(axis=0), x.std(axis=0)
+    scale[scale < 1e-6] = 1.0
+    if len(np.unique(y)) < 2:
+        return {v: fit_target(inputs[names[v]], labels[v].to_numpy(int), v, C) for v in VERTEBRAE}
+    model = LogisticRegression(C=C, fit_intercept=False, max_iter=2000)
+    model.fit(np.hstack([(x - mean) / scale, which]), y, sample_weight=metric_weights(y, VERTEBRAE[0]))
+    shared, intercepts = model.coef_[0][:x.shape[1]], model.coef_[0][x.shape[1]:]
+    return {v: {"inputs": names[v], "mean": mean.tolist(), "scale": scale.tolist(), "coef": shared.tolist(),
+                "intercept": float(intercepts[i])} for i, v in enumerate(VERTEBRAE)}
 
 
-def _inner_splits(y: np.ndarray, b: BlendConfig, fold: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    n_inner = max(2, min(b.inner_folds, len(y)))
-    strata = y if np.bincount(y, minlength=2).min() >= n_inner else np.zeros_like(y)  # too few to stratify
-    splitter = StratifiedKFold(n_splits=n_inner, shuffle=True, random_state=b.seed + fold)
-    return list(splitter.split(np.zeros(len(y)), strata))
+def fit_blend(inputs: pd.DataFrame, labels: pd.DataFrame, b: BlendConfig) -> dict:
+    """Every target's model, fitted on studies' inputs (`fold_inputs` rows) and their labels (same order):
+    patient_overall's own, and one shared by the vertebrae (`fit_vertebrae`)."""
+    available = [c for c in inputs.columns if c not in ("StudyInstanceUID", "fold")]
+    overall = fit_target(inputs[target_inputs(OVERALL, available)], labels[OVERALL].to_numpy(int), OVERALL, b.C)
+    return {"targets": {OVERALL: overall, **fit_vertebrae(inputs, labels, b.C)}, "floor": b.floor}
 
 
-def _made(run: Run, cfg: Config, fold: int) -> dict:
-    """What fold ``fold``'s blend is made from: its input files' digests, the features, the settings."""
-    return {"files": {name: digest(path) for name, path in _sources(run, cfg, fold).items()},
+def _made(run: Run, cfg: Config, folds: list[int]) -> dict:
+    """What the blend is made from: its input files' digests, the features, the settings."""
+    return {"files": {f"fold{k}:{name}": digest(path) for k in folds for name, path in _sources(run, cfg, k).items()},
             "features": features_signature(run), "blend": json_safe(dataclasses.asdict(cfg.blend)),
-            "sizes": list(cfg.seq.sizes)}
+            "sizes": list(cfg.seq.sizes), "folds": folds}
 
 
 def json_safe(value):
@@ -149,42 +170,51 @@ def json_safe(value):
     return [json_safe(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-def is_blended(run_dir: str | os.PathLike, fold: int, cfg: Config) -> bool:
-    """Whether fold ``fold``'s blend was fitted on the run's current outputs with the current settings."""
+def is_blended(run_dir: str | os.PathLike, cfg: Config, folds: list[int]) -> bool:
+    """Whether the blend was fitted on the run's current outputs of ``folds`` with the current settings."""
     run = Run(run_dir)
-    paths = [run.blend_model(fold), run.blend_file(fold, "oof.csv"), run.blend_file(fold, "record.json")]
-    if not all(p.is_file() for p in paths):
+    if not all(p.is_file() for p in (run.blend_model, run.blend_file("oof.csv"), run.blend_file("record.json"))):
         return False
     try:
-        return read_json(run.blend_file(fold, "record.json"))["made"] == _made(run, cfg, fold)
+        return read_json(run.blend_file("record.json"))["made"] == _made(run, cfg, folds)
     except FileNotFoundError:
         return False
 
 
-def blend_fold(cfg: Config, run_dir: str | os.PathLike, fold: int) -> pd.DataFrame:
-    """Fits fold ``fold``'s blend; returns its out-of-fold predictions (``p_<target>`` as submitted, and
-    ``p_patient_overall_unfloored``, before the floor)."""
+def _save(run: Run, blend: dict, inputs: pd.DataFrame, path, trained_on: list[str], b: BlendConfig) -> None:
+    """A blend with what it reads (`cspine.checkpoints.save_blend`), for predict to compute the same inputs."""
+    sizes = sorted({int(c[5:].split(":")[0]) for c in inputs.columns if c.startswith("blstm")})
+    save_blend({**blend, "top_k": b.top_k, "margin": b.margin, "sizes": sizes,
+                "extents": run.seg_file("extents.csv").is_file(),
+                "vertebra": any(c.startswith("vert:") for c in inputs.columns),
+                "folds": sorted(int(k) for k in inputs["fold"].unique()), "trained_on": trained_on}, path)
+
+
+def blend(cfg: Config, run_dir: str | os.PathLike, folds: list[int]) -> pd.DataFrame:
+    """Fits the blend on the out-of-fold outputs of ``folds`` (at least two); returns its out-of-fold
+    predictions (``p_<target>`` as submitted, and ``p_patient_overall_unfloored``, before the floor)."""
     run, b = Run(run_dir), cfg.blend
-    run.blend_file(fold, "record.json").unlink(missing_ok=True)  # until the end, the fold is not blended
-    inputs = fold_inputs(cfg, run, fold)
-    uids = inputs["StudyInstanceUID"].tolist()
-    labels = run.read_labels().loc[uids, list(TARGETS)].reset_index(drop=True)
-    p, raw, splits = np.zeros((len(uids), len(TARGETS))), np.zeros(len(uids)), []
-    for tr, va in _inner_splits(labels["patient_overall"].to_numpy(int), b, fold):
-        blend = fit_blend(inputs.iloc[tr], labels.iloc[tr], b)
-        p[va] = apply_blend(blend, inputs.iloc[va])
-        raw[va] = apply_blend({**blend, "floor": False}, inputs.iloc[va])[:, 0]
-        splits.append({"trained_on": [uids[i] for i in tr], "scored": [uids[i] for i in va]})
-    blend = fit_blend(inputs, labels, b)
-    save_blend({**blend, "top_k": b.top_k, "margin": b.margin, "sizes": sorted({int(c[5:].split(":")[0])
-               for c in inputs.columns if c.startswith("blstm")}), "extents": run.seg_file("extents.csv").is_file(),
-                "vertebra": any(c.startswith("vert:") for c in inputs.columns), "fold": fold, "trained_on": uids},
-               run.blend_model(fold))
-    write_csv(inputs, run.blend_file(fold, "inputs.csv"))
-    oof = pd.DataFrame({"StudyInstanceUID": uids, "fold": fold, **{f"p_{t}": p[:, i] for i, t in enumerate(TARGETS)},
-                        "p_patient_overall_unfloored": raw})
-    write_csv(oof, run.blend_file(fold, "oof.csv"))
-    write_json({"made": _made(run, cfg, fold), "splits": splits}, run.blend_file(fold, "record.json"))  # last
-    log.info("blend fold %d: %d studies scored by inner blends that never saw them, loss %.4f", fold, len(uids),
+    if len(folds) < 2:
+        raise ValueError(f"the blend scores each fold with a blend fitted on the others: it needs two folds or "
+                         f"more, not {folds} (folds.folds)")
+    run.blend_file("record.json").unlink(missing_ok=True)  # until the end, the run is not blended
+    inputs = pd.concat([fold_inputs(cfg, run, k) for k in folds], ignore_index=True)
+    labels = run.read_labels().loc[inputs["StudyInstanceUID"], list(TARGETS)].reset_index(drop=True)
+    uids = inputs["StudyInstanceUID"].to_numpy()
+    p, raw, splits = np.zeros((len(inputs), len(TARGETS))), np.zeros(len(inputs)), {}
+    for k in folds:
+        scored, fitted = (inputs["fold"] == k).to_numpy(), (inputs["fold"] != k).to_numpy()
+        scorer = fit_blend(inputs[fitted], labels[fitted], b)
+        p[scored] = apply_blend(scorer, inputs[scored])
+        raw[scored] = apply_blend({**scorer, "floor": False}, inputs[scored])[:, 0]
+        _save(run, scorer, inputs[fitted], run.blend_scorer(k), uids[fitted].tolist(), b)
+        splits[str(k)] = {"trained_on": uids[fitted].tolist(), "scored": uids[scored].tolist()}
+    _save(run, fit_blend(inputs, labels, b), inputs, run.blend_model, uids.tolist(), b)
+    write_csv(inputs, run.blend_file("inputs.csv"))
+    oof = pd.DataFrame({"StudyInstanceUID": uids, "fold": inputs["fold"],
+                        **{f"p_{t}": p[:, i] for i, t in enumerate(TARGETS)}, "p_patient_overall_unfloored": raw})
+    write_csv(oof, run.blend_file("oof.csv"))
+    write_json({"made": _made(run, cfg, folds), "splits": splits}, run.blend_file("record.json"))  # last
+    log.info("blend: %d studies, each scored by a blend fitted on the other folds: loss %.4f", len(oof),
              weighted_log_loss(labels.to_numpy(), p))
     return oof

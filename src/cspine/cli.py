@@ -17,6 +17,7 @@ from pathlib import Path
 from cspine.competition import DataError
 from cspine.config import Config, ConfigError, load_config, shipped_configs
 from cspine.runs import CheckpointError, Run
+from cspine.submission import PredictionError
 
 log = logging.getLogger("cspine")
 
@@ -211,13 +212,13 @@ def cmd_train_vertebrae(args: argparse.Namespace) -> int:
 
 
 def cmd_blend(args: argparse.Namespace) -> int:
-    from cspine.blend import blend_fold
+    from cspine.blend import blend
+    from cspine.pipeline import fold_list
 
-    folds, cfg = _folds_and_config(args)
+    cfg = _config(args)
     run_dir = _bound(args, cfg)
-    for k in folds:
-        blend_fold(cfg, run_dir, k)
-    print(f"blends of folds {', '.join(map(str, folds))} in {Run(run_dir).root / 'blend'}")
+    blend(cfg, run_dir, fold_list(cfg))
+    print(f"blend in {Run(run_dir).blend_dir}")
     return 0
 
 
@@ -311,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, data=False)
     p.set_defaults(func=cmd_train_vertebrae)
 
-    p = sub.add_parser("blend", help="level 2: per target, a calibrated blend of every model (fold=K, or every fold)")
+    p = sub.add_parser("blend", help="level 2: per target, a calibrated blend of every model")
     _add_common(p, data=False)
     p.set_defaults(func=cmd_blend)
 
@@ -355,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("config: %s", exc)
         return 2
-    except (DataError, OSError, CheckpointError) as exc:  # each names its file; no traceback for the user
+    except (DataError, OSError, CheckpointError, PredictionError) as exc:  # each names its cause; no traceback
         log.error("%s", exc)
         return 1
     except KeyboardInterrupt:

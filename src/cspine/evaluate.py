@@ -20,10 +20,18 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from cspine import TARGETS, VERTEBRAE
+from cspine.checkpoints import load_blend
 from cspine.config import Config, save_config
 from cspine.extract import load_features, oof_sources
-from cspine.checkpoints import load_blend
-from cspine.metrics import bootstrap_auc, cv_table, loss_by_target, paper_reports, weighted_log_loss, write_table
+from cspine.metrics import (
+    bootstrap_auc,
+    cv_table,
+    loss_by_target,
+    paper_reports,
+    target_log_loss,
+    weighted_log_loss,
+    write_table,
+)
 from cspine.prepare import UNKNOWN
 from cspine.runs import Run, save_figure, write_csv, write_text
 from cspine.submission import prior_from_train
@@ -134,7 +142,7 @@ def roc_figure(models: dict[str, pd.DataFrame], labels: pd.DataFrame, path: Path
 def _reliability(ax, y: np.ndarray, p: np.ndarray, label: str, style: str) -> None:
     if len(np.unique(y)) < 2:
         return
-    frac, mean = calibration_curve(y, p, n_bins=min(8, max(2, len(y) // 12)), strategy="quantile")
+    frac, mean = calibration_curve(y, p, n_bins=min(10, max(2, len(y) // 12)), strategy="quantile")
     ax.plot(mean, frac, style, label=label)
 
 
@@ -152,12 +160,15 @@ def calibration_figure(submitted: str, models: dict[str, pd.DataFrame], labels: 
                      other["p_patient_overall"].to_numpy(), name, "s--")
     _reliability(axes[1], y[list(VERTEBRAE)].to_numpy().ravel(),
                  oof[[f"p_{v}" for v in VERTEBRAE]].to_numpy().ravel(), f"submitted: {submitted}", "o-")
+    q = np.linspace(0, 1, 101)
     for ax, title in zip(axes, ("patient_overall", "C1..C7, every vertebra of every study")):
-        ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfectly calibrated")
+        ax.plot([0, 1], [0, 1], "k:", lw=1, label="calibrated (predicted = observed)")
+        ax.plot(2 * q / (1 + q), q, color="0.5", lw=1, label="the metric's best answer, 2q/(1+q)")
         ax.set(xlabel="predicted probability (mean of a bin)", ylabel="observed frequency of fractures",
                xlim=(0, 1), ylim=(0, 1), title=title)
         ax.legend(fontsize=7, loc="upper left")
-    fig.suptitle("Calibration, out of fold (bins of equal size)", fontsize=10)
+    fig.suptitle("Calibration, out of fold (bins of equal size). Positives weigh twice, so for an observed "
+                 "frequency q the metric rewards 2q/(1+q): the grey curve", fontsize=9)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)
@@ -261,7 +272,7 @@ def loss_table(models: dict[str, pd.DataFrame], labels: pd.DataFrame) -> pd.Data
                 for i in range(1, len(TARGETS))]
         rows.append({"model": name, "loss per study": parts.sum(),
                      "of which patient_overall": f"{parts[0]:.3f} ({parts[0] / parts.sum():.0%})",
-                     "C1..C7 together": parts[1:].sum(),
+                     "C1..C7 together": parts[1:].sum(), "patient_overall's own weighted loss": target_log_loss(y[:, 0], p[:, 0], "patient_overall"),
                      "AUC patient_overall": roc_auc_score(y[:, 0], p[:, 0]) if len(np.unique(y[:, 0])) == 2 else np.nan,
                      "AUC C1..C7 mean / min": f"{np.nanmean(aucs):.3f} / {np.nanmin(aucs):.3f}"})
     return pd.DataFrame(rows)
@@ -283,19 +294,21 @@ def auc_interval_table(models: dict[str, pd.DataFrame], labels: pd.DataFrame, se
 
 
 def coefficient_table(run: Run) -> pd.DataFrame | None:
-    """Every fold's blend: per target and input, the coefficient on the standardised input (None without)."""
-    blends = {fold: load_blend(path) for fold, path in run.blend_models().items()}
-    if not blends:
+    """Per target and input, the coefficient on the standardised input of the submitted blend (fitted on
+    every study) and of each blend that scored a fold (fitted on the others); None without a blend."""
+    if not run.blend_model.is_file():
         return None
+    submitted = load_blend(run.blend_model)
+    blends = {"submitted": submitted, **{f"scored fold {k}": load_blend(run.blend_scorer(k)) for k in submitted["folds"]}}
     rows = []
     for t in TARGETS:
         names = list(dict.fromkeys(n for b in blends.values() for n in [*b["targets"][t]["inputs"], "intercept"]))
         for name in names:
             row = {"target": t, "input": name}
-            for fold, b in blends.items():
+            for label, b in blends.items():
                 model = b["targets"][t]
                 values = dict(zip(model["inputs"], model["coef"])) | {"intercept": model["intercept"]}
-                row[f"fold {fold}"] = round(values[name], 3) if name in values else None
+                row[label] = round(values[name], 3) if name in values else None
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -349,7 +362,7 @@ def evaluate(cfg: Config, run_dir: str | os.PathLike) -> Path:
         models[VERTEBRA_TRACK] = collect([run.vert_file(k, "oof.csv") for k in range(n_folds)], run.vert_oof(),
                                          "vertebra-track", "train-vertebrae")
     if cfg.blend.enabled:
-        blend = collect([run.blend_file(k, "oof.csv") for k in range(n_folds)], run.blend_oof(), "blend", "blend")
+        blend = pd.read_csv(run.blend_file("oof.csv"), dtype={"StudyInstanceUID": str})
         models[BLEND] = blend.drop(columns="p_patient_overall_unfloored")
         models[BLEND_UNFLOORED] = blend.assign(p_patient_overall=blend["p_patient_overall_unfloored"])
     slice_probs = oof_slice_probs(run)  # read once: the pooling baselines and Table 2 share them
@@ -363,7 +376,8 @@ def evaluate(cfg: Config, run_dir: str | os.PathLike) -> Path:
     case_rows = [r for name, oof in models.items() if name != PRIOR for r in case_level_reports(name, oof, labels)]
     table3 = cv_table(sorted(case_rows, key=lambda r: r["Data"] != "Imblcd."), row_keys=("Model", "Data"))
     score_table = pd.DataFrame([scores(name, oof, labels) for name, oof in models.items()])
-    losses, intervals, coefficients = loss_table(models, labels), auc_interval_table(models, labels), coefficient_table(run)
+    losses, intervals = loss_table(models, labels), auc_interval_table(models, labels)
+    coefficients = coefficient_table(run) if cfg.blend.enabled else None
     write_table(table2, out / "table2", "Table 2 — image level (out-of-fold, mean ± std % over folds)")
     write_table(table3, out / "table3", "Table 3 — case level, patient_overall (out-of-fold, mean ± std % over folds)")
     write_csv(score_table, out / "scores.csv")
@@ -386,7 +400,8 @@ def evaluate(cfg: Config, run_dir: str | os.PathLike) -> Path:
         f"`{cfg.seq.input}`, loss: `{cfg.seq.loss}`.", "",
         "## Where the loss is", "",
         "The competition's weighted log loss per study (lower is better; a constant 0.5 scores 0.6931), split "
-        "into what patient_overall (weights 7 and 14) and the seven vertebrae (1 and 2 each) carry.", "",
+        "into what patient_overall (weights 7 and 14) and the seven vertebrae (1 and 2 each) carry; then "
+        "patient_overall's weighted log loss on its own (its weights only).", "",
         losses.to_markdown(index=False, floatfmt=".3f"), "", MAX_POOLING_NOTE, "",
         "## AUC with 95% bootstrap intervals", "",
         "Studies resampled 1,000 times within each class. With a handful of fractured studies (the first row) "
@@ -395,8 +410,10 @@ def evaluate(cfg: Config, run_dir: str | os.PathLike) -> Path:
         intervals.to_markdown(index=False), "",
         "![calibration](calibration.png)", "",
         *(["## The blend's coefficients", "",
-           "Per target and fold, the logistic regression's coefficient on each standardised input (log-odds; "
-           "`cspine.stacking` names them), and its intercept. A large weight on a weak model would show here.",
+           "Per target, the logistic regression's coefficient on each standardised input (log-odds; "
+           "`cspine.stacking` names them) and its intercept: the submitted blend, fitted on every study, and "
+           "the blends that scored each fold, fitted on the other folds. A large weight on a weak model, or "
+           "a sign that flips between folds, would show here.",
            "", coefficients.to_markdown(index=False), ""] if coefficients is not None else []),
         (out / "table2.md").read_text(), (out / "table3.md").read_text(),
         "## Every score", "",

@@ -24,7 +24,7 @@ from pathlib import Path
 from cspine import __version__
 from cspine.checkpoints import load_blend, load_sequence_model, load_slice_model, load_vertebra_model
 from cspine.config import Config, save_config
-from cspine.runs import Run, write_json, write_text
+from cspine.runs import Run, write_json
 from cspine.segmenter import load_segmenter
 
 log = logging.getLogger(__name__)
@@ -36,69 +36,11 @@ log = logging.getLogger(__name__)
 INFERENCE_REQUIREMENTS = ["pydicom>=3.0", "pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1", "pylibjpeg-openjpeg>=2.3",
                           "pylibjpeg-rle>=2.0", "dicomsdl>=0.109", "opencv-python-headless>=4.8", "nibabel>=5.0",
                           "tabulate>=0.9", "pyyaml>=6.0", "segmentation-models-pytorch>=0.6"]
-KAGGLE_PREINSTALLED = ["torch", "torchvision", "timm", "numpy", "pandas", "scikit-learn", "matplotlib"]
 # The bundle's manifest, a plain visible file (a dotfile may not survive an upload): the script finds the
 # bundle by it, and `package_kaggle` replaces only a folder that holds it.
 MARKER = "cspine-bundle.json"
 PLATFORMS = ["manylinux2014_x86_64", "manylinux_2_28_x86_64"]
 
-INFERENCE_SCRIPT = '''"""Kaggle notebook cell (internet off): find the cspine bundle, check it fits this Python, install it
-offline, write the submission. Run it as `%run /kaggle/input/<your dataset>/kaggle_inference.py`, or paste it.
-
-CSPINE_BUNDLE (the bundle folder), CSPINE_KAGGLE_INPUT (where to look for it) and CSPINE_SUBMISSION (the
-output) override the defaults; the competition data is found as `python -m cspine predict` finds it.
-"""
-import json, os, subprocess, sys
-from pathlib import Path
-
-MARKER = {marker!r}
-
-
-def find_bundle() -> Path:
-    if os.environ.get("CSPINE_BUNDLE"):
-        return Path(os.environ["CSPINE_BUNDLE"])
-    if "__file__" in globals() and (Path(__file__).resolve().parent / MARKER).is_file():
-        return Path(__file__).resolve().parent
-    root = Path(os.environ.get("CSPINE_KAGGLE_INPUT", "/kaggle/input"))
-    found = sorted({{p.parent for depth in ("*", "*/*", "*/*/*") for p in root.glob(f"{{depth}}/{{MARKER}}")}})
-    if len(found) != 1:
-        listed = ", ".join(sorted(p.name for p in root.iterdir())) if root.is_dir() else "nothing"
-        sys.exit(f"cspine: {{len(found)}} bundles (folders holding {{MARKER}}) under {{root}}: "
-                 f"{{', '.join(map(str, found)) or 'none'}}; attached there: {{listed}}. Attach the bundle dataset, "
-                 "or set CSPINE_BUNDLE to its folder")
-    return found[0]
-
-
-def check_interpreter(bundle: Path, manifest: dict) -> None:
-    have = f"{{sys.version_info.major}}.{{sys.version_info.minor}}"
-    if manifest["python"] != have:
-        sys.exit(f"cspine: the bundle's wheels are for Python {{manifest['python']}}, this notebook runs Python "
-                 f"{{have}} ({{sys.executable}}); rebuild it with `python -m cspine package-kaggle --python {{have}}`")
-    try:
-        from packaging.tags import sys_tags
-        from packaging.utils import parse_wheel_filename
-    except ImportError:
-        return  # the version check above stands alone
-    supported = set(sys_tags())
-    unusable = [w.name for w in sorted((bundle / "wheels").glob("*.whl"))
-                if not set(parse_wheel_filename(w.name)[3]) & supported]
-    if unusable:
-        sys.exit(f"cspine: {{len(unusable)}} wheels of the bundle do not install on this interpreter "
-                 f"({{sys.executable}}, Python {{have}}): {{', '.join(unusable)}}")
-
-
-BUNDLE = find_bundle()
-MANIFEST = json.loads((BUNDLE / MARKER).read_text())
-check_interpreter(BUNDLE, MANIFEST)
-os.environ.update(HF_HUB_OFFLINE="1", NO_ALBUMENTATIONS_UPDATE="1")  # no network call, ever
-pip = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(BUNDLE / "wheels")]
-subprocess.run(pip + ["--no-deps", "cspine"], check=True)
-subprocess.run(pip + MANIFEST["requirements"], check=True)
-out = os.environ.get("CSPINE_SUBMISSION", "/kaggle/working/submission.csv")
-subprocess.run([sys.executable, "-m", "cspine", "predict", "--config", str(BUNDLE / "models" / "config.yaml"),
-                "--models", str(BUNDLE / "models"), "--out", out], check=True)
-print("submission written to", out)
-'''
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -131,16 +73,16 @@ def check_bundle_folder(out: Path, models_dir: Path) -> None:
 
 def _verified_checkpoints(models: Run, hidden: int) -> tuple[list[Path], list[Path]]:
     """Every checkpoint `predict` reads (slice CNNs, the BLSTMs of size ``hidden`` and of every size a blend
-    reads, the vertebra track, the segmentation models, the blends), each loaded once to prove it is whole;
+    reads, the vertebra track, the segmentation models, the blend), each loaded once to prove it is whole;
     returns (slice CNNs, the others)."""
     checkpoints = list(models.slice_checkpoints().values())
-    blends = list(models.blend_models().values())
-    sizes = sorted({hidden, *(h for path in blends for h in load_blend(path)["sizes"])})
+    blend = load_blend(models.blend_model) if models.blend_model.is_file() else None
+    sizes = sorted({hidden, *(blend["sizes"] if blend else [])})
     blstms = {size: models.blstm_checkpoints(size) for size in sizes}
     if not checkpoints or not all(blstms.values()):
         raise FileNotFoundError(f"no trained models under {models.root}: train them first (python -m cspine run)")
     vertebra = models.vert_models()
-    needs_segments = vertebra or any(load_blend(path)["extents"] for path in blends)
+    needs_segments = vertebra or (blend is not None and blend["extents"])
     segmenters = models.seg_models() if needs_segments else []
     if needs_segments and not segmenters:
         raise FileNotFoundError(f"{models.root}: its models read each vertebra's slices, but it has no segmentation "
@@ -153,7 +95,8 @@ def _verified_checkpoints(models: Run, hidden: int) -> tuple[list[Path], list[Pa
         load_vertebra_model(path)
     for path in segmenters:
         load_segmenter(path)
-    return checkpoints, [*(p for paths in blstms.values() for p in paths), *vertebra, *segmenters, *blends]
+    return checkpoints, [*(p for paths in blstms.values() for p in paths), *vertebra, *segmenters,
+                         *([models.blend_model] if blend else [])]
 
 
 def dataset_metadata(dataset: str) -> dict:
@@ -162,10 +105,15 @@ def dataset_metadata(dataset: str) -> dict:
     return {"title": dataset, "id": f"{user}/{dataset}", "licenses": [{"name": "other"}]}
 
 
-def download_wheels(wheel_dir: Path, python: str) -> None:
-    """cspine's own wheel, and the inference requirements' wheels for ``python`` on manylinux x86-64."""
+def build_cspine_wheel(wheel_dir: Path) -> None:
+    """cspine's own wheel, built from this checkout with the installed setuptools (no package index needed)."""
     root = Path(__file__).resolve().parents[2]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheel_dir), str(root)], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(wheel_dir), str(root)], check=True)
+
+
+def download_wheels(wheel_dir: Path, python: str) -> None:
+    """The inference requirements' wheels for ``python`` on manylinux x86-64 (needs the package index)."""
     platforms = [arg for platform in PLATFORMS for arg in ("--platform", platform)]
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--python-version", python,
                     *platforms, "-d", str(wheel_dir), *INFERENCE_REQUIREMENTS], check=True)
@@ -179,7 +127,9 @@ def package_kaggle(cfg: Config, models_dir: str | os.PathLike, out: str | os.Pat
         cfg: the run's config (saved resolved into the bundle).
         models_dir: the run folder with ``slice/fold*/best.pt`` and ``seq/h<hidden>/fold*/*.pt``.
         out: the bundle folder: new, empty, or a bundle written before (replaced).
-        wheels: False skips building and downloading wheels (a machine without a package index).
+        wheels: False leaves out the dependencies' wheels (a machine without a package index, or a notebook
+            that has them); cspine's own wheel is always there, and the script then checks the dependencies
+            are installed.
         dataset: the Kaggle dataset's name (its slug in ``dataset-metadata.json``).
         python: the Python version ("3.11") the notebook runs; default: this interpreter's.
 
@@ -205,8 +155,12 @@ def package_kaggle(cfg: Config, models_dir: str | os.PathLike, out: str | os.Pat
         if src.is_file():
             _copy(src, dst)
     save_config(cfg, bundle.config)
-    write_text(out / "kaggle_inference.py", INFERENCE_SCRIPT.format(marker=MARKER))
-    write_json(dataset_metadata(dataset), out / "dataset-metadata.json")
+    _copy(Path(__file__).with_name("kaggle_inference.py"), out / "kaggle_inference.py")
+    metadata = write_json(dataset_metadata(dataset), out / "dataset-metadata.json")
+    if "KAGGLE_USERNAME" not in os.environ:
+        log.warning("dataset-metadata.json names the owner YOUR-KAGGLE-USERNAME: set $KAGGLE_USERNAME before "
+                    "packaging, or edit the id in %s, before `kaggle datasets create`", metadata)
+    build_cspine_wheel(out / "wheels")
     if wheels:
         download_wheels(out / "wheels", python)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

@@ -58,6 +58,14 @@ def loss_by_target(y: np.ndarray, p: np.ndarray) -> np.ndarray:
     return (w * bce / w.sum(axis=1, keepdims=True)).mean(axis=0)
 
 
+def target_log_loss(y: np.ndarray, p: np.ndarray, target: str) -> float:
+    """One target's weighted log loss on its own: Σ w·BCE / Σ w with that target's weights (y, p: [S])."""
+    y = np.asarray(y, dtype=np.float64)
+    p = np.clip(np.asarray(p, dtype=np.float64), EPS, 1 - EPS)
+    w = np.where(y == 1, POSITIVE_WEIGHT[target], NEGATIVE_WEIGHT[target])
+    return float(-(w * (y * np.log(p) + (1 - y) * np.log1p(-p))).sum() / w.sum())
+
+
 def bootstrap_auc(y: np.ndarray, p: np.ndarray, n: int = 1000, seed: int = 0,
                   level: float = 0.95) -> tuple[float, float, float]:
     """AUC and its percentile bootstrap interval (studies resampled within each class, so every draw has

@@ -23,7 +23,7 @@ from typing import Callable
 
 import pandas as pd
 
-from cspine.blend import blend_fold, is_blended
+from cspine.blend import blend, is_blended
 from cspine.competition import (
     DataError,
     find_data_dir,
@@ -239,8 +239,8 @@ STAGES: tuple[Stage, ...] = (
           lambda j: [train_seq(j.cfg, j.run, k) for k in j.folds]),
     Stage("train-vertebrae", lambda j: not j.cfg.vert.enabled or all(is_vert_trained(j.run, k, j.cfg) for k in j.folds),
           lambda j: [train_vertebra_fold(j.cfg, j.run, k) for k in j.folds if not is_vert_trained(j.run, k, j.cfg)]),
-    Stage("blend", lambda j: not j.cfg.blend.enabled or all(is_blended(j.run, k, j.cfg) for k in j.folds),
-          lambda j: [blend_fold(j.cfg, j.run, k) for k in j.folds if not is_blended(j.run, k, j.cfg)]),
+    Stage("blend", lambda j: not j.cfg.blend.enabled or is_blended(j.run, j.cfg, j.folds),
+          lambda j: blend(j.cfg, j.run, j.folds)),
     Stage("evaluate", _always, lambda j: evaluate(j.cfg, j.run)),
     Stage("predict", _always, lambda j: predict(j.cfg, j.data_dir, j.run, j.submission, train=j.train)),
 )

@@ -44,8 +44,8 @@ from cspine.progress import progress
 from cspine.runtime import amp_dtype, pick_devices
 from cspine.segmenter import load_segmenter, segment_study, vertebra_extents
 from cspine.stacking import apply_blend, study_inputs
-from cspine.studies import read_ahead, reading_pool
-from cspine.submission import make_submission, prior_from_train, write_submission
+from cspine.studies import StudyReader
+from cspine.submission import PredictionError, make_submission, prior_from_train, write_submission
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class Ensemble:
     seg_reading: dict = field(default_factory=dict)  # how they read a study (`cspine.segmenter.reading`)
     vertebra: list[tuple[dict, SequenceNet]] = field(default_factory=list)  # the vertebra track's BiLSTMs
     overall: str = "blstm"  # where the vertebra track takes patient_overall from (`VertebraConfig.overall`)
-    blends: dict[int, dict] = field(default_factory=dict)  # {fold: its level-2 blend}; they answer when present
+    blend: dict | None = None  # the level-2 blend, applied to each fold's models; it answers when present
     devices: list[torch.device] = field(default_factory=lambda: [torch.device("cpu")])
 
 
@@ -98,8 +98,8 @@ def load_ensemble(run_dir: str | os.PathLike, hidden: int, devices: list[torch.d
     cnns, cnn_meta = {}, {}
     for k, (fold, path) in enumerate(run.slice_checkpoints().items()):
         cnns[fold], cnn_meta[path] = load_slice_model(path, devices[k % len(devices)])
-    blends = {fold: load_blend(path) for fold, path in run.blend_models().items()}
-    sizes = sorted({hidden, *(h for blend in blends.values() for h in blend["sizes"])})
+    blend = load_blend(run.blend_model) if run.blend_model.is_file() else None
+    sizes = sorted({hidden, *(blend["sizes"] if blend else [])})
     blstms, blstm_meta = {}, {}
     for size in sizes:
         blstms[size] = []
@@ -118,12 +118,13 @@ def load_ensemble(run_dir: str | os.PathLike, hidden: int, devices: list[torch.d
         input=_one({p: m["input"] for p, m in blstm_meta.items()}, "BLSTM input", run.root),
         bins=_one({p: m["bins"] for p, m in blstm_meta.items()}, "seq.bins", run.root),
         tta=_one({p: m["tta"] for p, m in blstm_meta.items()}, "predict.tta", run.root),
-        blends=blends, devices=list(devices))
+        blend=blend, devices=list(devices))
     if run.vert_models():
         _add_vertebra_track(ensemble, run, device)
-    elif any(blend["extents"] for blend in blends.values()):
+    elif blend and blend["extents"]:
         _add_segmenters(ensemble, run, device)
-    _check_blends(ensemble, run)
+    if blend:
+        _check_blend(ensemble, run)
     return ensemble
 
 
@@ -140,16 +141,16 @@ def _add_segmenters(ensemble: Ensemble, run: Run, device: torch.device) -> None:
     ensemble.seg_reading = _one(readings, "segmentation reading", run.root)
 
 
-def _check_blends(ensemble: Ensemble, run: Run) -> None:
-    """Each fold's blend must find its fold's models: a CNN, and the vertebra track where it read one."""
-    for fold, blend in ensemble.blends.items():
-        missing = [what for what, present in (("slice CNN", fold in ensemble.cnns),
-                                               ("vertebra track", not blend["vertebra"] or any(
-                                                   m["source_fold"] == fold for m, _ in ensemble.vertebra)))
-                   if not present]
-        if missing:
-            raise CheckpointError(f"{run.blend_models()[fold]}: the blend of fold {fold} reads that fold's "
-                                  f"{' and '.join(missing)}, which {run.root} lacks")
+def _check_blend(ensemble: Ensemble, run: Run) -> None:
+    """The blend reads each of its folds' models: a slice CNN, and the vertebra track where it read one."""
+    missing = []
+    for fold in ensemble.blend["folds"]:
+        if fold not in ensemble.cnns:
+            missing.append(f"fold {fold}'s slice CNN")
+        if ensemble.blend["vertebra"] and not any(m["source_fold"] == fold for m, _ in ensemble.vertebra):
+            missing.append(f"fold {fold}'s vertebra track")
+    if missing:
+        raise CheckpointError(f"{run.blend_model}: the blend reads {', '.join(missing)}, which {run.root} lacks")
 
 
 def _add_vertebra_track(ensemble: Ensemble, run: Run, device: torch.device) -> None:
@@ -179,7 +180,7 @@ def check_config(cfg: Config, ensemble: Ensemble) -> None:
              "slice.width": (cfg.slice.width, a["width"]), "seq.input": (cfg.seq.input, ensemble.input),
              "seq.bins": (cfg.seq.bins, ensemble.bins), "predict.tta": (cfg.predict.tta, ensemble.tta),
              "vert.enabled": (cfg.vert.enabled, bool(ensemble.vertebra)),
-             "blend.enabled": (cfg.blend.enabled, bool(ensemble.blends)),
+             "blend.enabled": (cfg.blend.enabled, ensemble.blend is not None),
              **({"vert.overall": (cfg.vert.overall, ensemble.overall)} if ensemble.vertebra else {})}
     differ = [f"{key}={mine!r} (the models: {theirs!r})" for key, (mine, theirs) in pairs.items() if mine != theirs]
     if differ:
@@ -241,8 +242,9 @@ def _fold_mean(outputs: dict, fold: int) -> np.ndarray:
 
 def blend_inputs(fold: int, blend: dict, per_fold: PerFold, extents: dict | None, blstm: dict,
                  vert: dict | None) -> dict[str, float]:
-    """What fold ``fold``'s blend reads of one study: fold ``fold``'s CNN outputs, BLSTMs (of the sizes it
-    read, each size's models of the fold averaged) and vertebra track, as `cspine.blend` fitted it."""
+    """What the blend reads of one study through fold ``fold``'s models: its CNN's outputs, its BLSTMs (of
+    the sizes the blend read, each size's models of the fold averaged) and its vertebra track, as the
+    `blend` stage read every study through its own fold's models."""
     return study_inputs(per_fold[fold][1], extents if blend["extents"] else None,
                         {h: _fold_mean(blstm[h], fold) for h in blend["sizes"]},
                         _fold_mean(vert, fold) if blend["vertebra"] else None, blend["top_k"], blend["margin"])
@@ -251,16 +253,15 @@ def blend_inputs(fold: int, blend: dict, per_fold: PerFold, extents: dict | None
 def combine_outputs(per_fold: PerFold, extents: dict | None, ensemble: Ensemble, device: torch.device) -> np.ndarray:
     """float [8] in TARGETS order from the CNNs' outputs on one study (and its vertebrae's extents).
 
-    With blends, fold k's blend reads fold k's CNN, BLSTMs and vertebra track (as it was fitted) and the
-    folds' answers are averaged; without, the BLSTMs of size ``hidden`` answer, and the vertebra track gives
-    C1..C7 (and patient_overall with ``vert.overall="vertebrae"``).
+    With a blend, it answers once through each fold's CNN, BLSTMs and vertebra track, and the folds' answers
+    are averaged; without, the BLSTMs of size ``hidden`` answer, and the vertebra track gives C1..C7 (and
+    patient_overall with ``vert.overall="vertebrae"``).
     """
     blstm = {h: blstm_outputs(per_fold, ensemble, h, device) for h in ensemble.blstms}
     vert = vertebra_outputs(per_fold, extents or {}, ensemble, device) if ensemble.vertebra else None
-    if ensemble.blends:
-        answers = [apply_blend(blend, pd.DataFrame([blend_inputs(fold, blend, per_fold, extents, blstm, vert)]))[0]
-                   for fold, blend in ensemble.blends.items()]
-        return np.mean(answers, axis=0)
+    if ensemble.blend:
+        rows = [blend_inputs(k, ensemble.blend, per_fold, extents, blstm, vert) for k in ensemble.blend["folds"]]
+        return apply_blend(ensemble.blend, pd.DataFrame(rows)).mean(axis=0)
     p = _pooled(blstm[ensemble.hidden])
     if vert is None:
         return p
@@ -301,12 +302,80 @@ def predict_images(images: np.ndarray, ensemble: Ensemble, cfg: Config) -> dict[
     return {t: float(p[i]) for i, t in enumerate(TARGETS)}
 
 
+def predict_studies(paths: list[Path], uids: list[str], ensemble: Ensemble, cfg: Config,
+                    what: str = "predict") -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """Each study's 8 probabilities, read ahead by worker processes; a study that fails anywhere (reading,
+    a dead reading process, the models) is logged and left out.
+
+    Returns:
+        ({uid: {target: probability}}, {uid: why it failed}).
+    """
+    i = ensemble.inputs
+    workers = cfg.predict.workers or default_workers()
+    probs: dict[str, dict[str, float]] = {}
+    failed: dict[str, str] = {}
+    with StudyReader(workers, i["size"], i["crop"], i["margin"], MIN_SLICES) as reader:
+        for uid, study in zip(progress(uids, what, unit="study"), reader.read(paths, ahead=2 * workers)):
+            try:
+                if isinstance(study, Exception):
+                    raise study
+                for warning in study.warnings:
+                    log.warning("%s", warning)
+                probs[uid] = predict_images(study.images, ensemble, cfg)
+            except Exception as exc:  # one bad study must never cost the submission: it gets the prior
+                failed[uid] = f"{type(exc).__name__}: {exc}"
+                log.error("%s: study %s failed (%s); it gets the prior", what, uid, failed[uid])
+    return probs, failed
+
+
+def self_test(data_dir: Path, ensemble: Ensemble, cfg: Config) -> dict[str, str]:
+    """Predicts a few training studies with the real models when no listed test study is present.
+
+    Kaggle's public rerun lists test studies whose images it does not have, so a bundle would never run its
+    models before the hidden rerun, whose log nobody sees. This runs them on ``predict.self_test`` studies of
+    ``train_images/`` and prints seconds per study, the device, the precision and every failure.
+
+    Returns:
+        {uid: why it failed} of the studies tried.
+    """
+    folder = data_dir / "train_images"
+    uids = sorted(p.name for p in folder.iterdir() if p.is_dir())[:cfg.predict.self_test] if folder.is_dir() else []
+    if not uids:
+        print(f"cspine self-test: no study under {folder}; the models did not run before the hidden test")
+        return {}
+    device = ensemble.devices[0]
+    started = time.perf_counter()
+    probs, failed = predict_studies([folder / u for u in uids], uids, ensemble, cfg, "self-test")
+    seconds = (time.perf_counter() - started) / len(uids)
+    dtype = amp_dtype(device, cfg.slice.amp)
+    print(f"cspine self-test: {len(uids)} training studies on {', '.join(map(str, ensemble.devices))} "
+          f"({str(dtype).replace('torch.', '') if dtype else 'float32'}), {seconds:.1f} s a study (the pool's start "
+          f"included), {len(failed)} failed")
+    for uid, cause in failed.items():
+        print(f"cspine self-test FAILED on {uid}: {cause}")
+    for uid, p in probs.items():
+        print(f"  {uid}: " + ", ".join(f"{t} {v:.3f}" for t, v in p.items()))
+    return failed
+
+
+def check_failures(failed: dict[str, str], tried: int, limit: float) -> None:
+    """Raises PredictionError when more than ``limit`` of ``tried`` studies failed, naming the first causes."""
+    if tried and len(failed) > limit * tried:
+        causes = "; ".join(f"{uid}: {cause[:300]}" for uid, cause in list(failed.items())[:3])
+        raise PredictionError(f"{len(failed)} of {tried} test studies failed (more than predict.max_failed="
+                              f"{limit:g} of them), so no submission was written: it would score as the prior. "
+                              f"First causes: {causes}. predict.max_failed=1 writes one anyway")
+
+
 def predict(cfg: Config, data_dir: str | os.PathLike, models_dir: str | os.PathLike,
             out_csv: str | os.PathLike, train: pd.DataFrame | None = None) -> pd.DataFrame:
     """Writes a complete, validated submission for the test set of ``data_dir``; returns it.
 
     Args:
         train: training labels for the prior of failed or absent studies (default: the real data's).
+
+    Raises:
+        PredictionError: more than ``predict.max_failed`` of the present test studies failed.
     """
     data_dir = Path(data_dir)
     check_writable(Path(out_csv).parent)
@@ -319,28 +388,15 @@ def predict(cfg: Config, data_dir: str | os.PathLike, models_dir: str | os.PathL
                 cnn.to(memory_format=torch.channels_last)
     test = read_test(data_dir)
     uids = list_test_studies(data_dir, test)
-    prior = prior_from_train(train)
-    probs: dict[str, dict[str, float]] = {}
-    failed: list[str] = []
+    if not uids and cfg.predict.self_test:
+        self_test(data_dir, ensemble, cfg)
     started = time.perf_counter()
-    i = ensemble.inputs
-    workers = cfg.predict.workers or default_workers()
     log.info("predict: %d studies on %s, read by %d worker processes", len(uids), ", ".join(map(str, devices)),
-             workers)
-    with reading_pool(workers) as pool:
-        reads = read_ahead(pool, [data_dir / "test_images" / u for u in uids], i["size"], i["crop"], i["margin"],
-                           MIN_SLICES, ahead=2 * workers)
-        for uid, future in zip(progress(uids, "predict", unit="study"), reads):
-            try:
-                study = future.result()
-                for warning in study.warnings:
-                    log.warning("%s", warning)
-                probs[uid] = predict_images(study.images, ensemble, cfg)
-            except Exception as exc:  # one bad study must never cost the submission: it gets the prior
-                log.error("predict: study %s failed (%s: %s); it gets the prior", uid, type(exc).__name__, exc)
-                failed.append(uid)
+             cfg.predict.workers or default_workers())
+    probs, failed = predict_studies([data_dir / "test_images" / u for u in uids], uids, ensemble, cfg)
     elapsed = time.perf_counter() - started
-    sub = make_submission(test, probs, prior=prior, clip=cfg.predict.clip)
+    check_failures(failed, len(uids), cfg.predict.max_failed)
+    sub = make_submission(test, probs, prior=prior_from_train(train), clip=cfg.predict.clip)
     path = write_submission(sub, test, out_csv)
     log.info("predict: %d studies in %.1f s (%.2f s/study), %d failed, %d listed but absent; wrote %s",
              len(uids), elapsed, elapsed / max(len(uids), 1), len(failed),

@@ -13,7 +13,7 @@ Layout of ``runs/<name>/``::
     seq/h<H>/oof.csv                                                                       (evaluate)
     segment/          fold<k>.pt, vertebrae.csv, extents.csv, dice.csv                     (segment)
     vertebra/fold<k>/ inner<i>.pt, oof.csv, record.json, history.json                      (train-vertebrae)
-    blend/fold<k>/    blend.pt, oof.csv, inputs.csv, record.json; blend/oof.csv            (blend)
+    blend/            blend.pt, fold<k>.pt, inputs.csv, oof.csv, record.json              (blend)
     report/           report.md, tables, figures                                           (evaluate)
     explain/          Grad-CAM figures                                                     (explain)
 
@@ -43,7 +43,7 @@ SLICE_FILES = ("history.csv", "oof_slices.csv", "table2", "report.json", "train.
 SEQ_FILES = ("oof.csv", "features.json", "history.json")
 SEG_FILES = ("vertebrae.csv", "extents.csv", "dice.csv")
 VERT_FILES = ("oof.csv", "record.json", "history.json")
-BLEND_FILES = ("oof.csv", "record.json", "inputs.csv")
+BLEND_FILES = ("inputs.csv", "oof.csv", "record.json")
 
 
 class Cache:
@@ -189,26 +189,24 @@ class Run:
         """Every fold's out-of-fold vertebra-track predictions, together."""
         return self.root / "vertebra" / "oof.csv"
 
-    def blend_dir(self, fold: int) -> Path:
-        return self.root / "blend" / f"fold{fold}"
+    @property
+    def blend_dir(self) -> Path:
+        return self.root / "blend"
 
-    def blend_model(self, fold: int) -> Path:
-        """Fold ``fold``'s level-2 blend, fitted on every study of the fold (`cspine.blend`)."""
-        return self.blend_dir(fold) / "blend.pt"
+    @property
+    def blend_model(self) -> Path:
+        """The level-2 blend `predict` applies, fitted on every study (`cspine.blend`)."""
+        return self.blend_dir / "blend.pt"
 
-    def blend_file(self, fold: int, name: str) -> Path:
-        """One of a fold's blend records (`BLEND_FILES`)."""
+    def blend_scorer(self, fold: int) -> Path:
+        """The blend that scored fold ``fold`` out of fold, fitted on the other folds' studies."""
+        return self.blend_dir / f"fold{fold}.pt"
+
+    def blend_file(self, name: str) -> Path:
+        """One of the blend's records (`BLEND_FILES`)."""
         if name not in BLEND_FILES:
             raise ValueError(f"{name!r} is not a blend record; one of {BLEND_FILES}")
-        return self.blend_dir(fold) / name
-
-    def blend_models(self) -> dict[int, Path]:
-        """{fold: blend.pt} for every fold that has one."""
-        return {int(p.parent.name[4:]): p for p in sorted(self.root.glob("blend/fold*/blend.pt"))}
-
-    def blend_oof(self) -> Path:
-        """Every fold's out-of-fold blend predictions, together."""
-        return self.root / "blend" / "oof.csv"
+        return self.blend_dir / name
 
     def features_dir(self, fold: int) -> Path:
         return self.root / "features" / f"fold{fold}"

@@ -12,6 +12,7 @@ import os
 import warnings
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -53,33 +54,82 @@ def _one_thread() -> None:
     cv2.setNumThreads(1)
 
 
-def reading_pool(workers: int = 0) -> ProcessPoolExecutor:
-    """``workers`` processes (0: every core) that each read whole studies, one thread each.
+class WorkerDied(RuntimeError):
+    """A reading process died on a study (killed by the OOM killer, or a decoder crashed)."""
 
-    Spawned, not forked: the parent holds CUDA and threads, which a forked child must not inherit. A spawned
-    process imports cspine's reading modules (no torch) once, in about a second; the pool lives for a
-    whole `predict`.
+
+class StudyReader:
+    """Worker processes that read whole studies ahead of the models, in order; a dead one costs one study.
+
+        with StudyReader(workers, size, crop, margin, min_slices) as reader:
+            for path, study in zip(paths, reader.read(paths, ahead=4)):
+                ...  # study: a ReadStudy, or the exception reading it raised
+
+    ``workers`` processes (0: every core) each read a whole study with one thread. Spawned, not forked: the
+    parent holds CUDA and threads, which a forked child must not inherit; a spawned process imports
+    cspine's reading modules (no torch) once, in about a second, and the pool lives for a whole `predict`.
+
+    When a process dies, every study waiting in the pool is lost with it. The pool is then rebuilt, the
+    study at the head is read again alone (a death that repeats is that study's: it yields `WorkerDied`),
+    and the others are read anew; reading goes on.
     """
-    return ProcessPoolExecutor(workers or default_workers(), mp_context=mp.get_context("spawn"),
-                               initializer=_one_thread)
 
+    def __init__(self, workers: int, size: int, crop: str, margin: float, min_slices: int, reader=read_study):
+        self.workers = workers or default_workers()
+        self.args = (size, crop, margin, min_slices)
+        self.reader = reader  # a module-level function of (path, *args), importable by a spawned process
+        self.pool = self._pool(self.workers)
 
-def read_ahead(pool: ProcessPoolExecutor, paths: list[Path], size: int, crop: str, margin: float,
-               min_slices: int, ahead: int) -> Iterator[Future]:
-    """Yields, in order, one future per study whose result is `read_study`'s (or its exception).
+    def _pool(self, workers: int) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_one_thread)
 
-    At most ``ahead`` studies are being read or waiting, so memory holds a bounded number: each is
-    3·size²·slices bytes (155 MB for 352 slices at 384 px).
-    """
-    queue: deque[Future] = deque()
-    todo = iter(paths)
-    for path in todo:
-        queue.append(pool.submit(read_study, path, size, crop, margin, min_slices))
-        if len(queue) >= ahead:
-            break
-    while queue:
-        done = queue.popleft()
-        following = next(todo, None)
-        if following is not None:
-            queue.append(pool.submit(read_study, following, size, crop, margin, min_slices))
-        yield done
+    def __enter__(self) -> "StudyReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+    def _submit(self, path: Path) -> Future:
+        try:
+            return self.pool.submit(self.reader, path, *self.args)
+        except BrokenProcessPool as exc:  # the pool died since the last study: handled where it is read
+            future: Future = Future()
+            future.set_exception(exc)
+            return future
+
+    def _alone(self, path: Path) -> ReadStudy | Exception:
+        """One study read in a process of its own: its result, its exception, or `WorkerDied`."""
+        with self._pool(1) as solo:
+            try:
+                return solo.submit(self.reader, path, *self.args).result()
+            except BrokenProcessPool:
+                return WorkerDied(f"{path}: the reading process died on this study (killed, or its decoder "
+                                  "crashed)")
+            except Exception as exc:
+                return exc
+
+    def read(self, paths: list[Path], ahead: int) -> Iterator[ReadStudy | Exception]:
+        """Yields, in order, each study's `ReadStudy` or the exception reading it raised; never raises.
+
+        At most ``ahead`` studies are being read or waiting, so memory holds a bounded number: each is
+        3·size²·slices bytes (155 MB for 352 slices at 384 px).
+        """
+        todo = iter(paths)
+        queue: deque[tuple[Path, Future]] = deque()
+        while True:
+            while len(queue) < ahead and (path := next(todo, None)) is not None:
+                queue.append((path, self._submit(path)))
+            if not queue:
+                return
+            path, future = queue.popleft()
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                waiting = [p for p, _ in queue]
+                self.pool.shutdown(cancel_futures=True)
+                self.pool = self._pool(self.workers)
+                result = self._alone(path)
+                queue = deque((p, self._submit(p)) for p in waiting)
+            except Exception as exc:
+                result = exc
+            yield result

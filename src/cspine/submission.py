@@ -17,6 +17,10 @@ TRAIN_PREVALENCE = {"patient_overall": 0.476, "C1": 0.072, "C2": 0.141, "C3": 0.
                     "C5": 0.080, "C6": 0.137, "C7": 0.195}
 
 
+class PredictionError(RuntimeError):
+    """Too many test studies failed for a submission to mean anything (`cspine.predict`); names the causes."""
+
+
 class SubmissionError(ValueError):
     """A submission Kaggle would reject or score wrongly; the message says which rows."""
 

@@ -1,0 +1,70 @@
+"""predict cannot fail quietly: the public rerun runs the models on training studies, and a submission whose
+studies mostly failed is refused rather than written as the prior."""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pytest
+
+from cspine.competition import read_test
+from cspine.config import load_config
+from cspine.predict import predict
+from cspine.submission import PredictionError, prior_from_train, validate_submission
+
+from .conftest import SMOKE_CONFIG
+
+pytestmark = pytest.mark.slow
+
+
+def _copy(root, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    return data
+
+
+def test_the_public_rerun_runs_the_models_on_training_studies_and_writes_the_prior(smoke_run, synthetic_root,
+                                                                                    tmp_path, capsys):
+    data = _copy(synthetic_root, tmp_path)
+    shutil.rmtree(data / "test_images")  # Kaggle's public rerun: test.csv lists studies it does not have
+    out = tmp_path / "submission.csv"
+    sub = predict(load_config(SMOKE_CONFIG, ["predict.self_test=2"]), data, smoke_run, out)
+    printed = capsys.readouterr().out
+    assert "cspine self-test: 2 training studies on cpu (float32)" in printed and "0 failed" in printed
+    assert printed.count("patient_overall ") == 2  # each study's answers, from the real models
+    validate_submission(pd.read_csv(out), read_test(data))
+    prior = prior_from_train(None)
+    assert sub["fractured"].round(6).isin({round(v, 6) for v in prior.values()}).all()
+
+
+def test_a_self_test_that_fails_says_so(smoke_run, synthetic_root, tmp_path, capsys):
+    data = _copy(synthetic_root, tmp_path)
+    shutil.rmtree(data / "test_images")
+    for dcm in (data / "train_images").rglob("*.dcm"):
+        dcm.write_bytes(b"not a DICOM file")
+    predict(load_config(SMOKE_CONFIG, ["predict.self_test=1"]), data, smoke_run, tmp_path / "s.csv")
+    assert "cspine self-test FAILED on" in capsys.readouterr().out
+
+
+def test_predict_refuses_to_write_a_submission_when_most_studies_fail(smoke_run, synthetic_root, tmp_path):
+    data = _copy(synthetic_root, tmp_path)
+    for dcm in (data / "test_images").rglob("*.dcm"):
+        dcm.write_bytes(b"not a DICOM file")
+    out = tmp_path / "submission.csv"
+    with pytest.raises(PredictionError, match=r"2 of 2 test studies failed.*First causes: .*DicomError"):
+        predict(load_config(SMOKE_CONFIG), data, smoke_run, out)
+    assert not out.exists()
+    predict(load_config(SMOKE_CONFIG, ["predict.max_failed=1"]), data, smoke_run, out)  # asked for: written
+    validate_submission(pd.read_csv(out), read_test(data))
+
+
+def test_the_cli_exits_non_zero_with_the_causes(smoke_run, synthetic_root, tmp_path, capfd):
+    from cspine.cli import main
+
+    data = _copy(synthetic_root, tmp_path)
+    for dcm in (data / "test_images").rglob("*.dcm"):
+        dcm.write_bytes(b"")
+    code = main(["predict", "--models", str(smoke_run), "--data", str(data), "--out", str(tmp_path / "s.csv")])
+    assert code == 1
+    assert "2 of 2 test studies failed" in capfd.readouterr().err
