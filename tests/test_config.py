@@ -51,11 +51,11 @@ def test_shipped_configs_load_and_hold_only_differences(name):
 
 
 def test_shipped_configs_are_found_by_name_from_any_directory(tmp_path, monkeypatch):
-    assert set(shipped_configs()) == {"smoke", "demo", "paper", "rsna"}
+    assert set(shipped_configs()) == {"smoke", "demo", "bench", "paper", "rsna"}
     monkeypatch.chdir(tmp_path)  # no configs/ here: the names still resolve, inside the package
     assert load_config("demo") == load_config("demo.yaml") == load_config(CONFIGS / "demo.yaml")
     assert load_config("demo").name == "demo"
-    with pytest.raises(ConfigError, match="'dmeo' is neither a file nor a shipped config; shipped: demo, paper"):
+    with pytest.raises(ConfigError, match="'dmeo' is neither a file nor a shipped config; shipped: bench, demo, paper"):
         load_config("dmeo")
     (tmp_path / "demo.yaml").write_text("name: mine\n")
     assert config_path("demo.yaml") == Path("demo.yaml")  # a file the user names wins over a shipped name
@@ -86,3 +86,13 @@ def test_resolved_config_round_trips(tmp_path):
     data = yaml.safe_load(path.read_text())
     assert data["seq"]["hidden"] == 96 and data["slice"]["epochs"] == Config().slice.epochs
     assert load_config(path) == cfg
+
+
+def test_bench_is_the_demo_on_more_studies_and_folds():
+    """The yardstick differs from the demo only in its size, so what it measures is the demo's models."""
+    import dataclasses
+
+    bench, demo = load_config("bench"), load_config("demo")
+    assert (bench.synth.n_train, bench.folds.n_splits) == (256, 3)
+    assert dataclasses.replace(bench, name="demo", synth=dataclasses.replace(bench.synth, n_train=96),
+                               folds=dataclasses.replace(bench.folds, n_splits=2)) == demo

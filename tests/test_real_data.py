@@ -20,7 +20,7 @@ from cspine.synthetic import COMPLETE_MARKER
 def real_looking(synthetic_root, tmp_path):
     """The synthetic competition without its marker: to the kit, a real competition folder."""
     data = tmp_path / "data"
-    shutil.copytree(synthetic_root, data, ignore=shutil.ignore_patterns("*_images"))
+    shutil.copytree(synthetic_root, data, ignore=shutil.ignore_patterns("test_images"))
     (data / COMPLETE_MARKER).unlink()
     return data
 
@@ -39,6 +39,30 @@ def test_a_demo_config_is_refused_on_real_data_and_says_which_to_use(real_lookin
     setup_run(load_config("smoke"), synthetic_root, tmp_path / "phantoms")  # the phantoms it is made for
     with pytest.raises(ConfigError, match="meant_for='gpu'"):
         setup_run(load_config("smoke", ["meant_for=gpu"]), synthetic_root, tmp_path / "bad")
+
+
+def test_run_stops_before_the_first_stage_when_images_are_missing_or_the_disk_is_short(real_looking, tmp_path,
+                                                                                       monkeypatch):
+    import cspine.pipeline
+
+    cfg = load_config("smoke", ["meant_for=any"])
+    folders = sorted((real_looking / "train_images").iterdir())
+    for folder in folders[4:]:
+        shutil.rmtree(folder)
+    with pytest.raises(DataError, match=rf"{len(folders) - 4} of the {len(folders)} studies .* no folder in "
+                                        rf".*train_images \(first: {folders[4].name}"):
+        setup_run(cfg, real_looking, tmp_path / "missing")
+    assert not (tmp_path / "missing" / "config.yaml").exists()
+    listed = tmp_path / "present.txt"  # the subset that has its images goes on
+    listed.write_text("\n".join(f.name for f in folders[:4]) + "\n")
+    subset = ["meant_for=any", f"prepare.study_list={listed}", "seq.inner_folds=2"]
+    setup_run(load_config("smoke", subset), real_looking, tmp_path / "present")
+
+    class Full:
+        free = 10_000
+    monkeypatch.setattr(cspine.pipeline.shutil, "disk_usage", lambda path: Full)
+    with pytest.raises(DataError, match=r"needs about 0\.\d GB.*0\.0 GB free.*prepare\.format=zarr"):
+        setup_run(load_config("smoke", subset), real_looking, tmp_path / "full")
 
 
 def _train(n: int, seed: int = 0) -> pd.DataFrame:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from cspine.config import Config, ConfigError, check_unchanged, load_config, sav
 from cspine.evaluate import evaluate
 from cspine.extract import extract_fold, is_extracted
 from cspine.predict import predict
-from cspine.prepare import is_cached, prepare
+from cspine.prepare import bytes_per_slice, is_cached, prepare
 from cspine.runs import Run, check_writable, write_csv, write_text
 from cspine.segment import is_segmented, segment
 from cspine.submission import default_submission_path
@@ -168,6 +169,34 @@ def check_inputs(cfg: Config, data_dir: Path, train: pd.DataFrame) -> None:
                         f"{needed} (seq.inner_folds) for its BLSTMs; lower folds.n_splits")
 
 
+def check_images(cfg: Config, data_dir: Path, train: pd.DataFrame, cache: Path) -> None:
+    """Every study the run uses has its folder under ``train_images/``, and the disk holds the cache.
+
+    A study without images would make `prepare` log an error and go on, and the run die later in a stage
+    that names another cause ("more studies with boxes are needed"); a full disk would stop it mid-cache.
+    The cache's size is estimated from the files in each folder (one a slice) and `bytes_per_slice`.
+
+    Raises:
+        DataError: naming how many folders are missing and the first of them, or the disk's shortfall.
+    """
+    images = data_dir / "train_images"
+    missing = [u for u in train["StudyInstanceUID"] if not (images / u).is_dir()]
+    if missing:
+        raise DataError(f"{len(missing)} of the {len(train)} studies the run uses have no folder in {images} "
+                        f"(first: {', '.join(missing[:3])}); add the images, or take a subset that has them "
+                        "(prepare.study_list=FILE, prepare.studies=N)")
+    todo = [u for u in train["StudyInstanceUID"] if not is_cached(cache, u)]
+    slices = sum(sum(1 for _ in os.scandir(images / u)) for u in todo)
+    needed = slices * bytes_per_slice(cfg.prepare)
+    cache.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(cache).free
+    if needed > free:
+        raise DataError(f"the cache of {len(todo)} studies ({slices:,} slices at prepare.size={cfg.prepare.size}, "
+                        f"{cfg.prepare.format}) needs about {needed / 1e9:.1f} GB, and {cache} has "
+                        f"{free / 1e9:.1f} GB free; use prepare.format=zarr, a smaller prepare.size, or a subset "
+                        "(prepare.studies=0.25)")
+
+
 def setup_run(cfg: Config, data_dir: Path, run_dir: str | os.PathLike) -> pd.DataFrame:
     """The run folder: its config (bound to its artifacts), training labels, folds (kept if present: CV
     stays comparable), after checking every input the stages will need."""
@@ -176,6 +205,7 @@ def setup_run(cfg: Config, data_dir: Path, run_dir: str | os.PathLike) -> pd.Dat
     check_meant_for(cfg, data_dir)
     train = run_studies(cfg, data_dir)
     check_inputs(cfg, data_dir, train)
+    check_images(cfg, data_dir, train, run.cache.root)
     bind_config(cfg, run)
     write_text(run.data_dir_file, str(data_dir.resolve()) + "\n")
     write_csv(train, run.labels)

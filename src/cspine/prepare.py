@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 UNKNOWN = -1  # a label that the data cannot give (no boxes, or no mask, for that study)
 MIN_SLICES = 2  # fewer readable slices make no crop and no sequence: prepare skips the study, predict gives the prior
 FORMATS = ("npy", "zarr")
+ZARR_RATIO = 2.45  # zarr against .npy on real CT slices at 256 px, the least of those measured (benchmarks/README.md)
 ZARR_CLEVEL = 3  # zstd level: 5 saves 2-5% more and encodes 2-3x slower (benchmarks/bench_cache.py)
 INDEX_COLUMNS = ["StudyInstanceUID", "order", "slice_number", "z", "label",
                  *[f"{v}_present" for v in VERTEBRAE], *[f"{v}_fracture" for v in VERTEBRAE]]
@@ -54,6 +55,12 @@ class StudyJob:
     boxes: list[dict]
     mask_path: Path | None
     prepare: PrepareConfig
+
+
+def bytes_per_slice(p: PrepareConfig) -> float:
+    """What one cached slice takes on disk: three windows of size² uint8, divided by zarr's compression."""
+    raw = 3 * p.size * p.size
+    return raw / ZARR_RATIO if p.format == "zarr" else raw
 
 
 def is_cached(cache_dir: Path, uid: str) -> bool:
@@ -178,7 +185,7 @@ def cache_study(job: StudyJob) -> tuple[str, int, str | None]:
             raise ValueError(f"only {len(series)} readable slice(s)")
         images, boxes = preprocess_study(series.hu, job.prepare.size, job.prepare.crop, job.prepare.margin)
         box_df = pd.DataFrame(job.boxes, columns=["StudyInstanceUID", "x", "y", "width", "height", "slice_number"])
-        slice_label = slice_labels(series.slice_numbers, box_df)
+        slice_label = slice_labels(series.slice_numbers, box_df, job.uid)
         mask = _mask(job.mask_path, series) if job.mask_path else None
         presence = vertebra_presence(mask) if mask is not None else None
         label, fracture = _slice_targets(job.labels, slice_label, presence, bool(job.boxes))
