@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -138,3 +139,43 @@ def test_read_mask_rejects_a_mask_of_another_extent(synthetic_root, tmp_path):
     nib.save(short, tmp_path / "short.nii")
     with pytest.raises(DataError, match=r"short\.nii: mask extent"):
         read_mask(tmp_path / "short.nii", series)
+
+
+def test_mask_labels_follow_the_competitions_scheme():
+    from cspine.competition import mask_labels
+
+    real = np.array([0, 1, 7, 8, 12, 19], np.uint8)  # background, C1, C7, T1, T5, T12
+    assert mask_labels(real, Path("m.nii")).tolist() == [0, 1, 7, 8, 8, 8]  # thoracic: one class
+    just_below = np.array([0.0, 0.9999, 6.9999, 8.0001], np.float32)  # a float mask, as some tools write
+    assert mask_labels(just_below, Path("m.nii")).tolist() == [0, 1, 7, 8]  # rounded, not truncated
+    for bad, message in ((np.array([0, -1, 3]), r"m\.nii: mask labels \[-1\]"),
+                         (np.array([0, 20, 3]), r"labels \[20\] are outside 0\.\.19"),
+                         (np.array([0.0, 2.5]), "not whole numbers"),
+                         (np.array([0.0, np.nan]), "NaN")):
+        with pytest.raises(DataError, match=message):
+            mask_labels(bad, Path("m.nii"))
+
+
+def test_read_mask_reads_thoracic_labels_and_refuses_a_flipped_mask(synthetic_root, tmp_path):
+    import warnings
+
+    import nibabel as nib
+
+    from cspine.competition import read_mask
+    from cspine.dicom import load_series
+
+    mask_path = next((synthetic_root / "segmentations").glob("*.nii"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        series = load_series(synthetic_root / "train_images" / mask_path.stem)
+    image = nib.load(mask_path)
+    data = np.asarray(image.dataobj).astype(np.float32)
+    thoracic = np.where(data == 8, 11.0, data) - 1e-4 * (data > 0)  # T4's label, stored a hair below whole
+    nib.save(nib.Nifti1Image(thoracic, image.affine), tmp_path / "real.nii")
+    read = read_mask(tmp_path / "real.nii", series)
+    assert read.max() <= 8 and (read == 1).any() and ((read == 8).any() == (data == 8).any())
+    assert np.array_equal(read, read_mask(mask_path, series))  # the same labels as the integer mask
+    flipped = np.where((data >= 1) & (data <= 7), 8 - data, data)  # C1 <-> C7, C2 <-> C6, C3 <-> C5
+    nib.save(nib.Nifti1Image(flipped, image.affine), tmp_path / "flipped.nii")
+    with pytest.raises(DataError, match=r"flipped\.nii: C1 lies below C7"):
+        read_mask(tmp_path / "flipped.nii", series)

@@ -27,6 +27,8 @@ TRAIN_COLUMNS = ["StudyInstanceUID", *TARGETS]
 BOX_COLUMNS = ["StudyInstanceUID", "x", "y", "width", "height", "slice_number"]
 TEST_COLUMNS = ["row_id", "StudyInstanceUID", "prediction_type"]
 MASK_OUTSIDE_TOLERANCE = 0.01  # share of series voxels allowed to fall outside the mask volume
+THORACIC = 8  # the one label the kit keeps for every thoracic vertebra (the masks' T1..T12 are 8..19)
+MASK_LABELS = 19  # the competition's masks: 0 background, 1..7 C1..C7, 8..19 T1..T12
 
 
 class DataError(ValueError):
@@ -173,6 +175,40 @@ def slice_labels(slice_numbers: np.ndarray, boxes: pd.DataFrame, uid: str | None
     return np.isin(numbers, boxed).astype(np.uint8)
 
 
+def mask_labels(data: np.ndarray, path: Path) -> np.ndarray:
+    """uint8 labels of a raw mask volume: 0 background, 1..7 C1..C7, and every thoracic vertebra (the
+    competition's 8..19, T1..T12) as one class, `THORACIC`.
+
+    The segmenter learns where C7 ends, not which thoracic vertebra follows; one class keeps that and the
+    segmenter small. Labels stored as floats are rounded (a cast would turn 0.9999 into 0).
+
+    Raises:
+        DataError: labels that are not whole numbers, negative, or beyond T12, naming the file and values.
+    """
+    if np.issubdtype(data.dtype, np.floating):
+        if not np.isfinite(data).all():
+            raise DataError(f"{path}: the mask holds NaN or infinite labels")
+        rounded = np.rint(data)
+        off = np.abs(data - rounded).max() if data.size else 0.0
+        if off > 0.01:
+            raise DataError(f"{path}: mask labels are not whole numbers (one is {off:.3f} away from the nearest)")
+        data = rounded
+    data = data.astype(np.int64)
+    bad = np.unique(data[(data < 0) | (data > MASK_LABELS)])
+    if len(bad):
+        raise DataError(f"{path}: mask labels {bad[:5].tolist()} are outside 0..{MASK_LABELS} (background, C1..C7 "
+                        "as 1..7, T1..T12 as 8..19)")
+    return np.minimum(data, THORACIC).astype(np.uint8)
+
+
+def check_mask_order(mask: np.ndarray, path: Path) -> None:
+    """Raises DataError when an aligned mask (head to feet) puts C7 above C1: flipped, or another scheme."""
+    levels = [np.flatnonzero((mask == k).any(axis=(1, 2))) for k in (1, 7)]
+    if all(len(z) for z in levels) and levels[0].mean() > levels[1].mean():
+        raise DataError(f"{path}: C1 lies below C7 once aligned with its series (head to feet): the mask is "
+                        "flipped or labels the vertebrae another way")
+
+
 def read_mask(nii_path: str | os.PathLike, series: Series) -> np.ndarray:
     """A NIfTI label volume resampled voxel for voxel onto ``series.hu`` (head to feet).
 
@@ -181,10 +217,11 @@ def read_mask(nii_path: str | os.PathLike, series: Series) -> np.ndarray:
     assumed, so studies numbered feet to head and masks written by other tools align alike.
 
     Returns:
-        uint8 [N, H, W] labels (1..7 = C1..C7, 8+ = thoracic, 0 = background).
+        uint8 [N, H, W] labels (1..7 = C1..C7, 8 = thoracic, 0 = background; `mask_labels`).
 
     Raises:
-        DataError: the series lacks positions, or more than 1% of its voxels fall outside the mask.
+        DataError: the series lacks positions, more than 1% of its voxels fall outside the mask, labels
+            outside the competition's scheme, or C7 above C1 once aligned.
     """
     nii_path = Path(nii_path)
     try:
@@ -194,6 +231,7 @@ def read_mask(nii_path: str | os.PathLike, series: Series) -> np.ndarray:
         raise DataError(f"{nii_path}: cannot read the NIfTI mask ({type(exc).__name__}: {exc})") from None
     if data.ndim != 3:
         raise DataError(f"{nii_path}: mask has {data.ndim} dimensions, expected 3")
+    data = mask_labels(data, nii_path)
     if np.isnan(series.positions).any():
         raise DataError(f"{nii_path}: series {series.uid} has no ImagePositionPatient; cannot align the mask")
     n, h, w = series.hu.shape
@@ -219,6 +257,7 @@ def read_mask(nii_path: str | os.PathLike, series: Series) -> np.ndarray:
     if outside > MASK_OUTSIDE_TOLERANCE * out.size:
         raise DataError(f"{nii_path}: mask extent {tuple(data.shape)} does not match series {series.uid} "
                         f"{(n, h, w)}: {outside / out.size:.0%} of its voxels fall outside the mask")
+    check_mask_order(out, nii_path)
     return out
 
 
