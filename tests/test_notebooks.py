@@ -67,3 +67,16 @@ def test_notebook_01_works_the_metric_examples():
     nb = nbformat.read(NOTEBOOKS[0], as_version=4)
     text = "\n".join(c.source for c in nb.cells)
     assert "0.693" in text and "2q/(1+q)" in text and "weighted_log_loss" in text
+
+
+def test_the_submission_notebook_only_submits_and_the_learning_notebook_points_to_it():
+    import nbformat
+
+    here = Path(__file__).resolve().parents[1] / "notebooks"
+    nb = nbformat.read(here / "kaggle_submission.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert len(code) == 1 and "skip-execution" in code[0].metadata.get("tags", [])
+    assert "kaggle_inference.py" in code[0].source and "attach exactly one" in code[0].source
+    assert not any(word in code[0].source for word in ("run_stages", "setup_run", "notebook_setup"))  # no training
+    learning = nbformat.read(here / "05_inference_and_submission.ipynb", as_version=4)
+    assert "kaggle_submission.ipynb" in learning.cells[0].source

@@ -68,3 +68,22 @@ def test_the_cli_exits_non_zero_with_the_causes(smoke_run, synthetic_root, tmp_p
     code = main(["predict", "--models", str(smoke_run), "--data", str(data), "--out", str(tmp_path / "s.csv")])
     assert code == 1
     assert "2 of 2 test studies failed" in capfd.readouterr().err
+
+
+def test_a_model_set_missing_a_fold_is_refused_by_predict_and_by_the_bundle(smoke_run, synthetic_root, tmp_path):
+    from cspine.checkpoints import CheckpointError
+    from cspine.kaggle import package_kaggle
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run, ignore=shutil.ignore_patterns("cache", "blend"))
+    shutil.rmtree(run / "slice" / "fold1")
+    cfg = load_config(SMOKE_CONFIG, ["blend.enabled=false"])  # without a blend, nothing else would notice
+    with pytest.raises(CheckpointError, match=r"missing: slice/fold1/best\.pt"):
+        predict(cfg, synthetic_root, run, tmp_path / "submission.csv")
+    with pytest.raises(CheckpointError, match=r"slice/fold1/best\.pt"):
+        package_kaggle(cfg, run, tmp_path / "bundle", wheels=False)
+    for blstm in (run / "seq" / "h128" / "fold0").glob("*.pt"):
+        blstm.unlink()
+    shutil.copytree(smoke_run / "slice" / "fold1", run / "slice" / "fold1")
+    with pytest.raises(CheckpointError, match=r"missing: seq/h128/fold0/\*\.pt"):
+        predict(cfg, synthetic_root, run, tmp_path / "submission.csv")

@@ -108,11 +108,9 @@ def _pop_fold(args: argparse.Namespace) -> int | None:
 
 def _folds_and_config(args: argparse.Namespace) -> tuple[list[int], Config]:
     """The folds a per-fold command runs (`fold=K`, else every fold the config trains) and the config."""
-    from cspine.pipeline import fold_list
-
     fold = _pop_fold(args)
     cfg = _config(args)
-    return ([fold] if fold is not None else fold_list(cfg)), cfg
+    return ([fold] if fold is not None else cfg.folds.trained), cfg
 
 
 def _run_dir(args: argparse.Namespace, cfg) -> Path:
@@ -213,11 +211,10 @@ def cmd_train_vertebrae(args: argparse.Namespace) -> int:
 
 def cmd_blend(args: argparse.Namespace) -> int:
     from cspine.blend import blend
-    from cspine.pipeline import fold_list
 
     cfg = _config(args)
     run_dir = _bound(args, cfg)
-    blend(cfg, run_dir, fold_list(cfg))
+    blend(cfg, run_dir, cfg.folds.trained)
     print(f"blend in {Run(run_dir).blend_dir}")
     return 0
 

@@ -65,6 +65,11 @@ class FoldConfig:
     seed: int = 42
     folds: tuple[int, ...] = ()  # folds to train; () trains all
 
+    @property
+    def trained(self) -> list[int]:
+        """The folds a run trains (and so the folds whose models inference needs)."""
+        return list(self.folds) if self.folds else list(range(self.n_splits))
+
 
 @dataclass(frozen=True)
 class SliceConfig:

@@ -293,24 +293,32 @@ def auc_interval_table(models: dict[str, pd.DataFrame], labels: pd.DataFrame, se
     return pd.DataFrame(rows)
 
 
+def _coefficients(model: dict, target: str) -> dict[str, float]:
+    """{input: coefficient} of one target's model, the vertebra's name written Ck (the shared model)."""
+    generic = {name.replace(target, "Ck") if target != "patient_overall" else name: c
+               for name, c in zip(model["inputs"], model["coef"])}
+    return generic | {f"intercept ({target})" if target != "patient_overall" else "intercept": model["intercept"]}
+
+
 def coefficient_table(run: Run) -> pd.DataFrame | None:
-    """Per target and input, the coefficient on the standardised input of the submitted blend (fitted on
-    every study) and of each blend that scored a fold (fitted on the others); None without a blend."""
+    """Per input, the coefficient on the standardised input of the submitted blend (fitted on every study)
+    and of each blend that scored a fold (fitted on the others): patient_overall's model, then the model
+    the vertebrae share (inputs written Ck) with each vertebra's intercept. None without a blend."""
     if not run.blend_model.is_file():
         return None
     submitted = load_blend(run.blend_model)
     blends = {"submitted": submitted, **{f"scored fold {k}": load_blend(run.blend_scorer(k)) for k in submitted["folds"]}}
-    rows = []
-    for t in TARGETS:
-        names = list(dict.fromkeys(n for b in blends.values() for n in [*b["targets"][t]["inputs"], "intercept"]))
-        for name in names:
-            row = {"target": t, "input": name}
-            for label, b in blends.items():
-                model = b["targets"][t]
-                values = dict(zip(model["inputs"], model["coef"])) | {"intercept": model["intercept"]}
-                row[label] = round(values[name], 3) if name in values else None
-            rows.append(row)
-    return pd.DataFrame(rows)
+    columns = {}
+    for label, b in blends.items():
+        values = {("patient_overall", name): c for name, c in _coefficients(b["targets"]["patient_overall"],
+                                                                           "patient_overall").items()}
+        for v in VERTEBRAE:  # the shared coefficients repeat in every vertebra: one row each
+            values.update({("C1..C7", name): c for name, c in _coefficients(b["targets"][v], v).items()})
+        columns[label] = values
+    keys = list(dict.fromkeys(k for values in columns.values() for k in values))
+    return pd.DataFrame([{"target": t, "input": name, **{label: round(values[(t, name)], 3) if (t, name) in values
+                                                          else None for label, values in columns.items()}}
+                         for t, name in keys])
 
 
 def opening(cfg: Config, models: dict[str, pd.DataFrame]) -> list[str]:

@@ -21,11 +21,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from cspine import __version__
-from cspine.checkpoints import load_blend, load_sequence_model, load_slice_model, load_vertebra_model
 from cspine.config import Config, save_config
+from cspine.predict import check_complete, check_config, load_ensemble
 from cspine.runs import Run, write_json
-from cspine.segmenter import load_segmenter
 
 log = logging.getLogger(__name__)
 
@@ -71,32 +72,22 @@ def check_bundle_folder(out: Path, models_dir: Path) -> None:
                               "choose an empty or new folder")
 
 
-def _verified_checkpoints(models: Run, hidden: int) -> tuple[list[Path], list[Path]]:
-    """Every checkpoint `predict` reads (slice CNNs, the BLSTMs of size ``hidden`` and of every size a blend
-    reads, the vertebra track, the segmentation models, the blend), each loaded once to prove it is whole;
-    returns (slice CNNs, the others)."""
-    checkpoints = list(models.slice_checkpoints().values())
-    blend = load_blend(models.blend_model) if models.blend_model.is_file() else None
-    sizes = sorted({hidden, *(blend["sizes"] if blend else [])})
-    blstms = {size: models.blstm_checkpoints(size) for size in sizes}
-    if not checkpoints or not all(blstms.values()):
-        raise FileNotFoundError(f"no trained models under {models.root}: train them first (python -m cspine run)")
-    vertebra = models.vert_models()
-    needs_segments = vertebra or (blend is not None and blend["extents"])
-    segmenters = models.seg_models() if needs_segments else []
-    if needs_segments and not segmenters:
-        raise FileNotFoundError(f"{models.root}: its models read each vertebra's slices, but it has no segmentation "
-                                "model (segment/fold*.pt): run `python -m cspine segment` first")
-    for path in checkpoints:
-        load_slice_model(path)
-    for path in (p for paths in blstms.values() for p in paths):
-        load_sequence_model(path)
-    for path in vertebra:
-        load_vertebra_model(path)
-    for path in segmenters:
-        load_segmenter(path)
-    return checkpoints, [*(p for paths in blstms.values() for p in paths), *vertebra, *segmenters,
-                         *([models.blend_model] if blend else [])]
+def _verified_checkpoints(cfg: Config, models: Run) -> tuple[list[Path], list[Path]]:
+    """Every checkpoint `predict` reads, after loading them all as `predict` does (each is whole, they agree
+    with each other and with ``cfg``, and every fold's models are there); returns (slice CNNs, the others).
+
+    Raises:
+        FileNotFoundError: no trained models.
+        CheckpointError: a damaged checkpoint, or models the config's folds need that are missing.
+        ConfigError: the config contradicts the models.
+    """
+    ensemble = load_ensemble(models.root, cfg.seq.hidden, [torch.device("cpu")])
+    check_config(cfg, ensemble)
+    check_complete(cfg, ensemble, models.root)
+    others = [p for size in ensemble.blstms for p in models.blstm_checkpoints(size)]
+    others += models.vert_models() + (models.seg_models() if ensemble.segmenters else [])
+    others += [models.blend_model] if ensemble.blend else []
+    return list(models.slice_checkpoints().values()), others
 
 
 def dataset_metadata(dataset: str) -> dict:
@@ -142,7 +133,7 @@ def package_kaggle(cfg: Config, models_dir: str | os.PathLike, out: str | os.Pat
     python = python or f"{sys.version_info.major}.{sys.version_info.minor}"
     models = Run(models_dir)
     check_bundle_folder(out, models_dir)
-    checkpoints, blstms = _verified_checkpoints(models, cfg.seq.hidden)
+    checkpoints, blstms = _verified_checkpoints(cfg, models)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)

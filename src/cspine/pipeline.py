@@ -214,10 +214,6 @@ def setup_run(cfg: Config, data_dir: Path, run_dir: str | os.PathLike) -> pd.Dat
     return train
 
 
-def fold_list(cfg: Config) -> list[int]:
-    return list(cfg.folds.folds) if cfg.folds.folds else list(range(cfg.folds.n_splits))
-
-
 @dataclass(frozen=True)
 class Job:
     """What every stage of one `run` reads: the config, the data, the run folder, where the submission goes."""
@@ -230,7 +226,7 @@ class Job:
 
     @property
     def folds(self) -> list[int]:
-        return fold_list(self.cfg)
+        return self.cfg.folds.trained
 
 
 @dataclass(frozen=True)

@@ -191,6 +191,28 @@ def check_config(cfg: Config, ensemble: Ensemble) -> None:
 PerFold = dict[int, tuple[np.ndarray, np.ndarray]]  # {fold: (features [N, D], probabilities [N, 15])} of each CNN
 
 
+def check_complete(cfg: Config, ensemble: Ensemble, where: str | os.PathLike) -> None:
+    """Raises CheckpointError naming every model the config's folds need and ``where`` lacks.
+
+    A bundle missing one fold's CNN would otherwise predict with the others, moving every answer without a
+    word; each trained fold must have its CNN and BLSTMs (and, with the track, its vertebra models), and
+    the segmentation its ``seg.folds`` models.
+    """
+    folds = cfg.folds.trained
+    missing = [f"slice/fold{k}/best.pt" for k in folds if k not in ensemble.cnns]
+    sources = {meta["source_fold"] for meta, _ in ensemble.blstms[ensemble.hidden]}
+    if None not in sources:  # BLSTMs trained within each fold: one set per fold
+        missing += [f"seq/h{ensemble.hidden}/fold{k}/*.pt" for k in folds if k not in sources]
+    if ensemble.vertebra:
+        tracked = {meta["source_fold"] for meta, _ in ensemble.vertebra}
+        missing += [f"vertebra/fold{k}/*.pt" for k in folds if k not in tracked]
+    if ensemble.segmenters and len(ensemble.segmenters) < cfg.seg.folds:
+        missing.append(f"segment/fold*.pt ({len(ensemble.segmenters)} of {cfg.seg.folds})")
+    if missing:
+        raise CheckpointError(f"{where}: models its config's folds need are missing: {', '.join(missing)}; "
+                              "train them, or package the run again")
+
+
 @torch.inference_mode()
 def blstm_outputs(per_fold: PerFold, ensemble: Ensemble, hidden: int, device: torch.device) -> dict:
     """{source fold: [float [8] of each BLSTM of size ``hidden``]} for one study.
@@ -382,6 +404,7 @@ def predict(cfg: Config, data_dir: str | os.PathLike, models_dir: str | os.PathL
     devices = pick_devices(cfg.device)
     ensemble = load_ensemble(models_dir, cfg.seq.hidden, devices)
     check_config(cfg, ensemble)
+    check_complete(cfg, ensemble, models_dir)
     if cfg.slice.channels_last:
         for k, cnn in enumerate(ensemble.cnns.values()):
             if devices[k % len(devices)].type == "cuda":
