@@ -41,6 +41,7 @@ def main() -> None:
         shutil.copy(cams[0], DOCS / "gradcam.png")
     shutil.copy(Run(args.run).report / "roc.png", DOCS / "roc.png")
     shutil.copy(Run(args.run).report / "vertebrae.png", DOCS / "vertebrae.png")
+    shutil.copy(Run(args.run).report / "calibration.png", DOCS / "calibration.png")
     print("figures written to", DOCS)
 
 

@@ -122,17 +122,28 @@ def vertebra_figure(score_table: pd.DataFrame, path: Path) -> Path:
 
 
 def roc_figure(models: dict[str, pd.DataFrame], labels: pd.DataFrame, path: Path) -> Path:
-    """Out-of-fold ROC of patient_overall for every model."""
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    """Out-of-fold ROC of patient_overall for every model; models that give the same answers (the vertebra
+    track takes patient_overall from a BLSTM) share one curve, so none hides under another."""
+    curves: list[tuple[np.ndarray, list[str]]] = []
     for name, oof in models.items():
+        p = oof.sort_values("StudyInstanceUID")["p_patient_overall"].to_numpy()
+        same = next((names for q, names in curves if len(q) == len(p) and np.allclose(q, p, atol=1e-6)), None)
+        if same is None:
+            curves.append((p, [name]))
+        else:
+            same.append(name)
+    fig, ax = plt.subplots(figsize=(6.4, 6.6))
+    for _, names in curves:
+        oof = models[names[0]]
         y = labels.loc[oof["StudyInstanceUID"], "patient_overall"].to_numpy()
         if len(np.unique(y)) < 2:
             continue
         fpr, tpr, _ = roc_curve(y, oof["p_patient_overall"])
-        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(y, oof['p_patient_overall']):.3f})")
+        label = " = ".join(names) + f" (AUC {roc_auc_score(y, oof['p_patient_overall']):.3f})"
+        ax.plot(fpr, tpr, label=label, lw=2.2 if BLEND in names else 1.3)
     ax.plot([0, 1], [0, 1], "k:", lw=1)
     ax.set(xlabel="1 − specificity", ylabel="sensitivity", title="Case level (patient_overall), out of fold")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)
