@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -214,3 +215,28 @@ def test_the_segmentation_runs_when_either_labels_or_the_vertebra_track_need_it(
     assert not needs_vertebrae(load_config())
     assert needs_vertebrae(load_config(None, ["slice.labels=vertebrae"]))
     assert needs_vertebrae(load_config(None, ["vert.enabled=true"]))  # boxes for the CNN, vertebrae for the track
+
+
+def test_a_run_folder_is_held_by_one_process_at_a_time(tmp_path, synthetic_root):
+    import json
+    import socket
+
+    from cspine.pipeline import run
+    from cspine.runs import RunLocked, run_lock
+
+    folder = Run(tmp_path / "run")
+    with run_lock(folder):
+        held = json.loads(folder.lock.read_text())
+        assert held["pid"] == os.getpid()
+        with pytest.raises(RunLocked, match=rf"in use by process {os.getpid()} on {socket.gethostname()}"):
+            run(load_config("smoke"), synthetic_root, folder.root, tmp_path / "submission.csv")
+        assert not folder.config.exists()  # refused before anything was written
+    assert not folder.lock.exists()  # released
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    folder.lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    with run_lock(folder):  # killed with -9: the lock is stale and taken over
+        assert json.loads(folder.lock.read_text())["pid"] == os.getpid()
+    folder.lock.write_text(json.dumps({"pid": 1, "host": "another-machine"}))
+    with pytest.raises(RunLocked, match="another-machine"):
+        with run_lock(folder):
+            pass

@@ -274,3 +274,25 @@ def test_predict_evaluate_and_the_bundle_use_the_vertebra_track(vertebra_run, sy
     assert len(list(bundle.glob("models/segment/fold*.pt"))) == 2
     bundled = load_ensemble(bundle / "models", cfg.seq.hidden, [torch.device("cpu")])
     assert len(bundled.vertebra) == 4
+
+
+@pytest.mark.slow
+def test_turning_the_track_off_in_a_trained_run_leaves_a_run_that_predicts(vertebra_run, synthetic_root, tmp_path):
+    """vert.* may change in a run (its stage redoes itself): predict then answers without the track, with
+    the run's own config, as its message would advise."""
+    import shutil
+
+    from cspine.cli import main
+    from cspine.competition import read_test
+    from cspine.pipeline import run
+    from cspine.submission import validate_submission
+
+    run_dir, _ = vertebra_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    off = load_config(SMOKE_CONFIG, [*SEG_SMOKE, "vert.enabled=false", "vert.epochs=2", "vert.inner_folds=2"])
+    run(off, synthetic_root, copy, copy / "submission.csv")
+    assert not any("vert:" in c for c in pd.read_csv(Run(copy).blend_file("inputs.csv")).columns)  # refitted
+    out = tmp_path / "again.csv"
+    assert main(["predict", "--models", str(copy), "--data", str(synthetic_root), "--out", str(out)]) == 0
+    validate_submission(pd.read_csv(out), read_test(synthetic_root))

@@ -40,7 +40,7 @@ from cspine.evaluate import evaluate
 from cspine.extract import extract_fold, is_extracted
 from cspine.predict import predict
 from cspine.prepare import bytes_per_slice, is_cached, prepare
-from cspine.runs import Run, check_writable, write_csv, write_text
+from cspine.runs import Run, check_writable, run_lock, write_csv, write_text
 from cspine.segment import is_segmented, segment
 from cspine.submission import default_submission_path
 from cspine.synthetic import is_complete, make_competition, synthetic_settings
@@ -296,9 +296,10 @@ def run(cfg: Config, data: str | os.PathLike | None = None, run_dir: str | os.Pa
     run_folder = Run(run_dir or Path("runs") / cfg.name)
     submission = Path(submission or default_submission_path())
     check_writable(submission.parent)
-    train = setup_run(cfg, data_dir, run_folder)
-    log.info("run %s: data %s, outputs %s", cfg.name, data_dir, run_folder.root)
-    run_stages(cfg, data_dir, run_folder, "predict", submission, train)
+    with run_lock(run_folder):
+        train = setup_run(cfg, data_dir, run_folder)
+        log.info("run %s: data %s, outputs %s", cfg.name, data_dir, run_folder.root)
+        run_stages(cfg, data_dir, run_folder, "predict", submission, train)
     outputs = {"submission": submission, "report": run_folder.report / "report.md", "figures": run_folder.report,
                "run": run_folder.root}
     minutes = (time.perf_counter() - started) / 60

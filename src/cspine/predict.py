@@ -83,11 +83,13 @@ def _one(values: dict, what: str, where: Path):
     return next(iter(values.values()))
 
 
-def load_ensemble(run_dir: str | os.PathLike, hidden: int, devices: list[torch.device]) -> Ensemble:
-    """Loads every ``slice/fold*/best.pt``, the BLSTMs of size ``hidden`` (and of every size the blends read),
-    the vertebra track and its segmentation models, and the blends, of a run (or a Kaggle bundle).
+def load_ensemble(run_dir: str | os.PathLike, hidden: int, devices: list[torch.device], with_vertebra: bool = True,
+                  with_blend: bool = True) -> Ensemble:
+    """Loads every ``slice/fold*/best.pt``, the BLSTMs of size ``hidden`` (and of every size the blend reads),
+    the vertebra track and its segmentation models, and the blend, of a run (or a Kaggle bundle).
 
-    The k-th CNN goes to ``devices[k % len(devices)]``; the other models to ``devices[0]``.
+    The k-th CNN goes to ``devices[k % len(devices)]``; the other models to ``devices[0]``. ``with_vertebra``
+    and ``with_blend`` False leave those out (a run whose config turned them off after training them).
 
     Raises:
         FileNotFoundError: no slice CNN or no BLSTM of a size needed.
@@ -98,7 +100,7 @@ def load_ensemble(run_dir: str | os.PathLike, hidden: int, devices: list[torch.d
     cnns, cnn_meta = {}, {}
     for k, (fold, path) in enumerate(run.slice_checkpoints().items()):
         cnns[fold], cnn_meta[path] = load_slice_model(path, devices[k % len(devices)])
-    blend = load_blend(run.blend_model) if run.blend_model.is_file() else None
+    blend = load_blend(run.blend_model) if with_blend and run.blend_model.is_file() else None
     sizes = sorted({hidden, *(blend["sizes"] if blend else [])})
     blstms, blstm_meta = {}, {}
     for size in sizes:
@@ -119,7 +121,7 @@ def load_ensemble(run_dir: str | os.PathLike, hidden: int, devices: list[torch.d
         bins=_one({p: m["bins"] for p, m in blstm_meta.items()}, "seq.bins", run.root),
         tta=_one({p: m["tta"] for p, m in blstm_meta.items()}, "predict.tta", run.root),
         blend=blend, devices=list(devices))
-    if run.vert_models():
+    if with_vertebra and run.vert_models():
         _add_vertebra_track(ensemble, run, device)
     elif blend and blend["extents"]:
         _add_segmenters(ensemble, run, device)
@@ -402,7 +404,7 @@ def predict(cfg: Config, data_dir: str | os.PathLike, models_dir: str | os.PathL
     data_dir = Path(data_dir)
     check_writable(Path(out_csv).parent)
     devices = pick_devices(cfg.device)
-    ensemble = load_ensemble(models_dir, cfg.seq.hidden, devices)
+    ensemble = load_ensemble(models_dir, cfg.seq.hidden, devices, cfg.vert.enabled, cfg.blend.enabled)
     check_config(cfg, ensemble)
     check_complete(cfg, ensemble, models_dir)
     if cfg.slice.channels_last:

@@ -28,10 +28,15 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Iterator
 
 import pandas as pd
+
+
+class RunLocked(OSError):
+    """Another live process holds the run folder (`run_lock`); the message names it."""
 
 
 class CheckpointError(RuntimeError):
@@ -115,6 +120,10 @@ class Run:
     @property
     def log(self) -> Path:
         return self.root / "run.log"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "run.lock"
 
     @property
     def report(self) -> Path:
@@ -334,3 +343,48 @@ def check_writable(*paths: Path) -> None:
             (folder / ".cspine-write-check").unlink()
         except OSError as exc:
             raise OSError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(run: Run) -> Iterator[Path]:
+    """Holds ``run.lock`` (this process's PID and host) while the block runs, so that a second `run` in the
+    same folder refuses at once instead of writing the same ``.part`` files.
+
+    A lock left by a process of this host that is no longer alive (killed with -9) is stale and taken
+    over; one from another host (a shared disk) is respected, and the message says how to remove it.
+
+    Raises:
+        RunLocked: naming the holder.
+    """
+    run.root.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(run.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(run.lock.read_text() or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+                run.lock.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            raise RunLocked(f"{run.root} is in use by process {holder.get('pid', '?')} on {holder.get('host', '?')} "
+                            f"({run.lock}); wait for it, or delete the lock file if that process is gone") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield run.lock
+    finally:
+        run.lock.unlink(missing_ok=True)
