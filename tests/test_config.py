@@ -96,3 +96,31 @@ def test_bench_is_the_demo_on_more_studies_and_folds():
     assert (bench.synth.n_train, bench.folds.n_splits) == (256, 3)
     assert dataclasses.replace(bench, name="demo", synth=dataclasses.replace(bench.synth, n_train=96),
                                folds=dataclasses.replace(bench.folds, n_splits=2)) == demo
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["prepare.size=[48"], r"override 'prepare.size=\[48': not a valid value"),
+    (["predict.workers=-1"], r"predict.workers=-1: must be at least 0"),
+    (["synth.n_train=-3"], r"synth.n_train=-3: must be at least 2"),
+    (["synth.n_train=0"], r"synth.n_train=0: must be at least 2"),
+    (["synth.n_test=-1"], r"synth.n_test=-1: must be at least 1"),
+    (["synth.image_size=100000"], r"synth.image_size=100000: must be from 32 to 2048"),
+    (["predict.max_failed=2"], r"predict.max_failed=2.0: must be from 0 to 1"),
+])
+def test_ordinary_mistakes_are_one_line_naming_the_value_and_the_rule(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", overrides)
+
+
+def test_a_config_file_that_is_not_yaml_is_named(tmp_path):
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("slice:\n  epochs: [3\n")
+    with pytest.raises(ConfigError, match=r"mine\.yaml: not valid YAML"):
+        load_config(bad)
+
+
+def test_synth_refuses_bad_sizes_before_writing_anything(tmp_path):
+    from cspine.cli import main
+
+    assert main(["synth", "--out", str(tmp_path / "s"), "synth.n_test=-1"]) == 2
+    assert not (tmp_path / "s").exists()

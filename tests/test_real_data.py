@@ -133,3 +133,12 @@ def test_a_notebook_takes_the_rsna_config_on_real_data_and_the_smoke_scale_on_ph
     cfg, _, run_dir = notebook_setup(synthetic_root, work_dir=tmp_path, smoke_overrides=["vert.enabled=true"],
                                      variant="-vertebrae")
     assert cfg.vert.enabled and run_dir == tmp_path / "runs" / "notebooks-vertebrae"
+
+
+def test_an_empty_or_header_only_study_list_is_named(tmp_path):
+    train = _train(20)
+    for text in ("", "StudyInstanceUID\n"):
+        listed = tmp_path / "list.csv"
+        listed.write_text(text)
+        with pytest.raises(DataError, match=r"list\.csv lists no study"):
+            select_studies(train, tmp_path, study_list=str(listed))

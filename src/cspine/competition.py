@@ -290,6 +290,9 @@ def select_studies(train: pd.DataFrame, data_dir: str | os.PathLike, studies: fl
         lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         header = lines[0].split(",") if lines else []
         listed = pd.read_csv(path, dtype=str)["StudyInstanceUID"].tolist() if "StudyInstanceUID" in header else lines
+        if not listed:
+            raise DataError(f"prepare.study_list: {path} lists no study (one StudyInstanceUID a line, or a CSV "
+                            "with that column)")
         unknown = sorted(set(listed) - set(train["StudyInstanceUID"]))
         if unknown:
             raise DataError(f"{path}: {len(unknown)} studies are not in train.csv (first: {unknown[:3]})")

@@ -319,7 +319,10 @@ def parse_overrides(overrides: list[str]) -> dict:
         *parents, leaf = key.strip().split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value) if value.strip() else ""
+        try:
+            node[leaf] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: not a valid value ({str(exc).splitlines()[0]})") from None
     return tree
 
 
@@ -353,13 +356,39 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     cfg = Config()
     if path:
         path = config_path(path)
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a config is a mapping of keys, not {type(data).__name__}")
         cfg = _apply(cfg, data, "", str(path))
     if overrides:
         cfg = _apply(cfg, parse_overrides(overrides), "", "command line")
+    check_ranges(cfg)
     return cfg
+
+
+# The range each number must lie in (inclusive; None: unbounded), checked when a config is loaded, so that
+# a mistake is one line at once and not a traceback after hours of training.
+RANGES = {"synth.n_train": (2, None), "synth.n_test": (1, None), "synth.image_size": (32, 2048),
+          "synth.n_slices": (0, None), "synth.min_masks": (0, None), "synth.box_fraction": (0, 1),
+          "synth.mask_fraction": (0, 1), "prepare.size": (16, 2048), "prepare.workers": (1, None),
+          "prepare.margin": (0, 0.5), "folds.n_splits": (2, None), "slice.epochs": (1, None),
+          "slice.batch_size": (1, None), "slice.workers": (0, None), "seg.folds": (2, None), "seg.steps": (1, None),
+          "seq.inner_folds": (2, None), "vert.inner_folds": (2, None), "blend.C": (1e-6, None),
+          "blend.top_k": (1, None), "blend.margin": (0, None), "predict.workers": (0, None),
+          "predict.batch_size": (1, None), "predict.max_failed": (0, 1), "predict.self_test": (0, None),
+          "predict.clip": (0, 0.5)}
+
+
+def check_ranges(cfg: Config) -> None:
+    """Raises ConfigError naming the first setting outside its range (`RANGES`)."""
+    for key, (lo, hi) in RANGES.items():
+        value = config_value(cfg, key)
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = f"at least {lo}" if hi is None else f"from {lo} to {hi}"
+            raise ConfigError(f"{key}={value!r}: must be {bounds}")
 
 
 def config_dict(cfg: Config) -> dict:
