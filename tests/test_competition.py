@@ -179,3 +179,24 @@ def test_read_mask_reads_thoracic_labels_and_refuses_a_flipped_mask(synthetic_ro
     nib.save(nib.Nifti1Image(flipped, image.affine), tmp_path / "flipped.nii")
     with pytest.raises(DataError, match=r"flipped\.nii: C1 lies below C7"):
         read_mask(tmp_path / "flipped.nii", series)
+
+
+def test_a_gzipped_mask_is_found_and_read_like_the_plain_one(synthetic_root, tmp_path):
+    import gzip
+    import shutil
+    import warnings
+
+    from cspine.competition import find_mask, read_mask
+    from cspine.dicom import load_series
+
+    plain = next((synthetic_root / "segmentations").glob("*.nii"))
+    data = tmp_path / "data"
+    (data / "segmentations").mkdir(parents=True)
+    with open(plain, "rb") as src, gzip.open(data / "segmentations" / f"{plain.name}.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    found = find_mask(data, plain.stem)
+    assert found == data / "segmentations" / f"{plain.stem}.nii.gz" and find_mask(data, "absent") is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        series = load_series(synthetic_root / "train_images" / plain.stem)
+    assert np.array_equal(read_mask(found, series), read_mask(plain, series))

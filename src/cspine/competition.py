@@ -175,6 +175,15 @@ def slice_labels(slice_numbers: np.ndarray, boxes: pd.DataFrame, uid: str | None
     return np.isin(numbers, boxed).astype(np.uint8)
 
 
+def find_mask(data_dir: str | os.PathLike, uid: str) -> Path | None:
+    """A study's segmentation, ``segmentations/<uid>.nii`` as the competition ships it, or ``.nii.gz``."""
+    for suffix in (".nii", ".nii.gz"):
+        path = Path(data_dir) / "segmentations" / f"{uid}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
 def mask_labels(data: np.ndarray, path: Path) -> np.ndarray:
     """uint8 labels of a raw mask volume: 0 background, 1..7 C1..C7, and every thoracic vertebra (the
     competition's 8..19, T1..T12) as one class, `THORACIC`.
@@ -304,8 +313,7 @@ def select_studies(train: pd.DataFrame, data_dir: str | os.PathLike, studies: fl
         return train.reset_index(drop=True)
     from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
 
-    seg_dir = Path(data_dir) / "segmentations"
-    kept = train["StudyInstanceUID"].map(lambda u: (seg_dir / f"{u}.nii").is_file()).to_numpy()
+    kept = train["StudyInstanceUID"].map(lambda u: find_mask(data_dir, u) is not None).to_numpy(bool)
     rest = train[~kept]
     take = n - int(kept.sum())
     chosen = np.zeros(len(rest), bool)

@@ -26,7 +26,15 @@ import numpy as np
 import pandas as pd
 
 from cspine import TARGETS, VERTEBRAE
-from cspine.competition import read_boxes, read_mask, read_train, select_studies, slice_labels, vertebra_presence
+from cspine.competition import (
+    find_mask,
+    read_boxes,
+    read_mask,
+    read_train,
+    select_studies,
+    slice_labels,
+    vertebra_presence,
+)
 from cspine.config import Config, ConfigError, PrepareConfig, check_unchanged, load_config, save_config
 from cspine.dicom import load_series
 from cspine.preprocess import boxes_in_cache_frame, labels_in_cache_frame, preprocess_study
@@ -278,17 +286,15 @@ def prepare(cfg: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike
     train = select_studies(every, data_dir, cfg.prepare.studies, cfg.prepare.study_list, cfg.folds.seed)
     if studies is not None:
         train = train[train["StudyInstanceUID"].isin(studies)]
-    seg_dir = data_dir / "segmentations"
     jobs = []
     for row in train.to_dict("records"):
         uid = row["StudyInstanceUID"]
         if is_cached(out_dir, uid):
             continue
-        mask = seg_dir / f"{uid}.nii"
         jobs.append(StudyJob(uid=uid, image_dir=data_dir / "train_images" / uid, out_dir=out_dir,
                              labels={k: int(row[k]) for k in TARGETS},
                              boxes=boxes[boxes["StudyInstanceUID"] == uid].to_dict("records"),
-                             mask_path=mask if mask.is_file() else None, prepare=cfg.prepare))
+                             mask_path=find_mask(data_dir, uid), prepare=cfg.prepare))
     uids = train["StudyInstanceUID"].tolist()
     log.info("prepare: %d studies, %d cached already, %d to do", len(uids), len(uids) - len(jobs), len(jobs))
     failures = []
