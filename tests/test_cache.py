@@ -113,3 +113,17 @@ def test_the_training_loader_reads_the_same_items_from_either_format(both_caches
     batch = next(iter(loader))
     for got, want in zip(batch, torch.utils.data.default_collate([npy[i] for i in (0, len(index) - 1, 7, 3)])):
         assert torch.equal(got, want)
+
+
+def test_a_damaged_zarr_shard_is_named_when_it_is_read(tmp_path):
+    from cspine.prepare import CacheError, write_study_images
+
+    cache = Cache(tmp_path / "cache")
+    images = np.random.default_rng(0).integers(0, 255, size=(4, 16, 16, 3), dtype=np.uint8)
+    write_study_images(cache, "1.2.3", images, "zarr")
+    shards = [p for p in cache.zarr("1.2.3").rglob("*") if p.is_file() and p.name != "zarr.json"]
+    assert shards
+    for shard in shards:  # a disk error, or a copy cut short
+        shard.write_bytes(shard.read_bytes()[:40] + b"\0" * 200)
+    with pytest.raises(CacheError, match=r"1\.2\.3\.zarr: the cached study cannot be read.*1\.2\.3\.json"):
+        np.asarray(load_study_images(cache.root, "1.2.3"))

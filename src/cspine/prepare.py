@@ -107,26 +107,45 @@ def write_study_images(cache: Cache, uid: str, images: np.ndarray, fmt: str) -> 
     return final
 
 
+class CacheError(OSError):
+    """A cached study that cannot be read (a damaged shard); the message names it and how to redo it."""
+
+
 class ZarrStudy:
     """A zarr-cached study read like the memory map of a ``.npy`` one: ``len``, ``shape``, ``study[k]``,
     ``study[lo:hi]``, ``study[int_array]`` and ``np.asarray(study)``, each decoding only the slices asked for.
+
+    Raises:
+        CacheError: on any read of a damaged store (zarr's own errors name no file).
     """
 
     def __init__(self, path: Path):
         import zarr
 
-        self._array = zarr.open_array(str(path), mode="r")
+        self.path = path
+        try:
+            self._array = zarr.open_array(str(path), mode="r")
+        except Exception as exc:
+            raise self._damaged(exc) from None
         self.shape = self._array.shape
         self.dtype = self._array.dtype
+
+    def _damaged(self, exc: Exception) -> CacheError:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return CacheError(f"{self.path}: the cached study cannot be read ({type(exc).__name__}: {first[:200]}); "
+                          f"delete it and {self.path.with_suffix('.json').name} beside it, and run prepare again")
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, key) -> np.ndarray:
-        return self._array[key]
+        try:
+            return self._array[key]
+        except Exception as exc:
+            raise self._damaged(exc) from None
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        out = self._array[:]
+        out = self[:]
         return out if dtype is None else out.astype(dtype)
 
 
