@@ -388,3 +388,20 @@ def test_a_slice_that_fails_in_a_decoding_process_is_named(jpeg_lossless_study, 
         warnings.simplefilter("ignore")
         serial = load_series(folder, workers=1, on_error="skip")
     assert len(skipped) == 23 and np.array_equal(skipped.hu, serial.hu)
+
+
+@pytest.mark.parametrize("backend", ["auto", "dicomsdl", "pydicom"])
+def test_uncompressed_pixel_data_shorter_than_its_header_says_is_refused_before_decoding(tmp_path, backend):
+    """dicomsdl reads past the buffer of such a file (a segfault, or garbage cached): no decoder sees it."""
+    import pydicom
+
+    from cspine.dicom import DicomError, read_hu
+    from cspine.dicom_writer import write_series
+
+    (path,) = write_series(np.full((1, 32, 32), -1000, np.float32), tmp_path / "s", spacing=(1, 1, 1),
+                           study_uid="1.2.3")
+    ds = pydicom.dcmread(path)
+    ds.Rows = 64  # the header claims twice the pixels the element holds
+    ds.save_as(path)
+    with pytest.raises(DicomError, match=r"truncated: 2048 bytes of uncompressed pixel data.*64 × 32.*4096"):
+        read_hu(path, backend)

@@ -218,6 +218,34 @@ def _pixel_data_complete(data: bytes) -> bool:
     return False
 
 
+NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")  # uncompressed pixel data
+
+
+def _check_native_length(path: Path, syntax: str, available: int, rows: int, cols: int, samples: int,
+                         bits_allocated: int) -> None:
+    """Refuses uncompressed pixel data shorter than Rows × Columns × samples × bytes a sample.
+
+    Given such a header, dicomsdl reads past its buffer: a segmentation fault that kills the reading process,
+    or garbage cached without a word. No decoder sees the file.
+    """
+    if syntax not in NATIVE_SYNTAXES:
+        return
+    needed = rows * cols * max(samples, 1) * max(bits_allocated, 8) // 8
+    if available < needed:
+        raise _fail(path, f"truncated: {available} bytes of uncompressed pixel data, where Rows × Columns "
+                          f"({rows} × {cols}) at {bits_allocated} bits need {needed}")
+
+
+def _pixel_data_length(data: bytes) -> int | None:
+    """The byte length the Pixel Data element declares in a Part-10 file (None: encapsulated, or absent)."""
+    at = data.find(_PIXEL_DATA_TAG, 132)
+    if at < 0:
+        return None
+    length_at = at + 8 if data[at + 4:at + 6] in _EXPLICIT_PIXEL_VRS else at + 4
+    length = int.from_bytes(data[length_at:length_at + 4], "little")
+    return None if length == 0xFFFFFFFF else length
+
+
 def _float_pair(value) -> tuple[float, float] | None:
     if value is None:
         return None
@@ -292,6 +320,8 @@ def _read_pydicom(path: Path) -> _Slice:
         raise _fail(path, "truncated: the pixel data is incomplete" if truncated else "no pixel data")
     _check_image(path, ds.get("Modality"), ds.get("SamplesPerPixel"), ds.get("PhotometricInterpretation"))
     syntax = str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
+    _check_native_length(path, syntax, len(ds.PixelData), int(ds.get("Rows", 0)), int(ds.get("Columns", 0)),
+                         int(ds.get("SamplesPerPixel", 1)), int(ds.get("BitsAllocated", 16)))
     try:
         stored = ds.pixel_array
     except (NotImplementedError, RuntimeError) as exc:
@@ -386,6 +416,8 @@ def _read_dicomsdl(path: Path, data: bytes | None = None, strict: bool = True) -
         raise _fail(path, f"multi-frame file ({info['NumberOfFrames']} frames): dicomsdl returns only the first "
                           "frame; read it with backend='pydicom' or 'auto'")
     shape = (int(info["Rows"]), int(info["Cols"]))
+    _check_native_length(path, syntax, _pixel_data_length(data) or 0, *shape, int(info["SamplesPerPixel"] or 1),
+                         int(info["BitsAllocated"] or 16))
     slope, intercept, instance = tags["RescaleSlope"], tags["RescaleIntercept"], tags["InstanceNumber"]
     return _Slice(
         path=path,
