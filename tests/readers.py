@@ -19,3 +19,11 @@ def dies_on_request(path: Path, size: int, *args) -> ReadStudy:
     if name.startswith("bad"):
         raise ValueError(f"{name}: unreadable")
     return ReadStudy(np.full((1, size, size, 3), len(name), np.uint8))
+
+
+def sleeps(path: Path, size: int, *args) -> ReadStudy:
+    """Reads nothing for a minute: a worker busy when its parent is killed."""
+    import time
+
+    time.sleep(60)
+    return ReadStudy(np.zeros((1, size, size, 3), np.uint8))

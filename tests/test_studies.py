@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,46 @@ def test_a_dead_reading_process_costs_only_its_own_study(ahead):
             assert isinstance(result, ValueError)
         else:
             assert int(result.images[0, 0, 0, 0]) == len(path.name)  # its own study, in order
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_reading_processes_end_with_their_parent_even_under_kill_9(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import multiprocessing as mp, time\n"
+        "from pathlib import Path\n"
+        "from cspine.studies import StudyReader\n"
+        "from tests.readers import sleeps\n"
+        "if __name__ == '__main__':\n"
+        "    reader = StudyReader(2, 4, 'study', 0.05, 1, reader=sleeps)\n"
+        "    for path in ('a', 'b'):\n"
+        "        reader._submit(Path(path))\n"
+        "    time.sleep(4)\n"
+        "    print(' '.join(str(p.pid) for p in mp.active_children()), flush=True)\n"
+        "    time.sleep(60)\n")
+    root = Path(__file__).resolve().parents[1]
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=root,
+                              env={**os.environ, "PYTHONPATH": str(root)})
+    workers = [int(p) for p in parent.stdout.readline().split()]
+    assert workers, "the pool started no process"
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10
+    alive = workers
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in workers if _running(p)]
+    assert not alive, f"reading processes {alive} outlived their killed parent"
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie is dead, waiting to be reaped
+    except FileNotFoundError:
+        return False

@@ -39,6 +39,7 @@ from cspine.config import Config, ConfigError, PrepareConfig, check_unchanged, l
 from cspine.dicom import load_series
 from cspine.preprocess import boxes_in_cache_frame, labels_in_cache_frame, preprocess_study
 from cspine.runs import Cache, atomic_path, write_csv, write_text
+from cspine.processes import die_with_parent
 from cspine.progress import progress
 
 log = logging.getLogger(__name__)
@@ -320,7 +321,8 @@ def prepare(cfg: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike
     if jobs:
         bar = progress(total=len(jobs), desc="prepare", unit="study")
         workers = max(1, min(cfg.prepare.workers, len(jobs)))
-        pool = ProcessPoolExecutor(workers) if workers > 1 else None
+        pool = (ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),))
+                if workers > 1 else None)
         try:
             for uid, n, error in (pool.map if pool else map)(cache_study, jobs):  # in-process: easier to debug
                 bar.update()

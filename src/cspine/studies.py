@@ -21,6 +21,7 @@ import numpy as np
 
 from cspine.dicom import default_workers, load_series
 from cspine.preprocess import preprocess_study
+from cspine.processes import die_with_parent
 
 
 @dataclass
@@ -47,10 +48,12 @@ def read_study(path: str | os.PathLike, size: int, crop: str, margin: float, min
     return ReadStudy(images, [str(w.message) for w in caught])
 
 
-def _one_thread() -> None:
-    """A reading process uses one core: the pool, not OpenCV's threads, spreads the work over the cores."""
+def _one_thread(parent: int) -> None:
+    """A reading process uses one core: the pool, not OpenCV's threads, spreads the work over the cores; and
+    it ends with `predict`, however that ends."""
     import cv2
 
+    die_with_parent(parent)
     cv2.setNumThreads(1)
 
 
@@ -81,7 +84,8 @@ class StudyReader:
         self.pool = self._pool(self.workers)
 
     def _pool(self, workers: int) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_one_thread)
+        return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_one_thread,
+                                   initargs=(os.getpid(),))
 
     def __enter__(self) -> "StudyReader":
         return self
