@@ -200,3 +200,12 @@ def test_a_gzipped_mask_is_found_and_read_like_the_plain_one(synthetic_root, tmp
         warnings.simplefilter("ignore")
         series = load_series(synthetic_root / "train_images" / plain.stem)
     assert np.array_equal(read_mask(found, series), read_mask(plain, series))
+
+
+def test_box_warnings_name_their_study():
+    from cspine.competition import slice_labels
+
+    boxes = pd.DataFrame({"StudyInstanceUID": ["1.2.3"], "x": [1], "y": [1], "width": [2], "height": [2],
+                          "slice_number": [99]})
+    with pytest.warns(UserWarning, match=r"study 1\.2\.3: 1 boxes name slice numbers absent"):
+        slice_labels(np.arange(1, 10), boxes, "1.2.3")

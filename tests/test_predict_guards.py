@@ -87,3 +87,28 @@ def test_a_model_set_missing_a_fold_is_refused_by_predict_and_by_the_bundle(smok
     shutil.copytree(smoke_run / "slice" / "fold1", run / "slice" / "fold1")
     with pytest.raises(CheckpointError, match=r"missing: seq/h128/fold0/\*\.pt"):
         predict(cfg, synthetic_root, run, tmp_path / "submission.csv")
+
+
+def test_predict_says_when_demo_models_meet_real_data_or_kaggle_has_no_gpu(smoke_run, synthetic_root, tmp_path,
+                                                                           monkeypatch, caplog):
+    import cspine.predict
+    from cspine.competition import COMPLETE_MARKER
+
+    data = _copy(synthetic_root, tmp_path)
+    (data / COMPLETE_MARKER).unlink()  # to the kit, a real competition folder
+    monkeypatch.setattr(cspine.predict, "KAGGLE_WORKING", tmp_path)  # as inside a Kaggle notebook
+    with caplog.at_level("WARNING", logger="cspine.predict"):
+        predict(load_config(SMOKE_CONFIG), data, smoke_run, tmp_path / "submission.csv")
+    assert "a CPU demo made for the synthetic phantoms" in caplog.text
+    assert "no GPU is visible in this Kaggle notebook" in caplog.text
+
+
+def test_a_gpu_asked_for_and_absent_is_one_line(monkeypatch):
+    import torch
+
+    from cspine.runtime import NoGPU, pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(NoGPU, match="device='cuda' asked for, but no GPU is visible.*accelerator"):
+        pick_device("cuda")
+    assert isinstance(NoGPU("x"), OSError)  # the command line prints it as one line

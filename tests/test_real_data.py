@@ -13,7 +13,7 @@ from cspine.competition import DataError, read_train, select_studies
 from cspine.config import ConfigError, load_config
 from cspine.pipeline import setup_run
 from cspine.runs import Run
-from cspine.synthetic import COMPLETE_MARKER
+from cspine.competition import COMPLETE_MARKER
 
 
 @pytest.fixture

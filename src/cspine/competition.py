@@ -31,6 +31,14 @@ THORACIC = 8  # the one label the kit keeps for every thoracic vertebra (the mas
 MASK_LABELS = 19  # the competition's masks: 0 background, 1..7 C1..C7, 8..19 T1..T12
 
 
+COMPLETE_MARKER = ".complete"  # a synthetic competition's mark, written last (`cspine.synthetic`)
+
+
+def is_complete(root: str | os.PathLike) -> bool:
+    """Whether ``root`` is a synthetic competition that `cspine.synthetic.make_competition` finished."""
+    return (Path(root) / COMPLETE_MARKER).is_file()
+
+
 class DataError(ValueError):
     """Competition data that is missing or malformed; the message names the file and the rows."""
 

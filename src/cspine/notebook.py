@@ -17,7 +17,7 @@ from typing import NamedTuple
 from cspine.config import Config, load_config
 from cspine.pipeline import resolve_data
 from cspine.runs import default_work_dir
-from cspine.synthetic import is_complete
+from cspine.competition import is_complete
 
 # The notebooks' smoke scale: the smoke config with studies large enough to look at.
 NOTEBOOK_SMOKE = ["synth.n_train=12", "synth.n_test=2", "synth.image_size=128", "synth.n_slices=48"]

@@ -28,6 +28,7 @@ from cspine.blend import blend, is_blended
 from cspine.competition import (
     DataError,
     find_data_dir,
+    is_complete,
     make_folds,
     read_boxes,
     read_test,
@@ -43,7 +44,7 @@ from cspine.prepare import bytes_per_slice, is_cached, prepare
 from cspine.runs import Run, check_writable, run_lock, write_csv, write_text
 from cspine.segment import is_segmented, segment
 from cspine.submission import default_submission_path
-from cspine.synthetic import is_complete, make_competition, synthetic_settings
+from cspine.synthetic import make_competition, synthetic_settings
 from cspine.train_seq import is_seq_trained, train_seq
 from cspine.train_slices import is_trained, train_fold
 from cspine.vertebra import is_vert_trained, train_vertebra_fold

@@ -32,7 +32,7 @@ from cspine.checkpoints import (
     load_slice_model,
     load_vertebra_model,
 )
-from cspine.competition import list_test_studies, read_test
+from cspine.competition import is_complete, list_test_studies, read_test
 from cspine.config import Config, ConfigError
 from cspine.dicom import default_workers
 from cspine.extract import study_features
@@ -48,6 +48,8 @@ from cspine.studies import StudyReader
 from cspine.submission import PredictionError, make_submission, prior_from_train, write_submission
 
 log = logging.getLogger(__name__)
+
+KAGGLE_WORKING = Path("/kaggle/working")  # present only inside a Kaggle notebook
 
 
 @dataclass
@@ -391,6 +393,18 @@ def check_failures(failed: dict[str, str], tried: int, limit: float) -> None:
                               f"First causes: {causes}. predict.max_failed=1 writes one anyway")
 
 
+def warn_setting(cfg: Config, data_dir: Path, devices: list[torch.device]) -> None:
+    """Says when the models or the machine are not what the data calls for: models of a CPU demo on a
+    real test set (its scores mean little), or a Kaggle notebook with no GPU (hours on its CPU)."""
+    if cfg.meant_for == "synthetic" and not is_complete(data_dir):
+        log.warning("predict: the models come from config %r, a CPU demo made for the synthetic phantoms, and "
+                    "%s is not a synthetic competition: expect little of its scores (README, 'The real "
+                    "competition')", cfg.name, data_dir)
+    if devices[0].type == "cpu" and KAGGLE_WORKING.is_dir():
+        log.warning("predict: no GPU is visible in this Kaggle notebook, so the models run on its CPU (hours "
+                    "on the hidden test set); switch the notebook's accelerator on")
+
+
 def predict(cfg: Config, data_dir: str | os.PathLike, models_dir: str | os.PathLike,
             out_csv: str | os.PathLike, train: pd.DataFrame | None = None) -> pd.DataFrame:
     """Writes a complete, validated submission for the test set of ``data_dir``; returns it.
@@ -404,6 +418,7 @@ def predict(cfg: Config, data_dir: str | os.PathLike, models_dir: str | os.PathL
     data_dir = Path(data_dir)
     check_writable(Path(out_csv).parent)
     devices = pick_devices(cfg.device)
+    warn_setting(cfg, data_dir, devices)
     ensemble = load_ensemble(models_dir, cfg.seq.hidden, devices, cfg.vert.enabled, cfg.blend.enabled)
     check_config(cfg, ensemble)
     check_complete(cfg, ensemble, models_dir)

@@ -40,13 +40,23 @@ class Runtime:
         return self.device.type == "cuda"
 
 
+class NoGPU(OSError):
+    """A GPU was asked for (``device=cuda``) and none is visible; the message says where to look."""
+
+
 def pick_device(name: str = "auto") -> torch.device:
-    """"auto" takes CUDA when present; "cpu"/"cuda"/"cuda:1" are taken as given."""
+    """"auto" takes CUDA when present; "cpu"/"cuda"/"cuda:1" are taken as given.
+
+    Raises:
+        NoGPU: "cuda" asked for and no GPU visible (one line at the command line, not a traceback).
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} asked for, but CUDA is not available")
+        raise NoGPU(f"device={name!r} asked for, but no GPU is visible to torch {torch.__version__} "
+                    f"(CUDA build: {torch.version.cuda or 'none'}); on Kaggle, switch the notebook's accelerator "
+                    "on; elsewhere check nvidia-smi and CUDA_VISIBLE_DEVICES, or set device=auto")
     return device
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from cspine import TARGETS, VERTEBRAE
+from cspine.competition import COMPLETE_MARKER
 from cspine.dicom_writer import Encoding, write_series
 from cspine.phantom import T1_LABEL, PhantomConfig, render_study
 from cspine.progress import progress
@@ -30,7 +31,6 @@ from cspine.runs import atomic_path, write_csv, write_text
 log = logging.getLogger(__name__)
 
 UID_ROOT = "1.2.826.0.1.3680043."
-COMPLETE_MARKER = ".complete"
 TRUTH_DIR = "truth"  # the true vertebra of every slice; no training code may read it (a test audits this)
 
 
@@ -227,11 +227,6 @@ def make_competition(
     log.info("synthetic competition at %s: %d train (%d positive, %d reversed), %d test", root, n_train,
              int(train["patient_overall"].sum()), sum(r["reversed"] for r in results[:n_train]), n_test)
     return root
-
-
-def is_complete(root: str | os.PathLike) -> bool:
-    """Whether `make_competition` finished writing this folder."""
-    return (Path(root) / COMPLETE_MARKER).is_file()
 
 
 def synthetic_settings(root: str | os.PathLike) -> dict | None:
