@@ -3,6 +3,7 @@ clear one-line errors, atomic and readable outputs."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import stat
@@ -14,7 +15,7 @@ import pytest
 
 from cspine import TARGETS
 from cspine.competition import DataError, read_test, read_train
-from cspine.config import ConfigError, load_config
+from cspine.config import ConfigError, FoldConfig, load_config
 from cspine.pipeline import bind_config, check_inputs, run, setup_run
 from cspine.runs import Run
 
@@ -34,7 +35,9 @@ def test_an_empty_csv_is_an_error_naming_the_file(tmp_path):
 
 @pytest.mark.parametrize("splits", [0, 1, -2])
 def test_fewer_than_two_folds_is_refused(synthetic_root, splits):
-    cfg = load_config(SMOKE_CONFIG, [f"folds.n_splits={splits}"])
+    with pytest.raises(ConfigError, match=rf"folds.n_splits={splits}: must be at least 2"):  # when loaded
+        load_config(SMOKE_CONFIG, [f"folds.n_splits={splits}"])
+    cfg = dataclasses.replace(load_config(SMOKE_CONFIG), folds=FoldConfig(n_splits=splits))  # built in code
     with pytest.raises(ConfigError, match="at least 2 folds"):
         check_inputs(cfg, synthetic_root, read_train(synthetic_root))
 

@@ -33,7 +33,7 @@ from sklearn.linear_model import LogisticRegression
 
 from cspine import TARGETS, VERTEBRAE
 from cspine.checkpoints import save_blend
-from cspine.config import BlendConfig, Config
+from cspine.config import BlendConfig, Config, ConfigError
 from cspine.extract import features_signature, load_features
 from cspine.metrics import NEGATIVE_WEIGHT, POSITIVE_WEIGHT, best_constant, weighted_log_loss
 from cspine.runs import Run, digest, read_json, write_csv, write_json
@@ -48,7 +48,7 @@ def _models(cfg: Config) -> list[str]:
     """The models whose outputs the blend reads: ``blend.models``, less the vertebra track without it."""
     unknown = sorted(set(cfg.blend.models) - set(MODELS))
     if unknown or not cfg.blend.models:
-        raise ValueError(f"blend.models={list(cfg.blend.models)}: name one or more of {MODELS}")
+        raise ConfigError(f"blend.models={list(cfg.blend.models)}: name one or more of {MODELS}")
     return [m for m in cfg.blend.models if m != "vertebra" or cfg.vert.enabled]
 
 
@@ -75,7 +75,7 @@ def _oof(path) -> pd.DataFrame:
 
 def fold_inputs(cfg: Config, run_dir: str | os.PathLike, fold: int) -> pd.DataFrame:
     """One row per study of fold ``fold`` (StudyInstanceUID, fold, then every level-2 input), read from
-    the out-of-fold outputs of fold ``fold``'s models, in the fold's order of the BLSTM or features."""
+    the out-of-fold outputs of fold ``fold``'s models, in folds.csv's order."""
     run, b = Run(run_dir), cfg.blend
     files = _sources(run, cfg, fold)
     models = _models(cfg)

@@ -3,12 +3,14 @@
     python -m cspine predict --config demo --data DIR --models runs/demo --out submissions/submission.csv
 
 Per study: DICOM → preprocessing → every fold's slice CNN → the BLSTMs (and, with the vertebra track, the
-study segmented and each vertebra's own slices read) → with a blend (`cspine.blend`), each fold's blend
-over that fold's models, averaged over the folds → 8 probabilities. Worker
+study segmented and each vertebra's own slices read) → with a blend (`cspine.blend`), the blend applied
+through each fold's models and the folds' answers averaged → 8 probabilities. Worker
 processes (``predict.workers``) decode and preprocess the next studies while the models work on the
 current one (`cspine.studies`). With several GPUs the folds' CNNs are spread over them and run at once.
 A study that fails anywhere is logged and gets the prior; every row_id of test.csv is written,
-validated, and the file replaced atomically.
+validated, and the file replaced atomically, unless more than ``predict.max_failed`` of the studies fail
+(then nothing is written and the causes are named). With no listed test study present (Kaggle's public
+rerun) a few training studies are predicted first, to show the models run (`self_test`).
 """
 
 from __future__ import annotations
