@@ -30,9 +30,12 @@ def _run_as_a_cell(script, env, python=sys.executable):
     return subprocess.run([python, "-c", code], env={**os.environ, **env}, capture_output=True, text=True)
 
 
-def test_the_bundle_records_what_it_is_for_and_how_to_upload_it(smoke_run, tmp_path):
-    out = package_kaggle(load_config(SMOKE_CONFIG), smoke_run, tmp_path / "b", wheels=False, python="3.10",
-                         dataset="my-cspine")
+def test_the_bundle_records_what_it_is_for_and_how_to_upload_it(smoke_run, tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
+    with caplog.at_level("WARNING", logger="cspine.kaggle"):
+        out = package_kaggle(load_config(SMOKE_CONFIG), smoke_run, tmp_path / "b", wheels=False, python="3.10",
+                             dataset="my-cspine")
+    assert "YOUR-KAGGLE-USERNAME: set $KAGGLE_USERNAME" in caplog.text  # the owner to fill in, said aloud
     manifest = json.loads((out / MARKER).read_text())
     assert manifest["python"] == "3.10" and "segmentation-models-pytorch>=0.6" in manifest["requirements"]
     meta = json.loads((out / "dataset-metadata.json").read_text())
