@@ -122,18 +122,24 @@ def test_folds_are_disjoint_complete_stratified_and_deterministic():
         make_folds(train.iloc[:3], n_splits=5)
 
 
-def test_read_mask_rejects_a_mask_of_another_extent(synthetic_root, tmp_path):
+def _masked_study(root: Path):
+    """The first masked study of a synthetic competition: its mask's path and its series."""
     import warnings
 
+    from cspine.dicom import load_series
+
+    mask_path = next((root / "segmentations").glob("*.nii"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return mask_path, load_series(root / "train_images" / mask_path.stem)
+
+
+def test_read_mask_rejects_a_mask_of_another_extent(synthetic_root, tmp_path):
     import nibabel as nib
 
     from cspine.competition import read_mask
-    from cspine.dicom import load_series
 
-    mask_path = next((synthetic_root / "segmentations").glob("*.nii"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        series = load_series(synthetic_root / "train_images" / mask_path.stem)
+    mask_path, series = _masked_study(synthetic_root)
     image = nib.load(mask_path)
     short = nib.Nifti1Image(np.asarray(image.dataobj)[:, :, : image.shape[2] // 2], image.affine)
     nib.save(short, tmp_path / "short.nii")
@@ -157,17 +163,11 @@ def test_mask_labels_follow_the_competitions_scheme():
 
 
 def test_read_mask_reads_thoracic_labels_and_refuses_a_flipped_mask(synthetic_root, tmp_path):
-    import warnings
-
     import nibabel as nib
 
     from cspine.competition import read_mask
-    from cspine.dicom import load_series
 
-    mask_path = next((synthetic_root / "segmentations").glob("*.nii"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        series = load_series(synthetic_root / "train_images" / mask_path.stem)
+    mask_path, series = _masked_study(synthetic_root)
     image = nib.load(mask_path)
     data = np.asarray(image.dataobj).astype(np.float32)
     thoracic = np.where(data == 8, 11.0, data) - 1e-4 * (data > 0)  # T4's label, stored a hair below whole
@@ -184,21 +184,16 @@ def test_read_mask_reads_thoracic_labels_and_refuses_a_flipped_mask(synthetic_ro
 def test_a_gzipped_mask_is_found_and_read_like_the_plain_one(synthetic_root, tmp_path):
     import gzip
     import shutil
-    import warnings
 
     from cspine.competition import find_mask, read_mask
-    from cspine.dicom import load_series
 
-    plain = next((synthetic_root / "segmentations").glob("*.nii"))
+    plain, series = _masked_study(synthetic_root)
     data = tmp_path / "data"
     (data / "segmentations").mkdir(parents=True)
     with open(plain, "rb") as src, gzip.open(data / "segmentations" / f"{plain.name}.gz", "wb") as dst:
         shutil.copyfileobj(src, dst)
     found = find_mask(data, plain.stem)
     assert found == data / "segmentations" / f"{plain.stem}.nii.gz" and find_mask(data, "absent") is None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        series = load_series(synthetic_root / "train_images" / plain.stem)
     assert np.array_equal(read_mask(found, series), read_mask(plain, series))
 
 
