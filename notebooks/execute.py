@@ -30,6 +30,19 @@ INJECTED = ("SMOKE = False  # injected by notebooks/execute.py: the saved output
             "matplotlib.rcParams['figure.dpi'] = 72")
 
 
+def relative_paths(nb, root: Path) -> None:
+    """Writes the work folder's paths in the outputs relative to it (``runs/demo``, not this machine's
+    ``/home/.../runs/demo``): a reader's machine has other folders, and the saved text must not leak ours."""
+    prefix = str(root.resolve()) + "/"
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            if "text" in output:
+                output["text"] = output["text"].replace(prefix, "")
+            for kind in ("text/plain", "text/markdown", "text/html"):
+                if kind in output.get("data", {}):
+                    output["data"][kind] = output["data"][kind].replace(prefix, "")
+
+
 def execute(path: Path) -> int:
     """Runs one notebook at the demo scale and writes it with its outputs; returns its size in bytes."""
     nb = nbformat.read(path, as_version=4)
@@ -37,6 +50,7 @@ def execute(path: Path) -> int:
     nb.cells.insert(params + 1, nbformat.v4.new_code_cell(INJECTED))
     NotebookClient(nb, timeout=3600, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
     del nb.cells[params + 1]
+    relative_paths(nb, HERE.parent)  # the work folder: notebooks started here put input/ and runs/ there
     nb.metadata.pop("widgets", None)  # a slider's saved state: meaningless without a kernel
     _, nb = nbformat.validator.normalize(nb)  # cell ids, so that nbformat's next versions read it
     text = nbformat.writes(nbformat.from_dict(nb))

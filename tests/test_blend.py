@@ -1,4 +1,4 @@
-"""The level-2 blend: its inputs, its fit, that it never scores a study it saw, and that predict applies it."""
+"""The level-2 blend: its inputs, its fit, that it never scores a study it saw, that predict applies it."""
 
 from __future__ import annotations
 
@@ -45,11 +45,18 @@ def test_study_inputs_pool_the_study_and_each_vertebras_own_slices():
 
 
 def test_each_target_reads_only_its_own_inputs():
-    available = list(study_inputs(_probs(), None, {96: np.full(8, 0.3), 128: np.full(8, 0.3)}, np.full(7, 0.2),
-                                  top_k=3, margin=1))
+    available = list(
+        study_inputs(
+            _probs(), None, {96: np.full(8, 0.3), 128: np.full(8, 0.3)}, np.full(7, 0.2), top_k=3, margin=1
+        )
+    )
     assert target_inputs("C2", available) == ["blstm128:C2", "blstm96:C2", "cnn:C2", "cnn:frac@C2", "vert:C2"]
     overall = target_inputs("patient_overall", available)
-    assert "vert:noisy_or" in overall and "cnn:max" in overall and not any("C" in n.split(":")[1] for n in overall)
+    assert (
+        "vert:noisy_or" in overall
+        and "cnn:max" in overall
+        and not any("C" in n.split(":")[1] for n in overall)
+    )
     assert target_inputs("C2", [n for n in available if not n.startswith("vert")])[-1] == "cnn:frac@C2"
 
 
@@ -59,8 +66,9 @@ def test_a_saved_blend_answers_as_the_fitted_regression():
     y = (x["a"] + rng.normal(0, 2, 60) > 3).to_numpy(int)
     model = fit_target(x, y, "patient_overall", C=0.5)
     mean, scale = x.to_numpy().mean(0), x.to_numpy().std(0)
-    reference = LogisticRegression(C=0.5, max_iter=2000).fit((x - mean) / scale, y,
-                                                             sample_weight=metric_weights(y, "patient_overall"))
+    reference = LogisticRegression(C=0.5, max_iter=2000).fit(
+        (x - mean) / scale, y, sample_weight=metric_weights(y, "patient_overall")
+    )
     blend = {"targets": {t: model for t in TARGETS}, "floor": False}
     p = apply_blend(blend, x)
     assert np.allclose(p[:, 0], reference.predict_proba((x - mean) / scale)[:, 1], atol=1e-9)
@@ -72,7 +80,9 @@ def test_the_metric_weights_lift_a_rare_targets_probabilities():
     rng = np.random.default_rng(2)
     x = pd.DataFrame({"noise": rng.normal(size=400)})
     y = (rng.random(400) < 0.1).astype(int)
-    p = apply_blend({"targets": {t: fit_target(x, y, "C1", C=0.01) for t in TARGETS}, "floor": False}, x)[:, 1]
+    p = apply_blend({"targets": {t: fit_target(x, y, "C1", C=0.01) for t in TARGETS}, "floor": False}, x)[
+        :, 1
+    ]
     assert p.mean() == pytest.approx(best_constant(y.mean()), abs=0.01)
 
 
@@ -80,8 +90,12 @@ def test_the_vertebrae_share_one_model_that_reads_each_vertebras_own_inputs():
     rng = np.random.default_rng(5)
     n = 80
     labels = pd.DataFrame({v: (rng.random(n) < 0.1 + 0.03 * i).astype(int) for i, v in enumerate(VERTEBRAE)})
-    inputs = pd.DataFrame({**{f"vert:{v}": 3 * labels[v] + rng.normal(size=n) for v in VERTEBRAE},
-                           **{f"cnn:{v}": rng.normal(size=n) for v in VERTEBRAE}})
+    inputs = pd.DataFrame(
+        {
+            **{f"vert:{v}": 3 * labels[v] + rng.normal(size=n) for v in VERTEBRAE},
+            **{f"cnn:{v}": rng.normal(size=n) for v in VERTEBRAE},
+        }
+    )
     models = fit_vertebrae(inputs, labels, C=3.0)
     assert models["C3"]["inputs"] == ["cnn:C3", "vert:C3"]
     assert all(models[v]["coef"] == models["C1"]["coef"] for v in VERTEBRAE)  # one model for the seven
@@ -98,8 +112,10 @@ def test_one_class_alone_gives_the_best_constant():
 
 
 def test_the_floor_lifts_patient_overall_to_the_largest_vertebra():
-    constant = {t: {"inputs": [], "mean": [], "scale": [], "coef": [], "intercept": float(logit(q))}
-                for t, q in zip(TARGETS, (0.2, 0.1, 0.6, 0.1, 0.1, 0.1, 0.1, 0.1))}
+    constant = {
+        t: {"inputs": [], "mean": [], "scale": [], "coef": [], "intercept": float(logit(q))}
+        for t, q in zip(TARGETS, (0.2, 0.1, 0.6, 0.1, 0.1, 0.1, 0.1, 0.1))
+    }
     rows = pd.DataFrame(index=[0, 1])
     assert apply_blend({"targets": constant, "floor": True}, rows)[:, 0] == pytest.approx([0.6, 0.6])
     assert apply_blend({"targets": constant, "floor": False}, rows)[:, 0] == pytest.approx([0.2, 0.2])
@@ -142,8 +158,12 @@ def test_a_blend_never_scores_a_study_it_saw(blended):
     folds = run.read_folds()
     labels = run.read_labels()
     splits = read_json(run.blend_file("record.json"))["splits"]
-    inputs = pd.read_csv(run.blend_file("inputs.csv"), dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
-    oof = pd.read_csv(run.blend_file("oof.csv"), dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
+    inputs = pd.read_csv(run.blend_file("inputs.csv"), dtype={"StudyInstanceUID": str}).set_index(
+        "StudyInstanceUID"
+    )
+    oof = pd.read_csv(run.blend_file("oof.csv"), dtype={"StudyInstanceUID": str}).set_index(
+        "StudyInstanceUID"
+    )
     assert sorted(oof.index) == sorted(folds["StudyInstanceUID"]) and oof.index.is_unique
     for fold in sorted(folds["fold"].unique()):
         in_fold = set(folds.loc[folds["fold"] == fold, "StudyInstanceUID"])
@@ -151,8 +171,11 @@ def test_a_blend_never_scores_a_study_it_saw(blended):
         assert set(split["scored"]) == in_fold and set(oof.loc[oof["fold"] == fold].index) == in_fold
         trained_on = set(load_blend(run.blend_scorer(fold))["trained_on"])
         assert trained_on == set(split["trained_on"]) and trained_on and not trained_on & in_fold
-        refit = fit_blend(inputs.loc[split["trained_on"]].reset_index(),
-                          labels.loc[split["trained_on"], list(TARGETS)].reset_index(drop=True), cfg.blend)
+        refit = fit_blend(
+            inputs.loc[split["trained_on"]].reset_index(),
+            labels.loc[split["trained_on"], list(TARGETS)].reset_index(drop=True),
+            cfg.blend,
+        )
         p = apply_blend(refit, inputs.loc[split["scored"]].reset_index())
         assert np.allclose(p, oof.loc[split["scored"], [f"p_{t}" for t in TARGETS]].to_numpy(), atol=1e-9)
     assert set(load_blend(run.blend_model)["trained_on"]) == set(folds["StudyInstanceUID"])
@@ -169,7 +192,9 @@ def test_predict_computes_the_blends_inputs_as_the_blend_stage_read_them(blended
     run, cfg = blended
     ensemble = load_ensemble(run, cfg.seq.hidden, [torch.device("cpu")])
     assert ensemble.blend["folds"] == [0, 1] and set(ensemble.blstms) == set(cfg.seq.sizes)
-    inputs = pd.read_csv(run.blend_file("inputs.csv"), dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
+    inputs = pd.read_csv(run.blend_file("inputs.csv"), dtype={"StudyInstanceUID": str}).set_index(
+        "StudyInstanceUID"
+    )
     uid = inputs.index[(inputs["fold"] == 0).argmax()]
     i = ensemble.inputs
     study = read_study(synthetic_root / "train_images" / uid, i["size"], i["crop"], i["margin"], 2)
@@ -240,8 +265,14 @@ def test_the_bundle_carries_the_blends_and_every_blstm_size_they_read(blended, t
 def test_the_report_says_what_is_submitted_and_where_the_loss_is(blended):
     run, _ = blended
     report = (run.report / "report.md").read_text()
-    assert "The submission takes patient_overall, C1, C2, C3, C4, C5, C6, C7 from **blend (level 2)**" in report
-    for heading in ("## Where the loss is", "## AUC with 95% bootstrap intervals", "## The blend's coefficients"):
+    assert (
+        "The submission takes patient_overall, C1, C2, C3, C4, C5, C6, C7 from **blend (level 2)**" in report
+    )
+    for heading in (
+        "## Where the loss is",
+        "## AUC with 95% bootstrap intervals",
+        "## The blend's coefficients",
+    ):
         assert heading in report
     losses = pd.read_csv(run.report / "loss.csv")
     assert "blend (level 2)" in set(losses["model"])

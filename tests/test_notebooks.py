@@ -80,3 +80,11 @@ def test_the_submission_notebook_only_submits_and_the_learning_notebook_points_t
     assert not any(word in code[0].source for word in ("run_stages", "setup_run", "notebook_setup"))  # no training
     learning = nbformat.read(here / "05_inference_and_submission.ipynb", as_version=4)
     assert "kaggle_submission.ipynb" in learning.cells[0].source
+
+
+def test_the_saved_outputs_hold_no_machine_paths(notebook):
+    """Saved at the demo scale on one machine, read on every other: paths are relative to the work folder."""
+    path, nb = notebook
+    text = "\n".join(str(o) for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    found = re.findall(re.escape(str(path.resolve().parents[1])) + r"[\w./-]*|/tmp/[\w./-]+", text)
+    assert not found, f"{path.name} saves {sorted(set(found))[:3]}"

@@ -24,8 +24,9 @@ def _copy(root, tmp_path):
     return data
 
 
-def test_the_public_rerun_runs_the_models_on_training_studies_and_writes_the_prior(smoke_run, synthetic_root,
-                                                                                    tmp_path, capsys):
+def test_the_public_rerun_runs_the_models_on_training_studies_and_writes_the_prior(
+    smoke_run, synthetic_root, tmp_path, capsys
+):
     data = _copy(synthetic_root, tmp_path)
     shutil.rmtree(data / "test_images")  # Kaggle's public rerun: test.csv lists studies it does not have
     out = tmp_path / "submission.csv"
@@ -65,12 +66,16 @@ def test_the_cli_exits_non_zero_with_the_causes(smoke_run, synthetic_root, tmp_p
     data = _copy(synthetic_root, tmp_path)
     for dcm in (data / "test_images").rglob("*.dcm"):
         dcm.write_bytes(b"")
-    code = main(["predict", "--models", str(smoke_run), "--data", str(data), "--out", str(tmp_path / "s.csv")])
+    code = main(
+        ["predict", "--models", str(smoke_run), "--data", str(data), "--out", str(tmp_path / "s.csv")]
+    )
     assert code == 1
     assert "2 of 2 test studies failed" in capfd.readouterr().err
 
 
-def test_a_model_set_missing_a_fold_is_refused_by_predict_and_by_the_bundle(smoke_run, synthetic_root, tmp_path):
+def test_a_model_set_missing_a_fold_is_refused_by_predict_and_by_the_bundle(
+    smoke_run, synthetic_root, tmp_path
+):
     from cspine.checkpoints import CheckpointError
     from cspine.kaggle import package_kaggle
 
@@ -89,8 +94,9 @@ def test_a_model_set_missing_a_fold_is_refused_by_predict_and_by_the_bundle(smok
         predict(cfg, synthetic_root, run, tmp_path / "submission.csv")
 
 
-def test_predict_says_when_demo_models_meet_real_data_or_kaggle_has_no_gpu(smoke_run, synthetic_root, tmp_path,
-                                                                           monkeypatch, caplog):
+def test_predict_says_when_demo_models_meet_real_data_or_kaggle_has_no_gpu(
+    smoke_run, synthetic_root, tmp_path, monkeypatch, caplog
+):
     import cspine.predict
     from cspine.competition import COMPLETE_MARKER
 

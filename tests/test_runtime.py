@@ -1,4 +1,4 @@
-"""Mixed precision follows the hardware: bf16 only where the GPU has it natively (Kaggle's T4 and P100 do not)."""
+"""Mixed precision follows the hardware: bf16 only where the GPU has it natively (not Kaggle's T4, P100)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,15 @@ import torch
 from cspine.runtime import amp_dtype
 
 
-@pytest.mark.parametrize("capability, dtype", [((7, 5), torch.float16),  # T4
-                                               ((6, 0), torch.float16),  # P100
-                                               ((8, 0), torch.bfloat16),  # A100
-                                               ((9, 0), torch.bfloat16)])  # H100
+@pytest.mark.parametrize(
+    "capability, dtype",
+    [
+        ((7, 5), torch.float16),  # T4
+        ((6, 0), torch.float16),  # P100
+        ((8, 0), torch.bfloat16),  # A100
+        ((9, 0), torch.bfloat16),
+    ],
+)  # H100
 def test_amp_dtype_follows_the_compute_capability(monkeypatch, capability, dtype):
     def bf16_supported(including_emulation=True):
         # as torch answers on a T4: True when emulation counts, False when it does not

@@ -46,10 +46,16 @@ def test_reading_processes_end_with_their_parent_even_under_kill_9(tmp_path):
         "        reader._submit(Path(path))\n"
         "    time.sleep(4)\n"
         "    print(' '.join(str(p.pid) for p in mp.active_children()), flush=True)\n"
-        "    time.sleep(60)\n")
+        "    time.sleep(60)\n"
+    )
     root = Path(__file__).resolve().parents[1]
-    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=root,
-                              env={**os.environ, "PYTHONPATH": str(root)})
+    parent = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
     workers = [int(p) for p in parent.stdout.readline().split()]
     assert workers, "the pool started no process"
     parent.send_signal(signal.SIGKILL)

@@ -64,8 +64,10 @@ def _sources(run: Run, cfg: Config, fold: int) -> dict[str, object]:
         files["extents"] = run.seg_file("extents.csv")
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"the blend of fold {fold} reads {', '.join(missing)}, which do not exist: run the "
-                                "stages before `blend` first")
+        raise FileNotFoundError(
+            f"the blend of fold {fold} reads {', '.join(missing)}, which do not exist: run the "
+            "stages before `blend` first"
+        )
     return files
 
 
@@ -79,23 +81,47 @@ def fold_inputs(cfg: Config, run_dir: str | os.PathLike, fold: int) -> pd.DataFr
     run, b = Run(run_dir), cfg.blend
     files = _sources(run, cfg, fold)
     models = _models(cfg)
-    extents = extents_by_study(pd.read_csv(files["extents"], dtype={"StudyInstanceUID": str})) \
-        if "extents" in files else None
+    extents = (
+        extents_by_study(pd.read_csv(files["extents"], dtype={"StudyInstanceUID": str}))
+        if "extents" in files
+        else None
+    )
     blstm = {int(name[5:]): _oof(path) for name, path in files.items() if name.startswith("blstm")}
     vert = _oof(files["vertebra"]) if "vertebra" in files else None
     folds = run.read_folds()
-    uids = [u for u in folds.loc[folds["fold"] == fold, "StudyInstanceUID"] if run.features_file(fold, u).is_file()]
+    uids = [
+        u
+        for u in folds.loc[folds["fold"] == fold, "StudyInstanceUID"]
+        if run.features_file(fold, u).is_file()
+    ]
     rows = []
     for uid in uids:
         probs = load_features(run, fold, uid)[1]
-        rows.append({"StudyInstanceUID": uid, "fold": fold, **study_inputs(
-            probs, None if extents is None else extents.get(uid, {}),
-            {h: frame.loc[uid, [f"p_{t}" for t in TARGETS]].to_numpy(float) for h, frame in blstm.items()},
-            None if vert is None else vert.loc[uid, [f"p_{v}" for v in VERTEBRAE]].to_numpy(float),
-            b.top_k, b.margin)})
+        rows.append(
+            {
+                "StudyInstanceUID": uid,
+                "fold": fold,
+                **study_inputs(
+                    probs,
+                    None if extents is None else extents.get(uid, {}),
+                    {
+                        h: frame.loc[uid, [f"p_{t}" for t in TARGETS]].to_numpy(float)
+                        for h, frame in blstm.items()
+                    },
+                    None if vert is None else vert.loc[uid, [f"p_{v}" for v in VERTEBRAE]].to_numpy(float),
+                    b.top_k,
+                    b.margin,
+                ),
+            }
+        )
     frame = pd.DataFrame(rows)
-    keep = [c for c in frame.columns[2:] if (c.startswith("blstm") and "blstm" in models)
-            or (c.startswith("cnn:") and "cnn" in models) or (c.startswith("vert:") and "vertebra" in models)]
+    keep = [
+        c
+        for c in frame.columns[2:]
+        if (c.startswith("blstm") and "blstm" in models)
+        or (c.startswith("cnn:") and "cnn" in models)
+        or (c.startswith("vert:") and "vertebra" in models)
+    ]
     return frame[["StudyInstanceUID", "fold", *keep]]
 
 
@@ -116,12 +142,22 @@ def fit_target(x: pd.DataFrame, y: np.ndarray, target: str, C: float) -> dict:
     scale[scale < 1e-6] = 1.0
     if len(np.unique(y)) < 2 or not names:
         constant = best_constant(float(np.mean(y)))
-        return {"inputs": names, "mean": mean.tolist(), "scale": scale.tolist(), "coef": [0.0] * len(names),
-                "intercept": float(logit(constant))}
+        return {
+            "inputs": names,
+            "mean": mean.tolist(),
+            "scale": scale.tolist(),
+            "coef": [0.0] * len(names),
+            "intercept": float(logit(constant)),
+        }
     model = LogisticRegression(C=C, max_iter=2000)
     model.fit((values - mean) / scale, y, sample_weight=metric_weights(y, target))
-    return {"inputs": names, "mean": mean.tolist(), "scale": scale.tolist(), "coef": model.coef_[0].tolist(),
-            "intercept": float(model.intercept_[0])}
+    return {
+        "inputs": names,
+        "mean": mean.tolist(),
+        "scale": scale.tolist(),
+        "coef": model.coef_[0].tolist(),
+        "intercept": float(model.intercept_[0]),
+    }
 
 
 def fit_vertebrae(inputs: pd.DataFrame, labels: pd.DataFrame, C: float) -> dict[str, dict]:
@@ -143,24 +179,40 @@ def fit_vertebrae(inputs: pd.DataFrame, labels: pd.DataFrame, C: float) -> dict[
         return {v: fit_target(inputs[names[v]], labels[v].to_numpy(int), v, C) for v in VERTEBRAE}
     model = LogisticRegression(C=C, fit_intercept=False, max_iter=2000)
     model.fit(np.hstack([(x - mean) / scale, which]), y, sample_weight=metric_weights(y, VERTEBRAE[0]))
-    shared, intercepts = model.coef_[0][:x.shape[1]], model.coef_[0][x.shape[1]:]
-    return {v: {"inputs": names[v], "mean": mean.tolist(), "scale": scale.tolist(), "coef": shared.tolist(),
-                "intercept": float(intercepts[i])} for i, v in enumerate(VERTEBRAE)}
+    shared, intercepts = model.coef_[0][: x.shape[1]], model.coef_[0][x.shape[1] :]
+    return {
+        v: {
+            "inputs": names[v],
+            "mean": mean.tolist(),
+            "scale": scale.tolist(),
+            "coef": shared.tolist(),
+            "intercept": float(intercepts[i]),
+        }
+        for i, v in enumerate(VERTEBRAE)
+    }
 
 
 def fit_blend(inputs: pd.DataFrame, labels: pd.DataFrame, b: BlendConfig) -> dict:
     """Every target's model, fitted on studies' inputs (`fold_inputs` rows) and their labels (same order):
     patient_overall's own, and one shared by the vertebrae (`fit_vertebrae`)."""
     available = [c for c in inputs.columns if c not in ("StudyInstanceUID", "fold")]
-    overall = fit_target(inputs[target_inputs(OVERALL, available)], labels[OVERALL].to_numpy(int), OVERALL, b.C)
+    overall = fit_target(
+        inputs[target_inputs(OVERALL, available)], labels[OVERALL].to_numpy(int), OVERALL, b.C
+    )
     return {"targets": {OVERALL: overall, **fit_vertebrae(inputs, labels, b.C)}, "floor": b.floor}
 
 
 def _made(run: Run, cfg: Config, folds: list[int]) -> dict:
     """What the blend is made from: its input files' digests, the features, the settings."""
-    return {"files": {f"fold{k}:{name}": digest(path) for k in folds for name, path in _sources(run, cfg, k).items()},
-            "features": features_signature(run), "blend": json_safe(dataclasses.asdict(cfg.blend)),
-            "sizes": list(cfg.seq.sizes), "folds": folds}
+    return {
+        "files": {
+            f"fold{k}:{name}": digest(path) for k in folds for name, path in _sources(run, cfg, k).items()
+        },
+        "features": features_signature(run),
+        "blend": json_safe(dataclasses.asdict(cfg.blend)),
+        "sizes": list(cfg.seq.sizes),
+        "folds": folds,
+    }
 
 
 def json_safe(value):
@@ -173,7 +225,9 @@ def json_safe(value):
 def is_blended(run_dir: str | os.PathLike, cfg: Config, folds: list[int]) -> bool:
     """Whether the blend was fitted on the run's current outputs of ``folds`` with the current settings."""
     run = Run(run_dir)
-    if not all(p.is_file() for p in (run.blend_model, run.blend_file("oof.csv"), run.blend_file("record.json"))):
+    if not all(
+        p.is_file() for p in (run.blend_model, run.blend_file("oof.csv"), run.blend_file("record.json"))
+    ):
         return False
     try:
         return read_json(run.blend_file("record.json"))["made"] == _made(run, cfg, folds)
@@ -182,12 +236,21 @@ def is_blended(run_dir: str | os.PathLike, cfg: Config, folds: list[int]) -> boo
 
 
 def _save(run: Run, blend: dict, inputs: pd.DataFrame, path, trained_on: list[str], b: BlendConfig) -> None:
-    """A blend with what it reads (`cspine.checkpoints.save_blend`), for predict to compute the same inputs."""
+    """A blend with what it reads (`cspine.checkpoints.save_blend`): predict computes the same inputs."""
     sizes = sorted({int(c[5:].split(":")[0]) for c in inputs.columns if c.startswith("blstm")})
-    save_blend({**blend, "top_k": b.top_k, "margin": b.margin, "sizes": sizes,
-                "extents": run.seg_file("extents.csv").is_file(),
-                "vertebra": any(c.startswith("vert:") for c in inputs.columns),
-                "folds": sorted(int(k) for k in inputs["fold"].unique()), "trained_on": trained_on}, path)
+    save_blend(
+        {
+            **blend,
+            "top_k": b.top_k,
+            "margin": b.margin,
+            "sizes": sizes,
+            "extents": run.seg_file("extents.csv").is_file(),
+            "vertebra": any(c.startswith("vert:") for c in inputs.columns),
+            "folds": sorted(int(k) for k in inputs["fold"].unique()),
+            "trained_on": trained_on,
+        },
+        path,
+    )
 
 
 def blend(cfg: Config, run_dir: str | os.PathLike, folds: list[int]) -> pd.DataFrame:
@@ -195,8 +258,10 @@ def blend(cfg: Config, run_dir: str | os.PathLike, folds: list[int]) -> pd.DataF
     predictions (``p_<target>`` as submitted, and ``p_patient_overall_unfloored``, before the floor)."""
     run, b = Run(run_dir), cfg.blend
     if len(folds) < 2:
-        raise ValueError(f"the blend scores each fold with a blend fitted on the others: it needs two folds or "
-                         f"more, not {folds} (folds.folds)")
+        raise ValueError(
+            f"the blend scores each fold with a blend fitted on the others: it needs two folds or "
+            f"more, not {folds} (folds.folds)"
+        )
     run.blend_file("record.json").unlink(missing_ok=True)  # until the end, the run is not blended
     inputs = pd.concat([fold_inputs(cfg, run, k) for k in folds], ignore_index=True)
     labels = run.read_labels().loc[inputs["StudyInstanceUID"], list(TARGETS)].reset_index(drop=True)
@@ -211,10 +276,19 @@ def blend(cfg: Config, run_dir: str | os.PathLike, folds: list[int]) -> pd.DataF
         splits[str(k)] = {"trained_on": uids[fitted].tolist(), "scored": uids[scored].tolist()}
     _save(run, fit_blend(inputs, labels, b), inputs, run.blend_model, uids.tolist(), b)
     write_csv(inputs, run.blend_file("inputs.csv"))
-    oof = pd.DataFrame({"StudyInstanceUID": uids, "fold": inputs["fold"],
-                        **{f"p_{t}": p[:, i] for i, t in enumerate(TARGETS)}, "p_patient_overall_unfloored": raw})
+    oof = pd.DataFrame(
+        {
+            "StudyInstanceUID": uids,
+            "fold": inputs["fold"],
+            **{f"p_{t}": p[:, i] for i, t in enumerate(TARGETS)},
+            "p_patient_overall_unfloored": raw,
+        }
+    )
     write_csv(oof, run.blend_file("oof.csv"))
     write_json({"made": _made(run, cfg, folds), "splits": splits}, run.blend_file("record.json"))  # last
-    log.info("blend: %d studies, each scored by a blend fitted on the other folds: loss %.4f", len(oof),
-             weighted_log_loss(labels.to_numpy(), p))
+    log.info(
+        "blend: %d studies, each scored by a blend fitted on the other folds: loss %.4f",
+        len(oof),
+        weighted_log_loss(labels.to_numpy(), p),
+    )
     return oof

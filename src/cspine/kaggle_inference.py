@@ -9,6 +9,7 @@ standard library (and `packaging`, where present), since cspine is not installed
 Kaggle's public rerun, whose test images are absent, predict runs the models on a few training studies and
 prints how they did (`cspine.predict.self_test`); when most test studies fail it stops with their causes.
 """
+
 import json
 import os
 import re
@@ -28,28 +29,37 @@ def find_bundle() -> Path:
     found = sorted({p.parent for depth in ("*", "*/*", "*/*/*") for p in root.glob(f"{depth}/{MARKER}")})
     if len(found) != 1:
         listed = ", ".join(sorted(p.name for p in root.iterdir())) if root.is_dir() else "nothing"
-        sys.exit(f"cspine: {len(found)} bundles (folders holding {MARKER}) under {root}: "
-                 f"{', '.join(map(str, found)) or 'none'}; attached there: {listed}. Attach the bundle dataset, "
-                 "or set CSPINE_BUNDLE to its folder")
+        sys.exit(
+            f"cspine: {len(found)} bundles (folders holding {MARKER}) under {root}: "
+            f"{', '.join(map(str, found)) or 'none'}; attached there: {listed}. Attach the bundle dataset, "
+            "or set CSPINE_BUNDLE to its folder"
+        )
     return found[0]
 
 
 def check_interpreter(bundle: Path, manifest: dict) -> None:
     have = f"{sys.version_info.major}.{sys.version_info.minor}"
     if manifest["python"] != have:
-        sys.exit(f"cspine: the bundle's wheels are for Python {manifest['python']}, this notebook runs Python "
-                 f"{have} ({sys.executable}); rebuild it with `python -m cspine package-kaggle --python {have}`")
+        sys.exit(
+            f"cspine: the bundle's wheels are for Python {manifest['python']}, this notebook runs Python "
+            f"{have} ({sys.executable}); rebuild it with `python -m cspine package-kaggle --python {have}`"
+        )
     try:
         from packaging.tags import sys_tags
         from packaging.utils import parse_wheel_filename
     except ImportError:
         return  # the version check above stands alone
     supported = set(sys_tags())
-    unusable = [w.name for w in sorted((bundle / "wheels").glob("*.whl"))
-                if not set(parse_wheel_filename(w.name)[3]) & supported]
+    unusable = [
+        w.name
+        for w in sorted((bundle / "wheels").glob("*.whl"))
+        if not set(parse_wheel_filename(w.name)[3]) & supported
+    ]
     if unusable:
-        sys.exit(f"cspine: {len(unusable)} wheels of the bundle do not install on this interpreter "
-                 f"({sys.executable}, Python {have}): {', '.join(unusable)}")
+        sys.exit(
+            f"cspine: {len(unusable)} wheels of the bundle do not install on this interpreter "
+            f"({sys.executable}, Python {have}): {', '.join(unusable)}"
+        )
 
 
 def missing_requirements(requirements: list[str]) -> list[str]:
@@ -77,13 +87,29 @@ def main() -> None:
     else:
         missing = missing_requirements(manifest["requirements"])
         if missing:
-            sys.exit(f"cspine: the bundle was made with --no-wheels, and this environment lacks {', '.join(missing)}; "
-                     "install them, or rebuild the bundle without --no-wheels")
+            sys.exit(
+                f"cspine: the bundle was made with --no-wheels, and this Python lacks {', '.join(missing)}; "
+                "install them, or rebuild the bundle without --no-wheels"
+            )
     out = os.environ.get("CSPINE_SUBMISSION", "/kaggle/working/submission.csv")
-    done = subprocess.run([sys.executable, "-m", "cspine", "predict", "--config", str(bundle / "models" / "config.yaml"),
-                           "--models", str(bundle / "models"), "--out", out])
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cspine",
+            "predict",
+            "--config",
+            str(bundle / "models" / "config.yaml"),
+            "--models",
+            str(bundle / "models"),
+            "--out",
+            out,
+        ]
+    )
     if done.returncode:
-        sys.exit(f"cspine: predict failed (exit {done.returncode}; its log above says why); no submission written")
+        sys.exit(
+            f"cspine: predict failed (exit {done.returncode}; its log above says why); no submission written"
+        )
     print("submission written to", out)
 
 

@@ -56,7 +56,7 @@ KAGGLE_WORKING = Path("/kaggle/working")  # present only inside a Kaggle noteboo
 
 @dataclass
 class Ensemble:
-    """Every fold's slice CNN, the BLSTMs, the blends, and how they read a study (from their checkpoints).
+    """Every fold's slice CNN, the BLSTMs, the blend, and how they read a study (from their checkpoints).
 
     The k-th CNN sits on ``devices[k % len(devices)]`` (folds spread over the GPUs); everything else on the
     first.

@@ -44,8 +44,14 @@ def extents_by_study(extents: pd.DataFrame) -> dict[str, dict[str, tuple[int, in
     return out
 
 
-def study_inputs(probs: np.ndarray, extents: dict[str, tuple[int, int]] | None, blstm: dict[int, np.ndarray],
-                 vert: np.ndarray | None, top_k: int, margin: int) -> dict[str, float]:
+def study_inputs(
+    probs: np.ndarray,
+    extents: dict[str, tuple[int, int]] | None,
+    blstm: dict[int, np.ndarray],
+    vert: np.ndarray | None,
+    top_k: int,
+    margin: int,
+) -> dict[str, float]:
     """Every level-2 input of one study, as read through one fold's models.
 
     Args:
@@ -59,13 +65,13 @@ def study_inputs(probs: np.ndarray, extents: dict[str, tuple[int, int]] | None, 
     z = logit(probs)
     fracture = z[:, 0]
     n = len(z)
-    top = np.sort(fracture)[::-1][:max(1, min(top_k, n))]
+    top = np.sort(fracture)[::-1][: max(1, min(top_k, n))]
     out = {"cnn:max": float(fracture.max()), "cnn:top": float(top.mean()), "cnn:mean": float(fracture.mean())}
     for i, name in enumerate(VERTEBRAE):
         z0, z1 = (extents or {}).get(name, (0, n - 1))
         lo, hi = max(0, z0 - margin), min(n - 1, z1 + margin)
-        out[f"cnn:{name}"] = float(z[lo:hi + 1, 1 + i].max())
-        out[f"cnn:frac@{name}"] = float(fracture[lo:hi + 1].max())
+        out[f"cnn:{name}"] = float(z[lo : hi + 1, 1 + i].max())
+        out[f"cnn:frac@{name}"] = float(fracture[lo : hi + 1].max())
     for hidden, p in blstm.items():
         out.update({f"blstm{hidden}:{t}": float(v) for t, v in zip(TARGETS, logit(p))})
     if vert is not None:
@@ -104,7 +110,9 @@ def apply_blend(blend: dict, inputs: pd.DataFrame) -> np.ndarray:
     for i, target in enumerate(TARGETS):
         model = blend["targets"][target]
         x = inputs[model["inputs"]].to_numpy(np.float64) if model["inputs"] else np.zeros((len(inputs), 0))
-        z = ((x - np.asarray(model["mean"])) / np.asarray(model["scale"])) @ np.asarray(model["coef"]) + model["intercept"]
+        z = ((x - np.asarray(model["mean"])) / np.asarray(model["scale"])) @ np.asarray(
+            model["coef"]
+        ) + model["intercept"]
         out[:, i] = 1 / (1 + np.exp(-z))
     if blend["floor"]:
         out[:, 0] = np.maximum(out[:, 0], out[:, 1:].max(axis=1))
