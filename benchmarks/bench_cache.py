@@ -1,6 +1,6 @@
 """The slice cache's formats: bytes per slice on real CT, and the cost of reading a compressed slice.
 
-1. The three real 512² CT slices of the shared fixtures (a GE chest slice, two NEMA CT slices), each
+1. The three real 512² CT slices of the test fixtures (tests/fixtures) (a GE chest slice, two NEMA CT slices), each
    preprocessed as `prepare` does (three windows, Otsu crop, resize), written as `.npy` and as zarr
    (`prepare.format: zarr`: zstd through Blosc, one chunk a slice), at 384 (the paper) and 256 (`rsna`).
    Bytes per slice, and encode time, against plain `.npy`.
@@ -24,7 +24,7 @@ from cspine.prepare import cache_bytes, load_study_images, write_study_images
 from cspine.preprocess import preprocess_slice
 from cspine.runs import Cache
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ct-transfer-syntaxes"
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "ct-transfer-syntaxes"
 SLICES = ["CTImage.dcm", "CT1_J2KR", "CT2_J2KR"]
 
 

@@ -1,7 +1,7 @@
 """A study shaped like the real ones, for the benchmarks: 512², ~350 slices, real CT noise.
 
 The phantom's slices are smoother than real CT, so they compress further and decode faster than the
-competition's files. Here every slice is the real GE CT slice of the shared fixtures (`CTImage.dcm`),
+competition's files. Here every slice is the real GE CT slice of the test fixtures (tests/fixtures) (`CTImage.dcm`),
 shifted by one more pixel each time: a JPEG Lossless file of it is 194 KB, as the fixture's own (199 KB).
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 from cspine.dicom import read_hu
 from cspine.dicom_writer import Encoding, write_series
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ct-transfer-syntaxes" / "CTImage.dcm"
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "ct-transfer-syntaxes" / "CTImage.dcm"
 REAL_MEAN_SLICES = 352  # 711,600 slices over 2,019 training studies
 
 

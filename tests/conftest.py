@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -10,15 +9,12 @@ import pytest
 
 from cspine.config import config_path
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("CSPINE_SHARED", REPO.parent / "shared"))
-TRANSFER_SYNTAX_FIXTURES = SHARED / "fixtures" / "ct-transfer-syntaxes"
+# One real CT slice in many transfer syntaxes, with its source and MIT licence (README.md, LICENSE there)
+TRANSFER_SYNTAX_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "ct-transfer-syntaxes"
 
 
 @pytest.fixture(scope="session")
 def transfer_syntax_dir() -> Path:
-    if not TRANSFER_SYNTAX_FIXTURES.is_dir():
-        pytest.skip(f"{TRANSFER_SYNTAX_FIXTURES} is absent (../shared is not beside the repository)")
     return TRANSFER_SYNTAX_FIXTURES
 
 

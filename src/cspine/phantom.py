@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 
-# Real training-set statistics (shared/competition.md): how many vertebrae a study has fractured, and
+# Real training-set statistics (docs/competition.md): how many vertebrae a study has fractured, and
 # how often each level is fractured; used so synthetic label distributions look like the real ones.
 FRACTURED_COUNT_FREQ = np.array([1058, 623, 239, 64, 26, 7, 2], dtype=float)
 LEVEL_PREVALENCE = np.array([7.2, 14.1, 3.6, 5.4, 8.0, 13.7, 19.5])

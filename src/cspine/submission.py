@@ -12,7 +12,7 @@ from cspine import TARGETS
 from cspine.metrics import best_constant
 from cspine.runs import write_csv
 
-# Real training-set prevalences (shared/competition.md), the fallback when no train.csv is at hand.
+# Real training-set prevalences (docs/competition.md), the fallback when no train.csv is at hand.
 TRAIN_PREVALENCE = {"patient_overall": 0.476, "C1": 0.072, "C2": 0.141, "C3": 0.036, "C4": 0.054,
                     "C5": 0.080, "C6": 0.137, "C7": 0.195}
 

@@ -46,7 +46,7 @@ class StudyFiles:
 
 
 def draw_study_files(rng: np.random.Generator, fov: float) -> StudyFiles:
-    """File variety in the real data's proportions (competition.md): ~10% reversed numbering, etc."""
+    """File variety in the real data's proportions (docs/competition.md): ~10% reversed numbering, etc."""
     syntax = rng.choice(["explicit", "rle", "j2k", "jpeg_lossless"], p=[0.4, 0.2, 0.2, 0.2])
     if rng.random() < 0.6:
         encoding = Encoding(str(syntax), signed=False, intercept=-1024.0, bits_stored=12)
