@@ -97,3 +97,23 @@ def test_the_blstm_picture_has_a_column_per_slice_and_the_eight_targets():
     assert texts.count("LSTM →") == 5 and texts.count("← LSTM") == 5 and "slice N" in texts
     assert any("8 probabilities" in t for t in texts)
     plt.close(fig)
+
+
+def test_each_vertebras_outline_has_its_own_labels_colour(study):
+    """C1 was drawn in C2's colour: contour levels 0.5..7.5 against label colours tab10(v/9)."""
+    from matplotlib.colors import to_rgba
+
+    from cspine.viz import vertebra_colour
+
+    hu, mask = study
+    fig = draw_study(hu, 2, mask=mask)  # slice 2: C1's
+    axial, sagittal = fig.axes[:2]
+    (outline,) = [c for c in axial.collections if len(c.get_paths()) and len(c.get_paths()[0].vertices)]
+    assert np.allclose(to_rgba(outline.get_edgecolor()[0]), vertebra_colour(1))
+    sagittal_colours = [tuple(c.get_edgecolor()[0]) for c in sagittal.collections if c.get_edgecolor().size]
+    names = {t.get_text(): t.get_color() for t in sagittal.texts}
+    for v in range(1, 8):  # every vertebra's outline and name share its colour, and only its
+        assert any(np.allclose(colour, vertebra_colour(v)) for colour in sagittal_colours)
+        assert np.allclose(to_rgba(names[f"C{v}"]), vertebra_colour(v))
+    assert len({vertebra_colour(v) for v in range(1, 9)}) == 8
+    plt.close(fig)

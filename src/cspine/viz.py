@@ -122,6 +122,12 @@ def plot_prevalence(train: pd.DataFrame) -> Figure:
     return fig
 
 
+def vertebra_colour(label: int) -> tuple[float, float, float, float]:
+    """The colour of mask label ``label`` (1..7 = C1..C7, 8 = thoracic) in every figure: tab10's label-th
+    colour, so an outline and its name always match."""
+    return plt.cm.tab10((label - 1) % 10)
+
+
 def _display(plane: np.ndarray) -> tuple[np.ndarray, dict]:
     """What to show of a plane and imshow's arguments: HU in the bone window, or the cache's uint8 [.., .., 3]
     as its three windows in colour (what the CNN sees). Planes only: a slider frame never windows a volume."""
@@ -174,14 +180,15 @@ def draw_study(volume: np.ndarray, k: int, spacing: tuple[float, float, float] =
     for ax in (sagittal, coronal):
         ax.axhline(k, color="yellow", lw=0.8)
     if mask is not None:
-        levels = np.arange(0.5, 8.5)
         for ax, plane in ((axial, mask[k]), (sagittal, mask[:, :, column]), (coronal, mask[:, row, :])):
-            if plane.any():
-                ax.contour(plane, levels=levels, cmap="tab10", vmin=0, vmax=9, linewidths=0.8)
-        for v in range(1, 8):
+            for v in range(1, len(VERTEBRAE) + 2):  # C1..C7, then the thoracic class
+                if (plane == v).any():  # each outline alone, in its own label's colour
+                    ax.contour((plane == v).astype(np.float32), levels=[0.5], colors=[vertebra_colour(v)],
+                               linewidths=0.8)
+        for v in range(1, len(VERTEBRAE) + 1):
             rows = np.flatnonzero((mask[:, :, column] == v).any(axis=1))
             if len(rows):
-                sagittal.text(2, rows.mean(), VERTEBRAE[v - 1], color=plt.cm.tab10(v / 9), fontsize=8,
+                sagittal.text(2, rows.mean(), VERTEBRAE[v - 1], color=vertebra_colour(v), fontsize=8,
                               va="center")
     for ax in (axial, sagittal, coronal):
         ax.axis("off")
