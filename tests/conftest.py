@@ -9,8 +9,9 @@ import pytest
 
 from cspine.config import config_path
 
+REPO = Path(__file__).resolve().parents[1]
 # One real CT slice in many transfer syntaxes, with its source and MIT licence (README.md, LICENSE there)
-TRANSFER_SYNTAX_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "ct-transfer-syntaxes"
+TRANSFER_SYNTAX_FIXTURES = REPO / "tests" / "fixtures" / "ct-transfer-syntaxes"
 
 
 @pytest.fixture(scope="session")
