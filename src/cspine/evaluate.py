@@ -92,6 +92,11 @@ def case_level_reports(name: str, oof: pd.DataFrame, labels: pd.DataFrame) -> li
     return reports
 
 
+def _auc(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC AUC, or NaN when one class is absent (a rare vertebra in a small run)."""
+    return roc_auc_score(y, p) if len(np.unique(y)) == 2 else float("nan")
+
+
 def scores(name: str, oof: pd.DataFrame, labels: pd.DataFrame) -> dict:
     """Competition loss (both forms) and per-target AUCs of one model's out-of-fold predictions."""
     y = labels.loc[oof["StudyInstanceUID"], list(TARGETS)].to_numpy()
@@ -99,7 +104,7 @@ def scores(name: str, oof: pd.DataFrame, labels: pd.DataFrame) -> dict:
     row = {"Model": name, "loss (per study)": weighted_log_loss(y, p, "study"),
            "loss (global)": weighted_log_loss(y, p, "global")}
     for i, t in enumerate(TARGETS):
-        row[f"AUC {t}"] = roc_auc_score(y[:, i], p[:, i]) if len(np.unique(y[:, i])) == 2 else float("nan")
+        row[f"AUC {t}"] = _auc(y[:, i], p[:, i])
     return row
 
 
@@ -269,7 +274,9 @@ def submitted_columns(cfg: Config) -> dict[str, str]:
 def submitted_model(cfg: Config) -> str:
     """The model whose out-of-fold file holds what `predict` submits (the vertebra track's file holds its
     patient_overall source's answers too)."""
-    return BLEND if cfg.blend.enabled else VERTEBRA_TRACK if cfg.vert.enabled else submitted_columns(cfg)["C1"]
+    if cfg.blend.enabled:
+        return BLEND
+    return VERTEBRA_TRACK if cfg.vert.enabled else f"{model_name(cfg)} + BLSTM-{cfg.seq.hidden}"
 
 
 def loss_table(models: dict[str, pd.DataFrame], labels: pd.DataFrame) -> pd.DataFrame:
@@ -279,12 +286,12 @@ def loss_table(models: dict[str, pd.DataFrame], labels: pd.DataFrame) -> pd.Data
         y = labels.loc[oof["StudyInstanceUID"], list(TARGETS)].to_numpy()
         p = oof[[f"p_{t}" for t in TARGETS]].to_numpy()
         parts = loss_by_target(y, p)
-        aucs = [roc_auc_score(y[:, i], p[:, i]) if len(np.unique(y[:, i])) == 2 else np.nan
-                for i in range(1, len(TARGETS))]
+        aucs = [_auc(y[:, i], p[:, i]) for i in range(1, len(TARGETS))]
         rows.append({"model": name, "loss per study": parts.sum(),
                      "of which patient_overall": f"{parts[0]:.3f} ({parts[0] / parts.sum():.0%})",
-                     "C1..C7 together": parts[1:].sum(), "patient_overall's own weighted loss": target_log_loss(y[:, 0], p[:, 0], "patient_overall"),
-                     "AUC patient_overall": roc_auc_score(y[:, 0], p[:, 0]) if len(np.unique(y[:, 0])) == 2 else np.nan,
+                     "C1..C7 together": parts[1:].sum(),
+                     "patient_overall's own weighted loss": target_log_loss(y[:, 0], p[:, 0], "patient_overall"),
+                     "AUC patient_overall": _auc(y[:, 0], p[:, 0]),
                      "AUC C1..C7 mean / min": f"{np.nanmean(aucs):.3f} / {np.nanmin(aucs):.3f}"})
     return pd.DataFrame(rows)
 
@@ -305,10 +312,11 @@ def auc_interval_table(models: dict[str, pd.DataFrame], labels: pd.DataFrame, se
 
 
 def _coefficients(model: dict, target: str) -> dict[str, float]:
-    """{input: coefficient} of one target's model, the vertebra's name written Ck (the shared model)."""
-    generic = {name.replace(target, "Ck") if target != "patient_overall" else name: c
-               for name, c in zip(model["inputs"], model["coef"])}
-    return generic | {f"intercept ({target})" if target != "patient_overall" else "intercept": model["intercept"]}
+    """{input: coefficient} of one target's model; a vertebra's name is written Ck (the shared model)."""
+    if target == "patient_overall":
+        return {**dict(zip(model["inputs"], model["coef"])), "intercept": model["intercept"]}
+    generic = {name.replace(target, "Ck"): c for name, c in zip(model["inputs"], model["coef"])}
+    return {**generic, f"intercept ({target})": model["intercept"]}
 
 
 def coefficient_table(run: Run) -> pd.DataFrame | None:
@@ -318,18 +326,18 @@ def coefficient_table(run: Run) -> pd.DataFrame | None:
     if not run.blend_model.is_file():
         return None
     submitted = load_blend(run.blend_model)
-    blends = {"submitted": submitted, **{f"scored fold {k}": load_blend(run.blend_scorer(k)) for k in submitted["folds"]}}
+    scorers = {f"scored fold {k}": load_blend(run.blend_scorer(k)) for k in submitted["folds"]}
     columns = {}
-    for label, b in blends.items():
-        values = {("patient_overall", name): c for name, c in _coefficients(b["targets"]["patient_overall"],
-                                                                           "patient_overall").items()}
+    for label, b in {"submitted": submitted, **scorers}.items():
+        values = {("patient_overall", name): c
+                  for name, c in _coefficients(b["targets"]["patient_overall"], "patient_overall").items()}
         for v in VERTEBRAE:  # the shared coefficients repeat in every vertebra: one row each
             values.update({("C1..C7", name): c for name, c in _coefficients(b["targets"][v], v).items()})
         columns[label] = values
     keys = list(dict.fromkeys(k for values in columns.values() for k in values))
-    return pd.DataFrame([{"target": t, "input": name, **{label: round(values[(t, name)], 3) if (t, name) in values
-                                                          else None for label, values in columns.items()}}
-                         for t, name in keys])
+    rows = [{"target": t, "input": name, **{label: round(values[(t, name)], 3) if (t, name) in values else None
+                                           for label, values in columns.items()}} for t, name in keys]
+    return pd.DataFrame(rows)
 
 
 def opening(cfg: Config, models: dict[str, pd.DataFrame]) -> list[str]:

@@ -152,9 +152,7 @@ class Run:
 
     def slice_file(self, fold: int, name: str) -> Path:
         """One of a fold's training records (`SLICE_FILES`)."""
-        if name not in SLICE_FILES:
-            raise ValueError(f"{name!r} is not a slice record; one of {SLICE_FILES}")
-        return self.slice_dir(fold) / name
+        return _record(self.slice_dir(fold), name, SLICE_FILES, "slice record")
 
     def slice_states(self) -> list[Path]:
         """Every slice-CNN checkpoint of the run, best.pt and last.pt, of every fold."""
@@ -174,9 +172,7 @@ class Run:
 
     def seg_file(self, name: str) -> Path:
         """One of the segmentation stage's tables (`SEG_FILES`)."""
-        if name not in SEG_FILES:
-            raise ValueError(f"{name!r} is not a segmentation table; one of {SEG_FILES}")
-        return self.root / "segment" / name
+        return _record(self.root / "segment", name, SEG_FILES, "segmentation table")
 
     def vert_dir(self, fold: int) -> Path:
         return self.root / "vertebra" / f"fold{fold}"
@@ -187,9 +183,7 @@ class Run:
 
     def vert_file(self, fold: int, name: str) -> Path:
         """One of a fold's vertebra-track records (`VERT_FILES`)."""
-        if name not in VERT_FILES:
-            raise ValueError(f"{name!r} is not a vertebra-track record; one of {VERT_FILES}")
-        return self.vert_dir(fold) / name
+        return _record(self.vert_dir(fold), name, VERT_FILES, "vertebra-track record")
 
     def vert_models(self) -> list[Path]:
         return sorted(self.root.glob("vertebra/fold*/inner*.pt"))
@@ -213,9 +207,7 @@ class Run:
 
     def blend_file(self, name: str) -> Path:
         """One of the blend's records (`BLEND_FILES`)."""
-        if name not in BLEND_FILES:
-            raise ValueError(f"{name!r} is not a blend record; one of {BLEND_FILES}")
-        return self.blend_dir / name
+        return _record(self.blend_dir, name, BLEND_FILES, "blend record")
 
     def features_dir(self, fold: int) -> Path:
         return self.root / "features" / f"fold{fold}"
@@ -237,9 +229,7 @@ class Run:
 
     def seq_file(self, hidden: int, fold: int, name: str) -> Path:
         """One of a fold's BLSTM records (`SEQ_FILES`; features.json: what they trained on)."""
-        if name not in SEQ_FILES:
-            raise ValueError(f"{name!r} is not a BLSTM record; one of {SEQ_FILES}")
-        return self.seq_fold_dir(hidden, fold) / name
+        return _record(self.seq_fold_dir(hidden, fold), name, SEQ_FILES, "BLSTM record")
 
     def blstm(self, hidden: int, fold: int, inner: int | None) -> Path:
         """A BLSTM checkpoint: ``inner<i>.pt`` (trained in inner fold i of the fold) or ``model.pt`` (on other folds)."""
@@ -260,6 +250,13 @@ class Run:
     def read_labels(self) -> pd.DataFrame:
         """The training labels (train.csv's columns), indexed by StudyInstanceUID."""
         return pd.read_csv(self.labels, dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
+
+
+def _record(folder: Path, name: str, allowed: tuple[str, ...], what: str) -> Path:
+    """``folder / name`` for one of a stage's record files; any other name is a ValueError (a typo)."""
+    if name not in allowed:
+        raise ValueError(f"{name!r} is not a {what}; one of {allowed}")
+    return folder / name
 
 
 def default_work_dir(explicit: str | os.PathLike | None = None) -> Path:
