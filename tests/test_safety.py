@@ -4,6 +4,7 @@ clear one-line errors, atomic and readable outputs."""
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import os
 import shutil
 import stat
@@ -157,3 +158,43 @@ def test_folds_are_made_once_and_bound_to_their_settings(synthetic_root, tmp_pat
     setup_run(load_config(SMOKE_CONFIG, ["seq.epochs=5"]), synthetic_root, tmp_path / "run")
     assert Run(tmp_path / "run").folds.read_text() == folds  # kept: CV stays comparable
     assert load_config(Run(tmp_path / "run").config).folds.seed == 42
+
+
+def test_a_segmentation_added_after_prepare_is_noticed(synthetic_root, tmp_path, caplog):
+    from cspine.prepare import prepare, read_meta
+
+    data = _copy(synthetic_root, tmp_path / "data")
+    mask = sorted((data / "segmentations").glob("*.nii"))[0]
+    uid = mask.name.removesuffix(".nii")
+    aside = mask.rename(tmp_path / mask.name)
+    cfg = load_config(SMOKE_CONFIG)
+    prepare(cfg, data, tmp_path / "cache")
+    assert read_meta(tmp_path / "cache", uid)["present"] is None
+    written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.json")}
+
+    (mask.parent / f"{mask.name}.gz").write_bytes(gzip.compress(aside.read_bytes()))  # arrives later, compressed
+    caplog.clear()
+    prepare(cfg, data, tmp_path / "cache")
+    assert read_meta(tmp_path / "cache", uid)["present"] is not None  # its vertebra labels are used now
+    assert f"study {uid} is cached again: its segmentation is {mask.name}.gz now and was none" in caplog.text
+    again = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.json")}
+    assert {n for n in again if again[n] != written.get(n)} == {f"{uid}.json"}  # the others are not redone
+
+
+@pytest.mark.parametrize("fmt", ["npy", "zarr"])
+def test_a_damaged_cache_entry_is_named_and_cached_again(synthetic_root, tmp_path, caplog, fmt):
+    from cspine.prepare import load_study_images, prepare
+    from cspine.runs import Cache
+
+    cfg = load_config(SMOKE_CONFIG, [f"prepare.format={fmt}"])
+    prepare(cfg, synthetic_root, tmp_path / "cache")
+    cache = Cache(tmp_path / "cache")
+    uid = sorted(p.name.removesuffix(".json") for p in cache.root.glob("1.*.json"))[0]
+    good = load_study_images(cache.root, uid, mmap=False)  # a copy: the file is cut below
+    stored = cache.images(uid) if fmt == "npy" else max(
+        (p for p in cache.zarr(uid).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    stored.write_bytes(stored.read_bytes()[: stored.stat().st_size // 2])  # a copy cut short
+    caplog.clear()
+    prepare(cfg, synthetic_root, tmp_path / "cache")
+    assert f"study {uid} is cached again: its images take" in caplog.text and "damaged" in caplog.text
+    assert np.array_equal(np.asarray(load_study_images(cache.root, uid)), good)

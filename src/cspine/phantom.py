@@ -22,6 +22,7 @@ import numpy as np
 FRACTURED_COUNT_FREQ = np.array([1058, 623, 239, 64, 26, 7, 2], dtype=float)
 LEVEL_PREVALENCE = np.array([7.2, 14.1, 3.6, 5.4, 8.0, 13.7, 19.5])
 T1_LABEL = 8
+T2_LABEL = 9  # the real masks label T1..T12 as 8..19; a third of the phantoms reach into T2
 
 AIR, FAT, SKIN, MUSCLE, CORD, CSF, DISC, BLOOD, FLUID = -1000.0, -100.0, 10.0, 50.0, 30.0, 8.0, 80.0, 40.0, 35.0
 
@@ -32,7 +33,8 @@ class PhantomConfig:
 
     Attributes:
         image_size: pixels per side (real scans: 512; the demo default keeps CPU runs short).
-        n_slices: slices from skull base to T1; None draws 60–120.
+        n_slices: slices from skull base to a little below T1's top; None draws 60–120. A third of the
+            studies go on into T2 at the same spacing (as real scans reach the upper thoracic spine).
         difficulty: 0 (wide, bright fractures, little noise) to 1 (sub-millimetre breaks, heavy noise).
         fractured: levels (1..7) to fracture; None draws count and levels from the real prevalences.
         overlap_probability: share of studies whose SliceThickness exceeds the position spacing.
@@ -65,7 +67,7 @@ class PhantomStudy:
 
     Attributes:
         hu: float32 [N, H, W], HU, head to feet; padding (−2048) outside the circular field of view.
-        labels: uint8 [N, H, W], 1..7 = C1..C7, 8 = T1, 0 elsewhere.
+        labels: uint8 [N, H, W], 1..7 = C1..C7, 8 = T1, 9 = T2 (the real masks' scheme), 0 elsewhere.
         fracture: float32 [N, H, W], fraction of each voxel covered by a fracture gap (0..1).
         spacing: (dz, dy, dx) mm between slice positions, rows, columns.
         slice_thickness: reconstructed thickness in mm (> dz for overlapping reconstructions).
@@ -106,9 +108,10 @@ class PhantomStudy:
 class _Anatomy:
     """Per-study shape parameters (mm and HU)."""
 
-    levels: list[tuple[int, float, float]]  # (label, top depth, bottom depth), C1..C7 then T1
+    levels: list[tuple[int, float, float]]  # (label, top depth, bottom depth), C1..C7, T1, T2
     skull_depth: float
-    extent: float
+    extent: float  # the neck's shape is drawn over [0, extent] (skull base to a little below T1's top)
+    scan_end: float  # where the scan stops: `extent`, or inside T2 for a third of the studies
     size: float
     neck: tuple[float, float]
     spine_y: float
@@ -132,16 +135,21 @@ def _draw_anatomy(rng: np.random.Generator) -> _Anatomy:
     skull = rng.uniform(8, 14)
     depth = skull
     levels = []
-    heights = {1: 10.0, 2: 22.0, 3: 13.0, 4: 13.5, 5: 14.0, 6: 14.5, 7: 15.0, 8: 17.0}
-    for label in range(1, 9):
+    heights = {1: 10.0, 2: 22.0, 3: 13.0, 4: 13.5, 5: 14.0, 6: 14.5, 7: 15.0, 8: 17.0, 9: 18.0}
+    for label in range(1, T1_LABEL + 1):
         h = heights[label] * size * rng.uniform(0.95, 1.05)
         levels.append((label, depth, depth + h))
         depth += h + (0.0 if label == 1 else 4.5 * size)
     extent = levels[-1][1] + 12.0 * size  # stop a little below the top of T1
+    # Drawn from a generator of its own so that every other draw, and so every other study, is unchanged.
+    reach = rng.spawn(1)[0]
+    levels.append((T2_LABEL, depth, depth + heights[T2_LABEL] * size))
+    scan_end = depth + reach.uniform(6, 12) * size if reach.random() < 1 / 3 else extent
     return _Anatomy(
         levels=levels,
         skull_depth=skull,
         extent=extent,
+        scan_end=scan_end,
         size=size,
         neck=(rng.uniform(52, 62) * size, rng.uniform(44, 52) * size),
         spine_y=rng.uniform(2, 8),
@@ -174,8 +182,8 @@ class _SliceRenderer:
 
     def dims(self, label: int) -> tuple[float, float]:
         s = self.a.size
-        if label == T1_LABEL:
-            return 11.0 * s, 8.0 * s
+        if label >= T1_LABEL:
+            return (11.0 + 0.5 * (label - T1_LABEL)) * s, (8.0 + 0.5 * (label - T1_LABEL)) * s
         return (7.5 + 0.7 * max(label - 3, 0)) * s, (6.5 + 0.4 * max(label - 3, 0)) * s
 
     def render(self, depth: float) -> tuple[np.ndarray, np.ndarray]:
@@ -215,7 +223,7 @@ class _SliceRenderer:
             hu[_ellipse(x, y, 0, yb, bw, bd)] = DISC
         if label == 2 or (label == 1 and frac > 0.2):
             self._dens(hu, labels, depth, yb)
-        if label == T1_LABEL or (disc_above == 7):
+        if (label or 0) >= T1_LABEL or (disc_above or 0) >= 7:
             self._shoulder_girdle(hu, yb, nx)
         self._canal(hu, labels, cy, canal_x, canal_y)
         if depth < a.skull_depth + 30 and depth > a.skull_depth * 0.3:
@@ -414,11 +422,12 @@ def render_study(rng: np.random.Generator, config: PhantomConfig = PhantomConfig
         A `PhantomStudy`, head to feet.
     """
     anatomy = _draw_anatomy(rng)
-    n = config.n_slices or int(rng.integers(60, 121))
+    n_neck = config.n_slices or int(rng.integers(60, 121))
     size = config.image_size
     fov = rng.uniform(150, 190) * anatomy.size
     pixel = fov / size
-    dz = anatomy.extent / n
+    dz = anatomy.extent / n_neck
+    n = int(round(anatomy.scan_end / dz))
     thickness = dz * (rng.uniform(1.25, 2.0) if rng.random() < config.overlap_probability else 1.0)
     coords = (np.arange(size, dtype=np.float32) - (size - 1) / 2) * pixel
     x, y = np.meshgrid(coords, coords + rng.uniform(-6, 6))
@@ -451,4 +460,5 @@ def render_study(rng: np.random.Generator, config: PhantomConfig = PhantomConfig
                         slice_thickness=thickness, fractures=fractures)
 
 
-__all__ = ["PhantomConfig", "PhantomStudy", "Fracture", "render_study", "draw_fractured_levels", "T1_LABEL"]
+__all__ = ["PhantomConfig", "PhantomStudy", "Fracture", "render_study", "draw_fractured_levels", "T1_LABEL",
+           "T2_LABEL"]

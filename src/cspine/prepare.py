@@ -7,7 +7,9 @@ uint8 [N, size, size, 3] head to feet, ``<uid>.json`` its slice
 numbers, positions, labels, crop and fracture boxes (in the cached image's pixels), and, for a study with
 a segmentation, ``<uid>.mask.npy`` its vertebra labels in the same frame; ``index.csv`` has one row per
 slice. Studies run in parallel; a finished study (its JSON written last, by rename) is skipped on
-the next run, so a killed run resumes and never leaves a half-written study that reads as finished. A
+the next run, so a killed run resumes and never leaves a half-written study that reads as finished. The
+JSON records the bytes its images took and the segmentation it was made with: a study whose images changed
+size since (truncated, damaged) or whose segmentation appeared or changed is named and cached again. A
 study that fails is logged and listed.
 """
 
@@ -76,6 +78,35 @@ def is_cached(cache_dir: Path, uid: str) -> bool:
     """A study is cached when its JSON exists: it is written (by rename) only after its array."""
     cache = Cache(cache_dir)
     return (cache.images(uid).is_file() or cache.zarr(uid).is_dir()) and cache.meta(uid).is_file()
+
+
+def study_bytes(cache: Cache, uid: str) -> int:
+    """Bytes on disk of one cached study's slices (``.npy`` file, or every file of its zarr store)."""
+    total = sum(f.stat().st_size for f in cache.zarr(uid).rglob("*") if f.is_file())
+    return total + (cache.images(uid).stat().st_size if cache.images(uid).is_file() else 0)
+
+
+def mask_record(mask_path: Path | None) -> list | None:
+    """What identifies the segmentation a study was cached with: its file name and size."""
+    return [mask_path.name, mask_path.stat().st_size] if mask_path is not None else None
+
+
+def stale_reason(cache_dir: Path, uid: str, mask_path: Path | None) -> str | None:
+    """Why a cached study must be cached again (its images damaged, its segmentation new), or None."""
+    cache = Cache(cache_dir)
+    try:
+        meta = read_meta(cache_dir, uid)
+    except (OSError, ValueError) as exc:
+        return f"{cache.meta(uid)} cannot be read ({type(exc).__name__})"
+    stored = study_bytes(cache, uid)
+    if meta.get("stored_bytes") != stored:
+        return (f"its images take {stored:,} bytes on disk and took {meta.get('stored_bytes')} when written "
+                "(damaged, or cached by an older cspine)")
+    if meta.get("mask") != mask_record(mask_path):
+        now = mask_path.name if mask_path else "none"
+        return (f"its segmentation is {now} now and was {(meta.get('mask') or ['none'])[0]} when cached (a "
+                "segment stage already run keeps what it learnt without it: delete its folder to retrain)")
+    return None
 
 
 def write_study_images(cache: Cache, uid: str, images: np.ndarray, fmt: str) -> Path:
@@ -221,6 +252,7 @@ def cache_study(job: StudyJob) -> tuple[str, int, str | None]:
             with atomic_path(cache.mask(job.uid)) as tmp, open(tmp, "wb") as f:
                 np.save(f, labels_in_cache_frame(mask, boxes, job.prepare.size))
         write_study_images(cache, job.uid, images, job.prepare.format)
+        stored = study_bytes(cache, job.uid)
         crops = [list(map(int, b)) for b in (boxes[:1] if job.prepare.crop == "study" else boxes)]
         meta = {
             "uid": job.uid,
@@ -235,6 +267,8 @@ def cache_study(job: StudyJob) -> tuple[str, int, str | None]:
             "fracture": fracture.tolist(),
             "targets": job.labels,
             "skipped": [str(p) for p, _ in series.skipped],
+            "stored_bytes": stored,
+            "mask": mask_record(job.mask_path),
         }
         write_text(cache.meta(job.uid), json.dumps(meta))
         return job.uid, len(images), None
@@ -309,12 +343,17 @@ def prepare(cfg: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike
     jobs = []
     for row in train.to_dict("records"):
         uid = row["StudyInstanceUID"]
+        mask_path = find_mask(data_dir, uid)
         if is_cached(out_dir, uid):
-            continue
+            reason = stale_reason(out_dir, uid, mask_path)
+            if reason is None:
+                continue
+            log.warning("prepare: study %s is cached again: %s", uid, reason)
+            Cache(out_dir).meta(uid).unlink()  # first: a run killed now sees the study as not cached
         jobs.append(StudyJob(uid=uid, image_dir=data_dir / "train_images" / uid, out_dir=out_dir,
                              labels={k: int(row[k]) for k in TARGETS},
                              boxes=boxes[boxes["StudyInstanceUID"] == uid].to_dict("records"),
-                             mask_path=find_mask(data_dir, uid), prepare=cfg.prepare))
+                             mask_path=mask_path, prepare=cfg.prepare))
     uids = train["StudyInstanceUID"].tolist()
     log.info("prepare: %d studies, %d cached already, %d to do", len(uids), len(uids) - len(jobs), len(jobs))
     failures = []
@@ -349,9 +388,5 @@ def prepare(cfg: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike
 
 def cache_bytes(cache_dir: Path, uids) -> int:
     """Bytes on disk of the studies' cached slices (not their JSON or masks)."""
-    cache, total = Cache(cache_dir), 0
-    for uid in uids:
-        total += sum(f.stat().st_size for f in cache.zarr(uid).rglob("*") if f.is_file())
-        total += cache.images(uid).stat().st_size if cache.images(uid).is_file() else 0
-    return total
+    return sum(study_bytes(Cache(cache_dir), uid) for uid in uids)
 

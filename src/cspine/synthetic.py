@@ -24,7 +24,7 @@ import pandas as pd
 from cspine import TARGETS, VERTEBRAE
 from cspine.competition import COMPLETE_MARKER
 from cspine.dicom_writer import Encoding, write_series
-from cspine.phantom import T1_LABEL, PhantomConfig, render_study
+from cspine.phantom import T2_LABEL, PhantomConfig, render_study
 from cspine.progress import progress
 from cspine.runs import atomic_path, write_csv, write_text
 
@@ -145,9 +145,9 @@ def make_study(root: str | os.PathLike, split: str, uid: str, seed: tuple[int, .
 def vertebra_truth(uid: str, labels: np.ndarray, numbers: np.ndarray) -> list[dict]:
     """One row per slice: its file's slice_number, which of C1..C7 it shows, and its level.
 
-    ``level`` is the vertebra with the most voxels on the slice (1..7 = C1..C7, 8 = T1, 0 = none).
+    ``level`` is the vertebra with the most voxels on the slice (1..7 = C1..C7, 8 = T1, 9 = T2, 0 = none).
     """
-    counts = np.stack([(labels == k).sum(axis=(1, 2)) for k in range(1, T1_LABEL + 1)], axis=1)
+    counts = np.stack([(labels == k).sum(axis=(1, 2)) for k in range(1, T2_LABEL + 1)], axis=1)
     level = np.where(counts.max(axis=1) > 0, counts.argmax(axis=1) + 1, 0)
     return [{"StudyInstanceUID": uid, "slice_number": int(numbers[k]), "level": int(level[k]),
              **{v: int(counts[k, i] > 0) for i, v in enumerate(VERTEBRAE)}} for k in range(len(labels))]
@@ -182,7 +182,8 @@ def make_competition(
         mask_fraction: share of training studies with a segmentation (real data: 87 of 2,019).
         min_masks: at least this many training studies have a segmentation (all of them if fewer): the
             phantoms are simpler than patients, but a segmentation network still needs a dozen.
-        n_slices: fixed slices per study; None draws 60–120.
+        n_slices: slices per study from skull base to T1 (a third of the studies go on into T2); None draws
+            60–120.
         workers: processes; the output is identical for any number.
     """
     root = Path(out_dir)
