@@ -97,10 +97,10 @@ def loop(paths: list[Path], ensemble: Ensemble, cfg, reader: StudyReader | None 
     started = time.perf_counter()
     if reader is not None:
         for study in reader.read(paths, 2 * default_workers()):
-            predict_images(study.images, ensemble, cfg)
+            predict_images(study, ensemble, cfg)
     else:
         for path in paths:
-            predict_images(read_study(path, i["size"], i["crop"], i["margin"], MIN_SLICES).images, ensemble, cfg)
+            predict_images(read_study(path, i["size"], i["crop"], i["margin"], MIN_SLICES), ensemble, cfg)
     return (time.perf_counter() - started) / len(paths)
 
 

@@ -204,7 +204,7 @@ def test_predict_computes_the_blends_inputs_as_the_blend_stage_read_them(blended
     cnn = [c for c in inputs.columns if c.startswith("cnn:")]
     assert np.allclose([x[c] for c in cnn], inputs.loc[uid, cnn].to_numpy(float), atol=2e-3)
     assert set(x) == set(inputs.columns) - {"fold"}
-    p = predict_images(study.images, ensemble, cfg)
+    p = predict_images(study, ensemble, cfg)
     assert set(p) == set(TARGETS) and all(0 < v < 1 for v in p.values())
 
 

@@ -197,7 +197,7 @@ def test_tta_extraction_is_recorded_and_predict_follows_it(smoke_run, synthetic_
     monkeypatch.setattr(cspine.predict, "study_features", recording)
     i = ensemble.inputs
     study = read_study(sorted((synthetic_root / "test_images").iterdir())[0], i["size"], i["crop"], i["margin"], 2)
-    predict_images(study.images, ensemble, plain_cfg)
+    predict_images(study, ensemble, plain_cfg)
     assert readings == [True] * len(ensemble.cnns)  # every fold's CNN read the study mirrored too
 
 
@@ -384,7 +384,7 @@ def test_predict_gives_the_same_submission_with_more_study_workers_and_folds_spr
     spread = load_ensemble(smoke_run, cfg.seq.hidden, [torch.device("cpu"), torch.device("cpu")])
     i = single.inputs
     study = read_study(sorted((synthetic_root / "test_images").iterdir())[0], i["size"], i["crop"], i["margin"], 2)
-    assert predict_images(study.images, spread, cfg) == predict_images(study.images, single, cfg)
+    assert predict_images(study, spread, cfg) == predict_images(study, single, cfg)
     submitted = one.set_index("row_id")["fractured"]
     uid = sorted((synthetic_root / "test_images").iterdir())[0].name
-    assert submitted[f"{uid}_C3"] == pytest.approx(predict_images(study.images, single, cfg)["C3"], abs=1e-6)
+    assert submitted[f"{uid}_C3"] == pytest.approx(predict_images(study, single, cfg)["C3"], abs=1e-6)

@@ -41,15 +41,16 @@ from cspine.stacking import OVERALL, apply_blend, extents_by_study, logit, study
 
 log = logging.getLogger(__name__)
 
-MODELS = ("blstm", "cnn", "vertebra")
+MODELS = ("blstm", "cnn", "vertebra", "crop")
+TRACK_ENABLED = {"vertebra": lambda cfg: cfg.vert.enabled, "crop": lambda cfg: cfg.crop.enabled}
 
 
 def _models(cfg: Config) -> list[str]:
-    """The models whose outputs the blend reads: ``blend.models``, less the vertebra track without it."""
+    """The models whose outputs the blend reads: ``blend.models``, less the tracks the run does not train."""
     unknown = sorted(set(cfg.blend.models) - set(MODELS))
     if unknown or not cfg.blend.models:
         raise ConfigError(f"blend.models={list(cfg.blend.models)}: name one or more of {MODELS}")
-    return [m for m in cfg.blend.models if m != "vertebra" or cfg.vert.enabled]
+    return [m for m in cfg.blend.models if m not in TRACK_ENABLED or TRACK_ENABLED[m](cfg)]
 
 
 def _sources(run: Run, cfg: Config, fold: int) -> dict[str, object]:
@@ -60,6 +61,8 @@ def _sources(run: Run, cfg: Config, fold: int) -> dict[str, object]:
         files.update({f"blstm{h}": run.seq_file(h, fold, "oof.csv") for h in cfg.seq.sizes})
     if "vertebra" in models:
         files["vertebra"] = run.vert_file(fold, "oof.csv")
+    if "crop" in models:
+        files["crop"] = run.crop_file(fold, "oof.csv")
     if run.seg_file("extents.csv").is_file():
         files["extents"] = run.seg_file("extents.csv")
     missing = [str(p) for p in files.values() if not p.is_file()]
@@ -94,6 +97,10 @@ def fold_inputs(cfg: Config, run_dir: str | os.PathLike, fold: int) -> pd.DataFr
         for u in folds.loc[folds["fold"] == fold, "StudyInstanceUID"]
         if run.features_file(fold, u).is_file()
     ]
+    crop = None
+    if "crop" in files:  # a study whose crops could not be cut reads the fold's mean, as predict gives the prior
+        crop = _oof(files["crop"]).reindex(uids)
+        crop = crop.fillna(crop.mean(numeric_only=True))
     rows = []
     for uid in uids:
         probs = load_features(run, fold, uid)[1]
@@ -111,6 +118,7 @@ def fold_inputs(cfg: Config, run_dir: str | os.PathLike, fold: int) -> pd.DataFr
                     None if vert is None else vert.loc[uid, [f"p_{v}" for v in VERTEBRAE]].to_numpy(float),
                     b.top_k,
                     b.margin,
+                    None if crop is None else crop.loc[uid, [f"p_{v}" for v in VERTEBRAE]].to_numpy(float),
                 ),
             }
         )
@@ -121,6 +129,7 @@ def fold_inputs(cfg: Config, run_dir: str | os.PathLike, fold: int) -> pd.DataFr
         if (c.startswith("blstm") and "blstm" in models)
         or (c.startswith("cnn:") and "cnn" in models)
         or (c.startswith("vert:") and "vertebra" in models)
+        or (c.startswith("crop:") and "crop" in models)
     ]
     return frame[["StudyInstanceUID", "fold", *keep]]
 
@@ -246,6 +255,7 @@ def _save(run: Run, blend: dict, inputs: pd.DataFrame, path, trained_on: list[st
             "sizes": sizes,
             "extents": run.seg_file("extents.csv").is_file(),
             "vertebra": any(c.startswith("vert:") for c in inputs.columns),
+            "crop": any(c.startswith("crop:") for c in inputs.columns),
             "folds": sorted(int(k) for k in inputs["fold"].unique()),
             "trained_on": trained_on,
         },

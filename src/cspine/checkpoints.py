@@ -3,7 +3,7 @@
     model, meta = load_slice_model(Run("runs/demo").slice_best(0))   # meta["inputs"]: how it reads a study
 
 Every checkpoint holds ``schema`` and ``kind`` ("slice-cnn", "slice-resume", "blstm", "vertebra-lstm",
-"segmenter", "blend"). Inference takes
+"segmenter", "crop", "crop-resume", "blend"). Inference takes
 everything it needs from the checkpoints (architecture, the preprocessing and reading the CNN trained
 with, the studies a model trained on), never from training code or from the config given at predict time.
 A checkpoint of another schema, or a damaged one, is an error that names the file.
@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 from cspine import TARGETS
-from cspine.models import SequenceNet, SliceNet
+from cspine.models import CropNet, SequenceNet, SliceNet
 from cspine.runs import CheckpointError, atomic_path
 
 __all__ = ["CHECKPOINT_SCHEMA", "CheckpointError", "load_checkpoint", "save_checkpoint", "load_slice_model",
-           "save_slice_model", "load_sequence_model", "save_sequence_model", "load_vertebra_model", "save_blend", "load_blend"]
+           "save_slice_model", "load_sequence_model", "save_sequence_model", "load_vertebra_model", "load_crop_model", "save_blend",
+           "load_blend"]
 
 CHECKPOINT_SCHEMA = 1  # bumped on any change to what a checkpoint holds; older ones are then refused
 
@@ -98,6 +99,15 @@ def load_vertebra_model(path: str | os.PathLike, device: torch.device | str = "c
     """A saved vertebra-track BiLSTM, in eval mode, and its metadata (margin, bins, tta, source fold, studies)."""
     state = load_checkpoint(path, "vertebra-lstm")
     model = SequenceNet(**state["arch"])
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), {k: v for k, v in state.items() if k != "model"}
+
+
+def load_crop_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[CropNet, dict]:
+    """A saved crop model, in eval mode, and its metadata (how it cuts a vertebra: ``crops``; its fold and
+    the studies it trained on)."""
+    state = load_checkpoint(path, "crop")
+    model = CropNet(**state["arch"])
     model.load_state_dict(state["model"])
     return model.to(device).eval(), {k: v for k, v in state.items() if k != "model"}
 

@@ -209,6 +209,32 @@ def cmd_train_vertebrae(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_crop(args: argparse.Namespace) -> int:
+    from cspine.crop import crop
+
+    cfg = _config(args)
+    run_dir = _bound(args, cfg)
+    table = crop(cfg, run_dir, _data_for_run(args, run_dir))
+    print(f"{table['StudyInstanceUID'].nunique()} studies cut into crops of C1..C7 in {Run(run_dir).crop_dir}")
+    return 0
+
+
+def cmd_train_crops(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from cspine.runtime import init_distributed
+    from cspine.train_crops import train_crop_fold
+
+    folds, cfg = _folds_and_config(args)
+    rt = init_distributed(cfg.device)
+    run_dir = _bound(args, cfg) if rt.is_main else _run_dir(args, cfg)  # one writer of config.yaml
+    if rt.distributed:
+        dist.barrier()
+    for k in folds:
+        train_crop_fold(cfg, run_dir, k, rt)
+    return 0
+
+
 def cmd_blend(args: argparse.Namespace) -> int:
     from cspine.blend import blend
 
@@ -308,6 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-vertebrae", help="the vertebra track: each vertebra's probability (fold=K, or every fold)")
     _add_common(p, data=False)
     p.set_defaults(func=cmd_train_vertebrae)
+
+    p = sub.add_parser("crop", help="the crop track: cut each training study's vertebrae from its DICOM")
+    _add_common(p)
+    p.set_defaults(func=cmd_crop)
+
+    p = sub.add_parser("train-crops", help="the crop track: a CNN + BiGRU on each vertebra's crops (fold=K, or every fold)")
+    _add_common(p, data=False)
+    p.set_defaults(func=cmd_train_crops)
 
     p = sub.add_parser("blend", help="level 2: per target, a calibrated blend of every model")
     _add_common(p, data=False)

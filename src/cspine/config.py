@@ -197,6 +197,37 @@ class VertebraConfig:
 
 
 @dataclass(frozen=True)
+class CropConfig:
+    """The crop track: each vertebra read at its own resolution, as every top solution of the competition did.
+
+    For vertebra k of a study, ``slices`` slices spaced evenly over its segmented extent (``margin`` of its
+    height wider on each side) are cut from the study's HU volume, not from the cache, around k's in-plane
+    box (``margin`` wider), resized to ``size`` px: channels are the bone window of the slice and its
+    ``context`` neighbours on each side, and k's own segmentation. A timm CNN reads each slice, a BiGRU
+    the slices in order, and one logit per vertebra comes out (`cspine.models.CropNet`), trained on the
+    study's own C1..C7 labels.
+    """
+
+    enabled: bool = False  # cut the crops, train the crop models, blend and predict with them
+    size: int = 64  # crop side, px (the winners: 256-512)
+    slices: int = 12  # slices per vertebra (the winners: 15-40)
+    context: int = 1  # neighbouring slices on each side, as channels (the 1st place: 2)
+    margin: float = 0.15  # of the vertebra's height (along z) and box (in-plane), added on each side
+    backbone: str = "resnet10t"  # any timm model
+    width: float = 1.0  # channel multiplier of a timm ResNet (`cspine.models.width_args`)
+    pretrained_file: str = ""  # local weights for the backbone ("" trains from scratch; nothing is downloaded)
+    hidden: int = 64  # the BiGRU's size per direction
+    epochs: int = 12
+    batch_size: int = 16  # vertebrae per step (each `slices` images)
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    amp: bool = True  # mixed precision on a GPU (bf16 at compute capability 8 and above, fp16 below)
+    channels_last: bool = True
+    workers: int = 0  # processes that cut the crops (0: every core)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class BlendConfig:
     """Level 2: per target, a logistic regression over every model's out-of-fold outputs (`cspine.blend`).
 
@@ -206,8 +237,9 @@ class BlendConfig:
 
     enabled: bool = True  # fit it, and let it write the submission
     # whose outputs it reads: "blstm" (every size the run trains), "cnn" (the slice CNN pooled over the
-    # study and over each vertebra's slices), "vertebra" (the vertebra track, with vert.enabled)
-    models: tuple[str, ...] = ("blstm", "cnn", "vertebra")
+    # study and over each vertebra's slices), "vertebra" (the vertebra track, with vert.enabled), "crop"
+    # (the crop track, with crop.enabled)
+    models: tuple[str, ...] = ("blstm", "cnn", "vertebra", "crop")
     # inverse L2 strength on standardised log-odds, the metric's weights normalised to mean 1: on the demo
     # 0.3 and 1 squeezed the probabilities towards the prior (loss 0.397, 0.366), 3 gave 0.360, 10 gave 0.370
     C: float = 3.0
@@ -253,6 +285,7 @@ class Config:
     slice: SliceConfig = field(default_factory=SliceConfig)
     seq: SeqConfig = field(default_factory=SeqConfig)
     vert: VertebraConfig = field(default_factory=VertebraConfig)
+    crop: CropConfig = field(default_factory=CropConfig)
     blend: BlendConfig = field(default_factory=BlendConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
 
@@ -376,7 +409,9 @@ RANGES = {"synth.n_train": (2, None), "synth.n_test": (1, None), "synth.image_si
           "synth.mask_fraction": (0, 1), "prepare.size": (16, 2048), "prepare.workers": (1, None),
           "prepare.margin": (0, 0.5), "folds.n_splits": (2, None), "slice.epochs": (1, None),
           "slice.batch_size": (1, None), "slice.workers": (0, None), "seg.folds": (2, None), "seg.steps": (1, None),
-          "seq.inner_folds": (2, None), "vert.inner_folds": (2, None), "blend.C": (1e-6, None),
+          "seq.inner_folds": (2, None), "vert.inner_folds": (2, None),
+          "crop.size": (16, 1024), "crop.slices": (1, None), "crop.context": (0, 8), "crop.margin": (0, 1),
+          "crop.epochs": (1, None), "crop.batch_size": (1, None), "crop.workers": (0, None), "blend.C": (1e-6, None),
           "blend.top_k": (1, None), "blend.margin": (0, None), "predict.workers": (0, None),
           "predict.batch_size": (1, None), "predict.max_failed": (0, 1), "predict.self_test": (0, None),
           "predict.clip": (0, 0.5)}
@@ -429,7 +464,7 @@ RUNTIME_KEYS = ("name", "device", "meant_for", "prepare.workers", "predict.worke
                 "predict.self_test", "seg.amp", "slice.workers",
                 "slice.amp", "slice.channels_last", "predict.batch_size", "predict.clip", "folds.folds", "synth.")
 # Settings whose stages compare them with what they made and redo their work when they differ.
-REDONE_KEYS = ("seq.", "vert.", "blend.", "predict.tta")
+REDONE_KEYS = ("seq.", "vert.", "crop.", "blend.", "predict.tta")
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:

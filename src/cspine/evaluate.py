@@ -249,6 +249,7 @@ def segmentation_section(run: Run) -> list[str]:
 
 
 VERTEBRA_TRACK = "vertebra track (segmentation + CNN in each vertebra's slices + BiLSTM)"
+CROP_TRACK = "crop track (each vertebra cut at full resolution + CNN + BiGRU)"
 BLEND = "blend (level 2)"
 BLEND_UNFLOORED = "blend, patient_overall without the floor"
 PRIOR = "constant prior (2q/(1+q))"
@@ -265,9 +266,10 @@ def submitted_columns(cfg: Config) -> dict[str, str]:
     blstm = f"{model_name(cfg)} + BLSTM-{cfg.seq.hidden}"
     if cfg.blend.enabled:
         return {t: BLEND for t in TARGETS}
-    if cfg.vert.enabled:
-        overall = blstm if cfg.vert.overall == "blstm" else f"{VERTEBRA_TRACK}, 1 − Π(1 − p_k)"
-        return {"patient_overall": overall, **{v: VERTEBRA_TRACK for v in VERTEBRAE}}
+    track = CROP_TRACK if cfg.crop.enabled else VERTEBRA_TRACK if cfg.vert.enabled else None
+    if track:
+        overall = blstm if cfg.vert.overall == "blstm" else f"{track}, 1 − Π(1 − p_k)"
+        return {"patient_overall": overall, **{v: track for v in VERTEBRAE}}
     return {t: blstm for t in TARGETS}
 
 
@@ -276,6 +278,8 @@ def submitted_model(cfg: Config) -> str:
     patient_overall source's answers too)."""
     if cfg.blend.enabled:
         return BLEND
+    if cfg.crop.enabled:
+        return CROP_TRACK
     return VERTEBRA_TRACK if cfg.vert.enabled else f"{model_name(cfg)} + BLSTM-{cfg.seq.hidden}"
 
 
@@ -353,13 +357,31 @@ def opening(cfg: Config, models: dict[str, pd.DataFrame]) -> list[str]:
     if cfg.vert.enabled:
         lines.append("The *vertebra track* segments the vertebrae first and reads the same CNN on each vertebra's "
                      "own slices, one probability per vertebra.")
+    if cfg.crop.enabled:
+        lines.append("The *crop track* cuts each segmented vertebra from the full-resolution study and reads "
+                     "its crops with a CNN of its own and a BiGRU, trained on every study's C1..C7 labels.")
     if BLEND in models:
+        tracks = [name for name, on in (("the vertebra track", cfg.vert.enabled), ("the crop track", cfg.crop.enabled))
+                  if on]
         lines.append("The *blend* (level 2) is, per target, a logistic regression over the out-of-fold outputs "
                      "of every model above (the BLSTMs, the CNN pooled over the study and over each vertebra's "
-                     "slices" + (", the vertebra track" if cfg.vert.enabled else "") + "), weighted as the "
+                     "slices" + "".join(f", {t}" for t in tracks) + "), weighted as the "
                      "metric weighs, so what it gives is a calibrated probability, not only a ranking.")
     lines.append(f"The submission takes {given}.")
     return [" ".join(lines), ""]
+
+
+def crop_section(run: Run) -> list[str]:
+    """How often the segmentation missed a vertebra, so that the crop track cut it where its neighbours
+    put it (`cspine.crops.place_vertebrae`)."""
+    places = pd.read_csv(run.crop_places, dtype={"StudyInstanceUID": str})
+    missed = (~places["found"].astype(bool)).groupby(places["vertebra"]).sum().reindex(list(VERTEBRAE))
+    studies = places["StudyInstanceUID"].nunique()
+    table = pd.DataFrame([{"": "placed between its neighbours", **missed.astype(int).to_dict()}])
+    return ["## The crop track", "",
+            f"{studies} studies cut into crops of C1..C7. Where the segmentation found no vertebra, its crops were "
+            f"cut where its neighbours put it; that happened {int(missed.sum())} times in {studies * len(VERTEBRAE)}:",
+            "", table.to_markdown(index=False), ""]
 
 
 MAX_POOLING_NOTE = ("Max pooling ranks studies well and scores badly: the highest of a hundred slice "
@@ -388,6 +410,9 @@ def evaluate(cfg: Config, run_dir: str | os.PathLike) -> Path:
     if cfg.vert.enabled:
         models[VERTEBRA_TRACK] = collect([run.vert_file(k, "oof.csv") for k in range(n_folds)], run.vert_oof(),
                                          "vertebra-track", "train-vertebrae")
+    if cfg.crop.enabled:
+        models[CROP_TRACK] = collect([run.crop_file(k, "oof.csv") for k in range(n_folds)], run.crop_oof(),
+                                     "crop-track", "train-crops")
     if cfg.blend.enabled:
         blend = pd.read_csv(run.blend_file("oof.csv"), dtype={"StudyInstanceUID": str})
         models[BLEND] = blend.drop(columns="p_patient_overall_unfloored")
@@ -447,6 +472,7 @@ def evaluate(cfg: Config, run_dir: str | os.PathLike) -> Path:
         fmt.to_markdown(index=False), "",
         "![ROC](roc.png)", "", "![per vertebra](vertebrae.png)", "",
         *segmentation_section(run),
+        *(crop_section(run) if cfg.crop.enabled else []),
     ]
     write_text(out / "report.md", "\n".join(lines))
     log.info("evaluate: report in %s", out / "report.md")

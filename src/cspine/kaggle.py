@@ -81,11 +81,13 @@ def _verified_checkpoints(cfg: Config, models: Run) -> tuple[list[Path], list[Pa
         CheckpointError: a damaged checkpoint, or models the config's folds need that are missing.
         ConfigError: the config contradicts the models.
     """
-    ensemble = load_ensemble(models.root, cfg.seq.hidden, [torch.device("cpu")], cfg.vert.enabled, cfg.blend.enabled)
+    ensemble = load_ensemble(models.root, cfg.seq.hidden, [torch.device("cpu")], cfg.vert.enabled, cfg.blend.enabled,
+                             cfg.crop.enabled)
     check_config(cfg, ensemble)
     check_complete(cfg, ensemble, models.root)
     others = [p for size in ensemble.blstms for p in models.blstm_checkpoints(size)]
     others += (models.vert_models() if ensemble.vertebra else []) + (models.seg_models() if ensemble.segmenters else [])
+    others += models.crop_models() if ensemble.crops else []
     others += [models.blend_model] if ensemble.blend else []
     return list(models.slice_checkpoints().values()), others
 

@@ -1,4 +1,5 @@
-"""The two networks: `SliceNet` (a timm CNN on one slice) and `SequenceNet` (a BLSTM over a study).
+"""The networks: `SliceNet` (a timm CNN on one slice), `SequenceNet` (a BLSTM over a study) and `CropNet`
+(a timm CNN on each crop slice of one vertebra, then a BiGRU over its slices).
 
 Both return logits and nothing else; losses live in the training modules, so inference, Grad-CAM and
 tests call the models without labels.
@@ -7,8 +8,10 @@ tests call the models without labels.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 from torch import nn
@@ -164,3 +167,48 @@ class SequenceNet(nn.Module):
         mean = (out * valid).sum(1) / valid.sum(1).clamp(min=1)
         peak = out.masked_fill(~valid, float("-inf")).amax(1)
         return self.head(self.dropout(torch.cat([mean, peak], dim=1)))
+
+
+class CropNet(nn.Module):
+    """One vertebra's fracture logit from its crop slices: a timm CNN per slice, a BiGRU over the slices.
+
+    The shape of the competition's winning models (1st place: a 2D CNN on 15 slices of each vertebra, then
+    an LSTM; 2nd: a CNN, then a BiGRU with attention). Each slice's features are pooled by the BiGRU's mean
+    and maximum over the slices; a learnt embedding of which vertebra it is (C1's ring looks nothing like
+    C5's body) joins them before the classifier, so one model serves the seven vertebrae.
+
+    Input: uint8 [B, slices, channels, size, size] as cut (`cspine.crops`) and long [B] vertebra indices
+    (0 = C1). Output: float [B] logits.
+    """
+
+    def __init__(self, backbone: str = "resnet10t", in_chans: int = 4, hidden: int = 64, width: float = 1.0,
+                 pretrained_file: str = "", dropout: float = 0.2):
+        super().__init__()
+        self.arch = {"backbone": backbone, "in_chans": in_chans, "hidden": hidden, "width": width, "dropout": dropout}
+        self.cnn = create_backbone(backbone, pretrained_file, in_chans=in_chans, width=width)
+        self.rnn = nn.GRU(self.cnn.num_features, hidden, batch_first=True, bidirectional=True)
+        self.level = nn.Embedding(len(VERTEBRAE), 16)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(4 * hidden + 16, 1))
+
+    def forward(self, x: torch.Tensor, vertebra: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+        b, n = x.shape[:2]
+        images = x.flatten(0, 1).float() * (4 / 255) - 2  # 0..255 → about zero mean, unit spread
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        h, _ = self.rnn(self.cnn(images).view(b, n, -1).float())
+        pooled = torch.cat([h.mean(1), h.amax(1), self.level(vertebra)], dim=1)
+        return self.head(pooled)[:, 0]
+
+
+@torch.inference_mode()
+def crop_probabilities(model: CropNet, crops: np.ndarray, device: torch.device, dtype: torch.dtype | None = None,
+                       channels_last: bool = False, batch_size: int = 28) -> np.ndarray:
+    """float [S, 7]: C1..C7 probabilities of studies' crops uint8 [S, 7, slices, channels, size, size]."""
+    flat = torch.from_numpy(np.ascontiguousarray(crops)).flatten(0, 1)
+    which = torch.arange(len(VERTEBRAE)).repeat(len(crops))
+    out = []
+    for start in range(0, len(flat), batch_size):
+        x = flat[start:start + batch_size].to(device, non_blocking=True)
+        with (torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()):
+            out.append(torch.sigmoid(model(x, which[start:start + batch_size].to(device), channels_last).float()).cpu())
+    return torch.cat(out).numpy().reshape(len(crops), len(VERTEBRAE))

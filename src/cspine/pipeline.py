@@ -28,6 +28,7 @@ from cspine.blend import blend, is_blended
 from cspine.competition import (
     DataError,
     find_data_dir,
+    find_mask,
     is_complete,
     make_folds,
     read_boxes,
@@ -37,14 +38,16 @@ from cspine.competition import (
     write_folds,
 )
 from cspine.config import Config, ConfigError, check_unchanged, load_config, save_config
+from cspine.crop import crop, is_cropped
 from cspine.evaluate import evaluate
 from cspine.extract import extract_fold, is_extracted
 from cspine.predict import predict
-from cspine.prepare import bytes_per_slice, is_cached, prepare
+from cspine.prepare import bytes_per_slice, is_cached, prepare, stale_reason
 from cspine.runs import Run, check_writable, run_lock, write_csv, write_text
 from cspine.segment import is_segmented, segment
 from cspine.submission import default_submission_path
 from cspine.synthetic import make_competition, synthetic_settings
+from cspine.train_crops import is_crop_trained, train_crop_fold
 from cspine.train_seq import is_seq_trained, train_seq
 from cspine.train_slices import is_trained, train_fold
 from cspine.vertebra import is_vert_trained, train_vertebra_fold
@@ -241,12 +244,15 @@ class Stage:
 
 def _prepared(job: Job) -> bool:
     train = job.train if job.train is not None else run_studies(job.cfg, job.data_dir)
-    return job.run.cache.index.is_file() and all(is_cached(job.run.cache.root, u) for u in train["StudyInstanceUID"])
+    cache = job.run.cache.root
+    return job.run.cache.index.is_file() and all(
+        is_cached(cache, u) and stale_reason(cache, u, find_mask(job.data_dir, u)) is None
+        for u in train["StudyInstanceUID"])
 
 
 def needs_vertebrae(cfg: Config) -> bool:
-    """Whether a run needs the `segment` stage: for slice labels from vertebrae, or for the vertebra track."""
-    return cfg.slice.labels == "vertebrae" or cfg.vert.enabled
+    """Whether a run needs the `segment` stage: for slice labels from vertebrae, the vertebra or the crop track."""
+    return cfg.slice.labels == "vertebrae" or cfg.vert.enabled or cfg.crop.enabled
 
 
 def _always(job: Job) -> bool:
@@ -266,6 +272,9 @@ STAGES: tuple[Stage, ...] = (
           lambda j: [train_seq(j.cfg, j.run, k) for k in j.folds]),
     Stage("train-vertebrae", lambda j: not j.cfg.vert.enabled or all(is_vert_trained(j.run, k, j.cfg) for k in j.folds),
           lambda j: [train_vertebra_fold(j.cfg, j.run, k) for k in j.folds if not is_vert_trained(j.run, k, j.cfg)]),
+    Stage("crop", lambda j: not j.cfg.crop.enabled or is_cropped(j.run, j.cfg), lambda j: crop(j.cfg, j.run, j.data_dir)),
+    Stage("train-crops", lambda j: not j.cfg.crop.enabled or all(is_crop_trained(j.run, k, j.cfg) for k in j.folds),
+          lambda j: [train_crop_fold(j.cfg, j.run, k) for k in j.folds if not is_crop_trained(j.run, k, j.cfg)]),
     Stage("blend", lambda j: not j.cfg.blend.enabled or is_blended(j.run, j.cfg, j.folds),
           lambda j: blend(j.cfg, j.run, j.folds)),
     Stage("evaluate", _always, lambda j: evaluate(j.cfg, j.run)),

@@ -3,8 +3,9 @@
     python -m cspine predict --config demo --data DIR --models runs/demo --out submissions/submission.csv
 
 Per study: DICOM → preprocessing → every fold's slice CNN → the BLSTMs (and, with the vertebra track, the
-study segmented and each vertebra's own slices read) → with a blend (`cspine.blend`), the blend applied
-through each fold's models and the folds' answers averaged → 8 probabilities. Worker
+study segmented and each vertebra's own slices read; with the crop track, each vertebra cut from the
+full-resolution study where the segmentation puts it, `cspine.crops`) → with a blend (`cspine.blend`),
+the blend applied through each fold's models and the folds' answers averaged → 8 probabilities. Worker
 processes (``predict.workers``) decode and preprocess the next studies while the models work on the
 current one (`cspine.studies`). With several GPUs the folds' CNNs are spread over them and run at once.
 A study that fails anywhere is logged and gets the prior; every row_id of test.csv is written,
@@ -30,23 +31,25 @@ from cspine import TARGETS
 from cspine.checkpoints import (
     CheckpointError,
     load_blend,
+    load_crop_model,
     load_sequence_model,
     load_slice_model,
     load_vertebra_model,
 )
 from cspine.competition import is_complete, list_test_studies, read_test
 from cspine.config import Config, ConfigError
+from cspine.crops import cut_study, place_vertebrae
 from cspine.dicom import default_workers
 from cspine.extract import study_features
 from cspine.inputs import combine, study_input, vertebra_inputs
-from cspine.models import SequenceNet, SliceNet
+from cspine.models import CropNet, SequenceNet, SliceNet, crop_probabilities
 from cspine.prepare import MIN_SLICES
-from cspine.runs import Run, check_writable
 from cspine.progress import progress
+from cspine.runs import Run, check_writable
 from cspine.runtime import amp_dtype, pick_devices
 from cspine.segmenter import load_segmenter, segment_study, vertebra_extents
 from cspine.stacking import apply_blend, study_inputs
-from cspine.studies import StudyReader
+from cspine.studies import ReadStudy, StudyReader
 from cspine.submission import PredictionError, make_submission, prior_from_train, write_submission
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,8 @@ class Ensemble:
     seg_reading: dict = field(default_factory=dict)  # how they read a study (`cspine.segmenter.reading`)
     vertebra: list[tuple[dict, SequenceNet]] = field(default_factory=list)  # the vertebra track's BiLSTMs
     overall: str = "blstm"  # where the vertebra track takes patient_overall from (`VertebraConfig.overall`)
+    crops: list[tuple[dict, CropNet]] = field(default_factory=list)  # the crop track's models, one a fold
+    crop_spec: dict = field(default_factory=dict)  # how they cut a vertebra (`cspine.crops.crop_spec`)
     blend: dict | None = None  # the level-2 blend, applied to each fold's models; it answers when present
     devices: list[torch.device] = field(default_factory=lambda: [torch.device("cpu")])
 
@@ -88,12 +93,14 @@ def _one(values: dict, what: str, where: Path):
 
 
 def load_ensemble(run_dir: str | os.PathLike, hidden: int, devices: list[torch.device], with_vertebra: bool = True,
-                  with_blend: bool = True) -> Ensemble:
+                  with_blend: bool = True, with_crop: bool = True) -> Ensemble:
     """Loads every ``slice/fold*/best.pt``, the BLSTMs of size ``hidden`` (and of every size the blend reads),
-    the vertebra track and its segmentation models, and the blend, of a run (or a Kaggle bundle).
+    the vertebra track, the crop track, their segmentation models, and the blend, of a run (or a Kaggle
+    bundle).
 
-    The k-th CNN goes to ``devices[k % len(devices)]``; the other models to ``devices[0]``. ``with_vertebra``
-    and ``with_blend`` False leave those out (a run whose config turned them off after training them).
+    The k-th CNN goes to ``devices[k % len(devices)]``; the other models to ``devices[0]``. ``with_vertebra``,
+    ``with_crop`` and ``with_blend`` False leave those out (a run whose config turned them off after
+    training them).
 
     Raises:
         FileNotFoundError: no slice CNN or no BLSTM of a size needed.
@@ -127,7 +134,9 @@ def load_ensemble(run_dir: str | os.PathLike, hidden: int, devices: list[torch.d
         blend=blend, devices=list(devices))
     if with_vertebra and run.vert_models():
         _add_vertebra_track(ensemble, run, device)
-    elif blend and blend["extents"]:
+    if with_crop and run.crop_models():
+        _add_crop_track(ensemble, run, device)
+    if not ensemble.segmenters and blend and blend["extents"]:
         _add_segmenters(ensemble, run, device)
     if blend:
         _check_blend(ensemble, run)
@@ -155,6 +164,8 @@ def _check_blend(ensemble: Ensemble, run: Run) -> None:
             missing.append(f"fold {fold}'s slice CNN")
         if ensemble.blend["vertebra"] and not any(m["source_fold"] == fold for m, _ in ensemble.vertebra):
             missing.append(f"fold {fold}'s vertebra track")
+        if ensemble.blend.get("crop") and not any(m["fold"] == fold for m, _ in ensemble.crops):
+            missing.append(f"fold {fold}'s crop model")
     if missing:
         raise CheckpointError(f"{run.blend_model}: the blend reads {', '.join(missing)}, which {run.root} lacks")
 
@@ -172,6 +183,18 @@ def _add_vertebra_track(ensemble: Ensemble, run: Run, device: torch.device) -> N
         raise CheckpointError(f"{run.root}: the vertebra track and the BLSTMs read slices differently (tta)")
 
 
+def _add_crop_track(ensemble: Ensemble, run: Run, device: torch.device) -> None:
+    """The crop track's models (one a fold) and the segmentation models that place each vertebra."""
+    specs = {}
+    for path in run.crop_models():
+        model, meta = load_crop_model(path, device)
+        ensemble.crops.append((meta, model))
+        specs[path] = meta["crops"]
+    ensemble.crop_spec = _one(specs, "how crops are cut", run.root)
+    if not ensemble.segmenters:
+        _add_segmenters(ensemble, run, device)
+
+
 def check_config(cfg: Config, ensemble: Ensemble) -> None:
     """Raises ConfigError naming every setting of ``cfg`` that contradicts the checkpoints.
 
@@ -186,6 +209,7 @@ def check_config(cfg: Config, ensemble: Ensemble) -> None:
              "slice.width": (cfg.slice.width, a["width"]), "seq.input": (cfg.seq.input, ensemble.input),
              "seq.bins": (cfg.seq.bins, ensemble.bins), "predict.tta": (cfg.predict.tta, ensemble.tta),
              "vert.enabled": (cfg.vert.enabled, bool(ensemble.vertebra)),
+             "crop.enabled": (cfg.crop.enabled, bool(ensemble.crops)),
              "blend.enabled": (cfg.blend.enabled, ensemble.blend is not None),
              **({"vert.overall": (cfg.vert.overall, ensemble.overall)} if ensemble.vertebra else {})}
     differ = [f"{key}={mine!r} (the models: {theirs!r})" for key, (mine, theirs) in pairs.items() if mine != theirs]
@@ -212,6 +236,9 @@ def check_complete(cfg: Config, ensemble: Ensemble, where: str | os.PathLike) ->
     if ensemble.vertebra:
         tracked = {meta["source_fold"] for meta, _ in ensemble.vertebra}
         missing += [f"vertebra/fold{k}/*.pt" for k in folds if k not in tracked]
+    if ensemble.crops:
+        cropped = {meta["fold"] for meta, _ in ensemble.crops}
+        missing += [f"crop/fold{k}/model.pt" for k in folds if k not in cropped]
     if ensemble.segmenters and len(ensemble.segmenters) < cfg.seg.folds:
         missing.append(f"segment/fold*.pt ({len(ensemble.segmenters)} of {cfg.seg.folds})")
     if missing:
@@ -268,44 +295,58 @@ def _fold_mean(outputs: dict, fold: int) -> np.ndarray:
     return np.mean(outputs[fold] if fold in outputs else outputs[None], axis=0)
 
 
+@torch.inference_mode()
+def crop_outputs(crops: np.ndarray, ensemble: Ensemble, device: torch.device, dtype: torch.dtype | None,
+                 channels_last: bool) -> dict[int, list[np.ndarray]]:
+    """{fold: [float [7]]}: each fold's crop model on one study's crops uint8 [7, slices, channels, size, size]."""
+    return {meta["fold"]: [crop_probabilities(model, crops[None], device, dtype, channels_last)[0]]
+            for meta, model in ensemble.crops}
+
+
 def blend_inputs(fold: int, blend: dict, per_fold: PerFold, extents: dict | None, blstm: dict,
-                 vert: dict | None) -> dict[str, float]:
+                 vert: dict | None, crop: dict | None = None) -> dict[str, float]:
     """What the blend reads of one study through fold ``fold``'s models: its CNN's outputs, its BLSTMs (of
-    the sizes the blend read, each size's models of the fold averaged) and its vertebra track, as the
-    `blend` stage read every study through its own fold's models."""
+    the sizes the blend read, each size's models of the fold averaged), its vertebra track and its crop
+    model, as the `blend` stage read every study through its own fold's models."""
     return study_inputs(per_fold[fold][1], extents if blend["extents"] else None,
                         {h: _fold_mean(blstm[h], fold) for h in blend["sizes"]},
-                        _fold_mean(vert, fold) if blend["vertebra"] else None, blend["top_k"], blend["margin"])
+                        _fold_mean(vert, fold) if blend["vertebra"] else None, blend["top_k"], blend["margin"],
+                        _fold_mean(crop, fold) if blend.get("crop") else None)
 
 
-def combine_outputs(per_fold: PerFold, extents: dict | None, ensemble: Ensemble, device: torch.device) -> np.ndarray:
-    """float [8] in TARGETS order from the CNNs' outputs on one study (and its vertebrae's extents).
+def combine_outputs(per_fold: PerFold, extents: dict | None, ensemble: Ensemble, device: torch.device,
+                    crop: dict | None = None) -> np.ndarray:
+    """float [8] in TARGETS order from the CNNs' outputs on one study (its vertebrae's extents, and the crop
+    models' outputs `crop_outputs` with the crop track).
 
-    With a blend, it answers once through each fold's CNN, BLSTMs and vertebra track, and the folds' answers
-    are averaged; without, the BLSTMs of size ``hidden`` answer, and the vertebra track gives C1..C7 (and
-    patient_overall with ``vert.overall="vertebrae"``).
+    With a blend, it answers once through each fold's CNN, BLSTMs and tracks, and the folds' answers are
+    averaged; without, the BLSTMs of size ``hidden`` answer, and a track gives C1..C7: the crop track where
+    there is one, else the vertebra track (patient_overall from 1 − Π(1 − p) with ``vert.overall="vertebrae"``).
     """
     blstm = {h: blstm_outputs(per_fold, ensemble, h, device) for h in ensemble.blstms}
     vert = vertebra_outputs(per_fold, extents or {}, ensemble, device) if ensemble.vertebra else None
     if ensemble.blend:
-        rows = [blend_inputs(k, ensemble.blend, per_fold, extents, blstm, vert) for k in ensemble.blend["folds"]]
+        rows = [blend_inputs(k, ensemble.blend, per_fold, extents, blstm, vert, crop) for k in ensemble.blend["folds"]]
         return apply_blend(ensemble.blend, pd.DataFrame(rows)).mean(axis=0)
     p = _pooled(blstm[ensemble.hidden])
-    if vert is None:
+    answer = crop or vert
+    if not answer:
         return p
-    track = combine(_pooled(vert)[None])[0]
+    track = combine(_pooled(answer)[None])[0]
     if ensemble.overall == "blstm":
         track[0] = p[0]
     return track
 
 
 @torch.inference_mode()
-def predict_images(images: np.ndarray, ensemble: Ensemble, cfg: Config) -> dict[str, float]:
-    """The 8 probabilities of one study, preprocessed as the checkpoints record (`cspine.studies.read_study`);
-    ``cfg`` gives the batch size, mixed precision and channels_last only.
+def predict_images(study: ReadStudy, ensemble: Ensemble, cfg: Config) -> dict[str, float]:
+    """The 8 probabilities of one study, read as the checkpoints record (`cspine.studies.read_study`; with
+    the crop track, its bone window and crop boxes too); ``cfg`` gives the batch size, mixed precision and
+    channels_last only.
 
     With several devices, one thread per device runs the folds that sit there: the GPUs work at once.
     """
+    images = study.images
     i, devices, folds = ensemble.inputs, ensemble.devices, list(ensemble.cnns)
 
     def on_device(g: int) -> PerFold:
@@ -321,12 +362,20 @@ def predict_images(images: np.ndarray, ensemble: Ensemble, cfg: Config) -> dict[
     else:
         parts = [on_device(0)]
     per_fold = {k: part[k] for k in folds for part in parts if k in part}
-    extents = None
+    extents, crop = None, None
     if ensemble.segmenters:
         labels = segment_study(ensemble.segmenters, images, ensemble.seg_reading, devices[0])
         _, found = vertebra_extents(labels, ensemble.seg_reading["min_pixels"])
         extents = {e["vertebra"]: (e["z0"], e["z1"]) for e in found}
-    p = combine_outputs(per_fold, extents, ensemble, devices[0])
+        if ensemble.crops:
+            if study.bone is None:
+                raise ValueError("the crop track needs the study's bone window; read it with bone=True")
+            crops = cut_study(study.bone, labels, place_vertebrae(found, len(labels), labels.shape[1]), study.boxes,
+                              labels.shape[1], ensemble.crop_spec)
+            device = devices[0]
+            crop = crop_outputs(crops, ensemble, device, amp_dtype(device, cfg.crop.amp),
+                                cfg.crop.channels_last and device.type == "cuda")
+    p = combine_outputs(per_fold, extents, ensemble, devices[0], crop)
     return {t: float(p[i]) for i, t in enumerate(TARGETS)}
 
 
@@ -342,14 +391,14 @@ def predict_studies(paths: list[Path], uids: list[str], ensemble: Ensemble, cfg:
     workers = cfg.predict.workers or default_workers()
     probs: dict[str, dict[str, float]] = {}
     failed: dict[str, str] = {}
-    with StudyReader(workers, i["size"], i["crop"], i["margin"], MIN_SLICES) as reader:
+    with StudyReader(workers, i["size"], i["crop"], i["margin"], MIN_SLICES, bone=bool(ensemble.crops)) as reader:
         for uid, study in zip(progress(uids, what, unit="study"), reader.read(paths, ahead=2 * workers)):
             try:
                 if isinstance(study, Exception):
                     raise study
                 for warning in study.warnings:
                     log.warning("%s", warning)
-                probs[uid] = predict_images(study.images, ensemble, cfg)
+                probs[uid] = predict_images(study, ensemble, cfg)
             except Exception as exc:  # one bad study must never cost the submission: it gets the prior
                 failed[uid] = f"{type(exc).__name__}: {exc}"
                 log.error("%s: study %s failed (%s); it gets the prior", what, uid, failed[uid])
@@ -421,7 +470,8 @@ def predict(cfg: Config, data_dir: str | os.PathLike, models_dir: str | os.PathL
     check_writable(Path(out_csv).parent)
     devices = pick_devices(cfg.device)
     warn_setting(cfg, data_dir, devices)
-    ensemble = load_ensemble(models_dir, cfg.seq.hidden, devices, cfg.vert.enabled, cfg.blend.enabled)
+    ensemble = load_ensemble(models_dir, cfg.seq.hidden, devices, cfg.vert.enabled, cfg.blend.enabled,
+                             cfg.crop.enabled)
     check_config(cfg, ensemble)
     check_complete(cfg, ensemble, models_dir)
     if cfg.slice.channels_last:

@@ -340,7 +340,7 @@ def prepare(cfg: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike
     train = select_studies(every, data_dir, cfg.prepare.studies, cfg.prepare.study_list, cfg.folds.seed)
     if studies is not None:
         train = train[train["StudyInstanceUID"].isin(studies)]
-    jobs = []
+    jobs, again = [], []
     for row in train.to_dict("records"):
         uid = row["StudyInstanceUID"]
         mask_path = find_mask(data_dir, uid)
@@ -348,12 +348,16 @@ def prepare(cfg: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike
             reason = stale_reason(out_dir, uid, mask_path)
             if reason is None:
                 continue
-            log.warning("prepare: study %s is cached again: %s", uid, reason)
+            again.append(uid)
+            if len(again) <= 3:
+                log.warning("prepare: study %s is cached again: %s", uid, reason)
             Cache(out_dir).meta(uid).unlink()  # first: a run killed now sees the study as not cached
         jobs.append(StudyJob(uid=uid, image_dir=data_dir / "train_images" / uid, out_dir=out_dir,
                              labels={k: int(row[k]) for k in TARGETS},
                              boxes=boxes[boxes["StudyInstanceUID"] == uid].to_dict("records"),
                              mask_path=mask_path, prepare=cfg.prepare))
+    if len(again) > 3:
+        log.warning("prepare: %d studies in all are cached again, for reasons like those above", len(again))
     uids = train["StudyInstanceUID"].tolist()
     log.info("prepare: %d studies, %d cached already, %d to do", len(uids), len(uids) - len(jobs), len(jobs))
     failures = []

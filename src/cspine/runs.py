@@ -11,8 +11,10 @@ Layout of ``runs/<name>/``::
     features/fold<k>/ <uid>.npz, provenance.json                                           (extract)
     seq/h<H>/fold<k>/ inner<i>.pt or model.pt, oof.csv, features.json, history.json        (train-seq)
     seq/h<H>/oof.csv                                                                       (evaluate)
-    segment/          fold<k>.pt, vertebrae.csv, extents.csv, dice.csv                     (segment)
+    segment/          fold<k>.pt, vertebrae.csv, extents.csv, dice.csv, labels/<uid>.npz  (segment)
     vertebra/fold<k>/ inner<i>.pt, oof.csv, record.json, history.json                      (train-vertebrae)
+    crop/             studies/<uid>.npy, places.csv, record.json                           (crop)
+    crop/fold<k>/     model.pt, last.pt, oof.csv, record.json, history.json                (train-crops)
     blend/            blend.pt, fold<k>.pt, inputs.csv, oof.csv, record.json              (blend)
     report/           report.md, tables, figures                                           (evaluate)
     explain/          Grad-CAM figures                                                     (explain)
@@ -48,6 +50,7 @@ SLICE_FILES = ("history.csv", "oof_slices.csv", "table2", "report.json", "train.
 SEQ_FILES = ("oof.csv", "features.json", "history.json")
 SEG_FILES = ("vertebrae.csv", "extents.csv", "dice.csv")
 VERT_FILES = ("oof.csv", "record.json", "history.json")
+CROP_FILES = ("oof.csv", "record.json", "history.json")
 BLEND_FILES = ("inputs.csv", "oof.csv", "record.json")
 
 
@@ -173,6 +176,58 @@ class Run:
     def seg_file(self, name: str) -> Path:
         """One of the segmentation stage's tables (`SEG_FILES`)."""
         return _record(self.root / "segment", name, SEG_FILES, "segmentation table")
+
+    @property
+    def seg_labels_dir(self) -> Path:
+        return self.root / "segment" / "labels"
+
+    def seg_labels(self, uid: str) -> Path:
+        """A study's predicted labels, uint8 [N, size, size] in the cache's frame (`cspine.segment`)."""
+        return self.seg_labels_dir / f"{uid}.npz"
+
+    @property
+    def crop_dir(self) -> Path:
+        return self.root / "crop"
+
+    @property
+    def crop_studies(self) -> Path:
+        return self.crop_dir / "studies"
+
+    def crop_study(self, uid: str) -> Path:
+        """uint8 [7, slices, channels, size, size]: a study's crops of C1..C7 (`cspine.crop`)."""
+        return self.crop_studies / f"{uid}.npy"
+
+    @property
+    def crop_places(self) -> Path:
+        """Where every study's crops were cut: slices, box, and whether the segmentation found the vertebra."""
+        return self.crop_dir / "places.csv"
+
+    @property
+    def crop_record(self) -> Path:
+        """What the crops were cut with (settings, segmentation): the stage redoes them when it changes."""
+        return self.crop_dir / "record.json"
+
+    def crop_fold_dir(self, fold: int) -> Path:
+        return self.crop_dir / f"fold{fold}"
+
+    def crop_model(self, fold: int) -> Path:
+        """Fold ``fold``'s crop model, trained on the other folds' studies (`cspine.train_crops`)."""
+        return self.crop_fold_dir(fold) / "model.pt"
+
+    def crop_last(self, fold: int) -> Path:
+        """The crop model under training, with its optimizer: a killed `train-crops` resumes from it."""
+        return self.crop_fold_dir(fold) / "last.pt"
+
+    def crop_file(self, fold: int, name: str) -> Path:
+        """One of a fold's crop-track records (`CROP_FILES`)."""
+        return _record(self.crop_fold_dir(fold), name, CROP_FILES, "crop-track record")
+
+    def crop_models(self) -> list[Path]:
+        return sorted(self.root.glob("crop/fold*/model.pt"))
+
+    def crop_oof(self) -> Path:
+        """Every fold's out-of-fold crop-track predictions, together."""
+        return self.crop_dir / "oof.csv"
 
     def vert_dir(self, fold: int) -> Path:
         return self.root / "vertebra" / f"fold{fold}"

@@ -17,7 +17,8 @@ on rank 0, which writes the tables. Writes ``<run>/segment/``:
 - ``vertebrae.csv``: per cached slice, which of C1..C7 it shows and its level (the vertebra with most pixels);
 - ``extents.csv``: per study and vertebra, its slices (``z0``..``z1``, orders, inclusive) and in-plane box
   (``y0, y1, x0, x1``, cache pixels, exclusive ends);
-- ``dice.csv``: out-of-fold Dice per vertebra of every masked study.
+- ``dice.csv``: out-of-fold Dice per vertebra of every masked study;
+- ``labels/<uid>.npz``: every study's labels in the cache's frame (compressed; the crop track cuts from them).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from cspine.segmenter import (
     plane_width,
     reading,
     sagittal_planes,
+    save_labels,
     segment_study,
     slice_levels,
     vertebra_extents,
@@ -181,6 +183,7 @@ def segment_share(run: Run, index: pd.DataFrame, s: SegConfig, rt: Runtime, mode
         fold = folds.get(uid)
         with autocast(rt.device, dtype):
             labels = segment_study(models if fold is None else [models[fold]], study, how, rt.device)
+        save_labels(run.seg_labels(uid), labels)
         presence, found = vertebra_extents(labels, s.min_pixels)
         levels = slice_levels(labels, s.min_pixels)
         part = part.sort_values("order")
@@ -236,4 +239,5 @@ def segment(cfg: Config, run_dir: str | os.PathLike, rt: Runtime | None = None) 
 def is_segmented(run_dir: str | os.PathLike, s: SegConfig) -> bool:
     """Whether every fold model and the per-slice table exist."""
     run = Run(run_dir)
-    return run.seg_file("vertebrae.csv").is_file() and all(run.seg_model(k).is_file() for k in range(s.folds))
+    return (run.seg_file("vertebrae.csv").is_file() and all(run.seg_model(k).is_file() for k in range(s.folds))
+            and run.seg_labels_dir.is_dir())

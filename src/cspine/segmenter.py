@@ -8,6 +8,7 @@ Inference imports this module, never the training stage.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from cspine import VERTEBRAE
 from cspine.checkpoints import load_checkpoint
 from cspine.config import SegConfig
 from cspine.inputs import MEAN, STD
+from cspine.runs import atomic_path
 
 SEG_CLASSES = 9  # background, C1..C7, T1 (the competition's masks: 1..7 = C1..C7, 8+ = thoracic)
 # Half segmentation-models-pytorch's default decoder widths: at 96×64 planes on a 2-core CPU it trains
@@ -122,3 +124,16 @@ def load_segmenter(path: str | os.PathLike, device: torch.device | str = "cpu") 
     model = build_segmenter(**state["arch"])
     model.load_state_dict(state["model"])
     return model.to(device).eval(), {k: v for k, v in state.items() if k != "model"}
+
+
+def save_labels(path: Path, labels: np.ndarray) -> None:
+    """A study's labels, compressed (a label volume is mostly background: 1-2% of its raw size)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, labels=labels)
+
+
+def load_labels(path: str | os.PathLike) -> np.ndarray:
+    """uint8 [N, S, S] labels saved by `save_labels`."""
+    with np.load(path) as data:
+        return data["labels"]

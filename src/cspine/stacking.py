@@ -14,7 +14,8 @@ Inputs, by name (``H`` a BLSTM size, ``Ck`` a vertebra):
   the slices Ck spans (its segmented extent, ``margin`` slices wider; the whole study where no
   segmentation found it, or none exists);
 - ``vert:{Ck}``: the vertebra track; ``vert:max`` and ``vert:noisy_or`` (1 − Π(1 − p_k)) aggregate it for
-  patient_overall.
+  patient_overall;
+- ``crop:{Ck}``, ``crop:max``, ``crop:noisy_or``: the crop track, likewise.
 
 This module needs no scikit-learn: a saved blend is plain numbers (`cspine.checkpoints`).
 """
@@ -51,6 +52,7 @@ def study_inputs(
     vert: np.ndarray | None,
     top_k: int,
     margin: int,
+    crop: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Every level-2 input of one study, as read through one fold's models.
 
@@ -61,6 +63,7 @@ def study_inputs(
         vert: float [7], the vertebra track's C1..C7 probabilities, or None without the track.
         top_k: slices averaged for ``cnn:top``.
         margin: slices added on each side of a vertebra's extent.
+        crop: float [7], the crop track's C1..C7 probabilities, or None without the track.
     """
     z = logit(probs)
     fracture = z[:, 0]
@@ -74,10 +77,11 @@ def study_inputs(
         out[f"cnn:frac@{name}"] = float(fracture[lo : hi + 1].max())
     for hidden, p in blstm.items():
         out.update({f"blstm{hidden}:{t}": float(v) for t, v in zip(TARGETS, logit(p))})
-    if vert is not None:
-        out.update({f"vert:{v}": float(x) for v, x in zip(VERTEBRAE, logit(vert))})
-        out["vert:max"] = float(logit(np.max(vert)))
-        out["vert:noisy_or"] = float(logit(1 - np.prod(1 - np.asarray(vert, dtype=np.float64))))
+    for track, p in (("vert", vert), ("crop", crop)):
+        if p is not None:
+            out.update({f"{track}:{v}": float(x) for v, x in zip(VERTEBRAE, logit(p))})
+            out[f"{track}:max"] = float(logit(np.max(p)))
+            out[f"{track}:noisy_or"] = float(logit(1 - np.prod(1 - np.asarray(p, dtype=np.float64))))
     return out
 
 
@@ -85,13 +89,13 @@ def target_inputs(target: str, available: list[str]) -> list[str]:
     """The inputs the blend of ``target`` reads, of those ``available`` (a run without a track lacks its).
 
     patient_overall reads every study-level view: the BLSTMs' patient_overall, the three poolings of the
-    slice-fracture output and the vertebra track's two aggregates. Vertebra Ck reads what speaks of Ck:
-    the BLSTMs' Ck, the CNN's Ck head and slice-fracture output on Ck's slices, and the track's Ck.
+    slice-fracture output and the two tracks' two aggregates. Vertebra Ck reads what speaks of Ck: the
+    BLSTMs' Ck, the CNN's Ck head and slice-fracture output on Ck's slices, and each track's Ck.
     """
     if target == OVERALL:
-        wanted = ["cnn:max", "cnn:top", "cnn:mean", "vert:max", "vert:noisy_or"]
+        wanted = ["cnn:max", "cnn:top", "cnn:mean", "vert:max", "vert:noisy_or", "crop:max", "crop:noisy_or"]
     else:
-        wanted = [f"cnn:{target}", f"cnn:frac@{target}", f"vert:{target}"]
+        wanted = [f"cnn:{target}", f"cnn:frac@{target}", f"vert:{target}", f"crop:{target}"]
     blstms = sorted(name for name in available if name.startswith("blstm") and name.endswith(f":{target}"))
     return blstms + [name for name in wanted if name in available]
 

@@ -19,6 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
+from cspine.crops import bone_u8
 from cspine.dicom import default_workers, load_series
 from cspine.preprocess import preprocess_study
 from cspine.processes import die_with_parent
@@ -30,10 +31,14 @@ class ReadStudy:
 
     images: np.ndarray  # uint8 [N, size, size, 3], head to feet
     warnings: list[str] = field(default_factory=list)  # what loading warned about (skipped files, tilt)
+    bone: np.ndarray | None = None  # uint8 [N, H, W], full resolution, the bone window: the crop track cuts it
+    boxes: list | None = None  # the crop box of each slice (`preprocess_study`): maps the cache's frame to it
 
 
-def read_study(path: str | os.PathLike, size: int, crop: str, margin: float, min_slices: int) -> ReadStudy:
-    """Decodes one study in this process (one core: the pool runs several studies at once) and preprocesses it.
+def read_study(path: str | os.PathLike, size: int, crop: str, margin: float, min_slices: int,
+               bone: bool = False) -> ReadStudy:
+    """Decodes one study in this process (one core: the pool runs several studies at once) and preprocesses it;
+    with ``bone``, keeps its full-resolution bone window and crop boxes for the crop track.
 
     Raises:
         DicomError: the folder holds no readable slice.
@@ -44,8 +49,9 @@ def read_study(path: str | os.PathLike, size: int, crop: str, margin: float, min
         series = load_series(path, workers=1, on_error="skip")
     if len(series) < min_slices:
         raise ValueError(f"only {len(series)} readable slice(s)")
-    images, _ = preprocess_study(series.hu, size, crop, margin)
-    return ReadStudy(images, [str(w.message) for w in caught])
+    images, boxes = preprocess_study(series.hu, size, crop, margin)
+    return ReadStudy(images, [str(w.message) for w in caught], bone_u8(series.hu) if bone else None,
+                     boxes if bone else None)
 
 
 def _one_thread(parent: int) -> None:
@@ -77,9 +83,10 @@ class StudyReader:
     and the others are read anew; reading goes on.
     """
 
-    def __init__(self, workers: int, size: int, crop: str, margin: float, min_slices: int, reader=read_study):
+    def __init__(self, workers: int, size: int, crop: str, margin: float, min_slices: int, reader=read_study,
+                 bone: bool = False):
         self.workers = workers or default_workers()
-        self.args = (size, crop, margin, min_slices)
+        self.args = (size, crop, margin, min_slices, bone)
         self.reader = reader  # a module-level function of (path, *args), importable by a spawned process
         self.pool = self._pool(self.workers)
 

@@ -1,0 +1,134 @@
+"""Stage `crop`: every training study's crops of C1..C7, cut from its DICOM where the segmentation put them.
+
+    python -m cspine crop --config crop
+
+The cache holds each study at the slice CNN's size (64 px in the demo): a C1 ring there spans a few pixels.
+This stage reads each study's DICOM again and cuts each vertebra at ``crop.size`` px from the full-resolution
+volume (`cspine.crops`), where the `segment` stage's labels place it. It writes ``<run>/crop/``:
+- ``studies/<uid>.npy``: uint8 [7, slices, channels, size, size], C1..C7;
+- ``places.csv``: per study and vertebra, the slices and box it was cut from, and whether the segmentation
+  found it (``found=0``: placed between its neighbours);
+- ``record.json``: the cut's settings and the segmentation's digest, written last; when either changes the
+  crops are cut again. A killed stage resumes: a study's file is written whole or not at all.
+
+Crops, not coordinates, are stored: training reads every crop once an epoch, and cutting them again from
+DICOM each time would cost a decode of the whole study per epoch. On the real data at the `rsna` recipe's
+size that is 7 × 15 × 4 × 224² bytes = 21 MB a study, 42 GB for 2,019 studies (docs/design.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cspine.config import Config
+from cspine.crops import PLACE_COLUMNS, bone_u8, crop_spec, cut_study, place_vertebrae
+from cspine.dicom import default_workers, load_series
+from cspine.prepare import read_meta
+from cspine.processes import die_with_parent
+from cspine.progress import progress
+from cspine.runs import Run, atomic_path, digest, read_json, write_csv, write_json
+from cspine.segmenter import load_labels, vertebra_extents
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CropJob:
+    """What one worker needs to cut one study's crops."""
+
+    uid: str
+    image_dir: Path
+    run: Path
+    spec: dict
+    min_pixels: int
+
+
+def cut_one(job: CropJob) -> tuple[str, list[dict] | None, str | None]:
+    """Cuts and writes one study's crops; returns (uid, its places, error or None)."""
+    run = Run(job.run)
+    try:
+        meta = read_meta(run.cache.root, job.uid)
+        labels = load_labels(run.seg_labels(job.uid))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # prepare has reported this study's warnings already
+            series = load_series(job.image_dir, workers=1, on_error="skip")
+        if len(series) != meta["n"] or len(labels) != meta["n"]:
+            raise ValueError(f"{len(series)} readable slices now, {meta['n']} cached, {len(labels)} segmented")
+        _, found = vertebra_extents(labels, job.min_pixels)
+        places = place_vertebrae(found, len(labels), labels.shape[1])
+        crops = cut_study(bone_u8(series.hu), labels, places, meta["crop"], labels.shape[1], job.spec)
+        with atomic_path(run.crop_study(job.uid)) as tmp, open(tmp, "wb") as f:
+            np.save(f, crops)
+        return job.uid, places, None
+    except Exception as exc:  # one bad study must not stop the stage: it is reported, and gets the prior
+        return job.uid, None, f"{type(exc).__name__}: {exc}"
+
+
+def _record(run: Run, cfg: Config) -> dict:
+    return {"spec": crop_spec(cfg.crop.size, cfg.crop.slices, cfg.crop.context, cfg.crop.margin),
+            "segmentation": digest(run.seg_file("extents.csv")), "min_pixels": cfg.seg.min_pixels}
+
+
+def is_cropped(run_dir: str | os.PathLike, cfg: Config) -> bool:
+    """Whether the crops exist, cut with the current settings from the current segmentation."""
+    run = Run(run_dir)
+    return run.crop_record.is_file() and read_json(run.crop_record) == _record(run, cfg)
+
+
+def crop(cfg: Config, run_dir: str | os.PathLike, data_dir: str | os.PathLike) -> pd.DataFrame:
+    """The stage: cuts every cached training study's crops; returns the places table.
+
+    Raises:
+        RuntimeError: when no study could be cut.
+    """
+    run, data_dir = Run(run_dir), Path(data_dir)
+    record = _record(run, cfg)
+    if run.crop_record.is_file() and read_json(run.crop_record) != record:
+        log.info("crop: settings or segmentation changed since the crops were cut; cutting them again")
+        for stale in run.crop_studies.glob("*.npy"):
+            stale.unlink()
+    run.crop_record.unlink(missing_ok=True)
+    uids = run.cache.read_index()["StudyInstanceUID"].unique().tolist()
+    places = (pd.read_csv(run.crop_places, dtype={"StudyInstanceUID": str}) if run.crop_places.is_file()
+              else pd.DataFrame(columns=["StudyInstanceUID", *PLACE_COLUMNS]))
+    done = set(places["StudyInstanceUID"]) & {u for u in uids if run.crop_study(u).is_file()}
+    places = places[places["StudyInstanceUID"].isin(done)]
+    jobs = [CropJob(u, data_dir / "train_images" / u, run.root, record["spec"], cfg.seg.min_pixels)
+            for u in uids if u not in done]
+    log.info("crop: %d studies, %d cut already, %d to cut at %d px", len(uids), len(done), len(jobs), cfg.crop.size)
+    rows, failures = [places], []
+    if jobs:
+        workers = max(1, min(cfg.crop.workers or default_workers(), len(jobs)))
+        pool = (ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),))
+                if workers > 1 else None)
+        try:
+            for uid, found, error in progress((pool.map if pool else map)(cut_one, jobs), "crop", total=len(jobs),
+                                              unit="study"):
+                if error:
+                    log.error("crop: study %s failed: %s", uid, error)
+                    failures.append(uid)
+                    continue
+                rows.append(pd.DataFrame([{"StudyInstanceUID": uid, **p} for p in found]))
+                if len(rows) % 50 == 0:  # progress survives a kill
+                    write_csv(pd.concat(rows, ignore_index=True), run.crop_places)
+        finally:
+            if pool:
+                pool.shutdown()
+    table = pd.concat(rows, ignore_index=True)
+    if table.empty:
+        raise RuntimeError("crop: no study could be cut")
+    table["found"] = table["found"].astype(bool)
+    write_csv(table, run.crop_places)
+    write_json(record, run.crop_record)  # last: the stage is done
+    missed = int((~table["found"]).sum())
+    log.info("crop: %d studies cut (%d failed); %d of %d vertebrae placed between their neighbours (the "
+             "segmentation missed them)", table["StudyInstanceUID"].nunique(), len(failures), missed, len(table))
+    return table

@@ -1,0 +1,152 @@
+"""Crops of each vertebra, cut from a study's HU volume where the segmentation put it: the crop track's input.
+
+Imported by the `crop` stage (training studies) and by `predict` (test studies); no torch.
+
+A vertebra's place comes from the `segment` stage's labels in the cache's frame: the slices it spans and
+its in-plane box (`place_vertebrae`; a vertebra the segmentation missed is placed between its neighbours
+and marked ``found=False``). `cut_study` then cuts, for each of C1..C7, ``slices`` slices spaced evenly
+over its extent, each as ``context`` neighbours on each side plus itself in the standard bone window, and
+the vertebra's own label as the last channel, from the full-resolution volume: the vertebra fills the
+crop whatever the cache's size. The spec of a cut (`crop_spec`) travels in every crop model's checkpoint,
+so `predict` cuts test studies exactly as the training crops were cut.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from cspine import VERTEBRAE
+from cspine.preprocess import WINDOWS, Box, _window_u8
+
+BONE = WINDOWS[1]  # the standard bone window: cortex and the dark line of a break both keep contrast
+PLACE_COLUMNS = ["vertebra", "found", "z0", "z1", "y0", "y1", "x0", "x1"]
+
+
+def crop_spec(size: int, slices: int, context: int, margin: float) -> dict:
+    """How crops are cut (kept in each crop model's checkpoint)."""
+    return {"size": int(size), "slices": int(slices), "context": int(context), "margin": float(margin)}
+
+
+def crop_channels(spec: dict) -> int:
+    """Channels of a crop slice: the slice with its neighbours, and the vertebra's label."""
+    return 2 * spec["context"] + 2
+
+
+def bone_u8(hu: np.ndarray) -> np.ndarray:
+    """uint8 [N, H, W]: a study's HU in the standard bone window."""
+    return _window_u8(np.asarray(hu, np.float32), *BONE[1:])
+
+
+def place_vertebrae(found: list[dict], n: int, size: int) -> list[dict]:
+    """Every vertebra's place, C1..C7, from those the segmentation found (`cspine.segmenter.vertebra_extents`).
+
+    A vertebra it missed is placed where its neighbours say it is: its centre interpolated (or extrapolated
+    along the column) from the found ones' centres, its height their mean, its box between theirs; with none
+    found, the whole study. Such places carry ``found=False`` and are counted in the report.
+
+    Args:
+        found: dicts with vertebra, z0, z1 (slices, inclusive), y0, y1, x0, x1 (cache pixels, exclusive).
+        n: the study's slices.
+        size: the cache's side.
+
+    Returns:
+        seven dicts with `PLACE_COLUMNS`.
+    """
+    by_name = {e["vertebra"]: e for e in found}
+    index = np.array([i for i, v in enumerate(VERTEBRAE) if v in by_name], dtype=float)
+    if not len(index):
+        return [{"vertebra": v, "found": False, "z0": 0, "z1": n - 1, "y0": 0, "y1": size, "x0": 0, "x1": size}
+                for v in VERTEBRAE]
+    rows = [by_name[VERTEBRAE[int(i)]] for i in index]
+    centre = np.array([(e["z0"] + e["z1"]) / 2 for e in rows])
+    height = float(np.mean([e["z1"] - e["z0"] + 1 for e in rows]))
+    step = np.polyfit(index, centre, 1)[0] if len(index) > 1 else height  # slices from one vertebra to the next
+    places = []
+    for i, name in enumerate(VERTEBRAE):
+        if name in by_name:
+            places.append({"vertebra": name, "found": True, **{k: int(by_name[name][k]) for k in PLACE_COLUMNS[2:]}})
+            continue
+        if index[0] < i < index[-1]:
+            c = float(np.interp(i, index, centre))
+        else:
+            edge = 0 if i < index[0] else -1
+            c = centre[edge] + (i - index[edge]) * step
+        z0 = int(np.clip(round(c - height / 2), 0, n - 1))
+        z1 = int(np.clip(round(c + height / 2), z0, n - 1))
+        box = {k: int(round(np.interp(i, index, [e[k] for e in rows]))) for k in ("y0", "y1", "x0", "x1")}
+        places.append({"vertebra": name, "found": False, "z0": z0, "z1": z1, **box})
+    return places
+
+
+def slice_picks(z0: int, z1: int, n: int, slices: int, margin: float) -> np.ndarray:
+    """int [slices]: slices spaced evenly over [z0, z1], ``margin`` of its height wider on each side."""
+    pad = margin * (z1 - z0 + 1)
+    return np.clip(np.rint(np.linspace(z0 - pad, z1 + pad, slices)), 0, n - 1).astype(int)
+
+
+def _square(place: dict, margin: float) -> tuple[float, float, float]:
+    """(centre y, centre x, half side) of a vertebra's in-plane box, square, ``margin`` wider, cache pixels."""
+    cy, cx = (place["y0"] + place["y1"]) / 2, (place["x0"] + place["x1"]) / 2
+    half = max(place["y1"] - place["y0"], place["x1"] - place["x0"], 4) / 2 * (1 + 2 * margin)
+    return cy, cx, half
+
+
+def _cache_to_volume(crop: Box, size: int) -> tuple[float, float, float]:
+    """(scale, y offset, x offset): volume pixel = cache pixel × scale + offset, for a slice cropped by ``crop``
+    (padded to a square, resized to ``size``) as `cspine.preprocess.preprocess_study` did."""
+    y0, y1, x0, x1 = crop
+    h, w = y1 - y0, x1 - x0
+    side = max(h, w)
+    scale = side / size
+    return scale, y0 - (side - h) // 2, x0 - (side - w) // 2
+
+
+def _warp(image: np.ndarray, cy: float, cx: float, half: float, out: int, interpolation: int) -> np.ndarray:
+    """The square of ``image`` centred at (cy, cx) with half side ``half`` (pixel centres at integers),
+    resized to ``out`` px; outside the image is 0."""
+    a = 2 * half / out
+    m = np.array([[a, 0, cx - half + a / 2 - 0.5], [0, a, cy - half + a / 2 - 0.5]], np.float32)
+    return cv2.warpAffine(image, m, (out, out), flags=interpolation | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def volume_square(place: dict, crop: Box, cache_size: int, margin: float) -> tuple[float, float, float]:
+    """(centre y, centre x, half side) of a vertebra's crop in the pixels of the study's slices, for a slice
+    the cache cropped with ``crop``."""
+    cy, cx, half = _square(place, margin)
+    scale, oy, ox = _cache_to_volume(crop, cache_size)
+    return cy * scale + oy, cx * scale + ox, half * scale
+
+
+def cut_vertebra(bone: np.ndarray, labels: np.ndarray, place: dict, crops: list[Box], cache_size: int,
+                 spec: dict) -> np.ndarray:
+    """uint8 [slices, channels, size, size]: one vertebra's crops (`crop_channels` per slice).
+
+    Args:
+        bone: uint8 [N, H, W], the study in the bone window (`bone_u8`), head to feet.
+        labels: uint8 [N, S, S], the segmentation in the cache's frame (S = ``cache_size``).
+        place: the vertebra's place (`place_vertebrae`).
+        crops: the cache's crop box of every slice, or one for the whole study (the cache's JSON).
+        cache_size: the cache's side.
+        spec: `crop_spec`.
+    """
+    n, size, context = len(bone), spec["size"], spec["context"]
+    label = VERTEBRAE.index(place["vertebra"]) + 1
+    cy, cx, half = _square(place, spec["margin"])
+    out = np.zeros((spec["slices"], crop_channels(spec), size, size), np.uint8)
+    for j, k in enumerate(slice_picks(place["z0"], place["z1"], n, spec["slices"], spec["margin"])):
+        square = volume_square(place, crops[k] if len(crops) > 1 else crops[0], cache_size, spec["margin"])
+        for c, z in enumerate(np.clip(np.arange(k - context, k + context + 1), 0, n - 1)):
+            out[j, c] = _warp(bone[z], *square, size, cv2.INTER_AREA)
+        own = (labels[k] == label).astype(np.uint8) * 255
+        out[j, -1] = _warp(own, cy, cx, half, size, cv2.INTER_LINEAR)
+    return out
+
+
+def cut_study(bone: np.ndarray, labels: np.ndarray, places: list[dict], crops: list[Box], cache_size: int,
+              spec: dict) -> np.ndarray:
+    """uint8 [7, slices, channels, size, size]: the crops of C1..C7 of one study (`cut_vertebra`)."""
+    if len(labels) != len(bone):
+        raise ValueError(f"the segmentation has {len(labels)} slices and the study {len(bone)}")
+    return np.stack([cut_vertebra(bone, labels, place, crops, cache_size, spec) for place in places])

@@ -1,0 +1,199 @@
+"""Stage `train-crops`: the crop track's models, one per fold, on every study's own C1..C7 labels.
+
+    python -m cspine train-crops --config crop fold=0
+
+Fold k's `cspine.models.CropNet` trains on the crops (`cspine.crop`) of every study outside fold k, each
+of its seven vertebrae one example labelled by train.csv (so every study teaches, boxed or not), and then
+scores fold k's studies: out of fold, for the level-2 blend and the report. The loss is the competition's
+for a vertebra (binary cross-entropy, a fracture weighted 2, a healthy vertebra 1). Augmentation
+(albumentations): mirror and a small affine, the same for every slice and channel of a crop. AMP (bf16 at
+compute capability 8 and above, fp16 with a scaler below), channels_last and pinned memory on a GPU;
+under torchrun, DistributedDataParallel with each rank drawing its own share of the vertebrae.
+
+Writes ``<run>/crop/fold<k>/``: ``last.pt`` after every epoch (a killed stage resumes from it), then
+``model.pt``, ``history.json``, ``oof.csv`` and ``record.json`` (last: the fold is done; settings or crops
+changed since make it train again).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+
+import albumentations as A
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from timm.scheduler import create_scheduler_v2
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from cspine import TARGETS, VERTEBRAE
+from cspine.checkpoints import load_checkpoint, save_checkpoint
+from cspine.config import Config, CropConfig
+from cspine.crops import crop_channels
+from cspine.inputs import combine
+from cspine.metrics import weighted_log_loss
+from cspine.models import CropNet, crop_probabilities
+from cspine.progress import progress
+from cspine.runs import Run, digest, read_json, write_csv, write_json
+from cspine.runtime import (
+    Runtime,
+    amp_dtype,
+    autocast,
+    init_distributed,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+
+log = logging.getLogger(__name__)
+POSITIVE_WEIGHT = 2.0  # the metric's weight of a fractured vertebra (a healthy one: 1)
+
+
+class VertebraCrops(Dataset):
+    """Every (study, vertebra) of ``uids`` as one example: its crop uint8 [slices, channels, size, size],
+    the vertebra's index, and its label."""
+
+    def __init__(self, run: Run, uids: list[str], labels: np.ndarray, augment: bool):
+        self.run, self.uids, self.labels = run, uids, labels
+        self.augment = A.Compose([A.HorizontalFlip(p=0.5),
+                                  A.Affine(scale=(0.9, 1.1), translate_percent=(-0.06, 0.06), rotate=(-10, 10),
+                                           p=0.7)]) if augment else None
+
+    def __len__(self) -> int:
+        return len(self.uids) * len(VERTEBRAE)
+
+    def __getitem__(self, i: int):
+        study, vertebra = divmod(i, len(VERTEBRAE))
+        crop = np.load(self.run.crop_study(self.uids[study]), mmap_mode="r")[vertebra]
+        if self.augment is not None:
+            n, c, h, w = crop.shape
+            image = np.ascontiguousarray(crop.reshape(n * c, h, w).transpose(1, 2, 0))
+            crop = self.augment(image=image)["image"].transpose(2, 0, 1).reshape(n, c, h, w)
+        return torch.from_numpy(np.ascontiguousarray(crop)), vertebra, np.float32(self.labels[study, vertebra])
+
+
+def crop_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The metric's loss on vertebrae: binary cross-entropy, a fracture weighted `POSITIVE_WEIGHT`."""
+    weight = 1 + (POSITIVE_WEIGHT - 1) * y
+    return F.binary_cross_entropy_with_logits(logits.float(), y, weight=weight)
+
+
+def _spec(run: Run) -> dict:
+    return read_json(run.crop_record)["spec"]
+
+
+def _record(run: Run, cfg: Config, fold: int) -> dict:
+    """What fold ``fold``'s model was made from: the crops, the folds, the settings."""
+    return {"crops": digest(run.crop_places), "folds": digest(run.folds), "fold": fold,
+            "crop": dataclasses.asdict(cfg.crop)}
+
+
+def is_crop_trained(run_dir: str | os.PathLike, fold: int, cfg: Config) -> bool:
+    """Whether fold ``fold``'s crop model and out-of-fold table exist, made from the current crops and settings."""
+    run = Run(run_dir)
+    record = run.crop_file(fold, "record.json")
+    return (record.is_file() and run.crop_model(fold).is_file() and run.crop_places.is_file()
+            and read_json(record) == _record(run, cfg, fold))
+
+
+def _studies(run: Run, fold: int) -> tuple[list[str], list[str]]:
+    """(training, held-out) studies of fold ``fold`` that have crops."""
+    folds = run.read_folds()
+    have = {u for u in folds["StudyInstanceUID"] if run.crop_study(u).is_file()}
+    train = [u for u in folds.loc[folds["fold"] != fold, "StudyInstanceUID"] if u in have]
+    held = [u for u in folds.loc[folds["fold"] == fold, "StudyInstanceUID"] if u in have]
+    return train, held
+
+
+def _loader(data: Dataset, c: CropConfig, rt: Runtime, seed: int) -> DataLoader:
+    sampler = DistributedSampler(data, rt.world_size, rt.rank, shuffle=True, seed=seed) if rt.distributed else None
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(data, batch_size=c.batch_size, shuffle=sampler is None, sampler=sampler, generator=generator,
+                      num_workers=0 if not rt.cuda else min(4, os.cpu_count() or 1), pin_memory=rt.cuda,
+                      drop_last=len(data) > c.batch_size)
+
+
+def train_crop_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, rt: Runtime | None = None) -> pd.DataFrame | None:
+    """Trains (or resumes) fold ``fold``'s crop model and scores its held-out studies; returns the
+    out-of-fold table (TARGETS columns; patient_overall = 1 − Π(1 − p_k)) on rank 0, None on the others."""
+    rt = rt or init_distributed(cfg.device)
+    run, c = Run(run_dir), cfg.crop
+    spec = _spec(run)
+    train, held = _studies(run, fold)
+    if not train or not held:
+        raise RuntimeError(f"train-crops fold {fold}: {len(train)} training and {len(held)} held-out studies have "
+                           "crops; run the crop stage")
+    labels = run.read_labels()
+    seed_everything(c.seed + fold)
+    model = CropNet(c.backbone, crop_channels(spec), c.hidden, c.width, c.pretrained_file).to(rt.device)
+    if rt.cuda and c.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=c.epochs, warmup_epochs=1,
+                                       warmup_lr=c.lr / 10)
+    dtype = amp_dtype(rt.device, c.amp)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=dtype == torch.float16)
+    history, start = [], 0
+    record = _record(run, cfg, fold)
+    if run.crop_last(fold).is_file():
+        state = load_checkpoint(run.crop_last(fold), "crop-resume")
+        if state["record"] == record:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+            history, start = state["history"], state["epoch"] + 1
+            log.info("train-crops fold %d: resumed after epoch %d", fold, state["epoch"])
+    ddp = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.cuda else None) if rt.distributed else model
+    data = VertebraCrops(run, train, labels.loc[train, list(VERTEBRAE)].to_numpy(np.float32), augment=True)
+    loader = _loader(data, c, rt, c.seed + fold)
+    channels_last = rt.cuda and c.channels_last
+    for epoch in range(start, c.epochs):
+        scheduler.step(epoch)
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        ddp.train()
+        started, total, seen = time.perf_counter(), torch.zeros((), device=rt.device), 0
+        for x, vertebra, y in progress(loader, f"crops fold {fold} epoch {epoch + 1}", steps=True, enabled=rt.is_main):
+            x, vertebra, y = (t.to(rt.device, non_blocking=True) for t in (x, vertebra, y))
+            with autocast(rt.device, dtype):
+                loss = crop_loss(ddp(x, vertebra, channels_last), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total, seen = total + loss.detach() * len(y), seen + len(y)  # read once an epoch: no sync a step
+        history.append({"epoch": epoch + 1, "train_loss": total.item() / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
+                        "seconds": time.perf_counter() - started})
+        if rt.is_main:
+            log.info("train-crops fold %d epoch %d/%d: loss %.4f (%.0f s)", fold, epoch + 1, c.epochs,
+                     history[-1]["train_loss"], history[-1]["seconds"])
+            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scaler": scaler.state_dict(), "epoch": epoch, "history": history, "rng": rng_state(),
+                             "record": record}, run.crop_last(fold), "crop-resume")
+    if rt.distributed:
+        dist.barrier()
+    if not rt.is_main:
+        return None
+    model.eval()
+    save_checkpoint({"model": model.state_dict(), "arch": model.arch, "crops": spec, "fold": fold,
+                     "trained_on": train}, run.crop_model(fold), "crop")
+    p = np.concatenate([crop_probabilities(model, np.stack([np.load(run.crop_study(u)) for u in part]), rt.device,
+                                           dtype, channels_last)
+                        for part in (held[i:i + 16] for i in range(0, len(held), 16))])  # bounded memory
+    probs = combine(p)
+    oof = pd.DataFrame({"StudyInstanceUID": held, "fold": fold, **{f"p_{t}": probs[:, i] for i, t in enumerate(TARGETS)}})
+    write_csv(oof, run.crop_file(fold, "oof.csv"))
+    write_json(history, run.crop_file(fold, "history.json"))
+    write_json(record, run.crop_file(fold, "record.json"))  # last: the fold counts as trained
+    run.crop_last(fold).unlink(missing_ok=True)
+    log.info("train-crops fold %d: %d studies scored out of fold, loss %.4f (patient_overall as 1 − Π(1 − p))",
+             fold, len(held),
+             weighted_log_loss(labels.loc[held, list(TARGETS)].to_numpy(), probs))
+    return oof

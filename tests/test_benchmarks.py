@@ -1,0 +1,43 @@
+"""The benchmark scripts that other documents quote: they run, and they read what they claim to read."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.slow
+def test_the_gpu_budget_script_runs_its_every_part_at_toy_sizes(tmp_path):
+    """Device time is short: the script that spends it must have run whole on a CPU first."""
+    out = tmp_path / "budget.json"
+    done = subprocess.run([sys.executable, "gpu_budget.py", "--tiny", "--steps", "1", "--slices", "8", "--out", str(out)],
+                          cwd=BENCHMARKS, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["training"]["fp32"]) == {"slice CNN, slices/s", "segmentation, planes/s",
+                                               "crop model, crop slices/s"}
+    parts = result["inference"]["fp32"]
+    assert {"decode (CPU)", "cutting the crops (CPU)"} <= set(parts) and all(v > 0 for v in parts.values())
+    assert "| crop model, crop slices/s |" in done.stdout
+
+
+def test_bench_run_reads_each_stages_latest_time(tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from bench_run import stage_seconds, table
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    log = tmp_path / "run.log"
+    log.write_text("10:00:01 INFO cspine.pipeline: stage prepare: 8.8 s\n"
+                   "10:05:00 INFO cspine.pipeline: stage segment: 300.0 s\n"
+                   "11:00:00 INFO cspine.pipeline: stage segment: nothing to do\n"
+                   "12:00:00 INFO cspine.pipeline: stage segment: 120.5 s\n")
+    seconds = stage_seconds(log)
+    assert seconds == {"prepare": (8.8, "10:00:01"), "segment": (120.5, "12:00:00")}
+    assert "**129.3** (2.2 min)" in table(seconds)

@@ -1,0 +1,150 @@
+"""The crop track: crops land on their vertebra, a missed vertebra is still placed, the models stay out of fold,
+and predict and the Kaggle bundle use them."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cspine import VERTEBRAE
+from cspine.competition import read_mask
+from cspine.config import load_config
+from cspine.crops import crop_spec, cut_study, cut_vertebra, place_vertebrae, slice_picks
+from cspine.dicom import load_series
+from cspine.preprocess import labels_in_cache_frame, preprocess_study
+from cspine.runs import Run
+from cspine.segmenter import vertebra_extents
+
+from .conftest import SMOKE_CONFIG
+from .test_segment import SEG_SMOKE
+
+CROP_SMOKE = [*SEG_SMOKE, "crop.enabled=true", "crop.size=32", "crop.slices=4", "crop.epochs=1",
+              "crop.batch_size=4", "crop.backbone=test_resnet", "crop.hidden=8", "crop.workers=1"]
+
+
+def _feet_to_head_with_gaps(root, uid, tmp_path):
+    """A copy of a study numbered feet to head (its files renamed: the geometry stays), two slices removed."""
+    study = tmp_path / uid
+    files = sorted((root / "train_images" / uid).glob("*.dcm"), key=lambda p: int(p.stem))
+    study.mkdir()
+    for path, number in zip(files, [int(p.stem) for p in files][::-1]):
+        shutil.copy(path, study / f"{number}.dcm")
+    for gone in sorted(study.glob("*.dcm"))[3:5]:
+        gone.unlink()
+    return study
+
+
+@pytest.mark.filterwarnings("ignore:.*non-uniform slice spacing")  # the two slices removed on purpose
+def test_crops_land_on_their_vertebra_in_feet_to_head_and_gappy_studies(synthetic_root, tmp_path):
+    spec = crop_spec(24, 5, 1, 0.1)
+    checked = 0
+    for mask_path in sorted((synthetic_root / "segmentations").glob("*.nii")):
+        uid = mask_path.name.removesuffix(".nii")
+        folder = synthetic_root / "train_images" / uid
+        if checked == 0:
+            folder = _feet_to_head_with_gaps(synthetic_root, uid, tmp_path)
+        series = load_series(folder)
+        if checked == 0:
+            assert series.slice_numbers[0] > series.slice_numbers[-1]  # head first, numbered from the feet
+        truth = read_mask(mask_path, series)  # full resolution, aligned slice by slice
+        _, boxes = preprocess_study(series.hu, 48)
+        labels = labels_in_cache_frame(truth, boxes, 48)  # what the segment stage would predict at best
+        _, found = vertebra_extents(labels, 4)
+        places = place_vertebrae(found, len(series), 48)
+        for i, place in enumerate(places):
+            label = i + 1
+            on = cut_vertebra(((truth == label) * 255).astype(np.uint8), labels, place, boxes[:1], 48, spec)
+            off = cut_vertebra(((truth != label) & (truth > 0)).astype(np.uint8) * 255, labels, place, boxes[:1], 48,
+                               spec)
+            picks = slice_picks(place["z0"], place["z1"], len(series), spec["slices"], 0)
+            assert (truth[picks] == label).any(axis=(1, 2)).mean() >= 0.8, (uid, place)  # the right slices
+            centre = on[:, spec["context"], 8:16, 8:16].astype(float).mean()
+            assert centre > off[:, spec["context"], 8:16, 8:16].astype(float).mean(), (uid, place)  # the right bone
+        checked += 1
+    assert checked >= 3
+
+
+def test_a_vertebra_the_segmentation_missed_is_placed_between_its_neighbours():
+    found = [{"vertebra": "C1", "z0": 0, "z1": 3, "y0": 10, "y1": 20, "x0": 10, "x1": 20},
+             {"vertebra": "C2", "z0": 4, "z1": 11, "y0": 12, "y1": 24, "x0": 10, "x1": 22},
+             {"vertebra": "C4", "z0": 20, "z1": 25, "y0": 14, "y1": 26, "x0": 12, "x1": 24}]
+    places = {p["vertebra"]: p for p in place_vertebrae(found, 60, 48)}
+    assert [places[v]["found"] for v in VERTEBRAE] == [True, True, False, True, False, False, False]
+    assert 11 <= places["C3"]["z0"] <= places["C3"]["z1"] <= 20  # between C2 and C4
+    assert places["C5"]["z0"] > places["C4"]["z1"] - 2 and places["C7"]["z1"] <= 59  # on down the column
+    assert places["C7"]["z0"] > places["C5"]["z0"]
+    nothing = place_vertebrae([], 30, 48)
+    assert all(not p["found"] and (p["z0"], p["z1"], p["y1"]) == (0, 29, 48) for p in nothing)
+    crops = cut_study(np.zeros((30, 64, 64), np.uint8), np.zeros((30, 48, 48), np.uint8), nothing,
+                      [(0, 64, 0, 64)], 48, crop_spec(16, 3, 1, 0.1))
+    assert crops.shape == (7, 3, 4, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def crop_run(synthetic_root, tmp_path_factory):
+    """The smoke pipeline with the crop track, run once."""
+    from cspine.pipeline import run
+
+    run_dir = tmp_path_factory.mktemp("crop_run")
+    cfg = load_config(SMOKE_CONFIG, CROP_SMOKE)
+    run(cfg, synthetic_root, run_dir, run_dir / "submission.csv")
+    return run_dir, cfg
+
+
+@pytest.mark.slow
+def test_a_crop_model_never_scores_a_study_it_trained_on(crop_run):
+    from cspine.checkpoints import load_crop_model
+
+    run_dir, cfg = crop_run
+    run = Run(run_dir)
+    folds = run.read_folds()
+    crops = np.load(run.crop_study(folds["StudyInstanceUID"].iat[0]))
+    assert crops.shape == (7, 4, 4, 32, 32) and crops.dtype == np.uint8
+    for k in cfg.folds.trained:
+        _, meta = load_crop_model(run.crop_model(k))
+        scored = set(pd.read_csv(run.crop_file(k, "oof.csv"), dtype={"StudyInstanceUID": str})["StudyInstanceUID"])
+        assert scored and not scored & set(meta["trained_on"])
+        assert scored == set(folds.loc[folds["fold"] == k, "StudyInstanceUID"])
+    inputs = pd.read_csv(run.blend_file("inputs.csv"))
+    assert {f"crop:{v}" for v in VERTEBRAE} | {"crop:max", "crop:noisy_or"} <= set(inputs.columns)
+    report = (run.report / "report.md").read_text()
+    assert "crop track" in report and "placed between its neighbours" in report
+
+
+@pytest.mark.slow
+def test_predict_and_the_bundle_use_the_crop_models(crop_run, synthetic_root, tmp_path, monkeypatch):
+    import cspine.predict
+    from cspine.kaggle import package_kaggle
+    from cspine.predict import predict
+
+    run_dir, cfg = crop_run
+    calls = []
+    real = cspine.predict.crop_outputs
+    monkeypatch.setattr(cspine.predict, "crop_outputs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    sub = predict(cfg, synthetic_root, run_dir, tmp_path / "submission.csv")
+    assert len(calls) == len(list((synthetic_root / "test_images").iterdir())) and sub["fractured"].between(0, 1).all()
+    bundle = package_kaggle(cfg, run_dir, tmp_path / "bundle", wheels=False)
+    assert sorted(p.parent.name for p in (bundle / "models" / "crop").rglob("model.pt")) == [
+        f"fold{k}" for k in cfg.folds.trained]
+    assert not list((bundle / "models" / "crop").rglob("*.npy"))  # the training crops stay home
+
+
+def test_a_study_whose_segmentation_found_nothing_still_gets_a_crop_answer(crop_run, synthetic_root, monkeypatch):
+    import torch
+
+    import cspine.predict
+    from cspine.predict import load_ensemble, predict_images
+    from cspine.studies import read_study
+
+    run_dir, cfg = crop_run
+    ensemble = load_ensemble(run_dir, cfg.seq.hidden, [torch.device("cpu")])
+    assert ensemble.crops
+    monkeypatch.setattr(cspine.predict, "segment_study", lambda models, images, *a: np.zeros(images.shape[:3], np.uint8))
+    i = ensemble.inputs
+    study = read_study(sorted((synthetic_root / "test_images").iterdir())[0], i["size"], i["crop"], i["margin"], 2,
+                       bone=True)
+    p = predict_images(study, ensemble, cfg)
+    assert all(0 < v < 1 for v in p.values())
