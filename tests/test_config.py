@@ -89,13 +89,15 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_bench_is_the_demo_on_more_studies_and_folds():
-    """The yardstick differs from the demo only in its size, so what it measures is the demo's models."""
+    """The yardstick differs from the demo only in its size and the crop track, so what it measures is the
+    demo's models."""
     import dataclasses
 
     bench, demo = load_config("bench"), load_config("demo")
     assert (bench.synth.n_train, bench.folds.n_splits) == (256, 3)
+    assert bench.crop.enabled and not demo.crop.enabled  # the crop track: the bench has the minutes for it
     assert dataclasses.replace(bench, name="demo", synth=dataclasses.replace(bench.synth, n_train=96),
-                               folds=dataclasses.replace(bench.folds, n_splits=2)) == demo
+                               folds=dataclasses.replace(bench.folds, n_splits=2), crop=demo.crop) == demo
 
 
 @pytest.mark.parametrize("overrides, message", [

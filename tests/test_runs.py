@@ -160,7 +160,8 @@ def test_step_bars_stay_off_when_stderr_is_not_a_terminal(monkeypatch):
 def test_inference_imports_no_training_module():
     code = ("import sys, cspine.predict, cspine.evaluate, cspine.explain, cspine.kaggle; "
             "print(' '.join(m for m in ('cspine.train_slices', 'cspine.train_seq', 'cspine.data', "
-            "'cspine.segment', 'cspine.vertebra', 'albumentations', 'iterstrat', 'zarr') if m in sys.modules))")
+            "'cspine.segment', 'cspine.vertebra', 'cspine.crop', 'cspine.train_crops', 'albumentations', "
+            "'iterstrat', 'zarr') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == ""
 

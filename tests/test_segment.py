@@ -296,3 +296,25 @@ def test_turning_the_track_off_in_a_trained_run_leaves_a_run_that_predicts(verte
     out = tmp_path / "again.csv"
     assert main(["predict", "--models", str(copy), "--data", str(synthetic_root), "--out", str(out)]) == 0
     validate_submission(pd.read_csv(out), read_test(synthetic_root))
+
+
+def test_a_t2_slice_labelled_thoracic_counts_as_right(tmp_path):
+    """The segmentation has one thoracic class (8); the truth names T2 (9): a slice of T2 read as thoracic is
+    right, one read as C7 is wrong."""
+    from cspine.evaluate import segmentation_scores
+    from cspine.synthetic import TRUTH_DIR
+
+    run = Run(tmp_path / "run")
+    data = tmp_path / "data"
+    (data / TRUTH_DIR).mkdir(parents=True)
+    run.root.mkdir()
+    run.data_dir_file.write_text(str(data))
+    none = {v: 0 for v in VERTEBRAE}
+    rows = [{"StudyInstanceUID": "1", "slice_number": k, "level": level, **none} for k, level in ((1, 8), (2, 7))]
+    run.seg_file("dice.csv").parent.mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(run.seg_file("vertebrae.csv"), index=False)
+    pd.DataFrame([{"StudyInstanceUID": "2", **{v: 0.8 for v in VERTEBRAE}}]).to_csv(run.seg_file("dice.csv"), index=False)
+    truth = [{"StudyInstanceUID": "1", "slice_number": k, "level": 9, **none} for k in (1, 2)]
+    pd.DataFrame(truth).to_csv(data / TRUTH_DIR / "vertebrae.csv", index=False)
+    _, accuracy = segmentation_scores(run)
+    assert accuracy.set_index("group").loc["without a mask", "slice level"] == 0.5

@@ -21,6 +21,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from cspine import TARGETS, VERTEBRAE
 from cspine.checkpoints import load_blend
+from cspine.competition import THORACIC
 from cspine.config import Config, save_config
 from cspine.extract import load_features, oof_sources
 from cspine.metrics import (
@@ -225,7 +226,8 @@ def segmentation_scores(run: Run) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     both = table.merge(truth, on=["StudyInstanceUID", "slice_number"], suffixes=("", "_true"))
     both["group"] = np.where(both["StudyInstanceUID"].isin(dice["StudyInstanceUID"]), "with a mask (out of fold)",
                              "without a mask")
-    both["level ok"] = both["level"] == both["level_true"]
+    # the segmentation has one thoracic class (8); the truth names T2 (9) too
+    both["level ok"] = both["level"] == both["level_true"].clip(upper=THORACIC)
     both["vertebrae ok"] = (both[list(VERTEBRAE)].to_numpy() == both[[f"{v}_true" for v in VERTEBRAE]].to_numpy()).all(1)
     accuracy = both.groupby("group").agg(studies=("StudyInstanceUID", "nunique"), slices=("level", "size"),
                                          **{"slice level": ("level ok", "mean"),
