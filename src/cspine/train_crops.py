@@ -37,7 +37,7 @@ from cspine.checkpoints import load_checkpoint, save_checkpoint
 from cspine.config import Config, CropConfig
 from cspine.crops import crop_channels
 from cspine.inputs import combine
-from cspine.metrics import weighted_log_loss
+from cspine.metrics import NEGATIVE_WEIGHT, POSITIVE_WEIGHT, weighted_log_loss
 from cspine.models import CropNet, crop_probabilities
 from cspine.progress import progress
 from cspine.runs import Run, digest, read_json, write_csv, write_json
@@ -52,7 +52,6 @@ from cspine.runtime import (
 )
 
 log = logging.getLogger(__name__)
-POSITIVE_WEIGHT = 2.0  # the metric's weight of a fractured vertebra (a healthy one: 1)
 
 
 class VertebraCrops(Dataset):
@@ -79,8 +78,9 @@ class VertebraCrops(Dataset):
 
 
 def crop_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The metric's loss on vertebrae: binary cross-entropy, a fracture weighted `POSITIVE_WEIGHT`."""
-    weight = 1 + (POSITIVE_WEIGHT - 1) * y
+    """The metric's loss on vertebrae: binary cross-entropy with the metric's weights (a fracture 2, a healthy
+    vertebra 1)."""
+    weight = NEGATIVE_WEIGHT["C1"] + (POSITIVE_WEIGHT["C1"] - NEGATIVE_WEIGHT["C1"]) * y
     return F.binary_cross_entropy_with_logits(logits.float(), y, weight=weight)
 
 
