@@ -148,3 +148,38 @@ def test_a_study_whose_segmentation_found_nothing_still_gets_a_crop_answer(crop_
                        bone=True)
     p = predict_images(study, ensemble, cfg)
     assert all(0 < v < 1 for v in p.values())
+
+
+@pytest.mark.slow
+def test_a_killed_crop_fold_resumes_to_the_same_model(crop_run, tmp_path, monkeypatch):
+    import dataclasses
+
+    import torch
+
+    import cspine.train_crops
+    from cspine.checkpoints import load_checkpoint
+    from cspine.train_crops import train_crop_fold
+
+    run_dir, cfg = crop_run
+    cfg = dataclasses.replace(cfg, crop=dataclasses.replace(cfg.crop, epochs=2))
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    for copy in (whole, killed):
+        shutil.copytree(run_dir, copy)
+    train_crop_fold(cfg, whole, 0)
+
+    real = cspine.train_crops.save_checkpoint
+
+    def dies_after_the_first_epoch(state, path, kind):
+        real(state, path, kind)
+        if kind == "crop-resume":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cspine.train_crops, "save_checkpoint", dies_after_the_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_crop_fold(cfg, killed, 0)
+    assert Run(killed).crop_last(0).is_file()
+    monkeypatch.setattr(cspine.train_crops, "save_checkpoint", real)
+    train_crop_fold(cfg, killed, 0)
+    a, b = (load_checkpoint(Run(r).crop_model(0), "crop")["model"] for r in (whole, killed))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # resumed exactly, as if never stopped
+    assert not Run(killed).crop_last(0).exists()

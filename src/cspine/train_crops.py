@@ -36,6 +36,7 @@ from cspine import TARGETS, VERTEBRAE
 from cspine.checkpoints import load_checkpoint, save_checkpoint
 from cspine.config import Config, CropConfig
 from cspine.crops import crop_channels
+from cspine.data import seed_worker
 from cspine.inputs import combine
 from cspine.metrics import NEGATIVE_WEIGHT, POSITIVE_WEIGHT, weighted_log_loss
 from cspine.models import CropNet, crop_probabilities
@@ -60,9 +61,9 @@ class VertebraCrops(Dataset):
 
     def __init__(self, run: Run, uids: list[str], labels: np.ndarray, augment: bool):
         self.run, self.uids, self.labels = run, uids, labels
-        self.augment = A.Compose([A.HorizontalFlip(p=0.5),
-                                  A.Affine(scale=(0.9, 1.1), translate_percent=(-0.06, 0.06), rotate=(-10, 10),
-                                           p=0.7)]) if augment else None
+        self.transform = A.Compose([A.HorizontalFlip(p=0.5),
+                                    A.Affine(scale=(0.9, 1.1), translate_percent=(-0.06, 0.06), rotate=(-10, 10),
+                                             p=0.7)]) if augment else None
 
     def __len__(self) -> int:
         return len(self.uids) * len(VERTEBRAE)
@@ -70,10 +71,10 @@ class VertebraCrops(Dataset):
     def __getitem__(self, i: int):
         study, vertebra = divmod(i, len(VERTEBRAE))
         crop = np.load(self.run.crop_study(self.uids[study]), mmap_mode="r")[vertebra]
-        if self.augment is not None:
+        if self.transform is not None:
             n, c, h, w = crop.shape
             image = np.ascontiguousarray(crop.reshape(n * c, h, w).transpose(1, 2, 0))
-            crop = self.augment(image=image)["image"].transpose(2, 0, 1).reshape(n, c, h, w)
+            crop = self.transform(image=image)["image"].transpose(2, 0, 1).reshape(n, c, h, w)
         return torch.from_numpy(np.ascontiguousarray(crop)), vertebra, np.float32(self.labels[study, vertebra])
 
 
@@ -114,8 +115,9 @@ def _studies(run: Run, fold: int) -> tuple[list[str], list[str]]:
 def _loader(data: Dataset, c: CropConfig, rt: Runtime, seed: int) -> DataLoader:
     sampler = DistributedSampler(data, rt.world_size, rt.rank, shuffle=True, seed=seed) if rt.distributed else None
     generator = torch.Generator().manual_seed(seed)
+    workers = 0 if not rt.cuda else min(4, os.cpu_count() or 1)
     return DataLoader(data, batch_size=c.batch_size, shuffle=sampler is None, sampler=sampler, generator=generator,
-                      num_workers=0 if not rt.cuda else min(4, os.cpu_count() or 1), pin_memory=rt.cuda,
+                      num_workers=workers, worker_init_fn=seed_worker if workers else None, pin_memory=rt.cuda,
                       drop_last=len(data) > c.batch_size)
 
 
@@ -158,6 +160,9 @@ def train_crop_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, rt: Runt
         scheduler.step(epoch)
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(epoch)
+        # each epoch's shuffling and augmentation from its own seed: a resumed fold draws what it had left
+        loader.generator.manual_seed(c.seed * 100003 + fold * 1009 + epoch)
+        data.transform.set_random_seed(c.seed * 100003 + fold * 1009 + epoch)
         ddp.train()
         started, total, seen = time.perf_counter(), torch.zeros((), device=rt.device), 0
         for x, vertebra, y in progress(loader, f"crops fold {fold} epoch {epoch + 1}", steps=True, enabled=rt.is_main):
