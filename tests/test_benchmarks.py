@@ -41,3 +41,42 @@ def test_bench_run_reads_each_stages_latest_time(tmp_path):
     seconds = stage_seconds(log)
     assert seconds == {"prepare": (8.8, "10:00:01"), "segment": (120.5, "12:00:00")}
     assert "**129.3** (2.2 min)" in table(seconds)
+
+
+def test_the_budgets_flop_counts_are_the_rsna_configs():
+    """docs/gpu.md's budget divides counted FLOPs by measured rates: the counts it quotes must be the
+    `rsna` config's models as they are."""
+    import re
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cspine.config import load_config
+    from cspine.crops import crop_channels, crop_spec
+    from cspine.models import CropNet, SliceNet
+    from cspine.segmenter import build_segmenter, plane_width
+
+    def gflop(model, *x):
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            model.eval()(*x)
+        return counter.get_total_flops() / 1e9
+
+    cfg = load_config("rsna")
+    s, g, c = cfg.slice, cfg.seg, cfg.crop
+    size = s.input_size or cfg.prepare.size
+    spec = crop_spec(c.size, c.slices, c.context, c.margin)
+    counted = {
+        "slice": gflop(SliceNet(s.backbone, width=s.width), torch.zeros(1, 3, size, size)),
+        "plane": gflop(build_segmenter(g.encoder, g.context),
+                       torch.zeros(1, 3 * (2 * g.context + 1), g.depth, plane_width(cfg.prepare.size))),
+        "crop slice": gflop(CropNet(c.backbone, crop_channels(spec), c.hidden, c.width),
+                            torch.zeros(1, c.slices, crop_channels(spec), c.size, c.size, dtype=torch.uint8),
+                            torch.zeros(1, dtype=torch.long)) / c.slices,
+    }
+    text = (Path(__file__).resolve().parents[1] / "docs" / "gpu.md").read_text()
+    quoted = {"slice": r"ResNet-50 at 256 px ([\d.]+) GFLOP a slice", "plane": r"planes\) ([\d.]+) GFLOP a plane",
+              "crop slice": r"the crop model ([\d.]+) GFLOP a\s+crop slice"}
+    for what, pattern in quoted.items():
+        match = re.search(pattern, text)
+        assert match, f"docs/gpu.md no longer quotes the {what}'s FLOPs"
+        assert float(match.group(1)) == pytest.approx(counted[what], abs=0.06), what
