@@ -1,6 +1,6 @@
 """Stage `crop`: every training study's crops of C1..C7, cut from its DICOM where the segmentation put them.
 
-    python -m cspine crop --config crop
+    python -m cspine crop --config bench
 
 The cache holds each study at the slice CNN's size (64 px in the demo): a C1 ring there spans a few pixels.
 This stage reads each study's DICOM again and cuts each vertebra at ``crop.size`` px from the full-resolution
@@ -13,7 +13,7 @@ volume (`cspine.crops`), where the `segment` stage's labels place it. It writes 
 
 Crops, not coordinates, are stored: training reads every crop once an epoch, and cutting them again from
 DICOM each time would cost a decode of the whole study per epoch. On the real data at the `rsna` recipe's
-size that is 7 × 15 × 4 × 224² bytes = 21 MB a study, 42 GB for 2,019 studies (docs/design.md).
+size that is 7 × 15 × 6 × 256² bytes = 41 MB a study, 84 GB for 2,019 studies (docs/design.md).
 """
 
 from __future__ import annotations

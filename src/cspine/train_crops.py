@@ -1,6 +1,6 @@
 """Stage `train-crops`: the crop track's models, one per fold, on every study's own C1..C7 labels.
 
-    python -m cspine train-crops --config crop fold=0
+    python -m cspine train-crops --config bench fold=0
 
 Fold k's `cspine.models.CropNet` trains on the crops (`cspine.crop`) of every study outside fold k, each
 of its seven vertebrae one example labelled by train.csv (so every study teaches, boxed or not), and then
