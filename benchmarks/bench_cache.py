@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cspine.cache import cache_bytes, load_study_images, write_study_images
 from cspine.dicom import read_hu
-from cspine.prepare import cache_bytes, load_study_images, write_study_images
 from cspine.preprocess import preprocess_slice
 from cspine.runs import Cache
 
@@ -44,8 +44,10 @@ def sizes(hu: list[np.ndarray], size: int, root: Path) -> None:
         ratios.append(npy_bytes / zarr_bytes)
         totals += (npy_bytes, zarr_bytes)
         print(f"| {name} | {npy_bytes:,} | {zarr_bytes:,} | {ratios[-1]:.2f}x |")
-    print(f"all three: {totals[0] / totals[1]:.2f}x smaller, {totals[1] / len(images):,.0f} bytes a slice in zarr "
-          f"(range {min(ratios):.2f}-{max(ratios):.2f}x)")
+    print(
+        f"all three: {totals[0] / totals[1]:.2f}x smaller, {totals[1] / len(images):,.0f} bytes a slice in zarr "
+        f"(range {min(ratios):.2f}-{max(ratios):.2f}x)"
+    )
     study = np.concatenate([np.roll(images, k, axis=1) for k in range(100)])  # 300 distinct slices
     cache = Cache(root / f"{size}-study")
     timings = {}
@@ -53,8 +55,10 @@ def sizes(hu: list[np.ndarray], size: int, root: Path) -> None:
         started = time.perf_counter()
         write_study_images(cache, fmt, study, fmt)
         timings[fmt] = (time.perf_counter() - started) / len(study) * 1e3
-    print(f"write a 300-slice study: npy {timings['npy']:.2f} ms a slice, zarr {timings['zarr']:.2f} ms a slice "
-          f"({timings['zarr'] / timings['npy']:.1f}x)")
+    print(
+        f"write a 300-slice study: npy {timings['npy']:.2f} ms a slice, zarr {timings['zarr']:.2f} ms a slice "
+        f"({timings['zarr'] / timings['npy']:.1f}x)"
+    )
 
 
 def reads(root: Path, n: int) -> None:
@@ -69,13 +73,17 @@ def reads(root: Path, n: int) -> None:
         for k in order:
             np.asarray(study[int(k)])
         timings[fmt] = (time.perf_counter() - started) / n * 1e3
-    print(f"\nrandom slice read at 384 (warm page cache): npy memory map {timings['npy']:.3f} ms, zarr "
-          f"{timings['zarr']:.2f} ms ({timings['zarr'] / timings['npy']:.0f}x)")
+    print(
+        f"\nrandom slice read at 384 (warm page cache): npy memory map {timings['npy']:.3f} ms, zarr "
+        f"{timings['zarr']:.2f} ms ({timings['zarr'] / timings['npy']:.0f}x)"
+    )
     study = load_study_images(cache.root, "zarr")
     started = time.perf_counter()
     np.asarray(study)
-    print(f"whole 300-slice study from zarr: {(time.perf_counter() - started) * 1e3:.0f} ms "
-          f"({(time.perf_counter() - started) / 300 * 1e3:.2f} ms a slice)")
+    print(
+        f"whole 300-slice study from zarr: {(time.perf_counter() - started) * 1e3:.0f} ms "
+        f"({(time.perf_counter() - started) / 300 * 1e3:.2f} ms a slice)"
+    )
 
 
 def main() -> None:

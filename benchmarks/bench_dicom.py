@@ -18,6 +18,7 @@ import platform
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import dicomsdl
@@ -50,6 +51,11 @@ def codec_all_cores(paths: list[str], pool: ProcessPoolExecutor, cores: int) -> 
     return sum(pool.map(codec_only, [paths[k::cores] for k in range(cores)]))
 
 
+def volume(folder: Path, **kwargs) -> np.ndarray:
+    """The study's HU volume through `load_series`."""
+    return load_series(folder, **kwargs).hu
+
+
 def timed(fn, repeats: int) -> tuple[float, np.ndarray]:
     best, out = float("inf"), None
     for _ in range(repeats):
@@ -67,27 +73,35 @@ def main() -> None:
     args = parser.parse_args()
 
     cores = default_workers()
-    print(f"machine: {platform.processor() or platform.machine()}, {cores} cores; {args.slices} slices of 512², "
-          "real CT noise\n")
-    print(f"| syntax | KB a file | plain pydicom loop | codec alone, 1 core | codec alone, {cores} cores | "
-          f"auto, workers=1 | auto, default ({cores}) | auto / plain | auto / codec limit | identical |")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {cores} cores; {args.slices} slices of 512², "
+        "real CT noise\n"
+    )
+    print(
+        f"| syntax | KB a file | plain pydicom loop | codec alone, 1 core | codec alone, {cores} cores | "
+        f"auto, workers=1 | auto, default ({cores}) | auto / plain | auto / codec limit | identical |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    with tempfile.TemporaryDirectory() as tmp, \
-            ProcessPoolExecutor(cores, mp_context=mp.get_context("fork")) as pool:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        ProcessPoolExecutor(cores, mp_context=mp.get_context("fork")) as pool,
+    ):
         for syntax in args.syntaxes.split(","):
             folder = write_real_shaped_study(Path(tmp) / syntax, args.slices, syntax)
             paths = sorted(str(p) for p in folder.glob("*.dcm"))
             kb = np.mean([os.path.getsize(p) for p in paths]) / 1024
             codec_all_cores(paths[:cores], pool, cores)  # the pool's processes started
-            t_codec, _ = timed(lambda: codec_only(paths), args.repeats)
-            t_limit, _ = timed(lambda: codec_all_cores(paths, pool, cores), args.repeats)
-            t_plain, plain = timed(lambda: plain_pydicom(folder), args.repeats)
-            t_one, one = timed(lambda: load_series(folder, workers=1).hu, args.repeats)
-            t_auto, auto = timed(lambda: load_series(folder).hu, args.repeats)
+            t_codec, _ = timed(partial(codec_only, paths), args.repeats)
+            t_limit, _ = timed(partial(codec_all_cores, paths, pool, cores), args.repeats)
+            t_plain, plain = timed(partial(plain_pydicom, folder), args.repeats)
+            t_one, one = timed(partial(volume, folder, workers=1), args.repeats)
+            t_auto, auto = timed(partial(volume, folder), args.repeats)
             same = np.array_equal(plain, auto) and np.array_equal(one, auto)
             rate = lambda t: f"{args.slices / t:,.0f}"  # noqa: E731
-            print(f"| {syntax} | {kb:.0f} | {rate(t_plain)} | {rate(t_codec)} | {rate(t_limit)} | {rate(t_one)} | "
-                  f"{rate(t_auto)} | {t_plain / t_auto:.1f}× | {t_limit / t_auto:.0%} | {'yes' if same else 'NO'} |")
+            print(
+                f"| {syntax} | {kb:.0f} | {rate(t_plain)} | {rate(t_codec)} | {rate(t_limit)} | {rate(t_one)} | "
+                f"{rate(t_auto)} | {t_plain / t_auto:.1f}× | {t_limit / t_auto:.0%} | {'yes' if same else 'NO'} |"
+            )
 
 
 if __name__ == "__main__":

@@ -25,12 +25,13 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from cspine.cache import MIN_SLICES
 from cspine.config import load_config
 from cspine.dicom import default_workers, load_series
-from cspine.extract import study_features
+from cspine.ensemble import Ensemble
+from cspine.features import study_features
 from cspine.models import SequenceNet, SliceNet
-from cspine.predict import Ensemble, blstm_outputs, predict_images
-from cspine.prepare import MIN_SLICES
+from cspine.predict import blstm_outputs, predict_images
 from cspine.preprocess import preprocess_study
 from cspine.runtime import amp_dtype, pick_device
 from cspine.studies import StudyReader, read_study
@@ -47,14 +48,30 @@ def ensemble_of(config: str, device: torch.device) -> tuple[Ensemble, object]:
     """Random networks of a config's shape, as `predict` would load them."""
     cfg = load_config(config)
     size = cfg.slice.input_size or cfg.prepare.size
-    cnns = {k: SliceNet(cfg.slice.backbone, width=cfg.slice.width).to(device).eval()
-            for k in range(cfg.folds.n_splits)}
+    cnns = {
+        k: SliceNet(cfg.slice.backbone, width=cfg.slice.width).to(device).eval()
+        for k in range(cfg.folds.n_splits)
+    }
     dim = cnns[0].num_features if cfg.seq.input == "features" else (15 if cfg.seq.input == "probs" else 1)
     blstms = [({"source_fold": k}, SequenceNet(dim, cfg.seq.hidden).to(device).eval()) for k in cnns]
-    inputs = {"size": cfg.prepare.size, "crop": cfg.prepare.crop, "margin": cfg.prepare.margin, "input_size": size,
-              "context": 0}
-    return Ensemble(cnns, {cfg.seq.hidden: blstms}, cfg.seq.hidden, inputs, {}, cfg.seq.input, cfg.seq.bins, False,
-                    devices=[device]), cfg
+    inputs = {
+        "size": cfg.prepare.size,
+        "crop": cfg.prepare.crop,
+        "margin": cfg.prepare.margin,
+        "input_size": size,
+        "context": 0,
+    }
+    return Ensemble(
+        cnns,
+        {cfg.seq.hidden: blstms},
+        cfg.seq.hidden,
+        inputs,
+        {},
+        cfg.seq.input,
+        cfg.seq.bins,
+        False,
+        devices=[device],
+    ), cfg
 
 
 def parts(config: str, study_dir: Path, cnn_slices: int, device: torch.device) -> dict:
@@ -78,17 +95,29 @@ def parts(config: str, study_dir: Path, cnn_slices: int, device: torch.device) -
         torch.cuda.synchronize()
     per_slice = (time.perf_counter() - t0) / len(sample)
     flops = cnn_flops(SliceNet(cfg.slice.backbone, width=cfg.slice.width).eval(), i["input_size"])
-    per_fold = {k: (np.resize(feats, (len(images), feats.shape[1])), np.resize(probs, (len(images), 15)))
-                for k in ensemble.cnns}
+    per_fold = {
+        k: (np.resize(feats, (len(images), feats.shape[1])), np.resize(probs, (len(images), 15)))
+        for k in ensemble.cnns
+    }
     t0 = time.perf_counter()
     with torch.inference_mode():
         blstm_outputs(per_fold, ensemble, cfg.seq.hidden, device)
     t_blstm = time.perf_counter() - t0
     folds = len(ensemble.cnns)
-    return {"config": config, "slices": len(series), "decode": t_decode, "preprocess": t_pre,
-            "cnn": per_slice * len(images) * folds, "blstm": t_blstm, "folds": folds, "size": i["input_size"],
-            "gflops": flops / per_slice / 1e9, "flops_per_image": flops, "backbone": cfg.slice.backbone,
-            "width": cfg.slice.width}
+    return {
+        "config": config,
+        "slices": len(series),
+        "decode": t_decode,
+        "preprocess": t_pre,
+        "cnn": per_slice * len(images) * folds,
+        "blstm": t_blstm,
+        "folds": folds,
+        "size": i["input_size"],
+        "gflops": flops / per_slice / 1e9,
+        "flops_per_image": flops,
+        "backbone": cfg.slice.backbone,
+        "width": cfg.slice.width,
+    }
 
 
 def loop(paths: list[Path], ensemble: Ensemble, cfg, reader: StudyReader | None = None) -> float:
@@ -107,8 +136,12 @@ def loop(paths: list[Path], ensemble: Ensemble, cfg, reader: StudyReader | None 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=REAL_MEAN_SLICES)
-    parser.add_argument("--paper-slices", type=int, default=16,
-                        help="slices the paper config's CNN is timed on, on CPU (scaled to the study)")
+    parser.add_argument(
+        "--paper-slices",
+        type=int,
+        default=16,
+        help="slices the paper config's CNN is timed on, on CPU (scaled to the study)",
+    )
     parser.add_argument("--studies", type=int, default=8, help="studies in the predict-loop comparison")
     parser.add_argument("--loop-only", action="store_true", help="only the predict-loop comparison")
     args = parser.parse_args()
@@ -116,18 +149,29 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     with tempfile.TemporaryDirectory() as tmp:
         study = write_real_shaped_study(Path(tmp) / "study", args.slices)
-        rows = [] if args.loop_only else [
-            parts("demo", study, args.slices, device),
-            parts("paper", study, args.paper_slices if device.type == "cpu" else args.slices, device)]
-        print(f"device: {name}, {default_workers()} cores; one 512² study of {args.slices} slices, JPEG Lossless "
-              "SV1, real CT noise\n")
-        print("| config | CNN | decode s | preprocess s | CNN s (all folds) | BLSTM s | s/study | CNN GFLOP/s |")
+        rows = (
+            []
+            if args.loop_only
+            else [
+                parts("demo", study, args.slices, device),
+                parts("paper", study, args.paper_slices if device.type == "cpu" else args.slices, device),
+            ]
+        )
+        print(
+            f"device: {name}, {default_workers()} cores; one 512² study of {args.slices} slices, JPEG Lossless "
+            "SV1, real CT noise\n"
+        )
+        print(
+            "| config | CNN | decode s | preprocess s | CNN s (all folds) | BLSTM s | s/study | CNN GFLOP/s |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         for r in rows:
             total = r["decode"] + r["preprocess"] + r["cnn"] + r["blstm"]
-            print(f"| {r['config']} | {r['folds']} × {r['backbone']} ×{r['width']} @{r['size']} "
-                  f"({r['flops_per_image'] / 1e9:.2f} GFLOP/img) | {r['decode']:.2f} | {r['preprocess']:.2f} | "
-                  f"{r['cnn']:.1f} | {r['blstm']:.2f} | {total:.1f} | {r['gflops']:.0f} |")
+            print(
+                f"| {r['config']} | {r['folds']} × {r['backbone']} ×{r['width']} @{r['size']} "
+                f"({r['flops_per_image'] / 1e9:.2f} GFLOP/img) | {r['decode']:.2f} | {r['preprocess']:.2f} | "
+                f"{r['cnn']:.1f} | {r['blstm']:.2f} | {total:.1f} | {r['gflops']:.0f} |"
+            )
         paths = [study]
         for k in range(1, args.studies):
             paths.append(Path(tmp) / f"copy{k}")
@@ -137,11 +181,15 @@ def main() -> None:
         serial = loop(paths, ensemble, cfg)
         i = ensemble.inputs
         with StudyReader(0, i["size"], i["crop"], i["margin"], MIN_SLICES) as reader:
-            loop(paths[:default_workers()], ensemble, cfg, reader)  # the processes started, as once per predict
+            loop(
+                paths[: default_workers()], ensemble, cfg, reader
+            )  # the processes started, as once per predict
             ahead = loop(paths, ensemble, cfg, reader)
-        print(f"\npredict's loop, demo config, {args.studies} studies: read in this process then predicted "
-              f"{serial:.2f} s/study; read ahead by {default_workers()} worker processes {ahead:.2f} s/study "
-              f"({serial / ahead:.2f}×)")
+        print(
+            f"\npredict's loop, demo config, {args.studies} studies: read in this process then predicted "
+            f"{serial:.2f} s/study; read ahead by {default_workers()} worker processes {ahead:.2f} s/study "
+            f"({serial / ahead:.2f}×)"
+        )
 
 
 if __name__ == "__main__":

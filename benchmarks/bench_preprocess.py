@@ -24,7 +24,15 @@ from skimage.transform import resize
 from cspine.config import load_config
 from cspine.phantom import PhantomConfig, render_study
 from cspine.preprocess import (
-    ANTERIOR_PENALTY, BODY_GRID, BODY_HU, JOIN_GAP, MIN_BONE_FRACTION, MIN_BONE_HU, SEED_SPREAD, SPINE_BAND, WINDOWS,
+    ANTERIOR_PENALTY,
+    BODY_GRID,
+    BODY_HU,
+    JOIN_GAP,
+    MIN_BONE_FRACTION,
+    MIN_BONE_HU,
+    SEED_SPREAD,
+    SPINE_BAND,
+    WINDOWS,
     preprocess_slice,
 )
 
@@ -46,7 +54,11 @@ def reference_box(hu: np.ndarray, margin: float = 0.05) -> tuple[int, int, int, 
     gross = np.round(np.clip((hu - (center - width / 2)) / width, 0, 1) * 255)
     floor = int(np.clip((MIN_BONE_HU - (center - width / 2)) * 255 / width, 0, 255))
     bone = (gross > max(threshold_otsu(gross[inside]), floor)) & inside
-    comps = [r for r in regionprops(label(bone, connectivity=2)) if r.area >= max(3, int(MIN_BONE_FRACTION * hu.size))]
+    comps = [
+        r
+        for r in regionprops(label(bone, connectivity=2))
+        if r.area >= max(3, int(MIN_BONE_FRACTION * hu.size))
+    ]
     band = SPINE_BAND * bw
     cands = [r for r in comps if r.bbox[1] <= body_x + band and r.bbox[3] >= body_x - band]
     if not cands:
@@ -55,7 +67,9 @@ def reference_box(hu: np.ndarray, margin: float = 0.05) -> tuple[int, int, int, 
 
     def weight(r):
         dy = r.centroid[0] - body_y
-        return r.area * np.exp(-((r.centroid[1] - body_x) ** 2 + (dy if dy > 0 else ANTERIOR_PENALTY * dy) ** 2) / spread ** 2)
+        return r.area * np.exp(
+            -((r.centroid[1] - body_x) ** 2 + (dy if dy > 0 else ANTERIOR_PENALTY * dy) ** 2) / spread**2
+        )
 
     seed = max(cands, key=weight)
     y0, x0, y1, x1 = seed.bbox
@@ -64,14 +78,24 @@ def reference_box(hu: np.ndarray, margin: float = 0.05) -> tuple[int, int, int, 
         grew = False
         for r in cands:
             cy0, cx0, cy1, cx1 = r.bbox
-            if r.label not in chosen and cx0 <= x1 + gap and cx1 >= x0 - gap and cy0 <= y1 + gap and cy1 >= y0 - gap \
-                    and abs(r.centroid[1] - body_x) <= band:
+            if (
+                r.label not in chosen
+                and cx0 <= x1 + gap
+                and cx1 >= x0 - gap
+                and cy0 <= y1 + gap
+                and cy1 >= y0 - gap
+                and abs(r.centroid[1] - body_x) <= band
+            ):
                 chosen.add(r.label)
                 y0, x0, y1, x1 = min(y0, cy0), min(x0, cx0), max(y1, cy1), max(x1, cx1)
                 grew = True
     my, mx = margin * (y1 - y0), margin * (x1 - x0)
-    return (max(0, int(np.floor(y0 - my))), min(h, int(np.ceil(y1 + my))),
-            max(0, int(np.floor(x0 - mx))), min(w, int(np.ceil(x1 + mx))))
+    return (
+        max(0, int(np.floor(y0 - my))),
+        min(h, int(np.ceil(y1 + my))),
+        max(0, int(np.floor(x0 - mx))),
+        min(w, int(np.ceil(x1 + mx))),
+    )
 
 
 def reference_slice(hu: np.ndarray, size: int = 384) -> tuple[np.ndarray, tuple]:
@@ -82,7 +106,7 @@ def reference_slice(hu: np.ndarray, size: int = 384) -> tuple[np.ndarray, tuple]
     side = max(channels.shape[:2])
     padded = np.zeros((side, side, 3))
     top, left = (side - channels.shape[0]) // 2, (side - channels.shape[1]) // 2
-    padded[top:top + channels.shape[0], left:left + channels.shape[1]] = channels
+    padded[top : top + channels.shape[0], left : left + channels.shape[1]] = channels
     out = resize(padded, (size, size), order=1, anti_aliasing=side > size)
     return np.round(out * 255).astype(np.uint8), box
 
@@ -99,6 +123,7 @@ def main() -> None:
     hu = study.hu
 
     from cspine.preprocess import otsu_crop_box
+
     start = time.perf_counter()
     fast = [preprocess_slice(s, 384) for s in hu]
     t_fast = time.perf_counter() - start
@@ -112,21 +137,29 @@ def main() -> None:
     print(f"preprocess_slice, 512² HU → 384²×3 uint8, one core ({len(hu)} slices of a synthetic study)")
     print(f"  cspine:    {len(hu) / t_fast:7.1f} slices/s")
     print(f"  reference: {len(hu) / t_ref:7.1f} slices/s   (float windows, skimage Otsu/label/resize)")
-    print(f"  speed-up:  {t_ref / t_fast:.1f}×; boxes identical on {len(agree)}/{len(hu)} slices; "
-          f"pixels within 1 grey level where they agree: {within:.2%}; max diff {max(d.max() for d in diffs) if diffs else 0}")
+    print(
+        f"  speed-up:  {t_ref / t_fast:.1f}×; boxes identical on {len(agree)}/{len(hu)} slices; "
+        f"pixels within 1 grey level where they agree: {within:.2%}; max diff {max(d.max() for d in diffs) if diffs else 0}"
+    )
 
+    from cspine.config import SynthConfig
     from cspine.prepare import prepare
     from cspine.synthetic import make_competition
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = make_competition(Path(tmp) / "data", n_train=args.studies, n_test=0, seed=3, image_size=512,
-                                n_slices=args.slices // 2, workers=2)
+        root = make_competition(
+            Path(tmp) / "data",
+            SynthConfig(n_train=args.studies, n_test=0, seed=3, image_size=512, n_slices=args.slices // 2),
+            workers=2,
+        )
         cfg = load_config(None, ["prepare.workers=2"])
         start = time.perf_counter()
         index = prepare(cfg, root, Path(tmp) / "cache")
         elapsed = time.perf_counter() - start
-        print(f"prepare end to end (decode + preprocess + write), 512² → 384², 2 workers: "
-              f"{len(index) / elapsed:.1f} slices/s ({len(index)} slices, {elapsed:.1f} s)")
+        print(
+            f"prepare end to end (decode + preprocess + write), 512² → 384², 2 workers: "
+            f"{len(index) / elapsed:.1f} slices/s ({len(index)} slices, {elapsed:.1f} s)"
+        )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ import re
 import sys
 from pathlib import Path
 
-STAGE = re.compile(r"^(?P<time>\d\d:\d\d:\d\d) INFO cspine\.pipeline: stage (?P<stage>[\w-]+): (?P<seconds>[\d.]+) s$")
+STAGE = re.compile(
+    r"^(?P<time>\d\d:\d\d:\d\d) INFO cspine\.pipeline: stage (?P<stage>[\w-]+): (?P<seconds>[\d.]+) s$"
+)
 TOTAL = re.compile(r"run \S+ finished in (?P<minutes>[\d.]+) min")
 
 
@@ -48,7 +50,9 @@ def main(argv: list[str]) -> int:
     if not seconds:
         print(f"{log} holds no stage timings")
         return 1
-    print(f"{run}: each stage's latest timing (synthetic data generation is not a stage: see the run's log)\n")
+    print(
+        f"{run}: each stage's latest timing (synthetic data generation is not a stage: see the run's log)\n"
+    )
     print(table(seconds))
     return 0
 

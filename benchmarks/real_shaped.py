@@ -16,12 +16,20 @@ from cspine.dicom_writer import Encoding, write_series
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "ct-transfer-syntaxes" / "CTImage.dcm"
 REAL_MEAN_SLICES = 352  # 711,600 slices over 2,019 training studies
+REAL_SPACING_MM = (0.8, 0.35, 0.35)  # (dz, dy, dx): typical of the competition's scans (0.5-1 mm slices)
 
 
-def write_real_shaped_study(folder: Path, slices: int = REAL_MEAN_SLICES, syntax: str = "jpeg_lossless") -> Path:
+def write_real_shaped_study(
+    folder: Path, slices: int = REAL_MEAN_SLICES, syntax: str = "jpeg_lossless"
+) -> Path:
     """Writes the study to ``folder`` (one file a slice, head first) in ``syntax``; returns the folder."""
     hu = read_hu(FIXTURE)
     volume = np.stack([np.roll(hu, k, axis=1) for k in range(slices)])
-    write_series(volume, folder, spacing=(0.8, 0.35, 0.35), study_uid="1.2.826.0.1.3680043.99997",
-                 encoding=Encoding(syntax, signed=True, intercept=-1024.0))
+    write_series(
+        volume,
+        folder,
+        spacing=REAL_SPACING_MM,
+        study_uid="1.2.826.0.1.3680043.99997",
+        encoding=Encoding(syntax, signed=True, intercept=-1024.0),
+    )
     return folder

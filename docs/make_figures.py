@@ -1,6 +1,6 @@
 """Regenerates the README's figures from a finished run (default: the demo's), with the kit's own code.
 
-    python docs/make_figures.py [--run runs/demo]
+python docs/make_figures.py [--run runs/demo]
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ def main() -> None:
     boxes = read_boxes(data_dir)
     uid = boxes["StudyInstanceUID"].iloc[0]
     series = load_series(data_dir / "train_images" / uid)
-    k = list(series.slice_numbers).index(int(boxes.loc[boxes["StudyInstanceUID"] == uid, "slice_number"].median()))
+    k = list(series.slice_numbers).index(
+        int(boxes.loc[boxes["StudyInstanceUID"] == uid, "slice_number"].median())
+    )
     plot_window_functions().savefig(DOCS / "windows.png", dpi=110)
     show_windows(series.hu[k]).savefig(DOCS / "windows_slice.png", dpi=90)
     show_crop_steps(series.hu[k]).savefig(DOCS / "crop.png", dpi=90)

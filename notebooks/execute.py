@@ -25,9 +25,11 @@ from cspine.runs import write_text
 
 HERE = Path(__file__).resolve().parent
 MAX_BYTES = 2_000_000
-INJECTED = ("SMOKE = False  # injected by notebooks/execute.py: the saved outputs are the demo's\n"
-            "import matplotlib\n"
-            "matplotlib.rcParams['figure.dpi'] = 72")
+INJECTED = (
+    "SMOKE = False  # injected by notebooks/execute.py: the saved outputs are the demo's\n"
+    "import matplotlib\n"
+    "matplotlib.rcParams['figure.dpi'] = 72"
+)
 
 
 def relative_paths(nb, root: Path) -> None:
@@ -48,7 +50,9 @@ def execute(path: Path) -> int:
     nb = nbformat.read(path, as_version=4)
     params = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     nb.cells.insert(params + 1, nbformat.v4.new_code_cell(INJECTED))
-    NotebookClient(nb, timeout=3600, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
+    NotebookClient(
+        nb, timeout=3600, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}
+    ).execute()
     del nb.cells[params + 1]
     relative_paths(nb, HERE.parent)  # the work folder: notebooks started here put input/ and runs/ there
     nb.metadata.pop("widgets", None)  # a slider's saved state: meaningless without a kernel
@@ -56,8 +60,10 @@ def execute(path: Path) -> int:
     text = nbformat.writes(nbformat.from_dict(nb))
     size = len(text.encode())
     if size > MAX_BYTES:
-        raise SystemExit(f"{path.name}: {size / 1e6:.1f} MB with outputs, over {MAX_BYTES / 1e6:.0f} MB; "
-                         "make its figures smaller or fewer")
+        raise SystemExit(
+            f"{path.name}: {size / 1e6:.1f} MB with outputs, over {MAX_BYTES / 1e6:.0f} MB; "
+            "make its figures smaller or fewer"
+        )
     write_text(path, text)  # atomically: a killed run leaves the notebook as it was
     return size
 

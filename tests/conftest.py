@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cspine.config import config_path
+from cspine.config import SynthConfig, config_path
 
 REPO = Path(__file__).resolve().parents[1]
 # One real CT slice in many transfer syntaxes, with its source and MIT licence (README.md, LICENSE there)
@@ -32,8 +32,19 @@ def synthetic_root(tmp_path_factory) -> Path:
     from cspine.synthetic import make_competition
 
     root = tmp_path_factory.mktemp("synthetic")
-    return make_competition(root, n_train=8, n_test=2, seed=11, image_size=96, n_slices=40,
-                            box_fraction=1.0, mask_fraction=0.75, min_masks=0)
+    return make_competition(
+        root,
+        SynthConfig(
+            n_train=8,
+            n_test=2,
+            seed=11,
+            image_size=96,
+            n_slices=40,
+            box_fraction=1.0,
+            mask_fraction=0.75,
+            min_masks=0,
+        ),
+    )
 
 
 SMOKE_CONFIG = config_path("smoke")

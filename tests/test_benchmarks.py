@@ -16,12 +16,20 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 def test_the_gpu_budget_script_runs_its_every_part_at_toy_sizes(tmp_path):
     """Device time is short: the script that spends it must have run whole on a CPU first."""
     out = tmp_path / "budget.json"
-    done = subprocess.run([sys.executable, "gpu_budget.py", "--tiny", "--steps", "1", "--slices", "8", "--out", str(out)],
-                          cwd=BENCHMARKS, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "gpu_budget.py", "--tiny", "--steps", "1", "--slices", "8", "--out", str(out)],
+        cwd=BENCHMARKS,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert set(result["training"]["fp32"]) == {"slice CNN, slices/s", "segmentation, planes/s",
-                                               "crop model, crop slices/s"}
+    assert set(result["training"]["fp32"]) == {
+        "slice CNN, slices/s",
+        "segmentation, planes/s",
+        "crop model, crop slices/s",
+    }
     parts = result["inference"]["fp32"]
     assert {"decode (CPU)", "cutting the crops (CPU)"} <= set(parts) and all(v > 0 for v in parts.values())
     assert "| crop model, crop slices/s |" in done.stdout
@@ -34,10 +42,12 @@ def test_bench_run_reads_each_stages_latest_time(tmp_path):
     finally:
         sys.path.remove(str(BENCHMARKS))
     log = tmp_path / "run.log"
-    log.write_text("10:00:01 INFO cspine.pipeline: stage prepare: 8.8 s\n"
-                   "10:05:00 INFO cspine.pipeline: stage segment: 300.0 s\n"
-                   "11:00:00 INFO cspine.pipeline: stage segment: nothing to do\n"
-                   "12:00:00 INFO cspine.pipeline: stage segment: 120.5 s\n")
+    log.write_text(
+        "10:00:01 INFO cspine.pipeline: stage prepare: 8.8 s\n"
+        "10:05:00 INFO cspine.pipeline: stage segment: 300.0 s\n"
+        "11:00:00 INFO cspine.pipeline: stage segment: nothing to do\n"
+        "12:00:00 INFO cspine.pipeline: stage segment: 120.5 s\n"
+    )
     seconds = stage_seconds(log)
     assert seconds == {"prepare": (8.8, "10:00:01"), "segment": (120.5, "12:00:00")}
     assert "**129.3** (2.2 min)" in table(seconds)
@@ -56,6 +66,12 @@ def test_the_budgets_flop_counts_are_the_rsna_configs():
     from cspine.models import CropNet, SliceNet
     from cspine.segmenter import build_segmenter, plane_width
 
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from gpu_budget import real_plane_rows
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
     def gflop(model, *x):
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             model.eval()(*x)
@@ -66,16 +82,26 @@ def test_the_budgets_flop_counts_are_the_rsna_configs():
     size = s.input_size or cfg.prepare.size
     spec = crop_spec(c.size, c.slices, c.context, c.margin)
     counted = {
+        "rows": real_plane_rows(g),
         "slice": gflop(SliceNet(s.backbone, width=s.width), torch.zeros(1, 3, size, size)),
-        "plane": gflop(build_segmenter(g.encoder, g.context),
-                       torch.zeros(1, 3 * (2 * g.context + 1), g.depth, plane_width(cfg.prepare.size))),
-        "crop slice": gflop(CropNet(c.backbone, crop_channels(spec), c.hidden, c.width),
-                            torch.zeros(1, c.slices, crop_channels(spec), c.size, c.size, dtype=torch.uint8),
-                            torch.zeros(1, dtype=torch.long)) / c.slices,
+        "plane": gflop(
+            build_segmenter(g.encoder, g.context),
+            torch.zeros(1, 3 * (2 * g.context + 1), real_plane_rows(g), plane_width(cfg.prepare.size)),
+        ),
+        "crop slice": gflop(
+            CropNet(c.backbone, crop_channels(spec), c.hidden, c.width),
+            torch.zeros(1, c.slices, crop_channels(spec), c.size, c.size, dtype=torch.uint8),
+            torch.zeros(1, dtype=torch.long),
+        )
+        / c.slices,
     }
     text = (Path(__file__).resolve().parents[1] / "docs" / "gpu.md").read_text()
-    quoted = {"slice": r"ResNet-50 at 256 px ([\d.]+) GFLOP a slice", "plane": r"planes\) ([\d.]+) GFLOP a plane",
-              "crop slice": r"the crop model ([\d.]+) GFLOP a\s+crop slice"}
+    quoted = {
+        "slice": r"ResNet-50 at 256 px ([\d.]+) GFLOP a slice",
+        "plane": r"padded\) ([\d.]+) GFLOP a plane",
+        "rows": r"resnet10t, 15 × (\d+) × 256 planes",
+        "crop slice": r"the crop model ([\d.]+) GFLOP a\s+crop slice",
+    }
     for what, pattern in quoted.items():
         match = re.search(pattern, text)
         assert match, f"docs/gpu.md no longer quotes the {what}'s FLOPs"

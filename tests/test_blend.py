@@ -13,10 +13,10 @@ from sklearn.linear_model import LogisticRegression
 from cspine import TARGETS, VERTEBRAE
 from cspine.blend import blend, fit_blend, fit_target, fit_vertebrae, metric_weights
 from cspine.checkpoints import CheckpointError, load_blend, save_checkpoint
-from cspine.config import load_config
+from cspine.config import BlendConfig, load_config
 from cspine.metrics import best_constant, bootstrap_auc, loss_by_target, weighted_log_loss
 from cspine.runs import Run, read_json
-from cspine.stacking import apply_blend, logit, study_inputs, target_inputs
+from cspine.stacking import apply_blend, fold_standards, logit, standardise, study_inputs, target_inputs
 
 from .conftest import SMOKE_CONFIG
 
@@ -171,10 +171,11 @@ def test_a_blend_never_scores_a_study_it_saw(blended):
         assert set(split["scored"]) == in_fold and set(oof.loc[oof["fold"] == fold].index) == in_fold
         trained_on = set(load_blend(run.blend_scorer(fold))["trained_on"])
         assert trained_on == set(split["trained_on"]) and trained_on and not trained_on & in_fold
-        refit = fit_blend(
+        refit = fit_blend(  # from the other folds' labels alone (the standards read no label)
             inputs.loc[split["trained_on"]].reset_index(),
             labels.loc[split["trained_on"], list(TARGETS)].reset_index(drop=True),
             cfg.blend,
+            fold_standards(inputs.reset_index()),
         )
         p = apply_blend(refit, inputs.loc[split["scored"]].reset_index())
         assert np.allclose(p, oof.loc[split["scored"], [f"p_{t}" for t in TARGETS]].to_numpy(), atol=1e-9)
@@ -185,8 +186,9 @@ def test_a_blend_never_scores_a_study_it_saw(blended):
 def test_predict_computes_the_blends_inputs_as_the_blend_stage_read_them(blended, synthetic_root):
     """The CNN's inputs of fold k's blend, computed by predict's path from the study's DICOM, equal those the
     blend stage read from the out-of-fold features."""
-    from cspine.predict import blend_inputs, blstm_outputs, load_ensemble, predict_images
-    from cspine.extract import study_features
+    from cspine.ensemble import load_ensemble
+    from cspine.features import study_features
+    from cspine.predict import blend_inputs, blstm_outputs, predict_images
     from cspine.studies import read_study
 
     run, cfg = blended
@@ -230,7 +232,7 @@ def test_a_run_without_blstms_or_a_vertebra_track_still_blends_what_it_has(blend
 
 @pytest.mark.slow
 def test_a_damaged_or_incomplete_blend_checkpoint_is_named(blended, tmp_path):
-    from cspine.predict import load_ensemble
+    from cspine.ensemble import load_ensemble
 
     run, cfg = blended
     copy = Run(tmp_path / "run")
@@ -249,8 +251,8 @@ def test_a_damaged_or_incomplete_blend_checkpoint_is_named(blended, tmp_path):
 
 @pytest.mark.slow
 def test_the_bundle_carries_the_blends_and_every_blstm_size_they_read(blended, tmp_path):
+    from cspine.ensemble import load_ensemble
     from cspine.kaggle import package_kaggle
-    from cspine.predict import load_ensemble
 
     run, cfg = blended
     bundle = package_kaggle(cfg, run.root, tmp_path / "bundle", wheels=False)
@@ -280,3 +282,37 @@ def test_the_report_says_what_is_submitted_and_where_the_loss_is(blended):
     assert intervals.iloc[0]["model"] == "fractured studies"
     assert [c for c in intervals.columns if c != "model"] == list(TARGETS)
     assert set(VERTEBRAE) <= set(intervals.columns)
+
+
+def test_per_fold_standards_let_a_blend_read_a_fold_whose_models_are_more_confident():
+    """Fold 1's models give the same evidence as fold 0's at three times the scale (a CNN that trained to
+    surer outputs): standardised within its fold, it reads as fold 0's; a blend fitted on fold 0 then gives
+    fold 1's studies fold 0's answers, where without the standards it is overconfident on them."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=40)
+    y = (z + rng.normal(scale=0.7, size=40) > 0).astype(int)
+    names = ["cnn:max", "cnn:top", "cnn:mean"]
+    rows = [
+        {"StudyInstanceUID": f"{f}.{i}", "fold": f, **{n: (1 + 2 * f) * v for n in names}}
+        for f in (0, 1)
+        for i, v in enumerate(z)
+    ]
+    inputs = pd.DataFrame(rows)
+    standards = fold_standards(inputs)
+    same = standardise(inputs, standards)
+    assert np.allclose(
+        same.loc[same["fold"] == 0, names].to_numpy(), same.loc[same["fold"] == 1, names].to_numpy()
+    )
+    labels = pd.DataFrame({t: np.concatenate([y, y]) for t in TARGETS})
+    fitted = inputs["fold"] == 0
+    with_standards = fit_blend(inputs[fitted], labels[fitted], BlendConfig(floor=False), standards)
+    without = fit_blend(inputs[fitted], labels[fitted], BlendConfig(floor=False, per_fold=False))
+    assert with_standards["standards"] and without["standards"] is None
+    p0, p1 = (apply_blend(with_standards, inputs[inputs["fold"] == f])[:, 0] for f in (0, 1))
+    assert np.allclose(p0, p1)
+    raw1 = apply_blend(without, inputs[inputs["fold"] == 1])[:, 0]
+    assert (
+        np.abs(logit(raw1)).mean() > 2 * np.abs(logit(p0)).mean()
+    )  # three times the scale, read as evidence
+    with pytest.raises(KeyError):
+        standardise(inputs.assign(fold=2), standards)

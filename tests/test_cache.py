@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cspine.cache import cache_bytes, is_cached, load_study_images, write_study_images
 from cspine.config import ConfigError, load_config
 from cspine.dicom import read_hu
 from cspine.inputs import slice_stack
-from cspine.prepare import cache_bytes, is_cached, load_study_images, prepare, write_study_images
+from cspine.prepare import prepare
 from cspine.preprocess import preprocess_slice
 from cspine.runs import Cache
 
@@ -107,16 +108,19 @@ def test_the_training_loader_reads_the_same_items_from_either_format(both_caches
     cfg = load_config(SMOKE_CONFIG)
     transform = build_transforms(cfg.slice, train=False, size=cfg.prepare.size)
     index = caches["npy"][1]
-    npy, zarr = (SliceDataset(caches[fmt][0], index, transform, with_boxes=True, context=1)
-                 for fmt in ("npy", "zarr"))
+    npy, zarr = (
+        SliceDataset(caches[fmt][0], index, transform, with_boxes=True, context=1) for fmt in ("npy", "zarr")
+    )
     loader = torch.utils.data.DataLoader(zarr, batch_size=4, num_workers=2, sampler=[0, len(index) - 1, 7, 3])
     batch = next(iter(loader))
-    for got, want in zip(batch, torch.utils.data.default_collate([npy[i] for i in (0, len(index) - 1, 7, 3)])):
+    for got, want in zip(
+        batch, torch.utils.data.default_collate([npy[i] for i in (0, len(index) - 1, 7, 3)])
+    ):
         assert torch.equal(got, want)
 
 
 def test_a_damaged_zarr_shard_is_named_when_it_is_read(tmp_path):
-    from cspine.prepare import CacheError, write_study_images
+    from cspine.cache import CacheError, write_study_images
 
     cache = Cache(tmp_path / "cache")
     images = np.random.default_rng(0).integers(0, 255, size=(4, 16, 16, 3), dtype=np.uint8)

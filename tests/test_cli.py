@@ -18,8 +18,20 @@ def test_unknown_config_key_exits_2_naming_it(capsys):
 
 
 def test_wrong_data_path_exits_1_listing_it(tmp_path, capsys):
-    assert main(["prepare", "--config", str(SMOKE_CONFIG), "--data", str(tmp_path / "nowhere"),
-                 "--out", str(tmp_path / "run")]) == 1
+    assert (
+        main(
+            [
+                "prepare",
+                "--config",
+                str(SMOKE_CONFIG),
+                "--data",
+                str(tmp_path / "nowhere"),
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 1
+    )
     assert "nowhere" in capsys.readouterr().err
 
 
@@ -30,14 +42,35 @@ def test_train_slices_without_a_cache_says_what_to_run(tmp_path, capsys):
 
 def test_synth_and_prepare_commands(tmp_path):
     data = tmp_path / "data"
-    assert main(["synth", "--config", str(SMOKE_CONFIG), "--out", str(data), "synth.n_train=3", "synth.n_test=1"]) == 0
+    assert (
+        main(
+            ["synth", "--config", str(SMOKE_CONFIG), "--out", str(data), "synth.n_train=3", "synth.n_test=1"]
+        )
+        == 0
+    )
     assert len(pd.read_csv(data / "train.csv")) == 3
-    assert main(["prepare", "--config", str(SMOKE_CONFIG), "--data", str(data), "--out", str(tmp_path / "run")]) == 0
+    assert (
+        main(["prepare", "--config", str(SMOKE_CONFIG), "--data", str(data), "--out", str(tmp_path / "run")])
+        == 0
+    )
     assert (tmp_path / "run" / "cache" / "index.csv").is_file()
 
 
 def test_module_entry_point_lists_every_stage():
-    out = subprocess.run([sys.executable, "-m", "cspine", "--help"], capture_output=True, text=True, check=True).stdout
-    for stage in ("run", "synth", "prepare", "segment", "train-slices", "extract", "train-seq", "evaluate", "predict",
-                  "explain", "package-kaggle"):
+    out = subprocess.run(
+        [sys.executable, "-m", "cspine", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for stage in (
+        "run",
+        "synth",
+        "prepare",
+        "segment",
+        "train-slices",
+        "extract",
+        "train-seq",
+        "evaluate",
+        "predict",
+        "explain",
+        "package-kaggle",
+    ):
         assert stage in out

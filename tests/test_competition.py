@@ -12,13 +12,13 @@ from cspine import TARGETS
 from cspine.competition import (
     DataError,
     find_data_dir,
+    list_test_studies,
     make_folds,
     read_boxes,
     read_test,
     read_train,
-    slice_labels,
-    list_test_studies,
 )
+from cspine.labels import slice_labels
 
 
 def _write_train(tmp_path, rows):
@@ -32,8 +32,11 @@ def test_find_data_dir_order_and_error(tmp_path, monkeypatch):
     monkeypatch.delenv("CSPINE_DATA", raising=False)
     with pytest.raises(DataError) as err:
         find_data_dir()
-    for tried in ("input/rsna-2022-cervical-spine-fracture-detection", "/kaggle/input/rsna-2022",
-                  "/kaggle/input/competitions/rsna-2022"):
+    for tried in (
+        "input/rsna-2022-cervical-spine-fracture-detection",
+        "/kaggle/input/rsna-2022",
+        "/kaggle/input/competitions/rsna-2022",
+    ):
         assert tried in str(err.value)
     env = tmp_path / "env"
     env.mkdir()
@@ -70,10 +73,20 @@ def test_read_train_names_file_column_and_rows(tmp_path):
 
 def test_read_boxes_checks_studies(tmp_path):
     train = _write_train(tmp_path, [["1.2.3", 1, 0, 1, 0, 0, 0, 0, 0], ["1.2.4", 0, 0, 0, 0, 0, 0, 0, 0]])
-    boxes = pd.DataFrame({"StudyInstanceUID": ["1.2.3", "9.9"], "x": [1.0, 2], "y": [1.0, 2], "width": [3.0, 3],
-                          "height": [3.0, 3], "slice_number": [5, 6]})
+    boxes = pd.DataFrame(
+        {
+            "StudyInstanceUID": ["1.2.3", "9.9"],
+            "x": [1.0, 2],
+            "y": [1.0, 2],
+            "width": [3.0, 3],
+            "height": [3.0, 3],
+            "slice_number": [5, 6],
+        }
+    )
     boxes.to_csv(tmp_path / "train_bounding_boxes.csv", index=False)
-    with pytest.raises(DataError, match=r"train_bounding_boxes\.csv: column 'StudyInstanceUID' names a study not"):
+    with pytest.raises(
+        DataError, match=r"train_bounding_boxes\.csv: column 'StudyInstanceUID' names a study not"
+    ):
         read_boxes(tmp_path, train)
     boxes.iloc[:1].to_csv(tmp_path / "train_bounding_boxes.csv", index=False)
     assert len(read_boxes(tmp_path, train)) == 1
@@ -81,7 +94,11 @@ def test_read_boxes_checks_studies(tmp_path):
 
 
 def test_test_studies_handle_both_public_mismatches(tmp_path, caplog):
-    rows = [{"row_id": f"{u}_{t}", "StudyInstanceUID": u, "prediction_type": t} for u in ("1.1", "1.2") for t in TARGETS]
+    rows = [
+        {"row_id": f"{u}_{t}", "StudyInstanceUID": u, "prediction_type": t}
+        for u in ("1.1", "1.2")
+        for t in TARGETS
+    ]
     pd.DataFrame(rows).to_csv(tmp_path / "test.csv", index=False)
     (tmp_path / "test_images" / "1.2").mkdir(parents=True)
     (tmp_path / "test_images" / "7.7").mkdir()
@@ -154,10 +171,12 @@ def test_mask_labels_follow_the_competitions_scheme():
     assert mask_labels(real, Path("m.nii")).tolist() == [0, 1, 7, 8, 8, 8]  # thoracic: one class
     just_below = np.array([0.0, 0.9999, 6.9999, 8.0001], np.float32)  # a float mask, as some tools write
     assert mask_labels(just_below, Path("m.nii")).tolist() == [0, 1, 7, 8]  # rounded, not truncated
-    for bad, message in ((np.array([0, -1, 3]), r"m\.nii: mask labels \[-1\]"),
-                         (np.array([0, 20, 3]), r"labels \[20\] are outside 0\.\.19"),
-                         (np.array([0.0, 2.5]), "not whole numbers"),
-                         (np.array([0.0, np.nan]), "NaN")):
+    for bad, message in (
+        (np.array([0, -1, 3]), r"m\.nii: mask labels \[-1\]"),
+        (np.array([0, 20, 3]), r"labels \[20\] are outside 0\.\.19"),
+        (np.array([0.0, 2.5]), "not whole numbers"),
+        (np.array([0.0, np.nan]), "NaN"),
+    ):
         with pytest.raises(DataError, match=message):
             mask_labels(bad, Path("m.nii"))
 
@@ -198,9 +217,10 @@ def test_a_gzipped_mask_is_found_and_read_like_the_plain_one(synthetic_root, tmp
 
 
 def test_box_warnings_name_their_study():
-    from cspine.competition import slice_labels
+    from cspine.labels import slice_labels
 
-    boxes = pd.DataFrame({"StudyInstanceUID": ["1.2.3"], "x": [1], "y": [1], "width": [2], "height": [2],
-                          "slice_number": [99]})
+    boxes = pd.DataFrame(
+        {"StudyInstanceUID": ["1.2.3"], "x": [1], "y": [1], "width": [2], "height": [2], "slice_number": [99]}
+    )
     with pytest.warns(UserWarning, match=r"study 1\.2\.3: 1 boxes name slice numbers absent"):
         slice_labels(np.arange(1, 10), boxes, "1.2.3")

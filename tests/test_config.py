@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -24,7 +22,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "src" / "cspine" / "configs"
 
 
 def test_defaults_and_overrides_are_typed():
-    cfg = load_config(None, ["slice.epochs=3", "slice.amp=false", "seq.compare_hidden=[32,64]", "slice.lr=0.01"])
+    cfg = load_config(
+        None, ["slice.epochs=3", "slice.amp=false", "seq.compare_hidden=[32,64]", "slice.lr=0.01"]
+    )
     assert cfg.slice.epochs == 3 and cfg.slice.amp is False and cfg.seq.compare_hidden == (32, 64)
     assert cfg.slice.lr == 0.01 and cfg.prepare == Config().prepare
 
@@ -55,7 +55,9 @@ def test_shipped_configs_are_found_by_name_from_any_directory(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)  # no configs/ here: the names still resolve, inside the package
     assert load_config("demo") == load_config("demo.yaml") == load_config(CONFIGS / "demo.yaml")
     assert load_config("demo").name == "demo"
-    with pytest.raises(ConfigError, match="'dmeo' is neither a file nor a shipped config; shipped: bench, demo, paper"):
+    with pytest.raises(
+        ConfigError, match="'dmeo' is neither a file nor a shipped config; shipped: bench, demo, paper"
+    ):
         load_config("dmeo")
     (tmp_path / "demo.yaml").write_text("name: mine\n")
     assert config_path("demo.yaml") == Path("demo.yaml")  # a file the user names wins over a shipped name
@@ -63,9 +65,9 @@ def test_shipped_configs_are_found_by_name_from_any_directory(tmp_path, monkeypa
 
 
 def test_the_wheel_ships_the_configs(tmp_path):
-    repo = CONFIGS.parents[2]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(repo)], check=True, capture_output=True)
+    from cspine.kaggle import build_cspine_wheel
+
+    build_cspine_wheel(tmp_path)  # the wheel the Kaggle bundle ships
     (wheel,) = tmp_path.glob("cspine-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"cspine/configs/{n}.yaml" for n in shipped_configs()} <= names
@@ -74,7 +76,14 @@ def test_the_wheel_ships_the_configs(tmp_path):
 def test_paper_config_is_the_papers():
     cfg = load_config(CONFIGS / "paper.yaml")
     s, q = cfg.slice, cfg.seq
-    assert (s.backbone, s.lr, s.step_size, s.gamma, s.batch_size, s.epochs) == ("resnet50", 1e-3, 5, 0.2, 16, 50)
+    assert (s.backbone, s.lr, s.step_size, s.gamma, s.batch_size, s.epochs) == (
+        "resnet50",
+        1e-3,
+        5,
+        0.2,
+        16,
+        50,
+    )
     assert (s.hflip, s.rotate, s.pretrained_file) == (0.5, 10.0, "")
     assert (q.lr, q.epochs, q.batch_size, q.hidden) == (1e-6, 100, 4, 128)
     assert cfg.prepare.size == 384 and cfg.folds.n_splits == 7
@@ -96,19 +105,30 @@ def test_bench_is_the_demo_on_more_studies_and_folds():
     bench, demo = load_config("bench"), load_config("demo")
     assert (bench.synth.n_train, bench.folds.n_splits) == (256, 3)
     assert bench.crop.enabled and not demo.crop.enabled  # the crop track: the bench has the minutes for it
-    assert dataclasses.replace(bench, name="demo", synth=dataclasses.replace(bench.synth, n_train=96),
-                               folds=dataclasses.replace(bench.folds, n_splits=2), crop=demo.crop) == demo
+    assert (
+        dataclasses.replace(
+            bench,
+            name="demo",
+            synth=dataclasses.replace(bench.synth, n_train=96),
+            folds=dataclasses.replace(bench.folds, n_splits=2),
+            crop=demo.crop,
+        )
+        == demo
+    )
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["prepare.size=[48"], r"override 'prepare.size=\[48': not a valid value"),
-    (["predict.workers=-1"], r"predict.workers=-1: must be at least 0"),
-    (["synth.n_train=-3"], r"synth.n_train=-3: must be at least 2"),
-    (["synth.n_train=0"], r"synth.n_train=0: must be at least 2"),
-    (["synth.n_test=-1"], r"synth.n_test=-1: must be at least 1"),
-    (["synth.image_size=100000"], r"synth.image_size=100000: must be from 32 to 2048"),
-    (["predict.max_failed=2"], r"predict.max_failed=2.0: must be from 0 to 1"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["prepare.size=[48"], r"override 'prepare.size=\[48': not a valid value"),
+        (["predict.workers=-1"], r"predict.workers=-1: must be at least 0"),
+        (["synth.n_train=-3"], r"synth.n_train=-3: must be at least 2"),
+        (["synth.n_train=0"], r"synth.n_train=0: must be at least 2"),
+        (["synth.n_test=-1"], r"synth.n_test=-1: must be at least 1"),
+        (["synth.image_size=100000"], r"synth.image_size=100000: must be from 32 to 2048"),
+        (["predict.max_failed=2"], r"predict.max_failed=2.0: must be from 0 to 1"),
+    ],
+)
 def test_ordinary_mistakes_are_one_line_naming_the_value_and_the_rule(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("demo", overrides)

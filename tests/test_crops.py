@@ -21,8 +21,17 @@ from cspine.segmenter import vertebra_extents
 from .conftest import SMOKE_CONFIG
 from .test_segment import SEG_SMOKE
 
-CROP_SMOKE = [*SEG_SMOKE, "crop.enabled=true", "crop.size=32", "crop.slices=4", "crop.epochs=1",
-              "crop.batch_size=4", "crop.backbone=test_resnet", "crop.hidden=8", "crop.workers=1"]
+CROP_SMOKE = [
+    *SEG_SMOKE,
+    "crop.enabled=true",
+    "crop.size=32",
+    "crop.slices=4",
+    "crop.epochs=1",
+    "crop.batch_size=4",
+    "crop.backbone=test_resnet",
+    "crop.hidden=8",
+    "crop.workers=1",
+]
 
 
 def _feet_to_head_with_gaps(root, uid, tmp_path):
@@ -57,20 +66,26 @@ def test_crops_land_on_their_vertebra_in_feet_to_head_and_gappy_studies(syntheti
         for i, place in enumerate(places):
             label = i + 1
             on = cut_vertebra(((truth == label) * 255).astype(np.uint8), labels, place, boxes[:1], 48, spec)
-            off = cut_vertebra(((truth != label) & (truth > 0)).astype(np.uint8) * 255, labels, place, boxes[:1], 48,
-                               spec)
+            off = cut_vertebra(
+                ((truth != label) & (truth > 0)).astype(np.uint8) * 255, labels, place, boxes[:1], 48, spec
+            )
             picks = slice_picks(place["z0"], place["z1"], len(series), spec["slices"], 0)
             assert (truth[picks] == label).any(axis=(1, 2)).mean() >= 0.8, (uid, place)  # the right slices
             centre = on[:, spec["context"], 8:16, 8:16].astype(float).mean()
-            assert centre > off[:, spec["context"], 8:16, 8:16].astype(float).mean(), (uid, place)  # the right bone
+            assert centre > off[:, spec["context"], 8:16, 8:16].astype(float).mean(), (
+                uid,
+                place,
+            )  # the right bone
         checked += 1
     assert checked >= 3
 
 
 def test_a_vertebra_the_segmentation_missed_is_placed_between_its_neighbours():
-    found = [{"vertebra": "C1", "z0": 0, "z1": 3, "y0": 10, "y1": 20, "x0": 10, "x1": 20},
-             {"vertebra": "C2", "z0": 4, "z1": 11, "y0": 12, "y1": 24, "x0": 10, "x1": 22},
-             {"vertebra": "C4", "z0": 20, "z1": 25, "y0": 14, "y1": 26, "x0": 12, "x1": 24}]
+    found = [
+        {"vertebra": "C1", "z0": 0, "z1": 3, "y0": 10, "y1": 20, "x0": 10, "x1": 20},
+        {"vertebra": "C2", "z0": 4, "z1": 11, "y0": 12, "y1": 24, "x0": 10, "x1": 22},
+        {"vertebra": "C4", "z0": 20, "z1": 25, "y0": 14, "y1": 26, "x0": 12, "x1": 24},
+    ]
     places = {p["vertebra"]: p for p in place_vertebrae(found, 60, 48)}
     assert [places[v]["found"] for v in VERTEBRAE] == [True, True, False, True, False, False, False]
     assert 11 <= places["C3"]["z0"] <= places["C3"]["z1"] <= 20  # between C2 and C4
@@ -78,8 +93,14 @@ def test_a_vertebra_the_segmentation_missed_is_placed_between_its_neighbours():
     assert places["C7"]["z0"] > places["C5"]["z0"]
     nothing = place_vertebrae([], 30, 48)
     assert all(not p["found"] and (p["z0"], p["z1"], p["y1"]) == (0, 29, 48) for p in nothing)
-    crops = cut_study(np.zeros((30, 64, 64), np.uint8), np.zeros((30, 48, 48), np.uint8), nothing,
-                      [(0, 64, 0, 64)], 48, crop_spec(16, 3, 1, 0.1))
+    crops = cut_study(
+        np.zeros((30, 64, 64), np.uint8),
+        np.zeros((30, 48, 48), np.uint8),
+        nothing,
+        [(0, 64, 0, 64)],
+        48,
+        crop_spec(16, 3, 1, 0.1),
+    )
     assert crops.shape == (7, 3, 4, 16, 16)
 
 
@@ -105,7 +126,9 @@ def test_a_crop_model_never_scores_a_study_it_trained_on(crop_run):
     assert crops.shape == (7, 4, 4, 32, 32) and crops.dtype == np.uint8
     for k in cfg.folds.trained:
         _, meta = load_crop_model(run.crop_model(k))
-        scored = set(pd.read_csv(run.crop_file(k, "oof.csv"), dtype={"StudyInstanceUID": str})["StudyInstanceUID"])
+        scored = set(
+            pd.read_csv(run.crop_file(k, "oof.csv"), dtype={"StudyInstanceUID": str})["StudyInstanceUID"]
+        )
         assert scored and not scored & set(meta["trained_on"])
         assert scored == set(folds.loc[folds["fold"] == k, "StudyInstanceUID"])
     inputs = pd.read_csv(run.blend_file("inputs.csv"))
@@ -125,27 +148,37 @@ def test_predict_and_the_bundle_use_the_crop_models(crop_run, synthetic_root, tm
     real = cspine.predict.crop_outputs
     monkeypatch.setattr(cspine.predict, "crop_outputs", lambda *a, **k: calls.append(1) or real(*a, **k))
     sub = predict(cfg, synthetic_root, run_dir, tmp_path / "submission.csv")
-    assert len(calls) == len(list((synthetic_root / "test_images").iterdir())) and sub["fractured"].between(0, 1).all()
+    assert (
+        len(calls) == len(list((synthetic_root / "test_images").iterdir()))
+        and sub["fractured"].between(0, 1).all()
+    )
     bundle = package_kaggle(cfg, run_dir, tmp_path / "bundle", wheels=False)
     assert sorted(p.parent.name for p in (bundle / "models" / "crop").rglob("model.pt")) == [
-        f"fold{k}" for k in cfg.folds.trained]
+        f"fold{k}" for k in cfg.folds.trained
+    ]
     assert not list((bundle / "models" / "crop").rglob("*.npy"))  # the training crops stay home
 
 
-def test_a_study_whose_segmentation_found_nothing_still_gets_a_crop_answer(crop_run, synthetic_root, monkeypatch):
+def test_a_study_whose_segmentation_found_nothing_still_gets_a_crop_answer(
+    crop_run, synthetic_root, monkeypatch
+):
     import torch
 
     import cspine.predict
-    from cspine.predict import load_ensemble, predict_images
+    from cspine.ensemble import load_ensemble
+    from cspine.predict import predict_images
     from cspine.studies import read_study
 
     run_dir, cfg = crop_run
     ensemble = load_ensemble(run_dir, cfg.seq.hidden, [torch.device("cpu")])
     assert ensemble.crops
-    monkeypatch.setattr(cspine.predict, "segment_study", lambda models, images, *a: np.zeros(images.shape[:3], np.uint8))
+    monkeypatch.setattr(
+        cspine.predict, "segment_study", lambda models, images, *a: np.zeros(images.shape[:3], np.uint8)
+    )
     i = ensemble.inputs
-    study = read_study(sorted((synthetic_root / "test_images").iterdir())[0], i["size"], i["crop"], i["margin"], 2,
-                       bone=True)
+    study = read_study(
+        sorted((synthetic_root / "test_images").iterdir())[0], i["size"], i["crop"], i["margin"], 2, bone=True
+    )
     p = predict_images(study, ensemble, cfg)
     assert all(0 < v < 1 for v in p.values())
 

@@ -48,8 +48,11 @@ def _real_ct_files() -> list[str]:
 REAL_CT = _real_ct_files()
 
 
-@pytest.mark.parametrize("enc", ENCODINGS, ids=lambda e: f"{e.syntax}-{'s' if e.signed else 'u'}{e.bits_stored}"
-                         f"-i{e.intercept:g}-m{e.slope:g}")
+@pytest.mark.parametrize(
+    "enc",
+    ENCODINGS,
+    ids=lambda e: f"{e.syntax}-{'s' if e.signed else 'u'}{e.bits_stored}-i{e.intercept:g}-m{e.slope:g}",
+)
 @pytest.mark.parametrize("backend", ["auto", "pydicom", "dicomsdl"])
 def test_round_trip_every_encoding_and_backend(tmp_path, enc, backend):
     hu = ramp_volume()
@@ -61,8 +64,15 @@ def test_round_trip_every_encoding_and_backend(tmp_path, enc, backend):
 
 def test_order_is_head_to_feet_whatever_the_file_numbers(tmp_path):
     hu = ramp_volume(n=8)
-    write_series(hu, tmp_path, spacing=(1.5, 0.5, 0.5), study_uid=UID, numbering="feet_to_head", first_number=40,
-                 origin=(0, 0, -20))
+    write_series(
+        hu,
+        tmp_path,
+        spacing=(1.5, 0.5, 0.5),
+        study_uid=UID,
+        numbering="feet_to_head",
+        first_number=40,
+        origin=(0, 0, -20),
+    )
     s = load_series(tmp_path)
     np.testing.assert_array_equal(s.hu, hu)
     assert list(s.slice_numbers) == list(range(47, 39, -1))
@@ -88,7 +98,9 @@ def test_spacing_comes_from_positions_not_thickness(tmp_path):
 
 def test_missing_positions_fall_back_to_instance_number_with_warning(tmp_path):
     hu = ramp_volume(n=5)
-    write_series(hu, tmp_path, spacing=(1, 1, 1), study_uid=UID, with_positions=False, file_numbers=[3, 1, 5, 2, 4])
+    write_series(
+        hu, tmp_path, spacing=(1, 1, 1), study_uid=UID, with_positions=False, file_numbers=[3, 1, 5, 2, 4]
+    )
     with pytest.warns(UserWarning, match="InstanceNumber"):
         s = load_series(tmp_path)
     assert list(s.slice_numbers) == [1, 2, 3, 4, 5]
@@ -98,7 +110,9 @@ def test_missing_positions_fall_back_to_instance_number_with_warning(tmp_path):
 def test_non_uniform_spacing_warns(tmp_path):
     hu = ramp_volume(n=6)
     write_series(hu[:3], tmp_path, spacing=(1, 1, 1), study_uid=UID, origin=(0, 0, 0), file_numbers=[1, 2, 3])
-    write_series(hu[3:], tmp_path, spacing=(1, 1, 1), study_uid=UID, origin=(0, 0, -30), file_numbers=[4, 5, 6])
+    write_series(
+        hu[3:], tmp_path, spacing=(1, 1, 1), study_uid=UID, origin=(0, 0, -30), file_numbers=[4, 5, 6]
+    )
     with pytest.warns(UserWarning, match="non-uniform slice spacing"):
         s = load_series(tmp_path)
     assert s.spacing[0] == pytest.approx(1.0)
@@ -147,8 +161,14 @@ def test_non_dicom_file_is_a_clear_error(tmp_path):
 
 def test_mixed_shapes_raise_or_skip(tmp_path):
     write_series(ramp_volume(n=4, size=32), tmp_path, spacing=(1, 1, 1), study_uid=UID)
-    write_series(ramp_volume(n=1, size=24), tmp_path, spacing=(1, 1, 1), study_uid=UID, file_numbers=[9],
-                 origin=(0, 0, -10))
+    write_series(
+        ramp_volume(n=1, size=24),
+        tmp_path,
+        spacing=(1, 1, 1),
+        study_uid=UID,
+        file_numbers=[9],
+        origin=(0, 0, -10),
+    )
     with pytest.raises(DicomError, match=r"9\.dcm.*shape"):
         load_series(tmp_path)
     with pytest.warns(UserWarning, match="9.dcm"):
@@ -201,8 +221,10 @@ def test_auto_equals_pydicom_on_every_real_ct_file(path):
 def test_real_files_cover_the_hard_cases():
     names = {Path(p).name for p in REAL_CT}
     assert {"J2K_pixelrep_mismatch.dcm", "CT_small.dcm", "693_J2KR.dcm", "bad_sequence.dcm"} <= names
-    assert _read_slice(Path(next(p for p in REAL_CT if p.endswith("J2K_pixelrep_mismatch.dcm"))),
-                       "auto").decoder == "pydicom"
+    assert (
+        _read_slice(Path(next(p for p in REAL_CT if p.endswith("J2K_pixelrep_mismatch.dcm"))), "auto").decoder
+        == "pydicom"
+    )
 
 
 UNDECODABLE = {"1.2.840.10008.1.2.4.53", "1.2.840.10008.1.2.4.55"}
@@ -210,7 +232,12 @@ UNDECODABLE = {"1.2.840.10008.1.2.4.53", "1.2.840.10008.1.2.4.55"}
 
 def test_transfer_syntax_matrix(transfer_syntax_dir):
     original = read_hu(transfer_syntax_dir / "CTImage.dcm", backend="pydicom")
-    lossy = {"1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"}
+    lossy = {
+        "1.2.840.10008.1.2.4.91",
+        "1.2.840.10008.1.2.4.81",
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.51",
+    }
     checked = 0
     for path in sorted(transfer_syntax_dir.glob("CTImage.dcm_*")):
         syntax = path.stem.rsplit("_", 1)[-1] if path.suffix == ".dcm" else path.name.rsplit("_", 1)[-1]
@@ -228,8 +255,10 @@ def test_transfer_syntax_matrix(transfer_syntax_dir):
         checked += 1
     assert checked == 13  # 15 re-encodings of CTImage.dcm, less the two no decoder handles
     for name in ("CT1_J2KR", "CT2_J2KR", "CT0012.fragmented_no_bot_jpeg_baseline.51.dcm"):
-        np.testing.assert_array_equal(read_hu(transfer_syntax_dir / name, backend="auto"),
-                                      read_hu(transfer_syntax_dir / name, backend="pydicom"))
+        np.testing.assert_array_equal(
+            read_hu(transfer_syntax_dir / name, backend="auto"),
+            read_hu(transfer_syntax_dir / name, backend="pydicom"),
+        )
 
 
 def test_enhanced_ct_rescale_from_functional_groups(transfer_syntax_dir):
@@ -301,8 +330,11 @@ def test_a_slice_with_a_broken_rescale_takes_its_studys_on_every_backend(tmp_pat
     encoding = Encoding("explicit", signed=False, intercept=-1024.0, bits_stored=12)
     clean = load_series(_with_defect(tmp_path / "clean", lambda ds: None, encoding), backend=backend)
     broken_dir = _with_defect(tmp_path / "broken", RESCALE_DEFECTS[defect], encoding)
-    with pytest.warns(UserWarning, match=r"1 slice\(s\) with a missing, zero or non-finite .*\(3\.dcm\).*"
-                                         r"RescaleIntercept -1024"):
+    with pytest.warns(
+        UserWarning,
+        match=r"1 slice\(s\) with a missing, zero or non-finite .*\(3\.dcm\).*"
+        r"RescaleIntercept -1024",
+    ):
         broken = load_series(broken_dir, backend=backend)
     assert np.isfinite(broken.hu).all()
     np.testing.assert_array_equal(broken.hu, clean.hu)  # repaired exactly, on every backend alike
@@ -339,8 +371,13 @@ def test_a_slice_with_its_own_valid_rescale_keeps_it(tmp_path):
 
 def test_a_truncated_compressed_slice_is_reported_as_truncated(tmp_path):
     study = tmp_path / "study"
-    write_series(ramp_volume(4, 32), study, spacing=(1, 1, 1), study_uid=UID,
-                 encoding=Encoding("jpeg_lossless", signed=True, intercept=0.0))
+    write_series(
+        ramp_volume(4, 32),
+        study,
+        spacing=(1, 1, 1),
+        study_uid=UID,
+        encoding=Encoding("jpeg_lossless", signed=True, intercept=0.0),
+    )
     victim = sorted(study.iterdir())[1]
     victim.write_bytes(victim.read_bytes()[:-300])
     for backend in ("auto", "pydicom", "dicomsdl"):
@@ -354,8 +391,13 @@ def jpeg_lossless_study(tmp_path_factory):
     """24 noisy 64² slices in JPEG Lossless SV1 (the real data's syntax): enough to decode in processes."""
     folder = tmp_path_factory.mktemp("jl") / "study"
     hu = np.random.default_rng(3).normal(0, 300, (24, 64, 64)) + ramp_volume(n=24, size=64)
-    write_series(hu, folder, spacing=(1, 1, 1), study_uid=UID,
-                 encoding=Encoding("jpeg_lossless", signed=True, intercept=-1024.0))
+    write_series(
+        hu,
+        folder,
+        spacing=(1, 1, 1),
+        study_uid=UID,
+        encoding=Encoding("jpeg_lossless", signed=True, intercept=-1024.0),
+    )
     return folder
 
 
@@ -398,8 +440,9 @@ def test_uncompressed_pixel_data_shorter_than_its_header_says_is_refused_before_
     from cspine.dicom import DicomError, read_hu
     from cspine.dicom_writer import write_series
 
-    (path,) = write_series(np.full((1, 32, 32), -1000, np.float32), tmp_path / "s", spacing=(1, 1, 1),
-                           study_uid="1.2.3")
+    (path,) = write_series(
+        np.full((1, 32, 32), -1000, np.float32), tmp_path / "s", spacing=(1, 1, 1), study_uid="1.2.3"
+    )
     ds = pydicom.dcmread(path)
     ds.Rows = 64  # the header claims twice the pixels the element holds
     ds.save_as(path)

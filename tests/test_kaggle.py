@@ -33,8 +33,14 @@ def _run_as_a_cell(script, env, python=sys.executable):
 def test_the_bundle_records_what_it_is_for_and_how_to_upload_it(smoke_run, tmp_path, monkeypatch, caplog):
     monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
     with caplog.at_level("WARNING", logger="cspine.kaggle"):
-        out = package_kaggle(load_config(SMOKE_CONFIG), smoke_run, tmp_path / "b", wheels=False, python="3.10",
-                             dataset="my-cspine")
+        out = package_kaggle(
+            load_config(SMOKE_CONFIG),
+            smoke_run,
+            tmp_path / "b",
+            wheels=False,
+            python="3.10",
+            dataset="my-cspine",
+        )
     assert "YOUR-KAGGLE-USERNAME: set $KAGGLE_USERNAME" in caplog.text  # the owner to fill in, said aloud
     manifest = json.loads((out / MARKER).read_text())
     assert manifest["python"] == "3.10" and "segmentation-models-pytorch>=0.6" in manifest["requirements"]
@@ -44,12 +50,19 @@ def test_the_bundle_records_what_it_is_for_and_how_to_upload_it(smoke_run, tmp_p
 
 def test_the_script_finds_the_bundle_under_any_name_and_refuses_another_python(smoke_run, tmp_path):
     kaggle_input = tmp_path / "input"
-    bundle = package_kaggle(load_config(SMOKE_CONFIG), smoke_run, kaggle_input / "whatever-i-called-it" / "v2",
-                            wheels=False, python="3.9")
+    bundle = package_kaggle(
+        load_config(SMOKE_CONFIG),
+        smoke_run,
+        kaggle_input / "whatever-i-called-it" / "v2",
+        wheels=False,
+        python="3.9",
+    )
     (kaggle_input / "rsna-2022-cervical-spine-fracture-detection").mkdir()
     done = _run_as_a_cell(bundle / "kaggle_inference.py", {"CSPINE_KAGGLE_INPUT": str(kaggle_input)})
     assert done.returncode != 0
-    assert f"wheels are for Python 3.9, this notebook runs Python {HERE}" in done.stderr  # found, then checked
+    assert (
+        f"wheels are for Python 3.9, this notebook runs Python {HERE}" in done.stderr
+    )  # found, then checked
     assert f"--python {HERE}" in done.stderr
     shutil.copytree(bundle, kaggle_input / "a-second-copy")
     done = _run_as_a_cell(bundle / "kaggle_inference.py", {"CSPINE_KAGGLE_INPUT": str(kaggle_input)})
@@ -65,7 +78,8 @@ def test_the_script_is_the_packages_file_and_names_the_packages_marker(smoke_run
 
 
 def test_a_no_wheels_bundle_still_holds_cspine_and_installs_where_the_dependencies_are(
-        smoke_run, synthetic_root, tmp_path):
+    smoke_run, synthetic_root, tmp_path
+):
     """--no-wheels leaves out the dependencies only: the script installs cspine's own wheel, checks the
     dependencies are there, and predicts; where they are not, it stops naming them."""
     kaggle_input = tmp_path / "input"
@@ -75,8 +89,13 @@ def test_a_no_wheels_bundle_still_holds_cspine_and_installs_where_the_dependenci
     data = kaggle_input / "rsna-2022-cervical-spine-fracture-detection"
     shutil.copytree(synthetic_root, data)
     submission = tmp_path / "working" / "submission.csv"
-    env = {"CSPINE_KAGGLE_INPUT": str(kaggle_input), "CSPINE_DATA": str(data), "CSPINE_SUBMISSION": str(submission),
-           "PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:9/none"}
+    env = {
+        "CSPINE_KAGGLE_INPUT": str(kaggle_input),
+        "CSPINE_DATA": str(data),
+        "CSPINE_SUBMISSION": str(submission),
+        "PIP_CONFIG_FILE": os.devnull,
+        "PIP_INDEX_URL": "http://127.0.0.1:9/none",
+    }
     bare = tmp_path / "bare"  # a Python without the dependencies
     subprocess.run([sys.executable, "-m", "venv", str(bare)], check=True)
     done = _run_as_a_cell(bundle / "kaggle_inference.py", env, python=bare / "bin" / "python")
@@ -90,39 +109,58 @@ def test_a_no_wheels_bundle_still_holds_cspine_and_installs_where_the_dependenci
 
 
 def test_the_bundle_installs_offline_into_kaggles_preinstalled_set_and_writes_a_valid_submission(
-        smoke_run, synthetic_root, tmp_path):
+    smoke_run, synthetic_root, tmp_path
+):
     """Needs the package index (to download the wheels and to build the Kaggle-like environment); skips
     without it. Inference then runs with pip's configuration and indexes switched off."""
     kaggle_input = tmp_path / "input"
     try:
-        bundle = package_kaggle(load_config(SMOKE_CONFIG), smoke_run, kaggle_input / "someones-models", wheels=True)
+        bundle = package_kaggle(
+            load_config(SMOKE_CONFIG), smoke_run, kaggle_input / "someones-models", wheels=True
+        )
     except subprocess.CalledProcessError as exc:
         pytest.skip(f"the package index is unreachable (pip exited {exc.returncode} downloading the wheels)")
     venv = tmp_path / "kaggle-image"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
     kaggle_image = ["torch", "torchvision", "timm", "numpy", "pandas", "scikit-learn", "matplotlib"]
-    made = subprocess.run([python, "-m", "pip", "install", "-q", *kaggle_image], capture_output=True, text=True)
+    made = subprocess.run(
+        [python, "-m", "pip", "install", "-q", *kaggle_image], capture_output=True, text=True
+    )
     if made.returncode != 0:
-        pytest.skip(f"the package index is unreachable (building Kaggle's preinstalled set): {made.stderr[-300:]}")
+        pytest.skip(
+            f"the package index is unreachable (building Kaggle's preinstalled set): {made.stderr[-300:]}"
+        )
     data = kaggle_input / "rsna-2022-cervical-spine-fracture-detection"
     shutil.copytree(synthetic_root, data)
     submission = tmp_path / "working" / "submission.csv"
-    offline = {"CSPINE_KAGGLE_INPUT": str(kaggle_input), "CSPINE_DATA": str(data), "CSPINE_SUBMISSION": str(submission),
-               "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": "", "PIP_INDEX_URL": "http://127.0.0.1:9/none"}
+    offline = {
+        "CSPINE_KAGGLE_INPUT": str(kaggle_input),
+        "CSPINE_DATA": str(data),
+        "CSPINE_SUBMISSION": str(submission),
+        "PIP_CONFIG_FILE": os.devnull,
+        "PIP_FIND_LINKS": "",
+        "PIP_INDEX_URL": "http://127.0.0.1:9/none",
+    }
     done = _run_as_a_cell(bundle / "kaggle_inference.py", offline, python=python)
     assert done.returncode == 0, done.stderr[-3000:]
     validate_submission(pd.read_csv(submission), read_test(data))
     public = kaggle_input / "public-rerun"  # test.csv lists studies whose images are absent
     shutil.copytree(data, public, ignore=shutil.ignore_patterns("test_images"))
-    done = _run_as_a_cell(bundle / "kaggle_inference.py", {**offline, "CSPINE_DATA": str(public)}, python=python)
+    done = _run_as_a_cell(
+        bundle / "kaggle_inference.py", {**offline, "CSPINE_DATA": str(public)}, python=python
+    )
     assert done.returncode == 0 and "cspine self-test: 3 training studies" in done.stdout, done.stderr[-3000:]
     broken = kaggle_input / "broken"  # every test study unreadable: the notebook must fail, with the cause
     shutil.copytree(data, broken)
     for dcm in (broken / "test_images").rglob("*.dcm"):
         dcm.write_bytes(b"")
-    done = _run_as_a_cell(bundle / "kaggle_inference.py", {**offline, "CSPINE_DATA": str(broken)}, python=python)
+    done = _run_as_a_cell(
+        bundle / "kaggle_inference.py", {**offline, "CSPINE_DATA": str(broken)}, python=python
+    )
     assert done.returncode != 0 and "test studies failed" in done.stderr and "DicomError" in done.stderr
-    listed = subprocess.run([python, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True).stdout
+    listed = subprocess.run(
+        [python, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True
+    ).stdout
     for training_only in ("albumentations", "iterative-stratification", "grad-cam", "python-gdcm", "zarr"):
         assert training_only not in listed.lower()

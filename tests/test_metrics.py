@@ -64,7 +64,9 @@ def test_study_and_global_forms_differ_and_global_matches_sklearn():
     assert weighted_log_loss(y, p, "global") == pytest.approx(expected)
     assert weighted_log_loss(y, p, "study") != pytest.approx(expected)
     sol = _solution(y)
-    assert competition_score(sol, _submission(sol["StudyInstanceUID"], p)) == pytest.approx(weighted_log_loss(y, p))
+    assert competition_score(sol, _submission(sol["StudyInstanceUID"], p)) == pytest.approx(
+        weighted_log_loss(y, p)
+    )
 
 
 def test_best_constant_minimises_the_loss():
@@ -72,11 +74,13 @@ def test_best_constant_minimises_the_loss():
     y = np.zeros((1000, 8), int)
     y[: int(q * 1000), 3] = 1
     y[:, 0] = y[:, 1:].max(axis=1)
+
     def loss(c):
         p = np.full(y.shape, 0.01)
         p[:, 3] = c
         p[:, 0] = best_constant(q)
         return weighted_log_loss(y, p, "global")
+
     best = best_constant(q)
     assert best == pytest.approx(2 * q / (1 + q))
     assert loss(best) < loss(best - 0.02) and loss(best) < loss(best + 0.02) and loss(best) < loss(q)
@@ -111,10 +115,25 @@ def test_balanced_subset_and_cv_table(tmp_path):
     y = np.array([1] * 10 + [0] * 90)
     idx = balanced_indices(y, seed=0)
     assert y[idx].sum() == 10 and len(idx) == 20
-    reports = [{"Model": "m", "Data": d, **binary_report(y, np.r_[np.full(10, 0.9), np.full(90, s)])}
-               for d in ("Imblcd.", "Blcd.") for s in (0.1, 0.6)]
+    reports = [
+        {"Model": "m", "Data": d, **binary_report(y, np.r_[np.full(10, 0.9), np.full(90, s)])}
+        for d in ("Imblcd.", "Blcd.")
+        for s in (0.1, 0.6)
+    ]
     table = cv_table(reports)
-    assert list(table.columns) == ["Model", "Data", "TPR", "TNR", "PPV", "NPV", "F1", "Acc", "MCC", "AUC", "folds"]
+    assert list(table.columns) == [
+        "Model",
+        "Data",
+        "TPR",
+        "TNR",
+        "PPV",
+        "NPV",
+        "F1",
+        "Acc",
+        "MCC",
+        "AUC",
+        "folds",
+    ]
     assert table.loc[0, "TPR"] == "100.00 ± 0.0" and table.loc[0, "TNR"] == "50.00 ± 50.0"
     md, csv = write_table(table, tmp_path / "table2", title="Table 2")
     assert "| Model" in md.read_text() and pd.read_csv(csv).shape == table.shape
@@ -123,8 +142,13 @@ def test_balanced_subset_and_cv_table(tmp_path):
 @pytest.fixture
 def test_csv():
     uids = ["1.2.1", "1.2.2", "1.2.3"]
-    return pd.DataFrame([{"row_id": f"{u}_{t}", "StudyInstanceUID": u, "prediction_type": t}
-                         for u in uids for t in ("C1", "C2", "C3", "C4", "C5", "C6", "C7", "patient_overall")])
+    return pd.DataFrame(
+        [
+            {"row_id": f"{u}_{t}", "StudyInstanceUID": u, "prediction_type": t}
+            for u in uids
+            for t in ("C1", "C2", "C3", "C4", "C5", "C6", "C7", "patient_overall")
+        ]
+    )
 
 
 def test_make_submission_keeps_order_and_fills_the_prior(test_csv):
@@ -139,14 +163,20 @@ def test_make_submission_keeps_order_and_fills_the_prior(test_csv):
     validate_submission(sub, test_csv)
 
 
-@pytest.mark.parametrize("breakage,message", [
-    (lambda s: s.rename(columns={"fractured": "prob"}), "header"),
-    (lambda s: s.iloc[1:], "missing"),
-    (lambda s: pd.concat([s, s.iloc[:1]]), "duplicate"),
-    (lambda s: pd.concat([s, pd.DataFrame({"row_id": ["9.9_C1"], "fractured": [0.5]})]), "not in test.csv"),
-    (lambda s: s.assign(fractured=s["fractured"].where(s.index != 3, np.nan)), "numeric"),
-    (lambda s: s.assign(fractured=s["fractured"].where(s.index != 3, 1.5)), r"outside \[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "breakage,message",
+    [
+        (lambda s: s.rename(columns={"fractured": "prob"}), "header"),
+        (lambda s: s.iloc[1:], "missing"),
+        (lambda s: pd.concat([s, s.iloc[:1]]), "duplicate"),
+        (
+            lambda s: pd.concat([s, pd.DataFrame({"row_id": ["9.9_C1"], "fractured": [0.5]})]),
+            "not in test.csv",
+        ),
+        (lambda s: s.assign(fractured=s["fractured"].where(s.index != 3, np.nan)), "numeric"),
+        (lambda s: s.assign(fractured=s["fractured"].where(s.index != 3, 1.5)), r"outside \[0, 1\]"),
+    ],
+)
 def test_validator_rejects_each_bad_case(test_csv, breakage, message, tmp_path):
     sub = make_submission(test_csv, {})
     bad = breakage(sub)

@@ -62,15 +62,19 @@ def test_backbones_with_a_head_convolution_feed_the_heads(backbone):
 def test_pretrained_weights_come_from_a_local_file_only(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     source = timm.create_model("test_resnet", num_classes=0)
-    torch.nn.init.constant_(source.conv1[0].weight if isinstance(source.conv1, torch.nn.Sequential)
-                            else source.conv1.weight, 0.123)
+    torch.nn.init.constant_(
+        source.conv1[0].weight if isinstance(source.conv1, torch.nn.Sequential) else source.conv1.weight,
+        0.123,
+    )
     path = tmp_path / "weights.pth"
     torch.save(source.state_dict(), path)
     loaded = create_backbone("test_resnet", pretrained_file=path)
     for (name, a), (_, b) in zip(source.state_dict().items(), loaded.state_dict().items()):
         torch.testing.assert_close(a, b, msg=name)
     random_init = create_backbone("test_resnet")
-    assert not all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), random_init.state_dict().values()))
+    assert not all(
+        torch.equal(a, b) for a, b in zip(source.state_dict().values(), random_init.state_dict().values())
+    )
     with pytest.raises(FileNotFoundError, match="never downloads"):
         SliceNet("test_resnet", pretrained_file=str(tmp_path / "missing.pth"))
 
@@ -82,7 +86,7 @@ def test_blstm_padded_batch_equals_each_sequence_alone():
     seqs = [torch.randn(n, 12) for n in lengths]
     batch = torch.zeros(3, 11, 12)
     for i, s in enumerate(seqs):
-        batch[i, :len(s)] = s
+        batch[i, : len(s)] = s
     batch[1, 3:] = 99.0  # padding content must not matter
     together = model(batch, torch.tensor(lengths))
     for i, s in enumerate(seqs):
@@ -101,7 +105,7 @@ def test_blstm_learns_separable_studies():
         x = rng.normal(size=(int(rng.integers(20, 40)), 8)).astype(np.float32)
         if positive:  # a few "fractured" slices carry a signal in feature 0
             at = rng.integers(0, len(x) - 3)
-            x[at:at + 3, 0] += 4.0
+            x[at : at + 3, 0] += 4.0
         y = np.zeros(8, np.float32)
         y[0] = y[3] = float(positive)
         return Study(f"s{i}", x, y)
@@ -132,8 +136,10 @@ def test_box_head_maps_the_second_to_last_stage_and_keeps_the_logits():
 def test_early_stopping_studies_come_from_training_studies_only():
     from cspine.train_seq import Study, split_for_stopping
 
-    studies = [Study(f"s{i}", np.zeros((4, 2), np.float32), np.array([i % 2] + [0] * 7, np.float32))
-               for i in range(20)]
+    studies = [
+        Study(f"s{i}", np.zeros((4, 2), np.float32), np.array([i % 2] + [0] * 7, np.float32))
+        for i in range(20)
+    ]
     fit, stop = split_for_stopping(studies, 0.2, seed=0)
     assert len(stop) == 4 and len(fit) == 16
     assert not {s.uid for s in fit} & {s.uid for s in stop}

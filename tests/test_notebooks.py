@@ -14,8 +14,11 @@ import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 PARAMETERS = ["DATA_DIR", "CONFIG", "OVERRIDES", "SMOKE", "WORK_DIR"]
-REFERENCES = ["arxiv.org/abs/2010.13336", "kaggle.com/competitions/rsna-2022-cervical-spine-fracture-detection",
-              "doi.org/10.1148/ryai.230034"]
+REFERENCES = [
+    "arxiv.org/abs/2010.13336",
+    "kaggle.com/competitions/rsna-2022-cervical-spine-fracture-detection",
+    "doi.org/10.1148/ryai.230034",
+]
 
 
 @pytest.fixture(params=NOTEBOOKS, ids=lambda p: p.stem)
@@ -34,7 +37,12 @@ def test_the_parameters_cell_holds_the_five_parameters_and_the_setup_uses_them(n
     assigned = [t.id for node in ast.parse(cells[0].source).body for t in node.targets]
     assert assigned == PARAMETERS
     code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
-    assert "notebook_setup(DATA_DIR, CONFIG, OVERRIDES, SMOKE, WORK_DIR" in code
+    calls = [
+        node
+        for node in ast.walk(ast.parse(code.replace("%", "#")))
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "notebook_setup"
+    ]
+    assert [[a.id for a in call.args[:5]] for call in calls] == [PARAMETERS]
     assert 'glob(f"{depth}/cspine-*.whl")' in code  # the kit installs from an attached dataset on Kaggle
 
 
@@ -57,8 +65,13 @@ def test_every_notebook_ends_with_exercises_and_names_its_references(notebook):
 def test_the_saved_notebooks_show_figures_and_stay_small(notebook):
     path, nb = notebook
     assert path.stat().st_size < 2_000_000
-    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-              if "image/png" in o.get("data", {})]
+    images = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if "image/png" in o.get("data", {})
+    ]
     assert images, f"{path.name} was saved without outputs: run python notebooks/execute.py"
     assert "widgets" not in nb.metadata  # a slider's state, which GitHub cannot show
 
@@ -77,7 +90,9 @@ def test_the_submission_notebook_only_submits_and_the_learning_notebook_points_t
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert len(code) == 1 and "skip-execution" in code[0].metadata.get("tags", [])
     assert "kaggle_inference.py" in code[0].source and "attach exactly one" in code[0].source
-    assert not any(word in code[0].source for word in ("run_stages", "setup_run", "notebook_setup"))  # no training
+    assert not any(
+        word in code[0].source for word in ("run_stages", "setup_run", "notebook_setup")
+    )  # no training
     learning = nbformat.read(here / "05_inference_and_submission.ipynb", as_version=4)
     assert "kaggle_submission.ipynb" in learning.cells[0].source
 

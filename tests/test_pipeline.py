@@ -28,8 +28,17 @@ pytestmark = pytest.mark.slow
 def test_run_writes_every_output(smoke_run, synthetic_root):
     sub = pd.read_csv(smoke_run / "submission.csv")
     validate_submission(sub, read_test(synthetic_root))
-    for path in ("report/report.md", "report/table2.csv", "report/table3.csv", "report/scores.csv",
-                 "report/roc.png", "report/calibration.png", "folds.csv", "labels.csv", "config.yaml"):
+    for path in (
+        "report/report.md",
+        "report/table2.csv",
+        "report/table3.csv",
+        "report/scores.csv",
+        "report/roc.png",
+        "report/calibration.png",
+        "folds.csv",
+        "labels.csv",
+        "config.yaml",
+    ):
         assert (smoke_run / path).is_file(), path
 
 
@@ -63,7 +72,9 @@ def test_features_never_come_from_a_model_that_saw_the_study(smoke_run):
         meta = load_sequence_model(model_path)[1]
         fold = int(model_path.parent.name.removeprefix("fold"))
         in_fold = set(folds.loc[folds["fold"] == fold, "StudyInstanceUID"])
-        if meta["input"] == "features":  # a BLSTM reads features of its own fold's CNN, on that fold's studies
+        if (
+            meta["input"] == "features"
+        ):  # a BLSTM reads features of its own fold's CNN, on that fold's studies
             assert meta["source_fold"] == fold and set(meta["trained_on"]) <= in_fold
         else:  # across folds: it never trains on the fold it scores
             assert meta["source_fold"] is None and not set(meta["trained_on"]) & in_fold
@@ -74,7 +85,9 @@ def test_every_study_is_predicted_out_of_fold_by_a_blstm_that_never_saw_it(smoke
         oof = pd.read_csv(hidden_dir / "oof.csv", dtype={"StudyInstanceUID": str})
         assert oof["StudyInstanceUID"].is_unique
         for fold_dir in hidden_dir.glob("fold*"):
-            scored = set(pd.read_csv(fold_dir / "oof.csv", dtype={"StudyInstanceUID": str})["StudyInstanceUID"])
+            scored = set(
+                pd.read_csv(fold_dir / "oof.csv", dtype={"StudyInstanceUID": str})["StudyInstanceUID"]
+            )
             inner = [load_sequence_model(p)[1] for p in fold_dir.glob("inner*.pt")]
             assert len(inner) >= 2
             # the inner splits partition the fold: each study is held out by exactly one inner model
@@ -105,7 +118,9 @@ def test_probs_input_trains_across_folds_and_scores_only_the_held_out_fold(smoke
         assert oof[[f"p_{t}" for t in TARGETS]].apply(lambda c: c.between(0, 1)).all().all()
         model, meta = load_sequence_model(Run(run_dir).blstm(16, fold, None))
         assert meta["input"] == "probs" and model.lstm.input_size == 15
-        assert set(meta["trained_on"]) == set(folds["StudyInstanceUID"]) - in_fold  # every other fold, none of its own
+        assert (
+            set(meta["trained_on"]) == set(folds["StudyInstanceUID"]) - in_fold
+        )  # every other fold, none of its own
 
 
 def test_own_fold_blstms_train_on_their_fold_through_its_cnn_only(smoke_run, tmp_path):
@@ -135,36 +150,48 @@ def test_own_fold_blstms_train_on_their_fold_through_its_cnn_only(smoke_run, tmp
 @pytest.mark.parametrize("train_on", ["other_folds", "own_fold"])
 def test_predict_feeds_a_blstm_exactly_what_it_trained_on(smoke_run, tmp_path, train_on):
     """Out-of-fold scores from training equal `predict`'s for the same CNN outputs (log-odds, slice bins)."""
-    from cspine.extract import load_features
-    from cspine.predict import Ensemble, blstm_outputs
+    from cspine.ensemble import Ensemble
+    from cspine.features import load_features
+    from cspine.predict import blstm_outputs
     from cspine.train_seq import train_seq_fold
 
     run_dir = _features_only_run(smoke_run, tmp_path / "binned_run")
-    cfg = load_config(SMOKE_CONFIG, ["seq.input=fracture", "seq.bins=5", "seq.hidden=16", "seq.inner_folds=2",
-                                     f"seq.train_on={train_on}"])
+    cfg = load_config(
+        SMOKE_CONFIG,
+        [
+            "seq.input=fracture",
+            "seq.bins=5",
+            "seq.hidden=16",
+            "seq.inner_folds=2",
+            f"seq.train_on={train_on}",
+        ],
+    )
     oof = train_seq_fold(cfg, run_dir, 0).set_index("StudyInstanceUID")
     paths = sorted(Run(run_dir).seq_fold_dir(16, 0).glob("*.pt"))
     blstms = [load_sequence_model(path)[::-1] for path in paths]  # (meta, model), as in Ensemble
     assert len(blstms) == (1 if train_on == "other_folds" else 2) and all(m["bins"] == 5 for m, _ in blstms)
     for uid, row in oof.iterrows():
         scorer = [(meta, model) for meta, model in blstms if uid not in meta["trained_on"]]
-        ensemble = Ensemble(cnns={}, blstms={16: scorer}, hidden=16, inputs={}, arch={}, input="fracture", bins=5,
-                            tta=False)
+        ensemble = Ensemble(
+            cnns={}, blstms={16: scorer}, hidden=16, inputs={}, arch={}, input="fracture", bins=5, tta=False
+        )
         # fold 0's CNN reads the study, as in training; fold 1's reading must not reach an own_fold BLSTM
         own = load_features(run_dir, 0, uid)
         features = {0: own, 1: (None, np.zeros_like(own[1]))}
         if train_on == "other_folds":
             features = {0: features[0]}
-        (probs,), = blstm_outputs(features, ensemble, 16, torch.device("cpu")).values()
+        ((probs,),) = blstm_outputs(features, ensemble, 16, torch.device("cpu")).values()
         assert np.allclose(probs, row[[f"p_{t}" for t in TARGETS]].to_numpy(float), atol=1e-5), uid
 
 
 def test_tta_extraction_is_recorded_and_predict_follows_it(smoke_run, synthetic_root, tmp_path, monkeypatch):
     """`predict.tta` re-extracts a fold's features; its BLSTMs record it and `predict` reads slices alike."""
     import cspine.predict
-    from cspine.extract import extract_fold, load_features
     from cspine.config import ConfigError
-    from cspine.predict import check_config, load_ensemble, predict_images
+    from cspine.ensemble import check_config, load_ensemble
+    from cspine.extract import extract_fold
+    from cspine.features import load_features
+    from cspine.predict import predict_images
     from cspine.studies import read_study
     from cspine.train_seq import train_seq_fold
 
@@ -196,7 +223,9 @@ def test_tta_extraction_is_recorded_and_predict_follows_it(smoke_run, synthetic_
 
     monkeypatch.setattr(cspine.predict, "study_features", recording)
     i = ensemble.inputs
-    study = read_study(sorted((synthetic_root / "test_images").iterdir())[0], i["size"], i["crop"], i["margin"], 2)
+    study = read_study(
+        sorted((synthetic_root / "test_images").iterdir())[0], i["size"], i["crop"], i["margin"], 2
+    )
     predict_images(study, ensemble, plain_cfg)
     assert readings == [True] * len(ensemble.cnns)  # every fold's CNN read the study mirrored too
 
@@ -222,7 +251,19 @@ def test_blstms_train_again_when_their_features_or_settings_change(smoke_run, tm
 
 def test_report_tables_have_the_papers_rows_and_columns(smoke_run):
     table3 = pd.read_csv(smoke_run / "report" / "table3.csv")
-    assert list(table3.columns) == ["Model", "Data", "TPR", "TNR", "PPV", "NPV", "F1", "Acc", "MCC", "AUC", "folds"]
+    assert list(table3.columns) == [
+        "Model",
+        "Data",
+        "TPR",
+        "TNR",
+        "PPV",
+        "NPV",
+        "F1",
+        "Acc",
+        "MCC",
+        "AUC",
+        "folds",
+    ]
     models = set(table3["Model"])
     for hidden in (96, 128, 256):
         assert any(m.endswith(f"BLSTM-{hidden}") for m in models), hidden
@@ -247,16 +288,24 @@ def test_predict_survives_every_kind_of_bad_study(smoke_run, synthetic_root, tmp
     (data / "test_images" / empty_uid).mkdir()
     (data / "test_images" / non_ct_uid).mkdir()
     (data / "test_images" / non_ct_uid / "1.dcm").write_text("this is not a CT slice")
-    write_series(np.zeros((1, 64, 64)), data / "test_images" / one_uid, spacing=(1, 1, 1), study_uid=one_uid,
-                 encoding=Encoding())
+    write_series(
+        np.zeros((1, 64, 64)),
+        data / "test_images" / one_uid,
+        spacing=(1, 1, 1),
+        study_uid=one_uid,
+        encoding=Encoding(),
+    )
     uids = [*good, corrupt_uid, empty_uid, non_ct_uid, one_uid, absent_uid]
-    test = pd.DataFrame([{"row_id": f"{u}_{t}", "StudyInstanceUID": u, "prediction_type": t}
-                         for u in uids for t in TARGETS])
+    test = pd.DataFrame(
+        [{"row_id": f"{u}_{t}", "StudyInstanceUID": u, "prediction_type": t} for u in uids for t in TARGETS]
+    )
     test.to_csv(data / "test.csv", index=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # half the studies are bad on purpose: the failure limit (test_predict_guards) is lifted to see each
-        sub = predict(load_config(SMOKE_CONFIG, ["predict.max_failed=1"]), data, smoke_run, tmp_path / "sub.csv")
+        sub = predict(
+            load_config(SMOKE_CONFIG, ["predict.max_failed=1"]), data, smoke_run, tmp_path / "sub.csv"
+        )
     validate_submission(pd.read_csv(tmp_path / "sub.csv"), test)
     assert len(sub) == 8 * len(uids)
     for uid in (empty_uid, non_ct_uid, one_uid):
@@ -266,7 +315,9 @@ def test_predict_survives_every_kind_of_bad_study(smoke_run, synthetic_root, tmp
     values = sub.set_index("row_id")["fractured"]
     prior_like = values[f"{empty_uid}_patient_overall"]
     assert values[f"{absent_uid}_patient_overall"] == pytest.approx(prior_like)
-    assert values[f"{corrupt_uid}_patient_overall"] == pytest.approx(values[f"{good[0]}_patient_overall"], abs=0.05)
+    assert values[f"{corrupt_uid}_patient_overall"] == pytest.approx(
+        values[f"{good[0]}_patient_overall"], abs=0.05
+    )
 
 
 def test_package_kaggle_bundles_models_and_script(smoke_run, tmp_path):
@@ -277,14 +328,18 @@ def test_package_kaggle_bundles_models_and_script(smoke_run, tmp_path):
     assert list(out.glob("models/seq/h128/fold*/*.pt"))
     assert load_config(out / "models" / "config.yaml") == load_config(SMOKE_CONFIG)
     script = (out / "kaggle_inference.py").read_text()
-    assert "--no-index" in script and "HF_HUB_OFFLINE" in script and "/kaggle/working/submission.csv" in script
+    assert (
+        "--no-index" in script and "HF_HUB_OFFLINE" in script and "/kaggle/working/submission.csv" in script
+    )
 
 
 def test_predict_rejects_a_config_that_contradicts_the_checkpoints(smoke_run, synthetic_root, tmp_path):
     from cspine.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"prepare.size=32 \(the models: 48\)"):
-        predict(load_config(SMOKE_CONFIG, ["prepare.size=32"]), synthetic_root, smoke_run, tmp_path / "sub.csv")
+        predict(
+            load_config(SMOKE_CONFIG, ["prepare.size=32"]), synthetic_root, smoke_run, tmp_path / "sub.csv"
+        )
     assert not (tmp_path / "sub.csv").exists()
 
 
@@ -294,7 +349,15 @@ def test_predict_command_reads_the_runs_own_config(smoke_run, synthetic_root, tm
     from .conftest import REPO
 
     monkeypatch.chdir(REPO)  # where configs/demo.yaml, the default config, would contradict the smoke models
-    common = ["predict", "--models", str(smoke_run), "--data", str(synthetic_root), "--out", str(tmp_path / "s.csv")]
+    common = [
+        "predict",
+        "--models",
+        str(smoke_run),
+        "--data",
+        str(synthetic_root),
+        "--out",
+        str(tmp_path / "s.csv"),
+    ]
     assert main(common) == 0
     validate_submission(pd.read_csv(tmp_path / "s.csv"), read_test(synthetic_root))
     assert main([*common, "--config", str(SMOKE_CONFIG), "prepare.crop=slice"]) == 2
@@ -338,7 +401,7 @@ def test_package_kaggle_refuses_a_damaged_checkpoint(smoke_run, tmp_path):
     assert not (tmp_path / "bundle").exists()
 
 
-OFFLINE_PREDICT = '''
+OFFLINE_PREDICT = """
 import socket, sys
 attempts = []
 
@@ -354,7 +417,7 @@ from cspine.predict import predict
 config, data, models, out = sys.argv[1:]
 predict(load_config(config), data, models, out)
 print("network attempts:", len(attempts))
-'''
+"""
 
 
 def test_predict_runs_with_the_network_off(smoke_run, synthetic_root, tmp_path):
@@ -364,26 +427,47 @@ def test_predict_runs_with_the_network_off(smoke_run, synthetic_root, tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k not in ("NO_ALBUMENTATIONS_UPDATE", "HF_HUB_OFFLINE")}
     out = tmp_path / "sub.csv"
-    result = subprocess.run([sys.executable, "-c", OFFLINE_PREDICT, str(SMOKE_CONFIG), str(synthetic_root),
-                             str(smoke_run), str(out)], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            OFFLINE_PREDICT,
+            str(SMOKE_CONFIG),
+            str(synthetic_root),
+            str(smoke_run),
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "network attempts: 0" in result.stdout  # `import cspine` switched the update check off itself
     validate_submission(pd.read_csv(out), read_test(synthetic_root))
 
 
 def test_predict_gives_the_same_submission_with_more_study_workers_and_folds_spread_over_devices(
-        smoke_run, synthetic_root, tmp_path):
-    from cspine.predict import load_ensemble, predict_images
+    smoke_run, synthetic_root, tmp_path
+):
+    from cspine.ensemble import load_ensemble
+    from cspine.predict import predict_images
     from cspine.studies import read_study
 
-    one = predict(load_config(SMOKE_CONFIG, ["predict.workers=1"]), synthetic_root, smoke_run, tmp_path / "1.csv")
-    two = predict(load_config(SMOKE_CONFIG, ["predict.workers=2"]), synthetic_root, smoke_run, tmp_path / "2.csv")
+    one = predict(
+        load_config(SMOKE_CONFIG, ["predict.workers=1"]), synthetic_root, smoke_run, tmp_path / "1.csv"
+    )
+    two = predict(
+        load_config(SMOKE_CONFIG, ["predict.workers=2"]), synthetic_root, smoke_run, tmp_path / "2.csv"
+    )
     pd.testing.assert_frame_equal(one, two)
     cfg = load_config(SMOKE_CONFIG)
     single = load_ensemble(smoke_run, cfg.seq.hidden, [torch.device("cpu")])
     spread = load_ensemble(smoke_run, cfg.seq.hidden, [torch.device("cpu"), torch.device("cpu")])
     i = single.inputs
-    study = read_study(sorted((synthetic_root / "test_images").iterdir())[0], i["size"], i["crop"], i["margin"], 2)
+    study = read_study(
+        sorted((synthetic_root / "test_images").iterdir())[0], i["size"], i["crop"], i["margin"], 2
+    )
     assert predict_images(study, spread, cfg) == predict_images(study, single, cfg)
     submitted = one.set_index("row_id")["fractured"]
     uid = sorted((synthetic_root / "test_images").iterdir())[0].name

@@ -23,12 +23,18 @@ from cspine.preprocess import (
 
 
 def test_paper_windows():
-    assert WINDOWS == (("soft_tissue", 80.0, 300.0), ("standard_bone", 500.0, 1800.0), ("gross_bone", 400.0, 650.0))
+    assert WINDOWS == (
+        ("soft_tissue", 80.0, 300.0),
+        ("standard_bone", 500.0, 1800.0),
+        ("gross_bone", 400.0, 650.0),
+    )
 
 
 @pytest.mark.parametrize("name,center,width", WINDOWS)
 def test_window_is_exact_at_ends_and_middle(name, center, width):
-    hu = np.array([center - width / 2, center, center + width / 2, center - width, center + width, center + width / 4])
+    hu = np.array(
+        [center - width / 2, center, center + width / 2, center - width, center + width, center + width / 4]
+    )
     out = window(hu, center, width)
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, [0.0, 0.5, 1.0, 0.0, 1.0, 0.75], atol=1e-6)
@@ -36,7 +42,9 @@ def test_window_is_exact_at_ends_and_middle(name, center, width):
 
 def test_otsu_matches_skimage():
     rng = np.random.default_rng(0)
-    values = np.concatenate([rng.normal(40, 10, 5000), rng.normal(200, 20, 1000)]).clip(0, 255).astype(np.uint8)
+    values = (
+        np.concatenate([rng.normal(40, 10, 5000), rng.normal(200, 20, 1000)]).clip(0, 255).astype(np.uint8)
+    )
     assert abs(otsu_threshold(values) - threshold_otsu(values)) <= 1
 
 
@@ -60,7 +68,9 @@ def test_box_holds_the_whole_spine_and_leaves_out_table_and_padding(phantom):
         box = otsu_crop_box(phantom.hu[k])
         assert _inside(box, vertebra), k
         body_rows = np.flatnonzero(_body(phantom.hu[k])[0].any(axis=1))
-        if (phantom.hu[k, body_rows[-1] + 1:] > -400).any():  # the table, under the patient, in the field of view
+        if (
+            phantom.hu[k, body_rows[-1] + 1 :] > -400
+        ).any():  # the table, under the patient, in the field of view
             assert box[1] <= body_rows[-1] + 1, k
             with_table += 1
         y0, y1, x0, x1 = box
@@ -115,7 +125,9 @@ def test_margin_is_five_percent_each_side(phantom):
     k = len(phantom.hu) // 2
     y0, y1, x0, x1 = otsu_crop_box(phantom.hu[k], margin=0.0)
     b = otsu_crop_box(phantom.hu[k], margin=0.05)
-    assert b[0] == max(0, int(np.floor(y0 - 0.05 * (y1 - y0)))) and b[3] == min(128, int(np.ceil(x1 + 0.05 * (x1 - x0))))
+    assert b[0] == max(0, int(np.floor(y0 - 0.05 * (y1 - y0)))) and b[3] == min(
+        128, int(np.ceil(x1 + 0.05 * (x1 - x0)))
+    )
 
 
 def test_preprocess_slice_shape_type_and_channels(phantom):

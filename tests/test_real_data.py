@@ -9,11 +9,10 @@ import pandas as pd
 import pytest
 
 from cspine import TARGETS
-from cspine.competition import DataError, read_train, select_studies
+from cspine.competition import COMPLETE_MARKER, DataError, read_train, select_studies
 from cspine.config import ConfigError, load_config
 from cspine.pipeline import setup_run
 from cspine.runs import Run
-from cspine.competition import COMPLETE_MARKER
 
 
 @pytest.fixture
@@ -27,12 +26,16 @@ def real_looking(synthetic_root, tmp_path):
 
 def test_a_demo_config_is_refused_on_real_data_and_says_which_to_use(real_looking, synthetic_root, tmp_path):
     for name in ("smoke", "demo"):
-        with pytest.raises(ConfigError, match=rf"config '{name}' is a CPU demo.*--config rsna.*meant_for=any"):
+        with pytest.raises(
+            ConfigError, match=rf"config '{name}' is a CPU demo.*--config rsna.*meant_for=any"
+        ):
             setup_run(load_config(name), real_looking, tmp_path / name)
         assert not (tmp_path / name / "config.yaml").exists()  # refused before anything is written
     from cspine.cli import main
 
-    assert main(["prepare", "--data", str(real_looking), "--out", str(tmp_path / "cli")]) == 2  # the demo, by default
+    assert (
+        main(["prepare", "--data", str(real_looking), "--out", str(tmp_path / "cli")]) == 2
+    )  # the demo, by default
     assert not (tmp_path / "cli" / "config.yaml").exists()  # nothing bound to the refused config
     setup_run(load_config("smoke", ["meant_for=any"]), real_looking, tmp_path / "asked")  # unless asked
     setup_run(load_config("rsna", ["folds.n_splits=2", "seq.inner_folds=2"]), real_looking, tmp_path / "rsna")
@@ -41,16 +44,20 @@ def test_a_demo_config_is_refused_on_real_data_and_says_which_to_use(real_lookin
         setup_run(load_config("smoke", ["meant_for=gpu"]), synthetic_root, tmp_path / "bad")
 
 
-def test_run_stops_before_the_first_stage_when_images_are_missing_or_the_disk_is_short(real_looking, tmp_path,
-                                                                                       monkeypatch):
+def test_run_stops_before_the_first_stage_when_images_are_missing_or_the_disk_is_short(
+    real_looking, tmp_path, monkeypatch
+):
     import cspine.pipeline
 
     cfg = load_config("smoke", ["meant_for=any"])
     folders = sorted((real_looking / "train_images").iterdir())
     for folder in folders[4:]:
         shutil.rmtree(folder)
-    with pytest.raises(DataError, match=rf"{len(folders) - 4} of the {len(folders)} studies .* no folder in "
-                                        rf".*train_images \(first: {folders[4].name}"):
+    with pytest.raises(
+        DataError,
+        match=rf"{len(folders) - 4} of the {len(folders)} studies .* no folder in "
+        rf".*train_images \(first: {folders[4].name}",
+    ):
         setup_run(cfg, real_looking, tmp_path / "missing")
     assert not (tmp_path / "missing" / "config.yaml").exists()
     listed = tmp_path / "present.txt"  # the subset that has its images goes on
@@ -60,6 +67,7 @@ def test_run_stops_before_the_first_stage_when_images_are_missing_or_the_disk_is
 
     class Full:
         free = 10_000
+
     monkeypatch.setattr(cspine.pipeline.shutil, "disk_usage", lambda path: Full)
     with pytest.raises(DataError, match=r"needs about 0\.\d GB.*0\.0 GB free.*prepare\.format=zarr"):
         setup_run(load_config("smoke", subset), real_looking, tmp_path / "full")
@@ -68,8 +76,13 @@ def test_run_stops_before_the_first_stage_when_images_are_missing_or_the_disk_is
 def _train(n: int, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     vert = (rng.random((n, 7)) < [0.07, 0.14, 0.04, 0.05, 0.08, 0.14, 0.19]).astype(int)
-    return pd.DataFrame({"StudyInstanceUID": [f"1.2.{i}" for i in range(n)], "patient_overall": vert.max(1),
-                         **{f"C{k + 1}": vert[:, k] for k in range(7)}})[["StudyInstanceUID", *TARGETS]]
+    return pd.DataFrame(
+        {
+            "StudyInstanceUID": [f"1.2.{i}" for i in range(n)],
+            "patient_overall": vert.max(1),
+            **{f"C{k + 1}": vert[:, k] for k in range(7)},
+        }
+    )[["StudyInstanceUID", *TARGETS]]
 
 
 def test_a_subset_is_stratified_keeps_every_masked_study_and_is_the_same_each_time(tmp_path):
@@ -96,7 +109,10 @@ def test_a_study_list_is_read_as_lines_or_as_a_csv_and_unknown_studies_are_named
     (tmp_path / "lines.txt").write_text("\n".join(uids) + "\n")
     train.iloc[:10].to_csv(tmp_path / "table.csv", index=False)
     for name in ("lines.txt", "table.csv"):
-        assert select_studies(train, tmp_path, study_list=str(tmp_path / name))["StudyInstanceUID"].tolist() == uids
+        assert (
+            select_studies(train, tmp_path, study_list=str(tmp_path / name))["StudyInstanceUID"].tolist()
+            == uids
+        )
     assert len(select_studies(train, tmp_path, studies=4, study_list=str(tmp_path / "lines.txt"))) == 4
     (tmp_path / "bad.txt").write_text("1.2.3\n9.9.9\n")
     with pytest.raises(DataError, match=r"bad.txt: 1 studies are not in train.csv.*9\.9\.9"):
@@ -116,11 +132,14 @@ def test_a_run_on_a_subset_labels_folds_and_caches_only_the_subset(synthetic_roo
     assert len(read_train(synthetic_root)) == 8
 
 
-def test_a_notebook_takes_the_rsna_config_on_real_data_and_the_smoke_scale_on_phantoms(real_looking, synthetic_root,
-                                                                                      tmp_path, monkeypatch):
+def test_a_notebook_takes_the_rsna_config_on_real_data_and_the_smoke_scale_on_phantoms(
+    real_looking, synthetic_root, tmp_path, monkeypatch
+):
     from cspine.notebook import NOTEBOOK_SMOKE, notebook_setup
 
-    cfg, data_dir, run_dir = notebook_setup(real_looking, work_dir=tmp_path, overrides=["prepare.studies=0.25"])
+    cfg, data_dir, run_dir = notebook_setup(
+        real_looking, work_dir=tmp_path, overrides=["prepare.studies=0.25"]
+    )
     assert (cfg.name, cfg.meant_for, cfg.prepare.studies) == ("rsna", "real", 0.25)
     assert data_dir == real_looking and run_dir == tmp_path / "runs" / "rsna"
     monkeypatch.setenv("CSPINE_DATA", str(real_looking))  # found, as on a Kaggle fork with the data attached
@@ -130,8 +149,9 @@ def test_a_notebook_takes_the_rsna_config_on_real_data_and_the_smoke_scale_on_ph
     assert cfg == smoke and data_dir == synthetic_root and run_dir == tmp_path / "runs" / "notebooks"
     cfg, _, run_dir = notebook_setup(synthetic_root, work_dir=tmp_path, smoke=False)
     assert cfg == load_config("demo") and run_dir == tmp_path / "runs" / "demo"
-    cfg, _, run_dir = notebook_setup(synthetic_root, work_dir=tmp_path, smoke_overrides=["vert.enabled=true"],
-                                     variant="-vertebrae")
+    cfg, _, run_dir = notebook_setup(
+        synthetic_root, work_dir=tmp_path, smoke_overrides=["vert.enabled=true"], variant="-vertebrae"
+    )
     assert cfg.vert.enabled and run_dir == tmp_path / "runs" / "notebooks-vertebrae"
 
 

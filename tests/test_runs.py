@@ -18,7 +18,7 @@ from cspine.checkpoints import (
     load_sequence_model,
     load_slice_model,
     save_checkpoint,
-    save_sequence_model,
+    save_model,
     save_slice_model,
 )
 from cspine.config import load_config
@@ -59,8 +59,16 @@ def test_slice_model_round_trip_keeps_weights_architecture_and_inputs(tmp_path):
 def test_sequence_model_round_trip(tmp_path):
     torch.manual_seed(0)
     model = SequenceNet(3, hidden=8).eval()
-    save_sequence_model(model, tmp_path / "inner0.pt", input="fracture", bins=4, tta=False, source_fold=0,
-                        trained_on=["a"])
+    save_model(
+        model,
+        tmp_path / "inner0.pt",
+        "blstm",
+        input="fracture",
+        bins=4,
+        tta=False,
+        source_fold=0,
+        trained_on=["a"],
+    )
     loaded, meta = load_sequence_model(tmp_path / "inner0.pt")
     x, lengths = torch.randn(1, 4, 3), torch.tensor([4])
     assert meta["bins"] == 4 and meta["source_fold"] == 0
@@ -70,8 +78,16 @@ def test_sequence_model_round_trip(tmp_path):
 
 @pytest.mark.parametrize("damage", ["empty", "truncated"])
 def test_a_damaged_checkpoint_is_an_error_naming_the_file(tmp_path, damage):
-    path = save_sequence_model(SequenceNet(3, hidden=8), tmp_path / "inner0.pt", input="fracture", bins=0,
-                               tta=False, source_fold=0, trained_on=[])
+    path = save_model(
+        SequenceNet(3, hidden=8),
+        tmp_path / "inner0.pt",
+        "blstm",
+        input="fracture",
+        bins=0,
+        tta=False,
+        source_fold=0,
+        trained_on=[],
+    )
     data = path.read_bytes()
     path.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="inner0.pt.*damaged"):
@@ -103,8 +119,13 @@ def test_run_paths_and_record_names(tmp_path):
 def test_slice_pools_split_by_study_and_drop_unknown_labels():
     from cspine.train_slices import slice_pools
 
-    index = pd.DataFrame({"StudyInstanceUID": ["a", "a", "b", "b", "c", "c"], "order": [0, 1] * 3,
-                          "label": [0, 1, -1, -1, 0, -1]})
+    index = pd.DataFrame(
+        {
+            "StudyInstanceUID": ["a", "a", "b", "b", "c", "c"],
+            "order": [0, 1] * 3,
+            "label": [0, 1, -1, -1, 0, -1],
+        }
+    )
     folds = pd.DataFrame({"StudyInstanceUID": ["a", "b", "c"], "fold": [0, 1, 1]})
     train, val = slice_pools(index, folds, 1)
     assert set(train["StudyInstanceUID"]) == {"a"} and len(train) == 2
@@ -129,8 +150,10 @@ def test_run_stages_runs_only_unfinished_stages_in_order(monkeypatch, tmp_path):
     from cspine.config import Config
 
     ran = []
-    fake = tuple(pipeline.Stage(name, lambda job, n=name: n == "b", lambda job, n=name: ran.append(n))
-                 for name in ("a", "b", "c", "d"))
+    fake = tuple(
+        pipeline.Stage(name, lambda job, n=name: n == "b", lambda job, n=name: ran.append(n))
+        for name in ("a", "b", "c", "d")
+    )
     monkeypatch.setattr(pipeline, "STAGES", fake)
     monkeypatch.setattr(pipeline, "STAGE_NAMES", ("a", "b", "c", "d"))
     pipeline.run_stages(Config(), tmp_path, tmp_path, until="c")
@@ -157,11 +180,42 @@ def test_step_bars_stay_off_when_stderr_is_not_a_terminal(monkeypatch):
     assert progress(range(3), "rank 1", enabled=False).disable
 
 
+def test_no_stage_imports_another_stage_and_no_library_module_imports_a_stage():
+    """A stage module is named after its command (`pipeline.STAGES`, and the commands outside `run`); it
+    imports library modules only, and a library module imports no stage: what two stages share lives in a
+    library module. Function-level imports count."""
+    import ast
+    from pathlib import Path
+
+    import cspine
+    from cspine.pipeline import STAGE_NAMES
+
+    package = Path(cspine.__file__).parent
+    stages = {name.replace("-", "_") for name in STAGE_NAMES} | {"synthetic", "explain", "kaggle"}
+    modules = {p.stem: p for p in package.glob("*.py")}
+    assert stages <= set(modules), f"stage modules missing: {sorted(stages - set(modules))}"
+    wrong = []
+    for name, path in modules.items():
+        if name in ("pipeline", "cli", "__main__"):  # the stage list and the command line import every stage
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cspine."):
+                imported = [node.module.split(".")[1]]
+            elif isinstance(node, ast.Import):
+                imported = [a.name.split(".")[1] for a in node.names if a.name.startswith("cspine.")]
+            else:
+                continue
+            wrong += [f"{name} imports {m}" for m in imported if m in stages and m != name]
+    assert not wrong
+
+
 def test_inference_imports_no_training_module():
-    code = ("import sys, cspine.predict, cspine.evaluate, cspine.explain, cspine.kaggle; "
-            "print(' '.join(m for m in ('cspine.train_slices', 'cspine.train_seq', 'cspine.data', "
-            "'cspine.segment', 'cspine.vertebra', 'cspine.crop', 'cspine.train_crops', 'albumentations', "
-            "'iterstrat', 'zarr') if m in sys.modules))")
+    code = (
+        "import sys, cspine.predict, cspine.evaluate, cspine.explain, cspine.kaggle; "
+        "print(' '.join(m for m in ('cspine.train_slices', 'cspine.train_seq', 'cspine.data', "
+        "'cspine.segment', 'cspine.train_vertebrae', 'cspine.crop', 'cspine.train_crops', 'albumentations', "
+        "'iterstrat', 'zarr') if m in sys.modules))"
+    )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == ""
 
@@ -169,10 +223,12 @@ def test_inference_imports_no_training_module():
 def test_the_predict_command_imports_no_training_module(tmp_path):
     """The Kaggle bundle installs cspine without its training dependencies: `python -m cspine predict` must
     not import them on its way (here it stops at the missing data, after its imports)."""
-    code = ("import sys\nfrom cspine.cli import main\n"
-            f"rc = main(['predict', '--models', {str(tmp_path)!r}, '--data', {str(tmp_path / 'none')!r}])\n"
-            "print(rc, ' '.join(m for m in ('cspine.pipeline', 'cspine.train_slices', 'cspine.data', 'cspine.segment', "
-            "'albumentations', 'iterstrat', 'zarr') if m in sys.modules))")
+    code = (
+        "import sys\nfrom cspine.cli import main\n"
+        f"rc = main(['predict', '--models', {str(tmp_path)!r}, '--data', {str(tmp_path / 'none')!r}])\n"
+        "print(rc, ' '.join(m for m in ('cspine.pipeline', 'cspine.train_slices', 'cspine.data', 'cspine.segment', "
+        "'albumentations', 'iterstrat', 'zarr') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["1"]
 
@@ -195,8 +251,10 @@ def test_every_artifact_is_written_through_the_run_layer():
 
     import cspine
 
-    direct = re.compile(r"\.write_text\(|\.write_bytes\(|\.to_csv\(|torch\.save\(|\.savefig\(|np\.savez?\(|"
-                        r"nib\.save\(|\.save_as\(|open\([^)]*[\"'][wa]b?[\"']")
+    direct = re.compile(
+        r"\.write_text\(|\.write_bytes\(|\.to_csv\(|torch\.save\(|\.savefig\(|np\.savez?\(|"
+        r"nib\.save\(|\.save_as\(|open\([^)]*[\"'][wa]b?[\"']"
+    )
     allowed = {"runs.py", "checkpoints.py", "dicom_writer.py"}
     offenders = []
     for path in sorted(Path(cspine.__file__).parent.glob("*.py")):
@@ -204,7 +262,7 @@ def test_every_artifact_is_written_through_the_run_layer():
             continue
         lines = path.read_text().splitlines()
         for i, line in enumerate(lines):
-            inside_atomic = any("atomic_path(" in above for above in lines[max(0, i - 1):i + 1])
+            inside_atomic = any("atomic_path(" in above for above in lines[max(0, i - 1) : i + 1])
             if direct.search(line) and not inside_atomic:
                 offenders.append(f"{path.name}:{i + 1}: {line.strip()}")
     assert not offenders, offenders
@@ -215,7 +273,9 @@ def test_the_segmentation_runs_when_either_labels_or_the_vertebra_track_need_it(
 
     assert not needs_vertebrae(load_config())
     assert needs_vertebrae(load_config(None, ["slice.labels=vertebrae"]))
-    assert needs_vertebrae(load_config(None, ["vert.enabled=true"]))  # boxes for the CNN, vertebrae for the track
+    assert needs_vertebrae(
+        load_config(None, ["vert.enabled=true"])
+    )  # boxes for the CNN, vertebrae for the track
 
 
 def test_a_run_folder_is_held_by_one_process_at_a_time(tmp_path, synthetic_root):
@@ -233,7 +293,9 @@ def test_a_run_folder_is_held_by_one_process_at_a_time(tmp_path, synthetic_root)
             run(load_config("smoke"), synthetic_root, folder.root, tmp_path / "submission.csv")
         assert not folder.config.exists()  # refused before anything was written
     assert not folder.lock.exists()  # released
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     folder.lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
     with run_lock(folder):  # killed with -9: the lock is stale and taken over
         assert json.loads(folder.lock.read_text())["pid"] == os.getpid()

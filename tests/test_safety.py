@@ -72,15 +72,22 @@ def test_a_changed_setting_is_refused_once_an_artifact_depends_on_it(tmp_path):
     run_folder = Run(tmp_path / "run")
     cfg = load_config(SMOKE_CONFIG)
     bind_config(cfg, run_folder)
-    bind_config(load_config(SMOKE_CONFIG, ["prepare.size=32", "slice.epochs=9"]), run_folder)  # nothing made yet
+    bind_config(
+        load_config(SMOKE_CONFIG, ["prepare.size=32", "slice.epochs=9"]), run_folder
+    )  # nothing made yet
     assert load_config(run_folder.config).prepare.size == 32
     run_folder.cache.root.mkdir(parents=True)
     (run_folder.cache.root / "1.2.3.json").write_text("{}")  # a cached study now exists
     with pytest.raises(ConfigError, match=r"prepare.size=48 \(made with 32\)"):
         bind_config(cfg, run_folder)
     assert load_config(run_folder.config).prepare.size == 32  # the record still tells the truth
-    bind_config(load_config(SMOKE_CONFIG, ["prepare.size=32", "slice.epochs=9", "seq.epochs=7",
-                                           "slice.workers=3", "name=other"]), run_folder)  # free settings
+    bind_config(
+        load_config(
+            SMOKE_CONFIG,
+            ["prepare.size=32", "slice.epochs=9", "seq.epochs=7", "slice.workers=3", "name=other"],
+        ),
+        run_folder,
+    )  # free settings
     assert load_config(run_folder.config).seq.epochs == 7
 
 
@@ -113,12 +120,21 @@ def test_an_os_error_at_the_command_line_is_one_line(tmp_path, capsys):
 
 def test_a_one_slice_study_is_left_out_of_training_as_predict_leaves_it_out(tmp_path):
     from cspine.dicom_writer import Encoding, write_series
-    from cspine.prepare import Cache, StudyJob, cache_study
+    from cspine.prepare import StudyJob, cache_study
+    from cspine.runs import Cache
 
-    write_series(np.zeros((1, 32, 32)), tmp_path / "study", spacing=(1, 1, 1), study_uid="1.2.3",
-                 encoding=Encoding())
-    job = StudyJob(uid="1.2.3", image_dir=tmp_path / "study", out_dir=tmp_path / "cache",
-                   labels={t: 0 for t in TARGETS}, boxes=[], mask_path=None, prepare=load_config(SMOKE_CONFIG).prepare)
+    write_series(
+        np.zeros((1, 32, 32)), tmp_path / "study", spacing=(1, 1, 1), study_uid="1.2.3", encoding=Encoding()
+    )
+    job = StudyJob(
+        uid="1.2.3",
+        image_dir=tmp_path / "study",
+        out_dir=tmp_path / "cache",
+        labels={t: 0 for t in TARGETS},
+        boxes=[],
+        mask_path=None,
+        prepare=load_config(SMOKE_CONFIG).prepare,
+    )
     (tmp_path / "cache").mkdir()
     uid, n, error = cache_study(job)
     assert n == 0 and "only 1 readable slice" in error
@@ -126,7 +142,8 @@ def test_a_one_slice_study_is_left_out_of_training_as_predict_leaves_it_out(tmp_
 
 
 def test_an_empty_segmentation_keeps_its_study(synthetic_root, tmp_path, caplog):
-    from cspine.prepare import prepare, read_meta
+    from cspine.cache import read_meta
+    from cspine.prepare import prepare
 
     data = _copy(synthetic_root, tmp_path / "data")
     mask = sorted((data / "segmentations").glob("*.nii"))[0]
@@ -141,7 +158,9 @@ def test_an_empty_segmentation_keeps_its_study(synthetic_root, tmp_path, caplog)
 def test_the_submission_is_readable_by_others(tmp_path):
     from cspine.submission import make_submission, write_submission
 
-    test = pd.DataFrame([{"row_id": f"u_{t}", "StudyInstanceUID": "u", "prediction_type": t} for t in TARGETS])
+    test = pd.DataFrame(
+        [{"row_id": f"u_{t}", "StudyInstanceUID": "u", "prediction_type": t} for t in TARGETS]
+    )
     old = os.umask(0o022)
     try:
         path = write_submission(make_submission(test, {}), test, tmp_path / "submission.csv")
@@ -161,7 +180,8 @@ def test_folds_are_made_once_and_bound_to_their_settings(synthetic_root, tmp_pat
 
 
 def test_a_segmentation_added_after_prepare_is_noticed(synthetic_root, tmp_path, caplog):
-    from cspine.prepare import prepare, read_meta
+    from cspine.cache import read_meta
+    from cspine.prepare import prepare
 
     data = _copy(synthetic_root, tmp_path / "data")
     mask = sorted((data / "segmentations").glob("*.nii"))[0]
@@ -172,7 +192,9 @@ def test_a_segmentation_added_after_prepare_is_noticed(synthetic_root, tmp_path,
     assert read_meta(tmp_path / "cache", uid)["present"] is None
     written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.json")}
 
-    (mask.parent / f"{mask.name}.gz").write_bytes(gzip.compress(aside.read_bytes()))  # arrives later, compressed
+    (mask.parent / f"{mask.name}.gz").write_bytes(
+        gzip.compress(aside.read_bytes())
+    )  # arrives later, compressed
     caplog.clear()
     prepare(cfg, data, tmp_path / "cache")
     assert read_meta(tmp_path / "cache", uid)["present"] is not None  # its vertebra labels are used now
@@ -183,7 +205,8 @@ def test_a_segmentation_added_after_prepare_is_noticed(synthetic_root, tmp_path,
 
 @pytest.mark.parametrize("fmt", ["npy", "zarr"])
 def test_a_damaged_cache_entry_is_named_and_cached_again(synthetic_root, tmp_path, caplog, fmt):
-    from cspine.prepare import load_study_images, prepare
+    from cspine.cache import load_study_images
+    from cspine.prepare import prepare
     from cspine.runs import Cache
 
     cfg = load_config(SMOKE_CONFIG, [f"prepare.format={fmt}"])
@@ -191,8 +214,11 @@ def test_a_damaged_cache_entry_is_named_and_cached_again(synthetic_root, tmp_pat
     cache = Cache(tmp_path / "cache")
     uid = sorted(p.name.removesuffix(".json") for p in cache.root.glob("1.*.json"))[0]
     good = load_study_images(cache.root, uid, mmap=False)  # a copy: the file is cut below
-    stored = cache.images(uid) if fmt == "npy" else max(
-        (p for p in cache.zarr(uid).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    stored = (
+        cache.images(uid)
+        if fmt == "npy"
+        else max((p for p in cache.zarr(uid).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    )
     stored.write_bytes(stored.read_bytes()[: stored.stat().st_size // 2])  # a copy cut short
     caplog.clear()
     prepare(cfg, synthetic_root, tmp_path / "cache")

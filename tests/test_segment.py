@@ -9,16 +9,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from cspine import VERTEBRAE
 from cspine.config import load_config
-from cspine.prepare import UNKNOWN
+from cspine.labels import UNKNOWN
 from cspine.runs import Run
 from cspine.segment import sagittal_labels, sagittal_planes, slice_levels, vertebra_extents
+from cspine.segmenter import SEG_CLASSES, padded_rows, plane_rows, segment_study
 
 from .conftest import SMOKE_CONFIG
 
-SEG_SMOKE = ["seg.steps=3", "seg.batch_size=4", "seg.depth=32", "seg.folds=2", "slice.labels=vertebrae"]
+SEG_SMOKE = ["seg.steps=3", "seg.batch_size=4", "seg.row_mm=4", "seg.folds=2", "slice.labels=vertebrae"]
 
 
 def test_a_sagittal_plane_is_one_column_of_every_slice_with_its_neighbours():
@@ -26,17 +28,69 @@ def test_a_sagittal_plane_is_one_column_of_every_slice_with_its_neighbours():
     study = np.zeros((n, s, s, 3), np.uint8)
     study[..., 0] = np.arange(s)[None, None, :] * 10  # window 0 encodes the column
     study[..., 1] = np.arange(n)[:, None, None] * 10  # window 1 encodes the slice
-    planes = sagittal_planes(study, np.array([0, 4]), context=1, depth=n)
-    assert planes.shape == (2, 9, n, 32)  # 3 planes × 3 windows; width rounded up to 32
-    column = planes[:, 0::3, :, 0] * 0.25 + 0.5  # undo the normalisation: window 0 of each plane
+    planes = sagittal_planes(study, np.array([0, 4]), context=1, rows=n)
+    assert planes.shape == (2, 9, 32, 32)  # 3 planes × 3 windows; rows and width padded up to 32
+    column = planes[:, 0::3, :n, 0] * 0.25 + 0.5  # undo the normalisation: window 0 of each plane
     assert np.allclose(column[0].numpy() * 255, [[0] * n, [0] * n, [10] * n], atol=1e-3)  # edge repeats
     assert np.allclose(column[1].numpy() * 255, [[30] * n, [40] * n, [50] * n], atol=1e-3)
-    rows = planes[0, 1, :, 0] * 0.25 + 0.5  # window 1 of the first plane, down the slices
+    rows = planes[0, 1, :n, 0] * 0.25 + 0.5  # window 1 of the first plane, down the slices
     assert np.allclose(rows.numpy() * 255, np.arange(n) * 10, atol=1e-3)  # head to feet, top to bottom
+    assert np.allclose(planes[:, :, n:] * 0.25 + 0.5, 0)  # below the scan: black
     mask = np.zeros((n, s, s), np.uint8)
     mask[2, 3, 4] = 5
-    labels = sagittal_labels(mask, np.array([4]), depth=n)
-    assert labels.shape == (1, n, 32) and labels[0, 2].max() == 5 and labels.sum() == 5 * 4  # 8 → 32 wide
+    labels = sagittal_labels(mask, np.array([4]), rows=n, pad_to=32)
+    assert labels.shape == (1, 32, 32) and labels[0, 2].max() == 5 and labels.sum() == 5 * 4  # 8 → 32 wide
+
+
+def test_a_vertebra_lies_on_the_same_rows_however_long_the_scan_and_its_spacing():
+    def scan(dz: float, length_mm: float) -> np.ndarray:  # C2 from 30 to 60 mm below the scan's top
+        z = np.arange(0, length_mm, dz)
+        mask = np.zeros((len(z), 8, 8), np.uint8)
+        mask[(z >= 30) & (z < 60), 4, 4] = 2
+        return mask
+
+    def c2_rows(dz: float, length_mm: float) -> np.ndarray:
+        mask = scan(dz, length_mm)
+        rows = plane_rows(len(mask), dz, row_mm=2.0)
+        return np.flatnonzero(
+            (sagittal_labels(mask, np.array([4]), rows, padded_rows(rows))[0] == 2).any(dim=1)
+        )
+
+    short = c2_rows(1.0, 130)  # a scan that stops at C7, thin slices
+    assert short.min() == 15 and short.max() == 29  # 30..60 mm at 2 mm a row
+    for dz, length in [
+        (2.5, 130),
+        (1.0, 190),
+        (2.5, 190),
+        (0.625, 300),
+    ]:  # thick slices, or on into T2 and below
+        rows = c2_rows(dz, length)
+        assert abs(rows.min() - short.min()) <= 1 and abs(rows.max() - short.max()) <= 1, (dz, length, rows)
+    with pytest.raises(ValueError, match="ImagePositionPatient"):
+        plane_rows(100, float("nan"), 2.0)
+
+
+def test_segment_study_maps_each_row_back_to_its_slice_and_ignores_the_padding():
+    class RowModel(torch.nn.Module):  # labels rows 10..19 C3, and the padding below the scan C7
+        def __init__(self, rows: int):
+            super().__init__()
+            self.rows = rows
+
+        def forward(self, x):
+            logits = torch.zeros(x.shape[0], SEG_CLASSES, *x.shape[2:])
+            logits[:, 3, 10:20] = 10
+            logits[:, 7, self.rows :] = 10
+            return logits
+
+    n, dz = 60, 1.5  # 90 mm: 45 rows at 2 mm, padded to 64
+    study = np.zeros((n, 16, 16, 3), np.uint8)
+    how = {"context": 0, "row_mm": 2.0, "plane_stride": 1, "min_pixels": 1}
+    labels = segment_study([RowModel(45)], study, dz, how, torch.device("cpu"))
+    assert labels.shape == (n, 16, 16) and not (labels == 7).any()
+    slices = np.flatnonzero((labels == 3).all(axis=(1, 2)))
+    assert (
+        13 <= slices.min() <= 14 and 25 <= slices.max() <= 27
+    )  # rows 10..19 at 2 mm: 20..40 mm = slices 13..26
 
 
 def test_vertebra_extents_keep_each_vertebras_longest_run():
@@ -57,30 +111,48 @@ def test_pseudo_labels_are_presence_times_the_study_labels():
     from cspine.labels import vertebra_slice_labels
 
     def rows(uid, label, present, fracture):
-        return [{"StudyInstanceUID": uid, "order": k, "label": label[k],
-                 **{f"{v}_present": present[k][i] for i, v in enumerate(VERTEBRAE)},
-                 **{f"{v}_fracture": fracture[k][i] for i, v in enumerate(VERTEBRAE)}} for k in range(3)]
+        return [
+            {
+                "StudyInstanceUID": uid,
+                "order": k,
+                "label": label[k],
+                **{f"{v}_present": present[k][i] for i, v in enumerate(VERTEBRAE)},
+                **{f"{v}_fracture": fracture[k][i] for i, v in enumerate(VERTEBRAE)},
+            }
+            for k in range(3)
+        ]
 
     u, none = [UNKNOWN] * 7, [0] * 7
     index = pd.DataFrame(
         rows("no_boxes", [UNKNOWN] * 3, [u] * 3, [u] * 3)  # fractured C2 and C5, no boxes, no mask
         + rows("masked", [UNKNOWN] * 3, [[0, 1, 0, 0, 0, 0, 0], none, none], [u] * 3)  # its own mask wins
         + rows("boxed", [0, 1, 0], [u] * 3, [none, [0, 1, 0, 0, 0, 0, 0], none])  # boxes stay the label
-        + rows("healthy", [0] * 3, [u] * 3, [none] * 3))
-    labels = pd.DataFrame({"StudyInstanceUID": ["no_boxes", "masked", "boxed", "healthy"],
-                           **{v: [int(v in ("C2", "C5")), int(v in ("C2", "C5")), int(v == "C2"), 0]
-                              for v in VERTEBRAE}}).set_index("StudyInstanceUID")
+        + rows("healthy", [0] * 3, [u] * 3, [none] * 3)
+    )
+    labels = pd.DataFrame(
+        {
+            "StudyInstanceUID": ["no_boxes", "masked", "boxed", "healthy"],
+            **{v: [int(v in ("C2", "C5")), int(v in ("C2", "C5")), int(v == "C2"), 0] for v in VERTEBRAE},
+        }
+    ).set_index("StudyInstanceUID")
     shown = {0: {"C1", "C2"}, 1: {"C4"}, 2: {"C5", "C6"}}  # the segmentation's reading, every study alike
-    vertebrae = pd.DataFrame([{"StudyInstanceUID": uid, "order": k, **{v: int(v in shown[k]) for v in VERTEBRAE}}
-                              for uid in labels.index for k in range(3)])
+    vertebrae = pd.DataFrame(
+        [
+            {"StudyInstanceUID": uid, "order": k, **{v: int(v in shown[k]) for v in VERTEBRAE}}
+            for uid in labels.index
+            for k in range(3)
+        ]
+    )
     out = vertebra_slice_labels(index, labels, vertebrae).set_index(["StudyInstanceUID", "order"])
     assert out.loc["no_boxes", "label"].tolist() == [1, 0, 1]  # C2 on slice 0, C5 on slice 2
     assert out.loc[("no_boxes", 2), "C5_fracture"] == 1 and out.loc[("no_boxes", 2), "C6_fracture"] == 0
     assert out.loc["masked", "label"].tolist() == [1, 0, 0]  # its mask shows C2 on slice 0 only
     assert out.loc["boxed", "label"].tolist() == [0, 1, 0]  # unchanged
     assert out.loc["healthy", "label"].tolist() == [0, 0, 0]
-    assert (out[[f"{v}_present" for v in VERTEBRAE]].to_numpy() == index[[f"{v}_present" for v in VERTEBRAE]]
-            .to_numpy()).all()  # presence heads keep learning from true masks only
+    assert (
+        out[[f"{v}_present" for v in VERTEBRAE]].to_numpy()
+        == index[[f"{v}_present" for v in VERTEBRAE]].to_numpy()
+    ).all()  # presence heads keep learning from true masks only
 
 
 def _prepared(synthetic_root, run_dir, overrides=()):
@@ -96,8 +168,8 @@ def _prepared(synthetic_root, run_dir, overrides=()):
 def test_cached_masks_put_each_vertebra_on_its_slices_even_with_gaps(synthetic_root, tmp_path):
     """Feet-to-head numbering and missing slices: the cached mask, read by order, agrees with the truth
     file, read by slice number."""
-    from cspine.prepare import read_meta
-    from cspine.synthetic import TRUTH_DIR
+    from cspine.cache import read_meta
+    from cspine.competition import TRUTH_DIR
 
     data = tmp_path / "data"
     shutil.copytree(synthetic_root, data)
@@ -121,9 +193,13 @@ def test_cached_masks_put_each_vertebra_on_its_slices_even_with_gaps(synthetic_r
     _prepared(data, run.root)
     for uid in masked:
         numbers = read_meta(run.cache.root, uid)["slice_numbers"]
-        assert (numbers[0] > numbers[-1]) == (uid == masked[1])  # head first in the cache, whatever the numbering
+        assert (numbers[0] > numbers[-1]) == (
+            uid == masked[1]
+        )  # head first in the cache, whatever the numbering
         levels = slice_levels(np.load(run.cache.mask(uid)), min_pixels=1)
-        expected = truth[truth["StudyInstanceUID"] == uid].set_index("slice_number").loc[numbers, "level"].to_numpy()
+        expected = (
+            truth[truth["StudyInstanceUID"] == uid].set_index("slice_number").loc[numbers, "level"].to_numpy()
+        )
         assert np.mean(levels == expected) > 0.9, uid  # the crop can hide a level's last few pixels
     assert len(read_meta(run.cache.root, masked[0])["slice_numbers"]) == 40 - 3
 
@@ -143,8 +219,9 @@ def test_segment_trains_and_segments_every_study_out_of_fold(synthetic_root, tmp
     trained_on = {k: set(load_segmenter(run.seg_model(k))[1]["trained_on"]) for k in range(2)}
     for uid, fold in zip(dice["StudyInstanceUID"], dice["fold"]):
         assert uid not in trained_on[fold]  # every Dice is out of fold
-    assert set(dice["StudyInstanceUID"]) == {u for u in index["StudyInstanceUID"].unique()
-                                             if run.cache.mask(u).is_file()}
+    assert set(dice["StudyInstanceUID"]) == {
+        u for u in index["StudyInstanceUID"].unique() if run.cache.mask(u).is_file()
+    }
 
 
 @pytest.mark.slow
@@ -159,8 +236,10 @@ def test_segment_under_ddp_gathers_every_ranks_share_as_one_process_would(synthe
     cfg = _prepared(synthetic_root, run.root)
     mp.spawn(_segment_rank, args=(2, str(tmp_path / "init"), str(run.root)), nprocs=2, join=True)
     assert (tmp_path / "rank1_returned_none").is_file()
-    shared = {name: pd.read_csv(run.seg_file(name), dtype={"StudyInstanceUID": str})
-              for name in ("vertebrae.csv", "extents.csv", "dice.csv")}
+    shared = {
+        name: pd.read_csv(run.seg_file(name), dtype={"StudyInstanceUID": str})
+        for name in ("vertebrae.csv", "extents.csv", "dice.csv")
+    }
     for name in shared:
         run.seg_file(name).unlink()
     segment(cfg, run.root)  # the fold models exist: only the segmentation runs again, in one process
@@ -179,7 +258,11 @@ def _segment_rank(rank: int, world: int, init_file: str, run_dir: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    table = segment(load_config(SMOKE_CONFIG, SEG_SMOKE), run_dir, Runtime(torch.device("cpu"), rank=rank, world_size=world))
+    table = segment(
+        load_config(SMOKE_CONFIG, SEG_SMOKE),
+        run_dir,
+        Runtime(torch.device("cpu"), rank=rank, world_size=world),
+    )
     if rank == 1 and table is None:
         (Path(init_file).parent / "rank1_returned_none").touch()
     dist.barrier()
@@ -190,8 +273,8 @@ def _segment_rank(rank: int, world: int, init_file: str, run_dir: str) -> None:
 def test_no_training_stage_reads_the_truth_files(synthetic_root, tmp_path):
     """The truth files are for evaluation: an audit hook records every file opened from them while the
     training stages run, segmentation included."""
+    from cspine.competition import TRUTH_DIR
     from cspine.pipeline import run_stages
-    from cspine.synthetic import TRUTH_DIR
 
     assert (synthetic_root / TRUTH_DIR / "vertebrae.csv").is_file()  # there to be read, if anything wanted to
     opened, recording = [], [True]
@@ -244,11 +327,15 @@ def test_the_vertebra_track_never_scores_a_study_with_a_model_that_trained_on_it
     folds = run.read_folds()
     for fold in sorted(folds["fold"].unique()):
         in_fold = set(folds.loc[folds["fold"] == fold, "StudyInstanceUID"])
-        scored = set(pd.read_csv(run.vert_file(fold, "oof.csv"), dtype={"StudyInstanceUID": str})["StudyInstanceUID"])
+        scored = set(
+            pd.read_csv(run.vert_file(fold, "oof.csv"), dtype={"StudyInstanceUID": str})["StudyInstanceUID"]
+        )
         metas = [load_vertebra_model(p)[1] for p in run.vert_models() if p.parent == run.vert_dir(fold)]
         assert len(metas) == 2 and scored == in_fold
         for meta in metas:
-            assert meta["source_fold"] == fold and set(meta["trained_on"]) < in_fold  # through CNN k, on fold k
+            assert (
+                meta["source_fold"] == fold and set(meta["trained_on"]) < in_fold
+            )  # through CNN k, on fold k
         for uid in scored:  # held out by exactly one inner model
             assert sum(uid not in set(meta["trained_on"]) for meta in metas) == 1
 
@@ -258,15 +345,17 @@ def test_predict_evaluate_and_the_bundle_use_the_vertebra_track(vertebra_run, sy
     import torch
 
     from cspine.competition import read_test
+    from cspine.ensemble import load_ensemble
     from cspine.evaluate import VERTEBRA_TRACK
     from cspine.kaggle import package_kaggle
-    from cspine.predict import load_ensemble
     from cspine.submission import validate_submission
 
     run_dir, cfg = vertebra_run
     validate_submission(pd.read_csv(run_dir / "submission.csv"), read_test(synthetic_root))
     ensemble = load_ensemble(run_dir, cfg.seq.hidden, [torch.device("cpu")])
-    assert len(ensemble.vertebra) == 4 and len(ensemble.segmenters) == 2 and ensemble.seg_reading["depth"] == 32
+    assert (
+        len(ensemble.vertebra) == 4 and len(ensemble.segmenters) == 2 and ensemble.seg_reading["row_mm"] == 4
+    )
     scores = pd.read_csv(Run(run_dir).report / "scores.csv")
     assert VERTEBRA_TRACK in set(scores["Model"])
     bundle = package_kaggle(cfg, run_dir, tmp_path / "bundle", wheels=False)
@@ -277,7 +366,9 @@ def test_predict_evaluate_and_the_bundle_use_the_vertebra_track(vertebra_run, sy
 
 
 @pytest.mark.slow
-def test_turning_the_track_off_in_a_trained_run_leaves_a_run_that_predicts(vertebra_run, synthetic_root, tmp_path):
+def test_turning_the_track_off_in_a_trained_run_leaves_a_run_that_predicts(
+    vertebra_run, synthetic_root, tmp_path
+):
     """vert.* may change in a run (its stage redoes itself): predict then answers without the track, with
     the run's own config, as its message would advise."""
     import shutil
@@ -301,8 +392,8 @@ def test_turning_the_track_off_in_a_trained_run_leaves_a_run_that_predicts(verte
 def test_a_t2_slice_labelled_thoracic_counts_as_right(tmp_path):
     """The segmentation has one thoracic class (8); the truth names T2 (9): a slice of T2 read as thoracic is
     right, one read as C7 is wrong."""
+    from cspine.competition import TRUTH_DIR
     from cspine.evaluate import segmentation_scores
-    from cspine.synthetic import TRUTH_DIR
 
     run = Run(tmp_path / "run")
     data = tmp_path / "data"
@@ -310,10 +401,14 @@ def test_a_t2_slice_labelled_thoracic_counts_as_right(tmp_path):
     run.root.mkdir()
     run.data_dir_file.write_text(str(data))
     none = {v: 0 for v in VERTEBRAE}
-    rows = [{"StudyInstanceUID": "1", "slice_number": k, "level": level, **none} for k, level in ((1, 8), (2, 7))]
+    rows = [
+        {"StudyInstanceUID": "1", "slice_number": k, "level": level, **none} for k, level in ((1, 8), (2, 7))
+    ]
     run.seg_file("dice.csv").parent.mkdir(parents=True)
     pd.DataFrame(rows).to_csv(run.seg_file("vertebrae.csv"), index=False)
-    pd.DataFrame([{"StudyInstanceUID": "2", **{v: 0.8 for v in VERTEBRAE}}]).to_csv(run.seg_file("dice.csv"), index=False)
+    pd.DataFrame([{"StudyInstanceUID": "2", **{v: 0.8 for v in VERTEBRAE}}]).to_csv(
+        run.seg_file("dice.csv"), index=False
+    )
     truth = [{"StudyInstanceUID": "1", "slice_number": k, "level": 9, **none} for k in (1, 2)]
     pd.DataFrame(truth).to_csv(data / TRUTH_DIR / "vertebrae.csv", index=False)
     _, accuracy = segmentation_scores(run)

@@ -12,8 +12,10 @@ import pandas as pd
 import pydicom
 
 from cspine import TARGETS, VERTEBRAE
-from cspine.competition import read_boxes, read_mask, read_test, read_train, slice_labels
+from cspine.competition import read_boxes, read_mask, read_test, read_train
+from cspine.config import SynthConfig
 from cspine.dicom import load_series
+from cspine.labels import slice_labels
 from cspine.phantom import PhantomConfig, draw_fractured_levels, render_study
 from cspine.synthetic import make_competition, make_study
 
@@ -48,9 +50,21 @@ def test_headers_look_real(synthetic_root):
     path = next((synthetic_root / "train_images" / uid).glob("*.dcm"))
     ds = pydicom.dcmread(path)
     assert ds.Modality == "CT" and ds.StudyInstanceUID == uid
-    for key in ("SeriesInstanceUID", "SOPInstanceUID", "ImagePositionPatient", "ImageOrientationPatient",
-                "PixelSpacing", "SliceThickness", "Rows", "Columns", "BitsStored", "PixelRepresentation",
-                "RescaleIntercept", "RescaleSlope", "InstanceNumber"):
+    for key in (
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "PixelSpacing",
+        "SliceThickness",
+        "Rows",
+        "Columns",
+        "BitsStored",
+        "PixelRepresentation",
+        "RescaleIntercept",
+        "RescaleSlope",
+        "InstanceNumber",
+    ):
         assert key in ds, key
     assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
     assert ds.InstanceNumber == int(path.stem)
@@ -77,7 +91,7 @@ def test_every_study_loads_head_to_feet_with_consistent_labels(synthetic_root):
                 order = {n: k for k, n in enumerate(series.slice_numbers)}
                 for b in study_boxes.itertuples():  # every box sits on a fractured vertebra's footprint
                     k = order[b.slice_number]
-                    window = mask[k, int(b.y):int(b.y + b.height), int(b.x):int(b.x + b.width)]
+                    window = mask[k, int(b.y) : int(b.y + b.height), int(b.x) : int(b.x + b.width)]
                     assert set(np.unique(window)) & fractured, (row.StudyInstanceUID, b)
 
 
@@ -98,10 +112,15 @@ def test_masks_sit_on_bone_and_align_by_affine(synthetic_root):
 
 def test_masks_label_the_thoracic_spine_as_the_real_ones_do(tmp_path):
     """Real masks label T1..T12 as 8..19; a third of the phantoms reach T2, so labels above 8 reach prepare."""
-    reach = [render_study(np.random.default_rng((3, i)), PhantomConfig(image_size=32)).labels.max() for i in range(30)]
+    reach = [
+        render_study(np.random.default_rng((3, i)), PhantomConfig(image_size=32)).labels.max()
+        for i in range(30)
+    ]
     assert set(reach) == {8, 9} and 5 <= reach.count(9) <= 16
-    root = make_competition(tmp_path / "c", n_train=6, n_test=0, seed=2, image_size=48, n_slices=24,
-                            mask_fraction=1.0, min_masks=0)
+    root = make_competition(
+        tmp_path / "c",
+        SynthConfig(n_train=6, n_test=0, seed=2, image_size=48, n_slices=24, mask_fraction=1.0, min_masks=0),
+    )
     raw = {path.stem: np.asarray(nib.load(path).dataobj) for path in (root / "segmentations").glob("*.nii")}
     assert any(9 in np.unique(data) for data in raw.values())
     for uid, data in raw.items():
@@ -115,8 +134,15 @@ def test_reversed_numbering_really_is_reversed(tmp_path):
         if seen["reversed"] >= 2 and seen["forward"] >= 2:
             break
         uid = f"1.2.826.0.1.3680043.{900 + i}"
-        result = make_study(tmp_path, "train", uid, (3, 2, i), PhantomConfig(image_size=40, n_slices=10),
-                            with_boxes=False, with_mask=True)
+        result = make_study(
+            tmp_path,
+            "train",
+            uid,
+            (3, 2, i),
+            PhantomConfig(image_size=40, n_slices=10),
+            with_boxes=False,
+            with_mask=True,
+        )
         series = _load(tmp_path / "train_images" / uid)
         files_run_up = series.slice_numbers[0] > series.slice_numbers[-1]
         assert files_run_up == result["reversed"]
@@ -139,16 +165,19 @@ def _digest(root):
 
 
 def test_same_seed_gives_identical_bytes(tmp_path):
-    a = make_competition(tmp_path / "a", n_train=3, n_test=1, seed=5, image_size=48, n_slices=10)
-    b = make_competition(tmp_path / "b", n_train=3, n_test=1, seed=5, image_size=48, n_slices=10, workers=2)
-    c = make_competition(tmp_path / "c", n_train=3, n_test=1, seed=6, image_size=48, n_slices=10)
+    a = make_competition(tmp_path / "a", SynthConfig(n_train=3, n_test=1, seed=5, image_size=48, n_slices=10))
+    b = make_competition(
+        tmp_path / "b", SynthConfig(n_train=3, n_test=1, seed=5, image_size=48, n_slices=10), workers=2
+    )
+    c = make_competition(tmp_path / "c", SynthConfig(n_train=3, n_test=1, seed=6, image_size=48, n_slices=10))
     assert _digest(a) == _digest(b)
     assert _digest(a) != _digest(c)
 
 
 def test_phantom_anatomy_and_fractures():
-    study = render_study(np.random.default_rng(0), PhantomConfig(image_size=96, n_slices=50, fractured=(2, 6),
-                                                                   difficulty=0.0))
+    study = render_study(
+        np.random.default_rng(0), PhantomConfig(image_size=96, n_slices=50, fractured=(2, 6), difficulty=0.0)
+    )
     assert study.fractured_levels == (2, 6)
     labels = study.labels
     for level in range(1, 8):
@@ -159,27 +188,38 @@ def test_phantom_anatomy_and_fractures():
     assert tops == sorted(tops)
     assert study.hu.min() == -2048.0  # field-of-view padding
     gap = study.fracture > 0.5
-    on_fractured_slices = gap.any(axis=(1, 2))[:, None, None] & np.isin(labels, [2, 6]) & ~(study.fracture > 0)
+    on_fractured_slices = (
+        gap.any(axis=(1, 2))[:, None, None] & np.isin(labels, [2, 6]) & ~(study.fracture > 0)
+    )
     assert gap.any()
     assert np.median(study.hu[gap]) < np.median(study.hu[on_fractured_slices]) - 150  # a low-density break
     assert all(labels[k].max() > 0 for k, *_ in study.fracture_boxes())
-    assert {k for k, *_ in study.fracture_boxes()} == set(np.flatnonzero((study.fracture > 0.5).sum(axis=(1, 2)) >= 4))
+    assert {k for k, *_ in study.fracture_boxes()} == set(
+        np.flatnonzero((study.fracture > 0.5).sum(axis=(1, 2)) >= 4)
+    )
 
 
 def test_a_healthy_atlas_is_a_closed_ring():
     """Normal anatomy must not look broken: a C1 whose arches stop short of the lateral masses shows four
     fracture-like gaps in every healthy study (the demo CNN's false positives gathered there)."""
     for seed in range(4):
-        study = render_study(np.random.default_rng(seed), PhantomConfig(image_size=160, n_slices=100, fractured=()))
+        study = render_study(
+            np.random.default_rng(seed), PhantomConfig(image_size=160, n_slices=100, fractured=())
+        )
         c1 = np.flatnonzero((study.labels == 1).any(axis=(1, 2)))
         middle = c1[len(c1) // 2]  # through both arches
         bone = (study.labels[middle] == 1).astype(np.uint8)
         count, _ = cv2.connectedComponents(bone, connectivity=4)
         assert count - 1 == 1, seed  # one piece of bone, not arches and masses apart
         holes, hole_labels = cv2.connectedComponents(1 - bone, connectivity=4)
-        enclosed = [(hole_labels == h).sum() for h in range(1, holes)
-                    if not (hole_labels == h)[[0, -1], :].any() and not (hole_labels == h)[:, [0, -1]].any()]
-        assert max(enclosed, default=0) > 100, seed  # the ring closes round the canal, not only round a foramen
+        enclosed = [
+            (hole_labels == h).sum()
+            for h in range(1, holes)
+            if not (hole_labels == h)[[0, -1], :].any() and not (hole_labels == h)[:, [0, -1]].any()
+        ]
+        assert max(enclosed, default=0) > 100, (
+            seed
+        )  # the ring closes round the canal, not only round a foramen
 
 
 def test_label_prevalence_follows_the_real_data():
@@ -193,14 +233,17 @@ def test_label_prevalence_follows_the_real_data():
 
 
 def test_a_competition_without_test_studies_is_still_complete(tmp_path):
-    root = make_competition(tmp_path, n_train=2, n_test=0, seed=1, image_size=40, n_slices=8)
-    assert read_test(root).empty and list(pd.read_csv(root / "sample_submission.csv").columns) == ["row_id", "fractured"]
+    root = make_competition(tmp_path, SynthConfig(n_train=2, n_test=0, seed=1, image_size=40, n_slices=8))
+    assert read_test(root).empty and list(pd.read_csv(root / "sample_submission.csv").columns) == [
+        "row_id",
+        "fractured",
+    ]
 
 
 def test_label_shares_follow_the_real_data_with_a_dozen_masks(tmp_path):
     from cspine.synthetic import make_competition
 
-    root = make_competition(tmp_path, n_train=40, n_test=2, seed=5, image_size=48, n_slices=12)
+    root = make_competition(tmp_path, SynthConfig(n_train=40, n_test=2, seed=5, image_size=48, n_slices=12))
     train = pd.read_csv(root / "train.csv")
     boxes = pd.read_csv(root / "train_bounding_boxes.csv")
     positives = set(train.loc[train["patient_overall"] == 1, "StudyInstanceUID"])
@@ -210,11 +253,13 @@ def test_label_shares_follow_the_real_data_with_a_dozen_masks(tmp_path):
 
 
 def test_truth_gives_every_slice_of_every_study_its_true_vertebra(tmp_path):
-    from cspine.competition import read_mask
+    from cspine.competition import TRUTH_DIR, read_mask
     from cspine.dicom import load_series
-    from cspine.synthetic import TRUTH_DIR, make_competition
+    from cspine.synthetic import make_competition
 
-    root = make_competition(tmp_path, n_train=3, n_test=1, seed=2, image_size=48, n_slices=14, mask_fraction=1.0)
+    root = make_competition(
+        tmp_path, SynthConfig(n_train=3, n_test=1, seed=2, image_size=48, n_slices=14, mask_fraction=1.0)
+    )
     truth = pd.read_csv(root / TRUTH_DIR / "vertebrae.csv", dtype={"StudyInstanceUID": str})
     studies = [*(root / "train_images").iterdir(), *(root / "test_images").iterdir()]
     assert truth["StudyInstanceUID"].nunique() == len(studies) == 4
@@ -227,5 +272,6 @@ def test_truth_gives_every_slice_of_every_study_its_true_vertebra(tmp_path):
         rows = truth[truth["StudyInstanceUID"] == uid].set_index("slice_number").loc[series.slice_numbers]
         for k in range(len(series)):  # the truth agrees with the segmentation slice by slice
             present = {int(v) for v in np.unique(mask[k]) if 1 <= v <= 7}
-            assert present == {i + 1 for i, v in enumerate(("C1", "C2", "C3", "C4", "C5", "C6", "C7"))
-                               if rows.iloc[k][v]}
+            assert present == {
+                i + 1 for i, v in enumerate(("C1", "C2", "C3", "C4", "C5", "C6", "C7")) if rows.iloc[k][v]
+            }

@@ -45,8 +45,16 @@ def _copy_base(prepared: Path, dest: Path) -> Path:
 
 def test_training_lowers_the_loss(prepared, tmp_path):
     run_dir = _copy_base(prepared, tmp_path / "run")
-    cfg = load_config(SMOKE_CONFIG, ["slice.epochs=6", "slice.steps_per_epoch=6", "slice.lr=0.003",
-                                     "slice.patience=10", "slice.step_size=10"])
+    cfg = load_config(
+        SMOKE_CONFIG,
+        [
+            "slice.epochs=6",
+            "slice.steps_per_epoch=6",
+            "slice.lr=0.003",
+            "slice.patience=10",
+            "slice.step_size=10",
+        ],
+    )
     train_fold(cfg, run_dir, 0)
     history = pd.read_csv(run_dir / "slice" / "fold0" / "history.csv")
     assert len(history) == 6
@@ -102,14 +110,17 @@ def test_a_narrow_cnn_trains_and_loads_at_its_width(prepared, tmp_path):
     run_dir = _copy_base(prepared, tmp_path / "narrow")
     cfg = load_config(SMOKE_CONFIG, ["slice.backbone=resnet10t", "slice.width=0.25", "slice.epochs=1"])
     train_fold(cfg, run_dir, 0)
-    model, _ = load_slice_model(run_dir / "slice" / "fold0" / "best.pt")  # no config needed: the width is saved
+    model, _ = load_slice_model(
+        run_dir / "slice" / "fold0" / "best.pt"
+    )  # no config needed: the width is saved
     assert model.width == 0.25 and model.num_features == 128  # resnet10t's 512 at a quarter
 
 
 @pytest.mark.parametrize("schedule", ["slice.schedule=step", "slice.schedule=cosine"])
 def test_resumed_run_matches_an_uninterrupted_one(prepared, tmp_path, schedule):
-    cfg = load_config(SMOKE_CONFIG, ["slice.epochs=3", "slice.patience=10", "slice.warmup_epochs=1",
-                                     schedule])
+    cfg = load_config(
+        SMOKE_CONFIG, ["slice.epochs=3", "slice.patience=10", "slice.warmup_epochs=1", schedule]
+    )
     straight = _copy_base(prepared, tmp_path / "straight")
     train_fold(cfg, straight, 1)
     resumed = _copy_base(prepared, tmp_path / "resumed")
@@ -122,11 +133,13 @@ def test_resumed_run_matches_an_uninterrupted_one(prepared, tmp_path, schedule):
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)
     assert [r["train_loss"] for r in a["history"]] == pytest.approx([r["train_loss"] for r in b["history"]])
-    assert [r["lr"] for r in a["history"]] == pytest.approx([r["lr"] for r in b["history"]])  # schedule resumed
+    assert [r["lr"] for r in a["history"]] == pytest.approx(
+        [r["lr"] for r in b["history"]]
+    )  # schedule resumed
 
 
 def test_learning_rate_schedules():
-    """"step" is the paper's StepLR per epoch; "cosine" warms up from lr/100 to lr, then falls to min_lr."""
+    """ "step" is the paper's StepLR per epoch; "cosine" warms up from lr/100 to lr, then falls to min_lr."""
     from cspine.train_slices import learning_rate_schedule
 
     def rates(overrides, updates_per_epoch=5):
@@ -159,14 +172,20 @@ def test_workers_draw_different_augmentations(prepared):
     index = pd.read_csv(prepared / "cache" / "index.csv", dtype={"StudyInstanceUID": str})
     one = index.iloc[[len(index) // 2] * 8]  # the same slice eight times: only augmentation differs
     dataset = SliceDataset(prepared / "cache", one, build_transforms(cfg.slice, True, 48, seed=0))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2, worker_init_fn=seed_worker,
-                                         generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=1,
+        num_workers=2,
+        worker_init_fn=seed_worker,
+        generator=torch.Generator().manual_seed(0),
+    )
     images = [batch[0][0] for batch in loader]
     by_worker = [images[0::2], images[1::2]]  # workers alternate batches
     for a, b in zip(*by_worker):
         assert not torch.equal(a, b)  # without reseeding, albumentations repeats across workers
-    unseeded = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2,
-                                           generator=torch.Generator().manual_seed(0))
+    unseeded = torch.utils.data.DataLoader(
+        dataset, batch_size=1, num_workers=2, generator=torch.Generator().manual_seed(0)
+    )
     repeats = [batch[0][0] for batch in unseeded]
     assert any(torch.equal(a, b) for a, b in zip(repeats[0::2], repeats[1::2]))  # the bug the reseeding fixes
 
@@ -200,7 +219,10 @@ def _ddp_check(rank: int, world: int, init_file: str, run_dir: str, out_dir: str
 
     def wrap(model, **kwargs):
         if rank == 0:
-            torch.save({k: v.detach().clone() for k, v in model.named_parameters()}, Path(out_dir) / "params_start.pt")
+            torch.save(
+                {k: v.detach().clone() for k, v in model.named_parameters()},
+                Path(out_dir) / "params_start.pt",
+            )
         captured["model"] = model
         return original(model, **kwargs)
 
@@ -210,16 +232,18 @@ def _ddp_check(rank: int, world: int, init_file: str, run_dir: str, out_dir: str
     finally:
         ts.DistributedDataParallel = original
     # parameters, not buffers: BatchNorm statistics are each rank's own until DDP re-broadcasts rank 0's
-    torch.save({k: v.detach().clone() for k, v in captured["model"].named_parameters()},
-               Path(out_dir) / f"params_rank{rank}.pt")
+    torch.save(
+        {k: v.detach().clone() for k, v in captured["model"].named_parameters()},
+        Path(out_dir) / f"params_rank{rank}.pt",
+    )
     dist.barrier()
     dist.destroy_process_group()
 
 
 def test_grad_cam_map_has_the_slice_size(prepared):
+    from cspine.cache import load_study_images
     from cspine.explain import grad_cam, save_cam_figure
     from cspine.models import SliceNet
-    from cspine.prepare import load_study_images
 
     index = pd.read_csv(prepared / "cache" / "index.csv", dtype={"StudyInstanceUID": str})
     image = np.asarray(load_study_images(prepared / "cache", index["StudyInstanceUID"].iloc[0])[5])
@@ -238,7 +262,9 @@ def test_sampler_draws_the_asked_number_and_shards_across_ranks(balanced):
     dataset = list(range(100))
     shards = []
     for rank in range(2):
-        sampler = BalancedDistributedSampler(dataset, labels if balanced else None, 40, num_replicas=2, rank=rank, seed=3)
+        sampler = BalancedDistributedSampler(
+            dataset, labels if balanced else None, 40, num_replicas=2, rank=rank, seed=3
+        )
         sampler.set_epoch(1)
         shards.append(list(sampler))
         assert len(shards[-1]) == len(sampler) == 20
@@ -257,7 +283,9 @@ def test_dataset_keeps_a_bounded_number_of_studies_open(prepared, monkeypatch):
     monkeypatch.setattr(data, "OPEN_STUDIES", 2)
     index = pd.read_csv(prepared / "cache" / "index.csv", dtype={"StudyInstanceUID": str})
     firsts = index.groupby("StudyInstanceUID").head(1)
-    dataset = SliceDataset(prepared / "cache", firsts, build_transforms(load_config(SMOKE_CONFIG).slice, False, 48))
+    dataset = SliceDataset(
+        prepared / "cache", firsts, build_transforms(load_config(SMOKE_CONFIG).slice, False, 48)
+    )
     images = [dataset.image(i) for i in range(len(firsts))]
     assert len(dataset._studies) == 2 and len(firsts) > 2
     np.testing.assert_array_equal(dataset.image(0), images[0])  # evicted studies reopen transparently
@@ -277,22 +305,36 @@ def test_height_matched_negatives_follow_the_positives_heights():
     assert weights[(labels == 0) & (index["order"] >= 10)].max() == 0  # no positive lies below the top fifth
 
     height = index["order"].to_numpy()
-    matched = BalancedDistributedSampler(list(range(len(index))), labels, 400, seed=0, positive_fraction=0.25,
-                                         negative_weights=weights, matched_fraction=1.0)
+    matched = BalancedDistributedSampler(
+        list(range(len(index))),
+        labels,
+        400,
+        seed=0,
+        positive_fraction=0.25,
+        negative_weights=weights,
+        matched_fraction=1.0,
+    )
     uniform = BalancedDistributedSampler(list(range(len(index))), labels, 400, seed=0, positive_fraction=0.25)
     neg_matched = [i for i in matched if labels[i] == 0]
     neg_uniform = [i for i in uniform if labels[i] == 0]
     assert height[neg_matched].max() < 10  # every negative drawn where the positives are
     assert height[neg_uniform].mean() > 20  # uniform negatives spread over the whole study
-    half = BalancedDistributedSampler(list(range(len(index))), labels, 400, seed=0, positive_fraction=0.25,
-                                      negative_weights=weights, matched_fraction=0.5)
+    half = BalancedDistributedSampler(
+        list(range(len(index))),
+        labels,
+        400,
+        seed=0,
+        positive_fraction=0.25,
+        negative_weights=weights,
+        matched_fraction=0.5,
+    )
     share = np.mean(height[[i for i in half if labels[i] == 0]] < 10)
     assert 0.5 <= share < 0.7  # half matched, plus the uniform half's own top fifth
 
 
 def test_box_maps_follow_the_image_through_augmentation(prepared):
+    from cspine.cache import read_meta
     from cspine.config import SliceConfig
-    from cspine.prepare import read_meta
 
     index = pd.read_csv(prepared / "cache" / "index.csv", dtype={"StudyInstanceUID": str})
     boxed = [u for u in index["StudyInstanceUID"].unique() if read_meta(prepared / "cache", u)["boxes"]]
@@ -303,7 +345,9 @@ def test_box_maps_follow_the_image_through_augmentation(prepared):
     rows = index[(index["StudyInstanceUID"] == boxed[0]) & (index["order"].isin([order, 0]))]
     flip = SliceConfig(hflip=1.0, rotate=0.0)
     plain = SliceDataset(prepared / "cache", rows, build_transforms(flip, False, 48), with_boxes=True)
-    flipped = SliceDataset(prepared / "cache", rows, build_transforms(flip, True, 48, seed=0), with_boxes=True)
+    flipped = SliceDataset(
+        prepared / "cache", rows, build_transforms(flip, True, 48, seed=0), with_boxes=True
+    )
     k = int(np.flatnonzero(rows["order"].to_numpy() == order)[0])
     image, _, _, boxes = plain[k]
     image_f, _, _, boxes_f = flipped[k]
@@ -313,7 +357,9 @@ def test_box_maps_follow_the_image_through_augmentation(prepared):
     assert cols.min() == int(x0) and cols.max() == int(np.ceil(x1)) - 1
     healthy = plain[1 - k][3]
     assert healthy.sum() == 0 and healthy.min() == 0  # a labelled slice without boxes: known, all background
-    unknown = SliceDataset(prepared / "cache", rows.assign(label=-1), build_transforms(flip, False, 48), with_boxes=True)
+    unknown = SliceDataset(
+        prepared / "cache", rows.assign(label=-1), build_transforms(flip, False, 48), with_boxes=True
+    )
     assert (unknown[k][3] == -1).all()  # no label: the box loss skips the slice
 
 
@@ -347,7 +393,9 @@ def test_training_with_box_head_saves_a_loadable_model(prepared, tmp_path, monke
     summary = train_fold(cfg, run_dir, 0, max_steps=2)
     assert len(seen) == 2  # the box loss is part of every training step
     boxes = torch.cat(seen)
-    assert (boxes == 1).any() and (boxes == 0).any()  # real box maps (the smoke data has boxes), not all unknown
+    assert (boxes == 1).any() and (
+        boxes == 0
+    ).any()  # real box maps (the smoke data has boxes), not all unknown
     model, _ = load_slice_model(Path(summary["dir"]) / "best.pt")
     assert model.box_head is not None
     logits, box_logits = model(torch.zeros(2, 3, 48, 48), with_boxes=True)
@@ -355,10 +403,9 @@ def test_training_with_box_head_saves_a_loadable_model(prepared, tmp_path, monke
 
 
 def test_training_and_extraction_feed_a_context_cnn_the_same_stack(prepared, tmp_path):
-    from cspine.inputs import slice_stack
-    from cspine.extract import study_features
-    from cspine.inputs import to_tensor
-    from cspine.prepare import load_study_images
+    from cspine.cache import load_study_images
+    from cspine.features import study_features
+    from cspine.inputs import slice_stack, to_tensor
 
     cfg = load_config(SMOKE_CONFIG, ["slice.context=1", "slice.workers=0"])
     index = pd.read_csv(prepared / "cache" / "index.csv", dtype={"StudyInstanceUID": str})
@@ -385,9 +432,9 @@ def test_training_and_extraction_feed_a_context_cnn_the_same_stack(prepared, tmp
 
 
 def test_tta_averages_each_slice_with_its_mirror_image(prepared):
-    from cspine.extract import study_features
+    from cspine.cache import load_study_images
+    from cspine.features import study_features
     from cspine.models import SliceNet
-    from cspine.prepare import load_study_images
 
     index = pd.read_csv(prepared / "cache" / "index.csv", dtype={"StudyInstanceUID": str})
     study = load_study_images(prepared / "cache", index["StudyInstanceUID"].iloc[0])[:6]
@@ -414,6 +461,10 @@ def test_a_fold_resumes_only_with_the_settings_it_began_with(prepared, tmp_path)
     run_dir = _copy_base(prepared, tmp_path / "resume")
     cfg = load_config(SMOKE_CONFIG, ["slice.epochs=2"])
     train_fold(cfg, run_dir, 0, max_epochs=1)
-    with pytest.raises(ConfigError, match=r"fold 0 of .* made with other settings: slice.lr=0.01 \(made with 0.001\)"):
+    with pytest.raises(
+        ConfigError, match=r"fold 0 of .* made with other settings: slice.lr=0.01 \(made with 0.001\)"
+    ):
         train_fold(load_config(SMOKE_CONFIG, ["slice.epochs=2", "slice.lr=0.01"]), run_dir, 0)
-    assert train_fold(load_config(SMOKE_CONFIG, ["slice.epochs=2", "slice.workers=0"]), run_dir, 0)["finished"]
+    assert train_fold(load_config(SMOKE_CONFIG, ["slice.epochs=2", "slice.workers=0"]), run_dir, 0)[
+        "finished"
+    ]

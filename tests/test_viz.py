@@ -24,18 +24,29 @@ def study():
     hu[:, 20:30, 20:30] = 700.0
     mask = np.zeros((n, h, w), np.uint8)
     for v in range(1, 8):
-        mask[(v - 1) * 5:(v - 1) * 5 + 4, 20:30, 20:30] = v
+        mask[(v - 1) * 5 : (v - 1) * 5 + 4, 20:30, 20:30] = v
     return hu, mask
 
 
 def test_a_still_frame_draws_boxes_mask_cam_and_predictions_at_the_asked_slice(study):
     hu, mask = study
     probs = np.linspace(0, 1, len(hu))
-    fig = draw_study(hu, 12, spacing=(2.0, 1.0, 1.0), boxes=[[12, 20, 20, 30, 30], [13, 0, 0, 5, 5]], mask=mask,
-                     cam={12: np.ones((48, 48))}, slice_probs={"fracture": probs}, truth=probs > 0.5, title="s")
+    fig = draw_study(
+        hu,
+        12,
+        spacing=(2.0, 1.0, 1.0),
+        boxes=[[12, 20, 20, 30, 30], [13, 0, 0, 5, 5]],
+        mask=mask,
+        cam={12: np.ones((48, 48))},
+        slice_probs={"fracture": probs},
+        truth=probs > 0.5,
+        title="s",
+    )
     axial, sagittal, coronal, strip = fig.axes
     assert axial.get_title() == "axial, slice 12 of 40"
-    assert [p.get_xy() for p in axial.patches if isinstance(p, Rectangle)] == [(20, 20)]  # only slice 12's box
+    assert [p.get_xy() for p in axial.patches if isinstance(p, Rectangle)] == [
+        (20, 20)
+    ]  # only slice 12's box
     assert len(axial.images) == 2  # the slice and the Grad-CAM over it
     labels = {t.get_text() for t in sagittal.texts}
     assert labels == {f"C{v}" for v in range(1, 8)}  # every vertebra named where the mask has it
@@ -72,20 +83,33 @@ def test_in_a_kernel_the_viewer_is_a_slider_that_redraws(study, monkeypatch):
     hu, mask = study
     drawn = []
     real = cspine.viz.draw_study
-    monkeypatch.setattr(cspine.viz, "draw_study", lambda volume, k, **kw: drawn.append(k) or real(volume, k, **kw))
+    monkeypatch.setattr(
+        cspine.viz, "draw_study", lambda volume, k, **kw: drawn.append(k) or real(volume, k, **kw)
+    )
     widget = view_study(hu, interactive=True, mask=mask)
     slider = widget.children[0]
-    assert isinstance(widget, ipywidgets.interactive) and (slider.min, slider.max, slider.value) == (0, 39, 20)
+    assert isinstance(widget, ipywidgets.interactive) and (slider.min, slider.max, slider.value) == (
+        0,
+        39,
+        20,
+    )
     slider.value = 5
     assert drawn[-1] == 5
     plt.close("all")
 
 
 def test_competition_boxes_follow_the_series_order():
-    series = Series(hu=np.zeros((3, 4, 4), np.float32), slice_numbers=np.array([9, 8, 7]),
-                    positions=np.zeros((3, 3)), spacing=(1, 1, 1), uid="u", paths=[])
-    boxes = pd.DataFrame({"slice_number": [7, 5], "x": [1.0, 0], "y": [2.0, 0], "width": [3.0, 1],
-                          "height": [4.0, 1]})
+    series = Series(
+        hu=np.zeros((3, 4, 4), np.float32),
+        slice_numbers=np.array([9, 8, 7]),
+        positions=np.zeros((3, 3)),
+        spacing=(1, 1, 1),
+        uid="u",
+        paths=[],
+    )
+    boxes = pd.DataFrame(
+        {"slice_number": [7, 5], "x": [1.0, 0], "y": [2.0, 0], "width": [3.0, 1], "height": [4.0, 1]}
+    )
     assert competition_boxes(series, boxes) == [[2, 1.0, 2.0, 4.0, 6.0]]  # file 5 is not in the series
 
 

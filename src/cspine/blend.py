@@ -34,10 +34,19 @@ from sklearn.linear_model import LogisticRegression
 from cspine import TARGETS, VERTEBRAE
 from cspine.checkpoints import save_blend
 from cspine.config import BlendConfig, Config, ConfigError
-from cspine.extract import features_signature, load_features
+from cspine.features import features_signature, load_features
 from cspine.metrics import NEGATIVE_WEIGHT, POSITIVE_WEIGHT, best_constant, weighted_log_loss
 from cspine.runs import Run, digest, read_json, write_csv, write_json
-from cspine.stacking import OVERALL, apply_blend, extents_by_study, logit, study_inputs, target_inputs
+from cspine.stacking import (
+    OVERALL,
+    apply_blend,
+    extents_by_study,
+    fold_standards,
+    logit,
+    standardise,
+    study_inputs,
+    target_inputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +107,9 @@ def fold_inputs(cfg: Config, run_dir: str | os.PathLike, fold: int) -> pd.DataFr
         if run.features_file(fold, u).is_file()
     ]
     crop = None
-    if "crop" in files:  # a study whose crops could not be cut reads the fold's mean, as predict gives the prior
+    if (
+        "crop" in files
+    ):  # a study whose crops could not be cut reads the fold's mean, as predict gives the prior
         crop = _oof(files["crop"]).reindex(uids)
         crop = crop.fillna(crop.mean(numeric_only=True))
     rows = []
@@ -201,14 +212,23 @@ def fit_vertebrae(inputs: pd.DataFrame, labels: pd.DataFrame, C: float) -> dict[
     }
 
 
-def fit_blend(inputs: pd.DataFrame, labels: pd.DataFrame, b: BlendConfig) -> dict:
+def fit_blend(
+    inputs: pd.DataFrame, labels: pd.DataFrame, b: BlendConfig, standards: dict | None = None
+) -> dict:
     """Every target's model, fitted on studies' inputs (`fold_inputs` rows) and their labels (same order):
-    patient_overall's own, and one shared by the vertebrae (`fit_vertebrae`)."""
+    patient_overall's own, and one shared by the vertebrae (`fit_vertebrae`). With ``standards``
+    (`fold_standards`), the inputs are standardised within their folds first, and the blend keeps them."""
+    if standards:
+        inputs = standardise(inputs, standards)
     available = [c for c in inputs.columns if c not in ("StudyInstanceUID", "fold")]
     overall = fit_target(
         inputs[target_inputs(OVERALL, available)], labels[OVERALL].to_numpy(int), OVERALL, b.C
     )
-    return {"targets": {OVERALL: overall, **fit_vertebrae(inputs, labels, b.C)}, "floor": b.floor}
+    return {
+        "targets": {OVERALL: overall, **fit_vertebrae(inputs, labels, b.C)},
+        "floor": b.floor,
+        "standards": standards,
+    }
 
 
 def _made(run: Run, cfg: Config, folds: list[int]) -> dict:
@@ -276,15 +296,16 @@ def blend(cfg: Config, run_dir: str | os.PathLike, folds: list[int]) -> pd.DataF
     inputs = pd.concat([fold_inputs(cfg, run, k) for k in folds], ignore_index=True)
     labels = run.read_labels().loc[inputs["StudyInstanceUID"], list(TARGETS)].reset_index(drop=True)
     uids = inputs["StudyInstanceUID"].to_numpy()
+    standards = fold_standards(inputs) if b.per_fold else None  # label-free: each fold's own outputs' spread
     p, raw, splits = np.zeros((len(inputs), len(TARGETS))), np.zeros(len(inputs)), {}
     for k in folds:
         scored, fitted = (inputs["fold"] == k).to_numpy(), (inputs["fold"] != k).to_numpy()
-        scorer = fit_blend(inputs[fitted], labels[fitted], b)
+        scorer = fit_blend(inputs[fitted], labels[fitted], b, standards)
         p[scored] = apply_blend(scorer, inputs[scored])
         raw[scored] = apply_blend({**scorer, "floor": False}, inputs[scored])[:, 0]
         _save(run, scorer, inputs[fitted], run.blend_scorer(k), uids[fitted].tolist(), b)
         splits[str(k)] = {"trained_on": uids[fitted].tolist(), "scored": uids[scored].tolist()}
-    _save(run, fit_blend(inputs, labels, b), inputs, run.blend_model, uids.tolist(), b)
+    _save(run, fit_blend(inputs, labels, b, standards), inputs, run.blend_model, uids.tolist(), b)
     write_csv(inputs, run.blend_file("inputs.csv"))
     oof = pd.DataFrame(
         {

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from cspine.competition import DataError
@@ -29,8 +31,13 @@ def _setup_logging(log_file: Path | None = None) -> None:
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file))
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", handlers=handlers, force=True)
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=handlers,
+        force=True,
+    )
     logging.getLogger("cspine").setLevel(logging.INFO)  # our progress; codecs' INFO chatter stays quiet
 
 
@@ -51,14 +58,23 @@ def _models_and_config(args: argparse.Namespace) -> tuple[Path, Config]:
 
 
 def _add_common(parser: argparse.ArgumentParser, data: bool = True, out: bool = True) -> None:
-    parser.add_argument("--config", default=None,
-                        help=f"a shipped config ({', '.join(shipped_configs())}) or a YAML file (default: {DEFAULT_CONFIG})")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help=f"a shipped config ({', '.join(shipped_configs())}) or a YAML file (default: {DEFAULT_CONFIG})",
+    )
     if data:
-        parser.add_argument("--data", type=Path, default=None,
-                            help="competition folder (default: $CSPINE_DATA, ./input/…, /kaggle/input/…)")
+        parser.add_argument(
+            "--data",
+            type=Path,
+            default=None,
+            help="competition folder (default: $CSPINE_DATA, ./input/…, /kaggle/input/…)",
+        )
     if out:
         parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<config name>)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. slice.epochs=3")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. slice.epochs=3"
+    )
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -66,10 +82,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     s = cfg.synth
-    root = make_competition(args.out, n_train=s.n_train, n_test=s.n_test, seed=s.seed, image_size=s.image_size,
-                            difficulty=s.difficulty, box_fraction=s.box_fraction, mask_fraction=s.mask_fraction,
-                            min_masks=s.min_masks,
-                            n_slices=s.n_slices or None, workers=args.workers)
+    root = make_competition(args.out, s, workers=args.workers)
     print(f"synthetic competition written to {root}")
     return 0
 
@@ -81,7 +94,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from cspine.runs import check_writable
 
     cfg = _config(args)
-    check_writable(_run_dir(args, cfg))  # the run folder first, then the data, and only then the config is written
+    check_writable(
+        _run_dir(args, cfg)
+    )  # the run folder first, then the data, and only then the config is written
     data_dir = find_data_dir(args.data)
     check_meant_for(cfg, data_dir)
     cache = Run(_bound(args, cfg)).cache.root
@@ -200,7 +215,7 @@ def cmd_train_seq(args: argparse.Namespace) -> int:
 
 
 def cmd_train_vertebrae(args: argparse.Namespace) -> int:
-    from cspine.vertebra import train_vertebra_fold
+    from cspine.train_vertebrae import train_vertebra_fold
 
     folds, cfg = _folds_and_config(args)
     run_dir = _bound(args, cfg)
@@ -215,7 +230,9 @@ def cmd_crop(args: argparse.Namespace) -> int:
     cfg = _config(args)
     run_dir = _bound(args, cfg)
     table = crop(cfg, run_dir, _data_for_run(args, run_dir))
-    print(f"{table['StudyInstanceUID'].nunique()} studies cut into crops of C1..C7 in {Run(run_dir).crop_dir}")
+    print(
+        f"{table['StudyInstanceUID'].nunique()} studies cut into crops of C1..C7 in {Run(run_dir).crop_dir}"
+    )
     return 0
 
 
@@ -296,86 +313,139 @@ def cmd_package_kaggle(args: argparse.Namespace) -> int:
     from cspine.kaggle import package_kaggle
 
     models, cfg = _models_and_config(args)
-    out = package_kaggle(cfg, models, args.out, wheels=not args.no_wheels, dataset=args.dataset, python=args.python)
-    print(f"Kaggle dataset folder ready: {out}\nupload it with: kaggle datasets create -p {out} --dir-mode zip")
+    out = package_kaggle(
+        cfg, models, args.out, wheels=not args.no_wheels, dataset=args.dataset, python=args.python
+    )
+    print(
+        f"Kaggle dataset folder ready: {out}\nupload it with: kaggle datasets create -p {out} --dir-mode zip"
+    )
     return 0
 
 
+@dataclass(frozen=True)
+class Command:
+    """One command of the CLI: its name, help line, handler, which of the common options it takes, and its own."""
+
+    name: str
+    help: str
+    func: Callable[[argparse.Namespace], int]
+    data: bool = True  # --data
+    out: bool = True  # --out as the run folder (a command whose --out is something else declares it below)
+    options: tuple[tuple[tuple[str, ...], dict], ...] = ()  # (flags, add_argument keywords)
+
+
+def _option(*flags: str, **kwargs) -> tuple[tuple[str, ...], dict]:
+    return flags, kwargs
+
+
+MODELS_OPTION = _option(
+    "--models", type=Path, default=None, help="run folder with trained models (default: runs/<name>)"
+)
+# Every command, in the order `--help` lists them: a new command is one entry.
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "synth",
+        "write a synthetic competition in the real layout",
+        cmd_synth,
+        data=False,
+        out=False,
+        options=(
+            _option("--out", type=Path, default=Path("input/synthetic"), help="competition folder to write"),
+            _option("--workers", type=int, default=1, help="processes (output is identical for any number)"),
+        ),
+    ),
+    Command("prepare", "preprocess every training study into the slice cache", cmd_prepare),
+    Command(
+        "segment",
+        "label every cached slice's vertebrae (a U-Net trained on the masks)",
+        cmd_segment,
+        data=False,
+    ),
+    Command("train-slices", "stage 1: train the slice CNN (fold=K, or every fold)", cmd_train_slices),
+    Command("extract", "out-of-fold slice features from each fold's CNN", cmd_extract, data=False),
+    Command(
+        "train-seq", "stage 2: train the BLSTM study model (fold=K, or every fold)", cmd_train_seq, data=False
+    ),
+    Command(
+        "train-vertebrae",
+        "the vertebra track: each vertebra's probability (fold=K, or every fold)",
+        cmd_train_vertebrae,
+        data=False,
+    ),
+    Command("crop", "the crop track: cut each training study's vertebrae from its DICOM", cmd_crop),
+    Command(
+        "train-crops",
+        "the crop track: a CNN + BiGRU on each vertebra's crops (fold=K, or every fold)",
+        cmd_train_crops,
+        data=False,
+    ),
+    Command("blend", "level 2: per target, a calibrated blend of every model", cmd_blend, data=False),
+    Command(
+        "evaluate",
+        "cross-validated report: the paper's tables, competition score, figures",
+        cmd_evaluate,
+        data=False,
+    ),
+    Command(
+        "predict",
+        "test studies → submission.csv",
+        cmd_predict,
+        out=False,
+        options=(
+            MODELS_OPTION,
+            _option(
+                "--out",
+                type=Path,
+                default=None,
+                help="submission path (default: submissions/submission.csv; /kaggle/working/ on Kaggle)",
+            ),
+        ),
+    ),
+    Command(
+        "run",
+        "the whole baseline end to end (synthetic data when none is found)",
+        cmd_run,
+        options=(_option("--submission", type=Path, default=None, help="submission path"),),
+    ),
+    Command(
+        "explain",
+        "Grad-CAM figures of a fold's held-out slices with their boxes",
+        cmd_explain,
+        options=(_option("--n", type=int, default=6, help="figures to write"),),
+    ),
+    Command(
+        "package-kaggle",
+        "bundle code, wheels and weights as a Kaggle dataset folder",
+        cmd_package_kaggle,
+        data=False,
+        out=False,
+        options=(
+            _option("--models", type=Path, default=None, help="run folder with trained models"),
+            _option("--out", type=Path, default=Path("kaggle_package"), help="folder to write"),
+            _option("--no-wheels", action="store_true", help="leave out the dependency wheels"),
+            _option(
+                "--python",
+                default=None,
+                help="the notebook's Python version, e.g. 3.11 (default: this one's)",
+            ),
+            _option(
+                "--dataset", default="cspine-bundle", help="the Kaggle dataset's name (dataset-metadata.json)"
+            ),
+        ),
+    ),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The command line, built from `COMMANDS`."""
     parser = argparse.ArgumentParser(prog="python -m cspine", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="stage", required=True, metavar="stage")
-
-    p = sub.add_parser("synth", help="write a synthetic competition in the real layout")
-    _add_common(p, data=False, out=False)
-    p.add_argument("--out", type=Path, default=Path("input/synthetic"), help="competition folder to write")
-    p.add_argument("--workers", type=int, default=1, help="processes (output is identical for any number)")
-    p.set_defaults(func=cmd_synth)
-
-    p = sub.add_parser("prepare", help="preprocess every training study into the slice cache")
-    _add_common(p)
-    p.set_defaults(func=cmd_prepare)
-
-    p = sub.add_parser("segment", help="label every cached slice's vertebrae (a U-Net trained on the masks)")
-    _add_common(p, data=False)
-    p.set_defaults(func=cmd_segment)
-
-    p = sub.add_parser("train-slices", help="stage 1: train the slice CNN (fold=K, or every fold)")
-    _add_common(p)
-    p.set_defaults(func=cmd_train_slices)
-
-    p = sub.add_parser("extract", help="out-of-fold slice features from each fold's CNN")
-    _add_common(p, data=False)
-    p.set_defaults(func=cmd_extract)
-
-    p = sub.add_parser("train-seq", help="stage 2: train the BLSTM study model (fold=K, or every fold)")
-    _add_common(p, data=False)
-    p.set_defaults(func=cmd_train_seq)
-
-    p = sub.add_parser("train-vertebrae", help="the vertebra track: each vertebra's probability (fold=K, or every fold)")
-    _add_common(p, data=False)
-    p.set_defaults(func=cmd_train_vertebrae)
-
-    p = sub.add_parser("crop", help="the crop track: cut each training study's vertebrae from its DICOM")
-    _add_common(p)
-    p.set_defaults(func=cmd_crop)
-
-    p = sub.add_parser("train-crops", help="the crop track: a CNN + BiGRU on each vertebra's crops (fold=K, or every fold)")
-    _add_common(p, data=False)
-    p.set_defaults(func=cmd_train_crops)
-
-    p = sub.add_parser("blend", help="level 2: per target, a calibrated blend of every model")
-    _add_common(p, data=False)
-    p.set_defaults(func=cmd_blend)
-
-    p = sub.add_parser("evaluate", help="cross-validated report: the paper's tables, competition score, figures")
-    _add_common(p, data=False)
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser("predict", help="test studies → submission.csv")
-    _add_common(p, out=False)
-    p.add_argument("--models", type=Path, default=None, help="run folder with trained models (default: runs/<name>)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="submission path (default: submissions/submission.csv; /kaggle/working/ on Kaggle)")
-    p.set_defaults(func=cmd_predict)
-
-    p = sub.add_parser("run", help="the whole baseline end to end (synthetic data when none is found)")
-    _add_common(p)
-    p.add_argument("--submission", type=Path, default=None, help="submission path")
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("explain", help="Grad-CAM figures of a fold's held-out slices with their boxes")
-    _add_common(p)
-    p.add_argument("--n", type=int, default=6, help="figures to write")
-    p.set_defaults(func=cmd_explain)
-
-    p = sub.add_parser("package-kaggle", help="bundle code, wheels and weights as a Kaggle dataset folder")
-    _add_common(p, data=False, out=False)
-    p.add_argument("--models", type=Path, default=None, help="run folder with trained models")
-    p.add_argument("--out", type=Path, default=Path("kaggle_package"), help="folder to write")
-    p.add_argument("--no-wheels", action="store_true", help="leave out the dependency wheels")
-    p.add_argument("--python", default=None, help="the notebook's Python version, e.g. 3.11 (default: this one's)")
-    p.add_argument("--dataset", default="cspine-bundle", help="the Kaggle dataset's name (dataset-metadata.json)")
-    p.set_defaults(func=cmd_package_kaggle)
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help)
+        _add_common(p, data=command.data, out=command.out)
+        for flags, kwargs in command.options:
+            p.add_argument(*flags, **kwargs)
+        p.set_defaults(func=command.func)
     return parser
 
 
@@ -387,7 +457,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("config: %s", exc)
         return 2
-    except (DataError, OSError, CheckpointError, PredictionError) as exc:  # each names its cause; no traceback
+    except (
+        DataError,
+        OSError,
+        CheckpointError,
+        PredictionError,
+    ) as exc:  # each names its cause; no traceback
         log.error("%s", exc)
         return 1
     except KeyboardInterrupt:

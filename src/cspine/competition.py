@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -32,6 +31,9 @@ MASK_LABELS = 19  # the competition's masks: 0 background, 1..7 C1..C7, 8..19 T1
 
 
 COMPLETE_MARKER = ".complete"  # a synthetic competition's mark, written last (`cspine.synthetic`)
+# a synthetic competition's folder of answers: the true vertebra of every slice; no training code may read it
+# (a test audits this)
+TRUTH_DIR = "truth"
 
 
 def is_complete(root: str | os.PathLike) -> bool:
@@ -70,8 +72,9 @@ def find_data_dir(explicit: str | os.PathLike | None = None) -> Path:
     for path in tried:
         if (path / "train.csv").is_file() or (path / "test.csv").is_file():
             return path
-    raise DataError("no competition data (train.csv or test.csv) found; tried: "
-                    + ", ".join(str(p) for p in tried))
+    raise DataError(
+        "no competition data (train.csv or test.csv) found; tried: " + ", ".join(str(p) for p in tried)
+    )
 
 
 def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
@@ -104,8 +107,12 @@ def read_train(root: str | os.PathLike) -> pd.DataFrame:
     for col in TARGETS:
         _bad_rows(path, col, ~df[col].isin([0, 1]), "is not 0/1")
     df[list(TARGETS)] = df[list(TARGETS)].astype(int)
-    _bad_rows(path, "patient_overall", df["patient_overall"] != df[list(VERTEBRAE)].max(axis=1),
-              "differs from the max of C1..C7")
+    _bad_rows(
+        path,
+        "patient_overall",
+        df["patient_overall"] != df[list(VERTEBRAE)].max(axis=1),
+        "differs from the max of C1..C7",
+    )
     return df
 
 
@@ -121,11 +128,19 @@ def read_boxes(root: str | os.PathLike, train: pd.DataFrame | None = None) -> pd
     _bad_rows(path, "height", df["height"] <= 0, "is not positive")
     df["slice_number"] = df["slice_number"].astype(int)
     if train is not None:
-        _bad_rows(path, "StudyInstanceUID", ~df["StudyInstanceUID"].isin(train["StudyInstanceUID"]),
-                  "names a study not in train.csv")
+        _bad_rows(
+            path,
+            "StudyInstanceUID",
+            ~df["StudyInstanceUID"].isin(train["StudyInstanceUID"]),
+            "names a study not in train.csv",
+        )
         positive = set(train.loc[train["patient_overall"] == 1, "StudyInstanceUID"])
-        _bad_rows(path, "StudyInstanceUID", ~df["StudyInstanceUID"].isin(positive),
-                  "names a study without a fracture in train.csv")
+        _bad_rows(
+            path,
+            "StudyInstanceUID",
+            ~df["StudyInstanceUID"].isin(positive),
+            "names a study without a fracture in train.csv",
+        )
     return df
 
 
@@ -134,8 +149,12 @@ def read_test(root: str | os.PathLike) -> pd.DataFrame:
     path = Path(root) / "test.csv"
     df = _read_csv(path, TEST_COLUMNS)
     _bad_rows(path, "prediction_type", ~df["prediction_type"].isin(TARGETS), f"is not one of {TARGETS}")
-    _bad_rows(path, "row_id", df["row_id"] != df["StudyInstanceUID"] + "_" + df["prediction_type"],
-              "is not <StudyInstanceUID>_<prediction_type>")
+    _bad_rows(
+        path,
+        "row_id",
+        df["row_id"] != df["StudyInstanceUID"] + "_" + df["prediction_type"],
+        "is not <StudyInstanceUID>_<prediction_type>",
+    )
     _bad_rows(path, "row_id", df["row_id"].duplicated(), "repeats a row")
     return df
 
@@ -153,34 +172,17 @@ def list_test_studies(root: str | os.PathLike, test: pd.DataFrame | None = None)
     present = {p.name for p in images.iterdir() if p.is_dir()} if images.is_dir() else set()
     absent = [uid for uid in listed if uid not in present]
     if absent:
-        log.warning("%d of %d studies in test.csv have no folder in %s (they get the prior): %s", len(absent),
-                    len(listed), images, ", ".join(absent[:5]) + (" …" if len(absent) > 5 else ""))
+        log.warning(
+            "%d of %d studies in test.csv have no folder in %s (they get the prior): %s",
+            len(absent),
+            len(listed),
+            images,
+            ", ".join(absent[:5]) + (" …" if len(absent) > 5 else ""),
+        )
     unlisted = sorted(present - set(listed))
     if unlisted:
         log.info("%d studies in %s are not in test.csv and are not predicted", len(unlisted), images)
     return [uid for uid in listed if uid in present]
-
-
-def slice_labels(slice_numbers: np.ndarray, boxes: pd.DataFrame, uid: str | None = None) -> np.ndarray:
-    """Slice fracture labels in series order: 1 where a box lies on the slice's file number.
-
-    Args:
-        slice_numbers: int [N], the file number of each slice in head-to-feet order (`Series.slice_numbers`).
-        boxes: box rows (of one study, or all studies with ``uid`` given).
-        uid: select this study's boxes.
-
-    Returns:
-        uint8 [N]. Boxes on file numbers that are not in the series are reported, not silently dropped.
-    """
-    if uid is not None:
-        boxes = boxes[boxes["StudyInstanceUID"] == uid]
-    numbers = np.asarray(slice_numbers)
-    boxed = boxes["slice_number"].astype(int).unique()
-    unknown = np.setdiff1d(boxed, numbers)
-    if len(unknown):
-        warnings.warn(f"study {uid}: {len(unknown)} boxes name slice numbers absent from the series "
-                      f"({unknown[:5].tolist()})", stacklevel=2)
-    return np.isin(numbers, boxed).astype(np.uint8)
 
 
 def find_mask(data_dir: str | os.PathLike, uid: str) -> Path | None:
@@ -208,13 +210,17 @@ def mask_labels(data: np.ndarray, path: Path) -> np.ndarray:
         rounded = np.rint(data)
         off = np.abs(data - rounded).max() if data.size else 0.0
         if off > 0.01:
-            raise DataError(f"{path}: mask labels are not whole numbers (one is {off:.3f} away from the nearest)")
+            raise DataError(
+                f"{path}: mask labels are not whole numbers (one is {off:.3f} away from the nearest)"
+            )
         data = rounded
     data = data.astype(np.int64)
     bad = np.unique(data[(data < 0) | (data > MASK_LABELS)])
     if len(bad):
-        raise DataError(f"{path}: mask labels {bad[:5].tolist()} are outside 0..{MASK_LABELS} (background, C1..C7 "
-                        "as 1..7, T1..T12 as 8..19)")
+        raise DataError(
+            f"{path}: mask labels {bad[:5].tolist()} are outside 0..{MASK_LABELS} (background, C1..C7 "
+            "as 1..7, T1..T12 as 8..19)"
+        )
     return np.minimum(data, THORACIC).astype(np.uint8)
 
 
@@ -222,8 +228,10 @@ def check_mask_order(mask: np.ndarray, path: Path) -> None:
     """Raises DataError when an aligned mask (head to feet) puts C7 above C1: flipped, or another scheme."""
     levels = [np.flatnonzero((mask == k).any(axis=(1, 2))) for k in (1, 7)]
     if all(len(z) for z in levels) and levels[0].mean() > levels[1].mean():
-        raise DataError(f"{path}: C1 lies below C7 once aligned with its series (head to feet): the mask is "
-                        "flipped or labels the vertebrae another way")
+        raise DataError(
+            f"{path}: C1 lies below C7 once aligned with its series (head to feet): the mask is "
+            "flipped or labels the vertebrae another way"
+        )
 
 
 def read_mask(nii_path: str | os.PathLike, series: Series) -> np.ndarray:
@@ -272,19 +280,17 @@ def read_mask(nii_path: str | os.PathLike, series: Series) -> np.ndarray:
         outside += int((~inside).sum())
         out[k][inside] = data[idx[0][inside], idx[1][inside], idx[2][inside]]
     if outside > MASK_OUTSIDE_TOLERANCE * out.size:
-        raise DataError(f"{nii_path}: mask extent {tuple(data.shape)} does not match series {series.uid} "
-                        f"{(n, h, w)}: {outside / out.size:.0%} of its voxels fall outside the mask")
+        raise DataError(
+            f"{nii_path}: mask extent {tuple(data.shape)} does not match series {series.uid} "
+            f"{(n, h, w)}: {outside / out.size:.0%} of its voxels fall outside the mask"
+        )
     check_mask_order(out, nii_path)
     return out
 
 
-def vertebra_presence(mask: np.ndarray) -> np.ndarray:
-    """uint8 [N, 7]: whether each of C1..C7 appears on each slice of an aligned mask."""
-    return np.stack([(mask == level).any(axis=(1, 2)) for level in range(1, 8)], axis=1).astype(np.uint8)
-
-
-def select_studies(train: pd.DataFrame, data_dir: str | os.PathLike, studies: float = 0, study_list: str = "",
-                   seed: int = 42) -> pd.DataFrame:
+def select_studies(
+    train: pd.DataFrame, data_dir: str | os.PathLike, studies: float = 0, study_list: str = "", seed: int = 42
+) -> pd.DataFrame:
     """The training studies a run uses: all, a listed set, or a stratified subset (``prepare.studies``).
 
     Args:
@@ -306,10 +312,16 @@ def select_studies(train: pd.DataFrame, data_dir: str | os.PathLike, studies: fl
             raise DataError(f"prepare.study_list: {path} not found")
         lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         header = lines[0].split(",") if lines else []
-        listed = pd.read_csv(path, dtype=str)["StudyInstanceUID"].tolist() if "StudyInstanceUID" in header else lines
+        listed = (
+            pd.read_csv(path, dtype=str)["StudyInstanceUID"].tolist()
+            if "StudyInstanceUID" in header
+            else lines
+        )
         if not listed:
-            raise DataError(f"prepare.study_list: {path} lists no study (one StudyInstanceUID a line, or a CSV "
-                            "with that column)")
+            raise DataError(
+                f"prepare.study_list: {path} lists no study (one StudyInstanceUID a line, or a CSV "
+                "with that column)"
+            )
         unknown = sorted(set(listed) - set(train["StudyInstanceUID"]))
         if unknown:
             raise DataError(f"{path}: {len(unknown)} studies are not in train.csv (first: {unknown[:3]})")
@@ -328,8 +340,9 @@ def select_studies(train: pd.DataFrame, data_dir: str | os.PathLike, studies: fl
     if take >= len(rest):
         chosen[:] = True
     elif take > 0:
-        splitter = MultilabelStratifiedShuffleSplit(n_splits=1, train_size=take, test_size=len(rest) - take,
-                                                    random_state=seed)
+        splitter = MultilabelStratifiedShuffleSplit(
+            n_splits=1, train_size=take, test_size=len(rest) - take, random_state=seed
+        )
         picked, _ = next(splitter.split(np.zeros(len(rest)), rest[list(TARGETS)].to_numpy()))
         chosen[picked] = True
     keep = set(train.loc[kept, "StudyInstanceUID"]) | set(rest.loc[chosen, "StudyInstanceUID"])
@@ -356,7 +369,9 @@ def make_folds(train: pd.DataFrame, n_splits: int = 5, seed: int = 42, attempts:
         splitter = MultilabelStratifiedKFold(n_splits=n_splits, shuffle=True, random_state=int(attempt))
         for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(train)), labels)):
             folds[held_out] = fold
-        gap = max(np.abs(labels[folds == f].mean(axis=0) - labels.mean(axis=0)).max() for f in range(n_splits))
+        gap = max(
+            np.abs(labels[folds == f].mean(axis=0) - labels.mean(axis=0)).max() for f in range(n_splits)
+        )
         if gap < best_gap:
             best, best_gap = folds, gap
     return pd.DataFrame({"StudyInstanceUID": train["StudyInstanceUID"].to_numpy(), "fold": best})

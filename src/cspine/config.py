@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
-from importlib import resources
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,9 @@ class SliceConfig:
     """Stage 1: the slice CNN (the paper: ResNet-50, Adam 1e-3, StepLR 5/0.2, batch 16, 50 epochs)."""
 
     backbone: str = "resnet50"
-    pretrained_file: str = ""  # local weights only (a .pth/.safetensors path); "" = random init as in the paper
+    pretrained_file: str = (
+        ""  # local weights only (a .pth/.safetensors path); "" = random init as in the paper
+    )
     input_size: int = 0  # 0 trains at the cache's size; smaller values resize on the fly
     context: int = 0  # neighbouring slices each side stacked as channels (2.5D); 0 = the paper's single slice
     width: float = 1.0  # channel multiplier for a timm ResNet backbone (0.5: a quarter of the arithmetic)
@@ -98,13 +100,15 @@ class SliceConfig:
     accum_steps: int = 1
     clip_grad: float = 0.0  # 0 = no clipping
     amp: bool = True  # bf16/fp16 autocast on CUDA; ignored on CPU
-    channels_last: bool = True
+    channels_last: bool = True  # NHWC: faster with AMP on a GPU, and with oneDNN on a CPU
     ema: bool = False
     ema_decay: float = 0.998
     workers: int = 2
     balance: bool = True  # sample positive slices at positive_fraction (fractured slices are ~3% of the data)
     positive_fraction: float = 0.5  # with balance: the share of fractured slices in each epoch
-    height_matched: float = 0.0  # with balance: share of negatives drawn at the positives' heights in the study
+    height_matched: float = (
+        0.0  # with balance: share of negatives drawn at the positives' heights in the study
+    )
     hflip: float = 0.5  # the paper's horizontal flip
     rotate: float = 10.0  # the paper's ±10° rotation
     extra_aug: bool = False  # brightness/contrast, shift-scale, noise on top of the paper's
@@ -129,7 +133,7 @@ class SegConfig:
 
     encoder: str = "resnet10t"  # a timm encoder (segmentation-models-pytorch's "tu-" family)
     context: int = 2  # neighbouring sagittal planes on each side, as channels
-    depth: int = 128  # the study's slices resampled to this many rows of the sagittal image (a multiple of 32)
+    row_mm: float = 2.0  # the scan's length resampled at this many mm a row of the sagittal plane (every vertebra the same rows in every study)
     folds: int = 3  # folds over the masked studies: each one's Dice comes from a model that never saw it
     steps: int = 500  # optimizer steps per fold
     batch_size: int = 16
@@ -153,14 +157,20 @@ class SeqConfig:
     lr: float = 1e-6
     weight_decay: float = 0.0
     patience: int = 15
-    stop_fraction: float = 0.2  # training studies held back to choose the epoch (never the scored studies); 0 = all epochs
-    input: str = "features"  # "features": CNN features (the paper); "probs": its 15 outputs; "fracture": output 0 only
+    stop_fraction: float = (
+        0.2  # training studies held back to choose the epoch (never the scored studies); 0 = all epochs
+    )
+    input: str = (
+        "features"  # "features": CNN features (the paper); "probs": its 15 outputs; "fracture": output 0 only
+    )
     # "own_fold": fold k's BLSTMs train in `inner_folds` inner folds on fold k's studies, read by CNN k, the
     # CNN they are scored through (one CNN's scale; the only choice for "features"); "other_folds" ("probs"
     # and "fracture" only): fold k's BLSTM trains on every other fold's studies, read by those folds' CNNs
     train_on: str = "own_fold"
     inner_folds: int = 4  # with train_on="own_fold"
-    loss: str = "competition"  # "case": plain BCE on the case labels (the paper); "competition": the metric's weights
+    loss: str = (
+        "competition"  # "case": plain BCE on the case labels (the paper); "competition": the metric's weights
+    )
     bins: int = 0  # 0 = whole studies (the paper); >0 = each study max-pooled into this many runs of slices
     seed: int = 0
 
@@ -215,7 +225,9 @@ class CropConfig:
     margin: float = 0.15  # of the vertebra's height (along z) and box (in-plane), added on each side
     backbone: str = "resnet10t"  # any timm model
     width: float = 1.0  # channel multiplier of a timm ResNet (`cspine.models.width_args`)
-    pretrained_file: str = ""  # local weights for the backbone ("" trains from scratch; nothing is downloaded)
+    pretrained_file: str = (
+        ""  # local weights for the backbone ("" trains from scratch; nothing is downloaded)
+    )
     hidden: int = 64  # the BiGRU's size per direction
     epochs: int = 12
     batch_size: int = 16  # vertebrae per step (each `slices` images)
@@ -247,6 +259,10 @@ class BlendConfig:
     margin: int = 1  # slices added on each side of a vertebra's extent for the CNN's per-vertebra inputs
     # patient_overall never below the largest vertebra probability (a broken vertebra is a broken study)
     floor: bool = True
+    # every input standardised within its fold first: each fold's models give outputs on scales of their own
+    # (on the demo, the two CNNs' max-pooled log-odds spread 2.5 and 1.2), and a blend fitted through one
+    # fold's models otherwise misreads the other's
+    per_fold: bool = True
     seed: int = 0
 
 
@@ -329,8 +345,9 @@ def _apply(cfg: Any, updates: dict, prefix: str, source: str) -> Any:
     names = {f.name for f in dataclasses.fields(cfg)}
     for key, value in updates.items():
         if key not in names:
-            raise ConfigError(f"{source}: unknown key {prefix}{key!r}; valid keys: "
-                              + ", ".join(_keys(type(cfg), prefix)))
+            raise ConfigError(
+                f"{source}: unknown key {prefix}{key!r}; valid keys: " + ", ".join(_keys(type(cfg), prefix))
+            )
         kind = hints[key]
         if dataclasses.is_dataclass(kind):
             if not isinstance(value, dict):
@@ -380,8 +397,9 @@ def config_path(name_or_path: str | os.PathLike) -> Path:
     stem = path.name.removesuffix(".yaml")
     if stem in shipped and path.parent == Path("."):
         return shipped[stem]
-    raise ConfigError(f"config {str(name_or_path)!r} is neither a file nor a shipped config; shipped: "
-                      f"{', '.join(shipped)}")
+    raise ConfigError(
+        f"config {str(name_or_path)!r} is neither a file nor a shipped config; shipped: {', '.join(shipped)}"
+    )
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
@@ -404,17 +422,42 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 # The range each number must lie in (inclusive; None: unbounded), checked when a config is loaded, so that
 # a mistake is one line at once and not a traceback after hours of training.
-RANGES = {"synth.n_train": (2, None), "synth.n_test": (1, None), "synth.image_size": (32, 2048),
-          "synth.n_slices": (0, None), "synth.min_masks": (0, None), "synth.box_fraction": (0, 1),
-          "synth.mask_fraction": (0, 1), "prepare.size": (16, 2048), "prepare.workers": (1, None),
-          "prepare.margin": (0, 0.5), "folds.n_splits": (2, None), "slice.epochs": (1, None),
-          "slice.batch_size": (1, None), "slice.workers": (0, None), "seg.folds": (2, None), "seg.steps": (1, None),
-          "seq.inner_folds": (2, None), "vert.inner_folds": (2, None),
-          "crop.size": (16, 1024), "crop.slices": (1, None), "crop.context": (0, 8), "crop.margin": (0, 1),
-          "crop.epochs": (1, None), "crop.batch_size": (1, None), "crop.workers": (0, None), "blend.C": (1e-6, None),
-          "blend.top_k": (1, None), "blend.margin": (0, None), "predict.workers": (0, None),
-          "predict.batch_size": (1, None), "predict.max_failed": (0, 1), "predict.self_test": (0, None),
-          "predict.clip": (0, 0.5)}
+RANGES = {
+    "synth.n_train": (2, None),
+    "synth.n_test": (1, None),
+    "synth.image_size": (32, 2048),
+    "synth.n_slices": (0, None),
+    "synth.min_masks": (0, None),
+    "synth.box_fraction": (0, 1),
+    "synth.mask_fraction": (0, 1),
+    "prepare.size": (16, 2048),
+    "prepare.workers": (1, None),
+    "prepare.margin": (0, 0.5),
+    "folds.n_splits": (2, None),
+    "slice.epochs": (1, None),
+    "slice.batch_size": (1, None),
+    "slice.workers": (0, None),
+    "seg.folds": (2, None),
+    "seg.steps": (1, None),
+    "seg.row_mm": (0.25, 10.0),
+    "seq.inner_folds": (2, None),
+    "vert.inner_folds": (2, None),
+    "crop.size": (16, 1024),
+    "crop.slices": (1, None),
+    "crop.context": (0, 8),
+    "crop.margin": (0, 1),
+    "crop.epochs": (1, None),
+    "crop.batch_size": (1, None),
+    "crop.workers": (0, None),
+    "blend.C": (1e-6, None),
+    "blend.top_k": (1, None),
+    "blend.margin": (0, None),
+    "predict.workers": (0, None),
+    "predict.batch_size": (1, None),
+    "predict.max_failed": (0, 1),
+    "predict.self_test": (0, None),
+    "predict.clip": (0, 0.5),
+}
 
 
 def check_ranges(cfg: Config) -> None:
@@ -428,12 +471,14 @@ def check_ranges(cfg: Config) -> None:
 
 def config_dict(cfg: Config) -> dict:
     """The resolved config as plain data (tuples as lists), for YAML and logs."""
+
     def plain(value):
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}
         if isinstance(value, (tuple, list)):
             return [plain(v) for v in value]
         return value
+
     return plain(dataclasses.asdict(cfg))
 
 
@@ -444,6 +489,7 @@ def save_config(cfg: Config, path: str | os.PathLike) -> Path:
 
 def diff_from_defaults(cfg: Config) -> dict:
     """Only the keys that differ from the defaults (what an experiment YAML holds)."""
+
     def diff(a: dict, b: dict) -> dict:
         out = {}
         for key, value in a.items():
@@ -454,26 +500,43 @@ def diff_from_defaults(cfg: Config) -> dict:
             elif value != b[key]:
                 out[key] = value
         return out
+
     return diff(config_dict(cfg), config_dict(Config()))
 
 
 # Settings that shape no artifact of a run folder: how fast and where it runs, which folds one call trains,
 # how the submission is clipped (predict runs anew each time), and the synthetic data's recipe (the data
 # folder records its own, `cspine.synthetic.synthetic_settings`).
-RUNTIME_KEYS = ("name", "device", "meant_for", "prepare.workers", "predict.workers", "predict.max_failed",
-                "predict.self_test", "seg.amp", "slice.workers",
-                "slice.amp", "slice.channels_last", "predict.batch_size", "predict.clip", "folds.folds", "synth.")
+RUNTIME_KEYS = (
+    "name",
+    "device",
+    "meant_for",
+    "prepare.workers",
+    "predict.workers",
+    "predict.max_failed",
+    "predict.self_test",
+    "seg.amp",
+    "slice.workers",
+    "slice.amp",
+    "slice.channels_last",
+    "predict.batch_size",
+    "predict.clip",
+    "folds.folds",
+    "synth.",
+)
 # Settings whose stages compare them with what they made and redo their work when they differ.
 REDONE_KEYS = ("seq.", "vert.", "crop.", "blend.", "predict.tta")
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:
     """Dotted keys whose values differ between two configs."""
+
     def flat(tree: dict, prefix: str = "") -> dict:
         out = {}
         for key, value in tree.items():
             out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
         return out
+
     a, b = flat(config_dict(old)), flat(config_dict(new))
     return [key for key in a if a[key] != b[key]]
 
@@ -497,10 +560,13 @@ def check_unchanged(made: Config, wanted: Config, where: str, shaped=lambda key:
     """
     fixed = [key for key in changed_keys(made, wanted) if not is_free(key) and shaped(key)]
     if fixed:
-        listing = ", ".join(f"{key}={config_value(wanted, key)!r} (made with {config_value(made, key)!r})"
-                            for key in fixed)
-        raise ConfigError(f"{where} was made with other settings: {listing}; use another run folder "
-                          "(--out, or name=...) or delete it")
+        listing = ", ".join(
+            f"{key}={config_value(wanted, key)!r} (made with {config_value(made, key)!r})" for key in fixed
+        )
+        raise ConfigError(
+            f"{where} was made with other settings: {listing}; use another run folder "
+            "(--out, or name=...) or delete it"
+        )
 
 
 def config_value(cfg: Config, key: str):

@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cspine.cache import read_meta
 from cspine.config import Config
 from cspine.crops import PLACE_COLUMNS, bone_u8, crop_spec, cut_study, place_vertebrae
 from cspine.dicom import default_workers, load_series
-from cspine.prepare import read_meta
 from cspine.processes import die_with_parent
 from cspine.progress import progress
 from cspine.runs import Run, atomic_path, digest, read_json, write_csv, write_json
@@ -61,7 +61,9 @@ def cut_one(job: CropJob) -> tuple[str, list[dict] | None, str | None]:
             warnings.simplefilter("ignore")  # prepare has reported this study's warnings already
             series = load_series(job.image_dir, workers=1, on_error="skip")
         if len(series) != meta["n"] or len(labels) != meta["n"]:
-            raise ValueError(f"{len(series)} readable slices now, {meta['n']} cached, {len(labels)} segmented")
+            raise ValueError(
+                f"{len(series)} readable slices now, {meta['n']} cached, {len(labels)} segmented"
+            )
         _, found = vertebra_extents(labels, job.min_pixels)
         places = place_vertebrae(found, len(labels), labels.shape[1])
         crops = cut_study(bone_u8(series.hu), labels, places, meta["crop"], labels.shape[1], job.spec)
@@ -73,8 +75,11 @@ def cut_one(job: CropJob) -> tuple[str, list[dict] | None, str | None]:
 
 
 def _record(run: Run, cfg: Config) -> dict:
-    return {"spec": crop_spec(cfg.crop.size, cfg.crop.slices, cfg.crop.context, cfg.crop.margin),
-            "segmentation": digest(run.seg_file("extents.csv")), "min_pixels": cfg.seg.min_pixels}
+    return {
+        "spec": crop_spec(cfg.crop.size, cfg.crop.slices, cfg.crop.context, cfg.crop.margin),
+        "segmentation": digest(run.seg_file("extents.csv")),
+        "min_pixels": cfg.seg.min_pixels,
+    }
 
 
 def is_cropped(run_dir: str | os.PathLike, cfg: Config) -> bool:
@@ -97,21 +102,33 @@ def crop(cfg: Config, run_dir: str | os.PathLike, data_dir: str | os.PathLike) -
             stale.unlink()
     run.crop_record.unlink(missing_ok=True)
     uids = run.cache.read_index()["StudyInstanceUID"].unique().tolist()
-    places = (pd.read_csv(run.crop_places, dtype={"StudyInstanceUID": str}) if run.crop_places.is_file()
-              else pd.DataFrame(columns=["StudyInstanceUID", *PLACE_COLUMNS]))
+    places = (
+        pd.read_csv(run.crop_places, dtype={"StudyInstanceUID": str})
+        if run.crop_places.is_file()
+        else pd.DataFrame(columns=["StudyInstanceUID", *PLACE_COLUMNS])
+    )
     done = set(places["StudyInstanceUID"]) & {u for u in uids if run.crop_study(u).is_file()}
     places = places[places["StudyInstanceUID"].isin(done)]
-    jobs = [CropJob(u, data_dir / "train_images" / u, run.root, record["spec"], cfg.seg.min_pixels)
-            for u in uids if u not in done]
-    log.info("crop: %d studies, %d cut already, %d to cut at %d px", len(uids), len(done), len(jobs), cfg.crop.size)
+    jobs = [
+        CropJob(u, data_dir / "train_images" / u, run.root, record["spec"], cfg.seg.min_pixels)
+        for u in uids
+        if u not in done
+    ]
+    log.info(
+        "crop: %d studies, %d cut already, %d to cut at %d px", len(uids), len(done), len(jobs), cfg.crop.size
+    )
     rows, failures = [places], []
     if jobs:
         workers = max(1, min(cfg.crop.workers or default_workers(), len(jobs)))
-        pool = (ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),))
-                if workers > 1 else None)
+        pool = (
+            ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),))
+            if workers > 1
+            else None
+        )
         try:
-            for uid, found, error in progress((pool.map if pool else map)(cut_one, jobs), "crop", total=len(jobs),
-                                              unit="study"):
+            for uid, found, error in progress(
+                (pool.map if pool else map)(cut_one, jobs), "crop", total=len(jobs), unit="study"
+            ):
                 if error:
                     log.error("crop: study %s failed: %s", uid, error)
                     failures.append(uid)
@@ -129,6 +146,12 @@ def crop(cfg: Config, run_dir: str | os.PathLike, data_dir: str | os.PathLike) -
     write_csv(table, run.crop_places)
     write_json(record, run.crop_record)  # last: the stage is done
     missed = int((~table["found"]).sum())
-    log.info("crop: %d studies cut (%d failed); %d of %d vertebrae placed between their neighbours (the "
-             "segmentation missed them)", table["StudyInstanceUID"].nunique(), len(failures), missed, len(table))
+    log.info(
+        "crop: %d studies cut (%d failed); %d of %d vertebrae placed between their neighbours (the "
+        "segmentation missed them)",
+        table["StudyInstanceUID"].nunique(),
+        len(failures),
+        missed,
+        len(table),
+    )
     return table

@@ -56,16 +56,22 @@ def place_vertebrae(found: list[dict], n: int, size: int) -> list[dict]:
     by_name = {e["vertebra"]: e for e in found}
     index = np.array([i for i, v in enumerate(VERTEBRAE) if v in by_name], dtype=float)
     if not len(index):
-        return [{"vertebra": v, "found": False, "z0": 0, "z1": n - 1, "y0": 0, "y1": size, "x0": 0, "x1": size}
-                for v in VERTEBRAE]
+        return [
+            {"vertebra": v, "found": False, "z0": 0, "z1": n - 1, "y0": 0, "y1": size, "x0": 0, "x1": size}
+            for v in VERTEBRAE
+        ]
     rows = [by_name[VERTEBRAE[int(i)]] for i in index]
     centre = np.array([(e["z0"] + e["z1"]) / 2 for e in rows])
     height = float(np.mean([e["z1"] - e["z0"] + 1 for e in rows]))
-    step = np.polyfit(index, centre, 1)[0] if len(index) > 1 else height  # slices from one vertebra to the next
+    step = (
+        np.polyfit(index, centre, 1)[0] if len(index) > 1 else height
+    )  # slices from one vertebra to the next
     places = []
     for i, name in enumerate(VERTEBRAE):
         if name in by_name:
-            places.append({"vertebra": name, "found": True, **{k: int(by_name[name][k]) for k in PLACE_COLUMNS[2:]}})
+            places.append(
+                {"vertebra": name, "found": True, **{k: int(by_name[name][k]) for k in PLACE_COLUMNS[2:]}}
+            )
             continue
         if index[0] < i < index[-1]:
             c = float(np.interp(i, index, centre))
@@ -107,8 +113,14 @@ def _warp(image: np.ndarray, cy: float, cx: float, half: float, out: int, interp
     resized to ``out`` px; outside the image is 0."""
     a = 2 * half / out
     m = np.array([[a, 0, cx - half + a / 2 - 0.5], [0, a, cy - half + a / 2 - 0.5]], np.float32)
-    return cv2.warpAffine(image, m, (out, out), flags=interpolation | cv2.WARP_INVERSE_MAP,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return cv2.warpAffine(
+        image,
+        m,
+        (out, out),
+        flags=interpolation | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0,
+    )
 
 
 def volume_square(place: dict, crop: Box, cache_size: int, margin: float) -> tuple[float, float, float]:
@@ -119,8 +131,9 @@ def volume_square(place: dict, crop: Box, cache_size: int, margin: float) -> tup
     return cy * scale + oy, cx * scale + ox, half * scale
 
 
-def cut_vertebra(bone: np.ndarray, labels: np.ndarray, place: dict, crops: list[Box], cache_size: int,
-                 spec: dict) -> np.ndarray:
+def cut_vertebra(
+    bone: np.ndarray, labels: np.ndarray, place: dict, crops: list[Box], cache_size: int, spec: dict
+) -> np.ndarray:
     """uint8 [slices, channels, size, size]: one vertebra's crops (`crop_channels` per slice).
 
     Args:
@@ -144,8 +157,9 @@ def cut_vertebra(bone: np.ndarray, labels: np.ndarray, place: dict, crops: list[
     return out
 
 
-def cut_study(bone: np.ndarray, labels: np.ndarray, places: list[dict], crops: list[Box], cache_size: int,
-              spec: dict) -> np.ndarray:
+def cut_study(
+    bone: np.ndarray, labels: np.ndarray, places: list[dict], crops: list[Box], cache_size: int, spec: dict
+) -> np.ndarray:
     """uint8 [7, slices, channels, size, size]: the crops of C1..C7 of one study (`cut_vertebra`)."""
     if len(labels) != len(bone):
         raise ValueError(f"the segmentation has {len(labels)} slices and the study {len(bone)}")

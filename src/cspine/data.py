@@ -14,9 +14,10 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler
 
 from cspine import VERTEBRAE
+from cspine.cache import load_study_images, read_meta
 from cspine.config import SliceConfig
 from cspine.inputs import MEAN, STD, slice_stack
-from cspine.prepare import UNKNOWN, load_study_images, read_meta
+from cspine.labels import UNKNOWN
 
 OPEN_STUDIES = 64  # memory-mapped studies a dataset keeps open at once
 TARGET_COLUMNS = ["label", *[f"{v}_fracture" for v in VERTEBRAE], *[f"{v}_present" for v in VERTEBRAE]]
@@ -36,11 +37,18 @@ def build_transforms(cfg: SliceConfig, train: bool, size: int, seed: int | None 
         if cfg.hflip > 0:
             ops.append(A.HorizontalFlip(p=cfg.hflip))
         if cfg.rotate > 0:
-            ops.append(A.Rotate(limit=(-cfg.rotate, cfg.rotate), border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0))
+            ops.append(
+                A.Rotate(limit=(-cfg.rotate, cfg.rotate), border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0)
+            )
         if cfg.extra_aug:
             ops += [
-                A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), border_mode=cv2.BORDER_CONSTANT,
-                         fill=0, p=0.5),
+                A.Affine(
+                    scale=(0.9, 1.1),
+                    translate_percent=(-0.05, 0.05),
+                    border_mode=cv2.BORDER_CONSTANT,
+                    fill=0,
+                    p=0.5,
+                ),
                 A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
                 A.GaussNoise(std_range=(0.01, 0.03), p=0.3),
             ]
@@ -60,8 +68,14 @@ class SliceDataset(Dataset):
     −1 where the slice's label is unknown (a fractured study without boxes), which the loss skips.
     """
 
-    def __init__(self, cache_dir: str | Path, index: pd.DataFrame, transform: A.Compose,
-                 with_boxes: bool = False, context: int = 0):
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        index: pd.DataFrame,
+        transform: A.Compose,
+        with_boxes: bool = False,
+        context: int = 0,
+    ):
         self.cache_dir = Path(cache_dir)
         self.context = context
         self.uids = index["StudyInstanceUID"].to_numpy()
@@ -84,7 +98,7 @@ class SliceDataset(Dataset):
             if len(self._studies) >= OPEN_STUDIES:
                 self._studies.popitem(last=False)
             self._studies[uid] = load_study_images(self.cache_dir, uid)
-        return slice_stack(self._studies[uid], self.orders[i:i + 1], self.context)[0]
+        return slice_stack(self._studies[uid], self.orders[i : i + 1], self.context)[0]
 
     def box_mask(self, i: int, shape: tuple[int, int]) -> np.ndarray | None:
         """uint8 [H, W] of item i's boxes in the cached image (None: unknown)."""
@@ -92,7 +106,7 @@ class SliceDataset(Dataset):
             return None
         mask = np.zeros(shape, np.uint8)
         for x0, y0, x1, y1 in self.boxes[self.uids[i]].get(int(self.orders[i]), ()):
-            mask[max(int(y0), 0):int(np.ceil(y1)), max(int(x0), 0):int(np.ceil(x1))] = 1
+            mask[max(int(y0), 0) : int(np.ceil(y1)), max(int(x0), 0) : int(np.ceil(x1))] = 1
         return mask
 
     def __getitem__(self, i: int):
@@ -101,8 +115,11 @@ class SliceDataset(Dataset):
         known = (target != UNKNOWN).astype(np.float32)
         mask = self.box_mask(i, image.shape[:2]) if self.boxes is not None else None
         out = self.transform(image=image, mask=mask) if mask is not None else self.transform(image=image)
-        item = (torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1))),
-                torch.from_numpy(np.where(known > 0, target, 0).astype(np.float32)), torch.from_numpy(known))
+        item = (
+            torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1))),
+            torch.from_numpy(np.where(known > 0, target, 0).astype(np.float32)),
+            torch.from_numpy(known),
+        )
         if self.boxes is None:
             return item
         side = out["image"].shape[:2]
@@ -169,13 +186,26 @@ class BalancedDistributedSampler(DistributedSampler):
     its own interleaved share, and ``set_epoch`` changes the draw.
     """
 
-    def __init__(self, dataset: Dataset, labels: np.ndarray | None = None, num_samples_total: int | None = None,
-                 num_replicas: int = 1, rank: int = 0, seed: int = 0, positive_fraction: float = 0.5,
-                 negative_weights: np.ndarray | None = None, matched_fraction: float = 0.0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+    def __init__(
+        self,
+        dataset: Dataset,
+        labels: np.ndarray | None = None,
+        num_samples_total: int | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        positive_fraction: float = 0.5,
+        negative_weights: np.ndarray | None = None,
+        matched_fraction: float = 0.0,
+    ):
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False
+        )
         self.labels = None if labels is None else np.asarray(labels)
         self.positive_fraction = positive_fraction
-        self.negative_weights = None if negative_weights is None else np.asarray(negative_weights, dtype=float)
+        self.negative_weights = (
+            None if negative_weights is None else np.asarray(negative_weights, dtype=float)
+        )
         self.matched_fraction = matched_fraction if self.negative_weights is not None else 0.0
         self.drawn = self.labels is not None or bool(num_samples_total)
         if self.drawn:
@@ -198,10 +228,12 @@ class BalancedDistributedSampler(DistributedSampler):
             if n_matched:
                 w = self.negative_weights[neg]
                 n_matched = n_matched if w.sum() > 0 else 0
-            picks = [rng.choice(pos if len(pos) else neg, n_pos),
-                     rng.choice(neg if len(neg) else pos, n_neg - n_matched)]
+            picks = [
+                rng.choice(pos if len(pos) else neg, n_pos),
+                rng.choice(neg if len(neg) else pos, n_neg - n_matched),
+            ]
             if n_matched:
                 picks.append(rng.choice(neg, n_matched, p=w / w.sum()))
             picks = np.concatenate(picks)
             rng.shuffle(picks)
-        return iter(picks[self.rank:self.total_size:self.num_replicas].tolist())
+        return iter(picks[self.rank : self.total_size : self.num_replicas].tolist())

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import logging
 import mmap
+import multiprocessing as mp
 import os
+import sys
 import warnings
 from collections import Counter
-import multiprocessing as mp
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,8 +89,10 @@ class Series:
     def __repr__(self) -> str:
         n, h, w = self.hu.shape
         dz, dy, dx = self.spacing
-        return (f"Series(uid={self.uid!r}, slices={n}, shape={h}x{w}, "
-                f"spacing=({dz:.3g}, {dy:.3g}, {dx:.3g}) mm, skipped={len(self.skipped)})")
+        return (
+            f"Series(uid={self.uid!r}, slices={n}, shape={h}x{w}, "
+            f"spacing=({dz:.3g}, {dy:.3g}, {dx:.3g}) mm, skipped={len(self.skipped)})"
+        )
 
 
 @dataclass
@@ -123,8 +125,10 @@ class _Slice:
         try:
             stored = self.dataset.pixelData(storedvalue=True)
         except Exception as exc:
-            raise _fail(self.path, f"dicomsdl cannot decode the pixel data ({type(exc).__name__}: "
-                                   f"{str(exc).strip()[:200]})") from None
+            raise _fail(
+                self.path,
+                f"dicomsdl cannot decode the pixel data ({type(exc).__name__}: {str(exc).strip()[:200]})",
+            ) from None
         if stored is None:
             raise _fail(self.path, "no pixel data")
         if stored.dtype.kind in "iu":
@@ -158,8 +162,11 @@ def _check_image(path: Path, modality: str | None, samples: int | None, photomet
     if modality is not None and str(modality).upper() != "CT":
         raise _fail(path, f"not a CT image (Modality={modality})")
     if samples not in (None, 1) or (photometric and not str(photometric).startswith("MONOCHROME")):
-        raise _fail(path, f"not a greyscale image (SamplesPerPixel={samples}, "
-                          f"PhotometricInterpretation={photometric}): colour images are not CT slices")
+        raise _fail(
+            path,
+            f"not a greyscale image (SamplesPerPixel={samples}, "
+            f"PhotometricInterpretation={photometric}): colour images are not CT slices",
+        )
 
 
 def _fix_unused_bits(stored: np.ndarray, bits_stored: int, signed: bool) -> np.ndarray:
@@ -200,16 +207,16 @@ def _pixel_data_complete(data: bytes) -> bool:
     at = data.find(_PIXEL_DATA_TAG, 132)
     if at < 0:
         return False
-    explicit = data[at + 4:at + 6] in _EXPLICIT_PIXEL_VRS
+    explicit = data[at + 4 : at + 6] in _EXPLICIT_PIXEL_VRS
     length_at = at + 8 if explicit else at + 4
     if length_at + 4 > len(data):
         return False
-    length = int.from_bytes(data[length_at:length_at + 4], "little")
+    length = int.from_bytes(data[length_at : length_at + 4], "little")
     pos = length_at + 4
     if length != 0xFFFFFFFF:
         return pos + length <= len(data)
     while pos + 8 <= len(data):  # encapsulated: walk the items up to the sequence delimiter
-        tag, item_length = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        tag, item_length = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
         if tag == _SEQUENCE_DELIMITER:
             return True
         if tag != _ITEM_TAG or pos + 8 + item_length > len(data):
@@ -218,11 +225,16 @@ def _pixel_data_complete(data: bytes) -> bool:
     return False
 
 
-NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")  # uncompressed pixel data
+NATIVE_SYNTAXES = (
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.1",
+    "1.2.840.10008.1.2.2",
+)  # uncompressed pixel data
 
 
-def _check_native_length(path: Path, syntax: str, available: int, rows: int, cols: int, samples: int,
-                         bits_allocated: int) -> None:
+def _check_native_length(
+    path: Path, syntax: str, available: int, rows: int, cols: int, samples: int, bits_allocated: int
+) -> None:
     """Refuses uncompressed pixel data shorter than Rows × Columns × samples × bytes a sample.
 
     Given such a header, dicomsdl reads past its buffer: a segmentation fault that kills the reading process,
@@ -232,8 +244,11 @@ def _check_native_length(path: Path, syntax: str, available: int, rows: int, col
         return
     needed = rows * cols * max(samples, 1) * max(bits_allocated, 8) // 8
     if available < needed:
-        raise _fail(path, f"truncated: {available} bytes of uncompressed pixel data, where Rows × Columns "
-                          f"({rows} × {cols}) at {bits_allocated} bits need {needed}")
+        raise _fail(
+            path,
+            f"truncated: {available} bytes of uncompressed pixel data, where Rows × Columns "
+            f"({rows} × {cols}) at {bits_allocated} bits need {needed}",
+        )
 
 
 def _pixel_data_length(data: bytes) -> int | None:
@@ -241,8 +256,8 @@ def _pixel_data_length(data: bytes) -> int | None:
     at = data.find(_PIXEL_DATA_TAG, 132)
     if at < 0:
         return None
-    length_at = at + 8 if data[at + 4:at + 6] in _EXPLICIT_PIXEL_VRS else at + 4
-    length = int.from_bytes(data[length_at:length_at + 4], "little")
+    length_at = at + 8 if data[at + 4 : at + 6] in _EXPLICIT_PIXEL_VRS else at + 4
+    length = int.from_bytes(data[length_at : length_at + 4], "little")
     return None if length == 0xFFFFFFFF else length
 
 
@@ -300,8 +315,11 @@ def _repair_rescale(slices: list[_Slice], study_dir: Path) -> None:
         s.slope = slope if s.slope is None else s.slope
         s.intercept = intercept if s.intercept is None else s.intercept
     names = ", ".join(s.path.name for s in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-    warnings.warn(f"{study_dir}: {len(bad)} slice(s) with a missing, zero or non-finite RescaleSlope or "
-                  f"RescaleIntercept ({names}) read with {source}", stacklevel=3)
+    warnings.warn(
+        f"{study_dir}: {len(bad)} slice(s) with a missing, zero or non-finite RescaleSlope or "
+        f"RescaleIntercept ({names}) read with {source}",
+        stacklevel=4,
+    )
 
 
 def _read_pydicom(path: Path) -> _Slice:
@@ -320,14 +338,24 @@ def _read_pydicom(path: Path) -> _Slice:
         raise _fail(path, "truncated: the pixel data is incomplete" if truncated else "no pixel data")
     _check_image(path, ds.get("Modality"), ds.get("SamplesPerPixel"), ds.get("PhotometricInterpretation"))
     syntax = str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
-    _check_native_length(path, syntax, len(ds.PixelData), int(ds.get("Rows", 0)), int(ds.get("Columns", 0)),
-                         int(ds.get("SamplesPerPixel", 1)), int(ds.get("BitsAllocated", 16)))
+    _check_native_length(
+        path,
+        syntax,
+        len(ds.PixelData),
+        int(ds.get("Rows", 0)),
+        int(ds.get("Columns", 0)),
+        int(ds.get("SamplesPerPixel", 1)),
+        int(ds.get("BitsAllocated", 16)),
+    )
     try:
         stored = ds.pixel_array
     except (NotImplementedError, RuntimeError) as exc:
         name = getattr(ds.file_meta.get("TransferSyntaxUID"), "name", syntax)
-        raise _fail(path, f"transfer syntax {syntax} ({name}) cannot be decoded by the installed "
-                          f"decoders ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        raise _fail(
+            path,
+            f"transfer syntax {syntax} ({name}) cannot be decoded by the installed "
+            f"decoders ({type(exc).__name__}: {str(exc).splitlines()[0]})",
+        ) from None
     except Exception as exc:
         raise _fail(path, f"pixel data cannot be decoded ({type(exc).__name__}: {exc})") from None
     slope, intercept = _pydicom_rescale(ds, stored.shape[0] if stored.ndim == 3 else 1)
@@ -369,10 +397,23 @@ def _pydicom_rescale(ds, frames: int) -> tuple[float | np.ndarray, float | np.nd
     return shared_pair or (1.0, 0.0)
 
 
-_DICOMSDL_TAGS = ("TransferSyntaxUID", "NumberOfFrames", "PixelRepresentation", "RescaleSlope",
-                  "RescaleIntercept", "SOPClassUID", "Modality", "SamplesPerPixel", "PhotometricInterpretation",
-                  "BitsStored", "ImagePositionPatient", "ImageOrientationPatient", "InstanceNumber",
-                  "PixelSpacing", "StudyInstanceUID")
+_DICOMSDL_TAGS = (
+    "TransferSyntaxUID",
+    "NumberOfFrames",
+    "PixelRepresentation",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "SOPClassUID",
+    "Modality",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsStored",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "InstanceNumber",
+    "PixelSpacing",
+    "StudyInstanceUID",
+)
 
 
 def _read_dicomsdl(path: Path, data: bytes | None = None, strict: bool = True) -> _Slice | None:
@@ -399,8 +440,10 @@ def _read_dicomsdl(path: Path, data: bytes | None = None, strict: bool = True) -
         # elements of VR UN come back as raw bytes; pydicom resolves them from its dictionary
         if not strict:
             return None
-        tags = {k: v.decode("ascii", "replace").strip("\x00 ") if isinstance(v, bytes) else v
-                for k, v in tags.items()}
+        tags = {
+            k: v.decode("ascii", "replace").strip("\x00 ") if isinstance(v, bytes) else v
+            for k, v in tags.items()
+        }
     syntax = str(tags["TransferSyntaxUID"] or "")
     signed = int(tags["PixelRepresentation"] or 0) == 1
     if not strict:
@@ -413,11 +456,20 @@ def _read_dicomsdl(path: Path, data: bytes | None = None, strict: bool = True) -
     _check_image(path, tags["Modality"], tags["SamplesPerPixel"], tags["PhotometricInterpretation"])
     info = dset.getPixelDataInfo()
     if int(info.get("NumberOfFrames") or 1) != 1:
-        raise _fail(path, f"multi-frame file ({info['NumberOfFrames']} frames): dicomsdl returns only the first "
-                          "frame; read it with backend='pydicom' or 'auto'")
+        raise _fail(
+            path,
+            f"multi-frame file ({info['NumberOfFrames']} frames): dicomsdl returns only the first "
+            "frame; read it with backend='pydicom' or 'auto'",
+        )
     shape = (int(info["Rows"]), int(info["Cols"]))
-    _check_native_length(path, syntax, _pixel_data_length(data) or 0, *shape, int(info["SamplesPerPixel"] or 1),
-                         int(info["BitsAllocated"] or 16))
+    _check_native_length(
+        path,
+        syntax,
+        _pixel_data_length(data) or 0,
+        *shape,
+        int(info["SamplesPerPixel"] or 1),
+        int(info["BitsAllocated"] or 16),
+    )
     slope, intercept, instance = tags["RescaleSlope"], tags["RescaleIntercept"], tags["InstanceNumber"]
     return _Slice(
         path=path,
@@ -512,11 +564,17 @@ def _order(slices: list[_Slice], study_dir: Path) -> np.ndarray:
         if len(np.unique(z)) == len(z) or len(z) == 1:
             return np.argsort(-z, kind="stable")
     if all(s.instance_number is not None for s in slices):
-        warnings.warn(f"{study_dir}: ImagePositionPatient missing or repeated; slices ordered by "
-                      "InstanceNumber (assumed head to feet)", stacklevel=3)
+        warnings.warn(
+            f"{study_dir}: ImagePositionPatient missing or repeated; slices ordered by "
+            "InstanceNumber (assumed head to feet)",
+            stacklevel=3,
+        )
         return np.argsort([s.instance_number for s in slices], kind="stable")
-    warnings.warn(f"{study_dir}: neither ImagePositionPatient nor InstanceNumber on every slice; "
-                  "slices ordered by file number (assumed head to feet)", stacklevel=3)
+    warnings.warn(
+        f"{study_dir}: neither ImagePositionPatient nor InstanceNumber on every slice; "
+        "slices ordered by file number (assumed head to feet)",
+        stacklevel=3,
+    )
     numbers = [_file_number(s.path) if _file_number(s.path) is not None else i for i, s in enumerate(slices)]
     return np.argsort(numbers, kind="stable")
 
@@ -534,16 +592,23 @@ def _slice_spacing(positions: np.ndarray, orientation: np.ndarray, study_dir: Pa
     cos = np.clip(along / np.maximum(lengths, 1e-9), 0, 1)
     tilt = float(np.degrees(np.arccos(np.median(cos))))
     if tilt > GANTRY_TILT_TOLERANCE_DEG:
-        warnings.warn(f"{study_dir}: gantry tilt of {tilt:.1f}° (slice positions step off the slice "
-                      "normal); the volume is not resampled", stacklevel=3)
+        warnings.warn(
+            f"{study_dir}: gantry tilt of {tilt:.1f}° (slice positions step off the slice "
+            "normal); the volume is not resampled",
+            stacklevel=4,
+        )
     if dz > 0 and np.max(np.abs(along - dz)) > SPACING_TOLERANCE * dz:
-        warnings.warn(f"{study_dir}: non-uniform slice spacing ({along.min():.3g}–{along.max():.3g} mm, "
-                      f"median {dz:.3g} mm): missing slices or two series in one folder", stacklevel=3)
+        warnings.warn(
+            f"{study_dir}: non-uniform slice spacing ({along.min():.3g}–{along.max():.3g} mm, "
+            f"median {dz:.3g} mm): missing slices or two series in one folder",
+            stacklevel=4,
+        )
     return dz
 
 
-def _drop_odd_shapes(slices: list[_Slice], study_dir: Path, on_error: OnError,
-                     skipped: list[tuple[Path, str]]) -> list[_Slice]:
+def _drop_odd_shapes(
+    slices: list[_Slice], study_dir: Path, on_error: OnError, skipped: list[tuple[Path, str]]
+) -> list[_Slice]:
     shapes = Counter(s.shape for s in slices)
     if len(shapes) <= 1:
         return slices
@@ -551,13 +616,18 @@ def _drop_odd_shapes(slices: list[_Slice], study_dir: Path, on_error: OnError,
     odd = [s for s in slices if s.shape != main_shape]
     if on_error == "raise":
         first = odd[0]
-        raise _fail(first.path, f"slice shape {first.shape} differs from the study's {main_shape} "
-                                f"({len(odd)} of {len(slices)} slices in {study_dir} differ)")
+        raise _fail(
+            first.path,
+            f"slice shape {first.shape} differs from the study's {main_shape} "
+            f"({len(odd)} of {len(slices)} slices in {study_dir} differ)",
+        )
     skipped.extend((s.path, f"shape {s.shape} differs from {main_shape}") for s in odd)
     return [s for s in slices if s.shape == main_shape]
 
 
-_SHARED: tuple | None = None  # in a decoding process: (the study's slices, its volume in shared memory, backend)
+_SHARED: tuple | None = (
+    None  # in a decoding process: (the study's slices, its volume in shared memory, backend)
+)
 
 
 def _attach(slices: list[_Slice], buffer: mmap.mmap, shape: tuple[int, ...], backend: Backend) -> None:
@@ -576,8 +646,9 @@ def _decode_slot(k: int) -> str | None:
     return None
 
 
-def _decode_in_processes(slices: list[_Slice], workers: int,
-                         backend: Backend) -> tuple[np.ndarray, list[str | None]]:
+def _decode_in_processes(
+    slices: list[_Slice], workers: int, backend: Backend
+) -> tuple[np.ndarray, list[str | None]]:
     """Decodes every slice in ``workers`` forked processes; returns the volume and each slice's error or None.
 
     The volume lives in an anonymous shared mapping that the forked processes inherit (not /dev/shm, which
@@ -587,9 +658,15 @@ def _decode_in_processes(slices: list[_Slice], workers: int,
     """
     shape = (len(slices), *slices[0].shape)
     buffer = mmap.mmap(-1, int(np.prod(shape)) * 4)
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_attach,
-                             initargs=(slices, buffer, shape, backend)) as pool:
-        errors = list(pool.map(_decode_slot, range(len(slices)), chunksize=max(1, len(slices) // (4 * workers))))
+    with ProcessPoolExecutor(
+        workers,
+        mp_context=mp.get_context("fork"),
+        initializer=_attach,
+        initargs=(slices, buffer, shape, backend),
+    ) as pool:
+        errors = list(
+            pool.map(_decode_slot, range(len(slices)), chunksize=max(1, len(slices) // (4 * workers)))
+        )
     for item in slices:
         item.dataset = None  # the processes decoded from their copies: release the parent's file bytes
     return np.frombuffer(buffer, np.float32).reshape(shape), errors
@@ -639,7 +716,21 @@ def load_series(
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     study_dir = Path(study_dir)
     files = _list_files(study_dir)
-    workers = workers or default_workers()
+    slices, skipped = _read_headers(files, backend, on_error)
+    slices = _usable_slices(slices, study_dir, on_error, skipped, len(files))
+    slices = [slices[i] for i in _order(slices, study_dir)]
+    hu, slices = _decode_volume(slices, study_dir, backend, workers or default_workers(), on_error, skipped)
+    if skipped:
+        warnings.warn(
+            f"{study_dir}: skipped {len(skipped)} of {len(files)} slices: "
+            + "; ".join(f"{p.name} ({why})" for p, why in skipped),
+            stacklevel=2,
+        )
+    return _series(hu, slices, study_dir, skipped)
+
+
+def _read_headers(files: list[Path], backend: Backend, on_error: OnError) -> tuple[list[_Slice], list]:
+    """Every file's header (and, with pydicom, its pixels), and the files that could not be read."""
 
     def read(path: Path) -> _Slice | tuple[Path, str]:
         try:
@@ -649,10 +740,20 @@ def load_series(
                 raise
             return path, str(exc).removeprefix(f"{path}: ")
 
-    results = [read(p) for p in files]  # headers only for the fast path: ~0.03 ms a file, threads measured slower
+    results = [
+        read(p) for p in files
+    ]  # headers only for the fast path: ~0.03 ms a file, threads measured slower
+    return [r for r in results if isinstance(r, _Slice)], [r for r in results if isinstance(r, tuple)]
 
-    skipped = [r for r in results if isinstance(r, tuple)]
-    slices = [r for r in results if isinstance(r, _Slice)]
+
+def _usable_slices(
+    slices: list[_Slice], study_dir: Path, on_error: OnError, skipped: list, n_files: int
+) -> list[_Slice]:
+    """The slices that can make one volume: single-frame, of the study's shape, with a usable rescale.
+
+    Raises:
+        DicomError: none is left (naming the first causes), or, with on_error="raise", any is unusable.
+    """
     multi = [s for s in slices if len(s.shape) != 2]
     if multi:
         reason = f"multi-frame file ({multi[0].shape[0]} frames): a series needs one slice per file"
@@ -663,14 +764,26 @@ def load_series(
     slices = _drop_odd_shapes(slices, study_dir, on_error, skipped)
     _repair_rescale(slices, study_dir)
     if not slices:
-        raise _fail(study_dir, f"no readable slice among {len(files)} files: "
-                               + "; ".join(f"{p.name}: {why}" for p, why in skipped[:5]))
-    order = _order(slices, study_dir)
-    slices = [slices[i] for i in order]
+        raise _fail(
+            study_dir,
+            f"no readable slice among {n_files} files: "
+            + "; ".join(f"{p.name}: {why}" for p, why in skipped[:5]),
+        )
+    return slices
+
+
+def _decode_volume(
+    slices: list[_Slice], study_dir: Path, backend: Backend, workers: int, on_error: OnError, skipped: list
+) -> tuple[np.ndarray, list[_Slice]]:
+    """float32 [N, H, W] HU of the ordered slices, and the slices that decoded (the others join ``skipped``).
+
+    Codec-bound syntaxes decode in ``workers`` processes; memory-bound ones, and pydicom's already decoded
+    slices, in this process (threads measured slower).
+    """
     codec_bound = all(s.decoder == "dicomsdl" and s.syntax not in LIGHT_SYNTAXES for s in slices)
     if workers > 1 and codec_bound and len(slices) > PROCESS_DECODE_MIN_SLICES and _can_fork():
         hu, errors = _decode_in_processes(slices, workers, backend)
-    else:  # memory-bound syntaxes, and pydicom's already decoded slices: in this process (threads measured slower)
+    else:
         hu, errors = np.empty((len(slices), *slices[0].shape), np.float32), []
         for k, item in enumerate(slices):
             try:
@@ -691,17 +804,34 @@ def load_series(
         hu, slices = hu[keep], [slices[k] for k in keep]
         if not slices:
             raise _fail(study_dir, "no decodable slice")
+    return hu, slices
+
+
+def _series(hu: np.ndarray, slices: list[_Slice], study_dir: Path, skipped: list) -> Series:
+    """The `Series` of a decoded volume: its geometry (positions, orientation, spacing), slice numbers, UID."""
     positions = np.array([s.position if s.position is not None else [np.nan] * 3 for s in slices])
-    orientation = next((s.orientation for s in slices if s.orientation is not None),
-                       np.array([1.0, 0, 0, 0, 1.0, 0]))
-    if skipped:
-        warnings.warn(f"{study_dir}: skipped {len(skipped)} of {len(files)} slices: "
-                      + "; ".join(f"{p.name} ({why})" for p, why in skipped), stacklevel=2)
+    orientation = next(
+        (s.orientation for s in slices if s.orientation is not None), np.array([1.0, 0, 0, 0, 1.0, 0])
+    )
     dz = _slice_spacing(positions, orientation, study_dir)
     dy, dx = slices[0].pixel_spacing or (float("nan"), float("nan"))
-    numbers = np.array([_file_number(s.path) if _file_number(s.path) is not None
-                        else (s.instance_number if s.instance_number is not None else -1)
-                        for s in slices], dtype=np.int64)
+    numbers = np.array(
+        [
+            _file_number(s.path)
+            if _file_number(s.path) is not None
+            else (s.instance_number if s.instance_number is not None else -1)
+            for s in slices
+        ],
+        dtype=np.int64,
+    )
     uid = next((s.study_uid for s in slices if s.study_uid), study_dir.name)
-    return Series(hu=hu, slice_numbers=numbers, positions=positions, spacing=(dz, dy, dx), uid=uid,
-                  paths=[s.path for s in slices], orientation=orientation, skipped=skipped)
+    return Series(
+        hu=hu,
+        slice_numbers=numbers,
+        positions=positions,
+        spacing=(dz, dy, dx),
+        uid=uid,
+        paths=[s.path for s in slices],
+        orientation=orientation,
+        skipped=skipped,
+    )

@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import get_encoder
 from pydicom.uid import (
+    UID,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLosslessSV1,
     RLELossless,
-    UID,
 )
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -146,25 +147,35 @@ class _SeriesTemplate:
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
         raw = buffer.getvalue()
-        self.head = raw[:raw.rindex(b"\xe0\x7f\x10\x00")]
+        self.head = raw[: raw.rindex(b"\xe0\x7f\x10\x00")]
 
     def _sop_uid(self, number: int) -> str:
-        return f"{self.sop_prefix}.{10 ** _NUMBER_WIDTH + number}"
+        return f"{self.sop_prefix}.{10**_NUMBER_WIDTH + number}"
 
     def _pixel_element(self, stored: np.ndarray) -> bytes:
         if self.file_syntax == ExplicitVRLittleEndian:
             data = stored.tobytes()
             return b"\xe0\x7f\x10\x00OW\x00\x00" + len(data).to_bytes(4, "little") + data
         frame = get_encoder(self.file_syntax).encode(
-            stored, encoding_plugin="pylibjpeg", rows=stored.shape[0], columns=stored.shape[1],
-            samples_per_pixel=1, bits_allocated=16, bits_stored=self.encoding.bits_stored,
-            pixel_representation=int(self.encoding.signed), photometric_interpretation="MONOCHROME2",
-            number_of_frames=1)
-        return (b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff" + encapsulate([frame])
-                + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00")  # sequence delimiter
+            stored,
+            encoding_plugin="pylibjpeg",
+            rows=stored.shape[0],
+            columns=stored.shape[1],
+            samples_per_pixel=1,
+            bits_allocated=16,
+            bits_stored=self.encoding.bits_stored,
+            pixel_representation=int(self.encoding.signed),
+            photometric_interpretation="MONOCHROME2",
+            number_of_frames=1,
+        )
+        return (
+            b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff"
+            + encapsulate([frame])
+            + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+        )  # sequence delimiter
 
     def write(self, path: Path, stored: np.ndarray, number: int, z: float | None) -> None:
-        if not 0 <= number < 10 ** _NUMBER_WIDTH:
+        if not 0 <= number < 10**_NUMBER_WIDTH:
             raise ValueError(f"file number {number} does not fit {_NUMBER_WIDTH} digits")
         head = self.head.replace(self._sop_uid(1).encode(), self._sop_uid(number).encode())
         head = head.replace(_INSTANCE_PLACEHOLDER.encode(), f"{number:<{_NUMBER_WIDTH}d}".encode())

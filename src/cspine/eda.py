@@ -28,18 +28,21 @@ def study_summary(root: str | os.PathLike, split: str = "train", limit: int | No
         first = pydicom.dcmread(files[0], stop_before_pixels=True)
         last = pydicom.dcmread(files[-1], stop_before_pixels=True)
         z_first, z_last = float(first.ImagePositionPatient[2]), float(last.ImagePositionPatient[2])
-        rows.append({
-            "StudyInstanceUID": folder.name,
-            "slices": len(files),
-            "rows": int(first.Rows), "columns": int(first.Columns),
-            "pixel_spacing": float(first.PixelSpacing[0]),
-            "thickness": float(first.SliceThickness),
-            "position_spacing": abs(z_first - z_last) / max(len(files) - 1, 1),
-            "feet_to_head_numbering": z_first < z_last,
-            "first_number": int(files[0].stem) if files[0].stem.isdigit() else -1,
-            "syntax": first.file_meta.TransferSyntaxUID.name,
-            "intercept": float(first.RescaleIntercept),
-        })
+        rows.append(
+            {
+                "StudyInstanceUID": folder.name,
+                "slices": len(files),
+                "rows": int(first.Rows),
+                "columns": int(first.Columns),
+                "pixel_spacing": float(first.PixelSpacing[0]),
+                "thickness": float(first.SliceThickness),
+                "position_spacing": abs(z_first - z_last) / max(len(files) - 1, 1),
+                "feet_to_head_numbering": z_first < z_last,
+                "first_number": int(files[0].stem) if files[0].stem.isdigit() else -1,
+                "syntax": first.file_meta.TransferSyntaxUID.name,
+                "intercept": float(first.RescaleIntercept),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -51,7 +54,9 @@ def cooccurrence(train: pd.DataFrame) -> pd.DataFrame:
 
 def box_table(boxes: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
     """Boxes with their centre as a fraction of the image, and their area in mm² (from the pixel spacing)."""
-    merged = boxes.merge(summary[["StudyInstanceUID", "rows", "columns", "pixel_spacing"]], on="StudyInstanceUID")
+    merged = boxes.merge(
+        summary[["StudyInstanceUID", "rows", "columns", "pixel_spacing"]], on="StudyInstanceUID"
+    )
     merged["cx"] = (merged["x"] + merged["width"] / 2) / merged["columns"]
     merged["cy"] = (merged["y"] + merged["height"] / 2) / merged["rows"]
     merged["area_mm2"] = merged["width"] * merged["height"] * merged["pixel_spacing"] ** 2

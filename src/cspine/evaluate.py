@@ -21,9 +21,10 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from cspine import TARGETS, VERTEBRAE
 from cspine.checkpoints import load_blend
-from cspine.competition import THORACIC
+from cspine.competition import THORACIC, TRUTH_DIR
 from cspine.config import Config, save_config
-from cspine.extract import load_features, oof_sources
+from cspine.features import load_features, oof_sources
+from cspine.labels import UNKNOWN
 from cspine.metrics import (
     bootstrap_auc,
     cv_table,
@@ -33,10 +34,8 @@ from cspine.metrics import (
     weighted_log_loss,
     write_table,
 )
-from cspine.prepare import UNKNOWN
 from cspine.runs import Run, save_figure, write_csv, write_text
 from cspine.submission import prior_from_train
-from cspine.synthetic import TRUTH_DIR
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,9 @@ def oof_slice_probs(run_dir: str | os.PathLike) -> dict[str, tuple[int, np.ndarr
     return {uid: (fold, load_features(run_dir, fold, uid)[1]) for uid, fold in oof_sources(run_dir).items()}
 
 
-def pooled_predictions(slice_probs: dict[str, tuple[int, np.ndarray]], uids: list[str], how: str) -> pd.DataFrame:
+def pooled_predictions(
+    slice_probs: dict[str, tuple[int, np.ndarray]], uids: list[str], how: str
+) -> pd.DataFrame:
     """The paper's argument as a baseline: a study's probabilities from its slices' by max or mean pooling.
 
     patient_overall pools the slice-fracture probability; C1..C7 pool the per-vertebra fracture outputs.
@@ -55,15 +56,22 @@ def pooled_predictions(slice_probs: dict[str, tuple[int, np.ndarray]], uids: lis
     for uid in uids:
         fold, probs = slice_probs[uid]
         pooled = probs.max(axis=0) if how == "max" else probs.mean(axis=0)
-        rows.append({"StudyInstanceUID": uid, "fold": fold, "p_patient_overall": float(pooled[0]),
-                     **{f"p_{v}": float(pooled[1 + i]) for i, v in enumerate(VERTEBRAE)}})
+        rows.append(
+            {
+                "StudyInstanceUID": uid,
+                "fold": fold,
+                "p_patient_overall": float(pooled[0]),
+                **{f"p_{v}": float(pooled[1 + i]) for i, v in enumerate(VERTEBRAE)},
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def image_level_reports(slice_probs: dict[str, tuple[int, np.ndarray]], index: pd.DataFrame) -> list[dict]:
     """Table 2's rows per fold: labelled slices of each fold's studies, scored by that fold's CNN."""
-    slice_labels = {uid: part.sort_values("order")["label"].to_numpy()
-                    for uid, part in index.groupby("StudyInstanceUID")}
+    slice_labels = {
+        uid: part.sort_values("order")["label"].to_numpy() for uid, part in index.groupby("StudyInstanceUID")
+    }
     reports = []
     for fold in sorted({f for f, _ in slice_probs.values()}):
         y, p = [], []
@@ -102,8 +110,11 @@ def scores(name: str, oof: pd.DataFrame, labels: pd.DataFrame) -> dict:
     """Competition loss (both forms) and per-target AUCs of one model's out-of-fold predictions."""
     y = labels.loc[oof["StudyInstanceUID"], list(TARGETS)].to_numpy()
     p = oof[[f"p_{t}" for t in TARGETS]].to_numpy()
-    row = {"Model": name, "loss (per study)": weighted_log_loss(y, p, "study"),
-           "loss (global)": weighted_log_loss(y, p, "global")}
+    row = {
+        "Model": name,
+        "loss (per study)": weighted_log_loss(y, p, "study"),
+        "loss (global)": weighted_log_loss(y, p, "global"),
+    }
     for i, t in enumerate(TARGETS):
         row[f"AUC {t}"] = _auc(y[:, i], p[:, i])
     return row
@@ -118,8 +129,13 @@ def vertebra_figure(score_table: pd.DataFrame, path: Path) -> Path:
         aucs = [row[f"AUC {v}"] for v in VERTEBRAE]
         ax.bar(np.arange(len(VERTEBRAE)) + (i - (len(rows) - 1) / 2) * width, aucs, width, label=row["Model"])
     ax.axhline(0.5, color="k", ls=":", lw=1)
-    ax.set(xticks=range(len(VERTEBRAE)), xticklabels=VERTEBRAE, ylim=(0, 1.05), ylabel="AUC, out of fold",
-           title="Which vertebra is broken?")
+    ax.set(
+        xticks=range(len(VERTEBRAE)),
+        xticklabels=VERTEBRAE,
+        ylim=(0, 1.05),
+        ylabel="AUC, out of fold",
+        title="Which vertebra is broken?",
+    )
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
@@ -163,29 +179,53 @@ def _reliability(ax, y: np.ndarray, p: np.ndarray, label: str, style: str) -> No
     ax.plot(mean, frac, style, label=label)
 
 
-def calibration_figure(submitted: str, models: dict[str, pd.DataFrame], labels: pd.DataFrame,
-                       contrast: list[str], path: Path) -> Path:
+def calibration_figure(
+    submitted: str, models: dict[str, pd.DataFrame], labels: pd.DataFrame, contrast: list[str], path: Path
+) -> Path:
     """Reliability of what is submitted: patient_overall (beside ``contrast`` models), and C1..C7 pooled."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
     oof = models[submitted]
     y = labels.loc[oof["StudyInstanceUID"]]
-    _reliability(axes[0], y["patient_overall"].to_numpy(), oof["p_patient_overall"].to_numpy(),
-                 f"submitted: {submitted}", "o-")
+    _reliability(
+        axes[0],
+        y["patient_overall"].to_numpy(),
+        oof["p_patient_overall"].to_numpy(),
+        f"submitted: {submitted}",
+        "o-",
+    )
     for name in contrast:
         other = models[name]
-        _reliability(axes[0], labels.loc[other["StudyInstanceUID"], "patient_overall"].to_numpy(),
-                     other["p_patient_overall"].to_numpy(), name, "s--")
-    _reliability(axes[1], y[list(VERTEBRAE)].to_numpy().ravel(),
-                 oof[[f"p_{v}" for v in VERTEBRAE]].to_numpy().ravel(), f"submitted: {submitted}", "o-")
+        _reliability(
+            axes[0],
+            labels.loc[other["StudyInstanceUID"], "patient_overall"].to_numpy(),
+            other["p_patient_overall"].to_numpy(),
+            name,
+            "s--",
+        )
+    _reliability(
+        axes[1],
+        y[list(VERTEBRAE)].to_numpy().ravel(),
+        oof[[f"p_{v}" for v in VERTEBRAE]].to_numpy().ravel(),
+        f"submitted: {submitted}",
+        "o-",
+    )
     q = np.linspace(0, 1, 101)
     for ax, title in zip(axes, ("patient_overall", "C1..C7, every vertebra of every study")):
         ax.plot([0, 1], [0, 1], "k:", lw=1, label="calibrated (predicted = observed)")
         ax.plot(2 * q / (1 + q), q, color="0.5", lw=1, label="the metric's best answer, 2q/(1+q)")
-        ax.set(xlabel="predicted probability (mean of a bin)", ylabel="observed frequency of fractures",
-               xlim=(0, 1), ylim=(0, 1), title=title)
+        ax.set(
+            xlabel="predicted probability (mean of a bin)",
+            ylabel="observed frequency of fractures",
+            xlim=(0, 1),
+            ylim=(0, 1),
+            title=title,
+        )
         ax.legend(fontsize=7, loc="upper left")
-    fig.suptitle("Calibration, out of fold (bins of equal size). Positives weigh twice, so for an observed "
-                 "frequency q the metric rewards 2q/(1+q): the grey curve", fontsize=9)
+    fig.suptitle(
+        "Calibration, out of fold (bins of equal size). Positives weigh twice, so for an observed "
+        "frequency q the metric rewards 2q/(1+q): the grey curve",
+        fontsize=9,
+    )
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)
@@ -200,8 +240,9 @@ def collect(paths: list[Path], out: Path, what: str, command: str) -> pd.DataFra
     """
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"{what} predictions missing ({', '.join(missing)}): run "
-                                f"`python -m cspine {command}` first")
+        raise FileNotFoundError(
+            f"{what} predictions missing ({', '.join(missing)}): run `python -m cspine {command}` first"
+        )
     oof = pd.concat([pd.read_csv(p, dtype={"StudyInstanceUID": str}) for p in paths], ignore_index=True)
     write_csv(oof, out)
     return oof
@@ -224,14 +265,23 @@ def segmentation_scores(run: Run) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     table = pd.read_csv(run.seg_file("vertebrae.csv"), dtype={"StudyInstanceUID": str})
     truth = pd.read_csv(truth_path, dtype={"StudyInstanceUID": str})
     both = table.merge(truth, on=["StudyInstanceUID", "slice_number"], suffixes=("", "_true"))
-    both["group"] = np.where(both["StudyInstanceUID"].isin(dice["StudyInstanceUID"]), "with a mask (out of fold)",
-                             "without a mask")
+    both["group"] = np.where(
+        both["StudyInstanceUID"].isin(dice["StudyInstanceUID"]), "with a mask (out of fold)", "without a mask"
+    )
     # the segmentation has one thoracic class (8); the truth names T2 (9) too
     both["level ok"] = both["level"] == both["level_true"].clip(upper=THORACIC)
-    both["vertebrae ok"] = (both[list(VERTEBRAE)].to_numpy() == both[[f"{v}_true" for v in VERTEBRAE]].to_numpy()).all(1)
-    accuracy = both.groupby("group").agg(studies=("StudyInstanceUID", "nunique"), slices=("level", "size"),
-                                         **{"slice level": ("level ok", "mean"),
-                                            "vertebrae shown": ("vertebrae ok", "mean")}).reset_index()
+    both["vertebrae ok"] = (
+        both[list(VERTEBRAE)].to_numpy() == both[[f"{v}_true" for v in VERTEBRAE]].to_numpy()
+    ).all(1)
+    accuracy = (
+        both.groupby("group")
+        .agg(
+            studies=("StudyInstanceUID", "nunique"),
+            slices=("level", "size"),
+            **{"slice level": ("level ok", "mean"), "vertebrae shown": ("vertebrae ok", "mean")},
+        )
+        .reset_index()
+    )
     return dice, accuracy
 
 
@@ -241,12 +291,21 @@ def segmentation_section(run: Run) -> list[str]:
         return []
     dice, accuracy = segmentation_scores(run)
     means = dice[list(VERTEBRAE)].mean()
-    lines = ["## Segmentation", "",
-             f"Out-of-fold Dice per vertebra on the {len(dice)} studies with a mask (mean {means.mean():.3f}):", "",
-             means.to_frame("Dice").T.round(3).to_markdown(index=False), ""]
+    lines = [
+        "## Segmentation",
+        "",
+        f"Out-of-fold Dice per vertebra on the {len(dice)} studies with a mask (mean {means.mean():.3f}):",
+        "",
+        means.to_frame("Dice").T.round(3).to_markdown(index=False),
+        "",
+    ]
     if accuracy is not None:
-        lines += ["Slices whose predicted vertebrae match the truth (synthetic data only):", "",
-                  accuracy.round(3).to_markdown(index=False), ""]
+        lines += [
+            "Slices whose predicted vertebrae match the truth (synthetic data only):",
+            "",
+            accuracy.round(3).to_markdown(index=False),
+            "",
+        ]
     return lines
 
 
@@ -293,12 +352,17 @@ def loss_table(models: dict[str, pd.DataFrame], labels: pd.DataFrame) -> pd.Data
         p = oof[[f"p_{t}" for t in TARGETS]].to_numpy()
         parts = loss_by_target(y, p)
         aucs = [_auc(y[:, i], p[:, i]) for i in range(1, len(TARGETS))]
-        rows.append({"model": name, "loss per study": parts.sum(),
-                     "of which patient_overall": f"{parts[0]:.3f} ({parts[0] / parts.sum():.0%})",
-                     "C1..C7 together": parts[1:].sum(),
-                     "patient_overall's own weighted loss": target_log_loss(y[:, 0], p[:, 0], "patient_overall"),
-                     "AUC patient_overall": _auc(y[:, 0], p[:, 0]),
-                     "AUC C1..C7 mean / min": f"{np.nanmean(aucs):.3f} / {np.nanmin(aucs):.3f}"})
+        rows.append(
+            {
+                "model": name,
+                "loss per study": parts.sum(),
+                "of which patient_overall": f"{parts[0]:.3f} ({parts[0] / parts.sum():.0%})",
+                "C1..C7 together": parts[1:].sum(),
+                "patient_overall's own weighted loss": target_log_loss(y[:, 0], p[:, 0], "patient_overall"),
+                "AUC patient_overall": _auc(y[:, 0], p[:, 0]),
+                "AUC C1..C7 mean / min": f"{np.nanmean(aucs):.3f} / {np.nanmin(aucs):.3f}",
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -335,14 +399,25 @@ def coefficient_table(run: Run) -> pd.DataFrame | None:
     scorers = {f"scored fold {k}": load_blend(run.blend_scorer(k)) for k in submitted["folds"]}
     columns = {}
     for label, b in {"submitted": submitted, **scorers}.items():
-        values = {("patient_overall", name): c
-                  for name, c in _coefficients(b["targets"]["patient_overall"], "patient_overall").items()}
+        values = {
+            ("patient_overall", name): c
+            for name, c in _coefficients(b["targets"]["patient_overall"], "patient_overall").items()
+        }
         for v in VERTEBRAE:  # the shared coefficients repeat in every vertebra: one row each
             values.update({("C1..C7", name): c for name, c in _coefficients(b["targets"][v], v).items()})
         columns[label] = values
     keys = list(dict.fromkeys(k for values in columns.values() for k in values))
-    rows = [{"target": t, "input": name, **{label: round(values[(t, name)], 3) if (t, name) in values else None
-                                           for label, values in columns.items()}} for t, name in keys]
+    rows = [
+        {
+            "target": t,
+            "input": name,
+            **{
+                label: round(values[(t, name)], 3) if (t, name) in values else None
+                for label, values in columns.items()
+            },
+        }
+        for t, name in keys
+    ]
     return pd.DataFrame(rows)
 
 
@@ -353,22 +428,33 @@ def opening(cfg: Config, models: dict[str, pd.DataFrame]) -> list[str]:
     for t, name in columns.items():
         by_model.setdefault(name, []).append(t)
     given = "; ".join(f"{', '.join(ts)} from **{name}**" for name, ts in by_model.items())
-    lines = ["**What is scored here.** The *paper track* is Salehinejad et al.'s method: a slice CNN reads "
-             "every slice in three CT windows, and a BLSTM reads the CNN's outputs over the whole study and "
-             "answers all eight targets."]
+    lines = [
+        "**What is scored here.** The *paper track* is Salehinejad et al.'s method: a slice CNN reads "
+        "every slice in three CT windows, and a BLSTM reads the CNN's outputs over the whole study and "
+        "answers all eight targets."
+    ]
     if cfg.vert.enabled:
-        lines.append("The *vertebra track* segments the vertebrae first and reads the same CNN on each vertebra's "
-                     "own slices, one probability per vertebra.")
+        lines.append(
+            "The *vertebra track* segments the vertebrae first and reads the same CNN on each vertebra's "
+            "own slices, one probability per vertebra."
+        )
     if cfg.crop.enabled:
-        lines.append("The *crop track* cuts each segmented vertebra from the full-resolution study and reads "
-                     "its crops with a CNN of its own and a BiGRU, trained on every study's C1..C7 labels.")
+        lines.append(
+            "The *crop track* cuts each segmented vertebra from the full-resolution study and reads "
+            "its crops with a CNN of its own and a BiGRU, trained on every study's C1..C7 labels."
+        )
     if BLEND in models:
-        tracks = [name for name, on in (("the vertebra track", cfg.vert.enabled), ("the crop track", cfg.crop.enabled))
-                  if on]
-        lines.append("The *blend* (level 2) is, per target, a logistic regression over the out-of-fold outputs "
-                     "of every model above (the BLSTMs, the CNN pooled over the study and over each vertebra's "
-                     "slices" + "".join(f", {t}" for t in tracks) + "), weighted as the "
-                     "metric weighs, so what it gives is a calibrated probability, not only a ranking.")
+        tracks = [
+            name
+            for name, on in (("the vertebra track", cfg.vert.enabled), ("the crop track", cfg.crop.enabled))
+            if on
+        ]
+        lines.append(
+            "The *blend* (level 2) is, per target, a logistic regression over the out-of-fold outputs "
+            "of every model above (the BLSTMs, the CNN pooled over the study and over each vertebra's "
+            "slices" + "".join(f", {t}" for t in tracks) + "), weighted as the "
+            "metric weighs, so what it gives is a calibrated probability, not only a ranking."
+        )
     lines.append(f"The submission takes {given}.")
     return [" ".join(lines), ""]
 
@@ -380,16 +466,23 @@ def crop_section(run: Run) -> list[str]:
     missed = (~places["found"].astype(bool)).groupby(places["vertebra"]).sum().reindex(list(VERTEBRAE))
     studies = places["StudyInstanceUID"].nunique()
     table = pd.DataFrame([{"": "placed between its neighbours", **missed.astype(int).to_dict()}])
-    return ["## The crop track", "",
-            f"{studies} studies cut into crops of C1..C7. Where the segmentation found no vertebra, its crops were "
-            f"cut where its neighbours put it; that happened {int(missed.sum())} times in {studies * len(VERTEBRAE)}:",
-            "", table.to_markdown(index=False), ""]
+    return [
+        "## The crop track",
+        "",
+        f"{studies} studies cut into crops of C1..C7. Where the segmentation found no vertebra, its crops were "
+        f"cut where its neighbours put it; that happened {int(missed.sum())} times in {studies * len(VERTEBRAE)}:",
+        "",
+        table.to_markdown(index=False),
+        "",
+    ]
 
 
-MAX_POOLING_NOTE = ("Max pooling ranks studies well and scores badly: the highest of a hundred slice "
-                    "probabilities is high in healthy studies too (one bright joint space is enough), so as a "
-                    "probability it is overconfident, while the order it puts studies in survives; the blend "
-                    "keeps the order and learns the calibration.")
+MAX_POOLING_NOTE = (
+    "Max pooling ranks studies well and scores badly: the highest of a hundred slice "
+    "probabilities is high in healthy studies too (one bright joint space is enough), so as a "
+    "probability it is overconfident, while the order it puts studies in survives; the blend "
+    "keeps the order and learns the calibration."
+)
 
 
 def evaluate(cfg: Config, run_dir: str | os.PathLike) -> Path:
@@ -406,15 +499,24 @@ def evaluate(cfg: Config, run_dir: str | os.PathLike) -> Path:
     backbone = model_name(cfg)
     models: dict[str, pd.DataFrame] = {}
     for hidden in cfg.seq.sizes:
-        models[f"{backbone} + BLSTM-{hidden}"] = collect([run.seq_file(hidden, k, "oof.csv") for k in range(n_folds)],
-                                                         run.seq_oof(hidden), f"BLSTM-{hidden}", "train-seq")
+        models[f"{backbone} + BLSTM-{hidden}"] = collect(
+            [run.seq_file(hidden, k, "oof.csv") for k in range(n_folds)],
+            run.seq_oof(hidden),
+            f"BLSTM-{hidden}",
+            "train-seq",
+        )
     uids = models[f"{backbone} + BLSTM-{cfg.seq.hidden}"]["StudyInstanceUID"].tolist()
     if cfg.vert.enabled:
-        models[VERTEBRA_TRACK] = collect([run.vert_file(k, "oof.csv") for k in range(n_folds)], run.vert_oof(),
-                                         "vertebra-track", "train-vertebrae")
+        models[VERTEBRA_TRACK] = collect(
+            [run.vert_file(k, "oof.csv") for k in range(n_folds)],
+            run.vert_oof(),
+            "vertebra-track",
+            "train-vertebrae",
+        )
     if cfg.crop.enabled:
-        models[CROP_TRACK] = collect([run.crop_file(k, "oof.csv") for k in range(n_folds)], run.crop_oof(),
-                                     "crop-track", "train-crops")
+        models[CROP_TRACK] = collect(
+            [run.crop_file(k, "oof.csv") for k in range(n_folds)], run.crop_oof(), "crop-track", "train-crops"
+        )
     if cfg.blend.enabled:
         blend = pd.read_csv(run.blend_file("oof.csv"), dtype={"StudyInstanceUID": str})
         models[BLEND] = blend.drop(columns="p_patient_overall_unfloored")
@@ -423,56 +525,98 @@ def evaluate(cfg: Config, run_dir: str | os.PathLike) -> Path:
     for how in ("max", "mean"):
         models[f"{backbone}, {how} pooling"] = pooled_predictions(slice_probs, uids, how)
     prior = prior_from_train(labels.loc[uids].reset_index())
-    models[PRIOR] = pd.DataFrame({"StudyInstanceUID": uids, "fold": models[f"{backbone}, max pooling"]["fold"],
-                                  **{f"p_{t}": prior[t] for t in TARGETS}})
+    models[PRIOR] = pd.DataFrame(
+        {
+            "StudyInstanceUID": uids,
+            "fold": models[f"{backbone}, max pooling"]["fold"],
+            **{f"p_{t}": prior[t] for t in TARGETS},
+        }
+    )
 
     table2 = cv_table(image_level_reports(slice_probs, index), row_keys=("Data",))
-    case_rows = [r for name, oof in models.items() if name != PRIOR for r in case_level_reports(name, oof, labels)]
+    case_rows = [
+        r for name, oof in models.items() if name != PRIOR for r in case_level_reports(name, oof, labels)
+    ]
     table3 = cv_table(sorted(case_rows, key=lambda r: r["Data"] != "Imblcd."), row_keys=("Model", "Data"))
     score_table = pd.DataFrame([scores(name, oof, labels) for name, oof in models.items()])
     losses, intervals = loss_table(models, labels), auc_interval_table(models, labels)
     coefficients = coefficient_table(run) if cfg.blend.enabled else None
     write_table(table2, out / "table2", "Table 2 — image level (out-of-fold, mean ± std % over folds)")
-    write_table(table3, out / "table3", "Table 3 — case level, patient_overall (out-of-fold, mean ± std % over folds)")
+    write_table(
+        table3, out / "table3", "Table 3 — case level, patient_overall (out-of-fold, mean ± std % over folds)"
+    )
     write_csv(score_table, out / "scores.csv")
     write_csv(losses, out / "loss.csv")
     write_csv(intervals, out / "auc_intervals.csv")
     submitted = submitted_model(cfg)
-    roc_figure({k: v for k, v in models.items() if k not in (PRIOR, BLEND_UNFLOORED)}, labels, out / "roc.png")
-    calibration_figure(submitted, models, labels, [f"{backbone}, max pooling", f"{backbone} + BLSTM-{cfg.seq.hidden}"],
-                       out / "calibration.png")
+    roc_figure(
+        {k: v for k, v in models.items() if k not in (PRIOR, BLEND_UNFLOORED)}, labels, out / "roc.png"
+    )
+    calibration_figure(
+        submitted,
+        models,
+        labels,
+        [f"{backbone}, max pooling", f"{backbone} + BLSTM-{cfg.seq.hidden}"],
+        out / "calibration.png",
+    )
     vertebra_figure(score_table[score_table["Model"] != BLEND_UNFLOORED], out / "vertebrae.png")
 
     fmt = score_table.copy()
     for col in fmt.columns[1:]:
-        fmt[col] = fmt[col].map(lambda v: f"{v:.4f}" if col.startswith("loss") else f"{v:.3f}")
+        fmt[col] = fmt[col].map(("{:.4f}" if col.startswith("loss") else "{:.3f}").format)
     lines = [
-        f"# Evaluation: {cfg.name}", "",
+        f"# Evaluation: {cfg.name}",
+        "",
         *opening(cfg, models),
         f"{len(uids)} studies, {n_folds}-fold cross-validation; every number is out of fold (each study scored "
         "by models, the blend included, that never trained on it). BLSTM input: "
-        f"`{cfg.seq.input}`, loss: `{cfg.seq.loss}`.", "",
-        "## Where the loss is", "",
+        f"`{cfg.seq.input}`, loss: `{cfg.seq.loss}`.",
+        "",
+        "## Where the loss is",
+        "",
         "The competition's weighted log loss per study (lower is better; a constant 0.5 scores 0.6931), split "
         "into what patient_overall (weights 7 and 14) and the seven vertebrae (1 and 2 each) carry; then "
-        "patient_overall's weighted log loss on its own (its weights only).", "",
-        losses.to_markdown(index=False, floatfmt=".3f"), "", MAX_POOLING_NOTE, "",
-        "## AUC with 95% bootstrap intervals", "",
+        "patient_overall's weighted log loss on its own (its weights only).",
+        "",
+        losses.to_markdown(index=False, floatfmt=".3f"),
+        "",
+        MAX_POOLING_NOTE,
+        "",
+        "## AUC with 95% bootstrap intervals",
+        "",
         "Studies resampled 1,000 times within each class. With a handful of fractured studies (the first row) "
         "an interval spans much of the range: two models whose intervals overlap widely are not told apart "
-        "by this run.", "",
-        intervals.to_markdown(index=False), "",
-        "![calibration](calibration.png)", "",
-        *(["## The blend's coefficients", "",
-           "Per target, the logistic regression's coefficient on each standardised input (log-odds; "
-           "`cspine.stacking` names them) and its intercept: the submitted blend, fitted on every study, and "
-           "the blends that scored each fold, fitted on the other folds. A large weight on a weak model, or "
-           "a sign that flips between folds, would show here.",
-           "", coefficients.to_markdown(index=False), ""] if coefficients is not None else []),
-        (out / "table2.md").read_text(), (out / "table3.md").read_text(),
-        "## Every score", "",
-        fmt.to_markdown(index=False), "",
-        "![ROC](roc.png)", "", "![per vertebra](vertebrae.png)", "",
+        "by this run.",
+        "",
+        intervals.to_markdown(index=False),
+        "",
+        "![calibration](calibration.png)",
+        "",
+        *(
+            [
+                "## The blend's coefficients",
+                "",
+                "Per target, the logistic regression's coefficient on each standardised input (log-odds; "
+                "`cspine.stacking` names them) and its intercept: the submitted blend, fitted on every study, and "
+                "the blends that scored each fold, fitted on the other folds. A large weight on a weak model, or "
+                "a sign that flips between folds, would show here.",
+                "",
+                coefficients.to_markdown(index=False),
+                "",
+            ]
+            if coefficients is not None
+            else []
+        ),
+        (out / "table2.md").read_text(),
+        (out / "table3.md").read_text(),
+        "## Every score",
+        "",
+        fmt.to_markdown(index=False),
+        "",
+        "![ROC](roc.png)",
+        "",
+        "![per vertebra](vertebrae.png)",
+        "",
         *segmentation_section(run),
         *(crop_section(run) if cfg.crop.enabled else []),
     ]

@@ -17,11 +17,11 @@ from matplotlib.patches import Rectangle
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+from cspine.cache import load_study_images, read_meta
 from cspine.checkpoints import load_slice_model
 from cspine.competition import read_boxes
 from cspine.inputs import slice_stack, to_tensor
 from cspine.models import SliceNet
-from cspine.prepare import load_study_images, read_meta
 from cspine.preprocess import boxes_in_cache_frame
 from cspine.runs import Run, save_figure
 
@@ -45,13 +45,19 @@ def grad_cam(model: SliceNet, image: np.ndarray, output: int = 0, size: int | No
     with GradCAM(model=model, target_layers=[model.cam_layer()]) as cam:
         heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(output)])[0]
     if heat.shape != image.shape[:2]:
-        heat = torch.nn.functional.interpolate(torch.from_numpy(heat)[None, None], size=image.shape[:2],
-                                               mode="bilinear", align_corners=False)[0, 0].numpy()
+        heat = torch.nn.functional.interpolate(
+            torch.from_numpy(heat)[None, None], size=image.shape[:2], mode="bilinear", align_corners=False
+        )[0, 0].numpy()
     return heat.astype(np.float32)
 
 
-def save_cam_figure(image: np.ndarray, heat: np.ndarray, path: str | os.PathLike,
-                    boxes: list[tuple[float, float, float, float]] = (), title: str = "") -> Path:
+def save_cam_figure(
+    image: np.ndarray,
+    heat: np.ndarray,
+    path: str | os.PathLike,
+    boxes: list[tuple[float, float, float, float]] = (),
+    title: str = "",
+) -> Path:
     """The slice (gross bone window channel), its Grad-CAM overlay and ground-truth boxes (x, y, w, h), as PNG."""
     fig, axes = plt.subplots(1, 2, figsize=(8, 4.2))
     for ax in axes:
@@ -70,8 +76,9 @@ def save_cam_figure(image: np.ndarray, heat: np.ndarray, path: str | os.PathLike
     return Path(path)
 
 
-def explain_fold(run_dir: str | os.PathLike, fold: int, data_dir: str | os.PathLike, n: int = 6,
-                 device: str = "cpu") -> list[Path]:
+def explain_fold(
+    run_dir: str | os.PathLike, fold: int, data_dir: str | os.PathLike, n: int = 6, device: str = "cpu"
+) -> list[Path]:
     """Grad-CAM figures for up to ``n`` boxed slices of fold ``fold``'s held-out studies (its own CNN)."""
     run = Run(run_dir)
     model, _ = load_slice_model(run.slice_best(fold), device)
@@ -84,15 +91,24 @@ def explain_fold(run_dir: str | os.PathLike, fold: int, data_dir: str | os.PathL
         images = load_study_images(run.cache.root, uid)
         numbers = meta["slice_numbers"]
         picks = study_boxes.drop_duplicates("slice_number")
-        for number in picks["slice_number"].iloc[len(picks) // 2: len(picks) // 2 + 1]:
+        for number in picks["slice_number"].iloc[len(picks) // 2 : len(picks) // 2 + 1]:
             k = numbers.index(int(number))
             crop = meta["crop"][0] if len(meta["crop"]) == 1 else meta["crop"][k]
-            mapped = boxes_in_cache_frame(study_boxes[study_boxes["slice_number"] == number].to_dict("records"),
-                                          tuple(crop), images.shape[1])
+            mapped = boxes_in_cache_frame(
+                study_boxes[study_boxes["slice_number"] == number].to_dict("records"),
+                tuple(crop),
+                images.shape[1],
+            )
             heat = grad_cam(model, slice_stack(images, [k], model.context)[0])
-            written.append(save_cam_figure(np.asarray(images[k]), heat,
-                                           run.explain / f"fold{fold}_{uid}_{number}.png", mapped,
-                                           title=f"{uid}, slice {number}"))
+            written.append(
+                save_cam_figure(
+                    np.asarray(images[k]),
+                    heat,
+                    run.explain / f"fold{fold}_{uid}_{number}.png",
+                    mapped,
+                    title=f"{uid}, slice {number}",
+                )
+            )
         if len(written) >= n:
             break
     return written

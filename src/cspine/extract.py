@@ -6,7 +6,8 @@ For fold k, CNN k (trained on the other folds) reads only fold k's studies, so e
 come from a network that never trained on it. Per study, ``<run>/features/fold<k>/<uid>.npz`` holds
 ``features`` float16 [N, D] and ``probs`` float16 [N, 15] (SLICE_OUTPUTS), head to feet;
 ``provenance.json`` records the checkpoint, the studies it trained on (from the checkpoint itself) and the
-studies it read, so the no-leak rule can be checked from the files alone.
+studies it read, so the no-leak rule can be checked from the files alone. How a study is read, and how the
+files are read back, is `cspine.features`.
 """
 
 from __future__ import annotations
@@ -19,41 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cspine.cache import load_study_images
 from cspine.checkpoints import load_slice_model
 from cspine.config import Config
-from cspine.inputs import slice_stack, to_tensor
-from cspine.models import SliceNet
-from cspine.prepare import load_study_images
-from cspine.runs import Run, atomic_path, digest, read_json, write_json
+from cspine.features import study_features
 from cspine.progress import progress
-from cspine.runtime import amp_dtype, autocast, pick_device
+from cspine.runs import Run, atomic_path, digest, read_json, write_json
+from cspine.runtime import amp_dtype, pick_device
 
 log = logging.getLogger(__name__)
-
-
-@torch.inference_mode()
-def study_features(model: SliceNet, images: np.ndarray, size: int, device: torch.device, batch_size: int,
-                   dtype: torch.dtype | None = None, channels_last: bool = False,
-                   tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Features float16 [N, D] and probabilities float16 [N, 15] of one study's preprocessed slices.
-
-    ``images`` is the whole study, uint8 [N, H, W, 3], head to feet: a CNN with context reads each slice's
-    neighbours from it. With ``tta`` each slice is also read mirrored left-right (the CNN trained with
-    horizontal flips) and the two readings' log-odds and features are averaged: a false positive that one
-    reading alone produces is damped, which matters because a study's score hangs on its highest slices.
-    """
-    feats, probs = [], []
-    for start in range(0, len(images), batch_size):
-        batch = slice_stack(images, np.arange(start, min(start + batch_size, len(images))), model.context)
-        x = to_tensor(batch, size, device, channels_last)
-        with autocast(device, dtype):
-            f, logits = model.features_and_logits(x)
-            if tta:
-                f_mirror, logits_mirror = model.features_and_logits(x.flip(-1))
-                f, logits = (f.float() + f_mirror.float()) / 2, (logits.float() + logits_mirror.float()) / 2
-        feats.append(f.float().cpu().numpy().astype(np.float16))
-        probs.append(torch.sigmoid(logits.float()).cpu().numpy().astype(np.float16))
-    return np.concatenate(feats), np.concatenate(probs)
 
 
 def extract_fold(cfg: Config, run_dir: str | os.PathLike, fold: int) -> Path:
@@ -72,8 +47,10 @@ def extract_fold(cfg: Config, run_dir: str | os.PathLike, fold: int) -> Path:
     held_out = [u for u in folds.loc[folds["fold"] == fold, "StudyInstanceUID"] if u in cached]
     leaked = sorted(set(meta["trained_on"]) & set(held_out))
     if leaked:
-        raise RuntimeError(f"{checkpoint} trained on {len(leaked)} of fold {fold}'s studies (e.g. {leaked[0]}): "
-                           f"{run.folds} changed after training; train the fold again")
+        raise RuntimeError(
+            f"{checkpoint} trained on {len(leaked)} of fold {fold}'s studies (e.g. {leaked[0]}): "
+            f"{run.folds} changed after training; train the fold again"
+        )
     out = run.features_dir(fold)
     sha, tta = digest(checkpoint), cfg.predict.tta
     if run.provenance(fold).is_file():
@@ -81,8 +58,17 @@ def extract_fold(cfg: Config, run_dir: str | os.PathLike, fold: int) -> Path:
         if old["checkpoint_sha"] != sha or old["tta"] != tta:
             for stale in out.glob("*.npz"):  # another checkpoint's or reading's features must not mix in
                 stale.unlink()
-    write_json({"fold": fold, "checkpoint": str(checkpoint), "checkpoint_sha": sha, "tta": tta,
-                "trained_on": meta["trained_on"], "studies": held_out}, run.provenance(fold))
+    write_json(
+        {
+            "fold": fold,
+            "checkpoint": str(checkpoint),
+            "checkpoint_sha": sha,
+            "tta": tta,
+            "trained_on": meta["trained_on"],
+            "studies": held_out,
+        },
+        run.provenance(fold),
+    )
 
     device = next(model.parameters()).device
     channels_last = cfg.slice.channels_last and device.type == "cuda"
@@ -94,15 +80,21 @@ def extract_fold(cfg: Config, run_dir: str | os.PathLike, fold: int) -> Path:
     slices, started = 0, time.perf_counter()
     for uid in progress(todo, f"extract fold {fold}", unit="study"):
         images = load_study_images(run.cache.root, uid)
-        feats, probs = study_features(model, images, size, device, cfg.predict.batch_size, dtype,
-                                      channels_last, tta)
+        feats, probs = study_features(
+            model, images, size, device, cfg.predict.batch_size, dtype, channels_last, tta
+        )
         with atomic_path(run.features_file(fold, uid)) as tmp, open(tmp, "wb") as f:
             np.savez(f, features=feats, probs=probs)
         slices += len(images)
     if todo:
         elapsed = time.perf_counter() - started
-        log.info("extract fold %d: %d studies, %d slices, %.0f slices/s", fold, len(todo), slices,
-                 slices / max(elapsed, 1e-9))
+        log.info(
+            "extract fold %d: %d studies, %d slices, %.0f slices/s",
+            fold,
+            len(todo),
+            slices,
+            slices / max(elapsed, 1e-9),
+        )
     return out
 
 
@@ -112,40 +104,8 @@ def is_extracted(cfg: Config, run_dir: str | os.PathLike, fold: int) -> bool:
     if not run.provenance(fold).is_file() or not run.slice_best(fold).is_file():
         return False
     recorded = read_json(run.provenance(fold))
-    return (recorded["checkpoint_sha"] == digest(run.slice_best(fold)) and recorded["tta"] == cfg.predict.tta
-            and all(run.features_file(fold, u).is_file() for u in recorded["studies"]))
-
-
-def load_features(run_dir: str | os.PathLike, fold: int, uid: str) -> tuple[np.ndarray, np.ndarray]:
-    """(features, probs) of one study as extracted by fold ``fold``'s CNN (float32)."""
-    with np.load(Run(run_dir).features_file(fold, uid)) as data:
-        return data["features"].astype(np.float32), data["probs"].astype(np.float32)
-
-
-def features_signature(run_dir: str | os.PathLike) -> dict[str, dict]:
-    """{fold: its checkpoint's hash and reading}: what the run's features are, to tell when they change."""
-    signature = {}
-    for provenance in Run(run_dir).provenances():
-        info = read_json(provenance)
-        signature[str(info["fold"])] = {"checkpoint_sha": info["checkpoint_sha"], "tta": info["tta"]}
-    return signature
-
-
-def extracted_with_tta(signature: dict[str, dict]) -> bool:
-    """Whether a run's features (its `features_signature`) were read with `predict.tta`; folds must agree."""
-    settings = {info["tta"] for info in signature.values()}
-    if len(settings) > 1:
-        mirrored = sorted(fold for fold, info in signature.items() if info["tta"])
-        raise RuntimeError(f"some folds were extracted with predict.tta (folds {', '.join(mirrored)}) and "
-                           "some without; run extract again with one setting")
-    return settings.pop() if settings else False
-
-
-def oof_sources(run_dir: str | os.PathLike) -> dict[str, int]:
-    """{study: the fold whose CNN extracted its out-of-fold features}."""
-    sources = {}
-    for provenance in Run(run_dir).provenances():
-        info = read_json(provenance)
-        for uid in info["studies"]:
-            sources[uid] = info["fold"]
-    return sources
+    return (
+        recorded["checkpoint_sha"] == digest(run.slice_best(fold))
+        and recorded["tta"] == cfg.predict.tta
+        and all(run.features_file(fold, u).is_file() for u in recorded["studies"])
+    )

@@ -19,7 +19,10 @@ from cspine import VERTEBRAE
 MEAN = 0.5
 STD = 0.25
 PROB_CLIP = 1e-4  # slice probabilities are stored as float16; log-odds are clipped to about ±9.2
-CNN_OUTPUTS = {"probs": 15, "fracture": 1}  # inputs made of the CNN's outputs: how many of them (SLICE_OUTPUTS order)
+CNN_OUTPUTS = {
+    "probs": 15,
+    "fracture": 1,
+}  # inputs made of the CNN's outputs: how many of them (SLICE_OUTPUTS order)
 
 
 def slice_stack(study: np.ndarray, orders: np.ndarray, context: int = 0) -> np.ndarray:
@@ -85,17 +88,21 @@ def study_input(features: np.ndarray | None, probs: np.ndarray, mode: str, bins:
     if mode == "features":
         x = np.asarray(features, dtype=np.float32)
     elif mode in CNN_OUTPUTS:
-        q = np.clip(probs[:, :CNN_OUTPUTS[mode]].astype(np.float32), PROB_CLIP, 1 - PROB_CLIP)
+        q = np.clip(probs[:, : CNN_OUTPUTS[mode]].astype(np.float32), PROB_CLIP, 1 - PROB_CLIP)
         x = np.log(q / (1 - q))
     else:
         raise ValueError(f"seq.input must be 'features', 'probs' or 'fracture', not {mode!r}")
     return bin_slices(x, bins)
 
 
-VERTEBRA_FEATURES = 3 + len(VERTEBRAE)  # per run of slices: fracture, k-fracture, k-presence log-odds; one-hot of k
+VERTEBRA_FEATURES = 3 + len(
+    VERTEBRAE
+)  # per run of slices: fracture, k-fracture, k-presence log-odds; one-hot of k
 
 
-def vertebra_inputs(probs: np.ndarray, extents: dict[str, tuple[int, int]], margin: int, bins: int) -> np.ndarray:
+def vertebra_inputs(
+    probs: np.ndarray, extents: dict[str, tuple[int, int]], margin: int, bins: int
+) -> np.ndarray:
     """float32 [7, bins, VERTEBRA_FEATURES]: each vertebra's slices, as the vertebra track reads them.
 
     Args:
@@ -112,7 +119,7 @@ def vertebra_inputs(probs: np.ndarray, extents: dict[str, tuple[int, int]], marg
     for i, name in enumerate(VERTEBRAE):
         z0, z1 = extents.get(name, (0, n - 1))
         lo, hi = max(0, z0 - margin), min(n - 1, z1 + margin)
-        out[i, :, :3] = bin_slices(logits[lo:hi + 1][:, [0, 1 + i, 1 + len(VERTEBRAE) + i]], bins)
+        out[i, :, :3] = bin_slices(logits[lo : hi + 1][:, [0, 1 + i, 1 + len(VERTEBRAE) + i]], bins)
         out[i, :, 3 + i] = 1.0
     return out
 

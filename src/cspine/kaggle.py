@@ -25,7 +25,7 @@ import torch
 
 from cspine import __version__
 from cspine.config import Config, save_config
-from cspine.predict import check_complete, check_config, load_ensemble
+from cspine.ensemble import check_complete, check_config, load_ensemble
 from cspine.runs import Run, write_json
 
 log = logging.getLogger(__name__)
@@ -34,14 +34,23 @@ log = logging.getLogger(__name__)
 # matplotlib are there). Downloaded with their own dependencies; cspine itself installs with --no-deps, so
 # training-only packages (albumentations, iterative-stratification, grad-cam, python-gdcm) are never needed
 # offline: the predict path imports none of them (a test checks).
-INFERENCE_REQUIREMENTS = ["pydicom>=3.0", "pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1", "pylibjpeg-openjpeg>=2.3",
-                          "pylibjpeg-rle>=2.0", "dicomsdl>=0.109", "opencv-python-headless>=4.8", "nibabel>=5.0",
-                          "tabulate>=0.9", "pyyaml>=6.0", "segmentation-models-pytorch>=0.6"]
+INFERENCE_REQUIREMENTS = [
+    "pydicom>=3.0",
+    "pylibjpeg>=2.0",
+    "pylibjpeg-libjpeg>=2.1",
+    "pylibjpeg-openjpeg>=2.3",
+    "pylibjpeg-rle>=2.0",
+    "dicomsdl>=0.109",
+    "opencv-python-headless>=4.8",
+    "nibabel>=5.0",
+    "tabulate>=0.9",
+    "pyyaml>=6.0",
+    "segmentation-models-pytorch>=0.6",
+]
 # The bundle's manifest, a plain visible file (a dotfile may not survive an upload): the script finds the
 # bundle by it, and `package_kaggle` replaces only a folder that holds it.
 MARKER = "cspine-bundle.json"
 PLATFORMS = ["manylinux2014_x86_64", "manylinux_2_28_x86_64"]
-
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -63,13 +72,20 @@ def check_bundle_folder(out: Path, models_dir: Path) -> None:
     """
     target = out.resolve()
     repo = Path(__file__).resolve().parents[2]
-    for what, folder in (("the models being bundled", models_dir.resolve()), ("the working directory", Path.cwd()),
-                         ("the cspine repository", repo)):
+    for what, folder in (
+        ("the models being bundled", models_dir.resolve()),
+        ("the working directory", Path.cwd()),
+        ("the cspine repository", repo),
+    ):
         if _inside(folder, target):
             raise FileExistsError(f"--out {out} holds {what} ({folder}); choose another bundle folder")
-    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / MARKER).is_file())):
-        raise FileExistsError(f"--out {out} exists and is not a cspine bundle (no {MARKER} in it); "
-                              "choose an empty or new folder")
+    if target.exists() and (
+        not target.is_dir() or (any(target.iterdir()) and not (target / MARKER).is_file())
+    ):
+        raise FileExistsError(
+            f"--out {out} exists and is not a cspine bundle (no {MARKER} in it); "
+            "choose an empty or new folder"
+        )
 
 
 def _verified_checkpoints(cfg: Config, models: Run) -> tuple[list[Path], list[Path]]:
@@ -81,12 +97,20 @@ def _verified_checkpoints(cfg: Config, models: Run) -> tuple[list[Path], list[Pa
         CheckpointError: a damaged checkpoint, or models the config's folds need that are missing.
         ConfigError: the config contradicts the models.
     """
-    ensemble = load_ensemble(models.root, cfg.seq.hidden, [torch.device("cpu")], cfg.vert.enabled, cfg.blend.enabled,
-                             cfg.crop.enabled)
+    ensemble = load_ensemble(
+        models.root,
+        cfg.seq.hidden,
+        [torch.device("cpu")],
+        cfg.vert.enabled,
+        cfg.blend.enabled,
+        cfg.crop.enabled,
+    )
     check_config(cfg, ensemble)
     check_complete(cfg, ensemble, models.root)
     others = [p for size in ensemble.blstms for p in models.blstm_checkpoints(size)]
-    others += (models.vert_models() if ensemble.vertebra else []) + (models.seg_models() if ensemble.segmenters else [])
+    others += (models.vert_models() if ensemble.vertebra else []) + (
+        models.seg_models() if ensemble.segmenters else []
+    )
     others += models.crop_models() if ensemble.crops else []
     others += [models.blend_model] if ensemble.blend else []
     return list(models.slice_checkpoints().values()), others
@@ -101,19 +125,53 @@ def dataset_metadata(dataset: str) -> dict:
 def build_cspine_wheel(wheel_dir: Path) -> None:
     """cspine's own wheel, built from this checkout with the installed setuptools (no package index needed)."""
     root = Path(__file__).resolve().parents[2]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(wheel_dir), str(root)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheel_dir),
+            str(root),
+        ],
+        check=True,
+    )
 
 
 def download_wheels(wheel_dir: Path, python: str) -> None:
     """The inference requirements' wheels for ``python`` on manylinux x86-64 (needs the package index)."""
     platforms = [arg for platform in PLATFORMS for arg in ("--platform", platform)]
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--python-version", python,
-                    *platforms, "-d", str(wheel_dir), *INFERENCE_REQUIREMENTS], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--only-binary=:all:",
+            "--python-version",
+            python,
+            *platforms,
+            "-d",
+            str(wheel_dir),
+            *INFERENCE_REQUIREMENTS,
+        ],
+        check=True,
+    )
 
 
-def package_kaggle(cfg: Config, models_dir: str | os.PathLike, out: str | os.PathLike, wheels: bool = True,
-                   dataset: str = "cspine-bundle", python: str | None = None) -> Path:
+def package_kaggle(
+    cfg: Config,
+    models_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    wheels: bool = True,
+    dataset: str = "cspine-bundle",
+    python: str | None = None,
+) -> Path:
     """Writes the bundle; returns its folder.
 
     Args:
@@ -139,8 +197,16 @@ def package_kaggle(cfg: Config, models_dir: str | os.PathLike, out: str | os.Pat
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    write_json({"python": python, "platforms": PLATFORMS, "requirements": INFERENCE_REQUIREMENTS,
-                "cspine": __version__, "wheels": wheels}, out / MARKER)
+    write_json(
+        {
+            "python": python,
+            "platforms": PLATFORMS,
+            "requirements": INFERENCE_REQUIREMENTS,
+            "cspine": __version__,
+            "wheels": wheels,
+        },
+        out / MARKER,
+    )
     bundle = Run(out / "models")
     for path in [*checkpoints, *blstms]:
         _copy(path, bundle.root / path.relative_to(models_dir))
@@ -151,12 +217,23 @@ def package_kaggle(cfg: Config, models_dir: str | os.PathLike, out: str | os.Pat
     _copy(Path(__file__).with_name("kaggle_inference.py"), out / "kaggle_inference.py")
     metadata = write_json(dataset_metadata(dataset), out / "dataset-metadata.json")
     if "KAGGLE_USERNAME" not in os.environ:
-        log.warning("dataset-metadata.json names the owner YOUR-KAGGLE-USERNAME: set $KAGGLE_USERNAME before "
-                    "packaging, or edit the id in %s, before `kaggle datasets create`", metadata)
+        log.warning(
+            "dataset-metadata.json names the owner YOUR-KAGGLE-USERNAME: set $KAGGLE_USERNAME before "
+            "packaging, or edit the id in %s, before `kaggle datasets create`",
+            metadata,
+        )
     build_cspine_wheel(out / "wheels")
     if wheels:
         download_wheels(out / "wheels", python)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    log.info("Kaggle bundle in %s for Python %s: %d slice CNNs, %d other models, %.1f MB; upload it with "
-             "`kaggle datasets create -p %s --dir-mode zip`", out, python, len(checkpoints), len(blstms), size / 1e6, out)
+    log.info(
+        "Kaggle bundle in %s for Python %s: %d slice CNNs, %d other models, %.1f MB; upload it with "
+        "`kaggle datasets create -p %s --dir-mode zip`",
+        out,
+        python,
+        len(checkpoints),
+        len(blstms),
+        size / 1e6,
+        out,
+    )
     return out

@@ -36,7 +36,9 @@ def weighted_log_loss(y: np.ndarray, p: np.ndarray, normalize: Literal["study", 
     y = np.asarray(y, dtype=np.float64)
     p = np.clip(np.asarray(p, dtype=np.float64), EPS, 1 - EPS)
     if y.shape != p.shape or y.ndim != 2 or y.shape[1] != len(TARGETS):
-        raise ValueError(f"labels {y.shape} and probabilities {p.shape} must both be [studies, {len(TARGETS)}]")
+        raise ValueError(
+            f"labels {y.shape} and probabilities {p.shape} must both be [studies, {len(TARGETS)}]"
+        )
     w = target_weights(y)
     bce = -(y * np.log(p) + (1 - y) * np.log1p(-p))
     if normalize == "study":
@@ -66,8 +68,9 @@ def target_log_loss(y: np.ndarray, p: np.ndarray, target: str) -> float:
     return float(-(w * (y * np.log(p) + (1 - y) * np.log1p(-p))).sum() / w.sum())
 
 
-def bootstrap_auc(y: np.ndarray, p: np.ndarray, n: int = 1000, seed: int = 0,
-                  level: float = 0.95) -> tuple[float, float, float]:
+def bootstrap_auc(
+    y: np.ndarray, p: np.ndarray, n: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
     """AUC and its percentile bootstrap interval (studies resampled within each class, so every draw has
     both). NaNs when one class is absent.
 
@@ -101,8 +104,9 @@ def submission_to_matrix(submission: pd.DataFrame, uids: list[str]) -> np.ndarra
     return values.loc[row_ids].to_numpy(dtype=np.float64).reshape(len(uids), len(TARGETS))
 
 
-def competition_score(solution: pd.DataFrame, submission: pd.DataFrame,
-                      normalize: Literal["study", "global"] = "study") -> float:
+def competition_score(
+    solution: pd.DataFrame, submission: pd.DataFrame, normalize: Literal["study", "global"] = "study"
+) -> float:
     """Weighted log loss of a submission against a solution.
 
     Args:
@@ -111,7 +115,9 @@ def competition_score(solution: pd.DataFrame, submission: pd.DataFrame,
         normalize: "study" (per-study weights, then the mean) or "global".
     """
     uids = solution["StudyInstanceUID"].tolist()
-    return weighted_log_loss(solution[list(TARGETS)].to_numpy(), submission_to_matrix(submission, uids), normalize)
+    return weighted_log_loss(
+        solution[list(TARGETS)].to_numpy(), submission_to_matrix(submission, uids), normalize
+    )
 
 
 def best_constant(prevalence: float) -> float:
@@ -142,7 +148,9 @@ def binary_report(y_true: np.ndarray, y_prob: np.ndarray, threshold: float = 0.5
         "NPV": ratio(tn, tn + fn),
         "F1": ratio(2 * tp, 2 * tp + fp + fn),
         "Acc": ratio(tp + tn, len(y)),
-        "MCC": float(matthews_corrcoef(y, pred)) if len(np.unique(y)) > 1 or len(np.unique(pred)) > 1 else 0.0,
+        "MCC": float(matthews_corrcoef(y, pred))
+        if len(np.unique(y)) > 1 or len(np.unique(pred)) > 1
+        else 0.0,
         "AUC": float(roc_auc_score(y, prob)) if len(np.unique(y)) == 2 else float("nan"),
     }
 
@@ -156,12 +164,15 @@ def balanced_indices(y_true: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.sort(np.concatenate([pos, take]))
 
 
-def paper_reports(y_true: np.ndarray, y_prob: np.ndarray, threshold: float = 0.5,
-                  seed: int = 0) -> dict[str, dict[str, float]]:
+def paper_reports(
+    y_true: np.ndarray, y_prob: np.ndarray, threshold: float = 0.5, seed: int = 0
+) -> dict[str, dict[str, float]]:
     """`binary_report` on the imbalanced (natural) set and on the paper's balanced subset."""
     idx = balanced_indices(y_true, seed)
-    return {"Imblcd.": binary_report(y_true, y_prob, threshold),
-            "Blcd.": binary_report(np.asarray(y_true)[idx], np.asarray(y_prob)[idx], threshold)}
+    return {
+        "Imblcd.": binary_report(y_true, y_prob, threshold),
+        "Blcd.": binary_report(np.asarray(y_true)[idx], np.asarray(y_prob)[idx], threshold),
+    }
 
 
 def cv_table(reports: list[dict], row_keys: tuple[str, ...] = ("Model", "Data")) -> pd.DataFrame:
@@ -182,7 +193,9 @@ def cv_table(reports: list[dict], row_keys: tuple[str, ...] = ("Model", "Data"))
         row = dict(zip(keys, name))
         for metric in REPORT_COLUMNS:
             values = 100 * group[metric].astype(float)
-            row[metric] = f"{np.nanmean(values):05.2f} ± {np.nanstd(values):.1f}" if values.notna().any() else "n/a"
+            row[metric] = (
+                f"{np.nanmean(values):05.2f} ± {np.nanstd(values):.1f}" if values.notna().any() else "n/a"
+            )
         row["folds"] = len(group)
         rows.append(row)
     return pd.DataFrame(rows, columns=[*keys, *REPORT_COLUMNS, "folds"])
@@ -192,5 +205,7 @@ def write_table(table: pd.DataFrame, path_stem: str | os.PathLike, title: str = 
     """Writes a table as ``<stem>.md`` and ``<stem>.csv``."""
     stem = Path(path_stem)
     write_csv(table, stem.with_suffix(".csv"))
-    write_text(stem.with_suffix(".md"), (f"{title}\n\n" if title else "") + table.to_markdown(index=False) + "\n")
+    write_text(
+        stem.with_suffix(".md"), (f"{title}\n\n" if title else "") + table.to_markdown(index=False) + "\n"
+    )
     return stem.with_suffix(".md"), stem.with_suffix(".csv")

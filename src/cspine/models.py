@@ -43,15 +43,19 @@ def width_args(name: str, width: float) -> dict:
     if not isinstance(reference, timm.models.ResNet):
         raise ValueError(f"slice.width scales timm ResNets only; {name} is a {type(reference).__name__}")
     expansion = reference.layer1[0].expansion  # stage widths are given before a bottleneck's expansion
-    args = {"channels": tuple(max(8, round(info["num_chs"] / expansion * width))
-                              for info in reference.feature_info[1:])}
+    args = {
+        "channels": tuple(
+            max(8, round(info["num_chs"] / expansion * width)) for info in reference.feature_info[1:]
+        )
+    }
     if isinstance(reference.conv1, nn.Sequential):  # a deep stem ends at 2·stem_width channels
         args["stem_width"] = max(8, round(reference.feature_info[0]["num_chs"] / 2 * width))
     return args
 
 
-def create_backbone(name: str, pretrained_file: str | os.PathLike = "", in_chans: int = 3,
-                    width: float = 1.0) -> nn.Module:
+def create_backbone(
+    name: str, pretrained_file: str | os.PathLike = "", in_chans: int = 3, width: float = 1.0
+) -> nn.Module:
     """A timm backbone without classifier (pooled features out); weights only from a local file.
 
     Args:
@@ -70,12 +74,20 @@ def create_backbone(name: str, pretrained_file: str | os.PathLike = "", in_chans
             raise ValueError(f"pretrained weights fit {name} at its own width, not slice.width={width}")
         path = Path(pretrained_file).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"pretrained weights {path} not found: cspine never downloads weights; "
-                                    "name a local file (slice.pretrained_file=...) or leave it empty")
-        return timm.create_model(name, pretrained=True, num_classes=0, in_chans=in_chans,
-                                 pretrained_cfg_overlay=dict(file=str(path)))
-    return timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans,
-                             **width_args(name, width))
+            raise FileNotFoundError(
+                f"pretrained weights {path} not found: cspine never downloads weights; "
+                "name a local file (slice.pretrained_file=...) or leave it empty"
+            )
+        return timm.create_model(
+            name,
+            pretrained=True,
+            num_classes=0,
+            in_chans=in_chans,
+            pretrained_cfg_overlay=dict(file=str(path)),
+        )
+    return timm.create_model(
+        name, pretrained=False, num_classes=0, in_chans=in_chans, **width_args(name, width)
+    )
 
 
 class SliceNet(nn.Module):
@@ -88,22 +100,40 @@ class SliceNet(nn.Module):
     CNN which pixels make a slice positive, which a slice label alone leaves it to guess.
     """
 
-    def __init__(self, backbone: str = "resnet50", pretrained_file: str = "", dropout: float = 0.3,
-                 box_head: bool = False, context: int = 0, width: float = 1.0):
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        pretrained_file: str = "",
+        dropout: float = 0.3,
+        box_head: bool = False,
+        context: int = 0,
+        width: float = 1.0,
+    ):
         super().__init__()
         # what a checkpoint needs to rebuild this network (`cspine.checkpoints`); the weights are saved apart
-        self.arch = {"backbone": backbone, "dropout": dropout, "box_head": box_head, "context": context,
-                     "width": width}
-        self.context = context  # neighbours each side in the input (`cspine.inputs.slice_stack`); 0 = one slice
+        self.arch = {
+            "backbone": backbone,
+            "dropout": dropout,
+            "box_head": box_head,
+            "context": context,
+            "width": width,
+        }
+        self.context = (
+            context  # neighbours each side in the input (`cspine.inputs.slice_stack`); 0 = one slice
+        )
         self.width = width  # channel multiplier of a ResNet backbone (`width_args`)
         self.backbone = create_backbone(backbone, pretrained_file, in_channels(context), width)
         # what the pooled path gives: MobileNetV3 and LCNet add a head convolution after the last stage,
         # so their pooled vector is head_hidden_size wide, not num_features
-        self.num_features = int(getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features)
+        self.num_features = int(
+            getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
+        )
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(self.num_features, len(SLICE_OUTPUTS))
         self.box_stage = len(self.backbone.feature_info) - 2
-        self.box_head = nn.Conv2d(self.backbone.feature_info[self.box_stage]["num_chs"], 1, 1) if box_head else None
+        self.box_head = (
+            nn.Conv2d(self.backbone.feature_info[self.box_stage]["num_chs"], 1, 1) if box_head else None
+        )
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features: float [B, D] for images [B, 3, H, W]."""
@@ -137,16 +167,33 @@ class SequenceNet(nn.Module):
     masked) and mapped to 8 logits in `TARGETS` order (patient_overall, C1..C7).
     """
 
-    def __init__(self, in_features: int, hidden: int = 128, layers: int = 1, dropout: float = 0.2,
-                 n_outputs: int = len(TARGETS)):
+    def __init__(
+        self,
+        in_features: int,
+        hidden: int = 128,
+        layers: int = 1,
+        dropout: float = 0.2,
+        n_outputs: int = len(TARGETS),
+    ):
         super().__init__()
-        self.arch = {"in_features": in_features, "hidden": hidden, "layers": layers, "dropout": dropout,
-                     "n_outputs": n_outputs}
+        self.arch = {
+            "in_features": in_features,
+            "hidden": hidden,
+            "layers": layers,
+            "dropout": dropout,
+            "n_outputs": n_outputs,
+        }
         self.register_buffer("feature_mean", torch.zeros(in_features))
         self.register_buffer("feature_std", torch.ones(in_features))
         self.dropout = nn.Dropout(dropout)
-        self.lstm = nn.LSTM(in_features, hidden, num_layers=layers, batch_first=True, bidirectional=True,
-                            dropout=dropout if layers > 1 else 0.0)
+        self.lstm = nn.LSTM(
+            in_features,
+            hidden,
+            num_layers=layers,
+            batch_first=True,
+            bidirectional=True,
+            dropout=dropout if layers > 1 else 0.0,
+        )
         self.head = nn.Linear(4 * hidden, n_outputs)
 
     def fit_standardization(self, slices: torch.Tensor) -> None:
@@ -163,7 +210,9 @@ class SequenceNet(nn.Module):
             packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
             out, _ = self.lstm(packed)
             out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
-        valid = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths.to(x.device)[:, None]).unsqueeze(-1)
+        valid = (
+            torch.arange(x.shape[1], device=x.device)[None, :] < lengths.to(x.device)[:, None]
+        ).unsqueeze(-1)
         mean = (out * valid).sum(1) / valid.sum(1).clamp(min=1)
         peak = out.masked_fill(~valid, float("-inf")).amax(1)
         return self.head(self.dropout(torch.cat([mean, peak], dim=1)))
@@ -181,10 +230,23 @@ class CropNet(nn.Module):
     (0 = C1). Output: float [B] logits.
     """
 
-    def __init__(self, backbone: str = "resnet10t", in_chans: int = 4, hidden: int = 64, width: float = 1.0,
-                 pretrained_file: str = "", dropout: float = 0.2):
+    def __init__(
+        self,
+        backbone: str = "resnet10t",
+        in_chans: int = 4,
+        hidden: int = 64,
+        width: float = 1.0,
+        pretrained_file: str = "",
+        dropout: float = 0.2,
+    ):
         super().__init__()
-        self.arch = {"backbone": backbone, "in_chans": in_chans, "hidden": hidden, "width": width, "dropout": dropout}
+        self.arch = {
+            "backbone": backbone,
+            "in_chans": in_chans,
+            "hidden": hidden,
+            "width": width,
+            "dropout": dropout,
+        }
         self.cnn = create_backbone(backbone, pretrained_file, in_chans=in_chans, width=width)
         self.rnn = nn.GRU(self.cnn.num_features, hidden, batch_first=True, bidirectional=True)
         self.level = nn.Embedding(len(VERTEBRAE), 16)
@@ -201,14 +263,24 @@ class CropNet(nn.Module):
 
 
 @torch.inference_mode()
-def crop_probabilities(model: CropNet, crops: np.ndarray, device: torch.device, dtype: torch.dtype | None = None,
-                       channels_last: bool = False, batch_size: int = 28) -> np.ndarray:
+def crop_probabilities(
+    model: CropNet,
+    crops: np.ndarray,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    batch_size: int = 28,
+) -> np.ndarray:
     """float [S, 7]: C1..C7 probabilities of studies' crops uint8 [S, 7, slices, channels, size, size]."""
     flat = torch.from_numpy(np.ascontiguousarray(crops)).flatten(0, 1)
     which = torch.arange(len(VERTEBRAE)).repeat(len(crops))
     out = []
     for start in range(0, len(flat), batch_size):
-        x = flat[start:start + batch_size].to(device, non_blocking=True)
-        with (torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()):
-            out.append(torch.sigmoid(model(x, which[start:start + batch_size].to(device), channels_last).float()).cpu())
+        x = flat[start : start + batch_size].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext():
+            out.append(
+                torch.sigmoid(
+                    model(x, which[start : start + batch_size].to(device), channels_last).float()
+                ).cpu()
+            )
     return torch.cat(out).numpy().reshape(len(crops), len(VERTEBRAE))

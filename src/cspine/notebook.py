@@ -14,10 +14,10 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
+from cspine.competition import is_complete
 from cspine.config import Config, load_config
 from cspine.pipeline import resolve_data
 from cspine.runs import default_work_dir
-from cspine.competition import is_complete
 
 # The notebooks' smoke scale: the smoke config with studies large enough to look at.
 NOTEBOOK_SMOKE = ["synth.n_train=12", "synth.n_test=2", "synth.image_size=128", "synth.n_slices=48"]
@@ -29,9 +29,15 @@ class NotebookSetup(NamedTuple):
     run_dir: Path
 
 
-def notebook_setup(data_dir: str | os.PathLike | None = None, config: str | None = None,
-                   overrides: list[str] | tuple = (), smoke: bool = True, work_dir: str | os.PathLike | None = None,
-                   smoke_overrides: list[str] | tuple = (), variant: str = "") -> NotebookSetup:
+def notebook_setup(
+    data_dir: str | os.PathLike | None = None,
+    config: str | None = None,
+    overrides: list[str] | tuple = (),
+    smoke: bool = True,
+    work_dir: str | os.PathLike | None = None,
+    smoke_overrides: list[str] | tuple = (),
+    variant: str = "",
+) -> NotebookSetup:
     """The config, data and run folder from a notebook's parameters, printed on one line.
 
     Args:

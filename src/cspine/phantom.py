@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-
 # Real training-set statistics (docs/competition.md): how many vertebrae a study has fractured, and
 # how often each level is fractured; used so synthetic label distributions look like the real ones.
 FRACTURED_COUNT_FREQ = np.array([1058, 623, 239, 64, 26, 7, 2], dtype=float)
@@ -24,7 +23,17 @@ LEVEL_PREVALENCE = np.array([7.2, 14.1, 3.6, 5.4, 8.0, 13.7, 19.5])
 T1_LABEL = 8
 T2_LABEL = 9  # the real masks label T1..T12 as 8..19; a third of the phantoms reach into T2
 
-AIR, FAT, SKIN, MUSCLE, CORD, CSF, DISC, BLOOD, FLUID = -1000.0, -100.0, 10.0, 50.0, 30.0, 8.0, 80.0, 40.0, 35.0
+AIR, FAT, SKIN, MUSCLE, CORD, CSF, DISC, BLOOD, FLUID = (
+    -1000.0,
+    -100.0,
+    10.0,
+    50.0,
+    30.0,
+    8.0,
+    80.0,
+    40.0,
+    35.0,
+)
 
 
 @dataclass(frozen=True)
@@ -86,8 +95,9 @@ class PhantomStudy:
         """Levels with a fracture actually drawn (a planned break that missed the bone does not count)."""
         return tuple(sorted({f.level for f in self.fractures if f.drawn > 0}))
 
-    def fracture_boxes(self, min_coverage: float = 0.5, min_pixels: int = 4,
-                       pad: int = 2) -> list[tuple[int, int, int, int, int]]:
+    def fracture_boxes(
+        self, min_coverage: float = 0.5, min_pixels: int = 4, pad: int = 2
+    ) -> list[tuple[int, int, int, int, int]]:
         """(slice index, x, y, width, height) in pixels for every slice where a fracture is visible.
 
         Visible means at least ``min_pixels`` pixels more than ``min_coverage`` covered by the gap: a slice
@@ -126,8 +136,9 @@ def _ellipse(x: np.ndarray, y: np.ndarray, cx: float, cy: float, ax: float, ay: 
 
 
 def _ring(x, y, cx, cy, ax, ay, thickness):
-    return _ellipse(x, y, cx, cy, ax, ay) & ~_ellipse(x, y, cx, cy, max(ax - thickness, 0.1),
-                                                       max(ay - thickness, 0.1))
+    return _ellipse(x, y, cx, cy, ax, ay) & ~_ellipse(
+        x, y, cx, cy, max(ax - thickness, 0.1), max(ay - thickness, 0.1)
+    )
 
 
 def _draw_anatomy(rng: np.random.Generator) -> _Anatomy:
@@ -194,7 +205,7 @@ class _SliceRenderer:
         label, frac, disc_above = self.level_at(depth)
         below_c6 = np.clip((depth - a.levels[5][1]) / max(a.extent - a.levels[5][1], 1), 0, 1)
         head = np.clip(1 - depth / a.skull_depth, 0, 1)
-        nx = a.neck[0] + 40 * below_c6 ** 1.5 + 12 * head
+        nx = a.neck[0] + 40 * below_c6**1.5 + 12 * head
         ny = a.neck[1] + 10 * below_c6 + 14 * head
         body = _ellipse(x, y, 0, 0, nx, ny)
         hu[body] = SKIN
@@ -264,7 +275,9 @@ class _SliceRenderer:
             self._bone(hu, labels, pillar, label)
             if frac > 0.82 and label < T1_LABEL:  # facet joint: a normal gap between articular processes
                 offset = (frac - 0.82) / 0.18 * 6 - 3
-                joint = np.abs((y - cy) * 0.85 + (x - side * (canal_x + 3.8 * s)) * 0.5 * side - offset) < 0.55
+                joint = (
+                    np.abs((y - cy) * 0.85 + (x - side * (canal_x + 3.8 * s)) * 0.5 * side - offset) < 0.55
+                )
                 hu[joint & pillar] = 20.0
                 labels[joint & pillar] = 0
             if label <= 6 and 0.25 < frac < 0.75:
@@ -305,14 +318,18 @@ class _SliceRenderer:
     def _dens(self, hu, labels, depth, yb):
         c1_top, c1_bottom = self.a.levels[0][1], self.a.levels[0][2]
         if depth <= c1_bottom:
-            radius = 4.6 * self.a.size * np.sqrt(np.clip((depth - c1_top) / (c1_bottom - c1_top) * 1.3, 0.2, 1))
+            radius = (
+                4.6 * self.a.size * np.sqrt(np.clip((depth - c1_top) / (c1_bottom - c1_top) * 1.3, 0.2, 1))
+            )
             dens = _ellipse(self.x, self.y, 0, yb + 0.5, radius, radius)
             self._bone(hu, labels, dens, 2)
 
     def _skull_base(self, hu, depth, yb, cy, canal_x, canal_y):
         x, y, s = self.x, self.y, self.a.size
         t = depth / self.a.skull_depth  # 0 at the top of the scan, 1 at the skull base
-        occiput = _ellipse(x, y, 0, cy, canal_x + 22 * s * (1.2 - t), canal_y + 18 * s * (1.2 - t)) & (y > yb - 2)
+        occiput = _ellipse(x, y, 0, cy, canal_x + 22 * s * (1.2 - t), canal_y + 18 * s * (1.2 - t)) & (
+            y > yb - 2
+        )
         self._bone(hu, None, occiput, 0, shell=2.0)
         if t > 0.55:
             for side in (-1, 1):  # occipital condyles, resting on C1's lateral masses
@@ -338,8 +355,13 @@ class _SliceRenderer:
             self._bone(hu, None, rib, 0, solid=True)
 
 
-def _draw_fractures(rng: np.random.Generator, anatomy: _Anatomy, renderer: _SliceRenderer,
-                    levels: tuple[int, ...], difficulty: float) -> list[Fracture]:
+def _draw_fractures(
+    rng: np.random.Generator,
+    anatomy: _Anatomy,
+    renderer: _SliceRenderer,
+    levels: tuple[int, ...],
+    difficulty: float,
+) -> list[Fracture]:
     fractures = []
     s = anatomy.size
     for level in levels:
@@ -377,18 +399,35 @@ def _draw_fractures(rng: np.random.Generator, anatomy: _Anatomy, renderer: _Slic
                 normal[2] *= 0.5
             normal /= np.linalg.norm(normal)
             width = float(np.interp(difficulty, [0, 1], [2.2, 0.6]) * rng.uniform(0.85, 1.15))
-            fractures.append(Fracture(level=level, site=str(site), point=point, normal=normal, width=width,
-                                      radius=float(rng.uniform(6, 12) * s), displaced=bool(rng.random() < 0.3)))
+            fractures.append(
+                Fracture(
+                    level=level,
+                    site=str(site),
+                    point=point,
+                    normal=normal,
+                    width=width,
+                    radius=float(rng.uniform(6, 12) * s),
+                    displaced=bool(rng.random() < 0.3),
+                )
+            )
     return fractures
 
 
-def _apply_fracture(hu: np.ndarray, labels: np.ndarray, coverage: np.ndarray, fracture: Fracture,
-                    x: np.ndarray, y: np.ndarray, depth: float, pixel: float) -> None:
+def _apply_fracture(
+    hu: np.ndarray,
+    labels: np.ndarray,
+    coverage: np.ndarray,
+    fracture: Fracture,
+    x: np.ndarray,
+    y: np.ndarray,
+    depth: float,
+    pixel: float,
+) -> None:
     """Cuts one slice along a fracture plane, with partial-volume coverage for sub-pixel gaps."""
     n = fracture.normal
     px, py, pz = fracture.point
     dist = (x - px) * n[0] + (y - py) * n[1] + (depth - pz) * n[2]
-    near = ((x - px) ** 2 + (y - py) ** 2 + (depth - pz) ** 2) <= fracture.radius ** 2
+    near = ((x - px) ** 2 + (y - py) ** 2 + (depth - pz) ** 2) <= fracture.radius**2
     bone = near & (labels == fracture.level)
     if not bone.any():
         return
@@ -453,12 +492,26 @@ def render_study(rng: np.random.Generator, config: PhantomConfig = PhantomConfig
         cv2.GaussianBlur(hu[k], (0, 0), anatomy.blur, dst=hu[k])
     noise = float(np.interp(config.difficulty, [0, 1], [8, 35]) * rng.uniform(0.8, 1.2))
     hu += rng.normal(0.0, noise, size=hu.shape).astype(np.float32)
-    outside = ((np.arange(size) - (size - 1) / 2)[None, :] ** 2
-               + (np.arange(size) - (size - 1) / 2)[:, None] ** 2) > (size / 2) ** 2
+    outside = (
+        (np.arange(size) - (size - 1) / 2)[None, :] ** 2 + (np.arange(size) - (size - 1) / 2)[:, None] ** 2
+    ) > (size / 2) ** 2
     hu[:, outside] = -2048.0
-    return PhantomStudy(hu=hu, labels=labels, fracture=coverage, spacing=(dz, pixel, pixel),
-                        slice_thickness=thickness, fractures=fractures)
+    return PhantomStudy(
+        hu=hu,
+        labels=labels,
+        fracture=coverage,
+        spacing=(dz, pixel, pixel),
+        slice_thickness=thickness,
+        fractures=fractures,
+    )
 
 
-__all__ = ["PhantomConfig", "PhantomStudy", "Fracture", "render_study", "draw_fractured_levels", "T1_LABEL",
-           "T2_LABEL"]
+__all__ = [
+    "PhantomConfig",
+    "PhantomStudy",
+    "Fracture",
+    "render_study",
+    "draw_fractured_levels",
+    "T1_LABEL",
+    "T2_LABEL",
+]

@@ -18,13 +18,14 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 
 from cspine.blend import blend, is_blended
+from cspine.cache import bytes_per_slice, is_cached, stale_reason
 from cspine.competition import (
     DataError,
     find_data_dir,
@@ -42,7 +43,7 @@ from cspine.crop import crop, is_cropped
 from cspine.evaluate import evaluate
 from cspine.extract import extract_fold, is_extracted
 from cspine.predict import predict
-from cspine.prepare import bytes_per_slice, is_cached, prepare, stale_reason
+from cspine.prepare import prepare
 from cspine.runs import Run, check_writable, run_lock, write_csv, write_text
 from cspine.segment import is_segmented, segment
 from cspine.submission import default_submission_path
@@ -50,7 +51,7 @@ from cspine.synthetic import make_competition, synthetic_settings
 from cspine.train_crops import is_crop_trained, train_crop_fold
 from cspine.train_seq import is_seq_trained, train_seq
 from cspine.train_slices import is_trained, train_fold
-from cspine.vertebra import is_vert_trained, train_vertebra_fold
+from cspine.train_vertebrae import is_vert_trained, train_vertebra_fold
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,9 @@ DEFAULT_SYNTHETIC = "demo"  # the config whose synthetic competition is `SYNTHET
 def synthetic_dir(cfg: Config) -> Path:
     """Where `run` writes the synthetic competition of a config: ``input/synthetic`` for the demo,
     ``input/synthetic-<name>`` for any other, so configs of different sizes (``bench``) never share one."""
-    return SYNTHETIC_DIR if cfg.name == DEFAULT_SYNTHETIC else SYNTHETIC_DIR.with_name(f"synthetic-{cfg.name}")
+    return (
+        SYNTHETIC_DIR if cfg.name == DEFAULT_SYNTHETIC else SYNTHETIC_DIR.with_name(f"synthetic-{cfg.name}")
+    )
 
 
 def resolve_data(cfg: Config, data: str | os.PathLike | None, synthetic: Path | None = None) -> Path:
@@ -79,21 +82,22 @@ def resolve_data(cfg: Config, data: str | os.PathLike | None, synthetic: Path | 
             return folder
         log.info("%s\n→ generating a synthetic competition in %s", exc, folder)
         s = cfg.synth
-        return make_competition(folder, n_train=s.n_train, n_test=s.n_test, seed=s.seed,
-                                image_size=s.image_size, difficulty=s.difficulty, box_fraction=s.box_fraction,
-                                mask_fraction=s.mask_fraction, min_masks=s.min_masks, n_slices=s.n_slices or None,
-                                workers=max(1, min(cfg.prepare.workers, os.cpu_count() or 1)))
+        return make_competition(folder, s, workers=max(1, min(cfg.prepare.workers, os.cpu_count() or 1)))
 
 
 def _check_synthetic(cfg: Config, root: Path) -> None:
     """Refuses a synthetic competition made with other `synth` settings than ``cfg`` asks for."""
     wanted = dataclasses.asdict(cfg.synth)
     made = synthetic_settings(root)
-    differ = [f"synth.{k}={v!r} (it has {made.get(k)!r})" for k, v in wanted.items() if made and made.get(k) != v]
+    differ = [
+        f"synth.{k}={v!r} (it has {made.get(k)!r})" for k, v in wanted.items() if made and made.get(k) != v
+    ]
     if made is None or differ:
-        raise ConfigError(f"{root} holds a synthetic competition made with other settings than this config's: "
-                          + (", ".join(differ) if made else "its settings are not recorded")
-                          + f"; delete {root} to generate it anew, or pass --data {root} to use it as it is")
+        raise ConfigError(
+            f"{root} holds a synthetic competition made with other settings than this config's: "
+            + (", ".join(differ) if made else "its settings are not recorded")
+            + f"; delete {root} to generate it anew, or pass --data {root} to use it as it is"
+        )
 
 
 def bind_config(cfg: Config, run: Run) -> None:
@@ -107,7 +111,9 @@ def bind_config(cfg: Config, run: Run) -> None:
         ConfigError: naming every setting that differs from the one the run's artifacts were made with.
     """
     if run.config.is_file():
-        check_unchanged(load_config(run.config), cfg, str(run.root), lambda key: _shaped(run, key) is not None)
+        check_unchanged(
+            load_config(run.config), cfg, str(run.root), lambda key: _shaped(run, key) is not None
+        )
     save_config(cfg, run.config)
 
 
@@ -138,7 +144,8 @@ def check_meant_for(cfg: Config, data_dir: Path) -> None:
             f"{data_dir} is not a synthetic competition, and config {cfg.name!r} is a CPU demo made for the "
             f"phantoms (prepare.size={cfg.prepare.size}, {cfg.slice.backbone}, {cfg.slice.steps_per_epoch or 'all'} "
             "steps an epoch). For the real competition use `--config rsna` (README, 'The real competition'); "
-            "to run this one on it anyway, add meant_for=any")
+            "to run this one on it anyway, add meant_for=any"
+        )
 
 
 def run_studies(cfg: Config, data_dir: Path) -> pd.DataFrame:
@@ -169,8 +176,10 @@ def check_inputs(cfg: Config, data_dir: Path, train: pd.DataFrame) -> None:
     per_fold = len(train) // k
     needed = inner if cfg.seq.train_on == "own_fold" else 2
     if per_fold < needed:
-        raise DataError(f"{len(train)} training studies make {k} folds of about {per_fold}: each needs at least "
-                        f"{needed} (seq.inner_folds) for its BLSTMs; lower folds.n_splits")
+        raise DataError(
+            f"{len(train)} training studies make {k} folds of about {per_fold}: each needs at least "
+            f"{needed} (seq.inner_folds) for its BLSTMs; lower folds.n_splits"
+        )
 
 
 def check_images(cfg: Config, data_dir: Path, train: pd.DataFrame, cache: Path) -> None:
@@ -186,19 +195,23 @@ def check_images(cfg: Config, data_dir: Path, train: pd.DataFrame, cache: Path) 
     images = data_dir / "train_images"
     missing = [u for u in train["StudyInstanceUID"] if not (images / u).is_dir()]
     if missing:
-        raise DataError(f"{len(missing)} of the {len(train)} studies the run uses have no folder in {images} "
-                        f"(first: {', '.join(missing[:3])}); add the images, or take a subset that has them "
-                        "(prepare.study_list=FILE, prepare.studies=N)")
+        raise DataError(
+            f"{len(missing)} of the {len(train)} studies the run uses have no folder in {images} "
+            f"(first: {', '.join(missing[:3])}); add the images, or take a subset that has them "
+            "(prepare.study_list=FILE, prepare.studies=N)"
+        )
     todo = [u for u in train["StudyInstanceUID"] if not is_cached(cache, u)]
     slices = sum(sum(1 for _ in os.scandir(images / u)) for u in todo)
     needed = slices * bytes_per_slice(cfg.prepare)
     cache.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(cache).free
     if needed > free:
-        raise DataError(f"the cache of {len(todo)} studies ({slices:,} slices at prepare.size={cfg.prepare.size}, "
-                        f"{cfg.prepare.format}) needs about {needed / 1e9:.1f} GB, and {cache} has "
-                        f"{free / 1e9:.1f} GB free; use prepare.format=zarr, a smaller prepare.size, or a subset "
-                        "(prepare.studies=0.25)")
+        raise DataError(
+            f"the cache of {len(todo)} studies ({slices:,} slices at prepare.size={cfg.prepare.size}, "
+            f"{cfg.prepare.format}) needs about {needed / 1e9:.1f} GB, and {cache} has "
+            f"{free / 1e9:.1f} GB free; use prepare.format=zarr, a smaller prepare.size, or a subset "
+            "(prepare.studies=0.25)"
+        )
 
 
 def setup_run(cfg: Config, data_dir: Path, run_dir: str | os.PathLike) -> pd.DataFrame:
@@ -247,7 +260,8 @@ def _prepared(job: Job) -> bool:
     cache = job.run.cache.root
     return job.run.cache.index.is_file() and all(
         is_cached(cache, u) and stale_reason(cache, u, find_mask(job.data_dir, u)) is None
-        for u in train["StudyInstanceUID"])
+        for u in train["StudyInstanceUID"]
+    )
 
 
 def needs_vertebrae(cfg: Config) -> bool:
@@ -262,34 +276,67 @@ def _always(job: Job) -> bool:
 # A new stage is one entry here; `run` and `run_stages` need nothing else.
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", _prepared, lambda j: prepare(j.cfg, j.data_dir, j.run.cache.root)),
-    Stage("segment", lambda j: not needs_vertebrae(j.cfg) or is_segmented(j.run, j.cfg.seg),
-          lambda j: segment(j.cfg, j.run)),
-    Stage("train-slices", lambda j: all(is_trained(j.run, k) for k in j.folds),
-          lambda j: [train_fold(j.cfg, j.run, k) for k in j.folds if not is_trained(j.run, k)]),
-    Stage("extract", lambda j: all(is_extracted(j.cfg, j.run, k) for k in j.folds),
-          lambda j: [extract_fold(j.cfg, j.run, k) for k in j.folds]),
-    Stage("train-seq", lambda j: all(is_seq_trained(j.run, h, k, j.cfg.seq) for h in j.cfg.seq.sizes for k in j.folds),
-          lambda j: [train_seq(j.cfg, j.run, k) for k in j.folds]),
-    Stage("train-vertebrae", lambda j: not j.cfg.vert.enabled or all(is_vert_trained(j.run, k, j.cfg) for k in j.folds),
-          lambda j: [train_vertebra_fold(j.cfg, j.run, k) for k in j.folds if not is_vert_trained(j.run, k, j.cfg)]),
-    Stage("crop", lambda j: not j.cfg.crop.enabled or is_cropped(j.run, j.cfg), lambda j: crop(j.cfg, j.run, j.data_dir)),
-    Stage("train-crops", lambda j: not j.cfg.crop.enabled or all(is_crop_trained(j.run, k, j.cfg) for k in j.folds),
-          lambda j: [train_crop_fold(j.cfg, j.run, k) for k in j.folds if not is_crop_trained(j.run, k, j.cfg)]),
-    Stage("blend", lambda j: not j.cfg.blend.enabled or is_blended(j.run, j.cfg, j.folds),
-          lambda j: blend(j.cfg, j.run, j.folds)),
+    Stage(
+        "segment",
+        lambda j: not needs_vertebrae(j.cfg) or is_segmented(j.run, j.cfg.seg),
+        lambda j: segment(j.cfg, j.run),
+    ),
+    Stage(
+        "train-slices",
+        lambda j: all(is_trained(j.run, k) for k in j.folds),
+        lambda j: [train_fold(j.cfg, j.run, k) for k in j.folds if not is_trained(j.run, k)],
+    ),
+    Stage(
+        "extract",
+        lambda j: all(is_extracted(j.cfg, j.run, k) for k in j.folds),
+        lambda j: [extract_fold(j.cfg, j.run, k) for k in j.folds],
+    ),
+    Stage(
+        "train-seq",
+        lambda j: all(is_seq_trained(j.run, h, k, j.cfg.seq) for h in j.cfg.seq.sizes for k in j.folds),
+        lambda j: [train_seq(j.cfg, j.run, k) for k in j.folds],
+    ),
+    Stage(
+        "train-vertebrae",
+        lambda j: not j.cfg.vert.enabled or all(is_vert_trained(j.run, k, j.cfg) for k in j.folds),
+        lambda j: [
+            train_vertebra_fold(j.cfg, j.run, k) for k in j.folds if not is_vert_trained(j.run, k, j.cfg)
+        ],
+    ),
+    Stage(
+        "crop",
+        lambda j: not j.cfg.crop.enabled or is_cropped(j.run, j.cfg),
+        lambda j: crop(j.cfg, j.run, j.data_dir),
+    ),
+    Stage(
+        "train-crops",
+        lambda j: not j.cfg.crop.enabled or all(is_crop_trained(j.run, k, j.cfg) for k in j.folds),
+        lambda j: [train_crop_fold(j.cfg, j.run, k) for k in j.folds if not is_crop_trained(j.run, k, j.cfg)],
+    ),
+    Stage(
+        "blend",
+        lambda j: not j.cfg.blend.enabled or is_blended(j.run, j.cfg, j.folds),
+        lambda j: blend(j.cfg, j.run, j.folds),
+    ),
     Stage("evaluate", _always, lambda j: evaluate(j.cfg, j.run)),
     Stage("predict", _always, lambda j: predict(j.cfg, j.data_dir, j.run, j.submission, train=j.train)),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
 
-def run_stages(cfg: Config, data_dir: Path, run_dir: str | os.PathLike, until: str = "predict",
-               submission: Path | None = None, train: pd.DataFrame | None = None) -> None:
+def run_stages(
+    cfg: Config,
+    data_dir: Path,
+    run_dir: str | os.PathLike,
+    until: str = "predict",
+    submission: Path | None = None,
+    train: pd.DataFrame | None = None,
+) -> None:
     """Runs the stages in order through ``until``, skipping those whose outputs are complete."""
     if until not in STAGE_NAMES:
         raise ValueError(f"until must be one of {STAGE_NAMES}, not {until!r}")
     job = Job(cfg, Path(data_dir), Run(run_dir), Path(submission or default_submission_path()), train)
-    for stage in STAGES[:STAGE_NAMES.index(until) + 1]:
+    for stage in STAGES[: STAGE_NAMES.index(until) + 1]:
         if stage.done(job):
             log.info("stage %s: nothing to do", stage.name)
             continue
@@ -298,8 +345,12 @@ def run_stages(cfg: Config, data_dir: Path, run_dir: str | os.PathLike, until: s
         log.info("stage %s: %.1f s", stage.name, time.perf_counter() - started)
 
 
-def run(cfg: Config, data: str | os.PathLike | None = None, run_dir: str | os.PathLike | None = None,
-        submission: str | os.PathLike | None = None) -> dict[str, Path]:
+def run(
+    cfg: Config,
+    data: str | os.PathLike | None = None,
+    run_dir: str | os.PathLike | None = None,
+    submission: str | os.PathLike | None = None,
+) -> dict[str, Path]:
     """The whole baseline; returns where each output is."""
     started = time.perf_counter()
     data_dir = resolve_data(cfg, data)
@@ -310,8 +361,12 @@ def run(cfg: Config, data: str | os.PathLike | None = None, run_dir: str | os.Pa
         train = setup_run(cfg, data_dir, run_folder)
         log.info("run %s: data %s, outputs %s", cfg.name, data_dir, run_folder.root)
         run_stages(cfg, data_dir, run_folder, "predict", submission, train)
-    outputs = {"submission": submission, "report": run_folder.report / "report.md", "figures": run_folder.report,
-               "run": run_folder.root}
+    outputs = {
+        "submission": submission,
+        "report": run_folder.report / "report.md",
+        "figures": run_folder.report,
+        "run": run_folder.root,
+    }
     minutes = (time.perf_counter() - started) / 60
     print(f"\ncspine run '{cfg.name}' finished in {minutes:.1f} min")
     for name, path in outputs.items():

@@ -26,7 +26,9 @@ BODY_HU = -500.0  # above this is patient (or table); below is air and field-of-
 SPINE_BAND = 0.22  # bone within this fraction of the body's width from its centre line can be spine
 JOIN_GAP = 0.08  # bone this close (fraction of body width) to the spine box joins it
 MIN_BONE_FRACTION = 2e-4  # smaller bone components are noise
-MIN_BONE_HU = 150.0  # Otsu's threshold is not allowed below this: a slice without bone must not threshold noise
+MIN_BONE_HU = (
+    150.0  # Otsu's threshold is not allowed below this: a slice without bone must not threshold noise
+)
 ANTERIOR_PENALTY = 2.0  # distance in front of the body's centre weighs this much more when seeding
 SEED_SPREAD = 0.3  # the spine seed is the bone component with most area near the body's centre (× body size)
 
@@ -62,7 +64,9 @@ def otsu_threshold(values: np.ndarray) -> int:
     return int(threshold)
 
 
-BODY_GRID = 128  # the body is found on a grid this coarse (a strided view): it is large, and labelling is the cost
+BODY_GRID = (
+    128  # the body is found on a grid this coarse (a strided view): it is large, and labelling is the cost
+)
 
 
 def _body(hu: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int], tuple[float, float]] | None:
@@ -79,8 +83,10 @@ def _body(hu: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int], tuple[
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     x, y, w, h = (int(v) * step for v in stats[largest, :4])
     small = (labels == largest).astype(np.uint8)
-    inside = cv2.resize(small, (small.shape[1] * step, small.shape[0] * step), interpolation=cv2.INTER_NEAREST)
-    inside = inside[:hu.shape[0], :hu.shape[1]] > 0
+    inside = cv2.resize(
+        small, (small.shape[1] * step, small.shape[0] * step), interpolation=cv2.INTER_NEAREST
+    )
+    inside = inside[: hu.shape[0], : hu.shape[1]] > 0
     cx, cy = centroids[largest]
     return inside, (x, y, w, h), (float(cx * step + (step - 1) / 2), float(cy * step + (step - 1) / 2))
 
@@ -100,16 +106,22 @@ def _spine_components(hu: np.ndarray):
     floor = int(np.clip((MIN_BONE_HU - (center - width / 2)) * 255 / width, 0, 255))
     threshold = max(otsu_threshold(gross[region_inside]) if region_inside.sum() > 1 else 127, floor)
     bone = ((gross > threshold) & region_inside).astype(np.uint8)
-    n, labels, stats, centroids = cv2.connectedComponentsWithStatsWithAlgorithm(bone, 8, cv2.CV_32S, cv2.CCL_GRANA)
+    n, labels, stats, centroids = cv2.connectedComponentsWithStatsWithAlgorithm(
+        bone, 8, cv2.CV_32S, cv2.CCL_GRANA
+    )
     stats = stats.copy()
     stats[:, 0] += x0
     stats[:, 1] += y0
     centroids = centroids + [x0, y0]
     min_area = max(3, int(MIN_BONE_FRACTION * hu.size))
     band = SPINE_BAND * bw
-    candidates = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= min_area
-                  and stats[i, cv2.CC_STAT_LEFT] <= body_x + band
-                  and stats[i, cv2.CC_STAT_LEFT] + stats[i, cv2.CC_STAT_WIDTH] >= body_x - band]
+    candidates = [
+        i
+        for i in range(1, n)
+        if stats[i, cv2.CC_STAT_AREA] >= min_area
+        and stats[i, cv2.CC_STAT_LEFT] <= body_x + band
+        and stats[i, cv2.CC_STAT_LEFT] + stats[i, cv2.CC_STAT_WIDTH] >= body_x - band
+    ]
     if not candidates:
         return None
     spread = SEED_SPREAD * max(bw, bh)
@@ -119,7 +131,7 @@ def _spine_components(hu: np.ndarray):
         # mandible and larynx in front of it, so distance to the front counts double
         dy = centroids[i][1] - body_y
         dist2 = (centroids[i][0] - body_x) ** 2 + (dy if dy > 0 else ANTERIOR_PENALTY * dy) ** 2
-        return float(stats[i, cv2.CC_STAT_AREA] * np.exp(-dist2 / spread ** 2))
+        return float(stats[i, cv2.CC_STAT_AREA] * np.exp(-dist2 / spread**2))
 
     seed = max(candidates, key=weight)
     sx0, sy0 = stats[seed, 0], stats[seed, 1]
@@ -133,8 +145,13 @@ def _spine_components(hu: np.ndarray):
                 continue
             cx0, cy0 = stats[i, 0], stats[i, 1]
             cx1, cy1 = cx0 + stats[i, 2], cy0 + stats[i, 3]
-            if (cx0 <= sx1 + gap and cx1 >= sx0 - gap and cy0 <= sy1 + gap and cy1 >= sy0 - gap
-                    and abs(centroids[i][0] - body_x) <= band):
+            if (
+                cx0 <= sx1 + gap
+                and cx1 >= sx0 - gap
+                and cy0 <= sy1 + gap
+                and cy1 >= sy0 - gap
+                and abs(centroids[i][0] - body_x) <= band
+            ):
                 chosen.add(i)
                 sx0, sy0, sx1, sy1 = min(sx0, cx0), min(sy0, cy0), max(sx1, cx1), max(sy1, cy1)
                 grew = True
@@ -156,7 +173,7 @@ def spine_mask(hu: np.ndarray) -> np.ndarray | None:
         return None
     labels, _, chosen, (y0, x0) = found
     mask = np.zeros(hu.shape, bool)
-    mask[y0:y0 + labels.shape[0], x0:x0 + labels.shape[1]] = np.isin(labels, list(chosen))
+    mask[y0 : y0 + labels.shape[0], x0 : x0 + labels.shape[1]] = np.isin(labels, list(chosen))
     return mask
 
 
@@ -180,8 +197,12 @@ def otsu_crop_box(hu: np.ndarray, margin: float = 0.05) -> Box:
     x1 = (stats[chosen, 0] + stats[chosen, 2]).max()
     y1 = (stats[chosen, 1] + stats[chosen, 3]).max()
     my, mx = margin * (y1 - y0), margin * (x1 - x0)
-    return (max(0, int(np.floor(y0 - my))), min(h, int(np.ceil(y1 + my))),
-            max(0, int(np.floor(x0 - mx))), min(w, int(np.ceil(x1 + mx))))
+    return (
+        max(0, int(np.floor(y0 - my))),
+        min(h, int(np.ceil(y1 + my))),
+        max(0, int(np.floor(x0 - mx))),
+        min(w, int(np.ceil(x1 + mx))),
+    )
 
 
 def study_crop_box(boxes: list[Box], shape: tuple[int, int]) -> Box:
@@ -204,7 +225,9 @@ def _square_resize(image: np.ndarray, size: int) -> np.ndarray:
     h, w = image.shape[:2]
     side = max(h, w)
     top, left = (side - h) // 2, (side - w) // 2
-    padded = cv2.copyMakeBorder(image, top, side - h - top, left, side - w - left, cv2.BORDER_CONSTANT, value=0)
+    padded = cv2.copyMakeBorder(
+        image, top, side - h - top, left, side - w - left, cv2.BORDER_CONSTANT, value=0
+    )
     interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
     return cv2.resize(padded, (size, size), interpolation=interpolation)
 
@@ -214,7 +237,9 @@ def windows_u8(hu: np.ndarray) -> np.ndarray:
     return np.stack([_window_u8(hu, c, w) for _, c, w in WINDOWS], axis=-1)
 
 
-def preprocess_slice(hu: np.ndarray, size: int = 384, box: Box | None = None, margin: float = 0.05) -> np.ndarray:
+def preprocess_slice(
+    hu: np.ndarray, size: int = 384, box: Box | None = None, margin: float = 0.05
+) -> np.ndarray:
     """One slice: crop → three windows → zero-pad to square → resize.
 
     Args:
@@ -257,8 +282,11 @@ def preprocess_study(
         boxes = [study_crop_box(boxes, hu.shape[1:])] * len(hu)
         y0, y1, x0, x1 = boxes[0]
         channels = windows_u8(hu[:, y0:y1, x0:x1])
-        out = np.stack([_square_resize(c, size) for c in channels]) if len(hu) else \
-            np.zeros((0, size, size, 3), np.uint8)
+        out = (
+            np.stack([_square_resize(c, size) for c in channels])
+            if len(hu)
+            else np.zeros((0, size, size, 3), np.uint8)
+        )
         return out, boxes
     out = np.zeros((len(hu), size, size, 3), np.uint8)
     for k, (s, box) in enumerate(zip(hu, boxes)):
@@ -266,15 +294,19 @@ def preprocess_study(
     return out, boxes
 
 
-def boxes_in_cache_frame(boxes: list[dict], crop: tuple[int, int, int, int], size: int) -> list[tuple[float, ...]]:
+def boxes_in_cache_frame(
+    boxes: list[dict], crop: tuple[int, int, int, int], size: int
+) -> list[tuple[float, ...]]:
     """Maps competition boxes (pixels of the original slice) into the cropped, padded, resized image."""
     y0, y1, x0, x1 = crop
     h, w = y1 - y0, x1 - x0
     side = max(h, w)
     top, left = (side - h) // 2, (side - w) // 2
     scale = size / side
-    return [((b["x"] - x0 + left) * scale, (b["y"] - y0 + top) * scale, b["width"] * scale, b["height"] * scale)
-            for b in boxes]
+    return [
+        ((b["x"] - x0 + left) * scale, (b["y"] - y0 + top) * scale, b["width"] * scale, b["height"] * scale)
+        for b in boxes
+    ]
 
 
 def labels_in_cache_frame(labels: np.ndarray, boxes: list[Box], size: int) -> np.ndarray:
@@ -294,6 +326,8 @@ def labels_in_cache_frame(labels: np.ndarray, boxes: list[Box], size: int) -> np
         h, w = crop.shape
         side = max(h, w)
         top, left = (side - h) // 2, (side - w) // 2
-        padded = cv2.copyMakeBorder(crop, top, side - h - top, left, side - w - left, cv2.BORDER_CONSTANT, value=0)
+        padded = cv2.copyMakeBorder(
+            crop, top, side - h - top, left, side - w - left, cv2.BORDER_CONSTANT, value=0
+        )
         out[k] = cv2.resize(padded, (size, size), interpolation=cv2.INTER_NEAREST)
     return out

@@ -18,5 +18,10 @@ def progress(iterable=None, desc: str = "", steps: bool = False, enabled: bool =
         kwargs: passed to tqdm. Off a terminal, stage bars (studies) refresh at most every 30 s.
     """
     terminal = sys.stderr.isatty()
-    return tqdm(iterable, desc=desc, disable=not enabled or (steps and not terminal),
-                mininterval=0.1 if terminal else 30.0, **kwargs)
+    return tqdm(
+        iterable,
+        desc=desc,
+        disable=not enabled or (steps and not terminal),
+        mininterval=0.1 if terminal else 30.0,
+        **kwargs,
+    )

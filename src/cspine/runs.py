@@ -31,8 +31,8 @@ import hashlib
 import json
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 
@@ -88,7 +88,7 @@ class Cache:
         return self.root / f"{uid}.mask.npy"
 
     def read_index(self) -> pd.DataFrame:
-        """One row per cached slice (`cspine.prepare.INDEX_COLUMNS`)."""
+        """One row per cached slice (`cspine.cache.INDEX_COLUMNS`)."""
         return pd.read_csv(self.index, dtype={"StudyInstanceUID": str})
 
 
@@ -135,7 +135,6 @@ class Run:
     @property
     def explain(self) -> Path:
         return self.root / "explain"
-
 
     @property
     def cache(self) -> Cache:
@@ -233,7 +232,7 @@ class Run:
         return self.root / "vertebra" / f"fold{fold}"
 
     def vert_model(self, fold: int, inner: int) -> Path:
-        """A vertebra-track BiLSTM, trained in inner fold ``inner`` of fold ``fold`` (`cspine.vertebra`)."""
+        """A vertebra-track BiLSTM, trained in inner fold ``inner`` of fold ``fold`` (`cspine.train_vertebrae`)."""
         return self.vert_dir(fold) / f"inner{inner}.pt"
 
     def vert_file(self, fold: int, name: str) -> Path:
@@ -296,7 +295,6 @@ class Run:
 
     def blstm_checkpoints(self, hidden: int) -> list[Path]:
         return sorted(self.seq_dir(hidden).glob("fold*/*.pt"))
-
 
     def read_folds(self) -> pd.DataFrame:
         """StudyInstanceUID → fold, as `make_folds` wrote it."""
@@ -428,11 +426,17 @@ def run_lock(run: Run) -> Iterator[Path]:
                 holder = json.loads(run.lock.read_text() or "{}")
             except (OSError, ValueError):
                 holder = {}
-            if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+            if (
+                holder.get("host") == me["host"]
+                and isinstance(holder.get("pid"), int)
+                and not _alive(holder["pid"])
+            ):
                 run.lock.unlink(missing_ok=True)  # stale: its process is gone
                 continue
-            raise RunLocked(f"{run.root} is in use by process {holder.get('pid', '?')} on {holder.get('host', '?')} "
-                            f"({run.lock}); wait for it, or delete the lock file if that process is gone") from None
+            raise RunLocked(
+                f"{run.root} is in use by process {holder.get('pid', '?')} on {holder.get('host', '?')} "
+                f"({run.lock}); wait for it, or delete the lock file if that process is gone"
+            ) from None
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         break

@@ -45,7 +45,7 @@ class NoGPU(OSError):
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """"auto" takes CUDA when present; "cpu"/"cuda"/"cuda:1" are taken as given.
+    """ "auto" takes CUDA when present; "cpu"/"cuda"/"cuda:1" are taken as given.
 
     Raises:
         NoGPU: "cuda" asked for and no GPU visible (one line at the command line, not a traceback).
@@ -54,9 +54,11 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise NoGPU(f"device={name!r} asked for, but no GPU is visible to torch {torch.__version__} "
-                    f"(CUDA build: {torch.version.cuda or 'none'}); on Kaggle, switch the notebook's accelerator "
-                    "on; elsewhere check nvidia-smi and CUDA_VISIBLE_DEVICES, or set device=auto")
+        raise NoGPU(
+            f"device={name!r} asked for, but no GPU is visible to torch {torch.__version__} "
+            f"(CUDA build: {torch.version.cuda or 'none'}); on Kaggle, switch the notebook's accelerator "
+            "on; elsewhere check nvidia-smi and CUDA_VISIBLE_DEVICES, or set device=auto"
+        )
     return device
 
 
@@ -93,7 +95,11 @@ def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     if not enabled or device.type != "cuda":
         return None
     native = torch.cuda.get_device_capability(device)[0] >= 8
-    return torch.bfloat16 if native and torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return (
+        torch.bfloat16
+        if native and torch.cuda.is_bf16_supported(including_emulation=False)
+        else torch.float16
+    )
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from cspine import VERTEBRAE
-from cspine.checkpoints import load_checkpoint
 from cspine.config import SegConfig
 from cspine.inputs import MEAN, STD
 from cspine.runs import atomic_path
@@ -30,18 +29,50 @@ def build_segmenter(encoder: str, context: int) -> torch.nn.Module:
     """A U-Net with a timm encoder, reading 3·(2·context + 1) channels, giving `SEG_CLASSES` logits a pixel."""
     import segmentation_models_pytorch as smp
 
-    return smp.Unet(encoder_name=f"tu-{encoder}", encoder_weights=None, in_channels=3 * (2 * context + 1),
-                    classes=SEG_CLASSES, decoder_channels=DECODER_CHANNELS)
+    return smp.Unet(
+        encoder_name=f"tu-{encoder}",
+        encoder_weights=None,
+        in_channels=3 * (2 * context + 1),
+        classes=SEG_CLASSES,
+        decoder_channels=DECODER_CHANNELS,
+    )
 
 
-def sagittal_planes(study: np.ndarray, xs: np.ndarray, context: int, depth: int) -> torch.Tensor:
-    """float [B, 3·(2c+1), depth, W]: sagittal planes ``xs`` of a cached study, with neighbours as channels.
+def plane_rows(n: int, dz: float, row_mm: float) -> int:
+    """Rows of a study's sagittal plane: its N slices, ``dz`` mm apart, at ``row_mm`` mm a row.
+
+    At a fixed height a row, every vertebra spans the same rows in every study, whether the scan stops at
+    C7 or runs on into T4: resampling each scan to one row count instead squeezes the long ones, and the
+    network then counts the vertebrae of a long scan wrongly.
+
+    Raises:
+        ValueError: ``dz`` is not a positive number (slices without positions give NaN).
+    """
+    if not np.isfinite(dz) or dz <= 0:
+        raise ValueError(
+            f"slice spacing {dz} mm: the segmentation reads a scan at fixed mm a row, and needs "
+            "the slices' positions (ImagePositionPatient)"
+        )
+    return max(1, int(round(n * dz / row_mm)))
+
+
+def padded_rows(rows: int) -> int:
+    """Rows rounded up to a multiple of 32, as the U-Net's five poolings need (padded below the scan)."""
+    return -(-rows // 32) * 32
+
+
+def sagittal_planes(
+    study: np.ndarray, xs: np.ndarray, context: int, rows: int, pad_to: int | None = None
+) -> torch.Tensor:
+    """float [B, 3·(2c+1), pad_to, W]: sagittal planes ``xs`` of a cached study, with neighbours as channels.
 
     Args:
         study: uint8 [N, S, S, 3], head to feet (rows y, columns x).
         xs: int [B], the columns whose sagittal planes are wanted.
         context: neighbouring planes on each side; beyond the image's edge the edge plane repeats.
-        depth: rows of the output; the N slices are resampled to it (linear).
+        rows: the N slices are resampled to this many rows (linear; `plane_rows`).
+        pad_to: rows of the output (at least ``rows``; by default `padded_rows`): the rows below the scan
+            are black, as air is.
 
     W is S rounded up to a multiple of 32, as the U-Net's five poolings need (linear resampling).
     """
@@ -49,8 +80,9 @@ def sagittal_planes(study: np.ndarray, xs: np.ndarray, context: int, depth: int)
     planes = np.asarray(study[:, :, cols.ravel()])  # [N, S, B·k, 3]
     n, s = planes.shape[:2]
     x = torch.from_numpy(planes).reshape(n, s, len(xs), -1).permute(2, 3, 0, 1).float().div_(255.0)
-    x = (x - MEAN) / STD  # [B, k·3, N, S]
-    return F.interpolate(x, size=(depth, plane_width(s)), mode="bilinear", align_corners=False)
+    x = F.interpolate(x, size=(rows, plane_width(s)), mode="bilinear", align_corners=False)
+    x = F.pad(x, (0, 0, 0, (pad_to or padded_rows(rows)) - rows))  # black below the scan
+    return (x - MEAN) / STD  # [B, k·3, pad_to, W]
 
 
 def plane_width(side: int) -> int:
@@ -59,23 +91,34 @@ def plane_width(side: int) -> int:
 
 
 @torch.inference_mode()
-def segment_study(models: list[torch.nn.Module], study: np.ndarray, how: dict, device: torch.device,
-                  batch_size: int = 32) -> np.ndarray:
-    """uint8 [N, S, S] labels of a cached study uint8 [N, S, S, 3]: the models' mean probabilities, argmax.
+def segment_study(
+    models: list[torch.nn.Module],
+    study: np.ndarray,
+    dz: float,
+    how: dict,
+    device: torch.device,
+    batch_size: int = 32,
+) -> np.ndarray:
+    """uint8 [N, S, S] labels of a cached study uint8 [N, S, S, 3], its slices ``dz`` mm apart: the models'
+    mean probabilities, argmax.
 
     ``how`` is how the models read a study (`reading`, saved in their checkpoints): every
-    ``plane_stride``-th sagittal plane is read, and the planes between take the nearest one's reading.
+    ``plane_stride``-th sagittal plane is read, at ``row_mm`` mm a row, and the planes between take the
+    nearest one's reading.
     """
     n, size = study.shape[:2]
-    stride, context, depth = how["plane_stride"], how["context"], how["depth"]
+    stride, context = how["plane_stride"], how["context"]
+    rows = plane_rows(n, dz, how["row_mm"])
     read = np.arange(0, size, stride)
     probs = torch.zeros(SEG_CLASSES, n, size, len(read))  # [class, slice, y, read plane]
     for model in models:
         for start in range(0, len(read), batch_size):
-            xs = read[start:start + batch_size]
-            logits = model(sagittal_planes(study, xs, context, depth).to(device)).float()
-            back = F.interpolate(logits, size=(n, size), mode="bilinear", align_corners=False).softmax(1).cpu()
-            probs[..., start:start + len(xs)] += back.permute(1, 2, 3, 0)
+            xs = read[start : start + batch_size]
+            logits = model(sagittal_planes(study, xs, context, rows).to(device)).float()[:, :, :rows]
+            back = (
+                F.interpolate(logits, size=(n, size), mode="bilinear", align_corners=False).softmax(1).cpu()
+            )
+            probs[..., start : start + len(xs)] += back.permute(1, 2, 3, 0)
     nearest = np.clip(np.rint(np.arange(size) / stride).astype(int), 0, len(read) - 1)
     return probs.argmax(0).numpy().astype(np.uint8)[:, :, nearest]
 
@@ -100,10 +143,19 @@ def vertebra_extents(labels: np.ndarray, min_pixels: int) -> tuple[np.ndarray, l
         starts, ends = edges[::2], edges[1::2]
         longest = int(np.argmax(ends - starts))
         z0, z1 = int(starts[longest]), int(ends[longest]) - 1
-        presence[z0:z1 + 1, i] = True
-        ys, xs = np.nonzero((labels[z0:z1 + 1] == i + 1).any(axis=0))
-        extents.append({"vertebra": name, "z0": z0, "z1": z1, "y0": int(ys.min()), "y1": int(ys.max()) + 1,
-                        "x0": int(xs.min()), "x1": int(xs.max()) + 1})
+        presence[z0 : z1 + 1, i] = True
+        ys, xs = np.nonzero((labels[z0 : z1 + 1] == i + 1).any(axis=0))
+        extents.append(
+            {
+                "vertebra": name,
+                "z0": z0,
+                "z1": z1,
+                "y0": int(ys.min()),
+                "y1": int(ys.max()) + 1,
+                "x0": int(xs.min()),
+                "x1": int(xs.max()) + 1,
+            }
+        )
     return presence, extents
 
 
@@ -115,15 +167,12 @@ def slice_levels(labels: np.ndarray, min_pixels: int) -> np.ndarray:
 
 def reading(s: SegConfig) -> dict:
     """How a segmentation model reads a study and turns its labels into vertebrae (kept in its checkpoint)."""
-    return {"context": s.context, "depth": s.depth, "plane_stride": s.plane_stride, "min_pixels": s.min_pixels}
-
-
-def load_segmenter(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
-    """A saved segmentation model, in eval mode, and its metadata."""
-    state = load_checkpoint(path, "segmenter")
-    model = build_segmenter(**state["arch"])
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), {k: v for k, v in state.items() if k != "model"}
+    return {
+        "context": s.context,
+        "row_mm": s.row_mm,
+        "plane_stride": s.plane_stride,
+        "min_pixels": s.min_pixels,
+    }
 
 
 def save_labels(path: Path, labels: np.ndarray) -> None:

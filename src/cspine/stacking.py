@@ -17,6 +17,11 @@ Inputs, by name (``H`` a BLSTM size, ``Ck`` a vertebra):
   patient_overall;
 - ``crop:{Ck}``, ``crop:max``, ``crop:noisy_or``: the crop track, likewise.
 
+Each fold's models put their outputs on scales of their own (two CNNs trained on different studies are not
+equally confident), so with ``per_fold`` every input is first standardised within its fold: the mean and
+spread of fold k's models' outputs over fold k's own held-out studies (no labels), the same numbers
+`predict` applies to a test study read through fold k's models (`fold_standards`, `standardise`).
+
 This module needs no scikit-learn: a saved blend is plain numbers (`cspine.checkpoints`).
 """
 
@@ -100,16 +105,51 @@ def target_inputs(target: str, available: list[str]) -> list[str]:
     return blstms + [name for name in wanted if name in available]
 
 
-def apply_blend(blend: dict, inputs: pd.DataFrame) -> np.ndarray:
-    """float [S, 8] in TARGETS order: a saved blend's probabilities for studies' inputs (one row each).
+def fold_standards(inputs: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
+    """{fold: {"mean": {input: m}, "scale": {input: s}}}: each input's mean and spread over each fold's rows
+    (`fold_inputs` rows: StudyInstanceUID, fold, inputs); a constant input keeps scale 1."""
+    names = [c for c in inputs.columns if c not in ("StudyInstanceUID", "fold")]
+    out = {}
+    for fold, rows in inputs.groupby("fold"):
+        values = rows[names].to_numpy(np.float64)
+        scale = values.std(axis=0)
+        scale[scale < 1e-6] = 1.0
+        out[str(int(fold))] = {
+            "mean": dict(zip(names, values.mean(axis=0).tolist())),
+            "scale": dict(zip(names, scale.tolist())),
+        }
+    return out
 
-    Each target's model is ``sigmoid(coef · (x − mean) / scale + intercept)`` on its own inputs; with
-    ``floor``, patient_overall is raised to the largest vertebra probability (a study with a broken
-    vertebra is a broken study).
+
+def standardise(inputs: pd.DataFrame, standards: dict) -> pd.DataFrame:
+    """``inputs`` with every input the standards know standardised by its row's fold's `fold_standards`
+    (other columns, such as an input the blend was fitted without, pass unchanged).
+
+    Raises:
+        KeyError: a row's fold that the standards do not know, or an input they know missing from ``inputs``.
+    """
+    out = inputs.copy()
+    for fold, rows in inputs.groupby("fold"):
+        known = standards[str(int(fold))]
+        names = list(known["mean"])
+        mean, scale = np.array(list(known["mean"].values())), np.array([known["scale"][n] for n in names])
+        out.loc[rows.index, names] = (rows[names].to_numpy(np.float64) - mean) / scale
+    return out
+
+
+def apply_blend(blend: dict, inputs: pd.DataFrame) -> np.ndarray:
+    """float [S, 8] in TARGETS order: a saved blend's probabilities for studies' inputs (one row each, with
+    the fold whose models read it, when the blend standardises per fold).
+
+    Each target's model is ``sigmoid(coef · (x − mean) / scale + intercept)`` on its own inputs (after
+    `standardise`, with the blend's ``standards``); with ``floor``, patient_overall is raised to the
+    largest vertebra probability (a study with a broken vertebra is a broken study).
 
     Raises:
         KeyError: an input the blend needs is missing from ``inputs``.
     """
+    if blend.get("standards"):
+        inputs = standardise(inputs, blend["standards"])
     out = np.zeros((len(inputs), len(TARGETS)))
     for i, target in enumerate(TARGETS):
         model = blend["targets"][target]

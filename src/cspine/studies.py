@@ -11,11 +11,11 @@ import multiprocessing as mp
 import os
 import warnings
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -30,13 +30,17 @@ class ReadStudy:
     """One test study as the CNNs read it."""
 
     images: np.ndarray  # uint8 [N, size, size, 3], head to feet
+    dz: float = 1.0  # the slice spacing in mm (the segmentation reads the scan at fixed mm a row)
     warnings: list[str] = field(default_factory=list)  # what loading warned about (skipped files, tilt)
-    bone: np.ndarray | None = None  # uint8 [N, H, W], full resolution, the bone window: the crop track cuts it
+    bone: np.ndarray | None = (
+        None  # uint8 [N, H, W], full resolution, the bone window: the crop track cuts it
+    )
     boxes: list | None = None  # the crop box of each slice (`preprocess_study`): maps the cache's frame to it
 
 
-def read_study(path: str | os.PathLike, size: int, crop: str, margin: float, min_slices: int,
-               bone: bool = False) -> ReadStudy:
+def read_study(
+    path: str | os.PathLike, size: int, crop: str, margin: float, min_slices: int, bone: bool = False
+) -> ReadStudy:
     """Decodes one study in this process (one core: the pool runs several studies at once) and preprocesses it;
     with ``bone``, keeps its full-resolution bone window and crop boxes for the crop track.
 
@@ -50,8 +54,13 @@ def read_study(path: str | os.PathLike, size: int, crop: str, margin: float, min
     if len(series) < min_slices:
         raise ValueError(f"only {len(series)} readable slice(s)")
     images, boxes = preprocess_study(series.hu, size, crop, margin)
-    return ReadStudy(images, [str(w.message) for w in caught], bone_u8(series.hu) if bone else None,
-                     boxes if bone else None)
+    return ReadStudy(
+        images,
+        float(series.spacing[0]),
+        [str(w.message) for w in caught],
+        bone_u8(series.hu) if bone else None,
+        boxes if bone else None,
+    )
 
 
 def _one_thread(parent: int) -> None:
@@ -83,18 +92,27 @@ class StudyReader:
     and the others are read anew; reading goes on.
     """
 
-    def __init__(self, workers: int, size: int, crop: str, margin: float, min_slices: int, reader=read_study,
-                 bone: bool = False):
+    def __init__(
+        self,
+        workers: int,
+        size: int,
+        crop: str,
+        margin: float,
+        min_slices: int,
+        reader=read_study,
+        bone: bool = False,
+    ):
         self.workers = workers or default_workers()
         self.args = (size, crop, margin, min_slices, bone)
         self.reader = reader  # a module-level function of (path, *args), importable by a spawned process
         self.pool = self._pool(self.workers)
 
     def _pool(self, workers: int) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_one_thread,
-                                   initargs=(os.getpid(),))
+        return ProcessPoolExecutor(
+            workers, mp_context=mp.get_context("spawn"), initializer=_one_thread, initargs=(os.getpid(),)
+        )
 
-    def __enter__(self) -> "StudyReader":
+    def __enter__(self) -> StudyReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -114,8 +132,9 @@ class StudyReader:
             try:
                 return solo.submit(self.reader, path, *self.args).result()
             except BrokenProcessPool:
-                return WorkerDied(f"{path}: the reading process died on this study (killed, or its decoder "
-                                  "crashed)")
+                return WorkerDied(
+                    f"{path}: the reading process died on this study (killed, or its decoder crashed)"
+                )
             except Exception as exc:
                 return exc
 

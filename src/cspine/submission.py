@@ -13,8 +13,16 @@ from cspine.metrics import best_constant
 from cspine.runs import write_csv
 
 # Real training-set prevalences (docs/competition.md), the fallback when no train.csv is at hand.
-TRAIN_PREVALENCE = {"patient_overall": 0.476, "C1": 0.072, "C2": 0.141, "C3": 0.036, "C4": 0.054,
-                    "C5": 0.080, "C6": 0.137, "C7": 0.195}
+TRAIN_PREVALENCE = {
+    "patient_overall": 0.476,
+    "C1": 0.072,
+    "C2": 0.141,
+    "C3": 0.036,
+    "C4": 0.054,
+    "C5": 0.080,
+    "C6": 0.137,
+    "C7": 0.195,
+}
 
 
 class PredictionError(RuntimeError):
@@ -31,8 +39,12 @@ def prior_from_train(train: pd.DataFrame | None = None) -> dict[str, float]:
     return {t: best_constant(q) for t, q in prevalence.items()}
 
 
-def make_submission(test: pd.DataFrame, study_probs: dict[str, dict[str, float]],
-                    prior: dict[str, float] | None = None, clip: float = 1e-4) -> pd.DataFrame:
+def make_submission(
+    test: pd.DataFrame,
+    study_probs: dict[str, dict[str, float]],
+    prior: dict[str, float] | None = None,
+    clip: float = 1e-4,
+) -> pd.DataFrame:
     """Rows in test.csv's order, one per row_id; a study without predictions gets the prior.
 
     Args:

@@ -9,6 +9,7 @@ subset of training studies, so every stage runs unchanged on it and on the real 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -22,7 +23,8 @@ import numpy as np
 import pandas as pd
 
 from cspine import TARGETS, VERTEBRAE
-from cspine.competition import COMPLETE_MARKER
+from cspine.competition import COMPLETE_MARKER, TRUTH_DIR
+from cspine.config import SynthConfig
 from cspine.dicom_writer import Encoding, write_series
 from cspine.phantom import T2_LABEL, PhantomConfig, render_study
 from cspine.progress import progress
@@ -31,7 +33,6 @@ from cspine.runs import atomic_path, write_csv, write_text
 log = logging.getLogger(__name__)
 
 UID_ROOT = "1.2.826.0.1.3680043."
-TRUTH_DIR = "truth"  # the true vertebra of every slice; no training code may read it (a test audits this)
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,9 @@ def draw_study_files(rng: np.random.Generator, fov: float) -> StudyFiles:
     )
 
 
-def mask_affine(shape: tuple[int, int, int], origin: tuple[float, float, float],
-                spacing: tuple[float, float, float]) -> np.ndarray:
+def mask_affine(
+    shape: tuple[int, int, int], origin: tuple[float, float, float], spacing: tuple[float, float, float]
+) -> np.ndarray:
     """RAS affine of a mask stored as the competition's NIfTIs are: data[col, reversed row, feet→head].
 
     Args:
@@ -73,16 +75,22 @@ def mask_affine(shape: tuple[int, int, int], origin: tuple[float, float, float],
     n, h, _ = shape
     dz, dy, dx = spacing
     x0, y0, z_head = origin
-    return np.array([
-        [-dx, 0, 0, -x0],
-        [0, dy, 0, -(y0 + (h - 1) * dy)],
-        [0, 0, dz, z_head - (n - 1) * dz],
-        [0, 0, 0, 1],
-    ])
+    return np.array(
+        [
+            [-dx, 0, 0, -x0],
+            [0, dy, 0, -(y0 + (h - 1) * dy)],
+            [0, 0, dz, z_head - (n - 1) * dz],
+            [0, 0, 0, 1],
+        ]
+    )
 
 
-def write_mask(path: str | os.PathLike, labels: np.ndarray, origin: tuple[float, float, float],
-               spacing: tuple[float, float, float]) -> Path:
+def write_mask(
+    path: str | os.PathLike,
+    labels: np.ndarray,
+    origin: tuple[float, float, float],
+    spacing: tuple[float, float, float],
+) -> Path:
     """Writes head-to-feet labels uint8 [N, H, W] as a NIfTI in the real segmentations' axis order."""
     data = np.ascontiguousarray(labels[::-1, ::-1, :].transpose(2, 1, 0))
     image = nib.Nifti1Image(data, mask_affine(labels.shape, origin, spacing))
@@ -105,8 +113,15 @@ def _file_numbers(files: StudyFiles, n: int, rng: np.random.Generator) -> np.nda
     return numbers if files.numbering == "head_to_feet" else numbers[::-1]
 
 
-def make_study(root: str | os.PathLike, split: str, uid: str, seed: tuple[int, ...], config: PhantomConfig,
-               with_boxes: bool, with_mask: bool) -> dict:
+def make_study(
+    root: str | os.PathLike,
+    split: str,
+    uid: str,
+    seed: tuple[int, ...],
+    config: PhantomConfig,
+    with_boxes: bool,
+    with_mask: bool,
+) -> dict:
     """Renders and writes one study; returns its label row and box rows (for the CSVs).
 
     A study folder is written under a temporary name and renamed when whole, so a killed run never
@@ -121,8 +136,16 @@ def make_study(root: str | os.PathLike, split: str, uid: str, seed: tuple[int, .
     final = root / f"{split}_images" / uid
     partial = final.with_name(uid + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    write_series(study.hu, partial, spacing=study.spacing, study_uid=uid, encoding=files.encoding,
-                 origin=files.origin, slice_thickness=study.slice_thickness, file_numbers=numbers)
+    write_series(
+        study.hu,
+        partial,
+        spacing=study.spacing,
+        study_uid=uid,
+        encoding=files.encoding,
+        origin=files.origin,
+        slice_thickness=study.slice_thickness,
+        file_numbers=numbers,
+    )
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
     if with_mask:
@@ -137,8 +160,17 @@ def make_study(root: str | os.PathLike, split: str, uid: str, seed: tuple[int, .
         # a fractured study with boxes has at least one; at coarse resolutions a break may not pass the
         # visibility rule on any slice, and then its most-covered slices are boxed
         found = study.fracture_boxes() or study.fracture_boxes(min_coverage=0.1, min_pixels=1)
-        boxes = [{"StudyInstanceUID": uid, "x": float(x), "y": float(y), "width": float(bw), "height": float(bh),
-                  "slice_number": int(numbers[k])} for k, x, y, bw, bh in found]
+        boxes = [
+            {
+                "StudyInstanceUID": uid,
+                "x": float(x),
+                "y": float(y),
+                "width": float(bw),
+                "height": float(bh),
+                "slice_number": int(numbers[k]),
+            }
+            for k, x, y, bw, bh in found
+        ]
     return {"row": row, "boxes": boxes, "truth": truth, "reversed": files.numbering == "feet_to_head"}
 
 
@@ -149,8 +181,15 @@ def vertebra_truth(uid: str, labels: np.ndarray, numbers: np.ndarray) -> list[di
     """
     counts = np.stack([(labels == k).sum(axis=(1, 2)) for k in range(1, T2_LABEL + 1)], axis=1)
     level = np.where(counts.max(axis=1) > 0, counts.argmax(axis=1) + 1, 0)
-    return [{"StudyInstanceUID": uid, "slice_number": int(numbers[k]), "level": int(level[k]),
-             **{v: int(counts[k, i] > 0) for i, v in enumerate(VERTEBRAE)}} for k in range(len(labels))]
+    return [
+        {
+            "StudyInstanceUID": uid,
+            "slice_number": int(numbers[k]),
+            "level": int(level[k]),
+            **{v: int(counts[k, i] > 0) for i, v in enumerate(VERTEBRAE)},
+        }
+        for k in range(len(labels))
+    ]
 
 
 def _make_study_star(kwargs: dict) -> dict:
@@ -159,47 +198,48 @@ def _make_study_star(kwargs: dict) -> dict:
 
 def make_competition(
     out_dir: str | os.PathLike,
-    n_train: int = 48,
-    n_test: int = 6,
-    seed: int = 0,
-    image_size: int = 160,
-    difficulty: float = 0.5,
-    box_fraction: float = 0.245,
-    mask_fraction: float = 0.043,
-    min_masks: int = 12,
-    n_slices: int | None = None,
+    s: SynthConfig | None = None,
     workers: int = 1,
 ) -> Path:
     """Writes a synthetic competition in the real layout and returns its root.
 
     Args:
         out_dir: the competition root (created).
-        n_train, n_test: studies in ``train_images`` and ``test_images``.
-        seed: everything (labels, anatomy, file variety, pixels) is a function of it.
-        image_size: pixels per side (512 for full-size studies).
-        difficulty: 0 (obvious fractures) to 1 (sub-millimetre, noisy).
-        box_fraction: share of positive training studies with bounding boxes (real data: 235 of 961).
-        mask_fraction: share of training studies with a segmentation (real data: 87 of 2,019).
-        min_masks: at least this many training studies have a segmentation (all of them if fewer): the
-            phantoms are simpler than patients, but a segmentation network still needs a dozen.
-        n_slices: slices per study from skull base to T1 (a third of the studies go on into T2); None draws
-            60–120.
+        s: what to generate (`cspine.config.SynthConfig`, the one source of the settings and their
+            defaults): the studies, the seed everything is a function of, the image size, the difficulty,
+            the real data's shares of boxes and masks, the slices a study (0 draws 60–120).
         workers: processes; the output is identical for any number.
     """
+    s = s or SynthConfig()
+    n_train, n_test, seed = s.n_train, s.n_test, s.seed
     root = Path(out_dir)
     for sub in ("train_images", "test_images"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     (root / COMPLETE_MARKER).unlink(missing_ok=True)
-    config = PhantomConfig(image_size=image_size, n_slices=n_slices, difficulty=difficulty)
+    config = PhantomConfig(image_size=s.image_size, n_slices=s.n_slices or None, difficulty=s.difficulty)
     plan_rng = np.random.default_rng([seed, 1])
-    boxed = plan_rng.random(n_train) < box_fraction  # decided before the fractures: a share of the positives
-    masked = set(plan_rng.choice(n_train, min(n_train, max(min_masks, round(mask_fraction * n_train))),
-                                 replace=False).tolist())
+    boxed = (
+        plan_rng.random(n_train) < s.box_fraction
+    )  # decided before the fractures: a share of the positives
+    masked = set(
+        plan_rng.choice(
+            n_train, min(n_train, max(s.min_masks, round(s.mask_fraction * n_train))), replace=False
+        ).tolist()
+    )
     jobs = []
     for i in range(n_train + n_test):
         split = "train" if i < n_train else "test"
-        jobs.append(dict(root=root, split=split, uid=_study_uid(i, seed), seed=(seed, 2, i), config=config,
-                         with_boxes=split == "train" and bool(boxed[i]), with_mask=i in masked))
+        jobs.append(
+            dict(
+                root=root,
+                split=split,
+                uid=_study_uid(i, seed),
+                seed=(seed, 2, i),
+                config=config,
+                with_boxes=split == "train" and bool(boxed[i]),
+                with_mask=i in masked,
+            )
+        )
     bar = dict(total=len(jobs), desc="synthetic studies", unit="study")
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -209,24 +249,40 @@ def make_competition(
 
     train = pd.DataFrame([r["row"] for r in results[:n_train]], columns=["StudyInstanceUID", *TARGETS])
     write_csv(train, root / "train.csv")
-    boxes = pd.DataFrame([b for r in results[:n_train] for b in r["boxes"]],
-                         columns=["StudyInstanceUID", "x", "y", "width", "height", "slice_number"])
+    boxes = pd.DataFrame(
+        [b for r in results[:n_train] for b in r["boxes"]],
+        columns=["StudyInstanceUID", "x", "y", "width", "height", "slice_number"],
+    )
     write_csv(boxes, root / "train_bounding_boxes.csv")
     test_uids = [job["uid"] for job in jobs[n_train:]]
     types = [*VERTEBRAE, "patient_overall"]
-    test = pd.DataFrame([{"row_id": f"{uid}_{t}", "StudyInstanceUID": uid, "prediction_type": t}
-                         for uid in test_uids for t in types], columns=["row_id", "StudyInstanceUID", "prediction_type"])
+    test = pd.DataFrame(
+        [
+            {"row_id": f"{uid}_{t}", "StudyInstanceUID": uid, "prediction_type": t}
+            for uid in test_uids
+            for t in types
+        ],
+        columns=["row_id", "StudyInstanceUID", "prediction_type"],
+    )
     write_csv(test, root / "test.csv")
     write_csv(pd.DataFrame({"row_id": test["row_id"], "fractured": 0.5}), root / "sample_submission.csv")
-    truth = pd.DataFrame([t for r in results for t in r["truth"]],
-                         columns=["StudyInstanceUID", "slice_number", "level", *VERTEBRAE])
+    truth = pd.DataFrame(
+        [t for r in results for t in r["truth"]],
+        columns=["StudyInstanceUID", "slice_number", "level", *VERTEBRAE],
+    )
     write_csv(truth, root / TRUTH_DIR / "vertebrae.csv")  # outside the competition layout: evaluation only
-    settings = {"n_train": n_train, "n_test": n_test, "image_size": image_size, "n_slices": n_slices or 0,
-                "difficulty": difficulty, "box_fraction": box_fraction, "mask_fraction": mask_fraction,
-                "min_masks": min_masks, "seed": seed}
-    write_text(root / COMPLETE_MARKER, json.dumps(settings, indent=1) + "\n")  # written last: the folder is whole
-    log.info("synthetic competition at %s: %d train (%d positive, %d reversed), %d test", root, n_train,
-             int(train["patient_overall"].sum()), sum(r["reversed"] for r in results[:n_train]), n_test)
+    settings = dataclasses.asdict(s)
+    write_text(
+        root / COMPLETE_MARKER, json.dumps(settings, indent=1) + "\n"
+    )  # written last: the folder is whole
+    log.info(
+        "synthetic competition at %s: %d train (%d positive, %d reversed), %d test",
+        root,
+        n_train,
+        int(train["patient_overall"].sum()),
+        sum(r["reversed"] for r in results[:n_train]),
+        n_test,
+    )
     return root
 
 

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cspine import TARGETS, VERTEBRAE
-from cspine.checkpoints import load_checkpoint, save_checkpoint
+from cspine.checkpoints import load_checkpoint, save_checkpoint, save_model
 from cspine.config import Config, CropConfig
 from cspine.crops import crop_channels
 from cspine.data import seed_worker
@@ -61,9 +61,16 @@ class VertebraCrops(Dataset):
 
     def __init__(self, run: Run, uids: list[str], labels: np.ndarray, augment: bool):
         self.run, self.uids, self.labels = run, uids, labels
-        self.transform = A.Compose([A.HorizontalFlip(p=0.5),
-                                    A.Affine(scale=(0.9, 1.1), translate_percent=(-0.06, 0.06), rotate=(-10, 10),
-                                             p=0.7)]) if augment else None
+        self.transform = (
+            A.Compose(
+                [
+                    A.HorizontalFlip(p=0.5),
+                    A.Affine(scale=(0.9, 1.1), translate_percent=(-0.06, 0.06), rotate=(-10, 10), p=0.7),
+                ]
+            )
+            if augment
+            else None
+        )
 
     def __len__(self) -> int:
         return len(self.uids) * len(VERTEBRAE)
@@ -75,7 +82,11 @@ class VertebraCrops(Dataset):
             n, c, h, w = crop.shape
             image = np.ascontiguousarray(crop.reshape(n * c, h, w).transpose(1, 2, 0))
             crop = self.transform(image=image)["image"].transpose(2, 0, 1).reshape(n, c, h, w)
-        return torch.from_numpy(np.ascontiguousarray(crop)), vertebra, np.float32(self.labels[study, vertebra])
+        return (
+            torch.from_numpy(np.ascontiguousarray(crop)),
+            vertebra,
+            np.float32(self.labels[study, vertebra]),
+        )
 
 
 def crop_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -91,16 +102,24 @@ def _spec(run: Run) -> dict:
 
 def _record(run: Run, cfg: Config, fold: int) -> dict:
     """What fold ``fold``'s model was made from: the crops, the folds, the settings."""
-    return {"crops": digest(run.crop_places), "folds": digest(run.folds), "fold": fold,
-            "crop": dataclasses.asdict(cfg.crop)}
+    return {
+        "crops": digest(run.crop_places),
+        "folds": digest(run.folds),
+        "fold": fold,
+        "crop": dataclasses.asdict(cfg.crop),
+    }
 
 
 def is_crop_trained(run_dir: str | os.PathLike, fold: int, cfg: Config) -> bool:
     """Whether fold ``fold``'s crop model and out-of-fold table exist, made from the current crops and settings."""
     run = Run(run_dir)
     record = run.crop_file(fold, "record.json")
-    return (record.is_file() and run.crop_model(fold).is_file() and run.crop_places.is_file()
-            and read_json(record) == _record(run, cfg, fold))
+    return (
+        record.is_file()
+        and run.crop_model(fold).is_file()
+        and run.crop_places.is_file()
+        and read_json(record) == _record(run, cfg, fold)
+    )
 
 
 def _studies(run: Run, fold: int) -> tuple[list[str], list[str]]:
@@ -113,15 +132,27 @@ def _studies(run: Run, fold: int) -> tuple[list[str], list[str]]:
 
 
 def _loader(data: Dataset, c: CropConfig, rt: Runtime, seed: int) -> DataLoader:
-    sampler = DistributedSampler(data, rt.world_size, rt.rank, shuffle=True, seed=seed) if rt.distributed else None
+    sampler = (
+        DistributedSampler(data, rt.world_size, rt.rank, shuffle=True, seed=seed) if rt.distributed else None
+    )
     generator = torch.Generator().manual_seed(seed)
     workers = 0 if not rt.cuda else min(4, os.cpu_count() or 1)
-    return DataLoader(data, batch_size=c.batch_size, shuffle=sampler is None, sampler=sampler, generator=generator,
-                      num_workers=workers, worker_init_fn=seed_worker if workers else None, pin_memory=rt.cuda,
-                      drop_last=len(data) > c.batch_size)
+    return DataLoader(
+        data,
+        batch_size=c.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=generator,
+        num_workers=workers,
+        worker_init_fn=seed_worker if workers else None,
+        pin_memory=rt.cuda,
+        drop_last=len(data) > c.batch_size,
+    )
 
 
-def train_crop_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, rt: Runtime | None = None) -> pd.DataFrame | None:
+def train_crop_fold(
+    cfg: Config, run_dir: str | os.PathLike, fold: int, rt: Runtime | None = None
+) -> pd.DataFrame | None:
     """Trains (or resumes) fold ``fold``'s crop model and scores its held-out studies; returns the
     out-of-fold table (TARGETS columns; patient_overall = 1 − Π(1 − p_k)) on rank 0, None on the others."""
     rt = rt or init_distributed(cfg.device)
@@ -129,16 +160,19 @@ def train_crop_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, rt: Runt
     spec = _spec(run)
     train, held = _studies(run, fold)
     if not train or not held:
-        raise RuntimeError(f"train-crops fold {fold}: {len(train)} training and {len(held)} held-out studies have "
-                           "crops; run the crop stage")
+        raise RuntimeError(
+            f"train-crops fold {fold}: {len(train)} training and {len(held)} held-out studies have "
+            "crops; run the crop stage"
+        )
     labels = run.read_labels()
     seed_everything(c.seed + fold)
     model = CropNet(c.backbone, crop_channels(spec), c.hidden, c.width, c.pretrained_file).to(rt.device)
     if rt.cuda and c.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=c.epochs, warmup_epochs=1,
-                                       warmup_lr=c.lr / 10)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched="cosine", num_epochs=c.epochs, warmup_epochs=1, warmup_lr=c.lr / 10
+    )
     dtype = amp_dtype(rt.device, c.amp)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=dtype == torch.float16)
     history, start = [], 0
@@ -152,7 +186,11 @@ def train_crop_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, rt: Runt
             set_rng_state(state["rng"])
             history, start = state["history"], state["epoch"] + 1
             log.info("train-crops fold %d: resumed after epoch %d", fold, state["epoch"])
-    ddp = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.cuda else None) if rt.distributed else model
+    ddp = (
+        DistributedDataParallel(model, device_ids=[rt.device.index] if rt.cuda else None)
+        if rt.distributed
+        else model
+    )
     data = VertebraCrops(run, train, labels.loc[train, list(VERTEBRAE)].to_numpy(np.float32), augment=True)
     loader = _loader(data, c, rt, c.seed + fold)
     channels_last = rt.cuda and c.channels_last
@@ -165,7 +203,9 @@ def train_crop_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, rt: Runt
         data.transform.set_random_seed(c.seed * 100003 + fold * 1009 + epoch)
         ddp.train()
         started, total, seen = time.perf_counter(), torch.zeros((), device=rt.device), 0
-        for x, vertebra, y in progress(loader, f"crops fold {fold} epoch {epoch + 1}", steps=True, enabled=rt.is_main):
+        for x, vertebra, y in progress(
+            loader, f"crops fold {fold} epoch {epoch + 1}", steps=True, enabled=rt.is_main
+        ):
             x, vertebra, y = (t.to(rt.device, non_blocking=True) for t in (x, vertebra, y))
             with autocast(rt.device, dtype):
                 loss = crop_loss(ddp(x, vertebra, channels_last), y)
@@ -174,31 +214,62 @@ def train_crop_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, rt: Runt
             scaler.step(optimizer)
             scaler.update()
             total, seen = total + loss.detach() * len(y), seen + len(y)  # read once an epoch: no sync a step
-        history.append({"epoch": epoch + 1, "train_loss": total.item() / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
-                        "seconds": time.perf_counter() - started})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": total.item() / max(seen, 1),
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - started,
+            }
+        )
         if rt.is_main:
-            log.info("train-crops fold %d epoch %d/%d: loss %.4f (%.0f s)", fold, epoch + 1, c.epochs,
-                     history[-1]["train_loss"], history[-1]["seconds"])
-            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scaler": scaler.state_dict(), "epoch": epoch, "history": history, "rng": rng_state(),
-                             "record": record}, run.crop_last(fold), "crop-resume")
+            log.info(
+                "train-crops fold %d epoch %d/%d: loss %.4f (%.0f s)",
+                fold,
+                epoch + 1,
+                c.epochs,
+                history[-1]["train_loss"],
+                history[-1]["seconds"],
+            )
+            save_checkpoint(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch,
+                    "history": history,
+                    "rng": rng_state(),
+                    "record": record,
+                },
+                run.crop_last(fold),
+                "crop-resume",
+            )
     if rt.distributed:
         dist.barrier()
     if not rt.is_main:
         return None
     model.eval()
-    save_checkpoint({"model": model.state_dict(), "arch": model.arch, "crops": spec, "fold": fold,
-                     "trained_on": train}, run.crop_model(fold), "crop")
-    p = np.concatenate([crop_probabilities(model, np.stack([np.load(run.crop_study(u)) for u in part]), rt.device,
-                                           dtype, channels_last)
-                        for part in (held[i:i + 16] for i in range(0, len(held), 16))])  # bounded memory
+    save_model(model, run.crop_model(fold), "crop", crops=spec, fold=fold, trained_on=train)
+    p = np.concatenate(
+        [
+            crop_probabilities(
+                model, np.stack([np.load(run.crop_study(u)) for u in part]), rt.device, dtype, channels_last
+            )
+            for part in (held[i : i + 16] for i in range(0, len(held), 16))
+        ]
+    )  # bounded memory
     probs = combine(p)
-    oof = pd.DataFrame({"StudyInstanceUID": held, "fold": fold, **{f"p_{t}": probs[:, i] for i, t in enumerate(TARGETS)}})
+    oof = pd.DataFrame(
+        {"StudyInstanceUID": held, "fold": fold, **{f"p_{t}": probs[:, i] for i, t in enumerate(TARGETS)}}
+    )
     write_csv(oof, run.crop_file(fold, "oof.csv"))
     write_json(history, run.crop_file(fold, "history.json"))
     write_json(record, run.crop_file(fold, "record.json"))  # last: the fold counts as trained
     run.crop_last(fold).unlink(missing_ok=True)
-    log.info("train-crops fold %d: %d studies scored out of fold, loss %.4f (patient_overall as 1 − Π(1 − p))",
-             fold, len(held),
-             weighted_log_loss(labels.loc[held, list(TARGETS)].to_numpy(), probs))
+    log.info(
+        "train-crops fold %d: %d studies scored out of fold, loss %.4f (patient_overall as 1 − Π(1 − p))",
+        fold,
+        len(held),
+        weighted_log_loss(labels.loc[held, list(TARGETS)].to_numpy(), probs),
+    )
     return oof

@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from cspine import TARGETS
-from cspine.checkpoints import save_sequence_model
+from cspine.checkpoints import save_model
 from cspine.config import Config, SeqConfig
-from cspine.extract import extracted_with_tta, features_signature, load_features, oof_sources
+from cspine.features import extracted_with_tta, features_signature, load_features, oof_sources
 from cspine.inputs import CNN_OUTPUTS, study_input
 from cspine.metrics import target_weights, weighted_log_loss
 from cspine.models import SequenceNet
@@ -46,7 +46,6 @@ from cspine.runs import Run, read_json, write_csv, write_json
 from cspine.runtime import pick_device, seed_everything
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -61,12 +60,12 @@ def collate(studies: list[Study]):
     lengths = torch.tensor([len(s.x) for s in studies])
     batch = torch.zeros(len(studies), int(lengths.max()), studies[0].x.shape[1])
     for i, s in enumerate(studies):
-        batch[i, :len(s.x)] = torch.from_numpy(s.x)
+        batch[i, : len(s.x)] = torch.from_numpy(s.x)
     return batch, lengths, torch.from_numpy(np.stack([s.y for s in studies]))
 
 
 def sequence_loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
-    """"competition": the metric's weighted BCE, normalised per study; "case": plain BCE on the case labels."""
+    """ "competition": the metric's weighted BCE, normalised per study; "case": plain BCE on the case labels."""
     bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
     if kind == "case":
         return bce.mean()
@@ -77,12 +76,14 @@ def sequence_loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Ten
 
 
 @torch.inference_mode()
-def predict_studies(model: SequenceNet, studies: list[Study], device: torch.device, batch_size: int = 16) -> np.ndarray:
+def predict_studies(
+    model: SequenceNet, studies: list[Study], device: torch.device, batch_size: int = 16
+) -> np.ndarray:
     """Probabilities [S, 8] in TARGETS order."""
     model.eval()
     out = []
     for start in range(0, len(studies), batch_size):
-        x, lengths, _ = collate(studies[start:start + batch_size])
+        x, lengths, _ = collate(studies[start : start + batch_size])
         out.append(torch.sigmoid(model(x.to(device), lengths)).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(TARGETS)))
 
@@ -98,12 +99,15 @@ def split_for_stopping(studies: list[Study], fraction: float, seed: int) -> tupl
         return studies, []
     y = np.array([st.y[0] for st in studies]).astype(int)
     strata = y if np.bincount(y, minlength=2).min() >= 2 else None
-    fit, stop = train_test_split(np.arange(len(studies)), test_size=n_stop, random_state=seed, stratify=strata)
+    fit, stop = train_test_split(
+        np.arange(len(studies)), test_size=n_stop, random_state=seed, stratify=strata
+    )
     return [studies[i] for i in fit], [studies[i] for i in stop]
 
 
-def fit_sequence_model(train: list[Study], stop: list[Study], s: SeqConfig, hidden: int, device: torch.device,
-                       seed: int) -> tuple[SequenceNet, list[dict]]:
+def fit_sequence_model(
+    train: list[Study], stop: list[Study], s: SeqConfig, hidden: int, device: torch.device, seed: int
+) -> tuple[SequenceNet, list[dict]]:
     """Trains one BLSTM on ``train``; early stopping on the competition loss of ``stop`` (all epochs if empty)."""
     seed_everything(seed)
     model = SequenceNet(train[0].x.shape[1], hidden, s.layers, s.dropout).to(device)
@@ -116,7 +120,7 @@ def fit_sequence_model(train: list[Study], stop: list[Study], s: SeqConfig, hidd
         order = rng.permutation(len(train))
         total = 0.0
         for start in range(0, len(order), s.batch_size):
-            x, lengths, y = collate([train[i] for i in order[start:start + s.batch_size]])
+            x, lengths, y = collate([train[i] for i in order[start : start + s.batch_size]])
             loss = sequence_loss(model(x.to(device), lengths), y.to(device), s.loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -139,16 +143,18 @@ def fit_sequence_model(train: list[Study], stop: list[Study], s: SeqConfig, hidd
     return model, history
 
 
-def _fit_and_score(train: list[Study], scored: list[Study], s: SeqConfig, hidden: int, device: torch.device,
-                   seed: int) -> tuple[SequenceNet, list[dict], np.ndarray]:
+def _fit_and_score(
+    train: list[Study], scored: list[Study], s: SeqConfig, hidden: int, device: torch.device, seed: int
+) -> tuple[SequenceNet, list[dict], np.ndarray]:
     """A BLSTM trained on ``train`` (early stopping on a share of it) and its predictions for ``scored``."""
     fit, stop = split_for_stopping(train, s.stop_fraction, seed)
     model, history = fit_sequence_model(fit, stop, s, hidden, device, seed)
     return model, history, predict_studies(model, scored, device)
 
 
-def _load_studies(run: Run, uids: list[str], labels: pd.DataFrame, mode: str, source: dict[str, int],
-                  bins: int) -> list[Study]:
+def _load_studies(
+    run: Run, uids: list[str], labels: pd.DataFrame, mode: str, source: dict[str, int], bins: int
+) -> list[Study]:
     studies = []
     for uid in uids:
         feats, probs = load_features(run, source[uid], uid)
@@ -157,11 +163,20 @@ def _load_studies(run: Run, uids: list[str], labels: pd.DataFrame, mode: str, so
     return studies
 
 
-def _save(model: SequenceNet, path, s: SeqConfig, source_fold: int | None, trained_on: list[str],
-          tta: bool) -> None:
+def _save(
+    model: SequenceNet, path, s: SeqConfig, source_fold: int | None, trained_on: list[str], tta: bool
+) -> None:
     """The BLSTM and how its inputs were made (``tta``: slices read mirrored too), for `predict` to match."""
-    save_sequence_model(model, path, input=s.input, bins=s.bins, tta=tta, source_fold=source_fold,
-                        trained_on=trained_on)
+    save_model(
+        model,
+        path,
+        "blstm",
+        input=s.input,
+        bins=s.bins,
+        tta=tta,
+        source_fold=source_fold,
+        trained_on=trained_on,
+    )
 
 
 def train_seq(cfg: Config, run_dir: str | os.PathLike, fold: int) -> list[int]:
@@ -172,7 +187,9 @@ def train_seq(cfg: Config, run_dir: str | os.PathLike, fold: int) -> list[int]:
     return todo
 
 
-def train_seq_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, hidden: int | None = None) -> pd.DataFrame:
+def train_seq_fold(
+    cfg: Config, run_dir: str | os.PathLike, fold: int, hidden: int | None = None
+) -> pd.DataFrame:
     """Trains fold ``fold``'s BLSTM(s) and returns their out-of-fold predictions for the fold's studies."""
     run = Run(run_dir)
     s = cfg.seq
@@ -184,9 +201,11 @@ def train_seq_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, hidden: i
     if s.train_on not in ("own_fold", "other_folds"):
         raise ValueError(f"seq.train_on must be 'own_fold' or 'other_folds', not {s.train_on!r}")
     if s.train_on == "other_folds" and s.input not in CNN_OUTPUTS:
-        raise ValueError("seq.train_on='other_folds' needs seq.input 'probs' or 'fracture': CNNs of "
-                         "different folds learn unrelated feature spaces, so a BLSTM reads one CNN's "
-                         "features only")
+        raise ValueError(
+            "seq.train_on='other_folds' needs seq.input 'probs' or 'fracture': CNNs of "
+            "different folds learn unrelated feature spaces, so a BLSTM reads one CNN's "
+            "features only"
+        )
     in_fold = [u for u in folds.loc[folds["fold"] == fold, "StudyInstanceUID"] if u in source]
     # `predict` loads every BLSTM here, so none may survive from another protocol; and until this training
     # ends, the fold must not count as trained (`is_seq_trained` reads features.json)
@@ -205,7 +224,9 @@ def train_seq_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, hidden: i
         studies = _load_studies(run, in_fold, labels, s.input, source, s.bins)
         y = np.array([st.y[0] for st in studies]).astype(int)
         n_inner = max(2, min(s.inner_folds, len(y)))
-        strata = y if np.bincount(y, minlength=2).min() >= n_inner else np.zeros_like(y)  # too few to stratify
+        strata = (
+            y if np.bincount(y, minlength=2).min() >= n_inner else np.zeros_like(y)
+        )  # too few to stratify
         splitter = StratifiedKFold(n_splits=n_inner, shuffle=True, random_state=s.seed + fold)
         histories = {}
         for inner, (tr, va) in enumerate(splitter.split(np.zeros(len(y)), strata)):
@@ -215,14 +236,33 @@ def train_seq_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, hidden: i
             rows.append((val, probs))
             histories[f"inner{inner}"] = history
     write_json(histories, run.seq_file(hidden, fold, "history.json"))
-    oof = pd.DataFrame([{"StudyInstanceUID": st.uid, "fold": fold, **{f"p_{t}": float(p[i]) for i, t in enumerate(TARGETS)}}
-                        for val, probs in rows for st, p in zip(val, probs)])
+    oof = pd.DataFrame(
+        [
+            {
+                "StudyInstanceUID": st.uid,
+                "fold": fold,
+                **{f"p_{t}": float(p[i]) for i, t in enumerate(TARGETS)},
+            }
+            for val, probs in rows
+            for st, p in zip(val, probs)
+        ]
+    )
     write_csv(oof, run.seq_file(hidden, fold, "oof.csv"))
     # written last: until it exists the fold's BLSTMs do not count as trained (`is_seq_trained`)
     write_json({"features": signature, "seq": _seq_signature(s)}, run.seq_file(hidden, fold, "features.json"))
-    log.info("train-seq fold %d, BLSTM-%d (%s): %d studies scored out of fold, loss %.4f", fold, hidden, s.input,
-             len(oof), weighted_log_loss(labels.loc[oof["StudyInstanceUID"], list(TARGETS)].to_numpy(),
-                                         oof[[f"p_{t}" for t in TARGETS]].to_numpy()) if len(oof) else float("nan"))
+    log.info(
+        "train-seq fold %d, BLSTM-%d (%s): %d studies scored out of fold, loss %.4f",
+        fold,
+        hidden,
+        s.input,
+        len(oof),
+        weighted_log_loss(
+            labels.loc[oof["StudyInstanceUID"], list(TARGETS)].to_numpy(),
+            oof[[f"p_{t}" for t in TARGETS]].to_numpy(),
+        )
+        if len(oof)
+        else float("nan"),
+    )
     return oof
 
 

@@ -15,7 +15,16 @@ from matplotlib.patches import Rectangle
 
 from cspine import TARGETS, VERTEBRAE
 from cspine.dicom import Series
-from cspine.preprocess import GROSS_BONE, WINDOWS, _body, _window_u8, otsu_crop_box, otsu_threshold, spine_mask, window
+from cspine.preprocess import (
+    GROSS_BONE,
+    WINDOWS,
+    _body,
+    _window_u8,
+    otsu_crop_box,
+    otsu_threshold,
+    spine_mask,
+    window,
+)
 
 BONE_VIEW = (400.0, 1800.0)  # center, width: the standard bone window, for display
 
@@ -26,7 +35,11 @@ def plot_window_functions() -> Figure:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, center, width in WINDOWS:
         ax.plot(hu, window(hu, center, width), label=f"{name.replace('_', ' ')} (c{center:g}, w{width:g})")
-    ax.set(xlabel="Hounsfield units", ylabel="channel value", title="The three windows (Salehinejad et al., Fig. 2)")
+    ax.set(
+        xlabel="Hounsfield units",
+        ylabel="channel value",
+        title="The three windows (Salehinejad et al., Fig. 2)",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -136,10 +149,18 @@ def _display(plane: np.ndarray) -> tuple[np.ndarray, dict]:
     return window(plane, *BONE_VIEW), {"cmap": "gray", "vmin": 0, "vmax": 1}
 
 
-def draw_study(volume: np.ndarray, k: int, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
-               boxes: list | None = None, mask: np.ndarray | None = None, cam: dict | None = None,
-               slice_probs: dict | None = None, truth: np.ndarray | None = None, column: int | None = None,
-               title: str = "") -> Figure:
+def draw_study(
+    volume: np.ndarray,
+    k: int,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    boxes: list | None = None,
+    mask: np.ndarray | None = None,
+    cam: dict | None = None,
+    slice_probs: dict | None = None,
+    truth: np.ndarray | None = None,
+    column: int | None = None,
+    title: str = "",
+) -> Figure:
     """One frame of the study viewer: axial slice ``k`` beside sagittal and coronal reformats, and the
     per-slice predictions along the study beneath, with a marker at ``k``.
 
@@ -183,20 +204,32 @@ def draw_study(volume: np.ndarray, k: int, spacing: tuple[float, float, float] =
         for ax, plane in ((axial, mask[k]), (sagittal, mask[:, :, column]), (coronal, mask[:, row, :])):
             for v in range(1, len(VERTEBRAE) + 2):  # C1..C7, then the thoracic class
                 if (plane == v).any():  # each outline alone, in its own label's colour
-                    ax.contour((plane == v).astype(np.float32), levels=[0.5], colors=[vertebra_colour(v)],
-                               linewidths=0.8)
+                    ax.contour(
+                        (plane == v).astype(np.float32),
+                        levels=[0.5],
+                        colors=[vertebra_colour(v)],
+                        linewidths=0.8,
+                    )
         for v in range(1, len(VERTEBRAE) + 1):
             rows = np.flatnonzero((mask[:, :, column] == v).any(axis=1))
             if len(rows):
-                sagittal.text(2, rows.mean(), VERTEBRAE[v - 1], color=vertebra_colour(v), fontsize=8,
-                              va="center")
+                sagittal.text(
+                    2, rows.mean(), VERTEBRAE[v - 1], color=vertebra_colour(v), fontsize=8, va="center"
+                )
     for ax in (axial, sagittal, coronal):
         ax.axis("off")
     if slice_probs:
         strip = fig.add_subplot(grid[1, :])
         if truth is not None:
-            strip.fill_between(np.arange(n), 0, np.asarray(truth) > 0, step="mid", color="red", alpha=0.15,
-                               label="fractured slices (truth)")
+            strip.fill_between(
+                np.arange(n),
+                0,
+                np.asarray(truth) > 0,
+                step="mid",
+                color="red",
+                alpha=0.15,
+                label="fractured slices (truth)",
+            )
         for name, values in slice_probs.items():
             strip.plot(np.asarray(values, dtype=float), lw=1, label=name)
         strip.axvline(k, color="goldenrod", lw=1)
@@ -210,8 +243,11 @@ def draw_study(volume: np.ndarray, k: int, spacing: tuple[float, float, float] =
 def competition_boxes(series: Series, boxes: pd.DataFrame) -> list[list[float]]:
     """A study's rows of train_bounding_boxes.csv as [[k, x0, y0, x1, y1], ...] in the loaded series' order."""
     order = {int(s): k for k, s in enumerate(series.slice_numbers)}
-    return [[order[int(b.slice_number)], b.x, b.y, b.x + b.width, b.y + b.height]
-            for b in boxes.itertuples() if int(b.slice_number) in order]
+    return [
+        [order[int(b.slice_number)], b.x, b.y, b.x + b.width, b.y + b.height]
+        for b in boxes.itertuples()
+        if int(b.slice_number) in order
+    ]
 
 
 def _ipython():
@@ -229,8 +265,9 @@ def in_kernel() -> bool:
     return shell is not None and hasattr(shell, "kernel") and not os.environ.get("CSPINE_STATIC")
 
 
-def view_study(volume: np.ndarray, slice_index: int | None = None, interactive: bool | None = None,
-               **overlays):
+def view_study(
+    volume: np.ndarray, slice_index: int | None = None, interactive: bool | None = None, **overlays
+):
     """The study viewer: `draw_study` with a slider through the axial slices when a kernel runs (ipywidgets),
     a still figure otherwise (scripts, CI, GitHub). ``overlays`` are `draw_study`'s keyword arguments.
 
@@ -264,8 +301,14 @@ def view_study(volume: np.ndarray, slice_index: int | None = None, interactive: 
         display(fig)
         plt.close(fig)
 
-    slider = ipywidgets.IntSlider(value=slice_index, min=0, max=n - 1, description="slice",
-                                  continuous_update=False, layout=ipywidgets.Layout(width="60%"))
+    slider = ipywidgets.IntSlider(
+        value=slice_index,
+        min=0,
+        max=n - 1,
+        description="slice",
+        continuous_update=False,
+        layout=ipywidgets.Layout(width="60%"),
+    )
     widget = ipywidgets.interactive(frame, k=slider)
     if shown:
         display(widget)
@@ -288,15 +331,32 @@ def draw_blstm(slices: int = 6) -> Figure:
             ax.annotate("", (x, y1), (x, y0), arrowprops={"arrowstyle": "->", "lw": 0.7})
         ax.annotate("", (x, 3.7), (x, 3.15), arrowprops={"arrowstyle": "->", "lw": 0.5, "color": "grey"})
     for i in range(slices - 1):
-        forward, backward = {"arrowstyle": "->", "color": "green"}, {"arrowstyle": "->", "color": "darkorange"}
+        forward, backward = (
+            {"arrowstyle": "->", "color": "green"},
+            {"arrowstyle": "->", "color": "darkorange"},
+        )
         ax.annotate("", (xs[i + 1] - 0.45, 2.2), (xs[i] + 0.45, 2.2), arrowprops=forward)
         ax.annotate("", (xs[i] + 0.45, 2.9), (xs[i + 1] - 0.45, 2.9), arrowprops=backward)
     middle = xs.mean()
-    ax.text(middle, 4.0, "mean and max over the slices (padding masked)", ha="center", va="center", fontsize=8,
-            bbox={**box, "fc": "#eeeeee"})
+    ax.text(
+        middle,
+        4.0,
+        "mean and max over the slices (padding masked)",
+        ha="center",
+        va="center",
+        fontsize=8,
+        bbox={**box, "fc": "#eeeeee"},
+    )
     ax.annotate("", (middle, 4.7), (middle, 4.25), arrowprops={"arrowstyle": "->", "lw": 0.8})
-    ax.text(middle, 5.0, "linear → 8 probabilities: patient_overall, C1 … C7", ha="center", va="center",
-            fontsize=9, bbox={**box, "fc": "#f4cccc"})
+    ax.text(
+        middle,
+        5.0,
+        "linear → 8 probabilities: patient_overall, C1 … C7",
+        ha="center",
+        va="center",
+        fontsize=9,
+        bbox={**box, "fc": "#f4cccc"},
+    )
     ax.text(xs[0] - 1.2, 0, "head", ha="right", va="center", fontsize=8, style="italic")
     ax.text(xs[-1] + 1.2, 0, "feet", ha="left", va="center", fontsize=8, style="italic")
     ax.set(xlim=(xs[0] - 1.8, xs[-1] + 1.8), ylim=(-0.5, 5.5))

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from sklearn.model_selection import StratifiedKFold
 
 from cspine import TARGETS, VERTEBRAE
-from cspine.checkpoints import save_checkpoint
+from cspine.checkpoints import save_model
 from cspine.config import Config, VertebraConfig
-from cspine.extract import extracted_with_tta, features_signature, load_features, oof_sources
+from cspine.features import extracted_with_tta, features_signature, load_features, oof_sources
 from cspine.inputs import VERTEBRA_FEATURES, combine, vertebra_inputs
 from cspine.metrics import weighted_log_loss
 from cspine.models import SequenceNet
@@ -55,7 +55,9 @@ def score(model: SequenceNet, x: np.ndarray, device: torch.device) -> np.ndarray
     return torch.sigmoid(logits).cpu().numpy().reshape(s, v)
 
 
-def fit(x: np.ndarray, y: np.ndarray, v: VertebraConfig, device: torch.device, seed: int) -> tuple[SequenceNet, list]:
+def fit(
+    x: np.ndarray, y: np.ndarray, v: VertebraConfig, device: torch.device, seed: int
+) -> tuple[SequenceNet, list]:
     """A BiLSTM (`SequenceNet`, one output) trained on inputs [S, 7, bins, F] and labels [S, 7]."""
     seed_everything(seed)
     flat_x = torch.from_numpy(x.reshape(-1, *x.shape[2:]))
@@ -71,8 +73,10 @@ def fit(x: np.ndarray, y: np.ndarray, v: VertebraConfig, device: torch.device, s
         order = rng.permutation(len(flat_x))
         total = 0.0
         for start in range(0, len(order), v.batch_size):
-            idx = order[start:start + v.batch_size]
-            loss = vertebra_loss(model(flat_x[idx].to(device), lengths[:len(idx)])[:, 0], flat_y[idx].to(device))
+            idx = order[start : start + v.batch_size]
+            loss = vertebra_loss(
+                model(flat_x[idx].to(device), lengths[: len(idx)])[:, 0], flat_y[idx].to(device)
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -84,12 +88,17 @@ def fit(x: np.ndarray, y: np.ndarray, v: VertebraConfig, device: torch.device, s
 def _record(run: Run, cfg: Config, fold: int) -> dict:
     """What a fold's track was made from: the features, the segmentation's extents, the study BLSTM's
     out-of-fold predictions (with ``vert.overall="blstm"``), the settings."""
+
     def made(path):
         return digest(path) if path is not None and path.is_file() else None
 
     blstm = run.seq_file(cfg.seq.hidden, fold, "oof.csv") if cfg.vert.overall == "blstm" else None
-    return {"features": features_signature(run), "extents": made(run.seg_file("extents.csv")),
-            "blstm": made(blstm), "vert": dataclasses.asdict(cfg.vert)}
+    return {
+        "features": features_signature(run),
+        "extents": made(run.seg_file("extents.csv")),
+        "blstm": made(blstm),
+        "vert": dataclasses.asdict(cfg.vert),
+    }
 
 
 def is_vert_trained(run_dir: str | os.PathLike, fold: int, cfg: Config) -> bool:
@@ -109,8 +118,12 @@ def train_vertebra_fold(cfg: Config, run_dir: str | os.PathLike, fold: int) -> p
     tta = extracted_with_tta(features_signature(run))
     extents = extents_by_study(pd.read_csv(run.seg_file("extents.csv"), dtype={"StudyInstanceUID": str}))
     uids = [u for u in folds.loc[folds["fold"] == fold, "StudyInstanceUID"] if u in source]
-    x = np.stack([vertebra_inputs(load_features(run, source[u], u)[1], extents.get(u, {}), v.margin, v.bins)
-                  for u in uids])
+    x = np.stack(
+        [
+            vertebra_inputs(load_features(run, source[u], u)[1], extents.get(u, {}), v.margin, v.bins)
+            for u in uids
+        ]
+    )
     y = labels.loc[uids, list(VERTEBRAE)].to_numpy(np.float32)
     for stale in [*run.vert_dir(fold).glob("*.pt"), run.vert_file(fold, "record.json")]:
         stale.unlink(missing_ok=True)
@@ -122,9 +135,17 @@ def train_vertebra_fold(cfg: Config, run_dir: str | os.PathLike, fold: int) -> p
     for inner, (tr, va) in enumerate(splitter.split(np.zeros(len(uids)), strata)):
         model, history = fit(x[tr], y[tr], v, device, v.seed + 100 * fold + inner)
         p[va] = score(model, x[va], device)
-        save_checkpoint({"model": model.state_dict(), "arch": model.arch, "margin": v.margin, "bins": v.bins,
-                         "overall": v.overall, "tta": tta, "source_fold": fold, "trained_on": [uids[i] for i in tr]},
-                        run.vert_model(fold, inner), "vertebra-lstm")
+        save_model(
+            model,
+            run.vert_model(fold, inner),
+            "vertebra-lstm",
+            margin=v.margin,
+            bins=v.bins,
+            overall=v.overall,
+            tta=tta,
+            source_fold=fold,
+            trained_on=[uids[i] for i in tr],
+        )
         histories[f"inner{inner}"] = history
     write_json(histories, run.vert_file(fold, "history.json"))
     probs = combine(p)
@@ -133,11 +154,17 @@ def train_vertebra_fold(cfg: Config, run_dir: str | os.PathLike, fold: int) -> p
         probs[:, 0] = blstm.set_index("StudyInstanceUID").loc[uids, "p_patient_overall"].to_numpy()
     elif v.overall != "vertebrae":
         raise ValueError(f"vert.overall must be 'blstm' or 'vertebrae', not {v.overall!r}")
-    oof = pd.DataFrame({"StudyInstanceUID": uids, "fold": fold, **{f"p_{t}": probs[:, i] for i, t in enumerate(TARGETS)}})
+    oof = pd.DataFrame(
+        {"StudyInstanceUID": uids, "fold": fold, **{f"p_{t}": probs[:, i] for i, t in enumerate(TARGETS)}}
+    )
     write_csv(oof, run.vert_file(fold, "oof.csv"))
-    write_json(_record(run, cfg, fold), run.vert_file(fold, "record.json"))  # last: the fold counts as trained
-    log.info("train-vertebrae fold %d: %d studies scored out of fold, loss %.4f", fold, len(uids),
-             weighted_log_loss(labels.loc[uids, list(TARGETS)].to_numpy(), probs))
+    write_json(
+        _record(run, cfg, fold), run.vert_file(fold, "record.json")
+    )  # last: the fold counts as trained
+    log.info(
+        "train-vertebrae fold %d: %d studies scored out of fold, loss %.4f",
+        fold,
+        len(uids),
+        weighted_log_loss(labels.loc[uids, list(TARGETS)].to_numpy(), probs),
+    )
     return oof
-
-
