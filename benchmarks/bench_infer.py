@@ -181,9 +181,8 @@ def main() -> None:
         serial = loop(paths, ensemble, cfg)
         i = ensemble.inputs
         with StudyReader(0, i["size"], i["crop"], i["margin"], MIN_SLICES) as reader:
-            loop(
-                paths[: default_workers()], ensemble, cfg, reader
-            )  # the processes started, as once per predict
+            # the processes started, as once per predict
+            loop(paths[: default_workers()], ensemble, cfg, reader)
             ahead = loop(paths, ensemble, cfg, reader)
         print(
             f"\npredict's loop, demo config, {args.studies} studies: read in this process then predicted "

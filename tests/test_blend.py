@@ -311,8 +311,7 @@ def test_per_fold_standards_let_a_blend_read_a_fold_whose_models_are_more_confid
     p0, p1 = (apply_blend(with_standards, inputs[inputs["fold"] == f])[:, 0] for f in (0, 1))
     assert np.allclose(p0, p1)
     raw1 = apply_blend(without, inputs[inputs["fold"] == 1])[:, 0]
-    assert (
-        np.abs(logit(raw1)).mean() > 2 * np.abs(logit(p0)).mean()
-    )  # three times the scale, read as evidence
+    # three times the scale, read as evidence
+    assert np.abs(logit(raw1)).mean() > 2 * np.abs(logit(p0)).mean()
     with pytest.raises(KeyError):
         standardise(inputs.assign(fold=2), standards)

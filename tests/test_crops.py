@@ -72,10 +72,11 @@ def test_crops_land_on_their_vertebra_in_feet_to_head_and_gappy_studies(syntheti
             picks = slice_picks(place["z0"], place["z1"], len(series), spec["slices"], 0)
             assert (truth[picks] == label).any(axis=(1, 2)).mean() >= 0.8, (uid, place)  # the right slices
             centre = on[:, spec["context"], 8:16, 8:16].astype(float).mean()
+            # the right bone
             assert centre > off[:, spec["context"], 8:16, 8:16].astype(float).mean(), (
                 uid,
                 place,
-            )  # the right bone
+            )
         checked += 1
     assert checked >= 3
 

@@ -60,9 +60,8 @@ def test_the_script_finds_the_bundle_under_any_name_and_refuses_another_python(s
     (kaggle_input / "rsna-2022-cervical-spine-fracture-detection").mkdir()
     done = _run_as_a_cell(bundle / "kaggle_inference.py", {"CSPINE_KAGGLE_INPUT": str(kaggle_input)})
     assert done.returncode != 0
-    assert (
-        f"wheels are for Python 3.9, this notebook runs Python {HERE}" in done.stderr
-    )  # found, then checked
+    # found, then checked
+    assert f"wheels are for Python 3.9, this notebook runs Python {HERE}" in done.stderr
     assert f"--python {HERE}" in done.stderr
     shutil.copytree(bundle, kaggle_input / "a-second-copy")
     done = _run_as_a_cell(bundle / "kaggle_inference.py", {"CSPINE_KAGGLE_INPUT": str(kaggle_input)})

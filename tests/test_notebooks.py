@@ -90,9 +90,8 @@ def test_the_submission_notebook_only_submits_and_the_learning_notebook_points_t
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert len(code) == 1 and "skip-execution" in code[0].metadata.get("tags", [])
     assert "kaggle_inference.py" in code[0].source and "attach exactly one" in code[0].source
-    assert not any(
-        word in code[0].source for word in ("run_stages", "setup_run", "notebook_setup")
-    )  # no training
+    # no training
+    assert not any(word in code[0].source for word in ("run_stages", "setup_run", "notebook_setup"))
     learning = nbformat.read(here / "05_inference_and_submission.ipynb", as_version=4)
     assert "kaggle_submission.ipynb" in learning.cells[0].source
 

@@ -72,9 +72,8 @@ def test_features_never_come_from_a_model_that_saw_the_study(smoke_run):
         meta = load_sequence_model(model_path)[1]
         fold = int(model_path.parent.name.removeprefix("fold"))
         in_fold = set(folds.loc[folds["fold"] == fold, "StudyInstanceUID"])
-        if (
-            meta["input"] == "features"
-        ):  # a BLSTM reads features of its own fold's CNN, on that fold's studies
+        # a BLSTM reads features of its own fold's CNN, on that fold's studies
+        if meta["input"] == "features":
             assert meta["source_fold"] == fold and set(meta["trained_on"]) <= in_fold
         else:  # across folds: it never trains on the fold it scores
             assert meta["source_fold"] is None and not set(meta["trained_on"]) & in_fold
@@ -118,9 +117,8 @@ def test_probs_input_trains_across_folds_and_scores_only_the_held_out_fold(smoke
         assert oof[[f"p_{t}" for t in TARGETS]].apply(lambda c: c.between(0, 1)).all().all()
         model, meta = load_sequence_model(Run(run_dir).blstm(16, fold, None))
         assert meta["input"] == "probs" and model.lstm.input_size == 15
-        assert (
-            set(meta["trained_on"]) == set(folds["StudyInstanceUID"]) - in_fold
-        )  # every other fold, none of its own
+        # every other fold, none of its own
+        assert set(meta["trained_on"]) == set(folds["StudyInstanceUID"]) - in_fold
 
 
 def test_own_fold_blstms_train_on_their_fold_through_its_cnn_only(smoke_run, tmp_path):

@@ -68,9 +68,8 @@ def test_box_holds_the_whole_spine_and_leaves_out_table_and_padding(phantom):
         box = otsu_crop_box(phantom.hu[k])
         assert _inside(box, vertebra), k
         body_rows = np.flatnonzero(_body(phantom.hu[k])[0].any(axis=1))
-        if (
-            phantom.hu[k, body_rows[-1] + 1 :] > -400
-        ).any():  # the table, under the patient, in the field of view
+        # the table, under the patient, in the field of view
+        if (phantom.hu[k, body_rows[-1] + 1 :] > -400).any():
             assert box[1] <= body_rows[-1] + 1, k
             with_table += 1
         y0, y1, x0, x1 = box

@@ -33,9 +33,8 @@ def test_a_demo_config_is_refused_on_real_data_and_says_which_to_use(real_lookin
         assert not (tmp_path / name / "config.yaml").exists()  # refused before anything is written
     from cspine.cli import main
 
-    assert (
-        main(["prepare", "--data", str(real_looking), "--out", str(tmp_path / "cli")]) == 2
-    )  # the demo, by default
+    # the demo, by default
+    assert main(["prepare", "--data", str(real_looking), "--out", str(tmp_path / "cli")]) == 2
     assert not (tmp_path / "cli" / "config.yaml").exists()  # nothing bound to the refused config
     setup_run(load_config("smoke", ["meant_for=any"]), real_looking, tmp_path / "asked")  # unless asked
     setup_run(load_config("rsna", ["folds.n_splits=2", "seq.inner_folds=2"]), real_looking, tmp_path / "rsna")

@@ -273,9 +273,8 @@ def test_the_segmentation_runs_when_either_labels_or_the_vertebra_track_need_it(
 
     assert not needs_vertebrae(load_config())
     assert needs_vertebrae(load_config(None, ["slice.labels=vertebrae"]))
-    assert needs_vertebrae(
-        load_config(None, ["vert.enabled=true"])
-    )  # boxes for the CNN, vertebrae for the track
+    # boxes for the CNN, vertebrae for the track
+    assert needs_vertebrae(load_config(None, ["vert.enabled=true"]))
 
 
 def test_a_run_folder_is_held_by_one_process_at_a_time(tmp_path, synthetic_root):

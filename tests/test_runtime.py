@@ -14,9 +14,9 @@ from cspine.runtime import amp_dtype
         ((7, 5), torch.float16),  # T4
         ((6, 0), torch.float16),  # P100
         ((8, 0), torch.bfloat16),  # A100
-        ((9, 0), torch.bfloat16),
+        ((9, 0), torch.bfloat16),  # H100
     ],
-)  # H100
+)
 def test_amp_dtype_follows_the_compute_capability(monkeypatch, capability, dtype):
     def bf16_supported(including_emulation=True):
         # as torch answers on a T4: True when emulation counts, False when it does not

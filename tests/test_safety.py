@@ -72,22 +72,22 @@ def test_a_changed_setting_is_refused_once_an_artifact_depends_on_it(tmp_path):
     run_folder = Run(tmp_path / "run")
     cfg = load_config(SMOKE_CONFIG)
     bind_config(cfg, run_folder)
-    bind_config(
-        load_config(SMOKE_CONFIG, ["prepare.size=32", "slice.epochs=9"]), run_folder
-    )  # nothing made yet
+    # nothing made yet
+    bind_config(load_config(SMOKE_CONFIG, ["prepare.size=32", "slice.epochs=9"]), run_folder)
     assert load_config(run_folder.config).prepare.size == 32
     run_folder.cache.root.mkdir(parents=True)
     (run_folder.cache.root / "1.2.3.json").write_text("{}")  # a cached study now exists
     with pytest.raises(ConfigError, match=r"prepare.size=48 \(made with 32\)"):
         bind_config(cfg, run_folder)
     assert load_config(run_folder.config).prepare.size == 32  # the record still tells the truth
+    # free settings
     bind_config(
         load_config(
             SMOKE_CONFIG,
             ["prepare.size=32", "slice.epochs=9", "seq.epochs=7", "slice.workers=3", "name=other"],
         ),
         run_folder,
-    )  # free settings
+    )
     assert load_config(run_folder.config).seq.epochs == 7
 
 
@@ -192,9 +192,8 @@ def test_a_segmentation_added_after_prepare_is_noticed(synthetic_root, tmp_path,
     assert read_meta(tmp_path / "cache", uid)["present"] is None
     written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.json")}
 
-    (mask.parent / f"{mask.name}.gz").write_bytes(
-        gzip.compress(aside.read_bytes())
-    )  # arrives later, compressed
+    # arrives later, compressed
+    (mask.parent / f"{mask.name}.gz").write_bytes(gzip.compress(aside.read_bytes()))
     caplog.clear()
     prepare(cfg, data, tmp_path / "cache")
     assert read_meta(tmp_path / "cache", uid)["present"] is not None  # its vertebra labels are used now

@@ -58,12 +58,13 @@ def test_a_vertebra_lies_on_the_same_rows_however_long_the_scan_and_its_spacing(
 
     short = c2_rows(1.0, 130)  # a scan that stops at C7, thin slices
     assert short.min() == 15 and short.max() == 29  # 30..60 mm at 2 mm a row
+    # thick slices, or on into T2 and below
     for dz, length in [
         (2.5, 130),
         (1.0, 190),
         (2.5, 190),
         (0.625, 300),
-    ]:  # thick slices, or on into T2 and below
+    ]:
         rows = c2_rows(dz, length)
         assert abs(rows.min() - short.min()) <= 1 and abs(rows.max() - short.max()) <= 1, (dz, length, rows)
     with pytest.raises(ValueError, match="ImagePositionPatient"):
@@ -88,9 +89,8 @@ def test_segment_study_maps_each_row_back_to_its_slice_and_ignores_the_padding()
     labels = segment_study([RowModel(45)], study, dz, how, torch.device("cpu"))
     assert labels.shape == (n, 16, 16) and not (labels == 7).any()
     slices = np.flatnonzero((labels == 3).all(axis=(1, 2)))
-    assert (
-        13 <= slices.min() <= 14 and 25 <= slices.max() <= 27
-    )  # rows 10..19 at 2 mm: 20..40 mm = slices 13..26
+    # rows 10..19 at 2 mm: 20..40 mm = slices 13..26
+    assert 13 <= slices.min() <= 14 and 25 <= slices.max() <= 27
 
 
 def test_vertebra_extents_keep_each_vertebras_longest_run():
@@ -149,10 +149,11 @@ def test_pseudo_labels_are_presence_times_the_study_labels():
     assert out.loc["masked", "label"].tolist() == [1, 0, 0]  # its mask shows C2 on slice 0 only
     assert out.loc["boxed", "label"].tolist() == [0, 1, 0]  # unchanged
     assert out.loc["healthy", "label"].tolist() == [0, 0, 0]
+    # presence heads keep learning from true masks only
     assert (
         out[[f"{v}_present" for v in VERTEBRAE]].to_numpy()
         == index[[f"{v}_present" for v in VERTEBRAE]].to_numpy()
-    ).all()  # presence heads keep learning from true masks only
+    ).all()
 
 
 def _prepared(synthetic_root, run_dir, overrides=()):
@@ -193,9 +194,8 @@ def test_cached_masks_put_each_vertebra_on_its_slices_even_with_gaps(synthetic_r
     _prepared(data, run.root)
     for uid in masked:
         numbers = read_meta(run.cache.root, uid)["slice_numbers"]
-        assert (numbers[0] > numbers[-1]) == (
-            uid == masked[1]
-        )  # head first in the cache, whatever the numbering
+        # head first in the cache, whatever the numbering
+        assert (numbers[0] > numbers[-1]) == (uid == masked[1])
         levels = slice_levels(np.load(run.cache.mask(uid)), min_pixels=1)
         expected = (
             truth[truth["StudyInstanceUID"] == uid].set_index("slice_number").loc[numbers, "level"].to_numpy()
@@ -333,9 +333,8 @@ def test_the_vertebra_track_never_scores_a_study_with_a_model_that_trained_on_it
         metas = [load_vertebra_model(p)[1] for p in run.vert_models() if p.parent == run.vert_dir(fold)]
         assert len(metas) == 2 and scored == in_fold
         for meta in metas:
-            assert (
-                meta["source_fold"] == fold and set(meta["trained_on"]) < in_fold
-            )  # through CNN k, on fold k
+            # through CNN k, on fold k
+            assert meta["source_fold"] == fold and set(meta["trained_on"]) < in_fold
         for uid in scored:  # held out by exactly one inner model
             assert sum(uid not in set(meta["trained_on"]) for meta in metas) == 1
 

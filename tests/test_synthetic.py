@@ -217,9 +217,8 @@ def test_a_healthy_atlas_is_a_closed_ring():
             for h in range(1, holes)
             if not (hole_labels == h)[[0, -1], :].any() and not (hole_labels == h)[:, [0, -1]].any()
         ]
-        assert max(enclosed, default=0) > 100, (
-            seed
-        )  # the ring closes round the canal, not only round a foramen
+        # the ring closes round the canal, not only round a foramen
+        assert max(enclosed, default=0) > 100, seed
 
 
 def test_label_prevalence_follows_the_real_data():

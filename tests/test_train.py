@@ -110,9 +110,8 @@ def test_a_narrow_cnn_trains_and_loads_at_its_width(prepared, tmp_path):
     run_dir = _copy_base(prepared, tmp_path / "narrow")
     cfg = load_config(SMOKE_CONFIG, ["slice.backbone=resnet10t", "slice.width=0.25", "slice.epochs=1"])
     train_fold(cfg, run_dir, 0)
-    model, _ = load_slice_model(
-        run_dir / "slice" / "fold0" / "best.pt"
-    )  # no config needed: the width is saved
+    # no config needed: the width is saved
+    model, _ = load_slice_model(run_dir / "slice" / "fold0" / "best.pt")
     assert model.width == 0.25 and model.num_features == 128  # resnet10t's 512 at a quarter
 
 
@@ -133,9 +132,8 @@ def test_resumed_run_matches_an_uninterrupted_one(prepared, tmp_path, schedule):
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)
     assert [r["train_loss"] for r in a["history"]] == pytest.approx([r["train_loss"] for r in b["history"]])
-    assert [r["lr"] for r in a["history"]] == pytest.approx(
-        [r["lr"] for r in b["history"]]
-    )  # schedule resumed
+    # schedule resumed
+    assert [r["lr"] for r in a["history"]] == pytest.approx([r["lr"] for r in b["history"]])
 
 
 def test_learning_rate_schedules():
@@ -393,9 +391,8 @@ def test_training_with_box_head_saves_a_loadable_model(prepared, tmp_path, monke
     summary = train_fold(cfg, run_dir, 0, max_steps=2)
     assert len(seen) == 2  # the box loss is part of every training step
     boxes = torch.cat(seen)
-    assert (boxes == 1).any() and (
-        boxes == 0
-    ).any()  # real box maps (the smoke data has boxes), not all unknown
+    # real box maps (the smoke data has boxes), not all unknown
+    assert (boxes == 1).any() and (boxes == 0).any()
     model, _ = load_slice_model(Path(summary["dir"]) / "best.pt")
     assert model.box_head is not None
     logits, box_logits = model(torch.zeros(2, 3, 48, 48), with_boxes=True)

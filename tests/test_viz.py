@@ -44,9 +44,8 @@ def test_a_still_frame_draws_boxes_mask_cam_and_predictions_at_the_asked_slice(s
     )
     axial, sagittal, coronal, strip = fig.axes
     assert axial.get_title() == "axial, slice 12 of 40"
-    assert [p.get_xy() for p in axial.patches if isinstance(p, Rectangle)] == [
-        (20, 20)
-    ]  # only slice 12's box
+    # only slice 12's box
+    assert [p.get_xy() for p in axial.patches if isinstance(p, Rectangle)] == [(20, 20)]
     assert len(axial.images) == 2  # the slice and the Grad-CAM over it
     labels = {t.get_text() for t in sagittal.texts}
     assert labels == {f"C{v}" for v in range(1, 8)}  # every vertebra named where the mask has it

@@ -107,9 +107,8 @@ def fold_inputs(cfg: Config, run_dir: str | os.PathLike, fold: int) -> pd.DataFr
         if run.features_file(fold, u).is_file()
     ]
     crop = None
-    if (
-        "crop" in files
-    ):  # a study whose crops could not be cut reads the fold's mean, as predict gives the prior
+    # a study whose crops could not be cut reads the fold's mean, as predict gives the prior
+    if "crop" in files:
         crop = _oof(files["crop"]).reindex(uids)
         crop = crop.fillna(crop.mean(numeric_only=True))
     rows = []

@@ -94,9 +94,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from cspine.runs import check_writable
 
     cfg = _config(args)
-    check_writable(
-        _run_dir(args, cfg)
-    )  # the run folder first, then the data, and only then the config is written
+    # the run folder first, then the data, and only then the config is written
+    check_writable(_run_dir(args, cfg))
     data_dir = find_data_dir(args.data)
     check_meant_for(cfg, data_dir)
     cache = Run(_bound(args, cfg)).cache.root
@@ -457,12 +456,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("config: %s", exc)
         return 2
+    # each names its cause; no traceback
     except (
         DataError,
         OSError,
         CheckpointError,
         PredictionError,
-    ) as exc:  # each names its cause; no traceback
+    ) as exc:
         log.error("%s", exc)
         return 1
     except KeyboardInterrupt:

@@ -63,9 +63,8 @@ def place_vertebrae(found: list[dict], n: int, size: int) -> list[dict]:
     rows = [by_name[VERTEBRAE[int(i)]] for i in index]
     centre = np.array([(e["z0"] + e["z1"]) / 2 for e in rows])
     height = float(np.mean([e["z1"] - e["z0"] + 1 for e in rows]))
-    step = (
-        np.polyfit(index, centre, 1)[0] if len(index) > 1 else height
-    )  # slices from one vertebra to the next
+    # slices from one vertebra to the next
+    step = np.polyfit(index, centre, 1)[0] if len(index) > 1 else height
     places = []
     for i, name in enumerate(VERTEBRAE):
         if name in by_name:

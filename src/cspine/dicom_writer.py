@@ -171,8 +171,8 @@ class _SeriesTemplate:
         return (
             b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff"
             + encapsulate([frame])
-            + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
-        )  # sequence delimiter
+            + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # sequence delimiter
+        )
 
     def write(self, path: Path, stored: np.ndarray, number: int, z: float | None) -> None:
         if not 0 <= number < 10**_NUMBER_WIDTH:

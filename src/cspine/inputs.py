@@ -19,10 +19,11 @@ from cspine import VERTEBRAE
 MEAN = 0.5
 STD = 0.25
 PROB_CLIP = 1e-4  # slice probabilities are stored as float16; log-odds are clipped to about ±9.2
+# inputs made of the CNN's outputs: how many of them (SLICE_OUTPUTS order)
 CNN_OUTPUTS = {
     "probs": 15,
     "fracture": 1,
-}  # inputs made of the CNN's outputs: how many of them (SLICE_OUTPUTS order)
+}
 
 
 def slice_stack(study: np.ndarray, orders: np.ndarray, context: int = 0) -> np.ndarray:
@@ -95,9 +96,8 @@ def study_input(features: np.ndarray | None, probs: np.ndarray, mode: str, bins:
     return bin_slices(x, bins)
 
 
-VERTEBRA_FEATURES = 3 + len(
-    VERTEBRAE
-)  # per run of slices: fracture, k-fracture, k-presence log-odds; one-hot of k
+# per run of slices: fracture, k-fracture, k-presence log-odds; one-hot of k
+VERTEBRA_FEATURES = 3 + len(VERTEBRAE)
 
 
 def vertebra_inputs(

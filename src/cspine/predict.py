@@ -49,9 +49,8 @@ log = logging.getLogger(__name__)
 KAGGLE_WORKING = Path("/kaggle/working")  # present only inside a Kaggle notebook
 
 
-PerFold = dict[
-    int, tuple[np.ndarray, np.ndarray]
-]  # {fold: (features [N, D], probabilities [N, 15])} of each CNN
+# {fold: (features [N, D], probabilities [N, 15])} of each CNN
+PerFold = dict[int, tuple[np.ndarray, np.ndarray]]
 
 
 @torch.inference_mode()

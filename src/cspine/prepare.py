@@ -222,9 +222,8 @@ def prepare(
             else None
         )
         try:
-            for uid, n, error in (pool.map if pool else map)(
-                cache_study, jobs
-            ):  # in-process: easier to debug
+            # in-process: easier to debug
+            for uid, n, error in (pool.map if pool else map)(cache_study, jobs):
                 bar.update()
                 bar.set_postfix(slices=n, refresh=False)
                 if error:

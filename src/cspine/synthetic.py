@@ -218,9 +218,8 @@ def make_competition(
     (root / COMPLETE_MARKER).unlink(missing_ok=True)
     config = PhantomConfig(image_size=s.image_size, n_slices=s.n_slices or None, difficulty=s.difficulty)
     plan_rng = np.random.default_rng([seed, 1])
-    boxed = (
-        plan_rng.random(n_train) < s.box_fraction
-    )  # decided before the fractures: a share of the positives
+    # decided before the fractures: a share of the positives
+    boxed = plan_rng.random(n_train) < s.box_fraction
     masked = set(
         plan_rng.choice(
             n_train, min(n_train, max(s.min_masks, round(s.mask_fraction * n_train))), replace=False
@@ -272,9 +271,8 @@ def make_competition(
     )
     write_csv(truth, root / TRUTH_DIR / "vertebrae.csv")  # outside the competition layout: evaluation only
     settings = dataclasses.asdict(s)
-    write_text(
-        root / COMPLETE_MARKER, json.dumps(settings, indent=1) + "\n"
-    )  # written last: the folder is whole
+    # written last: the folder is whole
+    write_text(root / COMPLETE_MARKER, json.dumps(settings, indent=1) + "\n")
     log.info(
         "synthetic competition at %s: %d train (%d positive, %d reversed), %d test",
         root,

@@ -250,6 +250,7 @@ def train_crop_fold(
         return None
     model.eval()
     save_model(model, run.crop_model(fold), "crop", crops=spec, fold=fold, trained_on=train)
+    # the held-out studies 16 at a time: bounded memory
     p = np.concatenate(
         [
             crop_probabilities(
@@ -257,7 +258,7 @@ def train_crop_fold(
             )
             for part in (held[i : i + 16] for i in range(0, len(held), 16))
         ]
-    )  # bounded memory
+    )
     probs = combine(p)
     oof = pd.DataFrame(
         {"StudyInstanceUID": held, "fold": fold, **{f"p_{t}": probs[:, i] for i, t in enumerate(TARGETS)}}

@@ -224,9 +224,8 @@ def train_seq_fold(
         studies = _load_studies(run, in_fold, labels, s.input, source, s.bins)
         y = np.array([st.y[0] for st in studies]).astype(int)
         n_inner = max(2, min(s.inner_folds, len(y)))
-        strata = (
-            y if np.bincount(y, minlength=2).min() >= n_inner else np.zeros_like(y)
-        )  # too few to stratify
+        # too few to stratify
+        strata = y if np.bincount(y, minlength=2).min() >= n_inner else np.zeros_like(y)
         splitter = StratifiedKFold(n_splits=n_inner, shuffle=True, random_state=s.seed + fold)
         histories = {}
         for inner, (tr, va) in enumerate(splitter.split(np.zeros(len(y)), strata)):

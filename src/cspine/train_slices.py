@@ -311,9 +311,8 @@ def resume(t: FoldTraining) -> None:
         return
     state = load_checkpoint(path, "slice-resume")
     t.model.load_state_dict(state["model"])
-    t.optimizer.load_state_dict(
-        state["optimizer"]
-    )  # the rate is a function of the step: `train_fold` sets it
+    # the rate is a function of the step: `train_fold` sets it
+    t.optimizer.load_state_dict(state["optimizer"])
     t.scaler.load_state_dict(state["scaler"])
     if t.ema is not None:
         t.ema.load_state_dict(state["ema"])

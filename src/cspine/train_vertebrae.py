@@ -158,9 +158,8 @@ def train_vertebra_fold(cfg: Config, run_dir: str | os.PathLike, fold: int) -> p
         {"StudyInstanceUID": uids, "fold": fold, **{f"p_{t}": probs[:, i] for i, t in enumerate(TARGETS)}}
     )
     write_csv(oof, run.vert_file(fold, "oof.csv"))
-    write_json(
-        _record(run, cfg, fold), run.vert_file(fold, "record.json")
-    )  # last: the fold counts as trained
+    # last: the fold counts as trained
+    write_json(_record(run, cfg, fold), run.vert_file(fold, "record.json"))
     log.info(
         "train-vertebrae fold %d: %d studies scored out of fold, loss %.4f",
         fold,
