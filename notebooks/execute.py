@@ -45,6 +45,18 @@ def relative_paths(nb, root: Path) -> None:
                     output["data"][kind] = output["data"][kind].replace(prefix, "")
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def drop_widgets(nb) -> None:
+    """Removes the widgets' outputs (tqdm's progress bars in a kernel): saved, a bar shows the state it was
+    first drawn in ("0%"), and the widget itself needs a live kernel. The text the cells print stays."""
+    for cell in nb.cells:
+        if "outputs" in cell:
+            cell["outputs"] = [o for o in cell["outputs"] if WIDGET_VIEW not in o.get("data", {})]
+    nb.metadata.pop("widgets", None)  # a slider's saved state: meaningless without a kernel
+
+
 def execute(path: Path) -> int:
     """Runs one notebook at the demo scale and writes it with its outputs; returns its size in bytes."""
     nb = nbformat.read(path, as_version=4)
@@ -55,7 +67,7 @@ def execute(path: Path) -> int:
     ).execute()
     del nb.cells[params + 1]
     relative_paths(nb, HERE.parent)  # the work folder: notebooks started here put input/ and runs/ there
-    nb.metadata.pop("widgets", None)  # a slider's saved state: meaningless without a kernel
+    drop_widgets(nb)
     _, nb = nbformat.validator.normalize(nb)  # cell ids, so that nbformat's next versions read it
     text = nbformat.writes(nbformat.from_dict(nb))
     size = len(text.encode())

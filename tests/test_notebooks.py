@@ -74,6 +74,16 @@ def test_the_saved_notebooks_show_figures_and_stay_small(notebook):
     ]
     assert images, f"{path.name} was saved without outputs: run python notebooks/execute.py"
     assert "widgets" not in nb.metadata  # a slider's state, which GitHub cannot show
+    widgets = [
+        i
+        for i, c in enumerate(nb.cells)
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+    ]
+    assert not widgets, (
+        f"{path.name} saves progress widgets in cells {widgets}: run python notebooks/execute.py"
+    )
 
 
 def test_notebook_01_works_the_metric_examples():
