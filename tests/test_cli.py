@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 from cspine.cli import main
 
@@ -74,3 +75,23 @@ def test_module_entry_point_lists_every_stage():
         "package-kaggle",
     ):
         assert stage in out
+
+
+def test_an_error_in_a_data_loading_worker_is_printed_as_its_own_message():
+    from torch.utils.data import DataLoader, Dataset
+
+    from cspine.cli import error_message
+    from cspine.competition import DataError
+
+    class Broken(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise DataError("input/x/1.dcm: pixel data cut short")
+
+    with pytest.raises(DataError) as caught:
+        next(iter(DataLoader(Broken(), num_workers=1)))
+    assert "Original Traceback" in str(caught.value)  # what torch hands the main process
+    assert error_message(caught.value) == "input/x/1.dcm: pixel data cut short (in a data-loading worker)"
+    assert error_message(DataError("a: b\nc")) == "a: b\nc"  # raised in the main process: as it is

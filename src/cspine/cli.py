@@ -448,13 +448,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_message(exc: BaseException) -> str:
+    """What the command line prints for an error: its own message. An error raised in a DataLoader worker
+    reaches the main process as the same type with the worker's traceback for a message; of that, the
+    original message is kept, and said to come from a worker."""
+    text = str(exc)
+    if "\nOriginal Traceback" not in text:
+        return text
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        head, colon, rest = line.partition(": ")
+        if colon and not line.startswith(" ") and head.rsplit(".", 1)[-1] == type(exc).__name__:
+            return "\n".join([rest, *lines[i + 1 :]]).strip() + " (in a data-loading worker)"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
     try:
         return args.func(args)
     except ConfigError as exc:
-        log.error("config: %s", exc)
+        log.error("config: %s", error_message(exc))
         return 2
     # each names its cause; no traceback
     except (
@@ -463,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         CheckpointError,
         PredictionError,
     ) as exc:
-        log.error("%s", exc)
+        log.error("%s", error_message(exc))
         return 1
     except KeyboardInterrupt:
         log.error("interrupted; finished work is kept and the next run resumes from it")
