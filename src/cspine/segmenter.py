@@ -114,7 +114,8 @@ def segment_study(
     for model in models:
         for start in range(0, len(read), batch_size):
             xs = read[start : start + batch_size]
-            logits = model(sagittal_planes(study, xs, context, rows).to(device)).float()[:, :, :rows]
+            planes = sagittal_planes(study, xs, context, rows).to(device)
+            logits = model(planes.contiguous(memory_format=torch.channels_last)).float()[:, :, :rows]
             back = (
                 F.interpolate(logits, size=(n, size), mode="bilinear", align_corners=False).softmax(1).cpu()
             )
