@@ -471,13 +471,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("config: %s", error_message(exc))
         return 2
-    # each names its cause; no traceback
     except (
         DataError,
         OSError,
         CheckpointError,
         PredictionError,
-    ) as exc:
+    ) as exc:  # each names its cause; no traceback
         log.error("%s", error_message(exc))
         return 1
     except KeyboardInterrupt:
