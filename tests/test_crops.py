@@ -12,7 +12,18 @@ import pytest
 from cspine import VERTEBRAE
 from cspine.competition import read_mask
 from cspine.config import load_config
-from cspine.crops import crop_spec, cut_study, cut_vertebra, place_vertebrae, slice_picks
+from cspine.crops import (
+    CropStoreError,
+    bone_u8,
+    crop_spec,
+    cut_study,
+    cut_study_planes,
+    cut_vertebra,
+    place_vertebrae,
+    read_crop_store,
+    slice_picks,
+    write_crop_store,
+)
 from cspine.dicom import load_series
 from cspine.preprocess import labels_in_cache_frame, preprocess_study
 from cspine.runs import Run
@@ -105,6 +116,34 @@ def test_a_vertebra_the_segmentation_missed_is_placed_between_its_neighbours():
     assert crops.shape == (7, 3, 4, 16, 16)
 
 
+def test_the_crop_store_gives_back_exactly_the_crops_cut_holding_each_plane_once(synthetic_root, tmp_path):
+    """The store keeps each (slice, square) once: the model reads, vertebra by vertebra, exactly the crops
+    `cut_study` cuts (the `rsna` geometry's 15 picks and two neighbours each side, on a study thinner in
+    slices than the picks are apart), and a damaged file is named."""
+    mask_path = sorted((synthetic_root / "segmentations").glob("*.nii"))[0]
+    uid = mask_path.name.removesuffix(".nii")
+    series = load_series(synthetic_root / "train_images" / uid)
+    truth = read_mask(mask_path, series)
+    _, boxes = preprocess_study(series.hu, 48)
+    labels = labels_in_cache_frame(truth, boxes, 48)
+    places = place_vertebrae(vertebra_extents(labels, 4)[1], len(series), 48)
+    spec = crop_spec(32, 15, 2, 0.15)
+    bone = bone_u8(series.hu)
+    dense = cut_study(bone, labels, places, boxes, 48, spec)  # a box a slice: squares differ by slice
+    parts = cut_study_planes(bone, labels, places, boxes, 48, spec)
+    path = write_crop_store(tmp_path / f"{uid}.npz", parts)
+    assert read_crop_store(path).shape == (7, 15, 6, 32, 32)
+    np.testing.assert_array_equal(read_crop_store(path), dense)
+    for k in range(7):
+        np.testing.assert_array_equal(read_crop_store(path, k), dense[k])
+    planes = sum(len(p[0]) for p in parts)
+    assert planes < 7 * 15 * 5 * 0.8  # neighbours shared between picks are kept once
+    assert path.stat().st_size < dense.nbytes / 2
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CropStoreError, match=uid):
+        read_crop_store(path, 3)
+
+
 @pytest.fixture(scope="module")
 def crop_run(synthetic_root, tmp_path_factory):
     """The smoke pipeline with the crop track, run once."""
@@ -123,7 +162,7 @@ def test_a_crop_model_never_scores_a_study_it_trained_on(crop_run):
     run_dir, cfg = crop_run
     run = Run(run_dir)
     folds = run.read_folds()
-    crops = np.load(run.crop_study(folds["StudyInstanceUID"].iat[0]))
+    crops = read_crop_store(run.crop_study(folds["StudyInstanceUID"].iat[0]))
     assert crops.shape == (7, 4, 4, 32, 32) and crops.dtype == np.uint8
     for k in cfg.folds.trained:
         _, meta = load_crop_model(run.crop_model(k))
@@ -157,7 +196,7 @@ def test_predict_and_the_bundle_use_the_crop_models(crop_run, synthetic_root, tm
     assert sorted(p.parent.name for p in (bundle / "models" / "crop").rglob("model.pt")) == [
         f"fold{k}" for k in cfg.folds.trained
     ]
-    assert not list((bundle / "models" / "crop").rglob("*.npy"))  # the training crops stay home
+    assert not list((bundle / "models" / "crop").rglob("*.npz"))  # the training crops stay home
 
 
 def test_a_study_whose_segmentation_found_nothing_still_gets_a_crop_answer(

@@ -8,7 +8,7 @@ import timm
 import torch
 from sklearn.metrics import roc_auc_score
 
-from cspine.models import SLICE_OUTPUTS, SequenceNet, SliceNet, create_backbone
+from cspine.models import SLICE_OUTPUTS, CropNet, SequenceNet, SliceNet, create_backbone
 
 
 def test_slice_net_logits_and_features():
@@ -77,6 +77,47 @@ def test_pretrained_weights_come_from_a_local_file_only(tmp_path, monkeypatch):
     )
     with pytest.raises(FileNotFoundError, match="never downloads"):
         SliceNet("test_resnet", pretrained_file=str(tmp_path / "missing.pth"))
+
+
+def test_pretrained_cnns_normalise_their_input_as_their_weights_expect_and_keep_it_in_the_checkpoint(
+    tmp_path, monkeypatch
+):
+    """A ResNet-50 file saved as timm saves ImageNet weights: the slice CNN and the crop model both read it,
+    both normalise with ImageNet's mean and std (the crop model's six channels cycle through R, G, B as
+    timm repeats the RGB filters), and a model rebuilt from its checkpoint normalises the same way."""
+    from cspine.checkpoints import load_crop_model, load_slice_model, save_model, save_slice_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = timm.create_model("resnet50", num_classes=0)
+    path = tmp_path / "resnet50.pth"
+    torch.save(source.state_dict(), path)
+    imagenet = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    x = torch.rand(2, 3, 64, 64)
+    net = SliceNet("resnet50", pretrained_file=str(path), dropout=0.0).eval()
+    torch.testing.assert_close(net.arch["norm"], imagenet)
+    mean, std = (
+        torch.tensor(imagenet["mean"]).view(1, 3, 1, 1),
+        torch.tensor(imagenet["std"]).view(1, 3, 1, 1),
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(net.features(x), source.eval()((x - mean) / std))
+    save_slice_model(net, tmp_path / "slice.pt", inputs={})
+    rebuilt, _ = load_slice_model(tmp_path / "slice.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.features(x), net.features(x))
+
+    crop = CropNet("resnet50", in_chans=6, hidden=8, pretrained_file=str(path))
+    cycled = torch.tensor(imagenet["mean"] * 2).view(1, 6, 1, 1)
+    torch.testing.assert_close(crop.norm.mean, cycled)
+    # timm's own repetition of the RGB filters over six channels, scaled by 3/6
+    torch.testing.assert_close(crop.cnn.conv1.weight, source.conv1.weight.repeat(1, 2, 1, 1) / 2)
+    save_model(crop, tmp_path / "crop.pt", "crop")
+    torch.testing.assert_close(load_crop_model(tmp_path / "crop.pt")[0].norm.mean, cycled)
+
+    scratch = SliceNet("resnet50")  # from scratch: the one fixed normalisation the kit always used
+    assert scratch.arch["norm"] == {"mean": [0.5], "std": [0.25]}
+    with torch.no_grad():
+        torch.testing.assert_close(scratch.norm(x), (x - 0.5) / 0.25)
 
 
 def test_blstm_padded_batch_equals_each_sequence_alone():

@@ -33,7 +33,12 @@ class SynthConfig:
     n_train: int = 48
     n_test: int = 6
     image_size: int = 160  # real scans are 512; 160 keeps the CPU demo in minutes
-    n_slices: int = 0  # 0 draws 60–120 slices per study
+    n_slices: int = 0  # slices from the skull base to T1 (a third of the scans go on into T2); 0 draws them
+    slice_range: tuple[int, ...] = (
+        60,
+        120,
+    )  # with n_slices 0: drawn from this range (the real scans: 250-450)
+    reversed_fraction: float = 0.1  # studies whose files are numbered feet to head (the real data: about 10%)
     difficulty: float = 0.5
     box_fraction: float = 0.245  # real data: 235 of 961 positive studies have boxes
     mask_fraction: float = 0.043  # real data: 87 of 2,019 studies have segmentations
@@ -236,6 +241,8 @@ class CropConfig:
     amp: bool = True  # mixed precision on a GPU (bf16 at compute capability 8 and above, fp16 below)
     channels_last: bool = True
     workers: int = 0  # processes that cut the crops (0: every core)
+    loader_workers: int = 0  # DataLoader processes that read the stored crops in training (0: in-process)
+    steps_per_epoch: int = 0  # 0 = every training vertebra once an epoch
     seed: int = 0
 
 
@@ -429,6 +436,7 @@ RANGES = {
     "synth.n_slices": (0, None),
     "synth.min_masks": (0, None),
     "synth.box_fraction": (0, 1),
+    "synth.reversed_fraction": (0, 1),
     "synth.mask_fraction": (0, 1),
     "prepare.size": (16, 2048),
     "prepare.workers": (1, None),
@@ -449,6 +457,8 @@ RANGES = {
     "crop.epochs": (1, None),
     "crop.batch_size": (1, None),
     "crop.workers": (0, None),
+    "crop.loader_workers": (0, None),
+    "crop.steps_per_epoch": (0, None),
     "blend.C": (1e-6, None),
     "blend.top_k": (1, None),
     "blend.margin": (0, None),
@@ -467,6 +477,11 @@ def check_ranges(cfg: Config) -> None:
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             bounds = f"at least {lo}" if hi is None else f"from {lo} to {hi}"
             raise ConfigError(f"{key}={value!r}: must be {bounds}")
+    lo_hi = cfg.synth.slice_range
+    if len(lo_hi) != 2 or not 4 <= lo_hi[0] <= lo_hi[1]:
+        raise ConfigError(
+            f"synth.slice_range={list(lo_hi)}: two numbers of slices, at least 4, the least first"
+        )
 
 
 def config_dict(cfg: Config) -> dict:
@@ -517,6 +532,8 @@ RUNTIME_KEYS = (
     "predict.self_test",
     "seg.amp",
     "slice.workers",
+    "crop.workers",
+    "crop.loader_workers",
     "slice.amp",
     "slice.channels_last",
     "predict.batch_size",

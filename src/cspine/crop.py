@@ -5,15 +5,17 @@
 The cache holds each study at the slice CNN's size (64 px in the demo): a C1 ring there spans a few pixels.
 This stage reads each study's DICOM again and cuts each vertebra at ``crop.size`` px from the full-resolution
 volume (`cspine.crops`), where the `segment` stage's labels place it. It writes ``<run>/crop/``:
-- ``studies/<uid>.npy``: uint8 [7, slices, channels, size, size], C1..C7;
+- ``studies/<uid>.npz``: C1..C7's crops, each distinct plane once, compressed (`cspine.crops.write_crop_store`;
+  `cspine.crops.read_crop_store` gives uint8 [7, slices, channels, size, size] back);
 - ``places.csv``: per study and vertebra, the slices and box it was cut from, and whether the segmentation
   found it (``found=0``: placed between its neighbours);
 - ``record.json``: the cut's settings and the segmentation's digest, written last; when either changes the
   crops are cut again. A killed stage resumes: a study's file is written whole or not at all.
 
 Crops, not coordinates, are stored: training reads every crop once an epoch, and cutting them again from
-DICOM each time would cost a decode of the whole study per epoch. On the real data at the `rsna` recipe's
-size that is 7 × 15 × 6 × 256² bytes = 41 MB a study, 84 GB for 2,019 studies (docs/design.md).
+DICOM each time would cost a decode of the whole study per epoch. At the `rsna` recipe's size the model
+reads 7 × 15 × 6 × 256² bytes = 41 MB a study; stored without the neighbour planes that picks share and
+compressed, a study takes what docs/gpu.md's rehearsal table gives (measured at the real shape).
 """
 
 from __future__ import annotations
@@ -25,19 +27,28 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from cspine.cache import read_meta
 from cspine.config import Config
-from cspine.crops import PLACE_COLUMNS, bone_u8, crop_spec, cut_study, place_vertebrae
+from cspine.crops import (
+    PLACE_COLUMNS,
+    bone_u8,
+    crop_spec,
+    cut_study_planes,
+    place_vertebrae,
+    write_crop_store,
+)
 from cspine.dicom import default_workers, load_series
 from cspine.processes import die_with_parent
 from cspine.progress import progress
-from cspine.runs import Run, atomic_path, digest, read_json, write_csv, write_json
+from cspine.runs import Run, digest, read_json, write_csv, write_json
 from cspine.segmenter import load_labels, vertebra_extents
 
 log = logging.getLogger(__name__)
+STORE = (
+    "npz-distinct-planes"  # the crop store's format (`cspine.crops.write_crop_store`): another is cut anew
+)
 
 
 @dataclass(frozen=True)
@@ -66,9 +77,10 @@ def cut_one(job: CropJob) -> tuple[str, list[dict] | None, str | None]:
             )
         _, found = vertebra_extents(labels, job.min_pixels)
         places = place_vertebrae(found, len(labels), labels.shape[1])
-        crops = cut_study(bone_u8(series.hu), labels, places, meta["crop"], labels.shape[1], job.spec)
-        with atomic_path(run.crop_study(job.uid)) as tmp, open(tmp, "wb") as f:
-            np.save(f, crops)
+        bone = bone_u8(series.hu)
+        del series  # the float32 volume (367 MB at 512² × 350) is not held while cutting
+        parts = cut_study_planes(bone, labels, places, meta["crop"], labels.shape[1], job.spec)
+        write_crop_store(run.crop_study(job.uid), parts)
         return job.uid, places, None
     except Exception as exc:  # one bad study must not stop the stage: it is reported, and gets the prior
         return job.uid, None, f"{type(exc).__name__}: {exc}"
@@ -76,6 +88,7 @@ def cut_one(job: CropJob) -> tuple[str, list[dict] | None, str | None]:
 
 def _record(run: Run, cfg: Config) -> dict:
     return {
+        "store": STORE,
         "spec": crop_spec(cfg.crop.size, cfg.crop.slices, cfg.crop.context, cfg.crop.margin),
         "segmentation": digest(run.seg_file("extents.csv")),
         "min_pixels": cfg.seg.min_pixels,
@@ -98,7 +111,7 @@ def crop(cfg: Config, run_dir: str | os.PathLike, data_dir: str | os.PathLike) -
     record = _record(run, cfg)
     if run.crop_record.is_file() and read_json(run.crop_record) != record:
         log.info("crop: settings or segmentation changed since the crops were cut; cutting them again")
-        for stale in run.crop_studies.glob("*.npy"):
+        for stale in run.crop_studies.glob("*"):
             stale.unlink()
     run.crop_record.unlink(missing_ok=True)
     uids = run.cache.read_index()["StudyInstanceUID"].unique().tolist()

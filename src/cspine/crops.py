@@ -13,11 +13,17 @@ so `predict` cuts test studies exactly as the training crops were cut.
 
 from __future__ import annotations
 
+import os
+import zipfile
+import zlib
+from pathlib import Path
+
 import cv2
 import numpy as np
 
 from cspine import VERTEBRAE
 from cspine.preprocess import WINDOWS, Box, _window_u8
+from cspine.runs import atomic_path
 
 BONE = WINDOWS[1]  # the standard bone window: cortex and the dark line of a break both keep contrast
 PLACE_COLUMNS = ["vertebra", "found", "z0", "z1", "y0", "y1", "x0", "x1"]
@@ -130,6 +136,48 @@ def volume_square(place: dict, crop: Box, cache_size: int, margin: float) -> tup
     return cy * scale + oy, cx * scale + ox, half * scale
 
 
+def cut_planes(
+    bone: np.ndarray, labels: np.ndarray, place: dict, crops: list[Box], cache_size: int, spec: dict
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One vertebra's crops, each distinct plane once: what `assemble` makes the model's input from.
+
+    The ``slices`` picks lie closer together than ``context`` slices on a thin-sliced scan (15 picks over a
+    vertebra of 20-40 slices), so most neighbour channels repeat a plane another pick holds already: the
+    store keeps each (slice, square) once.
+
+    Args: as `cut_vertebra`.
+
+    Returns:
+        planes uint8 [U, size, size] (the bone window, each distinct plane once), index int16
+        [slices, 2·context + 1] (the plane of each pick's every neighbour, head to feet), and the
+        vertebra's own label uint8 [slices, size, size] (0 or 255).
+    """
+    n, size, context = len(bone), spec["size"], spec["context"]
+    label = VERTEBRAE.index(place["vertebra"]) + 1
+    cy, cx, half = _square(place, spec["margin"])
+    picks = slice_picks(place["z0"], place["z1"], n, spec["slices"], spec["margin"])
+    index = np.zeros((len(picks), 2 * context + 1), np.int16)
+    own = np.zeros((len(picks), size, size), np.uint8)
+    planes: list[np.ndarray] = []
+    seen: dict[tuple, int] = {}
+    for j, k in enumerate(picks):
+        square = volume_square(place, crops[k] if len(crops) > 1 else crops[0], cache_size, spec["margin"])
+        for c, z in enumerate(np.clip(np.arange(k - context, k + context + 1), 0, n - 1)):
+            key = (int(z), square)
+            if key not in seen:
+                seen[key] = len(planes)
+                planes.append(_warp(bone[z], *square, size, cv2.INTER_AREA))
+            index[j, c] = seen[key]
+        own[j] = _warp((labels[k] == label).astype(np.uint8) * 255, cy, cx, half, size, cv2.INTER_LINEAR)
+    return np.stack(planes), index, own
+
+
+def assemble(planes: np.ndarray, index: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """uint8 [slices, channels, size, size]: the model's input from `cut_planes`' parts (each pick's planes
+    head to feet, then the vertebra's label)."""
+    return np.concatenate([planes[index], own[:, None]], axis=1)
+
+
 def cut_vertebra(
     bone: np.ndarray, labels: np.ndarray, place: dict, crops: list[Box], cache_size: int, spec: dict
 ) -> np.ndarray:
@@ -143,23 +191,62 @@ def cut_vertebra(
         cache_size: the cache's side.
         spec: `crop_spec`.
     """
-    n, size, context = len(bone), spec["size"], spec["context"]
-    label = VERTEBRAE.index(place["vertebra"]) + 1
-    cy, cx, half = _square(place, spec["margin"])
-    out = np.zeros((spec["slices"], crop_channels(spec), size, size), np.uint8)
-    for j, k in enumerate(slice_picks(place["z0"], place["z1"], n, spec["slices"], spec["margin"])):
-        square = volume_square(place, crops[k] if len(crops) > 1 else crops[0], cache_size, spec["margin"])
-        for c, z in enumerate(np.clip(np.arange(k - context, k + context + 1), 0, n - 1)):
-            out[j, c] = _warp(bone[z], *square, size, cv2.INTER_AREA)
-        own = (labels[k] == label).astype(np.uint8) * 255
-        out[j, -1] = _warp(own, cy, cx, half, size, cv2.INTER_LINEAR)
-    return out
+    return assemble(*cut_planes(bone, labels, place, crops, cache_size, spec))
 
 
 def cut_study(
     bone: np.ndarray, labels: np.ndarray, places: list[dict], crops: list[Box], cache_size: int, spec: dict
 ) -> np.ndarray:
     """uint8 [7, slices, channels, size, size]: the crops of C1..C7 of one study (`cut_vertebra`)."""
+    return np.stack(
+        [assemble(*parts) for parts in cut_study_planes(bone, labels, places, crops, cache_size, spec)]
+    )
+
+
+def cut_study_planes(
+    bone: np.ndarray, labels: np.ndarray, places: list[dict], crops: list[Box], cache_size: int, spec: dict
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`cut_planes` of C1..C7 of one study."""
     if len(labels) != len(bone):
         raise ValueError(f"the segmentation has {len(labels)} slices and the study {len(bone)}")
-    return np.stack([cut_vertebra(bone, labels, place, crops, cache_size, spec) for place in places])
+    return [cut_planes(bone, labels, place, crops, cache_size, spec) for place in places]
+
+
+def write_crop_store(path: str | os.PathLike, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Path:
+    """Writes one study's crops (`cut_study_planes`) compressed, atomically: an ``.npz`` whose members
+    ``planes<k>``, ``index<k>``, ``own<k>`` are vertebra k's, so that training reads one vertebra alone.
+
+    Deflate on distinct planes: at the `rsna` geometry a study's 41 MB of model input takes a few MB
+    (the rehearsal measures it, docs/gpu.md), and a vertebra reads back in milliseconds.
+    """
+    arrays = {}
+    for k, (planes, index, own) in enumerate(parts):
+        arrays.update({f"planes{k}": planes, f"index{k}": index, f"own{k}": own})
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    return Path(path)
+
+
+def read_crop_store(path: str | os.PathLike, vertebra: int | None = None) -> np.ndarray:
+    """A stored study's crops as the model reads them: uint8 [7, slices, channels, size, size], or one
+    vertebra's [slices, channels, size, size] (0 = C1).
+
+    Raises:
+        CropStoreError: the file is missing, damaged or truncated (the message names it).
+    """
+    try:
+        with np.load(path) as store:
+            if vertebra is not None:
+                return assemble(*(store[f"{part}{vertebra}"] for part in ("planes", "index", "own")))
+            return np.stack(
+                [assemble(*(store[f"{part}{k}"] for part in ("planes", "index", "own"))) for k in range(7)]
+            )
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise CropStoreError(
+            f"{path}: damaged or incomplete crop store ({type(exc).__name__}: {exc}); run `python -m "
+            "cspine crop` again (it cuts the studies whose crops are missing)"
+        ) from None
+
+
+class CropStoreError(OSError):
+    """A stored study's crops that cannot be read; the message names the file."""

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset, DistributedSampler
 from cspine import VERTEBRAE
 from cspine.cache import load_study_images, read_meta
 from cspine.config import SliceConfig
-from cspine.inputs import MEAN, STD, slice_stack
+from cspine.inputs import slice_stack
 from cspine.labels import UNKNOWN
 
 OPEN_STUDIES = 64  # memory-mapped studies a dataset keeps open at once
@@ -28,7 +28,7 @@ def build_transforms(cfg: SliceConfig, train: bool, size: int, seed: int | None 
 
     Args:
         cfg: flip probability, rotation range and the extra switch.
-        train: False gives only resizing and normalisation.
+        train: False gives only resizing and scaling to [0, 1].
         size: output side (``cfg.input_size`` or the cache's size).
         seed: the pipeline's own RNG seed (reseeded per worker and epoch by the loader).
     """
@@ -52,7 +52,8 @@ def build_transforms(cfg: SliceConfig, train: bool, size: int, seed: int | None 
                 A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
                 A.GaussNoise(std_range=(0.01, 0.03), p=0.3),
             ]
-    ops += [A.Resize(size, size, interpolation=cv2.INTER_LINEAR), A.Normalize(mean=MEAN, std=STD)]
+    # to [0, 1] only: the CNN normalises its input as its weights expect (`cspine.models.InputNorm`)
+    ops += [A.Resize(size, size, interpolation=cv2.INTER_LINEAR), A.ToFloat(max_value=255.0)]
     return A.Compose(ops, strict=True, seed=seed)
 
 

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from cspine import VERTEBRAE
 
 # One mean and std for every channel (each window, each neighbouring slice) of uint8 images scaled to
-# [0, 1]; a fixed, documented normalisation keeps cached features comparable across runs (ImageNet's
-# would matter only with ImageNet weights).
+# [0, 1], for networks trained from scratch: a fixed, documented normalisation keeps cached features
+# comparable across runs. A CNN normalises its own input (`cspine.models.InputNorm`): with these, or with
+# the mean and std its pretrained weights expect.
 MEAN = 0.5
 STD = 0.25
 PROB_CLIP = 1e-4  # slice probabilities are stored as float16; log-odds are clipped to about ±9.2
@@ -52,15 +53,15 @@ def slice_stack(study: np.ndarray, orders: np.ndarray, context: int = 0) -> np.n
 
 
 def to_tensor(images: np.ndarray, size: int, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """uint8 [B, H, W, C] → normalised float [B, C, size, size] on the device (resized if needed).
+    """uint8 [B, H, W, C] → float [B, C, size, size] in [0, 1] on the device (resized if needed); the CNN
+    normalises it as its weights expect (`cspine.models.InputNorm`).
 
-    C is 3, or 3·(2·context + 1) for a `slice_stack`; every channel is normalised alike.
+    C is 3, or 3·(2·context + 1) for a `slice_stack`.
     """
     x = torch.from_numpy(np.require(images, requirements=["C", "W"])).to(device, non_blocking=True)
     x = x.permute(0, 3, 1, 2).float().div_(255.0)
     if x.shape[-1] != size:
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    x = (x - MEAN) / STD
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 

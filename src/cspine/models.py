@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from cspine import TARGETS, VERTEBRAE
+from cspine.inputs import MEAN, STD
 
 # SliceNet's outputs, in order: the paper's image label, then the competition's targets per slice.
 SLICE_OUTPUTS = ("fracture", *[f"{v}_fracture" for v in VERTEBRAE], *[f"{v}_present" for v in VERTEBRAE])
@@ -51,6 +52,39 @@ def width_args(name: str, width: float) -> dict:
     if isinstance(reference.conv1, nn.Sequential):  # a deep stem ends at 2·stem_width channels
         args["stem_width"] = max(8, round(reference.feature_info[0]["num_chs"] / 2 * width))
     return args
+
+
+UNIFORM_NORM = {"mean": (MEAN,), "std": (STD,)}  # a network trained from scratch: one mean and std
+
+
+def weights_norm(backbone: nn.Module) -> dict:
+    """The input mean and std (per RGB channel, of images in [0, 1]) that a timm backbone's pretrained
+    weights were trained with: ImageNet's for torchvision's and timm's ResNets (``pretrained_cfg``)."""
+    cfg = backbone.pretrained_cfg
+    return {"mean": tuple(float(v) for v in cfg["mean"]), "std": tuple(float(v) for v in cfg["std"])}
+
+
+class InputNorm(nn.Module):
+    """(x − mean) / std per channel, for images in [0, 1]: the normalisation a network's weights expect.
+
+    ``norm`` gives one mean and std per RGB channel (or one for all); with more channels than that, they
+    repeat in turn, as timm repeats the first convolution's RGB filters over extra input channels
+    (`timm.models.adapt_input_conv`): channel c meets the filters of RGB channel c mod 3, and so that
+    channel's statistics. Buffers, not parameters, and not saved: the checkpoint's ``arch`` holds ``norm``.
+    """
+
+    def __init__(self, channels: int, norm: dict):
+        super().__init__()
+        mean, std = norm["mean"], norm["std"]
+        self.register_buffer(
+            "mean", torch.tensor([mean[c % len(mean)] for c in range(channels)]).view(1, -1, 1, 1), False
+        )
+        self.register_buffer(
+            "std", torch.tensor([std[c % len(std)] for c in range(channels)]).view(1, -1, 1, 1), False
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
 
 
 def create_backbone(
@@ -108,8 +142,18 @@ class SliceNet(nn.Module):
         box_head: bool = False,
         context: int = 0,
         width: float = 1.0,
+        norm: dict | None = None,
     ):
         super().__init__()
+        self.context = (
+            context  # neighbours each side in the input (`cspine.inputs.slice_stack`); 0 = one slice
+        )
+        self.width = width  # channel multiplier of a ResNet backbone (`width_args`)
+        self.backbone = create_backbone(backbone, pretrained_file, in_channels(context), width)
+        # the input normalisation: the pretrained weights' (ImageNet's), or one for a network from scratch;
+        # given when a checkpoint rebuilds the network
+        norm = norm or (weights_norm(self.backbone) if pretrained_file else UNIFORM_NORM)
+        self.norm = InputNorm(in_channels(context), norm)
         # what a checkpoint needs to rebuild this network (`cspine.checkpoints`); the weights are saved apart
         self.arch = {
             "backbone": backbone,
@@ -117,12 +161,8 @@ class SliceNet(nn.Module):
             "box_head": box_head,
             "context": context,
             "width": width,
+            "norm": {k: list(v) for k, v in norm.items()},
         }
-        self.context = (
-            context  # neighbours each side in the input (`cspine.inputs.slice_stack`); 0 = one slice
-        )
-        self.width = width  # channel multiplier of a ResNet backbone (`width_args`)
-        self.backbone = create_backbone(backbone, pretrained_file, in_channels(context), width)
         # what the pooled path gives: MobileNetV3 and LCNet add a head convolution after the last stage,
         # so their pooled vector is head_hidden_size wide, not num_features
         self.num_features = int(
@@ -136,15 +176,17 @@ class SliceNet(nn.Module):
         )
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features: float [B, D] for images [B, 3, H, W]."""
-        return self.backbone(x)
+        """Pooled backbone features: float [B, D] for images [B, 3, H, W] in [0, 1]."""
+        return self.backbone(self.norm(x))
 
     def forward(self, x: torch.Tensor, with_boxes: bool = False):
         if not with_boxes:
             return self.head(self.dropout(self.features(x)))
         if self.box_head is None:
             raise ValueError("this SliceNet has no box head (build it with box_head=True)")
-        final, (stage,) = self.backbone.forward_intermediates(x, indices=[self.box_stage], norm=False)
+        final, (stage,) = self.backbone.forward_intermediates(
+            self.norm(x), indices=[self.box_stage], norm=False
+        )
         pooled = self.backbone.forward_head(final, pre_logits=True)
         return self.head(self.dropout(pooled)), self.box_head(stage)
 
@@ -238,23 +280,27 @@ class CropNet(nn.Module):
         width: float = 1.0,
         pretrained_file: str = "",
         dropout: float = 0.2,
+        norm: dict | None = None,
     ):
         super().__init__()
+        self.cnn = create_backbone(backbone, pretrained_file, in_chans=in_chans, width=width)
+        norm = norm or (weights_norm(self.cnn) if pretrained_file else UNIFORM_NORM)
+        self.norm = InputNorm(in_chans, norm)  # as `SliceNet`: its weights' statistics, or one for all
         self.arch = {
             "backbone": backbone,
             "in_chans": in_chans,
             "hidden": hidden,
             "width": width,
             "dropout": dropout,
+            "norm": {k: list(v) for k, v in norm.items()},
         }
-        self.cnn = create_backbone(backbone, pretrained_file, in_chans=in_chans, width=width)
         self.rnn = nn.GRU(self.cnn.num_features, hidden, batch_first=True, bidirectional=True)
         self.level = nn.Embedding(len(VERTEBRAE), 16)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(4 * hidden + 16, 1))
 
     def forward(self, x: torch.Tensor, vertebra: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         b, n = x.shape[:2]
-        images = x.flatten(0, 1).float() * (4 / 255) - 2  # 0..255 → about zero mean, unit spread
+        images = self.norm(x.flatten(0, 1).float() / 255)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         h, _ = self.rnn(self.cnn(images).view(b, n, -1).float())

@@ -42,7 +42,8 @@ class PhantomConfig:
 
     Attributes:
         image_size: pixels per side (real scans: 512; the demo default keeps CPU runs short).
-        n_slices: slices from skull base to a little below T1's top; None draws 60–120. A third of the
+        n_slices: slices from skull base to a little below T1's top; None draws them from ``slice_range``
+            (inclusive). A third of the
             studies go on into T2 at the same spacing (as real scans reach the upper thoracic spine).
         difficulty: 0 (wide, bright fractures, little noise) to 1 (sub-millimetre breaks, heavy noise).
         fractured: levels (1..7) to fracture; None draws count and levels from the real prevalences.
@@ -51,6 +52,7 @@ class PhantomConfig:
 
     image_size: int = 160
     n_slices: int | None = None
+    slice_range: tuple[int, int] = (60, 120)
     difficulty: float = 0.5
     fractured: tuple[int, ...] | None = None
     overlap_probability: float = 0.35
@@ -461,7 +463,7 @@ def render_study(rng: np.random.Generator, config: PhantomConfig = PhantomConfig
         A `PhantomStudy`, head to feet.
     """
     anatomy = _draw_anatomy(rng)
-    n_neck = config.n_slices or int(rng.integers(60, 121))
+    n_neck = config.n_slices or int(rng.integers(config.slice_range[0], config.slice_range[1] + 1))
     size = config.image_size
     fov = rng.uniform(150, 190) * anatomy.size
     pixel = fov / size

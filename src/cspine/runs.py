@@ -193,8 +193,8 @@ class Run:
         return self.crop_dir / "studies"
 
     def crop_study(self, uid: str) -> Path:
-        """uint8 [7, slices, channels, size, size]: a study's crops of C1..C7 (`cspine.crop`)."""
-        return self.crop_studies / f"{uid}.npy"
+        """A study's crops of C1..C7, each distinct plane once, compressed (`cspine.crops.write_crop_store`)."""
+        return self.crop_studies / f"{uid}.npz"
 
     @property
     def crop_places(self) -> Path:

@@ -46,7 +46,7 @@ class StudyFiles:
     origin: tuple[float, float, float]
 
 
-def draw_study_files(rng: np.random.Generator, fov: float) -> StudyFiles:
+def draw_study_files(rng: np.random.Generator, fov: float, reversed_fraction: float = 0.1) -> StudyFiles:
     """File variety in the real data's proportions (docs/competition.md): ~10% reversed numbering, etc."""
     syntax = rng.choice(["explicit", "rle", "j2k", "jpeg_lossless"], p=[0.4, 0.2, 0.2, 0.2])
     if rng.random() < 0.6:
@@ -55,7 +55,7 @@ def draw_study_files(rng: np.random.Generator, fov: float) -> StudyFiles:
         encoding = Encoding(str(syntax), signed=True, intercept=0.0, bits_stored=16)
     return StudyFiles(
         encoding=encoding,
-        numbering="feet_to_head" if rng.random() < 0.1 else "head_to_feet",
+        numbering="feet_to_head" if rng.random() < reversed_fraction else "head_to_feet",
         first_number=1 if rng.random() < 0.85 else int(rng.integers(2, 80)),
         gaps=bool(rng.random() < 0.03),
         origin=(-fov / 2 + rng.uniform(-5, 5), -fov / 2 + rng.uniform(-20, 5), rng.uniform(-60, 120)),
@@ -121,6 +121,7 @@ def make_study(
     config: PhantomConfig,
     with_boxes: bool,
     with_mask: bool,
+    reversed_fraction: float = 0.1,
 ) -> dict:
     """Renders and writes one study; returns its label row and box rows (for the CSVs).
 
@@ -130,7 +131,7 @@ def make_study(
     rng = np.random.default_rng(seed)
     study = render_study(rng, config)
     n, h, w = study.hu.shape
-    files = draw_study_files(rng, fov=study.spacing[1] * w)
+    files = draw_study_files(rng, fov=study.spacing[1] * w, reversed_fraction=reversed_fraction)
     numbers = _file_numbers(files, n, rng)
     root = Path(root)
     final = root / f"{split}_images" / uid
@@ -207,7 +208,7 @@ def make_competition(
         out_dir: the competition root (created).
         s: what to generate (`cspine.config.SynthConfig`, the one source of the settings and their
             defaults): the studies, the seed everything is a function of, the image size, the difficulty,
-            the real data's shares of boxes and masks, the slices a study (0 draws 60–120).
+            the real data's shares of boxes and masks, the slices a study (0 draws them from ``slice_range``), the share of reversed studies.
         workers: processes; the output is identical for any number.
     """
     s = s or SynthConfig()
@@ -216,7 +217,12 @@ def make_competition(
     for sub in ("train_images", "test_images"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     (root / COMPLETE_MARKER).unlink(missing_ok=True)
-    config = PhantomConfig(image_size=s.image_size, n_slices=s.n_slices or None, difficulty=s.difficulty)
+    config = PhantomConfig(
+        image_size=s.image_size,
+        n_slices=s.n_slices or None,
+        slice_range=tuple(s.slice_range),
+        difficulty=s.difficulty,
+    )
     plan_rng = np.random.default_rng([seed, 1])
     # decided before the fractures: a share of the positives
     boxed = plan_rng.random(n_train) < s.box_fraction
@@ -237,6 +243,7 @@ def make_competition(
                 config=config,
                 with_boxes=split == "train" and bool(boxed[i]),
                 with_mask=i in masked,
+                reversed_fraction=s.reversed_fraction,
             )
         )
     bar = dict(total=len(jobs), desc="synthetic studies", unit="study")

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import os
 import time
+from itertools import islice
 
 import albumentations as A
 import numpy as np
@@ -35,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from cspine import TARGETS, VERTEBRAE
 from cspine.checkpoints import load_checkpoint, save_checkpoint, save_model
 from cspine.config import Config, CropConfig
-from cspine.crops import crop_channels
+from cspine.crops import crop_channels, read_crop_store
 from cspine.data import seed_worker
 from cspine.inputs import combine
 from cspine.metrics import NEGATIVE_WEIGHT, POSITIVE_WEIGHT, weighted_log_loss
@@ -53,6 +54,7 @@ from cspine.runtime import (
 )
 
 log = logging.getLogger(__name__)
+RUNTIME = ("workers", "loader_workers")  # crop settings that shape no model
 
 
 class VertebraCrops(Dataset):
@@ -77,7 +79,7 @@ class VertebraCrops(Dataset):
 
     def __getitem__(self, i: int):
         study, vertebra = divmod(i, len(VERTEBRAE))
-        crop = np.load(self.run.crop_study(self.uids[study]), mmap_mode="r")[vertebra]
+        crop = read_crop_store(self.run.crop_study(self.uids[study]), vertebra)
         if self.transform is not None:
             n, c, h, w = crop.shape
             image = np.ascontiguousarray(crop.reshape(n * c, h, w).transpose(1, 2, 0))
@@ -106,7 +108,8 @@ def _record(run: Run, cfg: Config, fold: int) -> dict:
         "crops": digest(run.crop_places),
         "folds": digest(run.folds),
         "fold": fold,
-        "crop": dataclasses.asdict(cfg.crop),
+        # every crop setting but those of how fast it runs
+        "crop": {k: v for k, v in dataclasses.asdict(cfg.crop).items() if k not in RUNTIME},
     }
 
 
@@ -136,7 +139,7 @@ def _loader(data: Dataset, c: CropConfig, rt: Runtime, seed: int) -> DataLoader:
         DistributedSampler(data, rt.world_size, rt.rank, shuffle=True, seed=seed) if rt.distributed else None
     )
     generator = torch.Generator().manual_seed(seed)
-    workers = 0 if not rt.cuda else min(4, os.cpu_count() or 1)
+    workers = c.loader_workers
     return DataLoader(
         data,
         batch_size=c.batch_size,
@@ -203,8 +206,13 @@ def train_crop_fold(
         data.transform.set_random_seed(c.seed * 100003 + fold * 1009 + epoch)
         ddp.train()
         started, total, seen = time.perf_counter(), torch.zeros((), device=rt.device), 0
+        steps = c.steps_per_epoch or len(loader)
         for x, vertebra, y in progress(
-            loader, f"crops fold {fold} epoch {epoch + 1}", steps=True, enabled=rt.is_main
+            islice(loader, steps),
+            f"crops fold {fold} epoch {epoch + 1}",
+            steps=True,
+            enabled=rt.is_main,
+            total=min(steps, len(loader)),
         ):
             x, vertebra, y = (t.to(rt.device, non_blocking=True) for t in (x, vertebra, y))
             with autocast(rt.device, dtype):
@@ -218,6 +226,7 @@ def train_crop_fold(
             {
                 "epoch": epoch + 1,
                 "train_loss": total.item() / max(seen, 1),
+                "vertebrae": seen,
                 "lr": optimizer.param_groups[0]["lr"],
                 "seconds": time.perf_counter() - started,
             }
@@ -254,7 +263,11 @@ def train_crop_fold(
     p = np.concatenate(
         [
             crop_probabilities(
-                model, np.stack([np.load(run.crop_study(u)) for u in part]), rt.device, dtype, channels_last
+                model,
+                np.stack([read_crop_store(run.crop_study(u)) for u in part]),
+                rt.device,
+                dtype,
+                channels_last,
             )
             for part in (held[i : i + 16] for i in range(0, len(held), 16))
         ]
