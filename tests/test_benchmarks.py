@@ -35,6 +35,23 @@ def test_the_gpu_budget_script_runs_its_every_part_at_toy_sizes(tmp_path):
     assert "| crop model, crop slices/s |" in done.stdout
 
 
+@pytest.mark.slow
+def test_the_gpu_rehearsal_script_runs_both_parts_at_toy_sizes(tmp_path):
+    """The script a lent GPU runs once: the rehearsal and the budget, their results where docs/gpu.md reads."""
+    done = subprocess.run(
+        [sys.executable, "gpu_rehearsal.py", "--tiny", "--out", str(tmp_path)],
+        cwd=BENCHMARKS,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, (tmp_path / "rehearsal.log").read_text()[-3000:]
+    rehearsal = json.loads((tmp_path / "rehearsal.json").read_text())
+    assert [c["exit"] for c in rehearsal["checks"]] == [0, 0]
+    assert "| kaggle hidden rerun |" in (tmp_path / "table.md").read_text()
+    assert json.loads((tmp_path / "gpu_budget.json").read_text())["training"]
+
+
 def test_bench_run_reads_each_stages_latest_time(tmp_path):
     sys.path.insert(0, str(BENCHMARKS))
     try:

@@ -136,7 +136,7 @@ def test_the_crop_store_gives_back_exactly_the_crops_cut_holding_each_plane_once
     np.testing.assert_array_equal(read_crop_store(path), dense)
     for k in range(7):
         np.testing.assert_array_equal(read_crop_store(path, k), dense[k])
-    planes = sum(len(p[0]) for p in parts)
+    planes = sum(len(p["frames"]) for p in parts)
     assert planes < 7 * 15 * 5 * 0.8  # neighbours shared between picks are kept once
     assert path.stat().st_size < dense.nbytes / 2
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])

@@ -39,13 +39,18 @@ def test_the_public_rerun_runs_the_models_on_training_studies_and_writes_the_pri
     assert sub["fractured"].round(6).isin({round(v, 6) for v in prior.values()}).all()
 
 
-def test_a_self_test_that_fails_says_so(smoke_run, synthetic_root, tmp_path, capsys):
+def test_a_self_test_that_fails_says_so_and_fails_the_public_rerun(
+    smoke_run, synthetic_root, tmp_path, capsys
+):
     data = _copy(synthetic_root, tmp_path)
     shutil.rmtree(data / "test_images")
     for dcm in (data / "train_images").rglob("*.dcm"):
         dcm.write_bytes(b"not a DICOM file")
-    predict(load_config(SMOKE_CONFIG, ["predict.self_test=1"]), data, smoke_run, tmp_path / "s.csv")
+    out = tmp_path / "s.csv"
+    with pytest.raises(PredictionError, match=r"self-test: 1 training studies failed.*DicomError"):
+        predict(load_config(SMOKE_CONFIG, ["predict.self_test=1"]), data, smoke_run, out)
     assert "cspine self-test FAILED on" in capsys.readouterr().out
+    assert not out.exists()  # no prior-filled submission that would score as a working bundle
 
 
 def test_predict_refuses_to_write_a_submission_when_most_studies_fail(smoke_run, synthetic_root, tmp_path):

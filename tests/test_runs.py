@@ -196,7 +196,8 @@ def test_no_stage_imports_another_stage_and_no_library_module_imports_a_stage():
     assert stages <= set(modules), f"stage modules missing: {sorted(stages - set(modules))}"
     wrong = []
     for name, path in modules.items():
-        if name in ("pipeline", "cli", "__main__"):  # the stage list and the command line import every stage
+        # the stage list, the command line, and the rehearsal (which runs the stage list, then the bundle)
+        if name in ("pipeline", "cli", "__main__", "rehearse"):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cspine."):

@@ -164,9 +164,23 @@ class ZarrStudy:
 
     def __getitem__(self, key) -> np.ndarray:
         try:
+            if isinstance(key, (list, np.ndarray)) and np.ndim(key) == 1:
+                return self._take(np.asarray(key, dtype=int))
             return self._array[key]
         except Exception as exc:
             raise self._damaged(exc) from None
+
+    def _take(self, orders: np.ndarray) -> np.ndarray:
+        """Slices by number. zarr's own integer-array indexing is slow (1.6 s for 32 slices of a 256 px
+        study, against 0.02 s for the range that holds them), so nearby slices (a batch, a slice with its
+        neighbours) are read as their range and picked in memory, scattered ones one by one."""
+        if not len(orders):
+            return np.empty((0, *self.shape[1:]), self.dtype)
+        orders = np.where(orders < 0, orders + self.shape[0], orders)
+        lo, hi = int(orders.min()), int(orders.max()) + 1
+        if hi - lo <= 4 * len(orders):
+            return self._array[lo:hi][orders - lo]
+        return np.stack([self._array[int(k)] for k in orders])
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = self[:]

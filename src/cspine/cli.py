@@ -321,6 +321,21 @@ def cmd_package_kaggle(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rehearse(args: argparse.Namespace) -> int:
+    from cspine.rehearse import Shape, rehearse
+
+    try:
+        lo, hi = (int(v) for v in args.slices.split(","))
+        top, bottom = (float(v) for v in args.head.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"--slices {args.slices!r} --head {args.head!r}: two numbers each, the least first"
+        ) from None
+    shape = Shape(size=args.size, slices=(lo, hi), head_mm=(top, bottom), train=args.train, test=args.test)
+    rehearse(args.config or "rsna", args.overrides, shape, args.out, args.data)
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     """One command of the CLI: its name, help line, handler, which of the common options it takes, and its own."""
@@ -411,6 +426,25 @@ COMMANDS: tuple[Command, ...] = (
         "Grad-CAM figures of a fold's held-out slices with their boxes",
         cmd_explain,
         options=(_option("--n", type=int, default=6, help="figures to write"),),
+    ),
+    Command(
+        "rehearse",
+        "a config (default rsna) end to end on real-shaped phantoms, its time cut, every cost measured",
+        cmd_rehearse,
+        options=(
+            _option("--size", type=int, default=512, help="the phantoms' side, px (the real scans: 512)"),
+            _option(
+                "--slices", default="250,450", help="the phantoms' slices from skull base to T1: least,most"
+            ),
+            _option(
+                "--head",
+                default="60,140",
+                help="mm of head above the skull base the scans cover: least,most (with 250-450 slices, "
+                "0.5-1 mm a slice, as the real scans)",
+            ),
+            _option("--train", type=int, default=6, help="training phantoms (two folds of three)"),
+            _option("--test", type=int, default=2, help="test phantoms"),
+        ),
     ),
     Command(
         "package-kaggle",

@@ -33,11 +33,12 @@ class SynthConfig:
     n_train: int = 48
     n_test: int = 6
     image_size: int = 160  # real scans are 512; 160 keeps the CPU demo in minutes
-    n_slices: int = 0  # slices from the skull base to T1 (a third of the scans go on into T2); 0 draws them
-    slice_range: tuple[int, ...] = (
-        60,
-        120,
-    )  # with n_slices 0: drawn from this range (the real scans: 250-450)
+    n_slices: int = 0  # slices from the scan's top to T1 (a third of the scans go on into T2); 0 draws them
+    # with n_slices 0: drawn from this range (the real scans: 250-450)
+    slice_range: tuple[int, ...] = (60, 120)
+    # mm of head above the skull base the scans cover, drawn from this range; () starts them at the skull
+    # base (8-14 mm). The real scans cover about 250 mm at 0.5-1 mm a slice: (60, 140) gives that
+    head_mm: tuple[float, ...] = ()
     reversed_fraction: float = 0.1  # studies whose files are numbered feet to head (the real data: about 10%)
     difficulty: float = 0.5
     box_fraction: float = 0.245  # real data: 235 of 961 positive studies have boxes
@@ -477,6 +478,9 @@ def check_ranges(cfg: Config) -> None:
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             bounds = f"at least {lo}" if hi is None else f"from {lo} to {hi}"
             raise ConfigError(f"{key}={value!r}: must be {bounds}")
+    head = cfg.synth.head_mm
+    if head and (len(head) != 2 or not 0 < head[0] <= head[1]):
+        raise ConfigError(f"synth.head_mm={list(head)}: two lengths in mm, the least first, or []")
     lo_hi = cfg.synth.slice_range
     if len(lo_hi) != 2 or not 4 <= lo_hi[0] <= lo_hi[1]:
         raise ConfigError(

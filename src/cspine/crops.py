@@ -136,21 +136,36 @@ def volume_square(place: dict, crop: Box, cache_size: int, margin: float) -> tup
     return cy * scale + oy, cx * scale + ox, half * scale
 
 
+def _patch(image: np.ndarray, cy: float, cx: float, half: float) -> tuple[np.ndarray, float, float]:
+    """The pixels of ``image`` that `_warp` reads for the square at (cy, cx) with half side ``half``, two
+    more on each side (0 beyond the image, as the warp's border), and the square's centre in the patch."""
+    y0, x0 = int(np.floor(cy - half)) - 2, int(np.floor(cx - half)) - 2
+    y1, x1 = int(np.ceil(cy + half)) + 3, int(np.ceil(cx + half)) + 3
+    h, w = image.shape
+    patch = np.zeros((y1 - y0, x1 - x0), np.uint8)
+    sy0, sx0, sy1, sx1 = max(y0, 0), max(x0, 0), min(y1, h), min(x1, w)
+    if sy1 > sy0 and sx1 > sx0:
+        patch[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = image[sy0:sy1, sx0:sx1]
+    return patch, cy - y0, cx - x0
+
+
 def cut_planes(
     bone: np.ndarray, labels: np.ndarray, place: dict, crops: list[Box], cache_size: int, spec: dict
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One vertebra's crops, each distinct plane once: what `assemble` makes the model's input from.
+) -> dict[str, np.ndarray]:
+    """One vertebra's crops as they are stored: each distinct plane once, at the scan's own resolution.
 
-    The ``slices`` picks lie closer together than ``context`` slices on a thin-sliced scan (15 picks over a
-    vertebra of 20-40 slices), so most neighbour channels repeat a plane another pick holds already: the
-    store keeps each (slice, square) once.
+    The ``slices`` picks lie closer together than their ``context`` neighbours reach on a thin-sliced
+    scan, so a neighbour channel often repeats a plane another pick holds: each (slice, square) is kept
+    once. And each is kept as the scan's pixels under its square (a vertebra's square is 100-200 px of a
+    512 px slice), not resized to ``size``: `assemble` resizes them, for the store and for `predict` alike.
 
     Args: as `cut_vertebra`.
 
     Returns:
-        planes uint8 [U, size, size] (the bone window, each distinct plane once), index int16
-        [slices, 2·context + 1] (the plane of each pick's every neighbour, head to feet), and the
-        vertebra's own label uint8 [slices, size, size] (0 or 255).
+        ``patches`` uint8 [P] (every plane's pixels, one after the other), ``frames`` float [U, 5] (each
+        plane's height and width, and its square's centre y, x and half side in the plane), ``index`` int16
+        [slices, 2·context + 1] (the plane of each pick's every neighbour, head to feet) and ``own`` uint8
+        [slices, size, size] (the vertebra's own label, 0 or 255, at ``size``).
     """
     n, size, context = len(bone), spec["size"], spec["context"]
     label = VERTEBRAE.index(place["vertebra"]) + 1
@@ -158,24 +173,38 @@ def cut_planes(
     picks = slice_picks(place["z0"], place["z1"], n, spec["slices"], spec["margin"])
     index = np.zeros((len(picks), 2 * context + 1), np.int16)
     own = np.zeros((len(picks), size, size), np.uint8)
-    planes: list[np.ndarray] = []
+    patches: list[np.ndarray] = []
+    frames: list[tuple] = []
     seen: dict[tuple, int] = {}
     for j, k in enumerate(picks):
         square = volume_square(place, crops[k] if len(crops) > 1 else crops[0], cache_size, spec["margin"])
         for c, z in enumerate(np.clip(np.arange(k - context, k + context + 1), 0, n - 1)):
             key = (int(z), square)
             if key not in seen:
-                seen[key] = len(planes)
-                planes.append(_warp(bone[z], *square, size, cv2.INTER_AREA))
+                seen[key] = len(patches)
+                patch, py, px = _patch(bone[z], *square)
+                patches.append(patch)
+                frames.append((*patch.shape, py, px, square[2]))
             index[j, c] = seen[key]
         own[j] = _warp((labels[k] == label).astype(np.uint8) * 255, cy, cx, half, size, cv2.INTER_LINEAR)
-    return np.stack(planes), index, own
+    return {
+        "patches": np.concatenate([p.ravel() for p in patches]),
+        "frames": np.array(frames, np.float64),
+        "index": index,
+        "own": own,
+    }
 
 
-def assemble(planes: np.ndarray, index: np.ndarray, own: np.ndarray) -> np.ndarray:
-    """uint8 [slices, channels, size, size]: the model's input from `cut_planes`' parts (each pick's planes
-    head to feet, then the vertebra's label)."""
-    return np.concatenate([planes[index], own[:, None]], axis=1)
+def assemble(patches: np.ndarray, frames: np.ndarray, index: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """uint8 [slices, channels, size, size]: the model's input from `cut_planes`' parts: each plane resized
+    to ``size`` once, each pick's planes head to feet, then the vertebra's label."""
+    size = own.shape[-1]
+    planes, start = [], 0
+    for h, w, py, px, half in frames:
+        patch = patches[start : start + int(h) * int(w)].reshape(int(h), int(w))
+        planes.append(_warp(patch, py, px, half, size, cv2.INTER_AREA))
+        start += int(h) * int(w)
+    return np.concatenate([np.stack(planes)[index], own[:, None]], axis=1)
 
 
 def cut_vertebra(
@@ -191,7 +220,7 @@ def cut_vertebra(
         cache_size: the cache's side.
         spec: `crop_spec`.
     """
-    return assemble(*cut_planes(bone, labels, place, crops, cache_size, spec))
+    return assemble(**cut_planes(bone, labels, place, crops, cache_size, spec))
 
 
 def cut_study(
@@ -199,32 +228,34 @@ def cut_study(
 ) -> np.ndarray:
     """uint8 [7, slices, channels, size, size]: the crops of C1..C7 of one study (`cut_vertebra`)."""
     return np.stack(
-        [assemble(*parts) for parts in cut_study_planes(bone, labels, places, crops, cache_size, spec)]
+        [assemble(**parts) for parts in cut_study_planes(bone, labels, places, crops, cache_size, spec)]
     )
 
 
 def cut_study_planes(
     bone: np.ndarray, labels: np.ndarray, places: list[dict], crops: list[Box], cache_size: int, spec: dict
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+) -> list[dict[str, np.ndarray]]:
     """`cut_planes` of C1..C7 of one study."""
     if len(labels) != len(bone):
         raise ValueError(f"the segmentation has {len(labels)} slices and the study {len(bone)}")
     return [cut_planes(bone, labels, place, crops, cache_size, spec) for place in places]
 
 
-def write_crop_store(path: str | os.PathLike, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Path:
+def write_crop_store(path: str | os.PathLike, parts: list[dict[str, np.ndarray]]) -> Path:
     """Writes one study's crops (`cut_study_planes`) compressed, atomically: an ``.npz`` whose members
-    ``planes<k>``, ``index<k>``, ``own<k>`` are vertebra k's, so that training reads one vertebra alone.
+    ``<part><k>`` (``patches``, ``frames``, ``index``, ``own``) are vertebra k's, so that training reads one
+    vertebra alone.
 
-    Deflate on distinct planes: at the `rsna` geometry a study's 41 MB of model input takes a few MB
-    (the rehearsal measures it, docs/gpu.md), and a vertebra reads back in milliseconds.
+    Deflate on distinct planes at the scan's resolution: at the `rsna` geometry a study's 41 MB of model
+    input takes a fifth of it or less (the rehearsal measures it at the real shape, docs/gpu.md).
     """
-    arrays = {}
-    for k, (planes, index, own) in enumerate(parts):
-        arrays.update({f"planes{k}": planes, f"index{k}": index, f"own{k}": own})
+    arrays = {f"{name}{k}": array for k, part in enumerate(parts) for name, array in part.items()}
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)
     return Path(path)
+
+
+PARTS = ("patches", "frames", "index", "own")
 
 
 def read_crop_store(path: str | os.PathLike, vertebra: int | None = None) -> np.ndarray:
@@ -237,10 +268,8 @@ def read_crop_store(path: str | os.PathLike, vertebra: int | None = None) -> np.
     try:
         with np.load(path) as store:
             if vertebra is not None:
-                return assemble(*(store[f"{part}{vertebra}"] for part in ("planes", "index", "own")))
-            return np.stack(
-                [assemble(*(store[f"{part}{k}"] for part in ("planes", "index", "own"))) for k in range(7)]
-            )
+                return assemble(**{p: store[f"{p}{vertebra}"] for p in PARTS})
+            return np.stack([assemble(**{p: store[f"{p}{k}"] for p in PARTS}) for k in range(len(VERTEBRAE))])
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise CropStoreError(
             f"{path}: damaged or incomplete crop store ({type(exc).__name__}: {exc}); run `python -m "

@@ -81,7 +81,8 @@ def main() -> None:
     check_interpreter(bundle, manifest)
     os.environ.update(HF_HUB_OFFLINE="1", NO_ALBUMENTATIONS_UPDATE="1")  # no network call, ever
     pip = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(bundle / "wheels")]
-    subprocess.run(pip + ["--no-deps", "cspine"], check=True)
+    # forced: a cspine already installed (an older bundle's, a pip install) must not answer for this one
+    subprocess.run(pip + ["--no-deps", "--force-reinstall", "cspine"], check=True)
     if manifest["wheels"]:
         subprocess.run(pip + manifest["requirements"], check=True)
     else:

@@ -42,8 +42,11 @@ class PhantomConfig:
 
     Attributes:
         image_size: pixels per side (real scans: 512; the demo default keeps CPU runs short).
-        n_slices: slices from skull base to a little below T1's top; None draws them from ``slice_range``
-            (inclusive). A third of the
+        n_slices: slices from the top of the scan to a little below T1's top; None draws them from
+            ``slice_range`` (inclusive).
+        head_mm: the head above the skull base that the scan covers, drawn from this range of mm; None
+            draws 8-14 mm (a scan that starts at the skull base). Real scans start higher: 0.5-1 mm slices,
+            350 of them on average, cover 250 mm or so, so a rehearsal at the real shape draws 60-140. A third of the
             studies go on into T2 at the same spacing (as real scans reach the upper thoracic spine).
         difficulty: 0 (wide, bright fractures, little noise) to 1 (sub-millimetre breaks, heavy noise).
         fractured: levels (1..7) to fracture; None draws count and levels from the real prevalences.
@@ -53,6 +56,7 @@ class PhantomConfig:
     image_size: int = 160
     n_slices: int | None = None
     slice_range: tuple[int, int] = (60, 120)
+    head_mm: tuple[float, float] | None = None
     difficulty: float = 0.5
     fractured: tuple[int, ...] | None = None
     overlap_probability: float = 0.35
@@ -143,9 +147,11 @@ def _ring(x, y, cx, cy, ax, ay, thickness):
     )
 
 
-def _draw_anatomy(rng: np.random.Generator) -> _Anatomy:
+def _draw_anatomy(rng: np.random.Generator, head_mm: tuple[float, float] | None = None) -> _Anatomy:
     size = rng.uniform(0.9, 1.1)
     skull = rng.uniform(8, 14)
+    if head_mm:  # from a generator of its own (seeded by the draw above): every other draw is unchanged
+        skull = float(np.random.default_rng(int(skull * 1e9)).uniform(*head_mm))
     depth = skull
     levels = []
     heights = {1: 10.0, 2: 22.0, 3: 13.0, 4: 13.5, 5: 14.0, 6: 14.5, 7: 15.0, 8: 17.0, 9: 18.0}
@@ -462,7 +468,7 @@ def render_study(rng: np.random.Generator, config: PhantomConfig = PhantomConfig
     Returns:
         A `PhantomStudy`, head to feet.
     """
-    anatomy = _draw_anatomy(rng)
+    anatomy = _draw_anatomy(rng, config.head_mm)
     n_neck = config.n_slices or int(rng.integers(config.slice_range[0], config.slice_range[1] + 1))
     size = config.image_size
     fov = rng.uniform(150, 190) * anatomy.size

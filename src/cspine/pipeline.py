@@ -77,7 +77,7 @@ def resolve_data(cfg: Config, data: str | os.PathLike | None, synthetic: Path | 
         return find_data_dir()
     except DataError as exc:
         if is_complete(folder):
-            _check_synthetic(cfg, folder)
+            check_synthetic(cfg, folder)
             log.info("no competition data found; using the synthetic competition in %s", folder)
             return folder
         log.info("%s\n→ generating a synthetic competition in %s", exc, folder)
@@ -85,7 +85,7 @@ def resolve_data(cfg: Config, data: str | os.PathLike | None, synthetic: Path | 
         return make_competition(folder, s, workers=max(1, min(cfg.prepare.workers, os.cpu_count() or 1)))
 
 
-def _check_synthetic(cfg: Config, root: Path) -> None:
+def check_synthetic(cfg: Config, root: Path) -> None:
     """Refuses a synthetic competition made with other `synth` settings than ``cfg`` asks for."""
     wanted = dataclasses.asdict(cfg.synth)
     made = synthetic_settings(root)
@@ -214,12 +214,30 @@ def check_images(cfg: Config, data_dir: Path, train: pd.DataFrame, cache: Path) 
         )
 
 
+def warn_from_scratch(cfg: Config) -> None:
+    """Says, for a config meant for the real data, which CNNs will train from scratch for want of a local
+    pretrained file: every winning solution started from ImageNet weights."""
+    unset = [
+        f"{name}.pretrained_file"
+        for name, section, used in (("slice", cfg.slice, True), ("crop", cfg.crop, cfg.crop.enabled))
+        if used and not section.pretrained_file
+    ]
+    if cfg.meant_for == "real" and unset:
+        log.warning(
+            "%s not set: the %s trains from scratch, slower and weaker than from ImageNet weights; the "
+            "README's 'Pretrained weights' says how to get a local file once",
+            " and ".join(unset),
+            "CNN" if len(unset) == 1 else "CNNs",
+        )
+
+
 def setup_run(cfg: Config, data_dir: Path, run_dir: str | os.PathLike) -> pd.DataFrame:
     """The run folder: its config (bound to its artifacts), training labels, folds (kept if present: CV
     stays comparable), after checking every input the stages will need."""
     run = Run(run_dir)
     check_writable(run.root)
     check_meant_for(cfg, data_dir)
+    warn_from_scratch(cfg)
     train = run_studies(cfg, data_dir)
     check_inputs(cfg, data_dir, train)
     check_images(cfg, data_dir, train, run.cache.root)

@@ -363,7 +363,12 @@ def predict(
     test = read_test(data_dir)
     uids = list_test_studies(data_dir, test)
     if not uids and cfg.predict.self_test:
-        self_test(data_dir, ensemble, cfg)
+        failed = self_test(data_dir, ensemble, cfg)
+        if failed:  # a bundle that cannot read a study must fail the public rerun, not the hidden one
+            raise PredictionError(
+                f"self-test: {len(failed)} training studies failed with the bundle's models; no submission "
+                "written. First causes: " + "; ".join(f"{u}: {c}" for u, c in list(failed.items())[:3])
+            )
     started = time.perf_counter()
     log.info(
         "predict: %d studies on %s, read by %d worker processes",

@@ -229,7 +229,9 @@ def segment_share(
     groups = list(index.groupby("StudyInstanceUID", sort=False))[rt.rank :: rt.world_size]
     rows, extents, dice = [], [], []
     for uid, part in progress(groups, "segment studies", unit="study", enabled=rt.is_main):
-        study = load_study_images(run.cache.root, uid)
+        # in memory, decoded once (69 MB at 256 px × 350 slices): the planes cut across every slice, and
+        # a zarr store read plane by plane decodes the whole study for each batch (16 s a batch, 0.6 s so)
+        study = np.asarray(load_study_images(run.cache.root, uid))
         fold = folds.get(uid)
         with autocast(rt.device, dtype):
             labels = segment_study(

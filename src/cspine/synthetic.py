@@ -221,6 +221,7 @@ def make_competition(
         image_size=s.image_size,
         n_slices=s.n_slices or None,
         slice_range=tuple(s.slice_range),
+        head_mm=tuple(s.head_mm) or None,
         difficulty=s.difficulty,
     )
     plan_rng = np.random.default_rng([seed, 1])
