@@ -127,18 +127,22 @@ def test_the_crop_store_gives_back_exactly_the_crops_cut_holding_each_plane_once
     _, boxes = preprocess_study(series.hu, 48)
     labels = labels_in_cache_frame(truth, boxes, 48)
     places = place_vertebrae(vertebra_extents(labels, 4)[1], len(series), 48)
-    spec = crop_spec(32, 15, 2, 0.15)
     bone = bone_u8(series.hu)
-    dense = cut_study(bone, labels, places, boxes, 48, spec)  # a box a slice: squares differ by slice
-    parts = cut_study_planes(bone, labels, places, boxes, 48, spec)
-    path = write_crop_store(tmp_path / f"{uid}.npz", parts)
-    assert read_crop_store(path).shape == (7, 15, 6, 32, 32)
-    np.testing.assert_array_equal(read_crop_store(path), dense)
-    for k in range(7):
-        np.testing.assert_array_equal(read_crop_store(path, k), dense[k])
-    planes = sum(len(p["frames"]) for p in parts)
-    assert planes < 7 * 15 * 5 * 0.8  # neighbours shared between picks are kept once
-    assert path.stat().st_size < dense.nbytes / 2
+    # 32 px: the scan's pixels are kept and resized when read; 6 px: squares wider than the crop, kept resized
+    for size in (32, 6):
+        spec = crop_spec(size, 15, 2, 0.15)
+        dense = cut_study(bone, labels, places, boxes, 48, spec)  # a box a slice: squares differ by slice
+        parts = cut_study_planes(bone, labels, places, boxes, 48, spec)
+        path = write_crop_store(tmp_path / f"{uid}.npz", parts)
+        assert read_crop_store(path).shape == (7, 15, 6, size, size)
+        np.testing.assert_array_equal(read_crop_store(path), dense)
+        for k in range(7):
+            np.testing.assert_array_equal(read_crop_store(path, k), dense[k])
+        resized = np.concatenate([p["frames"][:, 2] < 0 for p in parts])
+        assert resized.all() if size == 6 else not resized.all()  # both kinds, each read back exactly
+        planes = sum(len(p["frames"]) for p in parts)
+        assert planes < 7 * 15 * 5 * 0.8  # neighbours shared between picks are kept once
+        assert path.stat().st_size < dense.nbytes / 2
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CropStoreError, match=uid):
         read_crop_store(path, 3)

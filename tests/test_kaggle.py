@@ -163,3 +163,23 @@ def test_the_bundle_installs_offline_into_kaggles_preinstalled_set_and_writes_a_
     ).stdout
     for training_only in ("albumentations", "iterative-stratification", "grad-cam", "python-gdcm", "zarr"):
         assert training_only not in listed.lower()
+
+
+def test_a_failed_packaging_keeps_the_old_bundle(smoke_run, tmp_path, monkeypatch):
+    """The wheels' download fails (no package index): the old bundle stays whole, nothing half-made is left,
+    and the error says so in one line (no traceback at the command line: an OSError)."""
+    import cspine.kaggle
+    from cspine.kaggle import PackagingError
+
+    out = package_kaggle(load_config(SMOKE_CONFIG), smoke_run, tmp_path / "bundle", wheels=False)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+
+    def no_index(wheel_dir, python):
+        raise subprocess.CalledProcessError(1, [sys.executable, "-m", "pip", "download", "-q"])
+
+    monkeypatch.setattr(cspine.kaggle, "download_wheels", no_index)
+    with pytest.raises(PackagingError, match=r"`pip download` failed.*bundle is unchanged"):
+        package_kaggle(load_config(SMOKE_CONFIG), smoke_run, out, wheels=True)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert json.loads((out / MARKER).read_text())["wheels"] is False
+    assert not (tmp_path / "bundle.partial").exists() and isinstance(PackagingError("x"), OSError)

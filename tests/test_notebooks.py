@@ -112,3 +112,36 @@ def test_the_saved_outputs_hold_no_machine_paths(notebook):
     text = "\n".join(str(o) for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     found = re.findall(re.escape(str(path.resolve().parents[1])) + r"[\w./-]*|/tmp/[\w./-]+", text)
     assert not found, f"{path.name} saves {sorted(set(found))[:3]}"
+
+
+@pytest.mark.slow
+def test_the_executed_submission_notebook_fails_on_a_broken_bundle(tmp_path, monkeypatch):
+    """Kaggle commits a notebook that ends without an error: a bundle that cannot submit must stop it.
+    Executed as `jupyter nbconvert --execute` does, with a bundle made for another Python; the script's
+    error reaches the notebook as an exception (under `%run` it was printed and the notebook went on)."""
+    import json
+    import shutil
+
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    from cspine import kaggle_inference
+
+    here = Path(__file__).resolve().parents[1] / "notebooks"
+    bundle = tmp_path / "input" / "someones-bundle"
+    bundle.mkdir(parents=True)
+    shutil.copy(kaggle_inference.__file__, bundle / "kaggle_inference.py")
+    (bundle / kaggle_inference.MARKER).write_text(json.dumps({"python": "2.7", "wheels": False}))
+    monkeypatch.setenv("CSPINE_KAGGLE_INPUT", str(tmp_path / "input"))
+    nb = nbformat.read(here / "kaggle_submission.ipynb", as_version=4)
+    for cell in nb.cells:  # the cell is tagged to be skipped here (it needs /kaggle/input): run it
+        cell.metadata["tags"] = []
+    with pytest.raises(CellExecutionError, match="BundleError.*wheels are for Python 2.7"):
+        NotebookClient(
+            nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": tmp_path}}
+        ).execute()
+    shutil.rmtree(bundle)  # none attached: the cell's own check stops it too
+    with pytest.raises(CellExecutionError, match="0 cspine bundles are attached"):
+        NotebookClient(
+            nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": tmp_path}}
+        ).execute()

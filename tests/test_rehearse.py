@@ -15,7 +15,7 @@ import pytest
 
 from cspine.config import load_config
 from cspine.measure import Measured, tree_memory
-from cspine.pipeline import STAGE_NAMES
+from cspine.pipeline import STAGE_NAMES, check_synthetic
 from cspine.rehearse import Shape, rehearse, time_cuts
 
 # the smoke config with every track on: the least size that reaches every path
@@ -125,6 +125,7 @@ def test_a_slice_range_draws_the_phantoms_slices_and_reversed_files(tmp_path):
         ],
     )
     root = make_competition(tmp_path / "c", cfg.synth)
+    check_synthetic(cfg, root)  # made with these settings: reused (tuples recorded as JSON lists)
     truth = pd.read_csv(root / "truth" / "vertebrae.csv")
     counts = truth.groupby("StudyInstanceUID").size()
     assert counts.between(30, 40 * 1.3).all() and counts.nunique() > 1

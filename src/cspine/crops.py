@@ -163,7 +163,8 @@ def cut_planes(
 
     Returns:
         ``patches`` uint8 [P] (every plane's pixels, one after the other), ``frames`` float [U, 5] (each
-        plane's height and width, and its square's centre y, x and half side in the plane), ``index`` int16
+        plane's height and width, and its square's centre y, x and half side in the plane; a centre of −1:
+        a square wider than ``size``, whose plane is kept resized, the smaller of the two), ``index`` int16
         [slices, 2·context + 1] (the plane of each pick's every neighbour, head to feet) and ``own`` uint8
         [slices, size, size] (the vertebra's own label, 0 or 255, at ``size``).
     """
@@ -183,6 +184,8 @@ def cut_planes(
             if key not in seen:
                 seen[key] = len(patches)
                 patch, py, px = _patch(bone[z], *square)
+                if 2 * square[2] > size:  # a square wider than the crop: the resized plane is the smaller
+                    patch, py, px = _warp(patch, py, px, square[2], size, cv2.INTER_AREA), -1.0, -1.0
                 patches.append(patch)
                 frames.append((*patch.shape, py, px, square[2]))
             index[j, c] = seen[key]
@@ -202,7 +205,7 @@ def assemble(patches: np.ndarray, frames: np.ndarray, index: np.ndarray, own: np
     planes, start = [], 0
     for h, w, py, px, half in frames:
         patch = patches[start : start + int(h) * int(w)].reshape(int(h), int(w))
-        planes.append(_warp(patch, py, px, half, size, cv2.INTER_AREA))
+        planes.append(patch if py < 0 else _warp(patch, py, px, half, size, cv2.INTER_AREA))
         start += int(h) * int(w)
     return np.concatenate([np.stack(planes)[index], own[:, None]], axis=1)
 

@@ -188,28 +188,56 @@ def package_kaggle(
         FileNotFoundError: no trained models in ``models_dir``.
         FileExistsError: ``out`` is not safe to replace (`check_bundle_folder`).
         CheckpointError: a checkpoint is damaged; nothing is written.
+        PackagingError: building a wheel or downloading one failed; ``out`` is as it was.
     """
     models_dir, out = Path(models_dir), Path(out)
     python = python or f"{sys.version_info.major}.{sys.version_info.minor}"
     models = Run(models_dir)
     check_bundle_folder(out, models_dir)
     checkpoints, blstms = _verified_checkpoints(cfg, models)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    write_json(
-        {
-            "python": python,
-            "platforms": PLATFORMS,
-            "requirements": INFERENCE_REQUIREMENTS,
-            "cspine": __version__,
-            "wheels": wheels,
-        },
-        out / MARKER,
+    # built beside the old bundle and swapped in whole: a failure (no package index, a full disk, an
+    # interrupt) leaves the old bundle as it was
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        _write_bundle(partial, cfg, models, [*checkpoints, *blstms], wheels, dataset, python)
+    except subprocess.CalledProcessError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise PackagingError(
+            f"package-kaggle: `pip {exc.cmd[3]}` failed (exit {exc.returncode}; pip's "
+            f"message above says why); {out} is unchanged. Without the package index, --no-wheels bundles "
+            "cspine alone"
+        ) from None
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    _swap(partial, out)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    log.info(
+        "Kaggle bundle in %s for Python %s: %d slice CNNs, %d other models, %.1f MB; upload it with "
+        "`kaggle datasets create -p %s --dir-mode zip`",
+        out,
+        python,
+        len(checkpoints),
+        len(blstms),
+        size / 1e6,
+        out,
     )
+    return out
+
+
+class PackagingError(OSError):
+    """A bundle that could not be built; the old one, if any, is kept."""
+
+
+def _write_bundle(
+    out: Path, cfg: Config, models: Run, checkpoints: list[Path], wheels: bool, dataset: str, python: str
+) -> None:
+    """Writes a whole bundle into the new folder ``out``; the manifest last (it marks the folder a bundle)."""
+    out.mkdir(parents=True)
     bundle = Run(out / "models")
-    for path in [*checkpoints, *blstms]:
-        _copy(path, bundle.root / path.relative_to(models_dir))
+    for path in checkpoints:
+        _copy(path, bundle.root / path.relative_to(models.root))
     for src, dst in ((models.labels, bundle.labels), (models.folds, bundle.folds)):
         if src.is_file():
             _copy(src, dst)
@@ -225,15 +253,23 @@ def package_kaggle(
     build_cspine_wheel(out / "wheels")
     if wheels:
         download_wheels(out / "wheels", python)
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    log.info(
-        "Kaggle bundle in %s for Python %s: %d slice CNNs, %d other models, %.1f MB; upload it with "
-        "`kaggle datasets create -p %s --dir-mode zip`",
-        out,
-        python,
-        len(checkpoints),
-        len(blstms),
-        size / 1e6,
-        out,
+    write_json(
+        {
+            "python": python,
+            "platforms": PLATFORMS,
+            "requirements": INFERENCE_REQUIREMENTS,
+            "cspine": __version__,
+            "wheels": wheels,
+        },
+        out / MARKER,
     )
-    return out
+
+
+def _swap(new: Path, out: Path) -> None:
+    """Puts the folder ``new`` in the place of ``out`` (which may not exist), the old one removed after."""
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)

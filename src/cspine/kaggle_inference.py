@@ -1,5 +1,6 @@
 """Kaggle notebook cell (internet off): find the cspine bundle, check it fits this Python, install it
-offline, write the submission. Run it as `%run /kaggle/input/<your dataset>/kaggle_inference.py`, or paste it.
+offline, write the submission. Run it in a cell as `notebooks/kaggle_submission.ipynb` does (`exec` of the
+file, so that a failure stops the notebook: `%run` would print it and go on), or paste it.
 
 CSPINE_BUNDLE (the bundle folder), CSPINE_KAGGLE_INPUT (where to look for it) and CSPINE_SUBMISSION (the
 output) override the defaults; the competition data is found as `python -m cspine predict` finds it.
@@ -20,6 +21,12 @@ from pathlib import Path
 MARKER = "cspine-bundle.json"  # the bundle's manifest (`cspine.kaggle.MARKER`)
 
 
+class BundleError(RuntimeError):
+    """Why the bundle cannot submit. An exception, not `sys.exit`: IPython's `%run` shows a SystemExit and
+    carries on, so a notebook would end "successfully" with no submission; an exception stops the cell, and
+    `nbconvert --execute` and Kaggle's commit with it."""
+
+
 def find_bundle() -> Path:
     if os.environ.get("CSPINE_BUNDLE"):
         return Path(os.environ["CSPINE_BUNDLE"])
@@ -29,7 +36,7 @@ def find_bundle() -> Path:
     found = sorted({p.parent for depth in ("*", "*/*", "*/*/*") for p in root.glob(f"{depth}/{MARKER}")})
     if len(found) != 1:
         listed = ", ".join(sorted(p.name for p in root.iterdir())) if root.is_dir() else "nothing"
-        sys.exit(
+        raise BundleError(
             f"cspine: {len(found)} bundles (folders holding {MARKER}) under {root}: "
             f"{', '.join(map(str, found)) or 'none'}; attached there: {listed}. Attach the bundle dataset, "
             "or set CSPINE_BUNDLE to its folder"
@@ -40,7 +47,7 @@ def find_bundle() -> Path:
 def check_interpreter(bundle: Path, manifest: dict) -> None:
     have = f"{sys.version_info.major}.{sys.version_info.minor}"
     if manifest["python"] != have:
-        sys.exit(
+        raise BundleError(
             f"cspine: the bundle's wheels are for Python {manifest['python']}, this notebook runs Python "
             f"{have} ({sys.executable}); rebuild it with `python -m cspine package-kaggle --python {have}`"
         )
@@ -56,7 +63,7 @@ def check_interpreter(bundle: Path, manifest: dict) -> None:
         if not set(parse_wheel_filename(w.name)[3]) & supported
     ]
     if unusable:
-        sys.exit(
+        raise BundleError(
             f"cspine: {len(unusable)} wheels of the bundle do not install on this interpreter "
             f"({sys.executable}, Python {have}): {', '.join(unusable)}"
         )
@@ -88,7 +95,7 @@ def main() -> None:
     else:
         missing = missing_requirements(manifest["requirements"])
         if missing:
-            sys.exit(
+            raise BundleError(
                 f"cspine: the bundle was made with --no-wheels, and this Python lacks {', '.join(missing)}; "
                 "install them, or rebuild the bundle without --no-wheels"
             )
@@ -108,7 +115,7 @@ def main() -> None:
         ]
     )
     if done.returncode:
-        sys.exit(
+        raise BundleError(
             f"cspine: predict failed (exit {done.returncode}; its log above says why); no submission written"
         )
     print("submission written to", out)

@@ -17,12 +17,12 @@ import psutil
 import torch
 
 
-def tree_memory(process: psutil.Process) -> int:
-    """Bytes of memory a process and all its descendants hold: the proportional set size (a page shared
-    by n processes counts 1/n in each, so forked workers are not counted twice), or the resident set
-    where the kernel gives no PSS."""
+def tree_memory(process: psutil.Process, children_only: bool = False) -> int:
+    """Bytes of memory a process and all its descendants hold (or its descendants alone): the proportional
+    set size (a page shared by n processes counts 1/n in each, so forked workers are not counted twice),
+    or the resident set where the kernel gives no PSS."""
     total = 0
-    for p in (process, *process.children(recursive=True)):
+    for p in (*(() if children_only else (process,)), *process.children(recursive=True)):
         try:
             info = p.memory_full_info()
             total += getattr(info, "pss", info.rss)
@@ -33,10 +33,12 @@ def tree_memory(process: psutil.Process) -> int:
 
 class Measured:
     """A context that samples this process tree's memory every ``interval`` seconds in a thread, and reads
-    the peak GPU memory allocated by this process (CUDA only; the workers' is not seen)."""
+    the peak GPU memory allocated by this process (CUDA only; the workers' is not seen). With
+    ``children_only``, only the processes this one starts count (work run in a fresh process: a notebook)."""
 
-    def __init__(self, interval: float = 0.2):
+    def __init__(self, interval: float = 0.2, children_only: bool = False):
         self.interval = interval
+        self.children_only = children_only
         self.seconds = 0.0
         self.peak_bytes = 0
         self.gpu_peak_bytes: int | None = None
@@ -46,7 +48,7 @@ class Measured:
     def _sample(self) -> None:
         me = psutil.Process(os.getpid())
         while True:
-            self.peak_bytes = max(self.peak_bytes, tree_memory(me))
+            self.peak_bytes = max(self.peak_bytes, tree_memory(me, self.children_only))
             if self._stop.wait(self.interval):
                 return
 
@@ -62,7 +64,7 @@ class Measured:
         self.seconds = time.perf_counter() - self._started
         self._stop.set()
         self._thread.join()
-        self.peak_bytes = max(self.peak_bytes, tree_memory(psutil.Process(os.getpid())))
+        self.peak_bytes = max(self.peak_bytes, tree_memory(psutil.Process(os.getpid()), self.children_only))
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             self.gpu_peak_bytes = int(torch.cuda.max_memory_allocated())

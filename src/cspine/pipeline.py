@@ -14,6 +14,7 @@ each stage whose outputs are complete is skipped, and within a stage finished st
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -87,7 +88,7 @@ def resolve_data(cfg: Config, data: str | os.PathLike | None, synthetic: Path | 
 
 def check_synthetic(cfg: Config, root: Path) -> None:
     """Refuses a synthetic competition made with other `synth` settings than ``cfg`` asks for."""
-    wanted = dataclasses.asdict(cfg.synth)
+    wanted = json.loads(json.dumps(dataclasses.asdict(cfg.synth)))  # as recorded: tuples are lists in JSON
     made = synthetic_settings(root)
     differ = [
         f"synth.{k}={v!r} (it has {made.get(k)!r})" for k, v in wanted.items() if made and made.get(k) != v

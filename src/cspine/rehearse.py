@@ -32,16 +32,27 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from cspine.cache import read_meta
 from cspine.competition import is_complete, read_test
 from cspine.config import Config, load_config
+from cspine.crops import (
+    bone_u8,
+    crop_spec,
+    cut_study_planes,
+    place_vertebrae,
+    read_crop_store,
+    write_crop_store,
+)
 from cspine.dicom import load_series
 from cspine.kaggle import package_kaggle
 from cspine.measure import Measured, folder_bytes
 from cspine.pipeline import STAGES, Job, check_synthetic, setup_run
 from cspine.preprocess import preprocess_study
 from cspine.runs import Run, check_writable, run_lock, write_json, write_text
+from cspine.segmenter import vertebra_extents
 from cspine.submission import validate_submission
 from cspine.synthetic import make_competition
 
@@ -56,6 +67,7 @@ REAL_HIDDEN_STUDIES = 1500
 KAGGLE_DISK = 20e9
 KAGGLE_RAM = 29e9
 KAGGLE_HOURS = 9.0
+TRUE_CROPS = "crops, cut at the true vertebrae"  # the artifact the disk projection counts for crops
 
 
 @dataclass(frozen=True)
@@ -134,10 +146,11 @@ class Rehearsal:
     kaggle: list[dict] = field(default_factory=list)
 
 
-def _measure(name: str, work, *args, folder: Path | None = None) -> tuple[Step, object]:
-    """Runs ``work(*args)`` measured; ``written`` is what ``folder`` grew by."""
+def _measure(name: str, work, *args, folder: Path | None = None, apart: bool = False) -> tuple[Step, object]:
+    """Runs ``work(*args)`` measured; ``written`` is what ``folder`` grew by; ``apart``: the work runs in
+    processes of its own, and only their memory counts."""
     before = folder_bytes(folder) if folder else 0
-    with Measured() as m:
+    with Measured(children_only=apart) as m:
         result = work(*args)
     step = Step(
         name, m.seconds, m.peak_bytes, m.gpu_peak_bytes, (folder_bytes(folder) - before) if folder else 0
@@ -185,6 +198,10 @@ def artifacts(run: Run, cfg: Config, studies: int) -> dict[str, dict]:
         name: {"bytes": folder_bytes(path), "per_study": folder_bytes(path) / studies}
         for name, path in per_study.items()
     }
+    # the masks a masked study keeps in the cache: 4% of the real studies, most of the phantoms
+    masks = folder_bytes(run.cache.root, "*.mask.npy")
+    out["slice cache"] = {"bytes": out["slice cache"]["bytes"] - masks}
+    out["slice cache"]["per_study"] = out["slice cache"]["bytes"] / studies
     for name, (path, pattern) in per_model.items():
         out[name] = {"bytes": folder_bytes(path, pattern), "per_fold": folder_bytes(path, pattern) / 2}
     return out
@@ -261,7 +278,7 @@ def rehearse_kaggle(cfg: Config, run: Run, data_dir: Path, out: Path) -> tuple[l
         )
         submission = out / "working" / f"{name.split()[1]}-submission.csv"
         submission.unlink(missing_ok=True)
-        step, done = _measure(name, kaggle_rerun, bundle, python, data, submission)
+        step, done = _measure(name, kaggle_rerun, bundle, python, data, submission, apart=True)
         write_text(out / f"{name.split()[1]}-rerun.log", done.stdout + done.stderr)
         ok = done.returncode == 0 and submission.is_file()
         if ok:
@@ -279,6 +296,34 @@ def rehearse_kaggle(cfg: Config, run: Run, data_dir: Path, out: Path) -> tuple[l
             {"rerun": name, "exit": done.returncode, "submission_rows": len(pd.read_csv(submission))}
         )
     return steps, checks
+
+
+def true_crops(cfg: Config, run: Run, data_dir: Path, out: Path) -> dict[str, float]:
+    """The crop store measured where a trained segmentation puts the vertebrae: each masked study cut at
+    its true vertebrae (the rehearsal's own segmentation trains a few steps and places them anywhere);
+    bytes a study, and seconds to read one vertebra back as the training loader does."""
+    spec = crop_spec(cfg.crop.size, cfg.crop.slices, cfg.crop.context, cfg.crop.margin)
+    sizes, reads = [], []
+    masked = [u for u in run.cache.read_index()["StudyInstanceUID"].unique() if run.cache.mask(u).is_file()]
+    for uid in masked:
+        meta, labels = read_meta(run.cache.root, uid), np.load(run.cache.mask(uid))
+        places = place_vertebrae(
+            vertebra_extents(labels, cfg.seg.min_pixels)[1], len(labels), labels.shape[1]
+        )
+        bone = bone_u8(load_series(data_dir / "train_images" / uid).hu)
+        parts = cut_study_planes(bone, labels, places, meta["crop"], labels.shape[1], spec)
+        path = write_crop_store(out / f"{uid}.npz", parts)
+        sizes.append(path.stat().st_size)
+        for k in range(len(places)):
+            started = time.perf_counter()
+            read_crop_store(path, k)
+            reads.append(time.perf_counter() - started)
+    shutil.rmtree(out, ignore_errors=True)
+    return {
+        "true_crops_bytes_per_study": float(np.mean(sizes)),
+        "crop_read_s_per_vertebra": float(np.mean(reads)),
+        "true_crops_studies": len(sizes),
+    }
 
 
 def _history(paths: list[Path]) -> pd.DataFrame:
@@ -353,8 +398,11 @@ def project(full: Config, rates: dict[str, float], arts: dict[str, dict]) -> tup
         for name, unit, units, rate in rows
         if rate is not None
     ]
-    disk = sum(arts[a]["per_study"] * REAL_TRAIN_STUDIES for a in arts if "per_study" in arts[a]) + sum(
-        arts[a]["per_fold"] * k for a in arts if "per_fold" in arts[a]
+    per_study = {a: v["per_study"] for a, v in arts.items() if "per_study" in v}
+    if TRUE_CROPS in per_study:  # what a trained segmentation's crops take, not this one's
+        per_study.pop("crops")
+    disk = sum(per_study.values()) * REAL_TRAIN_STUDIES + sum(
+        v["per_fold"] * k for v in arts.values() if "per_fold" in v
     )
     predict_hours = next((p["hours"] for p in projection if p["stage"].startswith("predict")), None)
     limits = [
@@ -451,6 +499,10 @@ def rehearse(
     by_name = {s.name: s for s in r.steps}
     r.artifacts = artifacts(run, cfg, shape.train)
     r.rates = measured_rates(cfg, run, by_name, data)
+    if cfg.crop.enabled:
+        r.rates.update(true_crops(cfg, run, data, out / "true-crops"))
+        per_study = r.rates["true_crops_bytes_per_study"]
+        r.artifacts[TRUE_CROPS] = {"bytes": per_study * r.rates["true_crops_studies"], "per_study": per_study}
     r.projection, r.kaggle = project(full, r.rates, r.artifacts)
     peak = max(s.peak_bytes for s in r.steps)
     r.kaggle.insert(

@@ -1,0 +1,58 @@
+"""One figure, one source: what the README quotes of the rehearsal is what docs/gpu.md's table says, and the
+figures the rehearsal replaced are gone."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+START, END = "<!-- rehearsal: start -->", "<!-- rehearsal: end -->"
+
+
+def rehearsal_tables() -> dict[str, dict[str, list[str]]]:
+    """docs/gpu.md's rehearsal block (`python -m cspine rehearse`'s table.md, pasted whole), as
+    {first header cell: {row name: its cells}}."""
+    text = (REPO / "docs" / "gpu.md").read_text()
+    assert START in text and END in text, "docs/gpu.md lost its rehearsal block"
+    block = text[text.index(START) : text.index(END)]
+    tables: dict[str, dict[str, list[str]]] = {}
+    header = None
+    for line in block.splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if header is None:
+            header = cells[0]
+            tables[header] = {}
+        elif not set(cells[0]) <= set("-"):
+            tables[header][cells[0]] = cells[1:]
+    return tables
+
+
+def test_the_readme_quotes_the_rehearsals_figures_as_docs_gpu_gives_them():
+    tables = rehearsal_tables()
+    steps, artifacts, limits = tables["step"], tables["artifact"], tables["Kaggle's limit"]
+    readme = (REPO / "README.md").read_text()
+    peak = max((cells[1] for cells in steps.values() if cells[1] != "—"), key=lambda v: float(v.split()[0]))
+    quotes = {
+        "peak memory": f"peak memory {peak}",
+        "crops a study": f"crops {artifacts['crops, cut at the true vertebrae'][1]} a study",
+        "cache a study": f"cache {artifacts['slice cache'][1]} a study",
+        "the training set's disk": f"{limits['working disk'][1]} for the training set",
+    }
+    missing = {name: quote for name, quote in quotes.items() if quote not in readme}
+    assert not missing, f"the README does not quote docs/gpu.md's rehearsal: {missing}"
+    minutes = re.search(r"rehearsal of `rsna` took \*\*([\d.]+) min", (REPO / "docs" / "gpu.md").read_text())
+    assert minutes and f"{minutes.group(1)} min" in readme
+
+
+def test_the_figures_the_rehearsal_replaced_are_quoted_nowhere():
+    """The crop store's 84 GB and the disk's 147 GB were arithmetic before the rehearsal measured them."""
+    texts = [REPO / "README.md", *(REPO / "notebooks").glob("*.ipynb"), *(REPO / "src" / "cspine").rglob("*.yaml")]
+    texts += [REPO / "docs" / "gpu.md", REPO / "benchmarks" / "README.md"]
+    for path in texts:
+        text = path.read_text()
+        for stale in ("84 GB", "147 GB", "41 MB each"):
+            assert stale not in text, f"{path.relative_to(REPO)} still quotes {stale}"
