@@ -50,7 +50,11 @@ def test_the_readme_quotes_the_rehearsals_figures_as_docs_gpu_gives_them():
 
 def test_the_figures_the_rehearsal_replaced_are_quoted_nowhere():
     """The crop store's 84 GB and the disk's 147 GB were arithmetic before the rehearsal measured them."""
-    texts = [REPO / "README.md", *(REPO / "notebooks").glob("*.ipynb"), *(REPO / "src" / "cspine").rglob("*.yaml")]
+    texts = [
+        REPO / "README.md",
+        *(REPO / "notebooks").glob("*.ipynb"),
+        *(REPO / "src" / "cspine").rglob("*.yaml"),
+    ]
     texts += [REPO / "docs" / "gpu.md", REPO / "benchmarks" / "README.md"]
     for path in texts:
         text = path.read_text()

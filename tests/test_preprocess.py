@@ -161,3 +161,18 @@ def test_study_crop_is_steady_and_ignores_outliers(phantom):
     assert study_crop_box([(0, 128, 0, 128)] * 3, (128, 128)) == (0, 128, 0, 128)
     with pytest.raises(ValueError, match="crop"):
         preprocess_study(phantom.hu[:2], crop="volume")
+
+
+def test_a_study_is_windowed_in_chunks_exactly_as_at_once():
+    """No float copy of the whole study (367 MB at the real shape, in each of prepare's workers): the
+    slices are windowed CHUNK at a time, and give what the whole volume at once gives."""
+    from cspine.crops import bone_u8
+    from cspine.preprocess import CHUNK, WINDOWS, _square_resize, _window_u8, windows_u8
+
+    rng = np.random.default_rng(0)
+    hu = rng.normal(0, 600, size=(CHUNK * 2 + 5, 40, 48)).astype(np.float32)
+    images, boxes = preprocess_study(hu, 24)
+    y0, y1, x0, x1 = boxes[0]
+    expected = np.stack([_square_resize(c, 24) for c in windows_u8(hu[:, y0:y1, x0:x1])])
+    np.testing.assert_array_equal(images, expected)
+    np.testing.assert_array_equal(bone_u8(hu), _window_u8(hu, *WINDOWS[1][1:]))

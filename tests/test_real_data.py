@@ -7,12 +7,14 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from cspine import TARGETS
 from cspine.competition import COMPLETE_MARKER, DataError, read_train, select_studies
 from cspine.config import ConfigError, load_config
 from cspine.pipeline import setup_run
 from cspine.runs import Run
+from cspine.runtime import NoGPU
 
 
 @pytest.fixture
@@ -37,7 +39,11 @@ def test_a_demo_config_is_refused_on_real_data_and_says_which_to_use(real_lookin
     assert main(["prepare", "--data", str(real_looking), "--out", str(tmp_path / "cli")]) == 2
     assert not (tmp_path / "cli" / "config.yaml").exists()  # nothing bound to the refused config
     setup_run(load_config("smoke", ["meant_for=any"]), real_looking, tmp_path / "asked")  # unless asked
-    setup_run(load_config("rsna", ["folds.n_splits=2", "seq.inner_folds=2"]), real_looking, tmp_path / "rsna")
+    small = ["folds.n_splits=2", "seq.inner_folds=2", "seg.folds=2"]
+    if not torch.cuda.is_available():  # the rsna recipe is made for a GPU: refused at once without one
+        with pytest.raises(NoGPU, match="device=auto"):
+            setup_run(load_config("rsna", small), real_looking, tmp_path / "rsna")
+    setup_run(load_config("rsna", [*small, "device=auto"]), real_looking, tmp_path / "rsna")
     setup_run(load_config("smoke"), synthetic_root, tmp_path / "phantoms")  # the phantoms it is made for
     with pytest.raises(ConfigError, match="meant_for='gpu'"):
         setup_run(load_config("smoke", ["meant_for=gpu"]), synthetic_root, tmp_path / "bad")
@@ -161,3 +167,17 @@ def test_an_empty_or_header_only_study_list_is_named(tmp_path):
         listed.write_text(text)
         with pytest.raises(DataError, match=r"list\.csv lists no study"):
             select_studies(train, tmp_path, study_list=str(listed))
+
+
+def test_run_stops_before_the_first_stage_when_the_segment_stage_lacks_segmentations(real_looking, tmp_path):
+    """The vertebra and crop tracks need the segment stage, which needs masks: counted before prepare, not
+    found hours later."""
+    vertebrae = ["meant_for=any", "slice.labels=vertebrae", "seg.folds=2"]
+    masks = sorted((real_looking / "segmentations").iterdir())
+    for mask in masks[3:]:
+        mask.unlink()
+    with pytest.raises(
+        DataError, match=r"3 of the \d+ studies .* segmentation.*at least 4.*vert.enabled=false"
+    ):
+        setup_run(load_config("smoke", vertebrae), real_looking, tmp_path / "few")
+    setup_run(load_config("smoke", ["meant_for=any"]), real_looking, tmp_path / "boxes")  # no segment stage

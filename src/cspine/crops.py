@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from cspine import VERTEBRAE
-from cspine.preprocess import WINDOWS, Box, _window_u8
+from cspine.preprocess import CHUNK, WINDOWS, Box, _window_u8
 from cspine.runs import atomic_path
 
 BONE = WINDOWS[1]  # the standard bone window: cortex and the dark line of a break both keep contrast
@@ -40,8 +40,12 @@ def crop_channels(spec: dict) -> int:
 
 
 def bone_u8(hu: np.ndarray) -> np.ndarray:
-    """uint8 [N, H, W]: a study's HU in the standard bone window."""
-    return _window_u8(np.asarray(hu, np.float32), *BONE[1:])
+    """uint8 [N, H, W]: a study's HU in the standard bone window (`CHUNK` slices at a time: no float copy
+    of the whole study)."""
+    out = np.empty(hu.shape, np.uint8)
+    for start in range(0, len(hu), CHUNK):
+        out[start : start + CHUNK] = _window_u8(np.asarray(hu[start : start + CHUNK], np.float32), *BONE[1:])
+    return out
 
 
 def place_vertebrae(found: list[dict], n: int, size: int) -> list[dict]:

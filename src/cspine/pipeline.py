@@ -46,6 +46,7 @@ from cspine.extract import extract_fold, is_extracted
 from cspine.predict import predict
 from cspine.prepare import prepare
 from cspine.runs import Run, check_writable, run_lock, write_csv, write_text
+from cspine.runtime import pick_device
 from cspine.segment import is_segmented, segment
 from cspine.submission import default_submission_path
 from cspine.synthetic import make_competition, synthetic_settings
@@ -174,6 +175,16 @@ def check_inputs(cfg: Config, data_dir: Path, train: pd.DataFrame) -> None:
         raise ConfigError(f"seq.inner_folds={inner}: the BLSTMs train in at least 2 inner folds of each fold")
     if any(f not in range(k) for f in cfg.folds.folds):
         raise ConfigError(f"folds.folds={list(cfg.folds.folds)}: folds are numbered 0 to {k - 1}")
+    if needs_vertebrae(cfg):
+        masked = sum(find_mask(data_dir, u) is not None for u in train["StudyInstanceUID"])
+        least = 2 * max(cfg.seg.folds, 2)
+        if masked < least:
+            raise DataError(
+                f"{masked} of the {len(train)} studies the run uses have a segmentation in "
+                f"{data_dir / 'segmentations'}, and the segment stage's {cfg.seg.folds} folds need at least "
+                f"{least} (the real data has 87); add them, or run without the stages that need vertebrae: "
+                "slice.labels=boxes vert.enabled=false crop.enabled=false"
+            )
     per_fold = len(train) // k
     needed = inner if cfg.seq.train_on == "own_fold" else 2
     if per_fold < needed:
@@ -238,6 +249,9 @@ def setup_run(cfg: Config, data_dir: Path, run_dir: str | os.PathLike) -> pd.Dat
     run = Run(run_dir)
     check_writable(run.root)
     check_meant_for(cfg, data_dir)
+    pick_device(
+        cfg.device
+    )  # a config made for a GPU (device: cuda) stops here without one, naming device=auto
     warn_from_scratch(cfg)
     train = run_studies(cfg, data_dir)
     check_inputs(cfg, data_dir, train)

@@ -232,6 +232,11 @@ def _square_resize(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(padded, (size, size), interpolation=interpolation)
 
 
+# slices windowed at once: a float32 copy of a 512² × 350 study is 367 MB, and a reading process (8 of them
+# in `prepare`) held three such copies; 32 slices hold 34 MB (the rehearsal, docs/gpu.md)
+CHUNK = 32
+
+
 def windows_u8(hu: np.ndarray) -> np.ndarray:
     """The three windows of a [..., H, W] HU array as uint8 [..., H, W, 3]."""
     return np.stack([_window_u8(hu, c, w) for _, c, w in WINDOWS], axis=-1)
@@ -281,12 +286,10 @@ def preprocess_study(
     if crop == "study":
         boxes = [study_crop_box(boxes, hu.shape[1:])] * len(hu)
         y0, y1, x0, x1 = boxes[0]
-        channels = windows_u8(hu[:, y0:y1, x0:x1])
-        out = (
-            np.stack([_square_resize(c, size) for c in channels])
-            if len(hu)
-            else np.zeros((0, size, size, 3), np.uint8)
-        )
+        out = np.zeros((len(hu), size, size, 3), np.uint8)
+        for start in range(0, len(hu), CHUNK):  # a float copy of CHUNK slices at a time, not of the study
+            for k, c in enumerate(windows_u8(hu[start : start + CHUNK, y0:y1, x0:x1]), start):
+                out[k] = _square_resize(c, size)
         return out, boxes
     out = np.zeros((len(hu), size, size, 3), np.uint8)
     for k, (s, box) in enumerate(zip(hu, boxes)):

@@ -91,6 +91,7 @@ def time_cuts(cfg: Config, shape: Shape) -> list[str]:
     """
     return [
         f"name=rehearse-{cfg.name}",
+        "device=auto",  # the rehearsal runs where it is, on a GPU when there is one
         "folds.n_splits=2",
         "folds.folds=[]",
         "seg.folds=2",
