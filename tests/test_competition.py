@@ -224,3 +224,19 @@ def test_box_warnings_name_their_study():
     )
     with pytest.warns(UserWarning, match=r"study 1\.2\.3: 1 boxes name slice numbers absent"):
         slice_labels(np.arange(1, 10), boxes, "1.2.3")
+
+
+def test_a_mask_is_labelled_without_a_wide_copy():
+    """Found by the rehearsal: a real-shaped mask (512² × 350, 92 MB as uint8) was widened to int64 (734 MB)
+    to check its labels, in each of prepare's reading processes."""
+    import tracemalloc
+
+    from cspine.competition import mask_labels
+
+    data = np.zeros((40, 256, 256), np.uint8)
+    data[5:10], data[30:] = 3, 12
+    tracemalloc.start()
+    labels = mask_labels(data, Path("m.nii"))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 3 * data.nbytes and labels.dtype == np.uint8 and labels.max() == 8  # thoracic: one class

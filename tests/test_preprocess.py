@@ -176,3 +176,16 @@ def test_a_study_is_windowed_in_chunks_exactly_as_at_once():
     expected = np.stack([_square_resize(c, 24) for c in windows_u8(hu[:, y0:y1, x0:x1])])
     np.testing.assert_array_equal(images, expected)
     np.testing.assert_array_equal(bone_u8(hu), _window_u8(hu, *WINDOWS[1][1:]))
+
+
+def test_a_study_is_preprocessed_without_a_float_copy_of_it():
+    """Found by the rehearsal at the real shape: each of prepare's 8 reading processes held float copies of
+    the whole study (367 MB each at 512² × 350)."""
+    import tracemalloc
+
+    hu = np.random.default_rng(0).normal(0, 600, size=(200, 128, 128)).astype(np.float32)
+    tracemalloc.start()
+    preprocess_study(hu, 24)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 0.3 * hu.nbytes

@@ -214,14 +214,15 @@ def mask_labels(data: np.ndarray, path: Path) -> np.ndarray:
                 f"{path}: mask labels are not whole numbers (one is {off:.3f} away from the nearest)"
             )
         data = rounded
-    data = data.astype(np.int64)
-    bad = np.unique(data[(data < 0) | (data > MASK_LABELS)])
-    if len(bad):
+    # the range first, on the data as stored: a 512² × 350 mask is 92 MB as uint8 and 734 MB as int64
+    if data.size and (data.min() < 0 or data.max() > MASK_LABELS):
+        bad = np.unique(data[(data < 0) | (data > MASK_LABELS)])
         raise DataError(
-            f"{path}: mask labels {bad[:5].tolist()} are outside 0..{MASK_LABELS} (background, C1..C7 "
-            "as 1..7, T1..T12 as 8..19)"
+            f"{path}: mask labels {bad[:5].astype(np.int64).tolist()} are outside 0..{MASK_LABELS} "
+            "(background, C1..C7 as 1..7, T1..T12 as 8..19)"
         )
-    return np.minimum(data, THORACIC).astype(np.uint8)
+    labels = data.astype(np.uint8)
+    return np.minimum(labels, THORACIC, out=labels)
 
 
 def check_mask_order(mask: np.ndarray, path: Path) -> None:
