@@ -146,3 +146,14 @@ def test_synth_refuses_bad_sizes_before_writing_anything(tmp_path):
 
     assert main(["synth", "--out", str(tmp_path / "s"), "synth.n_test=-1"]) == 2
     assert not (tmp_path / "s").exists()
+
+
+def test_a_blend_over_unknown_models_or_over_none_of_the_runs_is_refused_when_the_config_loads():
+    """Both were found only after hours: an unknown name at the blend stage, and a blend of the crop track
+    alone on a run without it fitted over zero inputs and submitted one constant a target."""
+    with pytest.raises(ConfigError, match=r"blend.models=\['foo'\]: name one or more of"):
+        load_config("smoke", ["blend.models=[foo]"])
+    with pytest.raises(ConfigError, match="names only tracks this config does not train.*one constant"):
+        load_config("smoke", ["blend.models=[crop]"])
+    load_config("smoke", ["blend.models=[crop]", "blend.enabled=false"])  # no blend: nothing to read
+    load_config("smoke", ["blend.models=[crop,cnn]"])  # the CNN is always there

@@ -33,7 +33,7 @@ from sklearn.linear_model import LogisticRegression
 
 from cspine import TARGETS, VERTEBRAE
 from cspine.checkpoints import save_blend
-from cspine.config import BlendConfig, Config, ConfigError
+from cspine.config import BlendConfig, Config, blend_models, check_blend_models
 from cspine.features import features_signature, load_features
 from cspine.metrics import NEGATIVE_WEIGHT, POSITIVE_WEIGHT, best_constant, weighted_log_loss
 from cspine.runs import Run, digest, read_json, write_csv, write_json
@@ -50,16 +50,11 @@ from cspine.stacking import (
 
 log = logging.getLogger(__name__)
 
-MODELS = ("blstm", "cnn", "vertebra", "crop")
-TRACK_ENABLED = {"vertebra": lambda cfg: cfg.vert.enabled, "crop": lambda cfg: cfg.crop.enabled}
-
 
 def _models(cfg: Config) -> list[str]:
-    """The models whose outputs the blend reads: ``blend.models``, less the tracks the run does not train."""
-    unknown = sorted(set(cfg.blend.models) - set(MODELS))
-    if unknown or not cfg.blend.models:
-        raise ConfigError(f"blend.models={list(cfg.blend.models)}: name one or more of {MODELS}")
-    return [m for m in cfg.blend.models if m not in TRACK_ENABLED or TRACK_ENABLED[m](cfg)]
+    """The models whose outputs the blend reads (`cspine.config.blend_models`; checked when the config loads)."""
+    check_blend_models(cfg)
+    return blend_models(cfg)
 
 
 def _sources(run: Run, cfg: Config, fold: int) -> dict[str, object]:

@@ -471,6 +471,28 @@ RANGES = {
 }
 
 
+BLEND_MODELS = ("blstm", "cnn", "vertebra", "crop")  # what `blend.models` may name (`cspine.blend`)
+
+
+def blend_models(cfg: Config) -> list[str]:
+    """The models whose outputs the blend reads: ``blend.models``, less the tracks the run does not train."""
+    trained = {"vertebra": cfg.vert.enabled, "crop": cfg.crop.enabled}
+    return [m for m in cfg.blend.models if trained.get(m, True)]
+
+
+def check_blend_models(cfg: Config) -> None:
+    """Refuses, when the config loads, a blend that names an unknown model or reads none of the run's."""
+    unknown = sorted(set(cfg.blend.models) - set(BLEND_MODELS))
+    if unknown or not cfg.blend.models:
+        raise ConfigError(f"blend.models={list(cfg.blend.models)}: name one or more of {list(BLEND_MODELS)}")
+    if cfg.blend.enabled and not blend_models(cfg):
+        raise ConfigError(
+            f"blend.models={list(cfg.blend.models)} names only tracks this config does not train "
+            "(vert.enabled, crop.enabled): the blend would read nothing and submit one constant a target; "
+            "add blstm or cnn, or switch the track on"
+        )
+
+
 def check_ranges(cfg: Config) -> None:
     """Raises ConfigError naming the first setting outside its range (`RANGES`)."""
     for key, (lo, hi) in RANGES.items():
@@ -478,6 +500,7 @@ def check_ranges(cfg: Config) -> None:
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             bounds = f"at least {lo}" if hi is None else f"from {lo} to {hi}"
             raise ConfigError(f"{key}={value!r}: must be {bounds}")
+    check_blend_models(cfg)
     head = cfg.synth.head_mm
     if head and (len(head) != 2 or not 0 < head[0] <= head[1]):
         raise ConfigError(f"synth.head_mm={list(head)}: two lengths in mm, the least first, or []")
