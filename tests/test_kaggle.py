@@ -16,6 +16,7 @@ import pytest
 from cspine.competition import read_test
 from cspine.config import load_config
 from cspine.kaggle import MARKER, package_kaggle
+from cspine.rehearse import kaggle_python
 from cspine.submission import validate_submission
 
 from .conftest import SMOKE_CONFIG
@@ -100,9 +101,10 @@ def test_a_no_wheels_bundle_still_holds_cspine_and_installs_where_the_dependenci
     done = _run_as_a_cell(bundle / "kaggle_inference.py", env, python=bare / "bin" / "python")
     assert done.returncode != 0 and "made with --no-wheels" in done.stderr and "pydicom>=3.0" in done.stderr
     assert not submission.exists()
-    full = tmp_path / "full"  # one that has them (this environment's, seen through the venv)
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(full)], check=True)
-    done = _run_as_a_cell(bundle / "kaggle_inference.py", env, python=full / "bin" / "python")
+    # one that has them: this environment's, seen from a fresh one (`venv --system-site-packages` would show
+    # the base interpreter's packages, not those of the virtual environment the tests may run in)
+    full = kaggle_python(tmp_path / "full")
+    done = _run_as_a_cell(bundle / "kaggle_inference.py", env, python=full)
     assert done.returncode == 0, done.stderr[-3000:]
     validate_submission(pd.read_csv(submission), read_test(data))
 

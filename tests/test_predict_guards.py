@@ -123,3 +123,31 @@ def test_a_gpu_asked_for_and_absent_is_one_line(monkeypatch):
     with pytest.raises(NoGPU, match="device='cuda' asked for, but no GPU is visible.*accelerator"):
         pick_device("cuda")
     assert isinstance(NoGPU("x"), OSError)  # the command line prints it as one line
+
+
+def test_a_scan_without_a_spine_gets_the_prior_and_counts_as_failed(
+    smoke_run, synthetic_root, tmp_path, caplog
+):
+    """A scan of pure air got patient_overall 0.9999 and did not count as failed."""
+    import numpy as np
+
+    from cspine.dicom_writer import Encoding, write_series
+
+    data = _copy(synthetic_root, tmp_path)
+    air = sorted((data / "test_images").iterdir())[0]
+    shutil.rmtree(air)
+    write_series(
+        np.full((16, 64, 64), -1000.0, np.float32),
+        air,
+        spacing=(2.0, 0.6, 0.6),
+        study_uid=air.name,
+        encoding=Encoding("explicit", signed=True, intercept=0.0, bits_stored=16),
+    )
+    out = tmp_path / "submission.csv"
+    with pytest.raises(PredictionError, match=rf"1 of 2 test studies failed.*{air.name}: NoSpineError"):
+        predict(load_config(SMOKE_CONFIG), data, smoke_run, out)
+    sub = predict(load_config(SMOKE_CONFIG, ["predict.max_failed=1"]), data, smoke_run, out)
+    assert f"study {air.name} failed (NoSpineError: no spine to read: 0 of its" in caplog.text
+    prior = prior_from_train(None)
+    rows = sub[sub["row_id"].str.startswith(air.name)].set_index("row_id")["fractured"]
+    assert rows.round(6).isin({round(v, 6) for v in prior.values()}).all()

@@ -181,3 +181,21 @@ def test_run_stops_before_the_first_stage_when_the_segment_stage_lacks_segmentat
     ):
         setup_run(load_config("smoke", vertebrae), real_looking, tmp_path / "few")
     setup_run(load_config("smoke", ["meant_for=any"]), real_looking, tmp_path / "boxes")  # no segment stage
+
+
+def test_the_real_recipe_says_which_cnns_train_from_scratch(caplog, tmp_path):
+    from cspine.pipeline import warn_from_scratch
+
+    with caplog.at_level("WARNING", logger="cspine.pipeline"):
+        warn_from_scratch(load_config("rsna"))
+    assert (
+        "slice.pretrained_file and crop.pretrained_file not set: the CNNs train from scratch" in caplog.text
+    )
+    caplog.clear()
+    weights = tmp_path / "resnet50.pth"
+    with caplog.at_level("WARNING", logger="cspine.pipeline"):
+        warn_from_scratch(
+            load_config("rsna", [f"slice.pretrained_file={weights}", f"crop.pretrained_file={weights}"])
+        )
+        warn_from_scratch(load_config("demo"))  # a demo on phantoms: from scratch by design, said nowhere
+    assert not caplog.text

@@ -9,6 +9,11 @@ over its extent, each as ``context`` neighbours on each side plus itself in the 
 the vertebra's own label as the last channel, from the full-resolution volume: the vertebra fills the
 crop whatever the cache's size. The spec of a cut (`crop_spec`) travels in every crop model's checkpoint,
 so `predict` cuts test studies exactly as the training crops were cut.
+
+A cut is made in two steps, for training and `predict` alike: `cut_planes` keeps each distinct plane once,
+as the scan's pixels under its square, and `assemble` resizes them into the model's input. The `crop`
+stage stores the first step's parts (`write_crop_store`, deflated: a fifth of the model's input or less at
+the real shape) and training reads a vertebra back with `read_crop_store`.
 """
 
 from __future__ import annotations

@@ -236,10 +236,10 @@ def warn_from_scratch(cfg: Config) -> None:
     ]
     if cfg.meant_for == "real" and unset:
         log.warning(
-            "%s not set: the %s trains from scratch, slower and weaker than from ImageNet weights; the "
-            "README's 'Pretrained weights' says how to get a local file once",
+            "%s not set: the %s from scratch, slower and weaker than from ImageNet weights; the README's "
+            "'Pretrained weights' says how to get a local file once",
             " and ".join(unset),
-            "CNN" if len(unset) == 1 else "CNNs",
+            "CNN trains" if len(unset) == 1 else "CNNs train",
         )
 
 

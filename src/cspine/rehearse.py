@@ -359,17 +359,19 @@ def measured_rates(cfg: Config, run: Run, steps: dict[str, Step], data_dir: Path
     return {k: v for k, v in rates.items() if v is not None}
 
 
-def project(full: Config, rates: dict[str, float], arts: dict[str, dict]) -> tuple[list[dict], list[dict]]:
-    """The full competition on this machine, stage by stage, from the measured rates; and, for each of
-    Kaggle's limits, whether the recipe fits.
+def project(full: Config, rates: dict[str, float]) -> list[dict]:
+    """The full competition on this machine, stage by stage: its work divided by the measured rates.
 
     Args:
         full: the recipe's own config (before the time cuts): its epochs, steps and folds.
     """
     s, c, k = full.slice, full.crop, full.folds.n_splits
     slice_images = k * s.epochs * (s.steps_per_epoch or REAL_TRAIN_SLICES // s.batch_size) * s.batch_size
-    train_vertebrae = REAL_TRAIN_STUDIES * (k - 1) / k * 7
-    crop_images = k * c.epochs * train_vertebrae * c.slices
+    crop_images = k * c.epochs * REAL_TRAIN_STUDIES * (k - 1) / k * 7 * c.slices
+
+    def seconds_per(rate: str) -> float | None:
+        return 1 / rates[rate] if rate in rates else None
+
     rows = [
         ("prepare", "slices", REAL_TRAIN_SLICES, rates.get("prepare_s_per_slice")),
         (
@@ -382,7 +384,7 @@ def project(full: Config, rates: dict[str, float], arts: dict[str, dict]) -> tup
             "train-slices",
             f"images ({k} folds × {s.epochs} epochs)",
             slice_images,
-            1 / rates["slice_train_images_per_s"] if "slice_train_images_per_s" in rates else None,
+            seconds_per("slice_train_images_per_s"),
         ),
         ("extract", "slices", REAL_TRAIN_SLICES, rates.get("extract_s_per_slice")),
         ("crop", "studies", REAL_TRAIN_STUDIES, rates.get("crop_s_per_study")),
@@ -390,32 +392,37 @@ def project(full: Config, rates: dict[str, float], arts: dict[str, dict]) -> tup
             "train-crops",
             f"crop slices ({k} folds × {c.epochs} epochs)",
             crop_images,
-            1 / rates["crop_train_images_per_s"] if "crop_train_images_per_s" in rates else None,
+            seconds_per("crop_train_images_per_s"),
         ),
         ("predict (hidden test)", "studies", REAL_HIDDEN_STUDIES, rates.get("predict_s_per_study")),
     ]
-    projection = [
+    return [
         {"stage": name, "unit": unit, "units": units, "s_per_unit": rate, "hours": units * rate / 3600}
         for name, unit, units, rate in rows
         if rate is not None
     ]
+
+
+def kaggle_limits(full: Config, arts: dict[str, dict], projection: list[dict], peak: int) -> list[dict]:
+    """For each of Kaggle's limits, what the recipe needs and whether it fits: the disk (every per-study
+    artifact × 2,019, and five folds' models), the memory peak, the hidden rerun on this machine."""
     per_study = {a: v["per_study"] for a, v in arts.items() if "per_study" in v}
     if TRUE_CROPS in per_study:  # what a trained segmentation's crops take, not this one's
         per_study.pop("crops")
     disk = sum(per_study.values()) * REAL_TRAIN_STUDIES + sum(
-        v["per_fold"] * k for v in arts.values() if "per_fold" in v
+        v["per_fold"] * full.folds.n_splits for v in arts.values() if "per_fold" in v
     )
-    predict_hours = next((p["hours"] for p in projection if p["stage"].startswith("predict")), None)
-    limits = [
+    hours = next((p["hours"] for p in projection if p["stage"].startswith("predict")), None)
+    return [
         {"limit": "working disk", "kaggle": KAGGLE_DISK, "needed": disk, "fits": disk <= KAGGLE_DISK},
+        {"limit": "memory (RAM)", "kaggle": KAGGLE_RAM, "needed": peak, "fits": peak <= KAGGLE_RAM},
         {
             "limit": "hidden rerun time (this machine)",
             "kaggle": KAGGLE_HOURS,
-            "needed": predict_hours,
-            "fits": predict_hours is not None and predict_hours <= KAGGLE_HOURS,
+            "needed": hours,
+            "fits": hours is not None and hours <= KAGGLE_HOURS,
         },
     ]
-    return projection, limits
 
 
 def _gb(n: float | None) -> str:
@@ -504,11 +511,8 @@ def rehearse(
         r.rates.update(true_crops(cfg, run, data, out / "true-crops"))
         per_study = r.rates["true_crops_bytes_per_study"]
         r.artifacts[TRUE_CROPS] = {"bytes": per_study * r.rates["true_crops_studies"], "per_study": per_study}
-    r.projection, r.kaggle = project(full, r.rates, r.artifacts)
-    peak = max(s.peak_bytes for s in r.steps)
-    r.kaggle.insert(
-        1, {"limit": "memory (RAM)", "kaggle": KAGGLE_RAM, "needed": peak, "fits": peak <= KAGGLE_RAM}
-    )
+    r.projection = project(full, r.rates)
+    r.kaggle = kaggle_limits(full, r.artifacts, r.projection, max(s.peak_bytes for s in r.steps))
     write_json({**dataclasses.asdict(r), "checks": checks}, out / "rehearsal.json")
     text = table(r)
     write_text(out / "table.md", text)

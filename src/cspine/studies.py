@@ -21,7 +21,7 @@ import numpy as np
 
 from cspine.crops import bone_u8
 from cspine.dicom import default_workers, load_series
-from cspine.preprocess import preprocess_study
+from cspine.preprocess import CHUNK, preprocess_study
 from cspine.processes import die_with_parent
 
 
@@ -36,6 +36,29 @@ class ReadStudy:
         None  # uint8 [N, H, W], full resolution, the bone window: the crop track cuts it
     )
     boxes: list | None = None  # the crop box of each slice (`preprocess_study`): maps the cache's frame to it
+
+
+BONE_HU = 300.0  # cortical and cancellous bone lie above; soft tissue, fluid, a CT table's carbon below
+# a neck CT's bone is 1-3% of its voxels (the phantoms' too); a scan with less holds no spine to read
+MIN_BONE_FRACTION = 1e-3
+
+
+class NoSpineError(ValueError):
+    """A scan with (almost) no bone: whatever the models answer on it, it is not an answer about a spine."""
+
+
+def check_bone(hu: np.ndarray) -> None:
+    """Raises NoSpineError when fewer than `MIN_BONE_FRACTION` of a study's voxels reach `BONE_HU`.
+
+    A scan of air, or of soft tissue alone, otherwise got confident answers (patient_overall 0.9999 on
+    pure air): it must get the prior and count as failed (`predict.max_failed`), said by name.
+    """
+    bone = sum(int(np.count_nonzero(hu[k : k + CHUNK] >= BONE_HU)) for k in range(0, len(hu), CHUNK))
+    if bone < MIN_BONE_FRACTION * hu.size:
+        raise NoSpineError(
+            f"no spine to read: {bone:,} of its {hu.size:,} voxels reach {BONE_HU:.0f} HU (bone; a neck CT "
+            f"has 1-3%, at least {MIN_BONE_FRACTION:.1%} is asked)"
+        )
 
 
 def read_study(
@@ -53,6 +76,7 @@ def read_study(
         series = load_series(path, workers=1, on_error="skip")
     if len(series) < min_slices:
         raise ValueError(f"only {len(series)} readable slice(s)")
+    check_bone(series.hu)
     images, boxes = preprocess_study(series.hu, size, crop, margin)
     return ReadStudy(
         images,
