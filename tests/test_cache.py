@@ -153,3 +153,22 @@ def test_a_damaged_zarr_shard_is_named_when_it_is_read(tmp_path):
         shard.write_bytes(shard.read_bytes()[:40] + b"\0" * 200)
     with pytest.raises(CacheError, match=r"1\.2\.3\.zarr: the cached study cannot be read.*1\.2\.3\.json"):
         np.asarray(load_study_images(cache.root, "1.2.3"))
+
+
+def test_a_truncated_npy_study_is_named_when_it_is_read(both_caches, tmp_path):
+    """Read by `train-slices` directly, a truncated .npy gave numpy's "mmap length is greater than file
+    size", naming no file."""
+    import shutil
+
+    from cspine.cache import CacheError
+
+    uids, caches = both_caches
+    cache = tmp_path / "cache"
+    shutil.copytree(caches["npy"][0], cache)
+    path = Cache(cache).images(uids[0])
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    for mmap in (True, False):
+        with pytest.raises(
+            CacheError, match=rf"{path.name}: the cached study cannot be read.*run prepare again"
+        ):
+            load_study_images(cache, uids[0], mmap=mmap)

@@ -260,3 +260,25 @@ def test_a_killed_crop_fold_resumes_to_the_same_model(crop_run, tmp_path, monkey
     a, b = (load_checkpoint(Run(r).crop_model(0), "crop")["model"] for r in (whole, killed))
     assert all(torch.equal(a[k], b[k]) for k in a)  # resumed exactly, as if never stopped
     assert not Run(killed).crop_last(0).exists()
+
+
+@pytest.mark.slow
+def test_a_deleted_or_truncated_crop_file_is_cut_again(crop_run, caplog):
+    """The stage counted as done with a study's crops deleted (the fold then trained without it) or
+    truncated (read as an mmap error naming no file); both are cut again, and a study none could be cut of
+    is a one-line error."""
+    from cspine.crop import crop, is_cropped
+
+    run_dir, cfg = crop_run
+    run = Run(run_dir)
+    first, second = sorted(run.crop_studies.glob("*.npz"))[:2]
+    whole = {p: p.read_bytes() for p in (first, second)}
+    first.unlink()
+    second.write_bytes(whole[second][: len(whole[second]) // 2])
+    assert not is_cropped(run_dir, cfg)
+    with caplog.at_level("INFO", logger="cspine.crop"):
+        crop(cfg, run_dir, Run(run_dir).data_dir_file.read_text().strip())
+    assert "2 to cut" in caplog.text and is_cropped(run_dir, cfg)
+    for path, data in whole.items():
+        read_crop_store(path)  # whole again
+        assert path.stat().st_size == len(data)

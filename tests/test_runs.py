@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -303,3 +305,19 @@ def test_a_run_folder_is_held_by_one_process_at_a_time(tmp_path, synthetic_root)
     with pytest.raises(RunLocked, match="another-machine"):
         with run_lock(folder):
             pass
+
+
+def test_a_lock_that_names_no_process_is_taken_over_once_it_is_old(tmp_path):
+    """An empty run.lock was reported as "in use by process ? on ?" forever."""
+    from cspine.runs import UNNAMED_LOCK_SECONDS, RunLocked, run_lock
+
+    folder = Run(tmp_path / "run")
+    folder.root.mkdir()
+    folder.lock.write_text("")  # just made: perhaps a process about to write its name
+    with pytest.raises(RunLocked, match="in use by a process .*delete the lock file if no cspine command"):
+        with run_lock(folder):
+            pass
+    old = time.time() - UNNAMED_LOCK_SECONDS - 5
+    os.utime(folder.lock, (old, old))
+    with run_lock(folder):
+        assert json.loads(folder.lock.read_text())["pid"] == os.getpid()

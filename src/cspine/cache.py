@@ -217,7 +217,13 @@ def load_study_images(cache_dir: Path, uid: str, mmap: bool = True) -> np.ndarra
     if cache.zarr(uid).is_dir():
         study = ZarrStudy(cache.zarr(uid))
         return study if mmap else np.asarray(study)
-    return np.load(cache.images(uid), mmap_mode="r" if mmap else None)
+    try:
+        return np.load(cache.images(uid), mmap_mode="r" if mmap else None)
+    except (ValueError, OSError, EOFError) as exc:  # numpy's own messages name no file
+        raise CacheError(
+            f"{cache.images(uid)}: the cached study cannot be read ({type(exc).__name__}: {exc}); delete it "
+            f"and {cache.meta(uid).name} beside it, and run prepare again"
+        ) from None
 
 
 def build_index(cache_dir: Path, uids: list[str]) -> pd.DataFrame:

@@ -7,8 +7,9 @@ This stage reads each study's DICOM again and cuts each vertebra at ``crop.size`
 volume (`cspine.crops`), where the `segment` stage's labels place it. It writes ``<run>/crop/``:
 - ``studies/<uid>.npz``: C1..C7's crops, each distinct plane once, compressed (`cspine.crops.write_crop_store`;
   `cspine.crops.read_crop_store` gives uint8 [7, slices, channels, size, size] back);
-- ``places.csv``: per study and vertebra, the slices and box it was cut from, and whether the segmentation
-  found it (``found=0``: placed between its neighbours);
+- ``places.csv``: per study and vertebra, the slices and box it was cut from, whether the segmentation
+  found it (``found=0``: placed between its neighbours), and the study file's bytes (a file deleted or
+  truncated since is cut again);
 - ``record.json``: the cut's settings and the segmentation's digest, written last; when either changes the
   crops are cut again. A killed stage resumes: a study's file is written whole or not at all.
 
@@ -30,6 +31,7 @@ from pathlib import Path
 import pandas as pd
 
 from cspine.cache import read_meta
+from cspine.competition import DataError
 from cspine.config import Config
 from cspine.crops import (
     PLACE_COLUMNS,
@@ -95,17 +97,31 @@ def _record(run: Run, cfg: Config) -> dict:
     }
 
 
+def stored_whole(run: Run, places: pd.DataFrame) -> set[str]:
+    """The studies of ``places`` whose crop file is there at the size it was written (a deleted or truncated
+    file is cut again, not trained without or read as garbage)."""
+    recorded = places.groupby("StudyInstanceUID")["bytes"].first() if "bytes" in places else {}
+    return {
+        uid
+        for uid, size in dict(recorded).items()
+        if run.crop_study(uid).is_file() and run.crop_study(uid).stat().st_size == size
+    }
+
+
 def is_cropped(run_dir: str | os.PathLike, cfg: Config) -> bool:
-    """Whether the crops exist, cut with the current settings from the current segmentation."""
+    """Whether the crops exist whole, cut with the current settings from the current segmentation."""
     run = Run(run_dir)
-    return run.crop_record.is_file() and read_json(run.crop_record) == _record(run, cfg)
+    if not (run.crop_record.is_file() and read_json(run.crop_record) == _record(run, cfg)):
+        return False
+    places = pd.read_csv(run.crop_places, dtype={"StudyInstanceUID": str})
+    return stored_whole(run, places) == set(places["StudyInstanceUID"])
 
 
 def crop(cfg: Config, run_dir: str | os.PathLike, data_dir: str | os.PathLike) -> pd.DataFrame:
     """The stage: cuts every cached training study's crops; returns the places table.
 
     Raises:
-        RuntimeError: when no study could be cut.
+        DataError: when no study could be cut.
     """
     run, data_dir = Run(run_dir), Path(data_dir)
     record = _record(run, cfg)
@@ -118,9 +134,9 @@ def crop(cfg: Config, run_dir: str | os.PathLike, data_dir: str | os.PathLike) -
     places = (
         pd.read_csv(run.crop_places, dtype={"StudyInstanceUID": str})
         if run.crop_places.is_file()
-        else pd.DataFrame(columns=["StudyInstanceUID", *PLACE_COLUMNS])
+        else pd.DataFrame(columns=["StudyInstanceUID", *PLACE_COLUMNS, "bytes"])
     )
-    done = set(places["StudyInstanceUID"]) & {u for u in uids if run.crop_study(u).is_file()}
+    done = stored_whole(run, places) & set(uids)
     places = places[places["StudyInstanceUID"].isin(done)]
     jobs = [
         CropJob(u, data_dir / "train_images" / u, run.root, record["spec"], cfg.seg.min_pixels)
@@ -146,7 +162,8 @@ def crop(cfg: Config, run_dir: str | os.PathLike, data_dir: str | os.PathLike) -
                     log.error("crop: study %s failed: %s", uid, error)
                     failures.append(uid)
                     continue
-                rows.append(pd.DataFrame([{"StudyInstanceUID": uid, **p} for p in found]))
+                size = run.crop_study(uid).stat().st_size
+                rows.append(pd.DataFrame([{"StudyInstanceUID": uid, **p, "bytes": size} for p in found]))
                 if len(rows) % 50 == 0:  # progress survives a kill
                     write_csv(pd.concat(rows, ignore_index=True), run.crop_places)
         finally:
@@ -154,7 +171,10 @@ def crop(cfg: Config, run_dir: str | os.PathLike, data_dir: str | os.PathLike) -
                 pool.shutdown()
     table = pd.concat(rows, ignore_index=True)
     if table.empty:
-        raise RuntimeError("crop: no study could be cut")
+        raise DataError(
+            f"crop: none of the {len(uids)} studies could be cut (their errors are logged above); no crops, "
+            "so the crop track cannot train: mend the studies, or crop.enabled=false"
+        )
     table["found"] = table["found"].astype(bool)
     write_csv(table, run.crop_places)
     write_json(record, run.crop_record)  # last: the stage is done

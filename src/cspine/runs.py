@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -395,6 +396,16 @@ def check_writable(*paths: Path) -> None:
             raise OSError(f"cannot write to {folder}: {exc.strerror or exc}") from None
 
 
+UNNAMED_LOCK_SECONDS = 10.0  # a lock that names no process this long after it was made is left over
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -430,12 +441,15 @@ def run_lock(run: Run) -> Iterator[Path]:
                 holder.get("host") == me["host"]
                 and isinstance(holder.get("pid"), int)
                 and not _alive(holder["pid"])
-            ):
-                run.lock.unlink(missing_ok=True)  # stale: its process is gone
+            ) or (not holder and _age(run.lock) > UNNAMED_LOCK_SECONDS):
+                # stale: its process is gone, or it names none (a process killed between creating the
+                # lock and writing its name, or a file made by hand)
+                run.lock.unlink(missing_ok=True)
                 continue
+            who = f"process {holder['pid']} on {holder.get('host', '?')}" if "pid" in holder else "a process"
             raise RunLocked(
-                f"{run.root} is in use by process {holder.get('pid', '?')} on {holder.get('host', '?')} "
-                f"({run.lock}); wait for it, or delete the lock file if that process is gone"
+                f"{run.root} is in use by {who} ({run.lock}); wait for it, or delete the lock file if no "
+                "cspine command is running there"
             ) from None
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)

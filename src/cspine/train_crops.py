@@ -188,7 +188,7 @@ def train_crop_fold(
             scaler.load_state_dict(state["scaler"])
             set_rng_state(state["rng"])
             history, start = state["history"], state["epoch"] + 1
-            log.info("train-crops fold %d: resumed after epoch %d", fold, state["epoch"])
+            log.info("train-crops fold %d: resumed after epoch %d", fold, state["epoch"] + 1)  # 1-based
     ddp = (
         DistributedDataParallel(model, device_ids=[rt.device.index] if rt.cuda else None)
         if rt.distributed
