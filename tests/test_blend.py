@@ -218,6 +218,8 @@ def test_a_run_without_blstms_or_a_vertebra_track_still_blends_what_it_has(blend
     for name in ("folds.csv", "labels.csv"):
         shutil.copy(run.root / name, copy.root / name)
     shutil.copytree(run.root / "features", copy.root / "features")  # no BLSTMs, no segmentation
+    copy.cache.root.mkdir()
+    shutil.copy(run.cache.index, copy.cache.index)  # which studies were read
     cfg = load_config(SMOKE_CONFIG, ["blend.models=[cnn,vertebra]"])  # the track is off in smoke: ignored
     oof = blend(cfg, copy, [0, 1])
     assert len(oof) and oof[[f"p_{t}" for t in TARGETS]].apply(lambda c: c.between(0, 1)).all().all()
@@ -315,3 +317,35 @@ def test_per_fold_standards_let_a_blend_read_a_fold_whose_models_are_more_confid
     assert np.abs(logit(raw1)).mean() > 2 * np.abs(logit(p0)).mean()
     with pytest.raises(KeyError):
         standardise(inputs.assign(fold=2), standards)
+
+
+@pytest.mark.slow
+def test_a_bad_out_of_fold_input_is_named_before_the_blend_fits(blended, tmp_path):
+    """A NaN gave scikit-learn's "Input X contains NaN", a missing row a bare KeyError, and a study without
+    features was left out of the blend with an INFO line."""
+    from cspine.competition import DataError
+
+    run, cfg = blended
+    copy = Run(tmp_path / "run")
+    shutil.copytree(run.root, copy.root, ignore=shutil.ignore_patterns("blend"))
+    oof = copy.seq_file(cfg.seq.hidden, 0, "oof.csv")
+    table = pd.read_csv(oof, dtype={"StudyInstanceUID": str})
+    broken = table.copy()
+    broken.loc[1, "p_C3"] = np.nan
+    broken.to_csv(oof, index=False)
+    with pytest.raises(
+        DataError, match=rf"{oof}: p_C3 is not a probability for study {table.loc[1, 'StudyInstanceUID']}"
+    ):
+        blend(cfg, copy, [0, 1])
+    table.drop(index=2).to_csv(oof, index=False)
+    with pytest.raises(
+        DataError, match=rf"{oof} has no row for 1 of the fold's .* {table.loc[2, 'StudyInstanceUID']}"
+    ):
+        blend(cfg, copy, [0, 1])
+    table.to_csv(oof, index=False)
+    gone = sorted(copy.features_dir(1).glob("*.npz"))[0]
+    gone.unlink()
+    with pytest.raises(
+        DataError, match=rf"1 studies of fold 1 have no features .*{gone.stem}.*extract fold=1"
+    ):
+        blend(cfg, copy, [0, 1])

@@ -470,3 +470,23 @@ def test_predict_gives_the_same_submission_with_more_study_workers_and_folds_spr
     submitted = one.set_index("row_id")["fractured"]
     uid = sorted((synthetic_root / "test_images").iterdir())[0].name
     assert submitted[f"{uid}_C3"] == pytest.approx(predict_images(study, single, cfg)["C3"], abs=1e-6)
+
+
+def test_a_run_of_some_folds_trains_them_and_leaves_the_rest_for_the_run_that_completes_them(
+    synthetic_root, tmp_path, caplog
+):
+    """The README's "split it by folds": `folds.folds=[0]` ended in the blend's ValueError traceback; it
+    trains fold 0 and says what waits, and the run that trains the last fold blends and submits."""
+    from cspine.pipeline import run
+
+    run_dir, submission = tmp_path / "run", tmp_path / "submission.csv"
+    with caplog.at_level("WARNING", logger="cspine.pipeline"):
+        outputs = run(load_config(SMOKE_CONFIG, ["folds.folds=[0]"]), synthetic_root, run_dir, submission)
+    assert (
+        outputs == {"run": run_dir} and "folds [1] left; folds.folds=[] trains what is missing" in caplog.text
+    )
+    folder = Run(run_dir)
+    assert folder.slice_best(0).is_file() and not folder.slice_best(1).exists()
+    assert not folder.blend_model.exists() and not submission.exists()
+    run(load_config(SMOKE_CONFIG), synthetic_root, run_dir, submission)
+    assert folder.slice_best(1).is_file() and folder.blend_model.is_file() and submission.is_file()

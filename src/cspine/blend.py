@@ -33,6 +33,7 @@ from sklearn.linear_model import LogisticRegression
 
 from cspine import TARGETS, VERTEBRAE
 from cspine.checkpoints import save_blend
+from cspine.competition import DataError
 from cspine.config import BlendConfig, Config, blend_models, check_blend_models
 from cspine.features import features_signature, load_features
 from cspine.metrics import NEGATIVE_WEIGHT, POSITIVE_WEIGHT, best_constant, weighted_log_loss
@@ -78,8 +79,29 @@ def _sources(run: Run, cfg: Config, fold: int) -> dict[str, object]:
     return files
 
 
-def _oof(path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
+def _oof(path, uids: list[str], complete: bool = True) -> pd.DataFrame:
+    """An out-of-fold table's rows for ``uids``, checked: every probability a number in [0, 1], and (with
+    ``complete``) every study there.
+
+    Raises:
+        DataError: naming the file, the column and the first study at fault, and how to make it anew.
+    """
+    frame = pd.read_csv(path, dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
+    columns = [c for c in frame.columns if c.startswith("p_")]
+    bad = frame[columns].isna() | (frame[columns] < 0) | (frame[columns] > 1)
+    if bad.any().any():
+        column = bad.any()[bad.any()].index[0]
+        raise DataError(
+            f"{path}: {column} is not a probability for study {bad.index[bad[column]][0]} "
+            f"({int(bad.to_numpy().sum())} values in all); delete the file and run its stage again"
+        )
+    missing = [u for u in uids if u not in frame.index]
+    if complete and missing:
+        raise DataError(
+            f"{path} has no row for {len(missing)} of the fold's {len(uids)} studies (first: {missing[0]}); "
+            "delete the file and run its stage again"
+        )
+    return frame.reindex(uids)
 
 
 def fold_inputs(cfg: Config, run_dir: str | os.PathLike, fold: int) -> pd.DataFrame:
@@ -93,18 +115,21 @@ def fold_inputs(cfg: Config, run_dir: str | os.PathLike, fold: int) -> pd.DataFr
         if "extents" in files
         else None
     )
-    blstm = {int(name[5:]): _oof(path) for name, path in files.items() if name.startswith("blstm")}
-    vert = _oof(files["vertebra"]) if "vertebra" in files else None
     folds = run.read_folds()
-    uids = [
-        u
-        for u in folds.loc[folds["fold"] == fold, "StudyInstanceUID"]
-        if run.features_file(fold, u).is_file()
-    ]
+    cached = set(run.cache.read_index()["StudyInstanceUID"])  # a study prepare could not read has nothing
+    uids = [u for u in folds.loc[folds["fold"] == fold, "StudyInstanceUID"] if u in cached]
+    unread = [u for u in uids if not run.features_file(fold, u).is_file()]
+    if unread:
+        raise DataError(
+            f"{len(unread)} studies of fold {fold} have no features in {run.features_dir(fold)} (first: "
+            f"{unread[0]}); run `python -m cspine extract fold={fold}` (it reads the missing ones)"
+        )
+    blstm = {int(name[5:]): _oof(path, uids) for name, path in files.items() if name.startswith("blstm")}
+    vert = _oof(files["vertebra"], uids) if "vertebra" in files else None
     crop = None
     # a study whose crops could not be cut reads the fold's mean, as predict gives the prior
     if "crop" in files:
-        crop = _oof(files["crop"]).reindex(uids)
+        crop = _oof(files["crop"], uids, complete=False)
         crop = crop.fillna(crop.mean(numeric_only=True))
     rows = []
     for uid in uids:

@@ -357,6 +357,14 @@ STAGES: tuple[Stage, ...] = (
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
 
+LAST_PER_FOLD = "train-crops"  # the stages up to here train fold by fold; the blend and after need them all
+
+
+def missing_folds(cfg: Config) -> list[int]:
+    """The folds a run of ``cfg`` leaves untrained (``folds.folds`` a subset: a GPU session's share)."""
+    return sorted(set(range(cfg.folds.n_splits)) - set(cfg.folds.trained))
+
+
 def run_stages(
     cfg: Config,
     data_dir: Path,
@@ -365,9 +373,22 @@ def run_stages(
     submission: Path | None = None,
     train: pd.DataFrame | None = None,
 ) -> None:
-    """Runs the stages in order through ``until``, skipping those whose outputs are complete."""
+    """Runs the stages in order through ``until``, skipping those whose outputs are complete.
+
+    With ``folds.folds`` a subset of the folds, it stops after the per-fold stages (`LAST_PER_FOLD`): the
+    blend scores each fold with the others' blend, and `predict` averages every fold's models.
+    """
     if until not in STAGE_NAMES:
         raise ValueError(f"until must be one of {STAGE_NAMES}, not {until!r}")
+    if missing_folds(cfg) and STAGE_NAMES.index(until) > STAGE_NAMES.index(LAST_PER_FOLD):
+        log.warning(
+            "folds.folds=%s: this run trains those folds only; the blend, the report and the submission "
+            "need every fold's models, and come with the run that trains the last of them (folds %s "
+            "left; folds.folds=[] trains what is missing)",
+            list(cfg.folds.folds),
+            missing_folds(cfg),
+        )
+        until = LAST_PER_FOLD
     job = Job(cfg, Path(data_dir), Run(run_dir), Path(submission or default_submission_path()), train)
     for stage in STAGES[: STAGE_NAMES.index(until) + 1]:
         if stage.done(job):
@@ -400,6 +421,8 @@ def run(
         "figures": run_folder.report,
         "run": run_folder.root,
     }
+    if missing_folds(cfg):  # the per-fold stages only (`run_stages`)
+        outputs = {"run": run_folder.root}
     minutes = (time.perf_counter() - started) / 60
     print(f"\ncspine run '{cfg.name}' finished in {minutes:.1f} min")
     for name, path in outputs.items():
