@@ -151,3 +151,17 @@ def test_a_scan_without_a_spine_gets_the_prior_and_counts_as_failed(
     prior = prior_from_train(None)
     rows = sub[sub["row_id"].str.startswith(air.name)].set_index("row_id")["fractured"]
     assert rows.round(6).isin({round(v, 6) for v in prior.values()}).all()
+
+
+def test_a_deleted_blend_is_named_not_taken_for_another_config(smoke_run, synthetic_root, tmp_path):
+    """With blend/blend.pt deleted, predict said the config contradicted the models and to predict with the
+    run's own config, which it already was."""
+    from cspine.runs import CheckpointError, Run
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    Run(run).blend_model.unlink()
+    with pytest.raises(CheckpointError, match=r"blend\.pt: the blend is missing.*python -m cspine blend"):
+        predict(load_config(SMOKE_CONFIG), synthetic_root, run, tmp_path / "submission.csv")
+    sub = predict(load_config(SMOKE_CONFIG, ["blend.enabled=false"]), synthetic_root, run, tmp_path / "s.csv")
+    validate_submission(sub, read_test(synthetic_root))

@@ -89,7 +89,12 @@ def load_ensemble(
     cnns, cnn_meta = {}, {}
     for k, (fold, path) in enumerate(run.slice_checkpoints().items()):
         cnns[fold], cnn_meta[path] = load_slice_model(path, devices[k % len(devices)])
-    blend = load_blend(run.blend_model) if with_blend and run.blend_model.is_file() else None
+    if with_blend and not run.blend_model.is_file():
+        raise CheckpointError(
+            f"{run.blend_model}: the blend is missing, and the config submits through it (blend.enabled); "
+            "run `python -m cspine blend` on the run, or predict without it (blend.enabled=false)"
+        )
+    blend = load_blend(run.blend_model) if with_blend else None
     sizes = sorted({hidden, *(blend["sizes"] if blend else [])})
     blstms, blstm_meta = {}, {}
     for size in sizes:
