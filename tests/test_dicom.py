@@ -448,3 +448,30 @@ def test_uncompressed_pixel_data_shorter_than_its_header_says_is_refused_before_
     ds.save_as(path)
     with pytest.raises(DicomError, match=r"truncated: 2048 bytes of uncompressed pixel data.*64 × 32.*4096"):
         read_hu(path, backend)
+
+
+@pytest.mark.parametrize("backend", ["pydicom", "dicomsdl", "auto"])
+def test_a_folder_of_two_series_reads_the_larger_and_names_both(tmp_path, backend):
+    """Two SeriesInstanceUIDs in one study folder were merged into one volume (a "gantry tilt" of 55°)."""
+    folder = tmp_path / "study"
+    main = np.full((12, 16, 16), 100.0, np.float32)
+    write_series(main, folder, spacing=(1.0, 0.5, 0.5), study_uid="1.2.3")
+    other = tmp_path / "other"  # a second reconstruction, shifted and tilted: its files join the folder
+    write_series(
+        np.full((5, 16, 16), -500.0, np.float32),
+        other,
+        spacing=(2.0, 0.5, 0.5),
+        study_uid="1.2.3",
+        origin=(30.0, 10.0, 7.0),
+        first_number=100,
+    )
+    for path in other.glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = "1.2.3.9"
+        ds.save_as(folder / path.name)
+    with pytest.warns(
+        UserWarning,
+        match=r"2 series in one folder \(1\.2\.3\.1: 12 slices, 1\.2\.3\.9: 5 slices\); only 1\.2\.3\.1 is read",
+    ):
+        series = load_series(folder, backend=backend, workers=1)
+    assert len(series) == 12 and np.allclose(series.hu, 100.0)

@@ -112,6 +112,7 @@ class _Slice:
     instance_number: int | None
     pixel_spacing: tuple[float, float] | None
     study_uid: str | None
+    series_uid: str | None = None
     decoder: str = "pydicom"
     stored: np.ndarray | None = None  # pydicom: decoded stored values
     dataset: object = None  # dicomsdl: the parsed DataSet
@@ -371,6 +372,7 @@ def _read_pydicom(path: Path) -> _Slice:
         instance_number=int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else None,
         pixel_spacing=_float_pair(ds.get("PixelSpacing")),
         study_uid=str(ds.StudyInstanceUID) if "StudyInstanceUID" in ds else None,
+        series_uid=str(ds.SeriesInstanceUID) if "SeriesInstanceUID" in ds else None,
     )
 
 
@@ -414,6 +416,7 @@ _DICOMSDL_TAGS = (
     "InstanceNumber",
     "PixelSpacing",
     "StudyInstanceUID",
+    "SeriesInstanceUID",
 )
 
 
@@ -482,6 +485,7 @@ def _read_dicomsdl(path: Path, data: bytes | None = None, strict: bool = True) -
         instance_number=int(instance) if instance is not None else None,
         pixel_spacing=_float_pair(tags["PixelSpacing"]),
         study_uid=str(tags["StudyInstanceUID"]) if tags["StudyInstanceUID"] else None,
+        series_uid=str(tags["SeriesInstanceUID"]) if tags["SeriesInstanceUID"] else None,
         decoder="dicomsdl",
         dataset=dset,
         bits_stored=int(tags["BitsStored"] or 16),
@@ -719,6 +723,7 @@ def load_series(
     files = _list_files(study_dir)
     slices, skipped = _read_headers(files, backend, on_error)
     slices = _usable_slices(slices, study_dir, on_error, skipped, len(files))
+    slices = _one_series(slices, study_dir)
     slices = [slices[i] for i in _order(slices, study_dir)]
     hu, slices = _decode_volume(slices, study_dir, backend, workers or default_workers(), on_error, skipped)
     if skipped:
@@ -728,6 +733,25 @@ def load_series(
             stacklevel=2,
         )
     return _series(hu, slices, study_dir, skipped)
+
+
+def _one_series(slices: list[_Slice], study_dir: Path) -> list[_Slice]:
+    """The slices of one series: where a folder holds several (SeriesInstanceUID), the one with the most
+    slices, said in a warning that names every series. Mixed, two series made one volume (with a "gantry
+    tilt" of tens of degrees) that was predicted as a study."""
+    counts: dict[str | None, int] = {}
+    for s in slices:
+        counts[s.series_uid] = counts.get(s.series_uid, 0) + 1
+    if len(counts) < 2:
+        return slices
+    kept = max(counts, key=counts.get)
+    warnings.warn(
+        f"{study_dir}: {len(counts)} series in one folder ("
+        + ", ".join(f"{uid or 'no SeriesInstanceUID'}: {n} slices" for uid, n in counts.items())
+        + f"); only {kept} is read, the one with the most slices",
+        stacklevel=3,
+    )
+    return [s for s in slices if s.series_uid == kept]
 
 
 def _read_headers(files: list[Path], backend: Backend, on_error: OnError) -> tuple[list[_Slice], list]:
