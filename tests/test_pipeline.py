@@ -490,3 +490,20 @@ def test_a_run_of_some_folds_trains_them_and_leaves_the_rest_for_the_run_that_co
     assert not folder.blend_model.exists() and not submission.exists()
     run(load_config(SMOKE_CONFIG), synthetic_root, run_dir, submission)
     assert folder.slice_best(1).is_file() and folder.blend_model.is_file() and submission.is_file()
+
+
+def test_a_run_whose_studies_mostly_cannot_be_read_stops_after_prepare(synthetic_root, tmp_path):
+    """With 5 of 8 training studies unreadable, `run` trained the slice CNN and then died in scikit-learn
+    ("n_splits=2 greater than the number of samples")."""
+    from cspine.competition import DataError
+    from cspine.pipeline import run
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    for folder in sorted((data / "train_images").iterdir())[:5]:
+        for dcm in folder.glob("*.dcm"):
+            dcm.write_bytes(b"")
+    run_dir = tmp_path / "run"
+    with pytest.raises(DataError, match=r"prepare read \d studies of fold \d.*failed.txt"):
+        run(load_config(SMOKE_CONFIG), data, run_dir, tmp_path / "submission.csv")
+    assert not (run_dir / "slice").exists()  # nothing trained

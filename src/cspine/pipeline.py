@@ -288,6 +288,35 @@ class Stage:
     run: Callable[[Job], object]
 
 
+def check_cached(job: Job) -> None:
+    """After `prepare`: enough studies of each fold were read for the stages that follow (the BLSTMs' inner
+    folds, the segmentation's folds), so that a run with many unreadable studies stops here, naming them,
+    and not hours later in a scikit-learn traceback.
+
+    Raises:
+        DataError: naming the fold, its readable studies, and the list of the failed ones.
+    """
+    cfg, run = job.cfg, job.run
+    cached = set(run.cache.read_index()["StudyInstanceUID"])
+    folds = run.read_folds()
+    needed = cfg.seq.inner_folds if cfg.seq.train_on == "own_fold" else 2
+    for k in job.folds:
+        read = int(folds.loc[folds["fold"] == k, "StudyInstanceUID"].isin(cached).sum())
+        if read < needed:
+            raise DataError(
+                f"prepare read {read} studies of fold {k}, and its BLSTMs train in {needed} inner folds "
+                f"(seq.inner_folds): {len(cached)} of {len(folds)} studies could be read, the others are "
+                f"listed in {run.cache.failed}; mend them, or lower folds.n_splits"
+            )
+    if needs_vertebrae(cfg):
+        masked = sum(run.cache.mask(u).is_file() for u in cached)
+        if masked < 2 * max(cfg.seg.folds, 2):
+            raise DataError(
+                f"prepare read {masked} studies with a segmentation, and seg.folds={cfg.seg.folds} needs "
+                f"{2 * max(cfg.seg.folds, 2)}; the unread studies are listed in {run.cache.failed}"
+            )
+
+
 def _prepared(job: Job) -> bool:
     train = job.train if job.train is not None else run_studies(job.cfg, job.data_dir)
     cache = job.run.cache.root
@@ -308,7 +337,7 @@ def _always(job: Job) -> bool:
 
 # A new stage is one entry here; `run` and `run_stages` need nothing else.
 STAGES: tuple[Stage, ...] = (
-    Stage("prepare", _prepared, lambda j: prepare(j.cfg, j.data_dir, j.run.cache.root)),
+    Stage("prepare", _prepared, lambda j: (prepare(j.cfg, j.data_dir, j.run.cache.root), check_cached(j))),
     Stage(
         "segment",
         lambda j: not needs_vertebrae(j.cfg) or is_segmented(j.run, j.cfg.seg),
