@@ -89,12 +89,7 @@ def load_ensemble(
     cnns, cnn_meta = {}, {}
     for k, (fold, path) in enumerate(run.slice_checkpoints().items()):
         cnns[fold], cnn_meta[path] = load_slice_model(path, devices[k % len(devices)])
-    if with_blend and not run.blend_model.is_file():
-        raise CheckpointError(
-            f"{run.blend_model}: the blend is missing, and the config submits through it (blend.enabled); "
-            "run `python -m cspine blend` on the run, or predict without it (blend.enabled=false)"
-        )
-    blend = load_blend(run.blend_model) if with_blend else None
+    blend = load_blend(run.blend_model) if with_blend and run.blend_model.is_file() else None
     sizes = sorted({hidden, *(blend["sizes"] if blend else [])})
     blstms, blstm_meta = {}, {}
     for size in sizes:
@@ -211,7 +206,6 @@ def check_config(cfg: Config, ensemble: Ensemble) -> None:
         "predict.tta": (cfg.predict.tta, ensemble.tta),
         "vert.enabled": (cfg.vert.enabled, bool(ensemble.vertebra)),
         "crop.enabled": (cfg.crop.enabled, bool(ensemble.crops)),
-        "blend.enabled": (cfg.blend.enabled, ensemble.blend is not None),
         **({"vert.overall": (cfg.vert.overall, ensemble.overall)} if ensemble.vertebra else {}),
     }
     differ = [
@@ -249,4 +243,10 @@ def check_complete(cfg: Config, ensemble: Ensemble, where: str | os.PathLike) ->
         raise CheckpointError(
             f"{where}: models its config's folds need are missing: {', '.join(missing)}; "
             "train them, or package the run again"
+        )
+    if cfg.blend.enabled and ensemble.blend is None:
+        raise CheckpointError(
+            f"{Run(where).blend_model}: the blend is missing, and the config submits through it "
+            "(blend.enabled); run `python -m cspine blend` on the run, or predict without it "
+            "(blend.enabled=false)"
         )
