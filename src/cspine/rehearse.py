@@ -2,7 +2,7 @@
 
     python -m cspine rehearse                         # the rsna config on 512² phantoms of 250-450 slices
     python -m cspine rehearse --config paper
-    python -m cspine rehearse --config smoke --size 64 --slices 16,24   # the least size (the slow tests)
+    python -m cspine rehearse --config smoke --size 64 --slices 16,24 --head 8,14   # the least size
 
 A recipe meant for hours on a GPU runs here first at its real shapes, so that a crash, a memory peak or a
 full disk shows in minutes. It writes real-shaped phantoms (the competition's size, slice counts, transfer
@@ -15,7 +15,7 @@ self-test) and the hidden one (a submission, validated).
 
 Each step is measured (`cspine.measure`): seconds, the peak memory of the whole process tree, the peak GPU
 memory, the bytes of every artifact a study. From the rates, `project` gives the full competition on this
-machine and what fits Kaggle's limits. Writes ``<run>/rehearsal/``: ``rehearsal.json``, ``table.md``
+machine, and `kaggle_limits` what fits Kaggle's. Writes ``<run>/rehearsal/``: ``rehearsal.json``, ``table.md``
 (printed too), ``submission.csv``, the bundle and the Kaggle layout.
 """
 
