@@ -192,3 +192,13 @@ def test_write_submission_is_atomic_and_valid(test_csv, tmp_path):
     back = pd.read_csv(path)
     validate_submission(back, test_csv)
     assert [p.name for p in path.parent.iterdir()] == ["submission.csv"]
+
+
+def test_a_target_the_training_set_never_shows_gets_a_smoothed_prior():
+    """A run that saw no C1 fracture wrote 0.0001 for every study's C1 (the clip of 2q/(1+q) at q = 0)."""
+    train = pd.DataFrame({t: [1, 0, 0, 0, 0, 0, 0] for t in TARGETS}).assign(C1=0, C2=1)
+    prior = prior_from_train(train)
+    q = 0.5 / 8  # (positives + 1/2) / (studies + 1)
+    assert prior["C1"] == pytest.approx(2 * q / (1 + q)) and prior["C1"] > 0.1
+    assert prior["C2"] == pytest.approx(2 * (7.5 / 8) / (1 + 7.5 / 8))  # always shown: not 1 either
+    assert prior["C3"] == pytest.approx(2 * (1 / 7) / (1 + 1 / 7))  # seen both ways: the prevalence itself
