@@ -34,7 +34,7 @@ from sklearn.linear_model import LogisticRegression
 from cspine import TARGETS, VERTEBRAE
 from cspine.checkpoints import save_blend
 from cspine.competition import DataError
-from cspine.config import BlendConfig, Config, blend_models, check_blend_models
+from cspine.config import BlendConfig, Config, blend_models
 from cspine.features import features_signature, load_features
 from cspine.metrics import NEGATIVE_WEIGHT, POSITIVE_WEIGHT, best_constant, weighted_log_loss
 from cspine.runs import Run, digest, read_json, write_csv, write_json
@@ -52,15 +52,9 @@ from cspine.stacking import (
 log = logging.getLogger(__name__)
 
 
-def _models(cfg: Config) -> list[str]:
-    """The models whose outputs the blend reads (`cspine.config.blend_models`; checked when the config loads)."""
-    check_blend_models(cfg)
-    return blend_models(cfg)
-
-
 def _sources(run: Run, cfg: Config, fold: int) -> dict[str, object]:
     """The files fold ``fold``'s blend reads, by what they are (a missing one is named)."""
-    models = _models(cfg)
+    models = blend_models(cfg)  # checked when the config loads
     files = {}
     if "blstm" in models:
         files.update({f"blstm{h}": run.seq_file(h, fold, "oof.csv") for h in cfg.seq.sizes})
@@ -109,7 +103,7 @@ def fold_inputs(cfg: Config, run_dir: str | os.PathLike, fold: int) -> pd.DataFr
     the out-of-fold outputs of fold ``fold``'s models, in folds.csv's order."""
     run, b = Run(run_dir), cfg.blend
     files = _sources(run, cfg, fold)
-    models = _models(cfg)
+    models = blend_models(cfg)  # checked when the config loads
     extents = (
         extents_by_study(pd.read_csv(files["extents"], dtype={"StudyInstanceUID": str}))
         if "extents" in files

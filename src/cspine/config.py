@@ -149,6 +149,11 @@ class SegConfig:
     amp: bool = True  # mixed precision on a GPU (bf16 where supported); ignored on CPU
     seed: int = 0
 
+    @property
+    def least_masks(self) -> int:
+        """Masked studies the folds need: two a fold, and two folds at least."""
+        return 2 * max(self.folds, 2)
+
 
 @dataclass(frozen=True)
 class SeqConfig:

@@ -48,9 +48,8 @@ from cspine.runs import Run, digest, read_json, write_csv, write_json
 from cspine.segmenter import load_labels, vertebra_extents
 
 log = logging.getLogger(__name__)
-STORE = (
-    "npz-distinct-planes"  # the crop store's format (`cspine.crops.write_crop_store`): another is cut anew
-)
+# the crop store's format (`cspine.crops.write_crop_store`): a store of another is cut anew
+STORE = "npz-distinct-patches"
 
 
 @dataclass(frozen=True)

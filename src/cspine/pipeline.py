@@ -156,6 +156,11 @@ def run_studies(cfg: Config, data_dir: Path) -> pd.DataFrame:
     return select_studies(read_train(data_dir), data_dir, p.studies, p.study_list, cfg.folds.seed)
 
 
+def studies_a_fold_needs(cfg: Config) -> int:
+    """The least studies a fold can hold: its BLSTMs train in ``seq.inner_folds`` inner folds of them."""
+    return cfg.seq.inner_folds if cfg.seq.train_on == "own_fold" else 2
+
+
 def check_inputs(cfg: Config, data_dir: Path, train: pd.DataFrame) -> None:
     """What `run` validates before its first stage, so that no mistake waits until after hours of training.
 
@@ -177,16 +182,15 @@ def check_inputs(cfg: Config, data_dir: Path, train: pd.DataFrame) -> None:
         raise ConfigError(f"folds.folds={list(cfg.folds.folds)}: folds are numbered 0 to {k - 1}")
     if needs_vertebrae(cfg):
         masked = sum(find_mask(data_dir, u) is not None for u in train["StudyInstanceUID"])
-        least = 2 * max(cfg.seg.folds, 2)
-        if masked < least:
+        if masked < cfg.seg.least_masks:
             raise DataError(
                 f"{masked} of the {len(train)} studies the run uses have a segmentation in "
                 f"{data_dir / 'segmentations'}, and the segment stage's {cfg.seg.folds} folds need at least "
-                f"{least} (the real data has 87); add them, or run without the stages that need vertebrae: "
+                f"{cfg.seg.least_masks} (the real data has 87); add them, or run without the stages that need vertebrae: "
                 "slice.labels=boxes vert.enabled=false crop.enabled=false"
             )
     per_fold = len(train) // k
-    needed = inner if cfg.seq.train_on == "own_fold" else 2
+    needed = studies_a_fold_needs(cfg)
     if per_fold < needed:
         raise DataError(
             f"{len(train)} training studies make {k} folds of about {per_fold}: each needs at least "
@@ -249,9 +253,8 @@ def setup_run(cfg: Config, data_dir: Path, run_dir: str | os.PathLike) -> pd.Dat
     run = Run(run_dir)
     check_writable(run.root)
     check_meant_for(cfg, data_dir)
-    pick_device(
-        cfg.device
-    )  # a config made for a GPU (device: cuda) stops here without one, naming device=auto
+    # a config made for a GPU (device: cuda) stops here without one, naming device=auto
+    pick_device(cfg.device)
     warn_from_scratch(cfg)
     train = run_studies(cfg, data_dir)
     check_inputs(cfg, data_dir, train)
@@ -299,7 +302,7 @@ def check_cached(job: Job) -> None:
     cfg, run = job.cfg, job.run
     cached = set(run.cache.read_index()["StudyInstanceUID"])
     folds = run.read_folds()
-    needed = cfg.seq.inner_folds if cfg.seq.train_on == "own_fold" else 2
+    needed = studies_a_fold_needs(cfg)
     for k in job.folds:
         read = int(folds.loc[folds["fold"] == k, "StudyInstanceUID"].isin(cached).sum())
         if read < needed:
@@ -310,10 +313,10 @@ def check_cached(job: Job) -> None:
             )
     if needs_vertebrae(cfg):
         masked = sum(run.cache.mask(u).is_file() for u in cached)
-        if masked < 2 * max(cfg.seg.folds, 2):
+        if masked < cfg.seg.least_masks:
             raise DataError(
                 f"prepare read {masked} studies with a segmentation, and seg.folds={cfg.seg.folds} needs "
-                f"{2 * max(cfg.seg.folds, 2)}; the unread studies are listed in {run.cache.failed}"
+                f"{cfg.seg.least_masks}; the unread studies are listed in {run.cache.failed}"
             )
 
 

@@ -232,8 +232,8 @@ def _square_resize(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(padded, (size, size), interpolation=interpolation)
 
 
-# slices windowed at once: a float32 copy of a 512² × 350 study is 367 MB, and a reading process (8 of them
-# in `prepare`) held three such copies; 32 slices hold 34 MB (the rehearsal, docs/gpu.md)
+# slices windowed at once: a reading process (8 of them in `prepare`) held a float32 copy of the cropped
+# study for each window, up to 367 MB at 512² × 350; 32 slices hold 34 MB (the rehearsal, docs/gpu.md)
 CHUNK = 32
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from cspine.cache import read_meta
 from cspine.competition import is_complete, read_test
@@ -497,7 +498,7 @@ def rehearse(
     out = run.root / "rehearsal"
     check_writable(run.root)
     data = Path(data_dir or f"input/rehearsal-{shape.size}")
-    device = "cuda" if cfg.device != "cpu" and torch_cuda() else "cpu"
+    device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
     r = Rehearsal(config=full.name, device=device_name(device), shape=dataclasses.asdict(shape))
     step, data = _measure("phantoms", phantoms, cfg, data, folder=data)
     r.steps.append(step)
@@ -520,16 +521,8 @@ def rehearse(
     return r
 
 
-def torch_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def device_name(device: str) -> str:
     """The machine, in words: the GPU's name, or the CPU's cores."""
     if device == "cuda":
-        import torch
-
         return f"{torch.cuda.get_device_name(0)} ({torch.cuda.device_count()} GPU)"
     return f"a CPU with {os.cpu_count()} cores, no GPU"

@@ -158,10 +158,10 @@ def masked_studies(run: Run) -> list[str]:
 
 def seg_folds(uids: list[str], s: SegConfig) -> dict[str, int]:
     """{masked study: its segmentation fold}, at study level."""
-    if len(uids) < 2 * max(s.folds, 2):
+    if len(uids) < s.least_masks:
         raise RuntimeError(
             f"{len(uids)} studies have a segmentation: {s.folds} folds need at least "
-            f"{2 * max(s.folds, 2)} (the real data has 87)"
+            f"{s.least_masks} (the real data has 87)"
         )
     splitter = KFold(n_splits=s.folds, shuffle=True, random_state=s.seed)
     return {uids[i]: k for k, (_, held) in enumerate(splitter.split(uids)) for i in held}
