@@ -246,8 +246,13 @@ def test_a_damaged_or_incomplete_blend_checkpoint_is_named(blended, tmp_path):
     with pytest.raises(CheckpointError, match=r"blend/blend\.pt.*C1"):
         load_ensemble(copy, cfg.seq.hidden, [torch.device("cpu")])
     shutil.copy(run.blend_model, copy.blend_model)
+    load_ensemble(copy, cfg.seq.hidden, [torch.device("cpu")])  # its own models: accepted
+    # fold 1's CNN trained again (here: another model in its place): the blend weighs outputs it never saw
+    shutil.copy(copy.slice_best(0), copy.slice_best(1))
+    with pytest.raises(CheckpointError, match=r"slice/fold1/best\.pt not the models it was fitted through"):
+        load_ensemble(copy, cfg.seq.hidden, [torch.device("cpu")])
     shutil.rmtree(copy.slice_dir(1))  # the blend reads fold 1's CNN: its absence is named
-    with pytest.raises(CheckpointError, match="fold 1's slice CNN"):
+    with pytest.raises(CheckpointError, match=r"slice/fold1/best\.pt missing"):
         load_ensemble(copy, cfg.seq.hidden, [torch.device("cpu")])
 
 

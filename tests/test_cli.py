@@ -57,6 +57,35 @@ def test_synth_and_prepare_commands(tmp_path):
     assert (tmp_path / "run" / "cache" / "index.csv").is_file()
 
 
+def test_synth_writes_over_its_own_kind_only_and_replaces_it_whole(tmp_path, capsys):
+    """`synth` wrote into an existing competition (old studies and masks stayed mixed in) and into a run."""
+    small = ["--config", str(SMOKE_CONFIG), "synth.n_train=3", "synth.n_test=1"]
+    data = tmp_path / "data"
+    assert main(["synth", "--out", str(data), *small]) == 0
+    stray = data / "train_images" / "1.2.3.4"  # a study of an earlier competition in the same folder
+    stray.mkdir()
+    assert (
+        main(["synth", "--out", str(data), *small[:-2], "synth.n_train=4", "synth.n_test=1", "synth.seed=9"])
+        == 0
+    )
+    assert not stray.exists() and len(list((data / "train_images").iterdir())) == 4
+    assert not data.with_name("data.part").exists()
+    assert (
+        main(["prepare", "--config", str(SMOKE_CONFIG), "--data", str(data), "--out", str(tmp_path / "run")])
+        == 0
+    )
+    capsys.readouterr()
+    for folder in (tmp_path / "run", tmp_path / "real"):
+        if folder.name == "real":  # the real data: train.csv and the images, no synthetic marker
+            (folder / "train_images").mkdir(parents=True)
+            (folder / "train.csv").write_text("StudyInstanceUID\n")
+        before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+        assert main(["synth", "--out", str(folder), *small]) == 1
+        err = capsys.readouterr().err
+        assert f"{folder} is not a synthetic competition" in err and "Traceback" not in err
+        assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
+
+
 def test_module_entry_point_lists_every_stage():
     out = subprocess.run(
         [sys.executable, "-m", "cspine", "--help"], capture_output=True, text=True, check=True

@@ -203,6 +203,29 @@ def test_predict_and_the_bundle_use_the_crop_models(crop_run, synthetic_root, tm
     assert not list((bundle / "models" / "crop").rglob("*.npz"))  # the training crops stay home
 
 
+@pytest.mark.slow
+def test_a_blend_of_another_run_or_a_config_without_the_tracks_is_refused_by_name(
+    crop_run, smoke_run, synthetic_root, tmp_path
+):
+    """A blend.pt copied from a run without the tracks predicted on this one (answers moved by up to 0.46,
+    two tracks unused, exit 0); `predict --config smoke` here said models were missing that exist."""
+    from cspine.checkpoints import CheckpointError
+    from cspine.config import ConfigError
+    from cspine.predict import predict
+
+    run_dir, cfg = crop_run
+    with pytest.raises(ConfigError, match=r"blend reads .*\['blstm', 'cnn'\].*'crop'") as refused:
+        predict(load_config(SMOKE_CONFIG), synthetic_root, run_dir, tmp_path / "a.csv")
+    assert "missing" not in str(refused.value)
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("cache", "crop"))
+    shutil.copytree(Run(run_dir).crop_dir, Run(copy).crop_dir, ignore=shutil.ignore_patterns("studies"))
+    shutil.copy(Run(smoke_run).blend_model, Run(copy).blend_model)
+    with pytest.raises(CheckpointError, match=r"blend\.pt: the blend reads .*not the models it was fitted"):
+        predict(cfg, synthetic_root, copy, tmp_path / "b.csv")
+    assert not (tmp_path / "b.csv").exists()
+
+
 def test_a_study_whose_segmentation_found_nothing_still_gets_a_crop_answer(
     crop_run, synthetic_root, monkeypatch
 ):

@@ -57,3 +57,40 @@ def test_the_figures_the_rehearsal_replaced_are_quoted_nowhere():
         text = path.read_text()
         for stale in ("84 GB", "147 GB", "41 MB each"):
             assert stale not in text, f"{path.relative_to(REPO)} still quotes {stale}"
+
+
+def kaggle_budget() -> dict[str, tuple[str, str]]:
+    """docs/gpu.md's Kaggle budget: {config: (two T4s, one T4)}, the hours as written."""
+    text = (REPO / "docs" / "gpu.md").read_text()
+    start, end = "<!-- kaggle budget: start -->", "<!-- kaggle budget: end -->"
+    assert start in text and end in text, "docs/gpu.md lost its Kaggle budget block"
+    rows = [line.strip("|").split("|") for line in text[text.index(start) : text.index(end)].splitlines()]
+    return {
+        row[0].split("`")[1]: (row[1].strip().removesuffix(" h"), row[2].strip().removesuffix(" h"))
+        for row in rows[3:]
+        if len(row) > 2
+    }
+
+
+def test_every_kaggle_time_quoted_is_a_row_of_docs_gpu_budget():
+    """Notebook 05 said the paper config takes 0.7–1.3 h on Kaggle, benchmarks/README.md 3.6–7.2 h, and the
+    two-T4 figure of docs/gpu.md assumed `predict` spread every model over the GPUs (it spreads the CNNs
+    only). Every range of hours in prose (a table's cells are its parts) must be one of the budget's rows."""
+    budget = kaggle_budget()
+    assert set(budget) == {"rsna", "paper"}
+    allowed = {f"{two}–{one} h" for two, one in budget.values()}
+    texts = [REPO / "README.md", REPO / "benchmarks" / "README.md", *(REPO / "docs").glob("*.md")]
+    texts += (REPO / "notebooks").glob("*.ipynb")
+    stale = []
+    for path in texts:
+        for line in path.read_text().splitlines():
+            if line.lstrip(' "').startswith("|"):
+                continue
+            stale += [
+                f"{path.relative_to(REPO)}: {m}"
+                for m in re.findall(r"\d+(?:\.\d+)?–\d+(?:\.\d+)? h\b", line)
+                if m not in allowed
+            ]
+    assert not stale, f"Kaggle times that are not docs/gpu.md's budget: {stale}"
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert f"{'–'.join(budget['rsna'])} h of the 9 hours" in readme

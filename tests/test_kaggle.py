@@ -109,29 +109,56 @@ def test_a_no_wheels_bundle_still_holds_cspine_and_installs_where_the_dependenci
     validate_submission(pd.read_csv(submission), read_test(data))
 
 
-def test_the_bundle_installs_offline_into_kaggles_preinstalled_set_and_writes_a_valid_submission(
+# what a Kaggle GPU image lacks of the inference requirements (the bundle installs them), and one it has
+# too old in the test (pyyaml 5.0 stands in for it)
+KAGGLE_LACKS = (
+    "pylibjpeg",
+    "pylibjpeg-libjpeg",
+    "pylibjpeg-openjpeg",
+    "pylibjpeg-rle",
+    "dicomsdl",
+    "tabulate",
+)
+
+
+def _torch_files() -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file of the installed torch, from its record."""
+    from importlib.metadata import distribution
+
+    dist = distribution("torch")
+    return {
+        str(f): (os.stat(dist.locate_file(f)).st_size, os.stat(dist.locate_file(f)).st_mtime_ns)
+        for f in dist.files
+    }
+
+
+def test_the_bundle_installs_only_what_the_image_lacks_never_touching_torch_and_writes_a_valid_submission(
     smoke_run, synthetic_root, tmp_path
 ):
-    """Needs the package index (to download the wheels and to build the Kaggle-like environment); skips
-    without it. Inference then runs with pip's configuration and indexes switched off."""
+    """The bundle brought its own CPU torch (301 MB of wheels against 38 MB of models), and installing it
+    could replace Kaggle's CUDA build. Now: the wheels of what a Kaggle image may lack, no dependency; into
+    an environment that has torch and lacks `KAGGLE_LACKS`, it installs those alone, torch's files
+    untouched; an installed package too old is refused by name. Needs the package index for the wheels
+    (skips without it); inference then runs with pip's configuration and indexes switched off."""
+    from cspine.kaggle import BUNDLED
+
     kaggle_input = tmp_path / "input"
     try:
         bundle = package_kaggle(
             load_config(SMOKE_CONFIG), smoke_run, kaggle_input / "someones-models", wheels=True
         )
-    except subprocess.CalledProcessError as exc:
-        pytest.skip(f"the package index is unreachable (pip exited {exc.returncode} downloading the wheels)")
-    venv = tmp_path / "kaggle-image"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    kaggle_image = ["torch", "torchvision", "timm", "numpy", "pandas", "scikit-learn", "matplotlib"]
-    made = subprocess.run(
-        [python, "-m", "pip", "install", "-q", *kaggle_image], capture_output=True, text=True
-    )
-    if made.returncode != 0:
-        pytest.skip(
-            f"the package index is unreachable (building Kaggle's preinstalled set): {made.stderr[-300:]}"
-        )
+    except OSError as exc:
+        pytest.skip(f"the package index is unreachable: {exc}")
+    wheels = sorted(w.name.split("-")[0].replace("_", "-") for w in (bundle / "wheels").glob("*.whl"))
+    assert wheels == sorted(["cspine", *(r.split(">=")[0] for r in BUNDLED)])  # no torch, numpy, timm
+    assert sum(w.stat().st_size for w in (bundle / "wheels").glob("*.whl")) < 120e6
+    python = kaggle_python(tmp_path / "kaggle-image", hide=(*KAGGLE_LACKS, "pyyaml"))
+    purelib = next((tmp_path / "kaggle-image" / "lib").glob("python3*/site-packages"))
+    fresh = {p.name.split("-")[0].lower() for p in purelib.glob("*.dist-info")}  # pip's own
+    old_yaml = purelib / "PyYAML-5.0.dist-info"
+    old_yaml.mkdir()
+    (old_yaml / "METADATA").write_text("Metadata-Version: 2.1\nName: PyYAML\nVersion: 5.0\n")
+    (old_yaml / "RECORD").write_text("PyYAML-5.0.dist-info/METADATA,,\nPyYAML-5.0.dist-info/RECORD,,\n")
     data = kaggle_input / "rsna-2022-cervical-spine-fracture-detection"
     shutil.copytree(synthetic_root, data)
     submission = tmp_path / "working" / "submission.csv"
@@ -143,9 +170,20 @@ def test_the_bundle_installs_offline_into_kaggles_preinstalled_set_and_writes_a_
         "PIP_FIND_LINKS": "",
         "PIP_INDEX_URL": "http://127.0.0.1:9/none",
     }
+    torch_before = _torch_files()
     done = _run_as_a_cell(bundle / "kaggle_inference.py", offline, python=python)
+    assert (
+        done.returncode != 0 and "too old for the kit in this Python: pyyaml 5.0 (needs >=6.0)" in done.stderr
+    )
+    assert "CSPINE_UPGRADE=pyyaml" in done.stderr and not submission.exists()
+    done = _run_as_a_cell(
+        bundle / "kaggle_inference.py", {**offline, "CSPINE_UPGRADE": "pyyaml"}, python=python
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     validate_submission(pd.read_csv(submission), read_test(data))
+    assert _torch_files() == torch_before
+    added = {p.name.split("-")[0].lower() for p in purelib.glob("*.dist-info")} - fresh
+    assert added == {"cspine", "pyyaml", *(n.replace("-", "_") for n in KAGGLE_LACKS)}, added
     public = kaggle_input / "public-rerun"  # test.csv lists studies whose images are absent
     shutil.copytree(data, public, ignore=shutil.ignore_patterns("test_images"))
     done = _run_as_a_cell(
@@ -160,11 +198,7 @@ def test_the_bundle_installs_offline_into_kaggles_preinstalled_set_and_writes_a_
         bundle / "kaggle_inference.py", {**offline, "CSPINE_DATA": str(broken)}, python=python
     )
     assert done.returncode != 0 and "test studies failed" in done.stderr and "DicomError" in done.stderr
-    listed = subprocess.run(
-        [python, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True
-    ).stdout
-    for training_only in ("albumentations", "iterative-stratification", "grad-cam", "python-gdcm", "zarr"):
-        assert training_only not in listed.lower()
+    assert _torch_files() == torch_before
 
 
 def test_a_failed_packaging_keeps_the_old_bundle(smoke_run, tmp_path, monkeypatch):

@@ -198,8 +198,9 @@ def test_no_stage_imports_another_stage_and_no_library_module_imports_a_stage():
     assert stages <= set(modules), f"stage modules missing: {sorted(stages - set(modules))}"
     wrong = []
     for name, path in modules.items():
-        # the stage list, the command line, and the rehearsal (which runs the stage list, then the bundle)
-        if name in ("pipeline", "cli", "__main__", "rehearse"):
+        # the stage list, the command line, the rehearsal (which runs the stage list, then the bundle) and the
+        # held-out score (predict, then the report)
+        if name in ("pipeline", "cli", "__main__", "rehearse", "holdout"):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cspine."):
@@ -248,7 +249,8 @@ def test_study_input_max_pools_log_odds_into_bins():
 def test_every_artifact_is_written_through_the_run_layer():
     """No module writes a file directly: each goes through `cspine.runs` (temporary name, then rename), so a
     kill never leaves half a file under a real name. The DICOM writer is the exception: the synthetic
-    generator writes each study into a temporary folder and renames it when whole."""
+    generator writes each study into a temporary folder and renames it when whole; the Kaggle script (the
+    standard library alone) writes only a temporary constraints file."""
     import re
     from pathlib import Path
 
@@ -258,7 +260,7 @@ def test_every_artifact_is_written_through_the_run_layer():
         r"\.write_text\(|\.write_bytes\(|\.to_csv\(|torch\.save\(|\.savefig\(|np\.savez?\(|"
         r"nib\.save\(|\.save_as\(|open\([^)]*[\"'][wa]b?[\"']"
     )
-    allowed = {"runs.py", "checkpoints.py", "dicom_writer.py"}
+    allowed = {"runs.py", "checkpoints.py", "dicom_writer.py", "kaggle_inference.py"}
     offenders = []
     for path in sorted(Path(cspine.__file__).parent.glob("*.py")):
         if path.name in allowed:
@@ -321,3 +323,22 @@ def test_a_lock_that_names_no_process_is_taken_over_once_it_is_old(tmp_path):
     os.utime(folder.lock, (old, old))
     with run_lock(folder):
         assert json.loads(folder.lock.read_text())["pid"] == os.getpid()
+
+
+@pytest.mark.parametrize("stage", ["prepare", "segment", "train-slices", "blend", "evaluate", "explain"])
+def test_every_stage_command_takes_the_run_lock(tmp_path, synthetic_root, capsys, stage):
+    """Only `run` took the lock: a stage command beside a `run` on the same folder wrote into it."""
+    from cspine.cli import main
+    from cspine.runs import run_lock
+
+    folder = Run(tmp_path / "run")
+    folder.root.mkdir()
+    folder.cache.root.mkdir()
+    folder.cache.index.write_text("StudyInstanceUID\n")  # train-slices checks for a cache first
+    with run_lock(folder):
+        data = ["--data", str(synthetic_root)] if stage in ("prepare", "train-slices", "explain") else []
+        code = main([stage, "--config", "smoke", "--out", str(folder.root), *data])
+        assert code == 1 and json.loads(folder.lock.read_text())["pid"] == os.getpid()
+    err = capsys.readouterr().err
+    assert f"in use by process {os.getpid()}" in err and "Traceback" not in err
+    assert not folder.config.exists()  # refused before anything was written

@@ -245,8 +245,14 @@ def fit_blend(
 
 
 def _made(run: Run, cfg: Config, folds: list[int]) -> dict:
-    """What the blend is made from: its input files' digests, the features, the settings."""
+    """What the blend is made from: its input files' digests, the checkpoints it reads through (theirs),
+    the features, the settings."""
+    models = blend_models(cfg)
+    tracks = [m in models for m in ("vertebra", "crop")]
+    sizes = list(cfg.seq.sizes) if "blstm" in models else []
+    segment = run.seg_file("extents.csv").is_file() or any(tracks)
     return {
+        "through": run.digests(run.blend_reads(folds, sizes, *tracks, segment)),
         "files": {
             f"fold{k}:{name}": digest(path) for k in folds for name, path in _sources(run, cfg, k).items()
         },
@@ -277,19 +283,36 @@ def is_blended(run_dir: str | os.PathLike, cfg: Config, folds: list[int]) -> boo
         return False
 
 
-def _save(run: Run, blend: dict, inputs: pd.DataFrame, path, trained_on: list[str], b: BlendConfig) -> None:
-    """A blend with what it reads (`cspine.checkpoints.save_blend`): predict computes the same inputs."""
+def _save(
+    run: Run,
+    blend: dict,
+    inputs: pd.DataFrame,
+    path,
+    trained_on: list[str],
+    b: BlendConfig,
+    models: list[str],
+) -> None:
+    """A blend with what it reads (`cspine.checkpoints.save_blend`): predict computes the same inputs, and
+    checks it reads them through the checkpoints the blend was fitted through (``through``, their digests)."""
     sizes = sorted({int(c[5:].split(":")[0]) for c in inputs.columns if c.startswith("blstm")})
+    vertebra = any(c.startswith("vert:") for c in inputs.columns)
+    crop = any(c.startswith("crop:") for c in inputs.columns)
+    extents = run.seg_file("extents.csv").is_file()
+    folds = sorted(int(k) for k in inputs["fold"].unique())
     save_blend(
         {
             **blend,
             "top_k": b.top_k,
             "margin": b.margin,
             "sizes": sizes,
-            "extents": run.seg_file("extents.csv").is_file(),
-            "vertebra": any(c.startswith("vert:") for c in inputs.columns),
-            "crop": any(c.startswith("crop:") for c in inputs.columns),
-            "folds": sorted(int(k) for k in inputs["fold"].unique()),
+            "extents": extents,
+            "vertebra": vertebra,
+            "crop": crop,
+            "folds": folds,
+            "models": models,
+            "through": run.digests(
+                run.blend_reads(folds, sizes, vertebra, crop, extents or vertebra or crop)
+            ),
             "trained_on": trained_on,
         },
         path,
@@ -305,6 +328,7 @@ def blend(cfg: Config, run_dir: str | os.PathLike, folds: list[int]) -> pd.DataF
             f"the blend scores each fold with a blend fitted on the others: it needs two folds or "
             f"more, not {folds} (folds.folds)"
         )
+    models = blend_models(cfg)  # checked when the config loads
     run.blend_file("record.json").unlink(missing_ok=True)  # until the end, the run is not blended
     inputs = pd.concat([fold_inputs(cfg, run, k) for k in folds], ignore_index=True)
     labels = run.read_labels().loc[inputs["StudyInstanceUID"], list(TARGETS)].reset_index(drop=True)
@@ -316,9 +340,9 @@ def blend(cfg: Config, run_dir: str | os.PathLike, folds: list[int]) -> pd.DataF
         scorer = fit_blend(inputs[fitted], labels[fitted], b, standards)
         p[scored] = apply_blend(scorer, inputs[scored])
         raw[scored] = apply_blend({**scorer, "floor": False}, inputs[scored])[:, 0]
-        _save(run, scorer, inputs[fitted], run.blend_scorer(k), uids[fitted].tolist(), b)
+        _save(run, scorer, inputs[fitted], run.blend_scorer(k), uids[fitted].tolist(), b, models)
         splits[str(k)] = {"trained_on": uids[fitted].tolist(), "scored": uids[scored].tolist()}
-    _save(run, fit_blend(inputs, labels, b, standards), inputs, run.blend_model, uids.tolist(), b)
+    _save(run, fit_blend(inputs, labels, b, standards), inputs, run.blend_model, uids.tolist(), b, models)
     write_csv(inputs, run.blend_file("inputs.csv"))
     oof = pd.DataFrame(
         {

@@ -10,6 +10,7 @@ Options after the stage name; ``key=value`` words override the config (``slice.e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Callable
@@ -131,13 +132,22 @@ def _run_dir(args: argparse.Namespace, cfg) -> Path:
     return args.out or Path("runs") / cfg.name
 
 
-def _bound(args: argparse.Namespace, cfg: Config) -> Path:
-    """The run folder of a per-stage command, its config checked against the run's artifacts and recorded."""
-    from cspine.pipeline import bind_config
-    from cspine.runs import check_writable
+def _locked(args: argparse.Namespace, run_dir: Path) -> Path:
+    """Holds the run folder's lock until the command ends (`cspine.runs.run_lock`): a stage command beside a
+    `run` or another stage on the same folder is refused at once, naming the holder."""
+    from cspine.runs import check_writable, run_lock
 
-    run_dir = _run_dir(args, cfg)
     check_writable(run_dir)
+    args.held.enter_context(run_lock(Run(run_dir)))
+    return run_dir
+
+
+def _bound(args: argparse.Namespace, cfg: Config) -> Path:
+    """The run folder of a per-stage command, locked, its config checked against the run's artifacts and
+    recorded."""
+    from cspine.pipeline import bind_config
+
+    run_dir = _locked(args, _run_dir(args, cfg))
     bind_config(cfg, Run(run_dir))
     return run_dir
 
@@ -165,7 +175,7 @@ def cmd_train_slices(args: argparse.Namespace) -> int:
         return 1
     rt = init_distributed(cfg.device)
     if rt.is_main:  # one writer for labels.csv and folds.csv; the other ranks wait for them
-        setup_run(cfg, _data_for_run(args, run_dir), run_dir)
+        setup_run(cfg, _data_for_run(args, run_dir), _locked(args, run_dir))
     if rt.distributed:
         dist.barrier()
     for k in folds:
@@ -297,12 +307,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_holdout(args: argparse.Namespace) -> int:
+    from cspine.holdout import holdout
+
+    cfg = _config(args)
+    run_dir = _bound(args, cfg)
+    holdout(cfg, run_dir, studies=args.studies, seed=args.seed)
+    print((Run(run_dir).holdout_dir / "holdout.md").read_text())
+    return 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from cspine.explain import explain_fold
 
     fold = _pop_fold(args) or 0
     cfg = _config(args)
-    run_dir = _run_dir(args, cfg)
+    run_dir = _locked(args, _run_dir(args, cfg))
     for path in explain_fold(run_dir, fold, _data_for_run(args, run_dir), n=args.n):
         print(path)
     return 0
@@ -422,6 +442,16 @@ COMMANDS: tuple[Command, ...] = (
         options=(_option("--submission", type=Path, default=None, help="submission path"),),
     ),
     Command(
+        "holdout",
+        "score the run's models on held-out synthetic studies no model saw (every track and the submission)",
+        cmd_holdout,
+        data=False,
+        options=(
+            _option("--studies", type=int, default=256, help="held-out studies to draw (default 256)"),
+            _option("--seed", type=int, default=None, help="their seed (default: the run's synth.seed + 1)"),
+        ),
+    ),
+    Command(
         "explain",
         "Grad-CAM figures of a fold's held-out slices with their boxes",
         cmd_explain,
@@ -501,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
     try:
-        return args.func(args)
+        with contextlib.ExitStack() as args.held:  # the run folder's lock, where the command takes it
+            return args.func(args)
     except ConfigError as exc:
         log.error("config: %s", error_message(exc))
         return 2

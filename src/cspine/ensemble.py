@@ -20,7 +20,7 @@ from cspine.checkpoints import (
     load_slice_model,
     load_vertebra_model,
 )
-from cspine.config import Config, ConfigError
+from cspine.config import Config, ConfigError, blend_models
 from cspine.models import CropNet, SequenceNet, SliceNet
 from cspine.runs import Run
 
@@ -143,18 +143,27 @@ def _add_segmenters(ensemble: Ensemble, run: Run, device: torch.device) -> None:
 
 
 def _check_blend(ensemble: Ensemble, run: Run) -> None:
-    """The blend reads each of its folds' models: a slice CNN, and the vertebra track where it read one."""
-    missing = []
-    for fold in ensemble.blend["folds"]:
-        if fold not in ensemble.cnns:
-            missing.append(f"fold {fold}'s slice CNN")
-        if ensemble.blend["vertebra"] and not any(m["source_fold"] == fold for m, _ in ensemble.vertebra):
-            missing.append(f"fold {fold}'s vertebra track")
-        if ensemble.blend.get("crop") and not any(m["fold"] == fold for m, _ in ensemble.crops):
-            missing.append(f"fold {fold}'s crop model")
-    if missing:
+    """The blend reads its folds' models through the very checkpoints it was fitted through (their digests):
+    a blend of another run, or of models since trained again or removed, would weigh outputs it never saw."""
+    b = ensemble.blend
+    if "through" not in b:
         raise CheckpointError(
-            f"{run.blend_model}: the blend reads {', '.join(missing)}, which {run.root} lacks"
+            f"{run.blend_model}: the blend does not record the checkpoints it was fitted through (made by an "
+            "earlier cspine): run `python -m cspine blend` on this run"
+        )
+    reads = run.blend_reads(
+        b["folds"], b["sizes"], b["vertebra"], b["crop"], b["extents"] or b["vertebra"] or b["crop"]
+    )
+    now = run.digests(reads)
+    missing = [path for path, was in b["through"].items() if now.get(path, "missing") == "missing"]
+    other = [path for path, was in b["through"].items() if path not in missing and now.get(path) != was]
+    other += [path for path in now if path not in b["through"] and now[path] != "missing"]
+    if missing or other:
+        said = [f"{', '.join(missing)} missing"] if missing else []
+        said += [f"{', '.join(other)} not the models it was fitted through"] if other else []
+        raise CheckpointError(
+            f"{run.blend_model}: the blend reads {'; '.join(said)} (a blend of another run, or models trained "
+            "again since): run `python -m cspine blend` on this run"
         )
 
 
@@ -207,6 +216,11 @@ def check_config(cfg: Config, ensemble: Ensemble) -> None:
         "vert.enabled": (cfg.vert.enabled, bool(ensemble.vertebra)),
         "crop.enabled": (cfg.crop.enabled, bool(ensemble.crops)),
         **({"vert.overall": (cfg.vert.overall, ensemble.overall)} if ensemble.vertebra else {}),
+        **(
+            {"the models the blend reads (blend.models)": (blend_models(cfg), ensemble.blend["models"])}
+            if cfg.blend.enabled and ensemble.blend
+            else {}
+        ),
     }
     differ = [
         f"{key}={mine!r} (the models: {theirs!r})" for key, (mine, theirs) in pairs.items() if mine != theirs

@@ -34,7 +34,7 @@ from cspine.metrics import (
     weighted_log_loss,
     write_table,
 )
-from cspine.runs import Run, save_figure, write_csv, write_text
+from cspine.runs import Run, read_json, save_figure, write_csv, write_text
 from cspine.submission import prior_from_train
 
 log = logging.getLogger(__name__)
@@ -485,6 +485,17 @@ MAX_POOLING_NOTE = (
 )
 
 
+def holdout_section(run: Run) -> list[str]:
+    """The held-out table (`python -m cspine holdout`) when it was made with the run's current models; else
+    a line saying it is out of date."""
+    table, record = run.holdout_dir / "holdout.md", run.holdout_dir / "record.json"
+    if not table.is_file() or not record.is_file():
+        return []
+    if read_json(record)["models"] != run.digests(run.model_files()):
+        return ["*The held-out score was made with other models: run `python -m cspine holdout` again.*", ""]
+    return [table.read_text(), ""]
+
+
 def evaluate(cfg: Config, run_dir: str | os.PathLike) -> Path:
     """Writes the report from the run's out-of-fold predictions; trains nothing (`train-seq` trains the sizes).
 
@@ -568,8 +579,9 @@ def evaluate(cfg: Config, run_dir: str | os.PathLike) -> Path:
         f"# Evaluation: {cfg.name}",
         "",
         *opening(cfg, models),
-        f"{len(uids)} studies, {n_folds}-fold cross-validation; every number is out of fold (each study scored "
-        "by models, the blend included, that never trained on it). BLSTM input: "
+        *holdout_section(run),
+        f"{len(uids)} studies, {n_folds}-fold cross-validation; every number below is out of fold (each study "
+        "scored by models, the blend included, that never trained on it). BLSTM input: "
         f"`{cfg.seq.input}`, loss: `{cfg.seq.loss}`.",
         "",
         "## Where the loss is",

@@ -3,13 +3,14 @@
     python -m cspine package-kaggle --models runs/rsna --out kaggle_package [--python 3.11]
     kaggle datasets create -p kaggle_package --dir-mode zip
 
-The folder holds ``wheels/`` (cspine, and the inference dependencies Kaggle's image lacks or has too old,
-for one Python version on manylinux x86-64), ``models/`` (every fold's models, the resolved config, the
-training prior), ``cspine-bundle.json`` (what the wheels were built for; also the mark that the folder is a
-bundle), ``dataset-metadata.json`` (for the Kaggle API's upload) and ``kaggle_inference.py``, the notebook
-cell that finds the bundle under ``/kaggle/input/*`` whatever the dataset is called, checks the interpreter
-against the wheels, installs offline and writes ``/kaggle/working/submission.csv``. Nothing is downloaded
-at inference time.
+The folder holds ``wheels/`` (cspine's own wheel, and the wheels of the inference packages a Kaggle GPU
+image may lack, `BUNDLED`, for one Python version on manylinux x86-64, without their dependencies: never
+torch), ``models/`` (every fold's models, the resolved config, the training prior), ``cspine-bundle.json``
+(what the wheels were built for and what inference needs; also the mark that the folder is a bundle),
+``dataset-metadata.json`` (for the Kaggle API's upload) and ``kaggle_inference.py``, the notebook cell that
+finds the bundle under ``/kaggle/input/*`` whatever the dataset is called, checks the interpreter and the
+installed packages, installs offline only what is missing (nothing installed is upgraded, downgraded or
+replaced) and writes ``/kaggle/working/submission.csv``. Nothing is downloaded at inference time.
 """
 
 from __future__ import annotations
@@ -26,15 +27,26 @@ import torch
 from cspine import __version__
 from cspine.config import Config, save_config
 from cspine.ensemble import check_complete, check_config, load_ensemble
-from cspine.runs import Run, write_json
+from cspine.runs import Run, replace_folder, write_json
 
 log = logging.getLogger(__name__)
 
-# What inference imports beyond Kaggle's image (torch, torchvision, timm, numpy, pandas, scikit-learn,
-# matplotlib are there). Downloaded with their own dependencies; cspine itself installs with --no-deps, so
-# training-only packages (albumentations, iterative-stratification, grad-cam, python-gdcm) are never needed
-# offline: the predict path imports none of them (a test checks).
+# What inference imports, each with the least version the kit works with (pyproject.toml's bounds). The
+# bundle's script checks every installed one against its bound and refuses, naming it, where one is too old:
+# it never upgrades, downgrades or replaces an installed package (a constraints file pins them all).
+# Training-only packages (albumentations, iterative-stratification, grad-cam, python-gdcm, zarr) are never
+# needed offline: the predict path imports none of them (a test checks).
 INFERENCE_REQUIREMENTS = [
+    # a Kaggle GPU image has these (its CUDA torch above all): never in the bundle
+    "torch>=2.4",
+    "torchvision>=0.19",
+    "timm>=1.0",
+    "numpy>=1.26",
+    "pandas>=2.0",
+    "scikit-learn>=1.3",
+    "psutil>=5.9",
+    "tqdm>=4.66",
+    # what it may lack: their own wheels only (`BUNDLED`); their dependencies are the ones above
     "pydicom>=3.0",
     "pylibjpeg>=2.0",
     "pylibjpeg-libjpeg>=2.1",
@@ -47,6 +59,12 @@ INFERENCE_REQUIREMENTS = [
     "pyyaml>=6.0",
     "segmentation-models-pytorch>=0.6",
 ]
+BUNDLED = INFERENCE_REQUIREMENTS[INFERENCE_REQUIREMENTS.index("pydicom>=3.0") :]
+# an installed distribution that stands for a requirement (the same module under another name): Kaggle's
+# image has opencv-python, and a headless wheel over it would overwrite its cv2
+PROVIDED_BY = {
+    "opencv-python-headless": ["opencv-python", "opencv-contrib-python", "opencv-contrib-python-headless"]
+}
 # The bundle's manifest, a plain visible file (a dotfile may not survive an upload): the script finds the
 # bundle by it, and `package_kaggle` replaces only a folder that holds it.
 MARKER = "cspine-bundle.json"
@@ -143,7 +161,8 @@ def build_cspine_wheel(wheel_dir: Path) -> None:
 
 
 def download_wheels(wheel_dir: Path, python: str) -> None:
-    """The inference requirements' wheels for ``python`` on manylinux x86-64 (needs the package index)."""
+    """The wheels of `BUNDLED` for ``python`` on manylinux x86-64, without their dependencies (torch and the
+    rest of Kaggle's image); needs the package index."""
     platforms = [arg for platform in PLATFORMS for arg in ("--platform", platform)]
     subprocess.run(
         [
@@ -156,9 +175,10 @@ def download_wheels(wheel_dir: Path, python: str) -> None:
             "--python-version",
             python,
             *platforms,
+            "--no-deps",
             "-d",
             str(wheel_dir),
-            *INFERENCE_REQUIREMENTS,
+            *BUNDLED,
         ],
         check=True,
     )
@@ -211,19 +231,26 @@ def package_kaggle(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    _swap(partial, out)
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    log.info(
-        "Kaggle bundle in %s for Python %s: %d slice CNNs, %d other models, %.1f MB; upload it with "
-        "`kaggle datasets create -p %s --dir-mode zip`",
-        out,
-        python,
-        len(checkpoints),
-        len(blstms),
-        size / 1e6,
-        out,
-    )
+    replace_folder(partial, out)
+    log.info("%s", bundle_contents(out, python))
     return out
+
+
+def bundle_contents(out: Path, python: str) -> str:
+    """What a bundle holds and weighs, in a few lines: what `package-kaggle` prints."""
+    size = {
+        part: sum(p.stat().st_size for p in (out / part).rglob("*") if p.is_file()) / 1e6
+        for part in ("models", "wheels")
+    }
+    wheels = sorted(w.name.split("-")[0] for w in (out / "wheels").glob("*.whl"))
+    return (
+        f"Kaggle bundle in {out} for Python {python}: {size['models'] + size['wheels']:.1f} MB\n"
+        f"  models/ {size['models']:.1f} MB: {len(list((out / 'models').rglob('*.pt')))} checkpoints, the "
+        "config, the training prior\n"
+        f"  wheels/ {size['wheels']:.1f} MB: {', '.join(wheels)} (what a Kaggle image may lack; torch, "
+        "numpy and the rest of the image are used as installed)\n"
+        f"upload it with `kaggle datasets create -p {out} --dir-mode zip`"
+    )
 
 
 class PackagingError(OSError):
@@ -258,18 +285,9 @@ def _write_bundle(
             "python": python,
             "platforms": PLATFORMS,
             "requirements": INFERENCE_REQUIREMENTS,
+            "provided_by": PROVIDED_BY,
             "cspine": __version__,
             "wheels": wheels,
         },
         out / MARKER,
     )
-
-
-def _swap(new: Path, out: Path) -> None:
-    """Puts the folder ``new`` in the place of ``out`` (which may not exist), the old one removed after."""
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(new, out)
-    shutil.rmtree(old, ignore_errors=True)

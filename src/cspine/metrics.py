@@ -48,6 +48,25 @@ def weighted_log_loss(y: np.ndarray, p: np.ndarray, normalize: Literal["study", 
     raise ValueError(f"normalize must be 'study' or 'global', not {normalize!r}")
 
 
+def study_losses(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """float [S]: each study's competition loss (their mean is `weighted_log_loss`), for paired comparisons."""
+    y = np.asarray(y, dtype=np.float64)
+    p = np.clip(np.asarray(p, dtype=np.float64), EPS, 1 - EPS)
+    w = target_weights(y)
+    return (w * -(y * np.log(p) + (1 - y) * np.log1p(-p))).sum(axis=1) / w.sum(axis=1)
+
+
+def bootstrap_mean(
+    values: np.ndarray, n: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
+    """The mean of ``values`` (one a study) and its percentile bootstrap interval, studies resampled."""
+    values = np.asarray(values, dtype=np.float64)
+    draws = values[np.random.default_rng(seed).integers(0, len(values), (n, len(values)))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(draws, [tail, 100 - tail])
+    return float(values.mean()), float(lo), float(hi)
+
+
 def loss_by_target(y: np.ndarray, p: np.ndarray) -> np.ndarray:
     """float [8]: each target's part of the per-study competition loss (they add up to it).
 

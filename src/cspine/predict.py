@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -144,6 +145,35 @@ def blend_inputs(
     )
 
 
+def _track(answer: dict, blstm: np.ndarray, overall: str) -> np.ndarray:
+    """float [8] of a track that answers C1..C7 (``answer``: its models' outputs by fold): patient_overall from
+    the BLSTMs (``blstm``) with ``overall="blstm"``, else 1 − Π(1 − p_k) of its vertebrae."""
+    track = combine(_pooled(answer)[None])[0]
+    if overall == "blstm":
+        track[0] = blstm[0]
+    return track
+
+
+def _submitted(
+    ensemble: Ensemble,
+    per_fold: PerFold,
+    extents: dict | None,
+    blstm: dict,
+    vert: dict | None,
+    crop: dict | None,
+) -> np.ndarray:
+    """What `predict` submits of one study, from every model's outputs (`combine_outputs`)."""
+    if ensemble.blend:
+        rows = [
+            {"fold": k, **blend_inputs(k, ensemble.blend, per_fold, extents, blstm, vert, crop)}
+            for k in ensemble.blend["folds"]
+        ]
+        return apply_blend(ensemble.blend, pd.DataFrame(rows)).mean(axis=0)
+    p = _pooled(blstm[ensemble.hidden])
+    answer = crop or vert
+    return _track(answer, p, ensemble.overall) if answer else p
+
+
 def combine_outputs(
     per_fold: PerFold,
     extents: dict | None,
@@ -160,27 +190,37 @@ def combine_outputs(
     """
     blstm = {h: blstm_outputs(per_fold, ensemble, h, device) for h in ensemble.blstms}
     vert = vertebra_outputs(per_fold, extents or {}, ensemble, device) if ensemble.vertebra else None
-    if ensemble.blend:
-        rows = [
-            {"fold": k, **blend_inputs(k, ensemble.blend, per_fold, extents, blstm, vert, crop)}
-            for k in ensemble.blend["folds"]
-        ]
-        return apply_blend(ensemble.blend, pd.DataFrame(rows)).mean(axis=0)
-    p = _pooled(blstm[ensemble.hidden])
-    answer = crop or vert
-    if not answer:
-        return p
-    track = combine(_pooled(answer)[None])[0]
-    if ensemble.overall == "blstm":
-        track[0] = p[0]
-    return track
+    return _submitted(ensemble, per_fold, extents, blstm, vert, crop)
+
+
+def track_outputs(
+    per_fold: PerFold,
+    extents: dict | None,
+    ensemble: Ensemble,
+    device: torch.device,
+    crop: dict | None = None,
+) -> dict[str, np.ndarray]:
+    """float [8] of each model that could answer alone, and of what is submitted, on one study: "paper"
+    (the CNNs and the BLSTMs of size ``hidden``), "vertebra" and "crop" (their C1..C7; patient_overall as
+    ``vert.overall`` says), "submitted" (`combine_outputs`). What `python -m cspine holdout` scores."""
+    blstm = {h: blstm_outputs(per_fold, ensemble, h, device) for h in ensemble.blstms}
+    vert = vertebra_outputs(per_fold, extents or {}, ensemble, device) if ensemble.vertebra else None
+    paper = _pooled(blstm[ensemble.hidden])
+    tracks = {"paper": paper}
+    tracks.update(
+        {name: _track(a, paper, ensemble.overall) for name, a in (("vertebra", vert), ("crop", crop)) if a}
+    )
+    tracks["submitted"] = _submitted(ensemble, per_fold, extents, blstm, vert, crop)
+    return tracks
 
 
 @torch.inference_mode()
-def predict_images(study: ReadStudy, ensemble: Ensemble, cfg: Config) -> dict[str, float]:
-    """The 8 probabilities of one study, read as the checkpoints record (`cspine.studies.read_study`; with
-    the crop track, its bone window and crop boxes too); ``cfg`` gives the batch size, mixed precision and
-    channels_last only.
+def model_outputs(
+    study: ReadStudy, ensemble: Ensemble, cfg: Config
+) -> tuple[PerFold, dict | None, dict | None]:
+    """Every model's reading of one study, as the checkpoints record (`cspine.studies.read_study`; with the
+    crop track, its bone window and crop boxes too): (each fold's CNN outputs, the vertebrae's extents, the
+    crop models' outputs). ``cfg`` gives the batch size, mixed precision and channels_last only.
 
     With several devices, one thread per device runs the folds that sit there: the GPUs work at once.
     """
@@ -234,15 +274,37 @@ def predict_images(study: ReadStudy, ensemble: Ensemble, cfg: Config) -> dict[st
                 amp_dtype(device, cfg.crop.amp),
                 cfg.crop.channels_last and device.type == "cuda",
             )
-    p = combine_outputs(per_fold, extents, ensemble, devices[0], crop)
+    return per_fold, extents, crop
+
+
+@torch.inference_mode()
+def predict_images(study: ReadStudy, ensemble: Ensemble, cfg: Config) -> dict[str, float]:
+    """The 8 probabilities `predict` submits of one study (`model_outputs`, `combine_outputs`)."""
+    per_fold, extents, crop = model_outputs(study, ensemble, cfg)
+    p = combine_outputs(per_fold, extents, ensemble, ensemble.devices[0], crop)
     return {t: float(p[i]) for i, t in enumerate(TARGETS)}
 
 
+@torch.inference_mode()
+def predict_tracks(study: ReadStudy, ensemble: Ensemble, cfg: Config) -> dict[str, dict[str, float]]:
+    """{track: its 8 probabilities} of one study (`track_outputs`): what each model alone would answer, and
+    what `predict` submits ("submitted")."""
+    per_fold, extents, crop = model_outputs(study, ensemble, cfg)
+    tracks = track_outputs(per_fold, extents, ensemble, ensemble.devices[0], crop)
+    return {name: {t: float(p[i]) for i, t in enumerate(TARGETS)} for name, p in tracks.items()}
+
+
 def predict_studies(
-    paths: list[Path], uids: list[str], ensemble: Ensemble, cfg: Config, what: str = "predict"
-) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
-    """Each study's 8 probabilities, read ahead by worker processes; a study that fails anywhere (reading,
-    a dead reading process, the models) is logged and left out.
+    paths: list[Path],
+    uids: list[str],
+    ensemble: Ensemble,
+    cfg: Config,
+    what: str = "predict",
+    answer: Callable[[ReadStudy, Ensemble, Config], dict] = predict_images,
+) -> tuple[dict[str, dict], dict[str, str]]:
+    """Each study's answer (``answer``: by default its 8 probabilities, `predict_images`), read ahead by
+    worker processes; a study that fails anywhere (reading, a dead reading process, the models) is logged
+    and left out.
 
     Returns:
         ({uid: {target: probability}}, {uid: why it failed}).
@@ -260,7 +322,7 @@ def predict_studies(
                     raise study
                 for warning in study.warnings:
                     log.warning("%s", warning)
-                probs[uid] = predict_images(study, ensemble, cfg)
+                probs[uid] = answer(study, ensemble, cfg)
             except Exception as exc:  # one bad study must never cost the submission: it gets the prior
                 failed[uid] = f"{type(exc).__name__}: {exc}"
                 log.error("%s: study %s failed (%s); it gets the prior", what, uid, failed[uid])

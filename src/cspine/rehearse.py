@@ -22,6 +22,7 @@ machine, and `kaggle_limits` what fits Kaggle's. Writes ``<run>/rehearsal/``: ``
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import logging
 import os
 import shutil
@@ -226,9 +227,10 @@ def run_pipeline(cfg: Config, data_dir: Path, run: Run, submission: Path) -> lis
     return steps
 
 
-def kaggle_python(folder: Path) -> Path:
-    """A fresh Python environment that sees this one's packages as Kaggle's image has its own, so that the
-    bundle's script installs cspine's wheel into it, never into this environment; returns its python."""
+def kaggle_python(folder: Path, hide: tuple[str, ...] = ()) -> Path:
+    """A fresh Python environment that sees this one's packages as Kaggle's image has its own, less the
+    distributions named in ``hide`` (what an image lacks), so that the bundle's script installs into it,
+    never into this environment; returns its python."""
     shutil.rmtree(folder, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True, capture_output=True)
     python = folder / "bin" / "python"
@@ -236,9 +238,27 @@ def kaggle_python(folder: Path) -> Path:
     purelib = Path(
         subprocess.run([python, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
     )
-    host = dict.fromkeys([*site.getsitepackages(), site.getusersitepackages()])
-    write_text(purelib / "host-packages.pth", "\n".join(p for p in host if Path(p).is_dir()) + "\n")
+    host = [
+        p for p in dict.fromkeys([*site.getsitepackages(), site.getusersitepackages()]) if Path(p).is_dir()
+    ]
+    if hide:
+        host = [_without(Path(p), hide, folder / f"host{i}") for i, p in enumerate(host)]
+    write_text(purelib / "host-packages.pth", "\n".join(map(str, host)) + "\n")
     return python
+
+
+def _without(site_dir: Path, hide: tuple[str, ...], farm: Path) -> Path:
+    """A folder of links to ``site_dir``'s entries, less every file and folder of the distributions
+    ``hide`` names (found from their records)."""
+    hidden = set()
+    for dist in importlib.metadata.distributions(path=[str(site_dir)]):
+        if dist.metadata["Name"] and dist.metadata["Name"].lower().replace("_", "-") in hide:
+            hidden |= {Path(f).parts[0] for f in dist.files or []}
+    farm.mkdir(parents=True)
+    for entry in site_dir.iterdir():
+        if entry.name not in hidden:
+            (farm / entry.name).symlink_to(entry)
+    return farm
 
 
 def competition_copy(data_dir: Path, folder: Path, with_test_images: bool) -> Path:

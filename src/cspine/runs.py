@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -132,6 +133,11 @@ class Run:
     @property
     def report(self) -> Path:
         return self.root / "report"
+
+    @property
+    def holdout_dir(self) -> Path:
+        """The held-out score (`cspine.holdout`): each study's answers, the tables, what they were made with."""
+        return self.root / "holdout"
 
     @property
     def explain(self) -> Path:
@@ -297,6 +303,41 @@ class Run:
     def blstm_checkpoints(self, hidden: int) -> list[Path]:
         return sorted(self.seq_dir(hidden).glob("fold*/*.pt"))
 
+    def blend_reads(
+        self, folds: list[int], sizes: list[int], vertebra: bool, crop: bool, segment: bool
+    ) -> list[Path]:
+        """The checkpoints whose outputs a blend of ``folds`` reads: each fold's slice CNN and BLSTMs of
+        ``sizes``, with ``vertebra`` and ``crop`` those tracks' models, with ``segment`` the segmentation's
+        (existing or not: a missing one is part of what a blend was not fitted through)."""
+        paths = [self.slice_best(k) for k in folds]
+        paths += [p for h in sizes for p in self.blstm_checkpoints(h) if int(p.parent.name[4:]) in folds]
+        if vertebra:
+            paths += [p for p in self.vert_models() if int(p.parent.name[4:]) in folds]
+        if crop:
+            paths += [self.crop_model(k) for k in folds]
+        if segment:
+            paths += self.seg_models()
+        return paths
+
+    def model_files(self) -> list[Path]:
+        """Every checkpoint `predict` may read: the slice CNNs, the BLSTMs, the tracks, the segmentation,
+        the blend."""
+        patterns = (
+            "slice/fold*/best.pt",
+            "seq/h*/fold*/*.pt",
+            "vertebra/fold*/inner*.pt",
+            "crop/fold*/model.pt",
+        )
+        return sorted(
+            p
+            for pattern in (*patterns, "segment/fold*.pt", "blend/blend.pt")
+            for p in self.root.glob(pattern)
+        )
+
+    def digests(self, paths: list[Path]) -> dict[str, str]:
+        """{path relative to the run: `digest`, or "missing"} of ``paths``: what a blend was fitted through."""
+        return {p.relative_to(self.root).as_posix(): digest(p) if p.is_file() else "missing" for p in paths}
+
     def read_folds(self) -> pd.DataFrame:
         """StudyInstanceUID → fold, as `make_folds` wrote it."""
         return pd.read_csv(self.folds, dtype={"StudyInstanceUID": str})
@@ -394,6 +435,17 @@ def check_writable(*paths: Path) -> None:
             (folder / ".cspine-write-check").unlink()
         except OSError as exc:
             raise OSError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+
+
+def replace_folder(new: Path, out: Path) -> None:
+    """Puts the whole folder ``new`` in the place of ``out`` (which may not exist), the old one removed
+    after: a failure before this keeps the old folder as it was."""
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 UNNAMED_LOCK_SECONDS = 10.0  # a lock that names no process this long after it was made is left over

@@ -28,7 +28,7 @@ from cspine.config import SynthConfig
 from cspine.dicom_writer import Encoding, write_series
 from cspine.phantom import T2_LABEL, PhantomConfig, render_study
 from cspine.progress import progress
-from cspine.runs import atomic_path, write_csv, write_text
+from cspine.runs import atomic_path, replace_folder, write_csv, write_text
 
 log = logging.getLogger(__name__)
 
@@ -213,10 +213,12 @@ def make_competition(
     """
     s = s or SynthConfig()
     n_train, n_test, seed = s.n_train, s.n_test, s.seed
-    root = Path(out_dir)
+    final = Path(out_dir)
+    check_synthetic_folder(final)
+    root = final.with_name(final.name + ".part")  # written whole, then put in place of the old one
+    shutil.rmtree(root, ignore_errors=True)
     for sub in ("train_images", "test_images"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    (root / COMPLETE_MARKER).unlink(missing_ok=True)
+        (root / sub).mkdir(parents=True)
     config = PhantomConfig(
         image_size=s.image_size,
         n_slices=s.n_slices or None,
@@ -278,18 +280,58 @@ def make_competition(
         columns=["StudyInstanceUID", "slice_number", "level", *VERTEBRAE],
     )
     write_csv(truth, root / TRUTH_DIR / "vertebrae.csv")  # outside the competition layout: evaluation only
+    # every study's labels, the test studies' too (`python -m cspine holdout` scores against them)
+    labels = pd.DataFrame([r["row"] for r in results], columns=["StudyInstanceUID", *TARGETS])
+    write_csv(labels, root / TRUTH_DIR / "labels.csv")
     settings = dataclasses.asdict(s)
     # written last: the folder is whole
     write_text(root / COMPLETE_MARKER, json.dumps(settings, indent=1) + "\n")
+    replace_folder(root, final)
     log.info(
         "synthetic competition at %s: %d train (%d positive, %d reversed), %d test",
-        root,
+        final,
         n_train,
         int(train["patient_overall"].sum()),
         sum(r["reversed"] for r in results[:n_train]),
         n_test,
     )
-    return root
+    return final
+
+
+# what a synthetic competition holds: a folder with anything else is not one, and is never written over
+SYNTHETIC_NAMES = frozenset(
+    {
+        "train_images",
+        "test_images",
+        "segmentations",
+        "train.csv",
+        "train_bounding_boxes.csv",
+        "test.csv",
+        "sample_submission.csv",
+        TRUTH_DIR,
+        COMPLETE_MARKER,
+    }
+)
+
+
+def check_synthetic_folder(root: Path) -> None:
+    """Refuses to write a synthetic competition over a folder that holds something else: the real data (a
+    ``train.csv`` without the synthetic marker), a run folder, anything not `SYNTHETIC_NAMES`. An empty
+    folder, a finished synthetic competition, or one interrupted before its tables are replaced whole.
+
+    Raises:
+        FileExistsError: naming the folder and what it holds.
+    """
+    names = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+    if not names or (root / COMPLETE_MARKER).is_file():
+        return
+    others = [n for n in names if n not in SYNTHETIC_NAMES]
+    if others or (root / "train.csv").exists():
+        raise FileExistsError(
+            f"{root} is not a synthetic competition (it holds {', '.join((others or names)[:4])}"
+            f"{', …' if len(others or names) > 4 else ''}); a synthetic one is written only into a new "
+            "or empty folder, or over one written before: choose another --out"
+        )
 
 
 def synthetic_settings(root: str | os.PathLike) -> dict | None:
