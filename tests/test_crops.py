@@ -226,9 +226,11 @@ def test_a_blend_of_another_run_or_a_config_without_the_tracks_is_refused_by_nam
     assert not (tmp_path / "b.csv").exists()
 
 
-def test_a_study_whose_segmentation_found_nothing_still_gets_a_crop_answer(
+def test_a_study_whose_segmentation_found_no_vertebra_has_no_spine_to_answer_about(
     crop_run, synthetic_root, monkeypatch
 ):
+    """It got confident answers from the CNNs; with no vertebra found it now fails, and `predict` gives it
+    the prior and counts it (`predict.max_failed`), as a scan of pure air."""
     import torch
 
     import cspine.predict
@@ -246,8 +248,10 @@ def test_a_study_whose_segmentation_found_nothing_still_gets_a_crop_answer(
     study = read_study(
         sorted((synthetic_root / "test_images").iterdir())[0], i["size"], i["crop"], i["margin"], 2, bone=True
     )
-    p = predict_images(study, ensemble, cfg)
-    assert all(0 < v < 1 for v in p.values())
+    from cspine.studies import NoSpineError
+
+    with pytest.raises(NoSpineError, match="found none of C1..C7"):
+        predict_images(study, ensemble, cfg)
 
 
 @pytest.mark.slow

@@ -94,3 +94,15 @@ def test_every_kaggle_time_quoted_is_a_row_of_docs_gpu_budget():
     assert not stale, f"Kaggle times that are not docs/gpu.md's budget: {stale}"
     readme = " ".join((REPO / "README.md").read_text().split())
     assert f"{'–'.join(budget['rsna'])} h of the 9 hours" in readme
+
+
+def test_the_readme_quotes_the_held_out_table_as_docs_experiments_gives_it():
+    """The README's "How good it is" is docs/experiments.md's held-out table, row for row."""
+    text = (REPO / "docs" / "experiments.md").read_text()
+    start, end = "<!-- held out: start -->", "<!-- held out: end -->"
+    assert start in text and end in text, "docs/experiments.md lost its held-out block"
+    rows = [line for line in text[text.index(start) : text.index(end)].splitlines() if line.startswith("|")]
+    readme = (REPO / "README.md").read_text()
+    assert len(rows) == 6
+    missing = [row for row in rows if row not in readme]
+    assert not missing, f"the README does not quote docs/experiments.md's held-out rows: {missing}"

@@ -49,7 +49,9 @@ def held_out(smoke_run, tmp_path_factory):
 def test_the_held_out_set_shares_no_study_seed_or_volume_with_the_runs_data(held_out, synthetic_root):
     run, cfg, _ = held_out
     record = read_json(run.holdout_dir / "record.json")
-    data = synthetic_root.with_name(f"{synthetic_root.name}-holdout{cfg.synth.seed + 1}")
+    data = synthetic_root.with_name(
+        f"{synthetic_root.name}-holdout{synthetic_settings(synthetic_root)['seed'] + 1}"
+    )
     assert record["data"] == str(data)
     mine, theirs = synthetic_settings(synthetic_root), synthetic_settings(data)
     assert theirs["seed"] != mine["seed"] and theirs["n_test"] == 6 and theirs["n_train"] == 0
@@ -90,7 +92,10 @@ def test_each_track_is_scored_and_the_submission_is_what_predict_writes(held_out
         )
         assert row[1].startswith(f"{loss:.3f} [")
     assert (
-        table.iloc[-1]["submitted − this [95%]"] == "—" and table.iloc[0]["submitted − this [95%]"][0] in "+-"
+        table.iloc[1]["submitted − this [95%]"] == "—" and table.iloc[0]["submitted − this [95%]"][0] in "+-"
+    )
+    assert table.iloc[2]["model"].startswith("constant prior") and (
+        table.iloc[2]["AUC patient_overall"] == 0.5 or np.isnan(table.iloc[2]["AUC patient_overall"])
     )
 
 

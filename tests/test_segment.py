@@ -222,6 +222,160 @@ def test_segment_trains_and_segments_every_study_out_of_fold(synthetic_root, tmp
     assert set(dice["StudyInstanceUID"]) == {
         u for u in index["StudyInstanceUID"].unique() if run.cache.mask(u).is_file()
     }
+    checks = pd.read_csv(run.seg_file("checks.csv"), dtype={"StudyInstanceUID": str})
+    assert list(checks["StudyInstanceUID"]) == list(index["StudyInstanceUID"].unique())
+    assert (checks["passed"] == checks["problems"].isna()).all()  # a failing study says why
+
+
+@pytest.mark.slow
+def test_self_training_labels_with_each_folds_own_round_one_model_and_keeps_the_masked_out_of_fold(
+    synthetic_root, tmp_path, monkeypatch
+):
+    """Round 2 of fold k trains on its masked studies and on the unmasked ones its round-1 model labelled (so
+    the fold's masked studies reach it through no label), and only on those whose labels pass."""
+    import cspine.segment
+    from cspine.segment import load_segmenter, masked_studies, segment
+
+    run = Run(tmp_path / "run")
+    cfg = _prepared(
+        synthetic_root, run.root, ["seg.rounds=2", "seg.pseudo_steps=2", "seg.pseudo_confidence=0"]
+    )
+    unmasked = [
+        u for u in run.cache.read_index()["StudyInstanceUID"].unique() if u not in masked_studies(run)
+    ]
+    rejected, reading = (
+        unmasked[0],
+        [None],
+    )  # three training steps find no spine: the check passes all but one
+    real = cspine.segment.load_study_images
+
+    def load(root, uid, *args, **kwargs):
+        reading[0] = uid
+        return real(root, uid, *args, **kwargs)
+
+    monkeypatch.setattr(cspine.segment, "load_study_images", load)
+    monkeypatch.setattr(
+        cspine.segment, "check_vertebrae", lambda found, dz: ["no C7"] if reading[0] == rejected else []
+    )
+    segment(cfg, run.root)
+    for k in range(2):
+        first, final = load_segmenter(run.seg_first(k))[1], load_segmenter(run.seg_model(k))[1]
+        pseudo = pd.read_csv(run.seg_pseudo(k), dtype={"StudyInstanceUID": str})
+        assert sorted(pseudo["StudyInstanceUID"]) == sorted(unmasked)
+        assert pseudo.set_index("StudyInstanceUID")["used"].to_dict() == {u: u != rejected for u in unmasked}
+        assert (
+            final["pseudo"] == sorted(set(unmasked) - {rejected})
+            and final["trained_on"] == first["trained_on"]
+        )
+        assert final["labelled_by"] == first["trained_on"]
+        assert len(final["losses"]) == 2 and len(first["losses"]) == 3
+    dice = pd.read_csv(run.seg_file("dice.csv"), dtype={"StudyInstanceUID": str})
+    for uid, fold in zip(dice["StudyInstanceUID"], dice["fold"]):
+        meta = load_segmenter(run.seg_model(fold))[1]
+        assert uid not in meta["trained_on"] + meta["pseudo"] + meta["labelled_by"]
+
+
+def test_a_fold_model_whose_pseudo_labels_came_from_its_own_studies_is_refused(tmp_path):
+    from cspine.segment import _check_out_of_fold
+
+    run = Run(tmp_path / "run")
+    folds = {"a": 0, "b": 1}
+    clean = [
+        {"trained_on": ["b"], "pseudo": ["x"], "labelled_by": ["b"]},
+        {"trained_on": ["a"], "pseudo": ["x"], "labelled_by": ["a"]},
+    ]
+    _check_out_of_fold(run, folds, clean)
+    leaked = [clean[0] | {"labelled_by": ["a", "b"]}, clean[1]]  # labelled by a model that saw "a"
+    with pytest.raises(RuntimeError, match="fold0.pt trained on a study it would score"):
+        _check_out_of_fold(run, folds, leaked)
+
+
+@pytest.mark.slow
+def test_dice_on_every_study_reads_the_truth_in_the_caches_frame(synthetic_root, tmp_path):
+    """A segmentation equal to each masked study's cached mask scores 1 against the truth files, feet-to-head
+    numbering and gaps included; one that misses C3 scores 0 there; a study read by no model is skipped."""
+    from cspine.evaluate import truth_dice, truth_dice_table
+    from cspine.segment import masked_studies
+    from cspine.segmenter import save_labels
+
+    run = Run(tmp_path / "run")
+    _prepared(synthetic_root, run.root)
+    masked = masked_studies(run)
+    for uid in masked:
+        labels = np.load(run.cache.mask(uid))
+        save_labels(run.seg_labels(uid), np.where(labels == 3, 0, labels) if uid == masked[0] else labels)
+    pd.DataFrame({"StudyInstanceUID": masked}).to_csv(run.seg_file("dice.csv"), index=False)
+    table = truth_dice(run).set_index("StudyInstanceUID")
+    assert sorted(table.index) == sorted(masked)
+    assert (table.loc[masked[1:], list(VERTEBRAE)] > 0.97).all().all()
+    assert table.loc[masked[0], "C3"] == 0 and table.loc[masked[0], "C4"] > 0.97
+    summary = truth_dice_table(table.reset_index())
+    assert summary.iloc[-1]["group"] == "every study" and summary.iloc[-1]["studies"] == len(masked)
+
+
+def _extents(heights: list[int], gaps: list[int] | None = None) -> list[dict]:
+    """C1..C7 one after another, ``heights`` slices each, ``gaps`` slices between them (default none)."""
+    out, z = [], 0
+    for i, (v, h) in enumerate(zip(VERTEBRAE, heights)):
+        out.append({"vertebra": v, "z0": z, "z1": z + h - 1})
+        z += h + (gaps[i] if gaps and i < len(gaps) else 0)
+    return out
+
+
+def test_the_check_passes_a_true_spine_and_names_what_is_wrong_with_a_bad_one():
+    from cspine.segmenter import check_vertebrae
+
+    spine = [3, 9, 4, 4, 4, 5, 5]  # at 3 mm a slice: C1 9 mm, C2 27, C3..C7 12-15 (the phantoms' proportions)
+    assert check_vertebrae(_extents(spine), 3.0) == []
+    assert check_vertebrae(_extents(spine)[:6], 3.0) == ["no C7"]
+    assert check_vertebrae([], 3.0) == [f"no {', '.join(VERTEBRAE)}"]
+    swapped = _extents(spine)
+    swapped[3], swapped[4] = {**swapped[4], "vertebra": "C4"}, {**swapped[3], "vertebra": "C5"}
+    assert "out of order from head to feet" in check_vertebrae(swapped, 3.0)
+    assert check_vertebrae(_extents([3, 9, 4, 4, 12, 5, 5]), 3.0) == ["implausible heights: C5 36 mm"]
+    assert check_vertebrae(_extents(spine, [0, 0, 0, 6, 0, 0]), 3.0) == ["gaps: C4-C5 18 mm"]
+    assert check_vertebrae(_extents(spine), 0.3) == ["C3..C7 1 mm high"]
+
+
+def test_a_study_whose_vertebrae_fail_the_check_labels_no_slice_from_them(tmp_path):
+    """Its fractured slices stay unknown (what the study label allows), not labelled from a wrong vertebra."""
+    from cspine.labels import vertebra_slice_labels
+    from cspine.runs import write_csv
+    from cspine.train_slices import checked_vertebrae
+
+    run = Run(tmp_path / "run")
+    rows = [
+        {
+            "StudyInstanceUID": uid,
+            "order": k,
+            "slice_number": k + 1,
+            "level": 3,
+            **{v: int(v == "C3") for v in VERTEBRAE},
+        }
+        for uid in ("good", "bad")
+        for k in range(2)
+    ]
+    write_csv(pd.DataFrame(rows), run.seg_file("vertebrae.csv"))
+    write_csv(
+        pd.DataFrame(
+            {"StudyInstanceUID": ["good", "bad"], "passed": [True, False], "problems": ["", "no C7"]}
+        ),
+        run.seg_file("checks.csv"),
+    )
+    index = pd.DataFrame(
+        {
+            "StudyInstanceUID": ["good", "good", "bad", "bad"],
+            "order": [0, 1, 0, 1],
+            "label": UNKNOWN,
+            **{f"{v}_present": UNKNOWN for v in VERTEBRAE},
+            **{f"{v}_fracture": UNKNOWN for v in VERTEBRAE},
+        }
+    )
+    labels = pd.DataFrame(
+        {"C3": [1, 1], **{v: [0, 0] for v in VERTEBRAE if v != "C3"}}, index=["good", "bad"]
+    )
+    out = vertebra_slice_labels(index, labels, checked_vertebrae(run)).set_index("StudyInstanceUID")
+    assert (out.loc["good", "label"] == 1).all() and (out.loc["bad", "label"] == UNKNOWN).all()
 
 
 @pytest.mark.slow
@@ -272,7 +426,7 @@ def _segment_rank(rank: int, world: int, init_file: str, run_dir: str) -> None:
 @pytest.mark.slow
 def test_no_training_stage_reads_the_truth_files(synthetic_root, tmp_path):
     """The truth files are for evaluation: an audit hook records every file opened from them while the
-    training stages run, segmentation included."""
+    training stages run, segmentation and its self-training included."""
     from cspine.competition import TRUTH_DIR
     from cspine.pipeline import run_stages
 
@@ -286,7 +440,7 @@ def test_no_training_stage_reads_the_truth_files(synthetic_root, tmp_path):
     sys.addaudithook(audit)  # hooks cannot be removed: this one stops recording when the test ends
     try:
         run = Run(tmp_path / "run")
-        cfg = _prepared(synthetic_root, run.root)
+        cfg = _prepared(synthetic_root, run.root, ["seg.rounds=2", "seg.pseudo_steps=2"])  # self-training too
         run_stages(cfg, synthetic_root, run.root, until="train-seq")
     finally:
         recording[0] = False

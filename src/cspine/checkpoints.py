@@ -44,7 +44,7 @@ __all__ = [
     "save_slice_model",
 ]
 
-CHECKPOINT_SCHEMA = 1  # bumped on any change to what a checkpoint holds; older ones are then refused
+CHECKPOINT_SCHEMA = 2  # bumped on any change to what a checkpoint holds; older ones are then refused
 # every model checkpoint's kind, and what rebuilds its network from the saved ``arch``
 BUILDERS = {
     "slice-cnn": SliceNet,

@@ -448,7 +448,9 @@ COMMANDS: tuple[Command, ...] = (
         data=False,
         options=(
             _option("--studies", type=int, default=256, help="held-out studies to draw (default 256)"),
-            _option("--seed", type=int, default=None, help="their seed (default: the run's synth.seed + 1)"),
+            _option(
+                "--seed", type=int, default=None, help="their seed (default: the run's competition's + 1)"
+            ),
         ),
     ),
     Command(

@@ -185,6 +185,17 @@ def list_test_studies(root: str | os.PathLike, test: pd.DataFrame | None = None)
     return [uid for uid in listed if uid in present]
 
 
+def read_truth_labels(data_dir: str | os.PathLike, uid: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """A synthetic study's true labels (``truth/labels/<uid>.npz``, evaluation only): uint8 [N, H, W] head to
+    feet in the competition's scheme, and each slice's slice_number; None where the data has none (the real
+    competition)."""
+    path = Path(data_dir) / TRUTH_DIR / "labels" / f"{uid}.npz"
+    if not path.is_file():
+        return None
+    with np.load(path) as data:
+        return data["labels"], data["slice_numbers"]
+
+
 def find_mask(data_dir: str | os.PathLike, uid: str) -> Path | None:
     """A study's segmentation, ``segmentations/<uid>.nii`` as the competition ships it, or ``.nii.gz``."""
     for suffix in (".nii", ".nii.gz"):

@@ -148,6 +148,13 @@ class SegConfig:
     min_pixels: int = 8  # a vertebra is present on an axial slice from this many of its pixels (cache size)
     amp: bool = True  # mixed precision on a GPU (bf16 where supported); ignored on CPU
     seed: int = 0
+    # self-training: in round 2 each fold's model goes on training from its round-1 weights on its masked
+    # studies and on the unmasked studies that its round-1 model labelled and whose labels pass
+    # `cspine.segmenter.check_vertebrae` with at least `pseudo_confidence` (`cspine.segment`); 1: masks only
+    rounds: int = 1
+    pseudo_steps: int = 0  # round 2's optimizer steps a fold (0: `steps`)
+    pseudo_confidence: float = 0.9  # the least mean probability of a study's chosen vertebra pixels
+    pseudo_studies: int = 400  # the most unmasked studies a fold labels (each held in memory while it trains)
 
     @property
     def least_masks(self) -> int:
@@ -453,6 +460,10 @@ RANGES = {
     "slice.workers": (0, None),
     "seg.folds": (2, None),
     "seg.steps": (1, None),
+    "seg.rounds": (1, 2),
+    "seg.pseudo_steps": (0, None),
+    "seg.pseudo_confidence": (0.0, 1.0),
+    "seg.pseudo_studies": (1, None),
     "seg.row_mm": (0.25, 10.0),
     "seq.inner_folds": (2, None),
     "vert.inner_folds": (2, None),

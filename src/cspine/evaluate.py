@@ -20,8 +20,9 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from cspine import TARGETS, VERTEBRAE
+from cspine.cache import read_meta
 from cspine.checkpoints import load_blend
-from cspine.competition import THORACIC, TRUTH_DIR
+from cspine.competition import THORACIC, TRUTH_DIR, read_truth_labels
 from cspine.config import Config, save_config
 from cspine.features import load_features, oof_sources
 from cspine.labels import UNKNOWN
@@ -34,7 +35,9 @@ from cspine.metrics import (
     weighted_log_loss,
     write_table,
 )
+from cspine.preprocess import labels_in_cache_frame
 from cspine.runs import Run, read_json, save_figure, write_csv, write_text
+from cspine.segmenter import dice_per_vertebra, load_labels
 from cspine.submission import prior_from_train
 
 log = logging.getLogger(__name__)
@@ -268,21 +271,79 @@ def segmentation_scores(run: Run) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     both["group"] = np.where(
         both["StudyInstanceUID"].isin(dice["StudyInstanceUID"]), "with a mask (out of fold)", "without a mask"
     )
+    if run.seg_file("checks.csv").is_file():  # does the check find the studies segmented wrong?
+        checks = pd.read_csv(run.seg_file("checks.csv"), dtype={"StudyInstanceUID": str})
+        passed = both["StudyInstanceUID"].map(checks.set_index("StudyInstanceUID")["passed"].astype(bool))
+        both["group"] += np.where(passed, ", check passed", ", check failed")
     # the segmentation has one thoracic class (8); the truth names T2 (9) too
     both["level ok"] = both["level"] == both["level_true"].clip(upper=THORACIC)
     both["vertebrae ok"] = (
         both[list(VERTEBRAE)].to_numpy() == both[[f"{v}_true" for v in VERTEBRAE]].to_numpy()
     ).all(1)
-    accuracy = (
-        both.groupby("group")
-        .agg(
-            studies=("StudyInstanceUID", "nunique"),
-            slices=("level", "size"),
-            **{"slice level": ("level ok", "mean"), "vertebrae shown": ("vertebrae ok", "mean")},
-        )
-        .reset_index()
-    )
+    how = {
+        "studies": ("StudyInstanceUID", "nunique"),
+        "slices": ("level", "size"),
+        "slice level": ("level ok", "mean"),
+        "vertebrae shown": ("vertebrae ok", "mean"),
+    }
+    accuracy = pd.concat(
+        [both.groupby("group").agg(**how), both.assign(group="every study").groupby("group").agg(**how)]
+    ).reset_index()
     return dice, accuracy
+
+
+def study_truth_dice(run: Run, data_dir: Path, uid: str) -> dict | None:
+    """One study's Dice per vertebra between its predicted labels and its true ones (the synthetic
+    competition's ``truth/labels``), the truth cut and resized into the cache's frame as its mask would be,
+    and whether the scan reaches T2; None without truth."""
+    truth = read_truth_labels(data_dir, uid)
+    if truth is None or not run.seg_labels(uid).is_file():
+        return None
+    labels, numbers = truth
+    pred, meta = load_labels(run.seg_labels(uid)), read_meta(run.cache.root, uid)
+    row_of = {int(n): k for k, n in enumerate(numbers)}
+    rows = labels[[row_of[int(n)] for n in meta["slice_numbers"]]]
+    boxes = meta["crop"] * len(rows) if len(meta["crop"]) == 1 else meta["crop"]
+    true = labels_in_cache_frame(rows, boxes, pred.shape[1])
+    return {"StudyInstanceUID": uid, "long": bool((rows > THORACIC).any()), **dice_per_vertebra(pred, true)}
+
+
+def truth_dice(run: Run) -> pd.DataFrame | None:
+    """Dice per vertebra on every study whose true labels the data holds (`study_truth_dice`), with its group
+    (a masked study is segmented out of fold; the others by every fold model) and scan length; None
+    without truth (the real competition)."""
+    data_dir = Path(run.data_dir_file.read_text().strip()) if run.data_dir_file.is_file() else None
+    if data_dir is None or not (data_dir / TRUTH_DIR / "labels").is_dir():
+        return None
+    masked = set(pd.read_csv(run.seg_file("dice.csv"), dtype={"StudyInstanceUID": str})["StudyInstanceUID"])
+    uids = run.cache.read_index()["StudyInstanceUID"].unique()
+    rows = [r for r in (study_truth_dice(run, data_dir, u) for u in uids) if r is not None]
+    if not rows:
+        return None
+    table = pd.DataFrame(rows)
+    table.insert(
+        1,
+        "group",
+        np.where(table["StudyInstanceUID"].isin(masked), "with a mask (out of fold)", "without a mask"),
+    )
+    return table
+
+
+def truth_dice_table(table: pd.DataFrame) -> pd.DataFrame:
+    """`truth_dice`'s mean Dice per vertebra (and over C1..C7) per group and scan length, and over every study."""
+    table = table.assign(scan=np.where(table["long"], "reaching T2", "shorter"))
+    parts = [
+        table.groupby(["group", "scan"])[list(VERTEBRAE)]
+        .mean()
+        .assign(studies=table.groupby(["group", "scan"]).size()),
+        table.assign(group="every study", scan="all")
+        .groupby(["group", "scan"])[list(VERTEBRAE)]
+        .mean()
+        .assign(studies=len(table)),
+    ]
+    out = pd.concat(parts).reset_index()
+    out["mean"] = out[list(VERTEBRAE)].mean(axis=1)
+    return out[["group", "scan", "studies", *VERTEBRAE, "mean"]]
 
 
 def segmentation_section(run: Run) -> list[str]:
@@ -299,6 +360,34 @@ def segmentation_section(run: Run) -> list[str]:
         means.to_frame("Dice").T.round(3).to_markdown(index=False),
         "",
     ]
+    if run.seg_file("checks.csv").is_file():
+        checks = pd.read_csv(run.seg_file("checks.csv"), dtype={"StudyInstanceUID": str})
+        lines += [
+            f"The vertebrae of {int(checks['passed'].sum())} of {len(checks)} studies pass their check (C1..C7 "
+            "all found, in order from head to feet, of plausible heights, without a gap; `segment/checks.csv` "
+            "says what fails); a failing study's slices are not labelled from its vertebrae.",
+            "",
+        ]
+    pseudo = [pd.read_csv(path) for path in sorted(run.seg_pseudo_files())]
+    if pseudo:
+        used = ", ".join(f"{int(p['used'].sum())} of {len(p)}" for p in pseudo)
+        lines += [
+            f"Self-training: each fold's round-1 model labelled the unmasked studies, and round 2 also trained "
+            f"on those whose labels pass the check and are confident enough: {used} (fold by fold; "
+            "`segment/round1/pseudo<k>.csv`).",
+            "",
+        ]
+    every = truth_dice(run)
+    if every is not None:
+        write_csv(every, run.report / "dice_every_study.csv")
+        lines += [
+            "Dice per vertebra on every study against its true labels (synthetic data only; "
+            "`report/dice_every_study.csv`): the masked studies out of fold, the others by every fold model, "
+            "whose training never read their truth:",
+            "",
+            truth_dice_table(every).round(3).to_markdown(index=False),
+            "",
+        ]
     if accuracy is not None:
         lines += [
             "Slices whose predicted vertebrae match the truth (synthetic data only):",

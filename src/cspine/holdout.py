@@ -34,6 +34,7 @@ from cspine.config import Config, ConfigError, SynthConfig
 from cspine.ensemble import check_complete, check_config, load_ensemble
 from cspine.evaluate import (
     CROP_TRACK,
+    PRIOR,
     VERTEBRA_TRACK,
     auc_interval_table,
     evaluate,
@@ -69,8 +70,9 @@ def held_out_settings(made: dict, studies: int, seed: int) -> SynthConfig:
     return SynthConfig(**{**fields, "n_train": 0, "n_test": studies, "seed": seed})
 
 
-def held_out_competition(run: Run, cfg: Config, studies: int, seed: int) -> Path:
-    """The held-out synthetic competition of a run: generated once, reused while its settings hold.
+def held_out_competition(run: Run, cfg: Config, studies: int, seed: int | None) -> tuple[Path, int]:
+    """The held-out synthetic competition of a run and its seed (default: the run's competition's + 1):
+    generated once, reused while its settings hold.
 
     Raises:
         ConfigError: the run's data is not a synthetic competition (the real data's held-out score is
@@ -83,12 +85,13 @@ def held_out_competition(run: Run, cfg: Config, studies: int, seed: int) -> Path
             f"{run.root} was trained on {data or 'unknown data'}, not a synthetic competition: a held-out set "
             "is drawn in the run's phantom settings (on the real data, the leaderboard is the held-out score)"
         )
+    seed = made["seed"] + 1 if seed is None else seed
     wanted = held_out_settings(made, studies, seed)
     folder = data.with_name(f"{data.name}-holdout{seed}")
     if synthetic_settings(folder) != json.loads(json.dumps(dataclasses.asdict(wanted))):
         log.info("holdout: %d studies drawn with seed %d in %s", studies, seed, folder)
         make_competition(folder, wanted, workers=max(1, min(cfg.prepare.workers, os.cpu_count() or 1)))
-    return folder
+    return folder, seed
 
 
 def track_names(cfg: Config) -> dict[str, str]:
@@ -98,6 +101,7 @@ def track_names(cfg: Config) -> dict[str, str]:
         "vertebra": VERTEBRA_TRACK,
         "crop": CROP_TRACK,
         SUBMITTED: f"what is submitted: {submitted_model(cfg)}",
+        "prior": PRIOR,
     }
 
 
@@ -191,9 +195,14 @@ def holdout(
 ) -> pd.DataFrame:
     """Scores the run's models on a held-out synthetic competition (module docstring); returns the table."""
     run = Run(run_dir)
-    seed = cfg.synth.seed + 1 if seed is None else seed
-    data = held_out_competition(run, cfg, studies, seed)
+    data, seed = held_out_competition(run, cfg, studies, seed)
     answers = read_answers(run, cfg, data, seed)
+    prior = prior_from_train(run.read_labels().reset_index())  # the yardstick: no model at all
+    uids = answers["StudyInstanceUID"].unique()
+    constant = pd.DataFrame(
+        {"StudyInstanceUID": uids, "track": "prior", **{f"p_{t}": prior[t] for t in TARGETS}}
+    )
+    answers = pd.concat([answers, constant.assign(failed=False)], ignore_index=True)
     labels = pd.read_csv(data / TRUTH_DIR / "labels.csv", dtype={"StudyInstanceUID": str}).set_index(
         "StudyInstanceUID"
     )

@@ -129,7 +129,7 @@ def _shaped(run: Run, key: str) -> Path | None:
     if section == "slice":
         return next(iter(run.slice_states()), None)
     if section == "seg":
-        return next(iter(run.seg_models()), None)
+        return next(iter(run.seg_states()), None)
     return None
 
 

@@ -40,9 +40,9 @@ from cspine.models import crop_probabilities
 from cspine.progress import progress
 from cspine.runs import check_writable
 from cspine.runtime import amp_dtype, pick_devices
-from cspine.segmenter import segment_study, vertebra_extents
+from cspine.segmenter import check_vertebrae, segment_study, vertebra_extents
 from cspine.stacking import apply_blend, study_inputs
-from cspine.studies import ReadStudy, StudyReader
+from cspine.studies import NoSpineError, ReadStudy, StudyReader
 from cspine.submission import PredictionError, make_submission, prior_from_train, write_submission
 
 log = logging.getLogger(__name__)
@@ -254,6 +254,11 @@ def model_outputs(
     if ensemble.segmenters:
         labels = segment_study(ensemble.segmenters, images, study.dz, ensemble.seg_reading, devices[0])
         _, found = vertebra_extents(labels, ensemble.seg_reading["min_pixels"])
+        if not found:  # bone, but no vertebra: nothing per vertebra to read, and no spine to answer about
+            raise NoSpineError("no spine to read: the segmentation found none of C1..C7")
+        problems = check_vertebrae(found, study.dz)
+        if problems:
+            study.warnings.append(f"its vertebrae fail the segmentation's check ({'; '.join(problems)})")
         extents = {e["vertebra"]: (e["z0"], e["z1"]) for e in found}
         if ensemble.crops:
             if study.bone is None:
@@ -320,9 +325,12 @@ def predict_studies(
             try:
                 if isinstance(study, Exception):
                     raise study
-                for warning in study.warnings:
+                for warning in study.warnings:  # the reading's
                     log.warning("%s", warning)
+                read = len(study.warnings)
                 probs[uid] = answer(study, ensemble, cfg)
+                for warning in study.warnings[read:]:  # the models'
+                    log.warning("%s: study %s: %s", what, uid, warning)
             except Exception as exc:  # one bad study must never cost the submission: it gets the prior
                 failed[uid] = f"{type(exc).__name__}: {exc}"
                 log.error("%s: study %s failed (%s); it gets the prior", what, uid, failed[uid])

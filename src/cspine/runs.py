@@ -11,7 +11,8 @@ Layout of ``runs/<name>/``::
     features/fold<k>/ <uid>.npz, provenance.json                                           (extract)
     seq/h<H>/fold<k>/ inner<i>.pt or model.pt, oof.csv, features.json, history.json        (train-seq)
     seq/h<H>/oof.csv                                                                       (evaluate)
-    segment/          fold<k>.pt, vertebrae.csv, extents.csv, dice.csv, labels/<uid>.npz  (segment)
+    segment/          fold<k>.pt, vertebrae.csv, extents.csv, dice.csv, checks.csv, labels/<uid>.npz  (segment)
+    segment/round1/   fold<k>.pt, pseudo<k>.csv (segment, self-training)
     vertebra/fold<k>/ inner<i>.pt, oof.csv, record.json, history.json                      (train-vertebrae)
     crop/             studies/<uid>.npy, places.csv, record.json                           (crop)
     crop/fold<k>/     model.pt, last.pt, oof.csv, record.json, history.json                (train-crops)
@@ -50,7 +51,7 @@ class CheckpointError(RuntimeError):
 # the records a stage keeps beside its models; `Run.slice_file` and `Run.seq_file` accept only these
 SLICE_FILES = ("history.csv", "oof_slices.csv", "table2", "report.json", "train.log", "config.yaml")
 SEQ_FILES = ("oof.csv", "features.json", "history.json")
-SEG_FILES = ("vertebrae.csv", "extents.csv", "dice.csv")
+SEG_FILES = ("vertebrae.csv", "extents.csv", "dice.csv", "checks.csv")
 VERT_FILES = ("oof.csv", "record.json", "history.json")
 CROP_FILES = ("oof.csv", "record.json", "history.json")
 BLEND_FILES = ("inputs.csv", "oof.csv", "record.json")
@@ -178,6 +179,22 @@ class Run:
     def seg_models(self) -> list[Path]:
         """Every fold's segmentation model that exists."""
         return sorted(self.root.glob("segment/fold*.pt"))
+
+    def seg_first(self, fold: int) -> Path:
+        """One fold's round-1 segmentation model, when self-training (``seg.rounds: 2``) goes on from it."""
+        return self.root / "segment" / "round1" / f"fold{fold}.pt"
+
+    def seg_pseudo(self, fold: int) -> Path:
+        """What one fold's round-1 model labelled for self-training, and what of it was used."""
+        return self.root / "segment" / "round1" / f"pseudo{fold}.csv"
+
+    def seg_pseudo_files(self) -> list[Path]:
+        """Every fold's `seg_pseudo` table that exists."""
+        return sorted(self.root.glob("segment/round1/pseudo*.csv"))
+
+    def seg_states(self) -> list[Path]:
+        """Every segmentation model of the run, of either round."""
+        return sorted(self.root.glob("segment/fold*.pt")) + sorted(self.root.glob("segment/round1/fold*.pt"))
 
     def seg_file(self, name: str) -> Path:
         """One of the segmentation stage's tables (`SEG_FILES`)."""

@@ -19,6 +19,9 @@ on rank 0, which writes the tables. Writes ``<run>/segment/``:
 - ``extents.csv``: per study and vertebra, its slices (``z0``..``z1``, orders, inclusive) and in-plane box
   (``y0, y1, x0, x1``, cache pixels, exclusive ends);
 - ``dice.csv``: out-of-fold Dice per vertebra of every masked study;
+- ``checks.csv``: whether each study's vertebrae pass `cspine.segmenter.check_vertebrae` (all seven, in
+  order, of plausible heights, no gap), and what fails; a failing study's slices are not labelled from its
+  vertebrae (`slice.labels: vertebrae`);
 - ``labels/<uid>.npz``: every study's labels in the cache's frame (compressed; the crop track cuts from them).
 """
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -45,7 +49,11 @@ from cspine.runs import Run, write_csv
 from cspine.runtime import Runtime, amp_dtype, autocast, init_distributed, seed_everything
 from cspine.segmenter import (
     build_segmenter,
+    check_vertebrae,
+    dice_per_vertebra,
     padded_rows,
+    plane_labels,
+    plane_probabilities,
     plane_rows,
     plane_width,
     reading,
@@ -53,6 +61,7 @@ from cspine.segmenter import (
     save_labels,
     segment_study,
     slice_levels,
+    spine_confidence,
     vertebra_extents,
 )
 
@@ -89,23 +98,30 @@ def train_segmenter(
     rt: Runtime,
     seed: int,
     desc: str = "segment",
+    steps: int | None = None,
+    start: dict | None = None,
 ) -> tuple[torch.nn.Module, list[float]]:
     """Trains one U-Net on {uid: (images uint8 [N, S, S, 3], mask uint8 [N, S, S], slice spacing mm)}; returns
     it and its losses.
 
-    Every rank starts from the same weights (``seed``) and draws its own planes (``seed`` + rank). A batch's
-    planes are padded below to its longest study's rows.
+    Every rank starts from the same weights (``start``, a state dict, or drawn with ``seed``) and draws its
+    own planes (``seed`` + rank), ``steps`` of them (default ``s.steps``). A batch's planes are padded below
+    to its longest study's rows.
     """
     seed_everything(seed)
+    steps = steps or s.steps
+    model = build_segmenter(s.encoder, s.context)
+    if start is not None:
+        model.load_state_dict(start)
     # NHWC: faster on a GPU with AMP, and on a CPU (156 against 170 ms a step of 8 planes)
-    model = build_segmenter(s.encoder, s.context).to(rt.device, memory_format=torch.channels_last)
+    model = model.to(rt.device, memory_format=torch.channels_last)
     net = (
         DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.cuda else None)
         if rt.distributed
         else model
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=s.lr, total_steps=s.steps, pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=s.lr, total_steps=steps, pct_start=0.1)
     dtype = amp_dtype(rt.device, s.amp)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=dtype == torch.float16)
     rng = np.random.default_rng(seed + 1000 * rt.rank)
@@ -113,7 +129,7 @@ def train_segmenter(
     rows = [plane_rows(len(studies[u][0]), studies[u][2], s.row_mm) for u in uids]  # each study's height
     losses = []
     net.train()
-    for _ in progress(range(s.steps), desc, steps=True, leave=False, enabled=rt.is_main):
+    for _ in progress(range(steps), desc, steps=True, leave=False, enabled=rt.is_main):
         picks = np.unique(rng.choice(len(uids), s.batch_size), return_counts=True)
         pad_to = padded_rows(max(rows[i] for i in picks[0]))
         xs, ys = [], []
@@ -133,16 +149,6 @@ def train_segmenter(
         schedule.step()
         losses.append(loss.detach())  # read back once at the end: no host sync per step on a GPU
     return model.eval(), torch.stack(losses).cpu().tolist()
-
-
-def dice_per_vertebra(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
-    """Dice of each of C1..C7 between two label volumes (NaN where a vertebra is in neither)."""
-    out = {}
-    for i, name in enumerate(VERTEBRAE):
-        p, t = pred == i + 1, true == i + 1
-        total = int(p.sum() + t.sum())
-        out[name] = 2 * float((p & t).sum()) / total if total else float("nan")
-    return out
 
 
 def slice_spacing(run: Run, uid: str) -> float:
@@ -167,24 +173,82 @@ def seg_folds(uids: list[str], s: SegConfig) -> dict[str, int]:
     return {uids[i]: k for k, (_, held) in enumerate(splitter.split(uids)) for i in held}
 
 
-def train_seg_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, rt: Runtime) -> dict:
-    """Trains (or finds trained) the segmentation model of one fold; returns a summary."""
-    run, s = Run(run_dir), cfg.seg
-    path = run.seg_model(fold)
-    if path.is_file():
-        return {"fold": fold, "trained": False}
-    folds = seg_folds(masked_studies(run), s)
-    train = {
-        u: (
-            np.asarray(load_study_images(run.cache.root, u)),
-            np.load(run.cache.mask(u)),
-            slice_spacing(run, u),
+def masked_study(run: Run, uid: str) -> tuple[np.ndarray, np.ndarray, float]:
+    """A masked study as `train_segmenter` reads it: its cached images (in memory), mask and slice spacing."""
+    return (
+        np.asarray(load_study_images(run.cache.root, uid)),
+        np.load(run.cache.mask(uid)),
+        slice_spacing(run, uid),
+    )
+
+
+def pseudo_labels(
+    run: Run, s: SegConfig, rt: Runtime, model: torch.nn.Module, fold: int, uids: list[str]
+) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """Self-training's labels of one fold: its round-1 model segments up to ``s.pseudo_studies`` of the
+    unmasked studies ``uids`` (a seeded draw); those whose vertebrae pass `check_vertebrae` and whose
+    `spine_confidence` reaches ``s.pseudo_confidence`` are returned as `train_segmenter` reads a study, the
+    labels standing for a mask. Writes ``round1/pseudo<fold>.csv``: every study read, its confidence, its
+    check's problems and whether it was used.
+
+    Every rank labels them all (each draws its own planes from them), so the ranks need no exchange.
+    """
+    how, dtype = reading(s), amp_dtype(rt.device, s.amp)
+    rng = np.random.default_rng(s.seed + fold)
+    chosen = [uids[i] for i in sorted(rng.permutation(len(uids))[: s.pseudo_studies])]
+    rows, kept = [], {}
+    for uid in progress(chosen, f"segment fold {fold}: label", unit="study", enabled=rt.is_main):
+        images, dz = np.asarray(load_study_images(run.cache.root, uid)), slice_spacing(run, uid)
+        with autocast(rt.device, dtype):
+            probs = plane_probabilities([model], images, dz, how, rt.device)
+        labels = plane_labels(probs, how["plane_stride"])
+        problems = check_vertebrae(vertebra_extents(labels, s.min_pixels)[1], dz)
+        confidence = spine_confidence(probs)
+        used = not problems and confidence >= s.pseudo_confidence
+        rows.append(
+            {
+                "StudyInstanceUID": uid,
+                "confidence": round(confidence, 4),
+                "used": used,
+                "problems": "; ".join(problems),
+            }
         )
-        for u, k in folds.items()
-        if k != fold
-    }
+        if used:
+            kept[uid] = (images, labels, dz)
+    if rt.is_main:
+        write_csv(
+            pd.DataFrame(rows, columns=["StudyInstanceUID", "confidence", "used", "problems"]),
+            run.seg_pseudo(fold),
+        )
+        log.info(
+            "segment fold %d: its round-1 model labelled %d unmasked studies; %d pass the check and reach "
+            "confidence %.2f (%s)",
+            fold,
+            len(rows),
+            len(kept),
+            s.pseudo_confidence,
+            run.seg_pseudo(fold),
+        )
+    return kept
+
+
+def fit_segmenter(
+    run: Run,
+    s: SegConfig,
+    rt: Runtime,
+    fold: int,
+    path: os.PathLike,
+    train: dict,
+    steps: int | None = None,
+    start: dict | None = None,
+    pseudo: Sequence[str] = (),
+    labelled_by: Sequence[str] = (),
+) -> torch.nn.Module:
+    """Trains one fold's U-Net on ``train`` (`train_segmenter`: ``steps`` from ``start``) and saves it to
+    ``path`` (rank 0), recording the masked studies it trained on and, in round 2, the unmasked ones it
+    trained on through their pseudo-labels (``pseudo``) and the studies behind those (``labelled_by``)."""
     started = time.perf_counter()
-    model, losses = train_segmenter(train, s, rt, s.seed + fold, f"segment fold {fold}")
+    model, losses = train_segmenter(train, s, rt, s.seed + fold, f"segment fold {fold}", steps, start)
     if rt.is_main:
         save_model(
             model,
@@ -193,14 +257,18 @@ def train_seg_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, rt: Runti
             arch={"encoder": s.encoder, "context": s.context},
             reading=reading(s),
             fold=fold,
-            trained_on=sorted(train),
+            trained_on=sorted(set(train) - set(pseudo)),
+            pseudo=sorted(pseudo),
+            labelled_by=sorted(labelled_by),
             losses=losses,
         )
         log.info(
-            "segment fold %d: %d studies, %d steps × %d ranks in %.0f s, loss %.3f → %.3f",
+            "segment fold %d: %d studies (%d of them pseudo-labelled), %d steps × %d ranks in %.0f s, "
+            "loss %.3f → %.3f",
             fold,
             len(train),
-            s.steps,
+            len(pseudo),
+            len(losses),
             rt.world_size,
             time.perf_counter() - started,
             np.mean(losses[:20]),
@@ -208,6 +276,43 @@ def train_seg_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, rt: Runti
         )
     if rt.distributed:
         dist.barrier()
+    return model
+
+
+def train_seg_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, rt: Runtime) -> dict:
+    """Trains (or finds trained) the segmentation model of one fold, in ``seg.rounds`` rounds; returns a
+    summary.
+
+    Round 1 trains on the masked studies outside the fold. Round 2 (self-training) goes on from round 1's
+    weights on those and on the unmasked studies round 1 labelled (`pseudo_labels`): the fold's masked
+    studies reach it neither directly nor through a label, since its round-1 model never saw them.
+    """
+    run, s = Run(run_dir), cfg.seg
+    path = run.seg_model(fold)
+    if path.is_file():
+        return {"fold": fold, "trained": False}
+    folds = seg_folds(masked_studies(run), s)
+    train = {u: masked_study(run, u) for u, k in folds.items() if k != fold}
+    if s.rounds == 1:
+        fit_segmenter(run, s, rt, fold, path, train)
+        return {"fold": fold, "trained": True}
+    if not run.seg_first(fold).is_file():
+        fit_segmenter(run, s, rt, fold, run.seg_first(fold), train)
+    first, meta = load_segmenter(run.seg_first(fold), rt.device)
+    unmasked = [u for u in run.cache.read_index()["StudyInstanceUID"].unique() if u not in folds]
+    pseudo = pseudo_labels(run, s, rt, first, fold, unmasked)
+    fit_segmenter(
+        run,
+        s,
+        rt,
+        fold,
+        path,
+        {**train, **pseudo},
+        steps=s.pseudo_steps or s.steps,
+        start=first.state_dict(),
+        pseudo=list(pseudo),
+        labelled_by=meta["trained_on"],
+    )
     return {"fold": fold, "trained": True}
 
 
@@ -215,7 +320,7 @@ def _check_out_of_fold(run: Run, folds: dict[str, int], metas: list[dict]) -> No
     """The out-of-fold promise, from the checkpoints themselves."""
     for fold, meta in enumerate(metas):
         held = {u for u, k in folds.items() if k == fold}
-        if held & set(meta["trained_on"]):
+        if held & set(meta["trained_on"] + meta["pseudo"] + meta["labelled_by"]):
             raise RuntimeError(
                 f"{run.seg_model(fold)} trained on a study it would score; delete it and train again"
             )
@@ -223,11 +328,12 @@ def _check_out_of_fold(run: Run, folds: dict[str, int], metas: list[dict]) -> No
 
 def segment_share(
     run: Run, index: pd.DataFrame, s: SegConfig, rt: Runtime, models: list, folds: dict[str, int]
-) -> tuple[list, list, list]:
-    """Segments this rank's share of the cached studies: per-slice tables, extents and Dice rows."""
+) -> tuple[list, list, list, list]:
+    """Segments this rank's share of the cached studies: per-slice tables, extents, Dice rows and each
+    study's check (`check_vertebrae`)."""
     how, dtype = reading(s), amp_dtype(rt.device, s.amp)
     groups = list(index.groupby("StudyInstanceUID", sort=False))[rt.rank :: rt.world_size]
-    rows, extents, dice = [], [], []
+    rows, extents, dice, checks = [], [], [], []
     for uid, part in progress(groups, "segment studies", unit="study", enabled=rt.is_main):
         # in memory, decoded once (69 MB at 256 px × 350 slices): the planes cut across every slice, and
         # a zarr store read plane by plane decodes the whole study for each batch (16 s a batch, 0.6 s so)
@@ -253,6 +359,8 @@ def segment_share(
             )
         )
         extents += [{"StudyInstanceUID": uid, **e} for e in found]
+        problems = check_vertebrae(found, slice_spacing(run, uid))
+        checks.append({"StudyInstanceUID": uid, "passed": not problems, "problems": "; ".join(problems)})
         if fold is not None:
             dice.append(
                 {
@@ -261,10 +369,10 @@ def segment_share(
                     **dice_per_vertebra(labels, np.load(run.cache.mask(uid))),
                 }
             )
-    return rows, extents, dice
+    return rows, extents, dice, checks
 
 
-def _gather(share: tuple[list, list, list], rt: Runtime) -> tuple[list, list, list] | None:
+def _gather(share: tuple[list, ...], rt: Runtime) -> tuple[list, ...] | None:
     """Every rank's share, joined on rank 0 (None on the others)."""
     if not rt.distributed:
         return share
@@ -272,7 +380,7 @@ def _gather(share: tuple[list, list, list], rt: Runtime) -> tuple[list, list, li
     dist.gather_object(share, shares, dst=0)
     if not rt.is_main:
         return None
-    return tuple([item for part in shares for item in part[i]] for i in range(3))
+    return tuple([item for part in shares for item in part[i]] for i in range(len(share)))
 
 
 def segment(cfg: Config, run_dir: str | os.PathLike, rt: Runtime | None = None) -> pd.DataFrame | None:
@@ -289,8 +397,20 @@ def segment(cfg: Config, run_dir: str | os.PathLike, rt: Runtime | None = None) 
     joined = _gather(segment_share(run, index, s, rt, [m for m, _ in loaded], folds), rt)
     if joined is None:
         return None
-    rows, extents, dice = joined
+    rows, extents, dice, checks = joined
     order = {u: i for i, u in enumerate(index["StudyInstanceUID"].unique())}
+    checks = pd.DataFrame(sorted(checks, key=lambda c: order[c["StudyInstanceUID"]]))
+    write_csv(checks, run.seg_file("checks.csv"))
+    failed = checks[~checks["passed"]]
+    if len(failed):
+        log.warning(
+            "segment: the vertebrae of %d of %d studies fail their check (%s); no slice of theirs is labelled "
+            "from its vertebrae (%s)",
+            len(failed),
+            len(checks),
+            "; ".join(f"{u}: {p}" for u, p in zip(failed["StudyInstanceUID"][:3], failed["problems"][:3])),
+            run.seg_file("checks.csv"),
+        )
     table = pd.concat(sorted(rows, key=lambda r: order[r["StudyInstanceUID"].iat[0]]), ignore_index=True)
     extents.sort(key=lambda e: order[e["StudyInstanceUID"]])  # stable: C1..C7 within a study
     dice.sort(key=lambda d: order[d["StudyInstanceUID"]])
@@ -312,10 +432,11 @@ def segment(cfg: Config, run_dir: str | os.PathLike, rt: Runtime | None = None) 
 
 
 def is_segmented(run_dir: str | os.PathLike, s: SegConfig) -> bool:
-    """Whether every fold model and the per-slice table exist."""
+    """Whether every fold model, the per-slice table and the studies' checks exist."""
     run = Run(run_dir)
     return (
         run.seg_file("vertebrae.csv").is_file()
+        and run.seg_file("checks.csv").is_file()
         and all(run.seg_model(k).is_file() for k in range(s.folds))
         and run.seg_labels_dir.is_dir()
     )

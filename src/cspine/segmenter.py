@@ -91,6 +91,52 @@ def plane_width(side: int) -> int:
 
 
 @torch.inference_mode()
+def plane_probabilities(
+    models: list[torch.nn.Module],
+    study: np.ndarray,
+    dz: float,
+    how: dict,
+    device: torch.device,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """float [SEG_CLASSES, N, S, P]: the models' mean class probabilities of every ``plane_stride``-th
+    sagittal plane (P of them) of a cached study uint8 [N, S, S, 3], its slices ``dz`` mm apart.
+
+    ``how`` is how the models read a study (`reading`, saved in their checkpoints): every
+    ``plane_stride``-th sagittal plane, at ``row_mm`` mm a row.
+    """
+    n, size = study.shape[:2]
+    rows = plane_rows(n, dz, how["row_mm"])
+    read = np.arange(0, size, how["plane_stride"])
+    probs = torch.zeros(SEG_CLASSES, n, size, len(read))  # [class, slice, y, read plane]
+    for model in models:
+        for start in range(0, len(read), batch_size):
+            xs = read[start : start + batch_size]
+            planes = sagittal_planes(study, xs, how["context"], rows).to(device)
+            logits = model(planes.contiguous(memory_format=torch.channels_last)).float()[:, :, :rows]
+            back = (
+                F.interpolate(logits, size=(n, size), mode="bilinear", align_corners=False).softmax(1).cpu()
+            )
+            probs[..., start : start + len(xs)] += back.permute(1, 2, 3, 0)
+    return probs.div_(len(models))
+
+
+def plane_labels(probs: torch.Tensor, stride: int) -> np.ndarray:
+    """uint8 [N, S, S] labels from `plane_probabilities`' [C, N, S, P]: each read plane's argmax, and the
+    planes between take the nearest one's."""
+    size = probs.shape[2]
+    nearest = np.clip(np.rint(np.arange(size) / stride).astype(int), 0, probs.shape[3] - 1)
+    return probs.argmax(0).numpy().astype(np.uint8)[:, :, nearest]
+
+
+def spine_confidence(probs: torch.Tensor) -> float:
+    """How sure the models are of a study's vertebrae: the mean probability of the chosen class over the
+    pixels of `plane_probabilities` labelled C1..C7 (0 where none is)."""
+    top, chosen = probs.max(0)
+    spine = (chosen >= 1) & (chosen <= len(VERTEBRAE))
+    return float(top[spine].mean()) if spine.any() else 0.0
+
+
 def segment_study(
     models: list[torch.nn.Module],
     study: np.ndarray,
@@ -100,28 +146,9 @@ def segment_study(
     batch_size: int = 32,
 ) -> np.ndarray:
     """uint8 [N, S, S] labels of a cached study uint8 [N, S, S, 3], its slices ``dz`` mm apart: the models'
-    mean probabilities, argmax.
-
-    ``how`` is how the models read a study (`reading`, saved in their checkpoints): every
-    ``plane_stride``-th sagittal plane is read, at ``row_mm`` mm a row, and the planes between take the
-    nearest one's reading.
-    """
-    n, size = study.shape[:2]
-    stride, context = how["plane_stride"], how["context"]
-    rows = plane_rows(n, dz, how["row_mm"])
-    read = np.arange(0, size, stride)
-    probs = torch.zeros(SEG_CLASSES, n, size, len(read))  # [class, slice, y, read plane]
-    for model in models:
-        for start in range(0, len(read), batch_size):
-            xs = read[start : start + batch_size]
-            planes = sagittal_planes(study, xs, context, rows).to(device)
-            logits = model(planes.contiguous(memory_format=torch.channels_last)).float()[:, :, :rows]
-            back = (
-                F.interpolate(logits, size=(n, size), mode="bilinear", align_corners=False).softmax(1).cpu()
-            )
-            probs[..., start : start + len(xs)] += back.permute(1, 2, 3, 0)
-    nearest = np.clip(np.rint(np.arange(size) / stride).astype(int), 0, len(read) - 1)
-    return probs.argmax(0).numpy().astype(np.uint8)[:, :, nearest]
+    mean probabilities (`plane_probabilities`), argmax, every plane between two read ones taking the
+    nearest one's (`plane_labels`)."""
+    return plane_labels(plane_probabilities(models, study, dz, how, device, batch_size), how["plane_stride"])
 
 
 def vertebra_extents(labels: np.ndarray, min_pixels: int) -> tuple[np.ndarray, list[dict]]:
@@ -158,6 +185,53 @@ def vertebra_extents(labels: np.ndarray, min_pixels: int) -> tuple[np.ndarray, l
             }
         )
     return presence, extents
+
+
+# A plausible cervical spine, as `check_vertebrae` reads one: each vertebra's height (slices × spacing) against
+# the study's median of C3..C7, from C1's ring to C2 with its dens; the phantoms' true vertebrae stay well
+# inside (C1 0.57-0.86, C2 1.9-2.5, C3..C7 0.78-1.29 on the demo's 96 studies)
+HEIGHT_RATIO = {"C1": (0.4, 1.3), "C2": (1.3, 3.5), **{v: (0.6, 1.6) for v in VERTEBRAE[2:]}}
+MEDIAN_MM = (6.0, 30.0)  # the median of C3..C7's heights (the phantoms' 11.7-16.2 mm)
+GAP_MM = 12.0  # the most between one vertebra's last slice and the next one's first (a disc is a few mm)
+
+
+def check_vertebrae(extents: list[dict], dz: float) -> list[str]:
+    """What is wrong with a study's segmentation, as its vertebrae's extents (`vertebra_extents`) show it,
+    slices ``dz`` mm apart: C1..C7 each present, in order from head to feet, of plausible heights
+    (`HEIGHT_RATIO`, `MEDIAN_MM`) and without a gap (`GAP_MM`). Empty: the study passes."""
+    found = {e["vertebra"]: e for e in extents}
+    missing = [v for v in VERTEBRAE if v not in found]
+    if missing:
+        return [f"no {', '.join(missing)}"]
+    heights = {v: (found[v]["z1"] - found[v]["z0"] + 1) * dz for v in VERTEBRAE}
+    median = float(np.median([heights[v] for v in VERTEBRAE[2:]]))
+    problems = []
+    centres = [(found[v]["z0"] + found[v]["z1"]) / 2 for v in VERTEBRAE]
+    if any(b <= a for a, b in zip(centres, centres[1:])):
+        problems.append("out of order from head to feet")
+    if not MEDIAN_MM[0] <= median <= MEDIAN_MM[1]:
+        problems.append(f"C3..C7 {median:.0f} mm high")
+    odd = [v for v in VERTEBRAE if not HEIGHT_RATIO[v][0] <= heights[v] / median <= HEIGHT_RATIO[v][1]]
+    if odd:
+        problems.append(f"implausible heights: {', '.join(f'{v} {heights[v]:.0f} mm' for v in odd)}")
+    gaps = [
+        f"{a}-{b} {(found[b]['z0'] - found[a]['z1'] - 1) * dz:.0f} mm"
+        for a, b in zip(VERTEBRAE, VERTEBRAE[1:])
+        if (found[b]["z0"] - found[a]["z1"] - 1) * dz > GAP_MM
+    ]
+    if gaps:
+        problems.append(f"gaps: {', '.join(gaps)}")
+    return problems
+
+
+def dice_per_vertebra(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
+    """Dice of each of C1..C7 between two label volumes (NaN where a vertebra is in neither)."""
+    out = {}
+    for i, name in enumerate(VERTEBRAE):
+        p, t = pred == i + 1, true == i + 1
+        total = int(p.sum() + t.sum())
+        out[name] = 2 * float((p & t).sum()) / total if total else float("nan")
+    return out
 
 
 def slice_levels(labels: np.ndarray, min_pixels: int) -> np.ndarray:

@@ -153,6 +153,7 @@ def make_study(
         (root / "segmentations").mkdir(exist_ok=True)
         write_mask(root / "segmentations" / f"{uid}.nii", study.labels, files.origin, study.spacing)
     truth = vertebra_truth(uid, study.labels, numbers)
+    write_truth_labels(root, uid, study.labels, numbers)
     fractured = set(study.fractured_levels)
     row = {"StudyInstanceUID": uid, "patient_overall": int(bool(fractured))}
     row.update({v: int(i + 1 in fractured) for i, v in enumerate(VERTEBRAE)})
@@ -173,6 +174,16 @@ def make_study(
             for k, x, y, bw, bh in found
         ]
     return {"row": row, "boxes": boxes, "truth": truth, "reversed": files.numbering == "feet_to_head"}
+
+
+def write_truth_labels(root: Path, uid: str, labels: np.ndarray, numbers: np.ndarray) -> None:
+    """Every study's true labels (``truth/labels/<uid>.npz``: ``labels`` uint8 [N, H, W] head to feet, in the
+    competition's scheme to T2; ``slice_numbers`` of those slices), for scoring a segmentation on every
+    study (`cspine.competition.read_truth_labels`), not only the masked ones."""
+    path = root / TRUTH_DIR / "labels" / f"{uid}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, labels=labels.astype(np.uint8), slice_numbers=np.asarray(numbers, np.int64))
 
 
 def vertebra_truth(uid: str, labels: np.ndarray, numbers: np.ndarray) -> list[dict]:

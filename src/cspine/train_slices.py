@@ -217,6 +217,15 @@ class FoldTraining:
         return self.ema.module if self.ema is not None else self.model
 
 
+def checked_vertebrae(run: Run) -> pd.DataFrame:
+    """The segment stage's per-slice vertebrae, less the studies whose vertebrae fail its check
+    (``checks.csv``): their fractured slices stay unknown rather than labelled from a wrong vertebra."""
+    vertebrae = pd.read_csv(run.seg_file("vertebrae.csv"), dtype={"StudyInstanceUID": str})
+    checks = pd.read_csv(run.seg_file("checks.csv"), dtype={"StudyInstanceUID": str})
+    rejected = set(checks.loc[~checks["passed"].astype(bool), "StudyInstanceUID"])
+    return vertebrae[~vertebrae["StudyInstanceUID"].isin(rejected)]
+
+
 def setup_fold(cfg: Config, run: Run, fold: int, rt: Runtime) -> FoldTraining:
     """Data, model, optimiser and schedule of one fold, in the order that fixes the RNG streams."""
     s = cfg.slice
@@ -227,11 +236,7 @@ def setup_fold(cfg: Config, run: Run, fold: int, rt: Runtime) -> FoldTraining:
     seed_everything(s.seed + fold)
     index = run.cache.read_index()
     if s.labels == "vertebrae":
-        index = vertebra_slice_labels(
-            index,
-            run.read_labels(),
-            pd.read_csv(run.seg_file("vertebrae.csv"), dtype={"StudyInstanceUID": str}),
-        )
+        index = vertebra_slice_labels(index, run.read_labels(), checked_vertebrae(run))
     train_df, val_df = slice_pools(index, run.read_folds(), fold)
     val_df = validation_subset(val_df, s.val_max_slices, s.seed)
     if train_df.empty or val_df.empty:
