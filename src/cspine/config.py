@@ -153,7 +153,7 @@ class SegConfig:
     # `cspine.segmenter.check_vertebrae` with at least `pseudo_confidence` (`cspine.segment`); 1: masks only
     rounds: int = 1
     pseudo_steps: int = 0  # round 2's optimizer steps a fold (0: `steps`)
-    pseudo_confidence: float = 0.9  # the least mean probability of a study's chosen vertebra pixels
+    pseudo_confidence: float = 0.8  # least mean winning probability over a study's spine (demo: 0.73-0.84)
     pseudo_studies: int = 400  # the most unmasked studies a fold labels (each held in memory while it trains)
 
     @property

@@ -263,11 +263,10 @@ def fit_segmenter(
             losses=losses,
         )
         log.info(
-            "segment fold %d: %d studies (%d of them pseudo-labelled), %d steps × %d ranks in %.0f s, "
-            "loss %.3f → %.3f",
+            "segment fold %d: %d studies%s, %d steps × %d ranks in %.0f s, loss %.3f → %.3f",
             fold,
             len(train),
-            len(pseudo),
+            f" ({len(pseudo)} of them pseudo-labelled)" if pseudo else "",
             len(losses),
             rt.world_size,
             time.perf_counter() - started,
