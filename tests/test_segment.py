@@ -243,10 +243,8 @@ def test_self_training_labels_with_each_folds_own_round_one_model_and_keeps_the_
     unmasked = [
         u for u in run.cache.read_index()["StudyInstanceUID"].unique() if u not in masked_studies(run)
     ]
-    rejected, reading = (
-        unmasked[0],
-        [None],
-    )  # three training steps find no spine: the check passes all but one
+    # three training steps find no spine: the check is made to pass all but one study, the one being read
+    rejected, reading = unmasked[0], [None]
     real = cspine.segment.load_study_images
 
     def load(root, uid, *args, **kwargs):
