@@ -255,7 +255,20 @@ def test_self_training_labels_with_each_folds_own_round_one_model_and_keeps_the_
     monkeypatch.setattr(
         cspine.segment, "check_vertebrae", lambda found, dz: ["no C7"] if reading[0] == rejected else []
     )
+    labellers = []  # the weights of every model that labels a study for round 2
+    probabilities = cspine.segment.plane_probabilities
+
+    def labelling(models, *args, **kwargs):
+        labellers.append([{n: v.clone() for n, v in m.state_dict().items()} for m in models])
+        return probabilities(models, *args, **kwargs)
+
+    monkeypatch.setattr(cspine.segment, "plane_probabilities", labelling)
     segment(cfg, run.root)
+    assert len(labellers) == 2 * len(unmasked)
+    for k in range(2):
+        own = load_segmenter(run.seg_first(k))[0].state_dict()
+        for weights in labellers[k * len(unmasked) : (k + 1) * len(unmasked)]:  # fold by fold: its own model
+            assert len(weights) == 1 and all(torch.equal(weights[0][name], own[name]) for name in own)
     for k in range(2):
         first, final = load_segmenter(run.seg_first(k))[1], load_segmenter(run.seg_model(k))[1]
         pseudo = pd.read_csv(run.seg_pseudo(k), dtype={"StudyInstanceUID": str})

@@ -156,9 +156,8 @@ def _data_for_run(args: argparse.Namespace, run_dir: Path) -> Path:
     """--data, else the folder the run was set up with, else the usual search."""
     from cspine.competition import find_data_dir
 
-    if args.data is None and Run(run_dir).data_dir_file.is_file():
-        return Path(Run(run_dir).data_dir_file.read_text().strip())
-    return find_data_dir(args.data)
+    recorded = Run(run_dir).data_dir() if args.data is None else None
+    return recorded or find_data_dir(args.data)
 
 
 def cmd_train_slices(args: argparse.Namespace) -> int:

@@ -261,7 +261,7 @@ def segmentation_scores(run: Run) -> tuple[pd.DataFrame, pd.DataFrame | None]:
         whose set of C1..C7 shown both match the truth, or None without truth.
     """
     dice = pd.read_csv(run.seg_file("dice.csv"), dtype={"StudyInstanceUID": str})
-    data_dir = Path(run.data_dir_file.read_text().strip()) if run.data_dir_file.is_file() else None
+    data_dir = run.data_dir()
     truth_path = data_dir / TRUTH_DIR / "vertebrae.csv" if data_dir else None
     if truth_path is None or not truth_path.is_file():
         return dice, None
@@ -312,7 +312,7 @@ def truth_dice(run: Run) -> pd.DataFrame | None:
     """Dice per vertebra on every study whose true labels the data holds (`study_truth_dice`), with its group
     (a masked study is segmented out of fold; the others by every fold model) and scan length; None
     without truth (the real competition)."""
-    data_dir = Path(run.data_dir_file.read_text().strip()) if run.data_dir_file.is_file() else None
+    data_dir = run.data_dir()
     if data_dir is None or not (data_dir / TRUTH_DIR / "labels").is_dir():
         return None
     masked = set(pd.read_csv(run.seg_file("dice.csv"), dtype={"StudyInstanceUID": str})["StudyInstanceUID"])

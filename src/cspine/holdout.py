@@ -78,7 +78,7 @@ def held_out_competition(run: Run, cfg: Config, studies: int, seed: int | None) 
         ConfigError: the run's data is not a synthetic competition (the real data's held-out score is
             Kaggle's leaderboard).
     """
-    data = Path(run.data_dir_file.read_text().strip()) if run.data_dir_file.is_file() else None
+    data = run.data_dir()
     made = synthetic_settings(data) if data else None
     if made is None:
         raise ConfigError(

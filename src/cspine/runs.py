@@ -115,6 +115,10 @@ class Run:
     def data_dir_file(self) -> Path:
         return self.root / "data_dir.txt"
 
+    def data_dir(self) -> Path | None:
+        """The competition folder the run was set up with (`data_dir_file`), or None before it was."""
+        return Path(self.data_dir_file.read_text().strip()) if self.data_dir_file.is_file() else None
+
     @property
     def labels(self) -> Path:
         return self.root / "labels.csv"
@@ -194,7 +198,7 @@ class Run:
 
     def seg_states(self) -> list[Path]:
         """Every segmentation model of the run, of either round."""
-        return sorted(self.root.glob("segment/fold*.pt")) + sorted(self.root.glob("segment/round1/fold*.pt"))
+        return self.seg_models() + sorted(self.root.glob("segment/round1/fold*.pt"))
 
     def seg_file(self, name: str) -> Path:
         """One of the segmentation stage's tables (`SEG_FILES`)."""

@@ -336,12 +336,10 @@ def segment_share(
     for uid, part in progress(groups, "segment studies", unit="study", enabled=rt.is_main):
         # in memory, decoded once (69 MB at 256 px × 350 slices): the planes cut across every slice, and
         # a zarr store read plane by plane decodes the whole study for each batch (16 s a batch, 0.6 s so)
-        study = np.asarray(load_study_images(run.cache.root, uid))
+        study, dz = np.asarray(load_study_images(run.cache.root, uid)), slice_spacing(run, uid)
         fold = folds.get(uid)
         with autocast(rt.device, dtype):
-            labels = segment_study(
-                models if fold is None else [models[fold]], study, slice_spacing(run, uid), how, rt.device
-            )
+            labels = segment_study(models if fold is None else [models[fold]], study, dz, how, rt.device)
         save_labels(run.seg_labels(uid), labels)
         presence, found = vertebra_extents(labels, s.min_pixels)
         levels = slice_levels(labels, s.min_pixels)
@@ -358,7 +356,7 @@ def segment_share(
             )
         )
         extents += [{"StudyInstanceUID": uid, **e} for e in found]
-        problems = check_vertebrae(found, slice_spacing(run, uid))
+        problems = check_vertebrae(found, dz)
         checks.append({"StudyInstanceUID": uid, "passed": not problems, "problems": "; ".join(problems)})
         if fold is not None:
             dice.append(
