@@ -26,10 +26,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cspine.cache import MIN_SLICES
+from cspine.checkpoints import SequenceMeta
 from cspine.config import load_config
 from cspine.dicom import default_workers, load_series
 from cspine.ensemble import Ensemble
 from cspine.features import study_features
+from cspine.inputs import SLICE_OUTPUTS, SliceReading
 from cspine.models import SequenceNet, SliceNet
 from cspine.predict import blstm_outputs, predict_images
 from cspine.preprocess import preprocess_study
@@ -53,19 +55,19 @@ def ensemble_of(config: str, device: torch.device) -> tuple[Ensemble, object]:
         for k in range(cfg.folds.n_splits)
     }
     dim = cnns[0].num_features if cfg.seq.input == "features" else (15 if cfg.seq.input == "probs" else 1)
-    blstms = [({"source_fold": k}, SequenceNet(dim, cfg.seq.hidden).to(device).eval()) for k in cnns]
-    inputs = {
-        "size": cfg.prepare.size,
-        "crop": cfg.prepare.crop,
-        "margin": cfg.prepare.margin,
-        "input_size": size,
-        "context": 0,
-    }
+    blstms = [
+        (
+            SequenceMeta(cfg.seq.input, cfg.seq.bins, False, k, []),
+            SequenceNet(dim, cfg.seq.hidden).to(device).eval(),
+        )
+        for k in cnns
+    ]
+    reading = SliceReading(cfg.prepare.size, cfg.prepare.crop, cfg.prepare.margin, size, 0)
     return Ensemble(
         cnns,
         {cfg.seq.hidden: blstms},
         cfg.seq.hidden,
-        inputs,
+        reading,
         {},
         cfg.seq.input,
         cfg.seq.bins,
@@ -76,27 +78,30 @@ def ensemble_of(config: str, device: torch.device) -> tuple[Ensemble, object]:
 
 def parts(config: str, study_dir: Path, cnn_slices: int, device: torch.device) -> dict:
     ensemble, cfg = ensemble_of(config, device)
-    i = ensemble.inputs
+    i = ensemble.reading
     t0 = time.perf_counter()
     series = load_series(study_dir)
     t_decode = time.perf_counter() - t0
     t0 = time.perf_counter()
-    images, _ = preprocess_study(series.hu, i["size"], i["crop"], i["margin"])
+    images, _ = preprocess_study(series.hu, i.size, i.crop, i.margin)
     t_pre = time.perf_counter() - t0
     model = ensemble.cnns[0]
     dtype = amp_dtype(device, cfg.slice.amp)
     sample = images[:cnn_slices]
-    study_features(model, sample[:4], i["input_size"], device, cfg.predict.batch_size, dtype)  # warm-up
+    study_features(model, sample[:4], i.input_size, device, cfg.predict.batch_size, dtype)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    feats, probs = study_features(model, sample, i["input_size"], device, cfg.predict.batch_size, dtype)
+    feats, probs = study_features(model, sample, i.input_size, device, cfg.predict.batch_size, dtype)
     if device.type == "cuda":
         torch.cuda.synchronize()
     per_slice = (time.perf_counter() - t0) / len(sample)
-    flops = cnn_flops(SliceNet(cfg.slice.backbone, width=cfg.slice.width).eval(), i["input_size"])
+    flops = cnn_flops(SliceNet(cfg.slice.backbone, width=cfg.slice.width).eval(), i.input_size)
     per_fold = {
-        k: (np.resize(feats, (len(images), feats.shape[1])), np.resize(probs, (len(images), 15)))
+        k: (
+            np.resize(feats, (len(images), feats.shape[1])),
+            np.resize(probs, (len(images), len(SLICE_OUTPUTS))),
+        )
         for k in ensemble.cnns
     }
     t0 = time.perf_counter()
@@ -112,7 +117,7 @@ def parts(config: str, study_dir: Path, cnn_slices: int, device: torch.device) -
         "cnn": per_slice * len(images) * folds,
         "blstm": t_blstm,
         "folds": folds,
-        "size": i["input_size"],
+        "size": i.input_size,
         "gflops": flops / per_slice / 1e9,
         "flops_per_image": flops,
         "backbone": cfg.slice.backbone,
@@ -122,14 +127,14 @@ def parts(config: str, study_dir: Path, cnn_slices: int, device: torch.device) -
 
 def loop(paths: list[Path], ensemble: Ensemble, cfg, reader: StudyReader | None = None) -> float:
     """Seconds a study for `predict`'s loop, reading in this process or ahead in the reader's processes."""
-    i = ensemble.inputs
+    i = ensemble.reading
     started = time.perf_counter()
     if reader is not None:
         for study in reader.read(paths, 2 * default_workers()):
             predict_images(study, ensemble, cfg)
     else:
         for path in paths:
-            predict_images(read_study(path, i["size"], i["crop"], i["margin"], MIN_SLICES), ensemble, cfg)
+            predict_images(read_study(path, i.size, i.crop, i.margin, MIN_SLICES), ensemble, cfg)
     return (time.perf_counter() - started) / len(paths)
 
 
@@ -179,8 +184,8 @@ def main() -> None:
         ensemble, cfg = ensemble_of("demo", device)
         loop(paths[:1], ensemble, cfg)  # warm-up
         serial = loop(paths, ensemble, cfg)
-        i = ensemble.inputs
-        with StudyReader(0, i["size"], i["crop"], i["margin"], MIN_SLICES) as reader:
+        i = ensemble.reading
+        with StudyReader(0, i.size, i.crop, i.margin, MIN_SLICES) as reader:
             # the processes started, as once per predict
             loop(paths[: default_workers()], ensemble, cfg, reader)
             ahead = loop(paths, ensemble, cfg, reader)

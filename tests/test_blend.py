@@ -16,7 +16,15 @@ from cspine.checkpoints import CheckpointError, load_blend, save_checkpoint
 from cspine.config import BlendConfig, load_config
 from cspine.metrics import best_constant, bootstrap_auc, loss_by_target, weighted_log_loss
 from cspine.runs import Run, read_json
-from cspine.stacking import apply_blend, fold_standards, logit, standardise, study_inputs, target_inputs
+from cspine.stacking import (
+    TargetModel,
+    apply_blend,
+    fold_standards,
+    logit,
+    standardise,
+    study_inputs,
+    target_inputs,
+)
 
 from .conftest import SMOKE_CONFIG
 
@@ -69,10 +77,9 @@ def test_a_saved_blend_answers_as_the_fitted_regression():
     reference = LogisticRegression(C=0.5, max_iter=2000).fit(
         (x - mean) / scale, y, sample_weight=metric_weights(y, "patient_overall")
     )
-    blend = {"targets": {t: model for t in TARGETS}, "floor": False}
-    p = apply_blend(blend, x)
+    p = apply_blend({t: model for t in TARGETS}, x)
     assert np.allclose(p[:, 0], reference.predict_proba((x - mean) / scale)[:, 1], atol=1e-9)
-    assert model["coef"][0] > 0  # "a" carries the signal
+    assert model.coef[0] > 0  # "a" carries the signal
 
 
 def test_the_metric_weights_lift_a_rare_targets_probabilities():
@@ -80,9 +87,7 @@ def test_the_metric_weights_lift_a_rare_targets_probabilities():
     rng = np.random.default_rng(2)
     x = pd.DataFrame({"noise": rng.normal(size=400)})
     y = (rng.random(400) < 0.1).astype(int)
-    p = apply_blend({"targets": {t: fit_target(x, y, "C1", C=0.01) for t in TARGETS}, "floor": False}, x)[
-        :, 1
-    ]
+    p = apply_blend({t: fit_target(x, y, "C1", C=0.01) for t in TARGETS}, x)[:, 1]
     assert p.mean() == pytest.approx(best_constant(y.mean()), abs=0.01)
 
 
@@ -97,28 +102,28 @@ def test_the_vertebrae_share_one_model_that_reads_each_vertebras_own_inputs():
         }
     )
     models = fit_vertebrae(inputs, labels, C=3.0)
-    assert models["C3"]["inputs"] == ["cnn:C3", "vert:C3"]
-    assert all(models[v]["coef"] == models["C1"]["coef"] for v in VERTEBRAE)  # one model for the seven
-    assert models["C1"]["coef"][1] > 1  # the track's own vertebra carries the signal
-    assert models["C7"]["intercept"] > models["C1"]["intercept"]  # each keeps its own prevalence
-    p = apply_blend({"targets": {"patient_overall": models["C1"], **models}, "floor": False}, inputs)
+    assert models["C3"].inputs == ["cnn:C3", "vert:C3"]
+    assert all(models[v].coef == models["C1"].coef for v in VERTEBRAE)  # one model for the seven
+    assert models["C1"].coef[1] > 1  # the track's own vertebra carries the signal
+    assert models["C7"].intercept > models["C1"].intercept  # each keeps its own prevalence
+    p = apply_blend({"patient_overall": models["C1"], **models}, inputs)
     assert all(np.corrcoef(p[:, 1 + i], labels[v])[0, 1] > 0.5 for i, v in enumerate(VERTEBRAE))
 
 
 def test_one_class_alone_gives_the_best_constant():
     x = pd.DataFrame({"a": np.arange(5.0)})
     model = fit_target(x, np.zeros(5, int), "C1", C=1.0)
-    assert model["coef"] == [0.0] and model["intercept"] == pytest.approx(logit(best_constant(0.0)))
+    assert model.coef == [0.0] and model.intercept == pytest.approx(logit(best_constant(0.0)))
 
 
 def test_the_floor_lifts_patient_overall_to_the_largest_vertebra():
     constant = {
-        t: {"inputs": [], "mean": [], "scale": [], "coef": [], "intercept": float(logit(q))}
+        t: TargetModel([], [], [], [], float(logit(q)))
         for t, q in zip(TARGETS, (0.2, 0.1, 0.6, 0.1, 0.1, 0.1, 0.1, 0.1))
     }
     rows = pd.DataFrame(index=[0, 1])
-    assert apply_blend({"targets": constant, "floor": True}, rows)[:, 0] == pytest.approx([0.6, 0.6])
-    assert apply_blend({"targets": constant, "floor": False}, rows)[:, 0] == pytest.approx([0.2, 0.2])
+    assert apply_blend(constant, rows, floor=True)[:, 0] == pytest.approx([0.6, 0.6])
+    assert apply_blend(constant, rows, floor=False)[:, 0] == pytest.approx([0.2, 0.2])
 
 
 def test_loss_parts_add_up_to_the_competition_loss():
@@ -169,17 +174,22 @@ def test_a_blend_never_scores_a_study_it_saw(blended):
         in_fold = set(folds.loc[folds["fold"] == fold, "StudyInstanceUID"])
         split = splits[str(fold)]
         assert set(split["scored"]) == in_fold and set(oof.loc[oof["fold"] == fold].index) == in_fold
-        trained_on = set(load_blend(run.blend_scorer(fold))["trained_on"])
+        trained_on = set(load_blend(run.blend_scorer(fold)).trained_on)
         assert trained_on == set(split["trained_on"]) and trained_on and not trained_on & in_fold
         refit = fit_blend(  # from the other folds' labels alone (the standards read no label)
             inputs.loc[split["trained_on"]].reset_index(),
             labels.loc[split["trained_on"], list(TARGETS)].reset_index(drop=True),
-            cfg.blend,
+            cfg.blend.C,
             fold_standards(inputs.reset_index()),
         )
-        p = apply_blend(refit, inputs.loc[split["scored"]].reset_index())
+        p = apply_blend(
+            refit,
+            inputs.loc[split["scored"]].reset_index(),
+            cfg.blend.floor,
+            fold_standards(inputs.reset_index()),
+        )
         assert np.allclose(p, oof.loc[split["scored"], [f"p_{t}" for t in TARGETS]].to_numpy(), atol=1e-9)
-    assert set(load_blend(run.blend_model)["trained_on"]) == set(folds["StudyInstanceUID"])
+    assert set(load_blend(run.blend_model).trained_on) == set(folds["StudyInstanceUID"])
 
 
 @pytest.mark.slow
@@ -193,14 +203,14 @@ def test_predict_computes_the_blends_inputs_as_the_blend_stage_read_them(blended
 
     run, cfg = blended
     ensemble = load_ensemble(run, cfg.seq.hidden, [torch.device("cpu")])
-    assert ensemble.blend["folds"] == [0, 1] and set(ensemble.blstms) == set(cfg.seq.sizes)
+    assert ensemble.blend.folds == [0, 1] and set(ensemble.blstms) == set(cfg.seq.sizes)
     inputs = pd.read_csv(run.blend_file("inputs.csv"), dtype={"StudyInstanceUID": str}).set_index(
         "StudyInstanceUID"
     )
     uid = inputs.index[(inputs["fold"] == 0).argmax()]
-    i = ensemble.inputs
-    study = read_study(synthetic_root / "train_images" / uid, i["size"], i["crop"], i["margin"], 2)
-    per_fold = {0: study_features(ensemble.cnns[0], study.images, i["input_size"], torch.device("cpu"), 16)}
+    i = ensemble.reading
+    study = read_study(synthetic_root / "train_images" / uid, i.size, i.crop, i.margin, 2)
+    per_fold = {0: study_features(ensemble.cnns[0], study.images, i.input_size, torch.device("cpu"), 16)}
     blstm = {h: blstm_outputs(per_fold, ensemble, h, torch.device("cpu")) for h in ensemble.blstms}
     x = blend_inputs(0, ensemble.blend, per_fold, None, blstm, None)
     cnn = [c for c in inputs.columns if c.startswith("cnn:")]
@@ -224,8 +234,8 @@ def test_a_run_without_blstms_or_a_vertebra_track_still_blends_what_it_has(blend
     oof = blend(cfg, copy, [0, 1])
     assert len(oof) and oof[[f"p_{t}" for t in TARGETS]].apply(lambda c: c.between(0, 1)).all().all()
     saved = load_blend(copy.blend_model)
-    assert saved["sizes"] == [] and not saved["vertebra"] and not saved["extents"]
-    assert all(n.startswith("cnn:") for t in TARGETS for n in saved["targets"][t]["inputs"])
+    assert saved.sizes == [] and not saved.vertebra and not saved.extents
+    assert all(n.startswith("cnn:") for t in TARGETS for n in saved.targets[t].inputs)
     with pytest.raises(FileNotFoundError, match="oof.csv"):  # BLSTMs asked for, absent: named
         blend(load_config(SMOKE_CONFIG), copy, [0, 1])
     with pytest.raises(ValueError, match="two folds"):
@@ -242,7 +252,7 @@ def test_a_damaged_or_incomplete_blend_checkpoint_is_named(blended, tmp_path):
     copy.blend_model.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match=r"blend/blend\.pt"):
         load_ensemble(copy, cfg.seq.hidden, [torch.device("cpu")])
-    save_checkpoint({"targets": {"patient_overall": {}}, "floor": True}, copy.blend_model, "blend")
+    save_checkpoint({"blend": {"targets": {"patient_overall": {}}, "floor": True}}, copy.blend_model, "blend")
     with pytest.raises(CheckpointError, match=r"blend/blend\.pt.*C1"):
         load_ensemble(copy, cfg.seq.hidden, [torch.device("cpu")])
     shutil.copy(run.blend_model, copy.blend_model)
@@ -267,7 +277,7 @@ def test_the_bundle_carries_the_blends_and_every_blstm_size_they_read(blended, t
     for size in cfg.seq.sizes:
         assert list(bundle.glob(f"models/seq/h{size}/fold*/*.pt")), size
     ensemble = load_ensemble(bundle / "models", cfg.seq.hidden, [torch.device("cpu")])
-    assert ensemble.blend["folds"] == [0, 1]
+    assert ensemble.blend.folds == [0, 1]
 
 
 @pytest.mark.slow
@@ -312,10 +322,12 @@ def test_per_fold_standards_let_a_blend_read_a_fold_whose_models_are_more_confid
     )
     labels = pd.DataFrame({t: np.concatenate([y, y]) for t in TARGETS})
     fitted = inputs["fold"] == 0
-    with_standards = fit_blend(inputs[fitted], labels[fitted], BlendConfig(floor=False), standards)
-    without = fit_blend(inputs[fitted], labels[fitted], BlendConfig(floor=False, per_fold=False))
-    assert with_standards["standards"] and without["standards"] is None
-    p0, p1 = (apply_blend(with_standards, inputs[inputs["fold"] == f])[:, 0] for f in (0, 1))
+    C = BlendConfig().C
+    with_standards = fit_blend(inputs[fitted], labels[fitted], C, standards)
+    without = fit_blend(inputs[fitted], labels[fitted], C)
+    p0, p1 = (
+        apply_blend(with_standards, inputs[inputs["fold"] == f], standards=standards)[:, 0] for f in (0, 1)
+    )
     assert np.allclose(p0, p1)
     raw1 = apply_blend(without, inputs[inputs["fold"] == 1])[:, 0]
     # three times the scale, read as evidence

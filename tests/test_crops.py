@@ -3,6 +3,7 @@ and predict and the Kaggle bundle use them."""
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -80,11 +81,11 @@ def test_crops_land_on_their_vertebra_in_feet_to_head_and_gappy_studies(syntheti
             off = cut_vertebra(
                 ((truth != label) & (truth > 0)).astype(np.uint8) * 255, labels, place, boxes[:1], 48, spec
             )
-            picks = slice_picks(place["z0"], place["z1"], len(series), spec["slices"], 0)
+            picks = slice_picks(place["z0"], place["z1"], len(series), spec.slices, 0)
             assert (truth[picks] == label).any(axis=(1, 2)).mean() >= 0.8, (uid, place)  # the right slices
-            centre = on[:, spec["context"], 8:16, 8:16].astype(float).mean()
+            centre = on[:, spec.context, 8:16, 8:16].astype(float).mean()
             # the right bone
-            assert centre > off[:, spec["context"], 8:16, 8:16].astype(float).mean(), (
+            assert centre > off[:, spec.context, 8:16, 8:16].astype(float).mean(), (
                 uid,
                 place,
             )
@@ -173,7 +174,7 @@ def test_a_crop_model_never_scores_a_study_it_trained_on(crop_run):
         scored = set(
             pd.read_csv(run.crop_file(k, "oof.csv"), dtype={"StudyInstanceUID": str})["StudyInstanceUID"]
         )
-        assert scored and not scored & set(meta["trained_on"])
+        assert scored and not scored & set(meta.trained_on)
         assert scored == set(folds.loc[folds["fold"] == k, "StudyInstanceUID"])
     inputs = pd.read_csv(run.blend_file("inputs.csv"))
     assert {f"crop:{v}" for v in VERTEBRAE} | {"crop:max", "crop:noisy_or"} <= set(inputs.columns)
@@ -214,7 +215,7 @@ def test_a_blend_of_another_run_or_a_config_without_the_tracks_is_refused_by_nam
     from cspine.predict import predict
 
     run_dir, cfg = crop_run
-    with pytest.raises(ConfigError, match=r"blend reads .*\['blstm', 'cnn'\].*'crop'") as refused:
+    with pytest.raises(ConfigError, match=r"blend\.models=\['blstm', 'cnn'\].*'crop'") as refused:
         predict(load_config(SMOKE_CONFIG), synthetic_root, run_dir, tmp_path / "a.csv")
     assert "missing" not in str(refused.value)
     copy = tmp_path / "run"
@@ -224,6 +225,30 @@ def test_a_blend_of_another_run_or_a_config_without_the_tracks_is_refused_by_nam
     with pytest.raises(CheckpointError, match=r"blend\.pt: the blend reads .*not the models it was fitted"):
         predict(cfg, synthetic_root, copy, tmp_path / "b.csv")
     assert not (tmp_path / "b.csv").exists()
+
+
+def test_a_crop_setting_changed_at_predict_time_is_refused_as_the_cache_size_is(crop_run):
+    """Every `crop.*` setting the crop models were made with differed silently: predict cut crops the models
+    never saw (`crop.size`, `crop.slices`), or read them with another architecture's name."""
+    import torch
+
+    from cspine.config import ConfigError
+    from cspine.ensemble import check_config, load_ensemble
+
+    run_dir, cfg = crop_run
+    ensemble = load_ensemble(run_dir, cfg.seq.hidden, [torch.device("cpu")])
+    check_config(cfg, ensemble)  # the run's own config: accepted
+    for override, said in (
+        ("crop.size=48", "crop.size=48 (the models: 32)"),
+        ("crop.slices=6", "crop.slices=6 (the models: 4)"),
+        ("crop.margin=0.3", "crop.margin=0.3 (the models: "),
+        ("crop.hidden=8", "crop.hidden=8 (the models: "),
+        ("seg.min_pixels=3", "seg.min_pixels=3 (the models: "),
+        ("blend.top_k=99", "blend.top_k=99 (the models: "),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            check_config(load_config(SMOKE_CONFIG, [*CROP_SMOKE, override]), ensemble)
+    check_config(load_config(SMOKE_CONFIG, [*CROP_SMOKE, "crop.epochs=99", "crop.workers=1"]), ensemble)
 
 
 def test_a_study_whose_segmentation_found_no_vertebra_has_no_spine_to_answer_about(
@@ -244,9 +269,9 @@ def test_a_study_whose_segmentation_found_no_vertebra_has_no_spine_to_answer_abo
     monkeypatch.setattr(
         cspine.predict, "segment_study", lambda models, images, *a: np.zeros(images.shape[:3], np.uint8)
     )
-    i = ensemble.inputs
+    i = ensemble.reading
     study = read_study(
-        sorted((synthetic_root / "test_images").iterdir())[0], i["size"], i["crop"], i["margin"], 2, bone=True
+        sorted((synthetic_root / "test_images").iterdir())[0], i.size, i.crop, i.margin, 2, bone=True
     )
     from cspine.studies import NoSpineError
 

@@ -8,7 +8,8 @@ import timm
 import torch
 from sklearn.metrics import roc_auc_score
 
-from cspine.models import SLICE_OUTPUTS, CropNet, SequenceNet, SliceNet, create_backbone
+from cspine.inputs import SLICE_OUTPUTS
+from cspine.models import CropNet, SequenceNet, SliceNet, create_backbone
 
 
 def test_slice_net_logits_and_features():
@@ -85,7 +86,9 @@ def test_pretrained_cnns_normalise_their_input_as_their_weights_expect_and_keep_
     """A ResNet-50 file saved as timm saves ImageNet weights: the slice CNN and the crop model both read it,
     both normalise with ImageNet's mean and std (the crop model's six channels cycle through R, G, B as
     timm repeats the RGB filters), and a model rebuilt from its checkpoint normalises the same way."""
-    from cspine.checkpoints import load_crop_model, load_slice_model, save_model, save_slice_model
+    from cspine.checkpoints import CropMeta, SliceMeta, load_crop_model, load_slice_model, save_model
+    from cspine.crops import crop_spec
+    from cspine.inputs import SliceReading
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     source = timm.create_model("resnet50", num_classes=0)
@@ -101,7 +104,9 @@ def test_pretrained_cnns_normalise_their_input_as_their_weights_expect_and_keep_
     )
     with torch.no_grad():
         torch.testing.assert_close(net.features(x), source.eval()((x - mean) / std))
-    save_slice_model(net, tmp_path / "slice.pt", inputs={})
+    save_model(
+        net, tmp_path / "slice.pt", SliceMeta(SliceReading(64, "study", 0.05, 64, 0), 0, 1, 0.5, [], {})
+    )
     rebuilt, _ = load_slice_model(tmp_path / "slice.pt")
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.features(x), net.features(x))
@@ -111,7 +116,7 @@ def test_pretrained_cnns_normalise_their_input_as_their_weights_expect_and_keep_
     torch.testing.assert_close(crop.norm.mean, cycled)
     # timm's own repetition of the RGB filters over six channels, scaled by 3/6
     torch.testing.assert_close(crop.cnn.conv1.weight, source.conv1.weight.repeat(1, 2, 1, 1) / 2)
-    save_model(crop, tmp_path / "crop.pt", "crop")
+    save_model(crop, tmp_path / "crop.pt", CropMeta(crop_spec(64, 4, 2, 0.1), 0, []))
     torch.testing.assert_close(load_crop_model(tmp_path / "crop.pt")[0].norm.mean, cycled)
 
     scratch = SliceNet("resnet50")  # from scratch: the one fixed normalisation the kit always used

@@ -73,10 +73,10 @@ def test_features_never_come_from_a_model_that_saw_the_study(smoke_run):
         fold = int(model_path.parent.name.removeprefix("fold"))
         in_fold = set(folds.loc[folds["fold"] == fold, "StudyInstanceUID"])
         # a BLSTM reads features of its own fold's CNN, on that fold's studies
-        if meta["input"] == "features":
-            assert meta["source_fold"] == fold and set(meta["trained_on"]) <= in_fold
+        if meta.input == "features":
+            assert meta.fold == fold and set(meta.trained_on) <= in_fold
         else:  # across folds: it never trains on the fold it scores
-            assert meta["source_fold"] is None and not set(meta["trained_on"]) & in_fold
+            assert meta.fold is None and not set(meta.trained_on) & in_fold
 
 
 def test_every_study_is_predicted_out_of_fold_by_a_blstm_that_never_saw_it(smoke_run):
@@ -91,7 +91,7 @@ def test_every_study_is_predicted_out_of_fold_by_a_blstm_that_never_saw_it(smoke
             assert len(inner) >= 2
             # the inner splits partition the fold: each study is held out by exactly one inner model
             for uid in scored:
-                assert sum(uid not in set(meta["trained_on"]) for meta in inner) == 1, uid
+                assert sum(uid not in set(meta.trained_on) for meta in inner) == 1, uid
 
 
 def _features_only_run(smoke_run, run_dir):
@@ -116,9 +116,9 @@ def test_probs_input_trains_across_folds_and_scores_only_the_held_out_fold(smoke
         assert set(oof["StudyInstanceUID"]) == in_fold
         assert oof[[f"p_{t}" for t in TARGETS]].apply(lambda c: c.between(0, 1)).all().all()
         model, meta = load_sequence_model(Run(run_dir).blstm(16, fold, None))
-        assert meta["input"] == "probs" and model.lstm.input_size == 15
+        assert meta.input == "probs" and model.lstm.input_size == 15
         # every other fold, none of its own
-        assert set(meta["trained_on"]) == set(folds["StudyInstanceUID"]) - in_fold
+        assert set(meta.trained_on) == set(folds["StudyInstanceUID"]) - in_fold
 
 
 def test_own_fold_blstms_train_on_their_fold_through_its_cnn_only(smoke_run, tmp_path):
@@ -138,8 +138,8 @@ def test_own_fold_blstms_train_on_their_fold_through_its_cnn_only(smoke_run, tmp
         scored = set()
         for path in models:
             _, meta = load_sequence_model(path)
-            assert meta["source_fold"] == fold and set(meta["trained_on"]) < in_fold  # CNN k's studies only
-            scored |= in_fold - set(meta["trained_on"])
+            assert meta.fold == fold and set(meta.trained_on) < in_fold  # CNN k's studies only
+            scored |= in_fold - set(meta.trained_on)
         assert scored == in_fold  # every study scored by an inner BLSTM that did not train on it
     with pytest.raises(ValueError, match="other_folds"):  # features of two CNNs are never mixed
         train_seq_fold(load_config(SMOKE_CONFIG, ["seq.train_on=other_folds"]), run_dir, 0)
@@ -169,7 +169,7 @@ def test_predict_feeds_a_blstm_exactly_what_it_trained_on(smoke_run, tmp_path, t
     blstms = [load_sequence_model(path)[::-1] for path in paths]  # (meta, model), as in Ensemble
     assert len(blstms) == (1 if train_on == "other_folds" else 2) and all(m["bins"] == 5 for m, _ in blstms)
     for uid, row in oof.iterrows():
-        scorer = [(meta, model) for meta, model in blstms if uid not in meta["trained_on"]]
+        scorer = [(meta, model) for meta, model in blstms if uid not in meta.trained_on]
         ensemble = Ensemble(
             cnns={}, blstms={16: scorer}, hidden=16, inputs={}, arch={}, input="fracture", bins=5, tta=False
         )
@@ -220,10 +220,8 @@ def test_tta_extraction_is_recorded_and_predict_follows_it(smoke_run, synthetic_
         return study_features(*args, **kwargs)
 
     monkeypatch.setattr(cspine.predict, "study_features", recording)
-    i = ensemble.inputs
-    study = read_study(
-        sorted((synthetic_root / "test_images").iterdir())[0], i["size"], i["crop"], i["margin"], 2
-    )
+    i = ensemble.reading
+    study = read_study(sorted((synthetic_root / "test_images").iterdir())[0], i.size, i.crop, i.margin, 2)
     predict_images(study, ensemble, plain_cfg)
     assert readings == [True] * len(ensemble.cnns)  # every fold's CNN read the study mirrored too
 
@@ -463,9 +461,7 @@ def test_predict_gives_the_same_submission_with_more_study_workers_and_folds_spr
     single = load_ensemble(smoke_run, cfg.seq.hidden, [torch.device("cpu")])
     spread = load_ensemble(smoke_run, cfg.seq.hidden, [torch.device("cpu"), torch.device("cpu")])
     i = single.inputs
-    study = read_study(
-        sorted((synthetic_root / "test_images").iterdir())[0], i["size"], i["crop"], i["margin"], 2
-    )
+    study = read_study(sorted((synthetic_root / "test_images").iterdir())[0], i.size, i.crop, i.margin, 2)
     assert predict_images(study, spread, cfg) == predict_images(study, single, cfg)
     submitted = one.set_index("row_id")["fractured"]
     uid = sorted((synthetic_root / "test_images").iterdir())[0].name

@@ -16,18 +16,20 @@ import torch
 from cspine.checkpoints import (
     CHECKPOINT_SCHEMA,
     CheckpointError,
+    SequenceMeta,
+    SliceMeta,
     load_checkpoint,
     load_sequence_model,
     load_slice_model,
     save_checkpoint,
     save_model,
-    save_slice_model,
 )
 from cspine.config import load_config
+from cspine.inputs import SliceReading
 from cspine.models import SequenceNet, SliceNet
 from cspine.runs import Run, atomic_path, write_text
 
-INPUTS = {"size": 48, "crop": "study", "margin": 0.05, "input_size": 48, "context": 0}
+READING = SliceReading(size=48, crop="study", margin=0.05, input_size=48, context=0)
 
 
 def test_atomic_path_replaces_only_on_success(tmp_path):
@@ -48,10 +50,12 @@ def test_atomic_path_replaces_only_on_success(tmp_path):
 def test_slice_model_round_trip_keeps_weights_architecture_and_inputs(tmp_path):
     torch.manual_seed(0)
     model = SliceNet("test_resnet", dropout=0.1, box_head=True, context=1).eval()
-    path = save_slice_model(model, tmp_path / "best.pt", INPUTS, fold=1, trained_on=["a", "b"])
+    saved = SliceMeta(READING, fold=1, epoch=2, val_loss=0.5, trained_on=["a", "b"], config={})
+    path = save_model(model, tmp_path / "best.pt", saved)
+    state = load_checkpoint(path, "slice-cnn")
+    assert state["schema"] == CHECKPOINT_SCHEMA and state["kind"] == "slice-cnn"
     loaded, meta = load_slice_model(path)
-    assert meta["schema"] == CHECKPOINT_SCHEMA and meta["kind"] == "slice-cnn"
-    assert meta["inputs"] == INPUTS and meta["trained_on"] == ["a", "b"] and meta["fold"] == 1
+    assert meta == saved and isinstance(meta.reading, SliceReading)  # typed again, nested too
     assert loaded.context == 1 and loaded.box_head is not None
     x = torch.randn(2, 9, 48, 48)
     with torch.inference_mode():
@@ -61,19 +65,10 @@ def test_slice_model_round_trip_keeps_weights_architecture_and_inputs(tmp_path):
 def test_sequence_model_round_trip(tmp_path):
     torch.manual_seed(0)
     model = SequenceNet(3, hidden=8).eval()
-    save_model(
-        model,
-        tmp_path / "inner0.pt",
-        "blstm",
-        input="fracture",
-        bins=4,
-        tta=False,
-        source_fold=0,
-        trained_on=["a"],
-    )
+    save_model(model, tmp_path / "inner0.pt", SequenceMeta("fracture", 4, False, 0, ["a"]))
     loaded, meta = load_sequence_model(tmp_path / "inner0.pt")
     x, lengths = torch.randn(1, 4, 3), torch.tensor([4])
-    assert meta["bins"] == 4 and meta["source_fold"] == 0
+    assert meta.bins == 4 and meta.fold == 0
     with torch.inference_mode():
         assert torch.equal(model(x, lengths), loaded(x, lengths))
 
@@ -81,14 +76,7 @@ def test_sequence_model_round_trip(tmp_path):
 @pytest.mark.parametrize("damage", ["empty", "truncated"])
 def test_a_damaged_checkpoint_is_an_error_naming_the_file(tmp_path, damage):
     path = save_model(
-        SequenceNet(3, hidden=8),
-        tmp_path / "inner0.pt",
-        "blstm",
-        input="fracture",
-        bins=0,
-        tta=False,
-        source_fold=0,
-        trained_on=[],
+        SequenceNet(3, hidden=8), tmp_path / "inner0.pt", SequenceMeta("fracture", 0, False, 0, [])
     )
     data = path.read_bytes()
     path.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
@@ -103,6 +91,13 @@ def test_checkpoints_of_another_schema_or_kind_are_refused(tmp_path):
     save_checkpoint({"epoch": 3}, tmp_path / "last.pt", "slice-resume")
     with pytest.raises(CheckpointError, match="not a 'slice-cnn'"):
         load_slice_model(tmp_path / "last.pt")
+    save_model(SequenceNet(3, hidden=8), tmp_path / "other.pt", SequenceMeta("fracture", 0, False, 0, []))
+    state = torch.load(tmp_path / "other.pt", weights_only=False)
+    torch.save({**state, "meta": {**state["meta"], "source_fold": 0}}, tmp_path / "other.pt")
+    with pytest.raises(
+        CheckpointError, match="other.pt: its SequenceMeta holds"
+    ):  # fields of another version
+        load_sequence_model(tmp_path / "other.pt")
 
 
 def test_run_paths_and_record_names(tmp_path):

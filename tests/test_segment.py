@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from cspine.config import load_config
 from cspine.labels import UNKNOWN
 from cspine.runs import Run
 from cspine.segment import sagittal_labels, sagittal_planes, slice_levels, vertebra_extents
-from cspine.segmenter import SEG_CLASSES, padded_rows, plane_rows, segment_study
+from cspine.segmenter import SEG_CLASSES, SegReading, padded_rows, plane_rows, segment_study
 
 from .conftest import SMOKE_CONFIG
 
@@ -85,7 +86,7 @@ def test_segment_study_maps_each_row_back_to_its_slice_and_ignores_the_padding()
 
     n, dz = 60, 1.5  # 90 mm: 45 rows at 2 mm, padded to 64
     study = np.zeros((n, 16, 16, 3), np.uint8)
-    how = {"context": 0, "row_mm": 2.0, "plane_stride": 1, "min_pixels": 1}
+    how = SegReading(context=0, row_mm=2.0, plane_stride=1, min_pixels=1)
     labels = segment_study([RowModel(45)], study, dz, how, torch.device("cpu"))
     assert labels.shape == (n, 16, 16) and not (labels == 7).any()
     slices = np.flatnonzero((labels == 3).all(axis=(1, 2)))
@@ -274,29 +275,31 @@ def test_self_training_labels_with_each_folds_own_round_one_model_and_keeps_the_
         pseudo = pd.read_csv(run.seg_pseudo(k), dtype={"StudyInstanceUID": str})
         assert sorted(pseudo["StudyInstanceUID"]) == sorted(unmasked)
         assert pseudo.set_index("StudyInstanceUID")["used"].to_dict() == {u: u != rejected for u in unmasked}
-        assert (
-            final["pseudo"] == sorted(set(unmasked) - {rejected})
-            and final["trained_on"] == first["trained_on"]
-        )
-        assert final["labelled_by"] == first["trained_on"]
+        assert final.pseudo == sorted(set(unmasked) - {rejected}) and final.trained_on == first.trained_on
+        assert final.labelled_by == first.trained_on
         assert len(final["losses"]) == 2 and len(first["losses"]) == 3
     dice = pd.read_csv(run.seg_file("dice.csv"), dtype={"StudyInstanceUID": str})
     for uid, fold in zip(dice["StudyInstanceUID"], dice["fold"]):
         meta = load_segmenter(run.seg_model(fold))[1]
-        assert uid not in meta["trained_on"] + meta["pseudo"] + meta["labelled_by"]
+        assert uid not in meta.trained_on + meta.pseudo + meta.labelled_by
 
 
 def test_a_fold_model_whose_pseudo_labels_came_from_its_own_studies_is_refused(tmp_path):
+    from cspine.checkpoints import SegmenterMeta
     from cspine.segment import _check_out_of_fold
 
     run = Run(tmp_path / "run")
     folds = {"a": 0, "b": 1}
+    how = SegReading(context=0, row_mm=2.0, plane_stride=1, min_pixels=1)
     clean = [
-        {"trained_on": ["b"], "pseudo": ["x"], "labelled_by": ["b"]},
-        {"trained_on": ["a"], "pseudo": ["x"], "labelled_by": ["a"]},
+        SegmenterMeta(how, 0, trained_on=["b"], pseudo=["x"], labelled_by=["b"], losses=[]),
+        SegmenterMeta(how, 1, trained_on=["a"], pseudo=["x"], labelled_by=["a"], losses=[]),
     ]
     _check_out_of_fold(run, folds, clean)
-    leaked = [clean[0] | {"labelled_by": ["a", "b"]}, clean[1]]  # labelled by a model that saw "a"
+    leaked = [
+        dataclasses.replace(clean[0], labelled_by=["a", "b"]),
+        clean[1],
+    ]  # labelled by a model that saw "a"
     with pytest.raises(RuntimeError, match="fold0.pt trained on a study it would score"):
         _check_out_of_fold(run, folds, leaked)
 
@@ -499,9 +502,9 @@ def test_the_vertebra_track_never_scores_a_study_with_a_model_that_trained_on_it
         assert len(metas) == 2 and scored == in_fold
         for meta in metas:
             # through CNN k, on fold k
-            assert meta["source_fold"] == fold and set(meta["trained_on"]) < in_fold
+            assert meta.fold == fold and set(meta.trained_on) < in_fold
         for uid in scored:  # held out by exactly one inner model
-            assert sum(uid not in set(meta["trained_on"]) for meta in metas) == 1
+            assert sum(uid not in set(meta.trained_on) for meta in metas) == 1
 
 
 @pytest.mark.slow

@@ -96,11 +96,11 @@ def test_best_pt_holds_the_epoch_that_select_names(prepared, tmp_path, monkeypat
     last = load_checkpoint(out / "last.pt", "slice-resume")
     same = all(torch.equal(best["model"][key], last["model"][key]) for key in last["model"])
     if select == "last":
-        assert len(history) == 4 and best["epoch"] == 4 and same
+        assert len(history) == 4 and best["meta"]["epoch"] == 4 and same
         assert history["val_loss"].iloc[-1] > history["val_loss"].min()
     else:
-        assert len(history) == 2 and best["epoch"] == 1 and not same
-        assert best["val_loss"] == pytest.approx(history["val_loss"].min())
+        assert len(history) == 2 and best["meta"]["epoch"] == 1 and not same
+        assert best["meta"]["val_loss"] == pytest.approx(history["val_loss"].min())
     with pytest.raises(ValueError, match="slice.select"):
         bad = load_config(SMOKE_CONFIG, ["slice.select=lowest"])
         train_fold(bad, _copy_base(prepared, tmp_path / "bad"), 0)

@@ -34,12 +34,22 @@ from sklearn.linear_model import LogisticRegression
 from cspine import TARGETS, VERTEBRAE
 from cspine.checkpoints import save_blend
 from cspine.competition import DataError
-from cspine.config import BlendConfig, Config, blend_models
+from cspine.config import Config, blend_models
 from cspine.features import features_signature, load_features
-from cspine.metrics import NEGATIVE_WEIGHT, POSITIVE_WEIGHT, best_constant, weighted_log_loss
+from cspine.metrics import (
+    NEGATIVE_WEIGHT,
+    POSITIVE_WEIGHT,
+    best_constant,
+    oof_table,
+    p_columns,
+    read_oof,
+    weighted_log_loss,
+)
 from cspine.runs import Run, digest, read_json, write_csv, write_json
 from cspine.stacking import (
     OVERALL,
+    Blend,
+    TargetModel,
     apply_blend,
     extents_by_study,
     fold_standards,
@@ -80,7 +90,7 @@ def _oof(path, uids: list[str], complete: bool = True) -> pd.DataFrame:
     Raises:
         DataError: naming the file, the column and the first study at fault, and how to make it anew.
     """
-    frame = pd.read_csv(path, dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
+    frame = read_oof(path).set_index("StudyInstanceUID")
     columns = [c for c in frame.columns if c.startswith("p_")]
     bad = frame[columns].isna() | (frame[columns] < 0) | (frame[columns] > 1)
     if bad.any().any():
@@ -118,7 +128,7 @@ def fold_inputs(cfg: Config, run_dir: str | os.PathLike, fold: int) -> pd.DataFr
             f"{len(unread)} studies of fold {fold} have no features in {run.features_dir(fold)} (first: "
             f"{unread[0]}); run `python -m cspine extract fold={fold}` (it reads the missing ones)"
         )
-    blstm = {int(name[5:]): _oof(path, uids) for name, path in files.items() if name.startswith("blstm")}
+    blstm = {h: _oof(files[f"blstm{h}"], uids) for h in _sizes(cfg)}
     vert = _oof(files["vertebra"], uids) if "vertebra" in files else None
     crop = None
     # a study whose crops could not be cut reads the fold's mean, as predict gives the prior
@@ -135,26 +145,16 @@ def fold_inputs(cfg: Config, run_dir: str | os.PathLike, fold: int) -> pd.DataFr
                 **study_inputs(
                     probs,
                     None if extents is None else extents.get(uid, {}),
-                    {
-                        h: frame.loc[uid, [f"p_{t}" for t in TARGETS]].to_numpy(float)
-                        for h, frame in blstm.items()
-                    },
-                    None if vert is None else vert.loc[uid, [f"p_{v}" for v in VERTEBRAE]].to_numpy(float),
+                    {h: frame.loc[uid, p_columns()].to_numpy(float) for h, frame in blstm.items()},
+                    None if vert is None else vert.loc[uid, p_columns(VERTEBRAE)].to_numpy(float),
                     b.top_k,
                     b.margin,
-                    None if crop is None else crop.loc[uid, [f"p_{v}" for v in VERTEBRAE]].to_numpy(float),
+                    None if crop is None else crop.loc[uid, p_columns(VERTEBRAE)].to_numpy(float),
                 ),
             }
         )
     frame = pd.DataFrame(rows)
-    keep = [
-        c
-        for c in frame.columns[2:]
-        if (c.startswith("blstm") and "blstm" in models)
-        or (c.startswith("cnn:") and "cnn" in models)
-        or (c.startswith("vert:") and "vertebra" in models)
-        or (c.startswith("crop:") and "crop" in models)
-    ]
+    keep = [c for c in frame.columns[2:] if not c.startswith("cnn:") or "cnn" in models]
     return frame[["StudyInstanceUID", "fold", *keep]]
 
 
@@ -164,7 +164,7 @@ def metric_weights(y: np.ndarray, target: str) -> np.ndarray:
     return w / w.mean()
 
 
-def fit_target(x: pd.DataFrame, y: np.ndarray, target: str, C: float) -> dict:
+def fit_target(x: pd.DataFrame, y: np.ndarray, target: str, C: float) -> TargetModel:
     """One target's model: a logistic regression on standardised inputs ``x`` [S, F], weighted as the metric.
 
     With one class alone in ``y`` (a rare vertebra in a small fold) it is the best constant, 2q/(1+q).
@@ -175,25 +175,15 @@ def fit_target(x: pd.DataFrame, y: np.ndarray, target: str, C: float) -> dict:
     scale[scale < 1e-6] = 1.0
     if len(np.unique(y)) < 2 or not names:
         constant = best_constant(float(np.mean(y)))
-        return {
-            "inputs": names,
-            "mean": mean.tolist(),
-            "scale": scale.tolist(),
-            "coef": [0.0] * len(names),
-            "intercept": float(logit(constant)),
-        }
+        return TargetModel(names, mean.tolist(), scale.tolist(), [0.0] * len(names), float(logit(constant)))
     model = LogisticRegression(C=C, max_iter=2000)
     model.fit((values - mean) / scale, y, sample_weight=metric_weights(y, target))
-    return {
-        "inputs": names,
-        "mean": mean.tolist(),
-        "scale": scale.tolist(),
-        "coef": model.coef_[0].tolist(),
-        "intercept": float(model.intercept_[0]),
-    }
+    return TargetModel(
+        names, mean.tolist(), scale.tolist(), model.coef_[0].tolist(), float(model.intercept_[0])
+    )
 
 
-def fit_vertebrae(inputs: pd.DataFrame, labels: pd.DataFrame, C: float) -> dict[str, dict]:
+def fit_vertebrae(inputs: pd.DataFrame, labels: pd.DataFrame, C: float) -> dict[str, TargetModel]:
     """One logistic regression shared by C1..C7, on every (study, vertebra) pair; {vertebra: its model}.
 
     Each vertebra alone has a handful of fractured studies (4 to 17 of 96 in the demo): seven separate
@@ -214,45 +204,42 @@ def fit_vertebrae(inputs: pd.DataFrame, labels: pd.DataFrame, C: float) -> dict[
     model.fit(np.hstack([(x - mean) / scale, which]), y, sample_weight=metric_weights(y, VERTEBRAE[0]))
     shared, intercepts = model.coef_[0][: x.shape[1]], model.coef_[0][x.shape[1] :]
     return {
-        v: {
-            "inputs": names[v],
-            "mean": mean.tolist(),
-            "scale": scale.tolist(),
-            "coef": shared.tolist(),
-            "intercept": float(intercepts[i]),
-        }
+        v: TargetModel(names[v], mean.tolist(), scale.tolist(), shared.tolist(), float(intercepts[i]))
         for i, v in enumerate(VERTEBRAE)
     }
 
 
 def fit_blend(
-    inputs: pd.DataFrame, labels: pd.DataFrame, b: BlendConfig, standards: dict | None = None
-) -> dict:
+    inputs: pd.DataFrame, labels: pd.DataFrame, C: float, standards: dict | None = None
+) -> dict[str, TargetModel]:
     """Every target's model, fitted on studies' inputs (`fold_inputs` rows) and their labels (same order):
     patient_overall's own, and one shared by the vertebrae (`fit_vertebrae`). With ``standards``
-    (`fold_standards`), the inputs are standardised within their folds first, and the blend keeps them."""
+    (`fold_standards`), the inputs are standardised within their folds first."""
     if standards:
         inputs = standardise(inputs, standards)
     available = [c for c in inputs.columns if c not in ("StudyInstanceUID", "fold")]
-    overall = fit_target(
-        inputs[target_inputs(OVERALL, available)], labels[OVERALL].to_numpy(int), OVERALL, b.C
-    )
-    return {
-        "targets": {OVERALL: overall, **fit_vertebrae(inputs, labels, b.C)},
-        "floor": b.floor,
-        "standards": standards,
-    }
+    overall = fit_target(inputs[target_inputs(OVERALL, available)], labels[OVERALL].to_numpy(int), OVERALL, C)
+    return {OVERALL: overall, **fit_vertebrae(inputs, labels, C)}
+
+
+def _sizes(cfg: Config) -> list[int]:
+    """The BLSTM sizes the blend reads."""
+    return list(cfg.seq.sizes) if "blstm" in blend_models(cfg) else []
+
+
+def _tracks(cfg: Config) -> tuple[bool, bool]:
+    """Whether the blend reads the vertebra track, and the crop track."""
+    models = blend_models(cfg)  # checked when the config loads
+    return "vertebra" in models, "crop" in models
 
 
 def _made(run: Run, cfg: Config, folds: list[int]) -> dict:
     """What the blend is made from: its input files' digests, the checkpoints it reads through (theirs),
     the features, the settings."""
-    models = blend_models(cfg)
-    tracks = [m in models for m in ("vertebra", "crop")]
-    sizes = list(cfg.seq.sizes) if "blstm" in models else []
+    tracks = _tracks(cfg)
     segment = run.seg_file("extents.csv").is_file() or any(tracks)
     return {
-        "through": run.digests(run.blend_reads(folds, sizes, *tracks, segment)),
+        "through": run.digests(run.blend_reads(folds, _sizes(cfg), *tracks, segment)),
         "files": {
             f"fold{k}:{name}": digest(path) for k in folds for name, path in _sources(run, cfg, k).items()
         },
@@ -283,39 +270,32 @@ def is_blended(run_dir: str | os.PathLike, cfg: Config, folds: list[int]) -> boo
         return False
 
 
-def _save(
+def _blend(
     run: Run,
-    blend: dict,
-    inputs: pd.DataFrame,
-    path,
-    trained_on: list[str],
-    b: BlendConfig,
-    models: list[str],
-) -> None:
-    """A blend with what it reads (`cspine.checkpoints.save_blend`): predict computes the same inputs, and
-    checks it reads them through the checkpoints the blend was fitted through (``through``, their digests)."""
-    sizes = sorted({int(c[5:].split(":")[0]) for c in inputs.columns if c.startswith("blstm")})
-    vertebra = any(c.startswith("vert:") for c in inputs.columns)
-    crop = any(c.startswith("crop:") for c in inputs.columns)
-    extents = run.seg_file("extents.csv").is_file()
-    folds = sorted(int(k) for k in inputs["fold"].unique())
-    save_blend(
-        {
-            **blend,
-            "top_k": b.top_k,
-            "margin": b.margin,
-            "sizes": sizes,
-            "extents": extents,
-            "vertebra": vertebra,
-            "crop": crop,
-            "folds": folds,
-            "models": models,
-            "through": run.digests(
-                run.blend_reads(folds, sizes, vertebra, crop, extents or vertebra or crop)
-            ),
-            "trained_on": trained_on,
-        },
-        path,
+    cfg: Config,
+    targets: dict[str, TargetModel],
+    standards: dict | None,
+    folds: list[int],
+    trained_on,
+) -> Blend:
+    """A fitted blend with what it reads: predict computes the same inputs, and checks that it reads them
+    through the checkpoints the blend was fitted through (``through``, their digests)."""
+    b, (vertebra, crop) = cfg.blend, _tracks(cfg)
+    sizes, extents = _sizes(cfg), run.seg_file("extents.csv").is_file()
+    return Blend(
+        targets=targets,
+        floor=b.floor,
+        standards=standards,
+        top_k=b.top_k,
+        margin=b.margin,
+        sizes=sizes,
+        extents=extents,
+        vertebra=vertebra,
+        crop=crop,
+        folds=folds,
+        models=blend_models(cfg),
+        through=run.digests(run.blend_reads(folds, sizes, vertebra, crop, extents or vertebra or crop)),
+        trained_on=list(trained_on),
     )
 
 
@@ -328,7 +308,6 @@ def blend(cfg: Config, run_dir: str | os.PathLike, folds: list[int]) -> pd.DataF
             f"the blend scores each fold with a blend fitted on the others: it needs two folds or "
             f"more, not {folds} (folds.folds)"
         )
-    models = blend_models(cfg)  # checked when the config loads
     run.blend_file("record.json").unlink(missing_ok=True)  # until the end, the run is not blended
     inputs = pd.concat([fold_inputs(cfg, run, k) for k in folds], ignore_index=True)
     labels = run.read_labels().loc[inputs["StudyInstanceUID"], list(TARGETS)].reset_index(drop=True)
@@ -337,21 +316,23 @@ def blend(cfg: Config, run_dir: str | os.PathLike, folds: list[int]) -> pd.DataF
     p, raw, splits = np.zeros((len(inputs), len(TARGETS))), np.zeros(len(inputs)), {}
     for k in folds:
         scored, fitted = (inputs["fold"] == k).to_numpy(), (inputs["fold"] != k).to_numpy()
-        scorer = fit_blend(inputs[fitted], labels[fitted], b, standards)
-        p[scored] = apply_blend(scorer, inputs[scored])
-        raw[scored] = apply_blend({**scorer, "floor": False}, inputs[scored])[:, 0]
-        _save(run, scorer, inputs[fitted], run.blend_scorer(k), uids[fitted].tolist(), b, models)
+        others = [f for f in folds if f != k]
+        scorer = _blend(
+            run,
+            cfg,
+            fit_blend(inputs[fitted], labels[fitted], b.C, standards),
+            standards,
+            others,
+            uids[fitted],
+        )
+        p[scored] = scorer.answer(inputs[scored])
+        raw[scored] = apply_blend(scorer.targets, inputs[scored], False, standards)[:, 0]
+        save_blend(scorer, run.blend_scorer(k))
         splits[str(k)] = {"trained_on": uids[fitted].tolist(), "scored": uids[scored].tolist()}
-    _save(run, fit_blend(inputs, labels, b, standards), inputs, run.blend_model, uids.tolist(), b, models)
+    submitted = _blend(run, cfg, fit_blend(inputs, labels, b.C, standards), standards, folds, uids)
+    save_blend(submitted, run.blend_model)
     write_csv(inputs, run.blend_file("inputs.csv"))
-    oof = pd.DataFrame(
-        {
-            "StudyInstanceUID": uids,
-            "fold": inputs["fold"],
-            **{f"p_{t}": p[:, i] for i, t in enumerate(TARGETS)},
-            "p_patient_overall_unfloored": raw,
-        }
-    )
+    oof = oof_table(uids, inputs["fold"], p).assign(p_patient_overall_unfloored=raw)
     write_csv(oof, run.blend_file("oof.csv"))
     write_json({"made": _made(run, cfg, folds), "splits": splits}, run.blend_file("record.json"))  # last
     log.info(

@@ -21,6 +21,7 @@ compressed, a study takes what docs/gpu.md's rehearsal table gives (measured at 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -35,6 +36,7 @@ from cspine.competition import DataError
 from cspine.config import Config
 from cspine.crops import (
     PLACE_COLUMNS,
+    CropSpec,
     bone_u8,
     crop_spec,
     cut_study_planes,
@@ -59,7 +61,7 @@ class CropJob:
     uid: str
     image_dir: Path
     run: Path
-    spec: dict
+    spec: CropSpec
     min_pixels: int
 
 
@@ -90,7 +92,9 @@ def cut_one(job: CropJob) -> tuple[str, list[dict] | None, str | None]:
 def _record(run: Run, cfg: Config) -> dict:
     return {
         "store": STORE,
-        "spec": crop_spec(cfg.crop.size, cfg.crop.slices, cfg.crop.context, cfg.crop.margin),
+        "spec": dataclasses.asdict(
+            crop_spec(cfg.crop.size, cfg.crop.slices, cfg.crop.context, cfg.crop.margin)
+        ),
         "segmentation": digest(run.seg_file("extents.csv")),
         "min_pixels": cfg.seg.min_pixels,
     }
@@ -138,7 +142,7 @@ def crop(cfg: Config, run_dir: str | os.PathLike, data_dir: str | os.PathLike) -
     done = stored_whole(run, places) & set(uids)
     places = places[places["StudyInstanceUID"].isin(done)]
     jobs = [
-        CropJob(u, data_dir / "train_images" / u, run.root, record["spec"], cfg.seg.min_pixels)
+        CropJob(u, data_dir / "train_images" / u, run.root, CropSpec(**record["spec"]), cfg.seg.min_pixels)
         for u in uids
         if u not in done
     ]

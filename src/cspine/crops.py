@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -34,14 +35,26 @@ BONE = WINDOWS[1]  # the standard bone window: cortex and the dark line of a bre
 PLACE_COLUMNS = ["vertebra", "found", "z0", "z1", "y0", "y1", "x0", "x1"]
 
 
-def crop_spec(size: int, slices: int, context: int, margin: float) -> dict:
-    """How crops are cut (kept in each crop model's checkpoint)."""
-    return {"size": int(size), "slices": int(slices), "context": int(context), "margin": float(margin)}
+@dataclass(frozen=True)
+class CropSpec:
+    """How a vertebra is cut into crops (`CropConfig`'s settings of the same names); kept in each crop
+    model's checkpoint, read by `predict`: ``slices`` slices of ``size`` px, each with ``context``
+    neighbours on each side, ``margin`` of the vertebra's height and box wider."""
+
+    size: int
+    slices: int
+    context: int
+    margin: float
 
 
-def crop_channels(spec: dict) -> int:
+def crop_spec(size: int, slices: int, context: int, margin: float) -> CropSpec:
+    """How crops are cut, as plain numbers (a YAML value may be any number type)."""
+    return CropSpec(int(size), int(slices), int(context), float(margin))
+
+
+def crop_channels(spec: CropSpec) -> int:
     """Channels of a crop slice: the slice with its neighbours, and the vertebra's label."""
-    return 2 * spec["context"] + 2
+    return 2 * spec.context + 2
 
 
 def bone_u8(hu: np.ndarray) -> np.ndarray:
@@ -159,7 +172,7 @@ def _patch(image: np.ndarray, cy: float, cx: float, half: float) -> tuple[np.nda
 
 
 def cut_planes(
-    bone: np.ndarray, labels: np.ndarray, place: dict, crops: list[Box], cache_size: int, spec: dict
+    bone: np.ndarray, labels: np.ndarray, place: dict, crops: list[Box], cache_size: int, spec: CropSpec
 ) -> dict[str, np.ndarray]:
     """One vertebra's crops as they are stored: each distinct plane once, at the scan's own resolution.
 
@@ -177,17 +190,17 @@ def cut_planes(
         [slices, 2·context + 1] (the plane of each pick's every neighbour, head to feet) and ``own`` uint8
         [slices, size, size] (the vertebra's own label, 0 or 255, at ``size``).
     """
-    n, size, context = len(bone), spec["size"], spec["context"]
+    n, size, context = len(bone), spec.size, spec.context
     label = VERTEBRAE.index(place["vertebra"]) + 1
-    cy, cx, half = _square(place, spec["margin"])
-    picks = slice_picks(place["z0"], place["z1"], n, spec["slices"], spec["margin"])
+    cy, cx, half = _square(place, spec.margin)
+    picks = slice_picks(place["z0"], place["z1"], n, spec.slices, spec.margin)
     index = np.zeros((len(picks), 2 * context + 1), np.int16)
     own = np.zeros((len(picks), size, size), np.uint8)
     patches: list[np.ndarray] = []
     frames: list[tuple] = []
     seen: dict[tuple, int] = {}
     for j, k in enumerate(picks):
-        square = volume_square(place, crops[k] if len(crops) > 1 else crops[0], cache_size, spec["margin"])
+        square = volume_square(place, crops[k] if len(crops) > 1 else crops[0], cache_size, spec.margin)
         for c, z in enumerate(np.clip(np.arange(k - context, k + context + 1), 0, n - 1)):
             key = (int(z), square)
             if key not in seen:
@@ -220,7 +233,7 @@ def assemble(patches: np.ndarray, frames: np.ndarray, index: np.ndarray, own: np
 
 
 def cut_vertebra(
-    bone: np.ndarray, labels: np.ndarray, place: dict, crops: list[Box], cache_size: int, spec: dict
+    bone: np.ndarray, labels: np.ndarray, place: dict, crops: list[Box], cache_size: int, spec: CropSpec
 ) -> np.ndarray:
     """uint8 [slices, channels, size, size]: one vertebra's crops (`crop_channels` per slice).
 
@@ -236,7 +249,12 @@ def cut_vertebra(
 
 
 def cut_study(
-    bone: np.ndarray, labels: np.ndarray, places: list[dict], crops: list[Box], cache_size: int, spec: dict
+    bone: np.ndarray,
+    labels: np.ndarray,
+    places: list[dict],
+    crops: list[Box],
+    cache_size: int,
+    spec: CropSpec,
 ) -> np.ndarray:
     """uint8 [7, slices, channels, size, size]: the crops of C1..C7 of one study (`cut_vertebra`)."""
     return np.stack(
@@ -245,7 +263,12 @@ def cut_study(
 
 
 def cut_study_planes(
-    bone: np.ndarray, labels: np.ndarray, places: list[dict], crops: list[Box], cache_size: int, spec: dict
+    bone: np.ndarray,
+    labels: np.ndarray,
+    places: list[dict],
+    crops: list[Box],
+    cache_size: int,
+    spec: CropSpec,
 ) -> list[dict[str, np.ndarray]]:
     """`cut_planes` of C1..C7 of one study."""
     if len(labels) != len(bone):

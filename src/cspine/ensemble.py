@@ -4,6 +4,7 @@ answers with and `package-kaggle` bundles. Reads checkpoints only, never trainin
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -11,8 +12,12 @@ from pathlib import Path
 
 import torch
 
+from cspine import TARGETS, VERTEBRAE
 from cspine.checkpoints import (
     CheckpointError,
+    CropMeta,
+    SequenceMeta,
+    VertebraMeta,
     load_blend,
     load_crop_model,
     load_segmenter,
@@ -20,37 +25,71 @@ from cspine.checkpoints import (
     load_slice_model,
     load_vertebra_model,
 )
-from cspine.config import Config, ConfigError, blend_models
+from cspine.config import Config, ConfigError, blend_models, config_value
+from cspine.crops import CropSpec
+from cspine.inputs import SliceReading
 from cspine.models import CropNet, SequenceNet, SliceNet
 from cspine.runs import Run
+from cspine.segmenter import SegReading
+from cspine.stacking import Blend
 
 log = logging.getLogger(__name__)
+
+# What can answer a target: the blend, the paper track's BLSTM, or a track (C1..C7; patient_overall
+# as 1 − Π(1 − p_k) of its vertebrae)
+BLEND, BLSTM, VERTEBRA, CROP = "blend", "blstm", "vertebra", "crop"
+
+
+def answering(blend: bool, vertebra: bool, crop: bool, overall: str) -> dict[str, str]:
+    """{target: the model that answers it}: the one rule `predict` submits by and the report names.
+
+    With a blend, the blend answers everything. Without, the BLSTM answers, and a track gives C1..C7: the
+    crop track where there is one, else the vertebra track; patient_overall then comes from the BLSTM
+    (``overall="blstm"``) or from the track's 1 − Π(1 − p_k) (``overall="vertebrae"``).
+    """
+    if blend:
+        return dict.fromkeys(TARGETS, BLEND)
+    track = CROP if crop else VERTEBRA if vertebra else None
+    if track is None:
+        return dict.fromkeys(TARGETS, BLSTM)
+    return {TARGETS[0]: BLSTM if overall == "blstm" else track, **dict.fromkeys(VERTEBRAE, track)}
 
 
 @dataclass
 class Ensemble:
-    """Every fold's slice CNN, the BLSTMs, the blend, and how they read a study (from their checkpoints).
+    """Every fold's slice CNN, the BLSTMs, the tracks, the blend, and how they read a study (from their
+    checkpoints).
 
     The k-th CNN sits on ``devices[k % len(devices)]`` (folds spread over the GPUs); everything else on the
     first.
     """
 
     cnns: dict[int, SliceNet]
-    blstms: dict[int, list[tuple[dict, SequenceNet]]]  # {size: BLSTMs}: seq.hidden, and those a blend reads
+    blstms: dict[
+        int, list[tuple[SequenceMeta, SequenceNet]]
+    ]  # {size: BLSTMs}: seq.hidden, and those a blend reads
     hidden: int  # the size that answers without a blend
-    inputs: dict  # the CNNs' preprocessing and reading: size, crop, margin, input_size, context
+    reading: SliceReading  # how the CNNs read a study
     arch: dict  # the CNNs' architecture: backbone, width, ...
     input: str  # what the BLSTMs read: "features", "probs" or "fracture"
     bins: int
     tta: bool  # the CNNs read each slice mirrored too, as when the BLSTMs' training features were extracted
-    segmenters: list[torch.nn.Module] = field(default_factory=list)  # with the vertebra track only
-    seg_reading: dict = field(default_factory=dict)  # how they read a study (`cspine.segmenter.reading`)
-    vertebra: list[tuple[dict, SequenceNet]] = field(default_factory=list)  # the vertebra track's BiLSTMs
-    overall: str = "blstm"  # where the vertebra track takes patient_overall from (`VertebraConfig.overall`)
-    crops: list[tuple[dict, CropNet]] = field(default_factory=list)  # the crop track's models, one a fold
-    crop_spec: dict = field(default_factory=dict)  # how they cut a vertebra (`cspine.crops.crop_spec`)
-    blend: dict | None = None  # the level-2 blend, applied to each fold's models; it answers when present
+    segmenters: list[torch.nn.Module] = field(
+        default_factory=list
+    )  # with a track, or a blend that needs them
+    seg_reading: SegReading | None = None  # how they read a study
+    vertebra: list[tuple[VertebraMeta, SequenceNet]] = field(
+        default_factory=list
+    )  # the vertebra track's BiLSTMs
+    overall: str = "blstm"  # where a track takes patient_overall from (`VertebraConfig.overall`)
+    crops: list[tuple[CropMeta, CropNet]] = field(default_factory=list)  # the crop track's models, one a fold
+    crop_spec: CropSpec | None = None  # how they cut a vertebra
+    blend: Blend | None = None  # the level-2 blend, applied to each fold's models; it answers when present
     devices: list[torch.device] = field(default_factory=lambda: [torch.device("cpu")])
+
+    def answers(self) -> dict[str, str]:
+        """{target: the model that answers it} (`answering`), of the models loaded."""
+        return answering(self.blend is not None, bool(self.vertebra), bool(self.crops), self.overall)
 
 
 def _one(values: dict, what: str, where: Path):
@@ -90,7 +129,7 @@ def load_ensemble(
     for k, (fold, path) in enumerate(run.slice_checkpoints().items()):
         cnns[fold], cnn_meta[path] = load_slice_model(path, devices[k % len(devices)])
     blend = load_blend(run.blend_model) if with_blend and run.blend_model.is_file() else None
-    sizes = sorted({hidden, *(blend["sizes"] if blend else [])})
+    sizes = sorted({hidden, *(blend.sizes if blend else [])})
     blstms, blstm_meta = {}, {}
     for size in sizes:
         blstms[size] = []
@@ -108,11 +147,11 @@ def load_ensemble(
         cnns,
         blstms,
         hidden,
-        inputs=_one({p: m["inputs"] for p, m in cnn_meta.items()}, "preprocessing", run.root),
-        arch=_one({p: m["arch"] for p, m in cnn_meta.items()}, "architecture", run.root),
-        input=_one({p: m["input"] for p, m in blstm_meta.items()}, "BLSTM input", run.root),
-        bins=_one({p: m["bins"] for p, m in blstm_meta.items()}, "seq.bins", run.root),
-        tta=_one({p: m["tta"] for p, m in blstm_meta.items()}, "predict.tta", run.root),
+        reading=_one({p: m.reading for p, m in cnn_meta.items()}, "preprocessing", run.root),
+        arch=_one({p: cnns[m.fold].arch for p, m in cnn_meta.items()}, "architecture", run.root),
+        input=_one({p: m.input for p, m in blstm_meta.items()}, "BLSTM input", run.root),
+        bins=_one({p: m.bins for p, m in blstm_meta.items()}, "seq.bins", run.root),
+        tta=_one({p: m.tta for p, m in blstm_meta.items()}, "predict.tta", run.root),
         blend=blend,
         devices=list(devices),
     )
@@ -120,7 +159,7 @@ def load_ensemble(
         _add_vertebra_track(ensemble, run, device)
     if with_crop and run.crop_models():
         _add_crop_track(ensemble, run, device)
-    if not ensemble.segmenters and blend and blend["extents"]:
+    if not ensemble.segmenters and blend and blend.extents:
         _add_segmenters(ensemble, run, device)
     if blend:
         _check_blend(ensemble, run)
@@ -133,7 +172,7 @@ def _add_segmenters(ensemble: Ensemble, run: Run, device: torch.device) -> None:
     for path in run.seg_models():
         model, meta = load_segmenter(path, device)
         ensemble.segmenters.append(model)
-        readings[path] = meta["reading"]
+        readings[path] = meta.reading
     if not ensemble.segmenters:
         raise FileNotFoundError(
             f"{run.root}: models that read each vertebra's slices, but no segmentation model "
@@ -146,18 +185,10 @@ def _check_blend(ensemble: Ensemble, run: Run) -> None:
     """The blend reads its folds' models through the very checkpoints it was fitted through (their digests):
     a blend of another run, or of models since trained again or removed, would weigh outputs it never saw."""
     b = ensemble.blend
-    if "through" not in b:
-        raise CheckpointError(
-            f"{run.blend_model}: the blend does not record the checkpoints it was fitted through (made by an "
-            "earlier cspine): run `python -m cspine blend` on this run"
-        )
-    reads = run.blend_reads(
-        b["folds"], b["sizes"], b["vertebra"], b["crop"], b["extents"] or b["vertebra"] or b["crop"]
-    )
-    now = run.digests(reads)
-    missing = [path for path, was in b["through"].items() if now.get(path, "missing") == "missing"]
-    other = [path for path, was in b["through"].items() if path not in missing and now.get(path) != was]
-    other += [path for path in now if path not in b["through"] and now[path] != "missing"]
+    now = run.digests(run.blend_reads(b.folds, b.sizes, b.vertebra, b.crop, b.segmented))
+    missing = [path for path, was in b.through.items() if now.get(path, "missing") == "missing"]
+    other = [path for path, was in b.through.items() if path not in missing and now.get(path) != was]
+    other += [path for path in now if path not in b.through and now[path] != "missing"]
     if missing or other:
         said = [f"{', '.join(missing)} missing"] if missing else []
         said += [f"{', '.join(other)} not the models it was fitted through"] if other else []
@@ -175,9 +206,9 @@ def _add_vertebra_track(ensemble: Ensemble, run: Run, device: torch.device) -> N
         ensemble.vertebra.append((meta, model))
         metas[path] = meta
     _add_segmenters(ensemble, run, device)
-    ensemble.overall = _one({p: m["overall"] for p, m in metas.items()}, "vert.overall", run.root)
+    ensemble.overall = _one({p: m.overall for p, m in metas.items()}, "vert.overall", run.root)
     if (
-        _one({p: m["tta"] for p, m in metas.items()}, "predict.tta of the vertebra track", run.root)
+        _one({p: m.tta for p, m in metas.items()}, "predict.tta of the vertebra track", run.root)
         != ensemble.tta
     ):
         raise CheckpointError(f"{run.root}: the vertebra track and the BLSTMs read slices differently (tta)")
@@ -189,41 +220,78 @@ def _add_crop_track(ensemble: Ensemble, run: Run, device: torch.device) -> None:
     for path in run.crop_models():
         model, meta = load_crop_model(path, device)
         ensemble.crops.append((meta, model))
-        specs[path] = meta["crops"]
+        specs[path] = meta.spec
     ensemble.crop_spec = _one(specs, "how crops are cut", run.root)
     if not ensemble.segmenters:
         _add_segmenters(ensemble, run, device)
 
 
+def made_with(ensemble: Ensemble) -> dict[str, object]:
+    """{config key: its value in the loaded models}: every setting a trained model was made with and reads a
+    study by. A track or a blend that is not loaded contributes its ``enabled`` alone."""
+    e, r = ensemble, ensemble.reading
+    made = {
+        "prepare.size": r.size,
+        "prepare.crop": r.crop,
+        "prepare.margin": r.margin,
+        "slice.input_size": r.input_size,
+        "slice.context": r.context,
+        "slice.backbone": e.arch["backbone"],
+        "slice.width": e.arch["width"],
+        "seq.input": e.input,
+        "seq.bins": e.bins,
+        "predict.tta": e.tta,
+        "vert.enabled": bool(e.vertebra),
+        "crop.enabled": bool(e.crops),
+    }
+    if e.vertebra:
+        meta = e.vertebra[0][0]
+        made.update({"vert.overall": e.overall, "vert.margin": meta.margin, "vert.bins": meta.bins})
+    if e.crops:
+        arch = e.crops[0][1].arch
+        made.update({f"crop.{key}": value for key, value in dataclasses.asdict(e.crop_spec).items()})
+        made.update(
+            {"crop.backbone": arch["backbone"], "crop.width": arch["width"], "crop.hidden": arch["hidden"]}
+        )
+    if e.segmenters:
+        made.update({f"seg.{key}": value for key, value in dataclasses.asdict(e.seg_reading).items()})
+        made["seg.encoder"] = e.segmenters[0].arch["encoder"]
+    if e.blend:
+        b = e.blend
+        made.update(
+            {
+                "blend.models": b.models,
+                "blend.top_k": b.top_k,
+                "blend.margin": b.margin,
+                "blend.floor": b.floor,
+            }
+        )
+    return made
+
+
+def _setting(cfg: Config, key: str):
+    """``cfg``'s value of a key `made_with` lists, as the models record it."""
+    if key == "slice.input_size":
+        return cfg.slice.input_size or cfg.prepare.size
+    if key == "blend.models":
+        return blend_models(cfg)
+    return config_value(cfg, key)
+
+
 def check_config(cfg: Config, ensemble: Ensemble) -> None:
-    """Raises ConfigError naming every setting of ``cfg`` that contradicts the checkpoints.
+    """Raises ConfigError naming every setting of ``cfg`` that contradicts the checkpoints (`made_with`).
 
     Inference reads its settings from the checkpoints; a config that says otherwise would describe models
-    that do not exist, so it is refused rather than silently overridden.
+    that do not exist, so it is refused rather than silently overridden. The blend's settings are checked
+    where the config submits through it (``blend.enabled``).
     """
-    i, a = ensemble.inputs, ensemble.arch
-    pairs = {
-        "prepare.size": (cfg.prepare.size, i["size"]),
-        "prepare.crop": (cfg.prepare.crop, i["crop"]),
-        "prepare.margin": (cfg.prepare.margin, i["margin"]),
-        "slice.input_size": (cfg.slice.input_size or cfg.prepare.size, i["input_size"]),
-        "slice.context": (cfg.slice.context, i["context"]),
-        "slice.backbone": (cfg.slice.backbone, a["backbone"]),
-        "slice.width": (cfg.slice.width, a["width"]),
-        "seq.input": (cfg.seq.input, ensemble.input),
-        "seq.bins": (cfg.seq.bins, ensemble.bins),
-        "predict.tta": (cfg.predict.tta, ensemble.tta),
-        "vert.enabled": (cfg.vert.enabled, bool(ensemble.vertebra)),
-        "crop.enabled": (cfg.crop.enabled, bool(ensemble.crops)),
-        **({"vert.overall": (cfg.vert.overall, ensemble.overall)} if ensemble.vertebra else {}),
-        **(
-            {"the models the blend reads (blend.models)": (blend_models(cfg), ensemble.blend["models"])}
-            if cfg.blend.enabled and ensemble.blend
-            else {}
-        ),
-    }
+    made = made_with(ensemble)
+    if not cfg.blend.enabled:
+        made = {key: value for key, value in made.items() if not key.startswith("blend.")}
     differ = [
-        f"{key}={mine!r} (the models: {theirs!r})" for key, (mine, theirs) in pairs.items() if mine != theirs
+        f"{key}={_setting(cfg, key)!r} (the models: {theirs!r})"
+        for key, theirs in made.items()
+        if _setting(cfg, key) != theirs
     ]
     if differ:
         raise ConfigError(
@@ -242,14 +310,14 @@ def check_complete(cfg: Config, ensemble: Ensemble, where: str | os.PathLike) ->
     """
     folds = cfg.folds.trained
     missing = [f"slice/fold{k}/best.pt" for k in folds if k not in ensemble.cnns]
-    sources = {meta["source_fold"] for meta, _ in ensemble.blstms[ensemble.hidden]}
+    sources = {meta.fold for meta, _ in ensemble.blstms[ensemble.hidden]}
     if None not in sources:  # BLSTMs trained within each fold: one set per fold
         missing += [f"seq/h{ensemble.hidden}/fold{k}/*.pt" for k in folds if k not in sources]
     if ensemble.vertebra:
-        tracked = {meta["source_fold"] for meta, _ in ensemble.vertebra}
+        tracked = {meta.fold for meta, _ in ensemble.vertebra}
         missing += [f"vertebra/fold{k}/*.pt" for k in folds if k not in tracked]
     if ensemble.crops:
-        cropped = {meta["fold"] for meta, _ in ensemble.crops}
+        cropped = {meta.fold for meta, _ in ensemble.crops}
         missing += [f"crop/fold{k}/model.pt" for k in folds if k not in cropped]
     if ensemble.segmenters and len(ensemble.segmenters) < cfg.seg.folds:
         missing.append(f"segment/fold*.pt ({len(ensemble.segmenters)} of {cfg.seg.folds})")

@@ -19,7 +19,7 @@ import pandas as pd
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from cspine import TARGETS, VERTEBRAE
+from cspine import TARGETS, VERTEBRAE, ensemble
 from cspine.cache import read_meta
 from cspine.checkpoints import load_blend
 from cspine.competition import THORACIC, TRUTH_DIR, read_truth_labels
@@ -38,6 +38,7 @@ from cspine.metrics import (
 from cspine.preprocess import labels_in_cache_frame
 from cspine.runs import Run, read_json, save_figure, write_csv, write_text
 from cspine.segmenter import dice_per_vertebra, load_labels
+from cspine.stacking import TargetModel
 from cspine.submission import prior_from_train
 
 log = logging.getLogger(__name__)
@@ -183,17 +184,17 @@ def _reliability(ax, y: np.ndarray, p: np.ndarray, label: str, style: str) -> No
 
 
 def calibration_figure(
-    submitted: str, models: dict[str, pd.DataFrame], labels: pd.DataFrame, contrast: list[str], path: Path
+    oof: pd.DataFrame, models: dict[str, pd.DataFrame], labels: pd.DataFrame, contrast: list[str], path: Path
 ) -> Path:
-    """Reliability of what is submitted: patient_overall (beside ``contrast`` models), and C1..C7 pooled."""
+    """Reliability of what is submitted (``oof``, `submitted_predictions`): patient_overall (beside
+    ``contrast`` models), and C1..C7 pooled."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
-    oof = models[submitted]
     y = labels.loc[oof["StudyInstanceUID"]]
     _reliability(
         axes[0],
         y["patient_overall"].to_numpy(),
         oof["p_patient_overall"].to_numpy(),
-        f"submitted: {submitted}",
+        "submitted",
         "o-",
     )
     for name in contrast:
@@ -209,7 +210,7 @@ def calibration_figure(
         axes[1],
         y[list(VERTEBRAE)].to_numpy().ravel(),
         oof[[f"p_{v}" for v in VERTEBRAE]].to_numpy().ravel(),
-        f"submitted: {submitted}",
+        "submitted",
         "o-",
     )
     q = np.linspace(0, 1, 101)
@@ -412,25 +413,39 @@ def model_name(cfg: Config) -> str:
 
 
 def submitted_columns(cfg: Config) -> dict[str, str]:
-    """{target: the model whose output `predict` submits for it}, as the report names the models."""
-    blstm = f"{model_name(cfg)} + BLSTM-{cfg.seq.hidden}"
-    if cfg.blend.enabled:
-        return {t: BLEND for t in TARGETS}
-    track = CROP_TRACK if cfg.crop.enabled else VERTEBRA_TRACK if cfg.vert.enabled else None
-    if track:
-        overall = blstm if cfg.vert.overall == "blstm" else f"{track}, 1 − Π(1 − p_k)"
-        return {"patient_overall": overall, **{v: track for v in VERTEBRAE}}
-    return {t: blstm for t in TARGETS}
+    """{target: the model whose output `predict` submits for it}, as the report names the models: the rule
+    `cspine.ensemble.answering` gives predict, asked of the config's models."""
+    names = {
+        ensemble.BLEND: BLEND,
+        ensemble.BLSTM: f"{model_name(cfg)} + BLSTM-{cfg.seq.hidden}",
+        ensemble.VERTEBRA: VERTEBRA_TRACK,
+        ensemble.CROP: CROP_TRACK,
+    }
+    answers = ensemble.answering(cfg.blend.enabled, cfg.vert.enabled, cfg.crop.enabled, cfg.vert.overall)
+    return {t: names[model] for t, model in answers.items()}
 
 
-def submitted_model(cfg: Config) -> str:
-    """The model whose out-of-fold file holds what `predict` submits (the vertebra track's file holds its
-    patient_overall source's answers too)."""
-    if cfg.blend.enabled:
-        return BLEND
-    if cfg.crop.enabled:
-        return CROP_TRACK
-    return VERTEBRA_TRACK if cfg.vert.enabled else f"{model_name(cfg)} + BLSTM-{cfg.seq.hidden}"
+def submitted_predictions(cfg: Config, models: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """What `predict` submits, out of fold: each target's column from the model `submitted_columns` names
+    (a track's table holds its 1 − Π(1 − p_k) as patient_overall)."""
+    columns = submitted_columns(cfg)
+    frames = {name: models[name].set_index("StudyInstanceUID") for name in set(columns.values())}
+    first = frames[columns[TARGETS[0]]]
+    out = pd.DataFrame({"StudyInstanceUID": first.index, "fold": first["fold"].to_numpy()})
+    for t, name in columns.items():
+        out[f"p_{t}"] = frames[name].loc[first.index, f"p_{t}"].to_numpy()
+    return out
+
+
+def submitted_summary(cfg: Config) -> str:
+    """Which model gives each submitted column, in words: "patient_overall from X; C1, ..., C7 from Y"."""
+    by_model: dict[str, list[str]] = {}
+    for t, name in submitted_columns(cfg).items():
+        overall = t == TARGETS[0] and name in (VERTEBRA_TRACK, CROP_TRACK)
+        by_model.setdefault(name + (", 1 − Π(1 − p_k)" if overall else ""), []).append(t)
+    if len(by_model) == 1:
+        return f"every target from {next(iter(by_model))}"
+    return "; ".join(f"{', '.join(ts)} from {name}" for name, ts in by_model.items())
 
 
 def loss_table(models: dict[str, pd.DataFrame], labels: pd.DataFrame) -> pd.DataFrame:
@@ -470,12 +485,12 @@ def auc_interval_table(models: dict[str, pd.DataFrame], labels: pd.DataFrame, se
     return pd.DataFrame(rows)
 
 
-def _coefficients(model: dict, target: str) -> dict[str, float]:
+def _coefficients(model: TargetModel, target: str) -> dict[str, float]:
     """{input: coefficient} of one target's model; a vertebra's name is written Ck (the shared model)."""
     if target == "patient_overall":
-        return {**dict(zip(model["inputs"], model["coef"])), "intercept": model["intercept"]}
-    generic = {name.replace(target, "Ck"): c for name, c in zip(model["inputs"], model["coef"])}
-    return {**generic, f"intercept ({target})": model["intercept"]}
+        return {**dict(zip(model.inputs, model.coef)), "intercept": model.intercept}
+    generic = {name.replace(target, "Ck"): c for name, c in zip(model.inputs, model.coef)}
+    return {**generic, f"intercept ({target})": model.intercept}
 
 
 def coefficient_table(run: Run) -> pd.DataFrame | None:
@@ -485,15 +500,15 @@ def coefficient_table(run: Run) -> pd.DataFrame | None:
     if not run.blend_model.is_file():
         return None
     submitted = load_blend(run.blend_model)
-    scorers = {f"scored fold {k}": load_blend(run.blend_scorer(k)) for k in submitted["folds"]}
+    scorers = {f"scored fold {k}": load_blend(run.blend_scorer(k)) for k in submitted.folds}
     columns = {}
     for label, b in {"submitted": submitted, **scorers}.items():
         values = {
             ("patient_overall", name): c
-            for name, c in _coefficients(b["targets"]["patient_overall"], "patient_overall").items()
+            for name, c in _coefficients(b.targets["patient_overall"], "patient_overall").items()
         }
         for v in VERTEBRAE:  # the shared coefficients repeat in every vertebra: one row each
-            values.update({("C1..C7", name): c for name, c in _coefficients(b["targets"][v], v).items()})
+            values.update({("C1..C7", name): c for name, c in _coefficients(b.targets[v], v).items()})
         columns[label] = values
     keys = list(dict.fromkeys(k for values in columns.values() for k in values))
     rows = [
@@ -512,11 +527,7 @@ def coefficient_table(run: Run) -> pd.DataFrame | None:
 
 def opening(cfg: Config, models: dict[str, pd.DataFrame]) -> list[str]:
     """The report's first paragraph: the tracks, the blend, and which model gives each submitted column."""
-    columns = submitted_columns(cfg)
-    by_model: dict[str, list[str]] = {}
-    for t, name in columns.items():
-        by_model.setdefault(name, []).append(t)
-    given = "; ".join(f"{', '.join(ts)} from **{name}**" for name, ts in by_model.items())
+    given = submitted_summary(cfg)
     lines = [
         "**What is scored here.** The *paper track* is Salehinejad et al.'s method: a slice CNN reads "
         "every slice in three CT windows, and a BLSTM reads the CNN's outputs over the whole study and "
@@ -648,12 +659,11 @@ def evaluate(cfg: Config, run_dir: str | os.PathLike) -> Path:
     write_csv(score_table, out / "scores.csv")
     write_csv(losses, out / "loss.csv")
     write_csv(intervals, out / "auc_intervals.csv")
-    submitted = submitted_model(cfg)
     roc_figure(
         {k: v for k, v in models.items() if k not in (PRIOR, BLEND_UNFLOORED)}, labels, out / "roc.png"
     )
     calibration_figure(
-        submitted,
+        submitted_predictions(cfg, models),
         models,
         labels,
         [f"{backbone}, max pooling", f"{backbone} + BLSTM-{cfg.seq.hidden}"],

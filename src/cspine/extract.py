@@ -45,7 +45,7 @@ def extract_fold(cfg: Config, run_dir: str | os.PathLike, fold: int) -> Path:
     folds = run.read_folds()
     cached = set(run.cache.read_index()["StudyInstanceUID"])
     held_out = [u for u in folds.loc[folds["fold"] == fold, "StudyInstanceUID"] if u in cached]
-    leaked = sorted(set(meta["trained_on"]) & set(held_out))
+    leaked = sorted(set(meta.trained_on) & set(held_out))
     if leaked:
         raise RuntimeError(
             f"{checkpoint} trained on {len(leaked)} of fold {fold}'s studies (e.g. {leaked[0]}): "
@@ -64,7 +64,7 @@ def extract_fold(cfg: Config, run_dir: str | os.PathLike, fold: int) -> Path:
             "checkpoint": str(checkpoint),
             "checkpoint_sha": sha,
             "tta": tta,
-            "trained_on": meta["trained_on"],
+            "trained_on": meta.trained_on,
             "studies": held_out,
         },
         run.provenance(fold),
@@ -75,7 +75,7 @@ def extract_fold(cfg: Config, run_dir: str | os.PathLike, fold: int) -> Path:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     dtype = amp_dtype(device, cfg.slice.amp)
-    size = meta["inputs"]["input_size"]
+    size = meta.reading.input_size
     todo = [u for u in held_out if not run.features_file(fold, u).is_file()]
     slices, started = 0, time.perf_counter()
     for uid in progress(todo, f"extract fold {fold}", unit="study"):

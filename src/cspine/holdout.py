@@ -39,7 +39,7 @@ from cspine.evaluate import (
     auc_interval_table,
     evaluate,
     model_name,
-    submitted_model,
+    submitted_summary,
 )
 from cspine.metrics import bootstrap_mean, loss_by_target, study_losses
 from cspine.predict import predict_studies, predict_tracks
@@ -100,7 +100,7 @@ def track_names(cfg: Config) -> dict[str, str]:
         "paper": f"{model_name(cfg)} + BLSTM-{cfg.seq.hidden}",
         "vertebra": VERTEBRA_TRACK,
         "crop": CROP_TRACK,
-        SUBMITTED: f"what is submitted: {submitted_model(cfg)}",
+        SUBMITTED: f"what is submitted: {submitted_summary(cfg)}",
         "prior": PRIOR,
     }
 

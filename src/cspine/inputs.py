@@ -7,6 +7,8 @@ trains, and nothing here needs a training-only package.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -20,11 +22,64 @@ from cspine import VERTEBRAE
 MEAN = 0.5
 STD = 0.25
 PROB_CLIP = 1e-4  # slice probabilities are stored as float16; log-odds are clipped to about ±9.2
+
+# What a slice CNN answers for each slice, in column order: whether the slice shows a fracture, whether it
+# shows a fracture of each vertebra, and whether it shows each vertebra. Every reader of the CNN's outputs
+# ([N, 15] arrays) finds its column with `FRACTURE`, `fractured` and `present`.
+SLICE_OUTPUTS = ("fracture", *[f"{v}_fracture" for v in VERTEBRAE], *[f"{v}_present" for v in VERTEBRAE])
+FRACTURE = 0
+
+
+def fractured(k: int) -> int:
+    """The column of "vertebra k (0 = C1) fractured on this slice" in `SLICE_OUTPUTS`."""
+    return 1 + k
+
+
+def present(k: int) -> int:
+    """The column of "vertebra k (0 = C1) shown on this slice" in `SLICE_OUTPUTS`."""
+    return 1 + len(VERTEBRAE) + k
+
+
 # inputs made of the CNN's outputs: how many of them (SLICE_OUTPUTS order)
 CNN_OUTPUTS = {
-    "probs": 15,
+    "probs": len(SLICE_OUTPUTS),
     "fracture": 1,
 }
+
+
+@dataclass(frozen=True)
+class SliceReading:
+    """How a slice CNN reads a study, as it trained; kept in its checkpoint, read by `predict`.
+
+    ``size``, ``crop`` and ``margin`` are the cache's preprocessing (`cspine.preprocess`: side in px, the Otsu
+    crop's kind and its margin); ``input_size`` is the side the CNN reads; ``context`` its neighbouring
+    slices on each side (`slice_stack`).
+    """
+
+    size: int
+    crop: str
+    margin: float
+    input_size: int
+    context: int
+
+
+def logit(p) -> np.ndarray:
+    """float64 log-odds of probabilities clipped to [PROB_CLIP, 1 − PROB_CLIP] (about ±9.2)."""
+    q = np.clip(np.asarray(p, dtype=np.float64), PROB_CLIP, 1 - PROB_CLIP)
+    return np.log(q / (1 - q))
+
+
+def noisy_or(p: np.ndarray) -> np.ndarray:
+    """[..., 7] vertebra probabilities → [...]: the probability that at least one is fractured, 1 − Π(1 − p_k)."""
+    return 1 - np.prod(1 - np.asarray(p, dtype=np.float64), axis=-1)
+
+
+def vertebra_slices(extents: dict[str, tuple[int, int]] | None, vertebra: str, n: int, margin: int) -> slice:
+    """The slices read as ``vertebra``'s, of a study of ``n``: its segmented extent {vertebra: (first, last)},
+    ``margin`` slices wider on each side; the whole study where the segmentation did not find it (or none
+    exists)."""
+    z0, z1 = (extents or {}).get(vertebra, (0, n - 1))
+    return slice(max(0, z0 - margin), min(n - 1, z1 + margin) + 1)
 
 
 def slice_stack(study: np.ndarray, orders: np.ndarray, context: int = 0) -> np.ndarray:
@@ -90,8 +145,7 @@ def study_input(features: np.ndarray | None, probs: np.ndarray, mode: str, bins:
     if mode == "features":
         x = np.asarray(features, dtype=np.float32)
     elif mode in CNN_OUTPUTS:
-        q = np.clip(probs[:, : CNN_OUTPUTS[mode]].astype(np.float32), PROB_CLIP, 1 - PROB_CLIP)
-        x = np.log(q / (1 - q))
+        x = logit(probs[:, : CNN_OUTPUTS[mode]]).astype(np.float32)
     else:
         raise ValueError(f"seq.input must be 'features', 'probs' or 'fracture', not {mode!r}")
     return bin_slices(x, bins)
@@ -113,18 +167,15 @@ def vertebra_inputs(
         margin: slices added on each side of an extent.
         bins: runs each vertebra's slices are max-pooled into (`cspine.inputs.bin_slices`).
     """
-    q = np.clip(probs.astype(np.float32), PROB_CLIP, 1 - PROB_CLIP)
-    logits = np.log(q / (1 - q))
-    n = len(probs)
+    logits = logit(probs).astype(np.float32)
     out = np.zeros((len(VERTEBRAE), bins, VERTEBRA_FEATURES), np.float32)
     for i, name in enumerate(VERTEBRAE):
-        z0, z1 = extents.get(name, (0, n - 1))
-        lo, hi = max(0, z0 - margin), min(n - 1, z1 + margin)
-        out[i, :, :3] = bin_slices(logits[lo : hi + 1][:, [0, 1 + i, 1 + len(VERTEBRAE) + i]], bins)
+        rows = logits[vertebra_slices(extents, name, len(probs), margin)]
+        out[i, :, :3] = bin_slices(rows[:, [FRACTURE, fractured(i), present(i)]], bins)
         out[i, :, 3 + i] = 1.0
     return out
 
 
 def combine(p: np.ndarray) -> np.ndarray:
     """[S, 7] vertebra probabilities → [S, 8] in TARGETS order, patient_overall = 1 − Π(1 − p_k)."""
-    return np.concatenate([1 - np.prod(1 - p, axis=1, keepdims=True), p], axis=1)
+    return np.concatenate([noisy_or(p)[:, None], p], axis=1)

@@ -24,6 +24,25 @@ POSITIVE_WEIGHT = {"patient_overall": 14.0, **{t: 2.0 for t in TARGETS[1:]}}
 REPORT_COLUMNS = ["TPR", "TNR", "PPV", "NPV", "F1", "Acc", "MCC", "AUC"]
 
 
+def p_columns(targets=TARGETS) -> list[str]:
+    """The columns of an out-of-fold table holding ``targets``' probabilities: ``p_<target>``."""
+    return [f"p_{t}" for t in targets]
+
+
+def oof_table(uids, fold, probs: np.ndarray, targets=TARGETS) -> pd.DataFrame:
+    """An out-of-fold table, as every stage writes one: StudyInstanceUID, fold (one, or one per study), and
+    ``probs`` [S, len(targets)] as `p_columns`."""
+    probs = np.asarray(probs)
+    return pd.DataFrame(
+        {"StudyInstanceUID": list(uids), "fold": fold, **dict(zip(p_columns(targets), probs.T))}
+    )
+
+
+def read_oof(path: str | os.PathLike) -> pd.DataFrame:
+    """An out-of-fold table (`oof_table`) as written, the study UIDs as strings."""
+    return pd.read_csv(path, dtype={"StudyInstanceUID": str})
+
+
 def target_weights(y: np.ndarray) -> np.ndarray:
     """Competition weights for labels y [S, 8] in TARGETS order."""
     neg = np.array([NEGATIVE_WEIGHT[t] for t in TARGETS])

@@ -18,10 +18,8 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from cspine import TARGETS, VERTEBRAE
-from cspine.inputs import MEAN, STD
+from cspine.inputs import MEAN, SLICE_OUTPUTS, STD
 
-# SliceNet's outputs, in order: the paper's image label, then the competition's targets per slice.
-SLICE_OUTPUTS = ("fracture", *[f"{v}_fracture" for v in VERTEBRAE], *[f"{v}_present" for v in VERTEBRAE])
 WINDOWS = 3  # CT windows per slice, stacked as channels (the paper's input)
 
 

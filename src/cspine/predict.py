@@ -33,7 +33,7 @@ from cspine.competition import is_complete, list_test_studies, read_test
 from cspine.config import Config
 from cspine.crops import cut_study, place_vertebrae
 from cspine.dicom import default_workers
-from cspine.ensemble import Ensemble, check_complete, check_config, load_ensemble
+from cspine.ensemble import BLSTM, CROP, VERTEBRA, Ensemble, check_complete, check_config, load_ensemble
 from cspine.features import study_features
 from cspine.inputs import combine, study_input, vertebra_inputs
 from cspine.models import crop_probabilities
@@ -41,7 +41,7 @@ from cspine.progress import progress
 from cspine.runs import check_writable
 from cspine.runtime import amp_dtype, pick_devices
 from cspine.segmenter import check_vertebrae, segment_study, vertebra_extents
-from cspine.stacking import apply_blend, study_inputs
+from cspine.stacking import Blend, study_inputs
 from cspine.studies import NoSpineError, ReadStudy, StudyReader
 from cspine.submission import PredictionError, make_submission, prior_from_train, write_submission
 
@@ -64,7 +64,7 @@ def blstm_outputs(per_fold: PerFold, ensemble: Ensemble, hidden: int, device: to
     outputs: dict = {}
     folds_mean = None
     for meta, model in ensemble.blstms[hidden]:
-        key = meta["source_fold"]
+        key = meta.fold
         if key is None:
             if folds_mean is None:  # one mean for all such BLSTMs
                 folds_mean = np.mean([probs.astype(np.float32) for _, probs in per_fold.values()], axis=0)
@@ -87,13 +87,13 @@ def vertebra_outputs(
     """{source fold: [float [7] of each vertebra-track BiLSTM]}: C1..C7 from each vertebra's own slices."""
     outputs: dict[int, list[np.ndarray]] = {}
     for meta, model in ensemble.vertebra:
-        if meta["source_fold"] not in per_fold:
+        if meta.fold not in per_fold:
             continue
-        x = torch.from_numpy(
-            vertebra_inputs(per_fold[meta["source_fold"]][1], extents, meta["margin"], meta["bins"])
-        ).to(device)
+        x = torch.from_numpy(vertebra_inputs(per_fold[meta.fold][1], extents, meta.margin, meta.bins)).to(
+            device
+        )
         p = torch.sigmoid(model(x, torch.full((len(x),), x.shape[1]))[:, 0]).cpu().numpy()
-        outputs.setdefault(meta["source_fold"], []).append(p)
+        outputs.setdefault(meta.fold, []).append(p)
     return outputs
 
 
@@ -117,14 +117,14 @@ def crop_outputs(
 ) -> dict[int, list[np.ndarray]]:
     """{fold: [float [7]]}: each fold's crop model on one study's crops uint8 [7, slices, channels, size, size]."""
     return {
-        meta["fold"]: [crop_probabilities(model, crops[None], device, dtype, channels_last)[0]]
+        meta.fold: [crop_probabilities(model, crops[None], device, dtype, channels_last)[0]]
         for meta, model in ensemble.crops
     }
 
 
 def blend_inputs(
     fold: int,
-    blend: dict,
+    blend: Blend,
     per_fold: PerFold,
     extents: dict | None,
     blstm: dict,
@@ -136,22 +136,22 @@ def blend_inputs(
     model, as the `blend` stage read every study through its own fold's models."""
     return study_inputs(
         per_fold[fold][1],
-        extents if blend["extents"] else None,
-        {h: _fold_mean(blstm[h], fold) for h in blend["sizes"]},
-        _fold_mean(vert, fold) if blend["vertebra"] else None,
-        blend["top_k"],
-        blend["margin"],
-        _fold_mean(crop, fold) if blend.get("crop") else None,
+        extents if blend.extents else None,
+        {h: _fold_mean(blstm[h], fold) for h in blend.sizes},
+        _fold_mean(vert, fold) if blend.vertebra else None,
+        blend.top_k,
+        blend.margin,
+        _fold_mean(crop, fold) if blend.crop else None,
     )
 
 
-def _track(answer: dict, blstm: np.ndarray, overall: str) -> np.ndarray:
-    """float [8] of a track that answers C1..C7 (``answer``: its models' outputs by fold): patient_overall from
-    the BLSTMs (``blstm``) with ``overall="blstm"``, else 1 − Π(1 − p_k) of its vertebrae."""
-    track = combine(_pooled(answer)[None])[0]
-    if overall == "blstm":
-        track[0] = blstm[0]
-    return track
+def _alone(ensemble: Ensemble, blstm: dict, vert: dict | None, crop: dict | None) -> dict[str, np.ndarray]:
+    """float [8] of each model that answers alone, on one study (``blstm``, ``vert``, ``crop``: its models'
+    outputs by fold): "blstm", the BLSTMs of size ``hidden``; "vertebra" and "crop", the tracks' C1..C7 and
+    their 1 − Π(1 − p_k) as patient_overall."""
+    alone = {BLSTM: _pooled(blstm[ensemble.hidden])}
+    alone.update({name: combine(_pooled(a)[None])[0] for name, a in ((VERTEBRA, vert), (CROP, crop)) if a})
+    return alone
 
 
 def _submitted(
@@ -162,16 +162,16 @@ def _submitted(
     vert: dict | None,
     crop: dict | None,
 ) -> np.ndarray:
-    """What `predict` submits of one study, from every model's outputs (`combine_outputs`)."""
+    """What `predict` submits of one study, from every model's outputs: each target from the model
+    `Ensemble.answers` names."""
     if ensemble.blend:
         rows = [
             {"fold": k, **blend_inputs(k, ensemble.blend, per_fold, extents, blstm, vert, crop)}
-            for k in ensemble.blend["folds"]
+            for k in ensemble.blend.folds
         ]
-        return apply_blend(ensemble.blend, pd.DataFrame(rows)).mean(axis=0)
-    p = _pooled(blstm[ensemble.hidden])
-    answer = crop or vert
-    return _track(answer, p, ensemble.overall) if answer else p
+        return ensemble.blend.answer(pd.DataFrame(rows)).mean(axis=0)
+    alone = _alone(ensemble, blstm, vert, crop)
+    return np.array([alone[model][i] for i, model in enumerate(ensemble.answers().values())])
 
 
 def combine_outputs(
@@ -205,11 +205,10 @@ def track_outputs(
     ``vert.overall`` says), "submitted" (`combine_outputs`). What `python -m cspine holdout` scores."""
     blstm = {h: blstm_outputs(per_fold, ensemble, h, device) for h in ensemble.blstms}
     vert = vertebra_outputs(per_fold, extents or {}, ensemble, device) if ensemble.vertebra else None
-    paper = _pooled(blstm[ensemble.hidden])
-    tracks = {"paper": paper}
-    tracks.update(
-        {name: _track(a, paper, ensemble.overall) for name, a in (("vertebra", vert), ("crop", crop)) if a}
-    )
+    alone = _alone(ensemble, blstm, vert, crop)
+    tracks = {"paper": alone.pop(BLSTM)}
+    for name, p in alone.items():  # a track's patient_overall as `vert.overall` says
+        tracks[name] = p if ensemble.overall == "vertebrae" else np.concatenate([tracks["paper"][:1], p[1:]])
     tracks["submitted"] = _submitted(ensemble, per_fold, extents, blstm, vert, crop)
     return tracks
 
@@ -225,7 +224,7 @@ def model_outputs(
     With several devices, one thread per device runs the folds that sit there: the GPUs work at once.
     """
     images = study.images
-    i, devices, folds = ensemble.inputs, ensemble.devices, list(ensemble.cnns)
+    i, devices, folds = ensemble.reading, ensemble.devices, list(ensemble.cnns)
 
     def on_device(g: int) -> PerFold:
         device = devices[g]
@@ -234,7 +233,7 @@ def model_outputs(
             k: study_features(
                 ensemble.cnns[k],
                 images,
-                i["input_size"],
+                i.input_size,
                 device,
                 cfg.predict.batch_size,
                 amp_dtype(device, cfg.slice.amp),
@@ -253,7 +252,7 @@ def model_outputs(
     extents, crop = None, None
     if ensemble.segmenters:
         labels = segment_study(ensemble.segmenters, images, study.dz, ensemble.seg_reading, devices[0])
-        _, found = vertebra_extents(labels, ensemble.seg_reading["min_pixels"])
+        _, found = vertebra_extents(labels, ensemble.seg_reading.min_pixels)
         if not found:  # bone, but no vertebra: nothing per vertebra to read, and no spine to answer about
             raise NoSpineError("no spine to read: the segmentation found none of C1..C7")
         problems = check_vertebrae(found, study.dz)
@@ -314,13 +313,11 @@ def predict_studies(
     Returns:
         ({uid: {target: probability}}, {uid: why it failed}).
     """
-    i = ensemble.inputs
+    i = ensemble.reading
     workers = cfg.predict.workers or default_workers()
     probs: dict[str, dict[str, float]] = {}
     failed: dict[str, str] = {}
-    with StudyReader(
-        workers, i["size"], i["crop"], i["margin"], MIN_SLICES, bone=bool(ensemble.crops)
-    ) as reader:
+    with StudyReader(workers, i.size, i.crop, i.margin, MIN_SLICES, bone=bool(ensemble.crops)) as reader:
         for uid, study in zip(progress(uids, what, unit="study"), reader.read(paths, ahead=2 * workers)):
             try:
                 if isinstance(study, Exception):

@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cspine import VERTEBRAE
 from cspine.cache import load_study_images, read_meta
-from cspine.checkpoints import load_segmenter, save_model
+from cspine.checkpoints import SegmenterMeta, load_segmenter, save_model
 from cspine.config import Config, SegConfig
 from cspine.progress import progress
 from cspine.runs import Run, write_csv
@@ -250,11 +250,7 @@ def fit_segmenter(
     started = time.perf_counter()
     model, losses = train_segmenter(train, s, rt, s.seed + fold, f"segment fold {fold}", steps, start)
     if rt.is_main:
-        save_model(
-            model,
-            path,
-            "segmenter",
-            arch={"encoder": s.encoder, "context": s.context},
+        meta = SegmenterMeta(
             reading=reading(s),
             fold=fold,
             trained_on=sorted(set(train) - set(pseudo)),
@@ -262,6 +258,7 @@ def fit_segmenter(
             labelled_by=sorted(labelled_by),
             losses=losses,
         )
+        save_model(model, path, meta)
         log.info(
             "segment fold %d: %d studies%s, %d steps × %d ranks in %.0f s, loss %.3f → %.3f",
             fold,
@@ -310,16 +307,16 @@ def train_seg_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, rt: Runti
         steps=s.pseudo_steps or s.steps,
         start=first.state_dict(),
         pseudo=list(pseudo),
-        labelled_by=meta["trained_on"],
+        labelled_by=meta.trained_on,
     )
     return {"fold": fold, "trained": True}
 
 
-def _check_out_of_fold(run: Run, folds: dict[str, int], metas: list[dict]) -> None:
+def _check_out_of_fold(run: Run, folds: dict[str, int], metas: list[SegmenterMeta]) -> None:
     """The out-of-fold promise, from the checkpoints themselves."""
     for fold, meta in enumerate(metas):
         held = {u for u, k in folds.items() if k == fold}
-        if held & set(meta["trained_on"] + meta["pseudo"] + meta["labelled_by"]):
+        if held & set(meta.trained_on + meta.pseudo + meta.labelled_by):
             raise RuntimeError(
                 f"{run.seg_model(fold)} trained on a study it would score; delete it and train again"
             )

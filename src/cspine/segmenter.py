@@ -8,6 +8,7 @@ Inference imports this module, never the training stage.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,17 +26,31 @@ SEG_CLASSES = 9  # background, C1..C7, T1 (the competition's masks: 1..7 = C1..C
 DECODER_CHANNELS = (128, 64, 32, 16, 16)
 
 
+@dataclass(frozen=True)
+class SegReading:
+    """How a segmentation model reads a study and turns its labels into vertebrae; kept in its checkpoint,
+    read by `predict`: sagittal planes with ``context`` neighbours on each side, at ``row_mm`` mm a row, every
+    ``plane_stride``-th plane read; a vertebra present on a slice with ``min_pixels`` of its pixels."""
+
+    context: int
+    row_mm: float
+    plane_stride: int
+    min_pixels: int
+
+
 def build_segmenter(encoder: str, context: int) -> torch.nn.Module:
     """A U-Net with a timm encoder, reading 3·(2·context + 1) channels, giving `SEG_CLASSES` logits a pixel."""
     import segmentation_models_pytorch as smp
 
-    return smp.Unet(
+    model = smp.Unet(
         encoder_name=f"tu-{encoder}",
         encoder_weights=None,
         in_channels=3 * (2 * context + 1),
         classes=SEG_CLASSES,
         decoder_channels=DECODER_CHANNELS,
     )
+    model.arch = {"encoder": encoder, "context": context}  # what rebuilds it (`cspine.checkpoints`)
+    return model
 
 
 def plane_rows(n: int, dz: float, row_mm: float) -> int:
@@ -95,7 +110,7 @@ def plane_probabilities(
     models: list[torch.nn.Module],
     study: np.ndarray,
     dz: float,
-    how: dict,
+    how: SegReading,
     device: torch.device,
     batch_size: int = 32,
 ) -> torch.Tensor:
@@ -106,13 +121,13 @@ def plane_probabilities(
     ``plane_stride``-th sagittal plane, at ``row_mm`` mm a row.
     """
     n, size = study.shape[:2]
-    rows = plane_rows(n, dz, how["row_mm"])
-    read = np.arange(0, size, how["plane_stride"])
+    rows = plane_rows(n, dz, how.row_mm)
+    read = np.arange(0, size, how.plane_stride)
     probs = torch.zeros(SEG_CLASSES, n, size, len(read))  # [class, slice, y, read plane]
     for model in models:
         for start in range(0, len(read), batch_size):
             xs = read[start : start + batch_size]
-            planes = sagittal_planes(study, xs, how["context"], rows).to(device)
+            planes = sagittal_planes(study, xs, how.context, rows).to(device)
             logits = model(planes.contiguous(memory_format=torch.channels_last)).float()[:, :, :rows]
             back = (
                 F.interpolate(logits, size=(n, size), mode="bilinear", align_corners=False).softmax(1).cpu()
@@ -141,14 +156,14 @@ def segment_study(
     models: list[torch.nn.Module],
     study: np.ndarray,
     dz: float,
-    how: dict,
+    how: SegReading,
     device: torch.device,
     batch_size: int = 32,
 ) -> np.ndarray:
     """uint8 [N, S, S] labels of a cached study uint8 [N, S, S, 3], its slices ``dz`` mm apart: the models'
     mean probabilities (`plane_probabilities`), argmax, every plane between two read ones taking the
     nearest one's (`plane_labels`)."""
-    return plane_labels(plane_probabilities(models, study, dz, how, device, batch_size), how["plane_stride"])
+    return plane_labels(plane_probabilities(models, study, dz, how, device, batch_size), how.plane_stride)
 
 
 def vertebra_extents(labels: np.ndarray, min_pixels: int) -> tuple[np.ndarray, list[dict]]:
@@ -240,14 +255,9 @@ def slice_levels(labels: np.ndarray, min_pixels: int) -> np.ndarray:
     return np.where(counts.max(axis=1) >= min_pixels, counts.argmax(axis=1) + 1, 0)
 
 
-def reading(s: SegConfig) -> dict:
-    """How a segmentation model reads a study and turns its labels into vertebrae (kept in its checkpoint)."""
-    return {
-        "context": s.context,
-        "row_mm": s.row_mm,
-        "plane_stride": s.plane_stride,
-        "min_pixels": s.min_pixels,
-    }
+def reading(s: SegConfig) -> SegReading:
+    """How the segmentation models of ``s`` read a study."""
+    return SegReading(s.context, s.row_mm, s.plane_stride, s.min_pixels)
 
 
 def save_labels(path: Path, labels: np.ndarray) -> None:

@@ -27,19 +27,72 @@ This module needs no scikit-learn: a saved blend is plain numbers (`cspine.check
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
 from cspine import TARGETS, VERTEBRAE
-from cspine.inputs import PROB_CLIP
+from cspine.inputs import FRACTURE, fractured, logit, noisy_or, vertebra_slices
+
+__all__ = ["Blend", "TargetModel", "logit"]
 
 OVERALL = TARGETS[0]
+TRACKS = ("vert", "crop")  # the tracks' inputs' prefixes: the vertebra track's and the crop track's
 
 
-def logit(p) -> np.ndarray:
-    """Log-odds of probabilities clipped to [PROB_CLIP, 1 − PROB_CLIP] (about ±9.2)."""
-    q = np.clip(np.asarray(p, dtype=np.float64), PROB_CLIP, 1 - PROB_CLIP)
-    return np.log(q / (1 - q))
+def blstm_input(hidden: int, target: str) -> str:
+    """The name of the input "the BLSTM of size ``hidden``'s output for ``target``"."""
+    return f"blstm{hidden}:{target}"
+
+
+@dataclass(frozen=True)
+class TargetModel:
+    """One target's logistic regression: ``sigmoid(coef · (x − mean) / scale + intercept)`` over its
+    ``inputs`` (names, as `study_inputs` gives them)."""
+
+    inputs: list[str]
+    mean: list[float]
+    scale: list[float]
+    coef: list[float]
+    intercept: float
+
+
+@dataclass(frozen=True)
+class Blend:
+    """A fitted level-2 blend and everything `predict` needs to read a study as it was fitted: kept in
+    ``blend/*.pt`` (`cspine.checkpoints.save_blend`).
+
+    What it reads of a study, through one fold's models (`study_inputs`): the BLSTMs of ``sizes``, the CNN's
+    outputs over each vertebra's slices (``extents``: the segmentation's; else the whole study) ``margin``
+    slices wider and its ``top_k`` highest slices, the vertebra track (``vertebra``) and the crop track
+    (``crop``). ``standards``: each fold's input standardisation (`fold_standards`), or None. ``folds``:
+    the folds whose models it reads; ``models``: what `blend.models` named; ``through``: the digests of
+    every checkpoint it was fitted through; ``trained_on``: the studies it was fitted on.
+    """
+
+    targets: dict[str, TargetModel]
+    floor: bool
+    standards: dict | None
+    top_k: int
+    margin: int
+    sizes: list[int]
+    extents: bool
+    vertebra: bool
+    crop: bool
+    folds: list[int]
+    models: list[str]
+    through: dict[str, str]
+    trained_on: list[str]
+
+    def answer(self, inputs: pd.DataFrame) -> np.ndarray:
+        """float [S, 8] in TARGETS order for studies' inputs (`apply_blend`)."""
+        return apply_blend(self.targets, inputs, self.floor, self.standards)
+
+    @property
+    def segmented(self) -> bool:
+        """Whether it reads the segmentation (each vertebra's slices, or a track that needs it)."""
+        return self.extents or self.vertebra or self.crop
 
 
 def extents_by_study(extents: pd.DataFrame) -> dict[str, dict[str, tuple[int, int]]]:
@@ -71,22 +124,21 @@ def study_inputs(
         crop: float [7], the crop track's C1..C7 probabilities, or None without the track.
     """
     z = logit(probs)
-    fracture = z[:, 0]
+    fracture = z[:, FRACTURE]
     n = len(z)
     top = np.sort(fracture)[::-1][: max(1, min(top_k, n))]
     out = {"cnn:max": float(fracture.max()), "cnn:top": float(top.mean()), "cnn:mean": float(fracture.mean())}
     for i, name in enumerate(VERTEBRAE):
-        z0, z1 = (extents or {}).get(name, (0, n - 1))
-        lo, hi = max(0, z0 - margin), min(n - 1, z1 + margin)
-        out[f"cnn:{name}"] = float(z[lo : hi + 1, 1 + i].max())
-        out[f"cnn:frac@{name}"] = float(fracture[lo : hi + 1].max())
+        rows = vertebra_slices(extents, name, n, margin)
+        out[f"cnn:{name}"] = float(z[rows, fractured(i)].max())
+        out[f"cnn:frac@{name}"] = float(fracture[rows].max())
     for hidden, p in blstm.items():
-        out.update({f"blstm{hidden}:{t}": float(v) for t, v in zip(TARGETS, logit(p))})
-    for track, p in (("vert", vert), ("crop", crop)):
+        out.update({blstm_input(hidden, t): float(v) for t, v in zip(TARGETS, logit(p))})
+    for track, p in zip(TRACKS, (vert, crop)):
         if p is not None:
             out.update({f"{track}:{v}": float(x) for v, x in zip(VERTEBRAE, logit(p))})
             out[f"{track}:max"] = float(logit(np.max(p)))
-            out[f"{track}:noisy_or"] = float(logit(1 - np.prod(1 - np.asarray(p, dtype=np.float64))))
+            out[f"{track}:noisy_or"] = float(logit(noisy_or(p)))
     return out
 
 
@@ -137,27 +189,29 @@ def standardise(inputs: pd.DataFrame, standards: dict) -> pd.DataFrame:
     return out
 
 
-def apply_blend(blend: dict, inputs: pd.DataFrame) -> np.ndarray:
-    """float [S, 8] in TARGETS order: a saved blend's probabilities for studies' inputs (one row each, with
-    the fold whose models read it, when the blend standardises per fold).
+def apply_blend(
+    targets: dict[str, TargetModel], inputs: pd.DataFrame, floor: bool = False, standards: dict | None = None
+) -> np.ndarray:
+    """float [S, 8] in TARGETS order: the targets' models' probabilities for studies' inputs (one row each,
+    with the fold whose models read it, when ``standards`` standardise per fold).
 
     Each target's model is ``sigmoid(coef · (x − mean) / scale + intercept)`` on its own inputs (after
-    `standardise`, with the blend's ``standards``); with ``floor``, patient_overall is raised to the
-    largest vertebra probability (a study with a broken vertebra is a broken study).
+    `standardise` with ``standards``); with ``floor``, patient_overall is raised to the largest vertebra
+    probability (a study with a broken vertebra is a broken study).
 
     Raises:
-        KeyError: an input the blend needs is missing from ``inputs``.
+        KeyError: an input a model needs is missing from ``inputs``.
     """
-    if blend.get("standards"):
-        inputs = standardise(inputs, blend["standards"])
+    if standards:
+        inputs = standardise(inputs, standards)
     out = np.zeros((len(inputs), len(TARGETS)))
     for i, target in enumerate(TARGETS):
-        model = blend["targets"][target]
-        x = inputs[model["inputs"]].to_numpy(np.float64) if model["inputs"] else np.zeros((len(inputs), 0))
-        z = ((x - np.asarray(model["mean"])) / np.asarray(model["scale"])) @ np.asarray(
-            model["coef"]
-        ) + model["intercept"]
+        model = targets[target]
+        x = inputs[model.inputs].to_numpy(np.float64) if model.inputs else np.zeros((len(inputs), 0))
+        z = ((x - np.asarray(model.mean)) / np.asarray(model.scale)) @ np.asarray(
+            model.coef
+        ) + model.intercept
         out[:, i] = 1 / (1 + np.exp(-z))
-    if blend["floor"]:
+    if floor:
         out[:, 0] = np.maximum(out[:, 0], out[:, 1:].max(axis=1))
     return out

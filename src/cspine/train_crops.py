@@ -34,9 +34,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cspine import TARGETS, VERTEBRAE
-from cspine.checkpoints import load_checkpoint, save_checkpoint, save_model
+from cspine.checkpoints import CropMeta, load_checkpoint, save_checkpoint, save_model
 from cspine.config import Config, CropConfig
-from cspine.crops import crop_channels, read_crop_store
+from cspine.crops import CropSpec, crop_channels, read_crop_store
 from cspine.data import seed_worker
 from cspine.inputs import combine
 from cspine.metrics import NEGATIVE_WEIGHT, POSITIVE_WEIGHT, weighted_log_loss
@@ -98,8 +98,8 @@ def crop_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), y, weight=weight)
 
 
-def _spec(run: Run) -> dict:
-    return read_json(run.crop_record)["spec"]
+def _spec(run: Run) -> CropSpec:
+    return CropSpec(**read_json(run.crop_record)["spec"])
 
 
 def _record(run: Run, cfg: Config, fold: int) -> dict:
@@ -258,7 +258,7 @@ def train_crop_fold(
     if not rt.is_main:
         return None
     model.eval()
-    save_model(model, run.crop_model(fold), "crop", crops=spec, fold=fold, trained_on=train)
+    save_model(model, run.crop_model(fold), CropMeta(spec, fold, list(train)))
     # the held-out studies 16 at a time: bounded memory
     p = np.concatenate(
         [

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from cspine import TARGETS
-from cspine.checkpoints import save_model
+from cspine.checkpoints import SequenceMeta, save_model
 from cspine.config import Config, SeqConfig
 from cspine.features import extracted_with_tta, features_signature, load_features, oof_sources
 from cspine.inputs import CNN_OUTPUTS, study_input
@@ -167,16 +167,7 @@ def _save(
     model: SequenceNet, path, s: SeqConfig, source_fold: int | None, trained_on: list[str], tta: bool
 ) -> None:
     """The BLSTM and how its inputs were made (``tta``: slices read mirrored too), for `predict` to match."""
-    save_model(
-        model,
-        path,
-        "blstm",
-        input=s.input,
-        bins=s.bins,
-        tta=tta,
-        source_fold=source_fold,
-        trained_on=trained_on,
-    )
+    save_model(model, path, SequenceMeta(s.input, s.bins, tta, source_fold, trained_on))
 
 
 def train_seq(cfg: Config, run_dir: str | os.PathLike, fold: int) -> list[int]:

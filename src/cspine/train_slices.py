@@ -30,7 +30,7 @@ from timm.scheduler import create_scheduler_v2
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from cspine.checkpoints import load_checkpoint, save_checkpoint, save_slice_model
+from cspine.checkpoints import SliceMeta, load_checkpoint, save_checkpoint, save_model
 from cspine.config import Config, SliceConfig, check_unchanged, config_dict, load_config, save_config
 from cspine.data import (
     BalancedDistributedSampler,
@@ -39,9 +39,10 @@ from cspine.data import (
     height_matched_weights,
     seed_worker,
 )
+from cspine.inputs import SLICE_OUTPUTS, SliceReading
 from cspine.labels import UNKNOWN, vertebra_slice_labels
 from cspine.metrics import cv_table, paper_reports, write_table
-from cspine.models import SLICE_OUTPUTS, SliceNet
+from cspine.models import SliceNet
 from cspine.progress import progress
 from cspine.runs import Run, write_csv, write_json, write_text
 from cspine.runtime import (
@@ -404,23 +405,16 @@ def validate(t: FoldTraining) -> tuple[np.ndarray, float, dict]:
 def save_best(t: FoldTraining, epoch: int, val_loss: float, probs: np.ndarray, report: dict) -> None:
     """best.pt, with what inference needs and the studies it trained on, and its validation outputs."""
     cfg = t.cfg
-    inputs = {
-        "size": cfg.prepare.size,
-        "crop": cfg.prepare.crop,
-        "margin": cfg.prepare.margin,
-        "input_size": t.size,
-        "context": cfg.slice.context,
-    }
-    save_slice_model(
-        t.eval_model,
-        t.run.slice_best(t.fold),
-        inputs,
+    reading = SliceReading(cfg.prepare.size, cfg.prepare.crop, cfg.prepare.margin, t.size, cfg.slice.context)
+    meta = SliceMeta(
+        reading,
         fold=t.fold,
         epoch=epoch + 1,
-        val_loss=val_loss,
+        val_loss=float(val_loss),
         trained_on=sorted(t.train_df["StudyInstanceUID"].unique()),
         config=config_dict(cfg),
     )
+    save_model(t.eval_model, t.run.slice_best(t.fold), meta)
     _write_validation(t, probs, report)
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from sklearn.model_selection import StratifiedKFold
 
 from cspine import TARGETS, VERTEBRAE
-from cspine.checkpoints import save_model
+from cspine.checkpoints import VertebraMeta, save_model
 from cspine.config import Config, VertebraConfig
 from cspine.features import extracted_with_tta, features_signature, load_features, oof_sources
 from cspine.inputs import VERTEBRA_FEATURES, combine, vertebra_inputs
@@ -135,17 +135,8 @@ def train_vertebra_fold(cfg: Config, run_dir: str | os.PathLike, fold: int) -> p
     for inner, (tr, va) in enumerate(splitter.split(np.zeros(len(uids)), strata)):
         model, history = fit(x[tr], y[tr], v, device, v.seed + 100 * fold + inner)
         p[va] = score(model, x[va], device)
-        save_model(
-            model,
-            run.vert_model(fold, inner),
-            "vertebra-lstm",
-            margin=v.margin,
-            bins=v.bins,
-            overall=v.overall,
-            tta=tta,
-            source_fold=fold,
-            trained_on=[uids[i] for i in tr],
-        )
+        meta = VertebraMeta(v.margin, v.bins, v.overall, tta, fold, [uids[i] for i in tr])
+        save_model(model, run.vert_model(fold, inner), meta)
         histories[f"inner{inner}"] = history
     write_json(histories, run.vert_file(fold, "history.json"))
     probs = combine(p)
