@@ -25,12 +25,16 @@ from cspine.checkpoints import load_blend
 from cspine.competition import THORACIC, TRUTH_DIR, read_truth_labels
 from cspine.config import Config, save_config
 from cspine.features import load_features, oof_sources
+from cspine.inputs import FRACTURE, SLICE_OUTPUTS, fractured
 from cspine.labels import UNKNOWN
 from cspine.metrics import (
     bootstrap_auc,
     cv_table,
     loss_by_target,
+    oof_table,
+    p_columns,
     paper_reports,
+    read_oof,
     target_log_loss,
     weighted_log_loss,
     write_table,
@@ -56,19 +60,12 @@ def pooled_predictions(
 
     patient_overall pools the slice-fracture probability; C1..C7 pool the per-vertebra fracture outputs.
     """
-    rows = []
-    for uid in uids:
-        fold, probs = slice_probs[uid]
-        pooled = probs.max(axis=0) if how == "max" else probs.mean(axis=0)
-        rows.append(
-            {
-                "StudyInstanceUID": uid,
-                "fold": fold,
-                "p_patient_overall": float(pooled[0]),
-                **{f"p_{v}": float(pooled[1 + i]) for i, v in enumerate(VERTEBRAE)},
-            }
-        )
-    return pd.DataFrame(rows)
+    pool = np.max if how == "max" else np.mean
+    pooled = np.array([pool(slice_probs[uid][1], axis=0) for uid in uids], np.float64).reshape(
+        -1, len(SLICE_OUTPUTS)
+    )
+    columns = [FRACTURE, *(fractured(k) for k in range(len(VERTEBRAE)))]
+    return oof_table(uids, [slice_probs[uid][0] for uid in uids], pooled[:, columns])
 
 
 def image_level_reports(slice_probs: dict[str, tuple[int, np.ndarray]], index: pd.DataFrame) -> list[dict]:
@@ -113,7 +110,7 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float:
 def scores(name: str, oof: pd.DataFrame, labels: pd.DataFrame) -> dict:
     """Competition loss (both forms) and per-target AUCs of one model's out-of-fold predictions."""
     y = labels.loc[oof["StudyInstanceUID"], list(TARGETS)].to_numpy()
-    p = oof[[f"p_{t}" for t in TARGETS]].to_numpy()
+    p = oof[p_columns()].to_numpy()
     row = {
         "Model": name,
         "loss (per study)": weighted_log_loss(y, p, "study"),
@@ -209,7 +206,7 @@ def calibration_figure(
     _reliability(
         axes[1],
         y[list(VERTEBRAE)].to_numpy().ravel(),
-        oof[[f"p_{v}" for v in VERTEBRAE]].to_numpy().ravel(),
+        oof[p_columns(VERTEBRAE)].to_numpy().ravel(),
         "submitted",
         "o-",
     )
@@ -247,7 +244,7 @@ def collect(paths: list[Path], out: Path, what: str, command: str) -> pd.DataFra
         raise FileNotFoundError(
             f"{what} predictions missing ({', '.join(missing)}): run `python -m cspine {command}` first"
         )
-    oof = pd.concat([pd.read_csv(p, dtype={"StudyInstanceUID": str}) for p in paths], ignore_index=True)
+    oof = pd.concat([read_oof(p) for p in paths], ignore_index=True)
     write_csv(oof, out)
     return oof
 
@@ -453,7 +450,7 @@ def loss_table(models: dict[str, pd.DataFrame], labels: pd.DataFrame) -> pd.Data
     rows = []
     for name, oof in models.items():
         y = labels.loc[oof["StudyInstanceUID"], list(TARGETS)].to_numpy()
-        p = oof[[f"p_{t}" for t in TARGETS]].to_numpy()
+        p = oof[p_columns()].to_numpy()
         parts = loss_by_target(y, p)
         aucs = [_auc(y[:, i], p[:, i]) for i in range(1, len(TARGETS))]
         rows.append(
@@ -629,19 +626,17 @@ def evaluate(cfg: Config, run_dir: str | os.PathLike) -> Path:
             [run.crop_file(k, "oof.csv") for k in range(n_folds)], run.crop_oof(), "crop-track", "train-crops"
         )
     if cfg.blend.enabled:
-        blend = pd.read_csv(run.blend_file("oof.csv"), dtype={"StudyInstanceUID": str})
+        blend = read_oof(run.blend_file("oof.csv"))
         models[BLEND] = blend.drop(columns="p_patient_overall_unfloored")
         models[BLEND_UNFLOORED] = blend.assign(p_patient_overall=blend["p_patient_overall_unfloored"])
     slice_probs = oof_slice_probs(run)  # read once: the pooling baselines and Table 2 share them
     for how in ("max", "mean"):
         models[f"{backbone}, {how} pooling"] = pooled_predictions(slice_probs, uids, how)
     prior = prior_from_train(labels.loc[uids].reset_index())
-    models[PRIOR] = pd.DataFrame(
-        {
-            "StudyInstanceUID": uids,
-            "fold": models[f"{backbone}, max pooling"]["fold"],
-            **{f"p_{t}": prior[t] for t in TARGETS},
-        }
+    models[PRIOR] = oof_table(
+        uids,
+        models[f"{backbone}, max pooling"]["fold"].to_numpy(),
+        np.tile([prior[t] for t in TARGETS], (len(uids), 1)),
     )
 
     table2 = cv_table(image_level_reports(slice_probs, index), row_keys=("Data",))

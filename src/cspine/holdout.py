@@ -41,7 +41,7 @@ from cspine.evaluate import (
     model_name,
     submitted_summary,
 )
-from cspine.metrics import bootstrap_mean, loss_by_target, study_losses
+from cspine.metrics import bootstrap_mean, loss_by_target, p_columns, study_losses
 from cspine.predict import predict_studies, predict_tracks
 from cspine.runs import Run, read_json, write_csv, write_json, write_text
 from cspine.runtime import pick_devices
@@ -150,7 +150,7 @@ def score_table(
     }
     uids = by_track[SUBMITTED].index
     y = labels.loc[uids, list(TARGETS)].to_numpy()
-    p = {name: frame.loc[uids, [f"p_{t}" for t in TARGETS]].to_numpy() for name, frame in by_track.items()}
+    p = {name: frame.loc[uids, p_columns()].to_numpy() for name, frame in by_track.items()}
     submitted = study_losses(y, p[SUBMITTED])
     rows = []
     for name in [n for n in names if n in p]:

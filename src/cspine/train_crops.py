@@ -39,7 +39,7 @@ from cspine.config import Config, CropConfig
 from cspine.crops import CropSpec, crop_channels, read_crop_store
 from cspine.data import seed_worker
 from cspine.inputs import combine
-from cspine.metrics import NEGATIVE_WEIGHT, POSITIVE_WEIGHT, weighted_log_loss
+from cspine.metrics import NEGATIVE_WEIGHT, POSITIVE_WEIGHT, oof_table, weighted_log_loss
 from cspine.models import CropNet, crop_probabilities
 from cspine.progress import progress
 from cspine.runs import Run, digest, read_json, write_csv, write_json
@@ -273,9 +273,7 @@ def train_crop_fold(
         ]
     )
     probs = combine(p)
-    oof = pd.DataFrame(
-        {"StudyInstanceUID": held, "fold": fold, **{f"p_{t}": probs[:, i] for i, t in enumerate(TARGETS)}}
-    )
+    oof = oof_table(held, fold, probs)
     write_csv(oof, run.crop_file(fold, "oof.csv"))
     write_json(history, run.crop_file(fold, "history.json"))
     write_json(record, run.crop_file(fold, "record.json"))  # last: the fold counts as trained

@@ -40,7 +40,7 @@ from cspine.checkpoints import SequenceMeta, save_model
 from cspine.config import Config, SeqConfig
 from cspine.features import extracted_with_tta, features_signature, load_features, oof_sources
 from cspine.inputs import CNN_OUTPUTS, study_input
-from cspine.metrics import target_weights, weighted_log_loss
+from cspine.metrics import oof_table, p_columns, target_weights, weighted_log_loss
 from cspine.models import SequenceNet
 from cspine.runs import Run, read_json, write_csv, write_json
 from cspine.runtime import pick_device, seed_everything
@@ -226,17 +226,8 @@ def train_seq_fold(
             rows.append((val, probs))
             histories[f"inner{inner}"] = history
     write_json(histories, run.seq_file(hidden, fold, "history.json"))
-    oof = pd.DataFrame(
-        [
-            {
-                "StudyInstanceUID": st.uid,
-                "fold": fold,
-                **{f"p_{t}": float(p[i]) for i, t in enumerate(TARGETS)},
-            }
-            for val, probs in rows
-            for st, p in zip(val, probs)
-        ]
-    )
+    scored = [(st.uid, p) for val, probs in rows for st, p in zip(val, probs)]
+    oof = oof_table([u for u, _ in scored], fold, np.array([p for _, p in scored]).reshape(-1, len(TARGETS)))
     write_csv(oof, run.seq_file(hidden, fold, "oof.csv"))
     # written last: until it exists the fold's BLSTMs do not count as trained (`is_seq_trained`)
     write_json({"features": signature, "seq": _seq_signature(s)}, run.seq_file(hidden, fold, "features.json"))
@@ -248,7 +239,7 @@ def train_seq_fold(
         len(oof),
         weighted_log_loss(
             labels.loc[oof["StudyInstanceUID"], list(TARGETS)].to_numpy(),
-            oof[[f"p_{t}" for t in TARGETS]].to_numpy(),
+            oof[p_columns()].to_numpy(),
         )
         if len(oof)
         else float("nan"),

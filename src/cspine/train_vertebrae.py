@@ -31,7 +31,7 @@ from cspine.checkpoints import VertebraMeta, save_model
 from cspine.config import Config, VertebraConfig
 from cspine.features import extracted_with_tta, features_signature, load_features, oof_sources
 from cspine.inputs import VERTEBRA_FEATURES, combine, vertebra_inputs
-from cspine.metrics import weighted_log_loss
+from cspine.metrics import oof_table, read_oof, weighted_log_loss
 from cspine.models import SequenceNet
 from cspine.runs import Run, digest, read_json, write_csv, write_json
 from cspine.runtime import pick_device, seed_everything
@@ -141,13 +141,11 @@ def train_vertebra_fold(cfg: Config, run_dir: str | os.PathLike, fold: int) -> p
     write_json(histories, run.vert_file(fold, "history.json"))
     probs = combine(p)
     if v.overall == "blstm":
-        blstm = pd.read_csv(run.seq_file(cfg.seq.hidden, fold, "oof.csv"), dtype={"StudyInstanceUID": str})
+        blstm = read_oof(run.seq_file(cfg.seq.hidden, fold, "oof.csv"))
         probs[:, 0] = blstm.set_index("StudyInstanceUID").loc[uids, "p_patient_overall"].to_numpy()
     elif v.overall != "vertebrae":
         raise ValueError(f"vert.overall must be 'blstm' or 'vertebrae', not {v.overall!r}")
-    oof = pd.DataFrame(
-        {"StudyInstanceUID": uids, "fold": fold, **{f"p_{t}": probs[:, i] for i, t in enumerate(TARGETS)}}
-    )
+    oof = oof_table(uids, fold, probs)
     write_csv(oof, run.vert_file(fold, "oof.csv"))
     # last: the fold counts as trained
     write_json(_record(run, cfg, fold), run.vert_file(fold, "record.json"))
