@@ -13,7 +13,9 @@ import cspine.predict
 from cspine import TARGETS, VERTEBRAE
 from cspine.config import load_config
 from cspine.ensemble import Ensemble
-from cspine.evaluate import (
+from cspine.inputs import combine, logit
+from cspine.predict import track_outputs
+from cspine.scoring import (
     BLEND,
     CROP_TRACK,
     VERTEBRA_TRACK,
@@ -21,8 +23,6 @@ from cspine.evaluate import (
     submitted_columns,
     submitted_predictions,
 )
-from cspine.inputs import combine, logit
-from cspine.predict import track_outputs
 from cspine.stacking import Blend, TargetModel
 
 from .conftest import SMOKE_CONFIG

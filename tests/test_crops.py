@@ -242,7 +242,7 @@ def test_a_crop_setting_changed_at_predict_time_is_refused_as_the_cache_size_is(
         ("crop.size=48", "crop.size=48 (the models: 32)"),
         ("crop.slices=6", "crop.slices=6 (the models: 4)"),
         ("crop.margin=0.3", "crop.margin=0.3 (the models: "),
-        ("crop.hidden=8", "crop.hidden=8 (the models: "),
+        ("crop.hidden=16", "crop.hidden=16 (the models: 8)"),
         ("seg.min_pixels=3", "seg.min_pixels=3 (the models: "),
         ("blend.top_k=99", "blend.top_k=99 (the models: "),
     ):

@@ -59,7 +59,7 @@ def test_features_never_come_from_a_model_that_saw_the_study(smoke_run):
     folds = run.read_folds()
     seen = set()
     for fold, checkpoint in run.slice_checkpoints().items():
-        trained_on = set(load_slice_model(checkpoint)[1]["trained_on"])
+        trained_on = set(load_slice_model(checkpoint)[1].trained_on)
         assert trained_on and trained_on <= set(folds.loc[folds["fold"] != fold, "StudyInstanceUID"])
         extracted = {p.stem for p in run.features_dir(fold).glob("*.npz")}
         assert extracted and not extracted & trained_on
@@ -167,11 +167,18 @@ def test_predict_feeds_a_blstm_exactly_what_it_trained_on(smoke_run, tmp_path, t
     oof = train_seq_fold(cfg, run_dir, 0).set_index("StudyInstanceUID")
     paths = sorted(Run(run_dir).seq_fold_dir(16, 0).glob("*.pt"))
     blstms = [load_sequence_model(path)[::-1] for path in paths]  # (meta, model), as in Ensemble
-    assert len(blstms) == (1 if train_on == "other_folds" else 2) and all(m["bins"] == 5 for m, _ in blstms)
+    assert len(blstms) == (1 if train_on == "other_folds" else 2) and all(m.bins == 5 for m, _ in blstms)
     for uid, row in oof.iterrows():
         scorer = [(meta, model) for meta, model in blstms if uid not in meta.trained_on]
         ensemble = Ensemble(
-            cnns={}, blstms={16: scorer}, hidden=16, inputs={}, arch={}, input="fracture", bins=5, tta=False
+            cnns={},
+            blstms={16: scorer},
+            hidden=16,
+            reading=None,
+            arch={},
+            input="fracture",
+            bins=5,
+            tta=False,
         )
         # fold 0's CNN reads the study, as in training; fold 1's reading must not reach an own_fold BLSTM
         own = load_features(run_dir, 0, uid)
@@ -460,7 +467,7 @@ def test_predict_gives_the_same_submission_with_more_study_workers_and_folds_spr
     cfg = load_config(SMOKE_CONFIG)
     single = load_ensemble(smoke_run, cfg.seq.hidden, [torch.device("cpu")])
     spread = load_ensemble(smoke_run, cfg.seq.hidden, [torch.device("cpu"), torch.device("cpu")])
-    i = single.inputs
+    i = single.reading
     study = read_study(sorted((synthetic_root / "test_images").iterdir())[0], i.size, i.crop, i.margin, 2)
     assert predict_images(study, spread, cfg) == predict_images(study, single, cfg)
     submitted = one.set_index("row_id")["fractured"]

@@ -208,6 +208,23 @@ def test_no_stage_imports_another_stage_and_no_library_module_imports_a_stage():
     assert not wrong
 
 
+def test_no_function_in_the_package_is_longer_than_a_screen():
+    """One function, one job: a function over 80 lines (its docstring included) is two."""
+    import ast
+    from pathlib import Path
+
+    import cspine
+
+    long = [
+        f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in sorted(Path(cspine.__file__).parent.glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > 80
+    ]
+    assert not long
+
+
 def test_inference_imports_no_training_module():
     code = (
         "import sys, cspine.predict, cspine.evaluate, cspine.explain, cspine.kaggle; "

@@ -217,7 +217,7 @@ def test_segment_trains_and_segments_every_study_out_of_fold(synthetic_root, tmp
     assert set(table.columns) >= {"order", "slice_number", "level", *VERTEBRAE}
     assert is_segmented(run.root, cfg.seg)
     dice = pd.read_csv(run.seg_file("dice.csv"), dtype={"StudyInstanceUID": str})
-    trained_on = {k: set(load_segmenter(run.seg_model(k))[1]["trained_on"]) for k in range(2)}
+    trained_on = {k: set(load_segmenter(run.seg_model(k))[1].trained_on) for k in range(2)}
     for uid, fold in zip(dice["StudyInstanceUID"], dice["fold"]):
         assert uid not in trained_on[fold]  # every Dice is out of fold
     assert set(dice["StudyInstanceUID"]) == {
@@ -277,7 +277,7 @@ def test_self_training_labels_with_each_folds_own_round_one_model_and_keeps_the_
         assert pseudo.set_index("StudyInstanceUID")["used"].to_dict() == {u: u != rejected for u in unmasked}
         assert final.pseudo == sorted(set(unmasked) - {rejected}) and final.trained_on == first.trained_on
         assert final.labelled_by == first.trained_on
-        assert len(final["losses"]) == 2 and len(first["losses"]) == 3
+        assert len(final.losses) == 2 and len(first.losses) == 3
     dice = pd.read_csv(run.seg_file("dice.csv"), dtype={"StudyInstanceUID": str})
     for uid, fold in zip(dice["StudyInstanceUID"], dice["fold"]):
         meta = load_segmenter(run.seg_model(fold))[1]
@@ -308,7 +308,7 @@ def test_a_fold_model_whose_pseudo_labels_came_from_its_own_studies_is_refused(t
 def test_dice_on_every_study_reads_the_truth_in_the_caches_frame(synthetic_root, tmp_path):
     """A segmentation equal to each masked study's cached mask scores 1 against the truth files, feet-to-head
     numbering and gaps included; one that misses C3 scores 0 there; a study read by no model is skipped."""
-    from cspine.evaluate import truth_dice, truth_dice_table
+    from cspine.scoring import truth_dice, truth_dice_table
     from cspine.segment import masked_studies
     from cspine.segmenter import save_labels
 
@@ -513,16 +513,14 @@ def test_predict_evaluate_and_the_bundle_use_the_vertebra_track(vertebra_run, sy
 
     from cspine.competition import read_test
     from cspine.ensemble import load_ensemble
-    from cspine.evaluate import VERTEBRA_TRACK
     from cspine.kaggle import package_kaggle
+    from cspine.scoring import VERTEBRA_TRACK
     from cspine.submission import validate_submission
 
     run_dir, cfg = vertebra_run
     validate_submission(pd.read_csv(run_dir / "submission.csv"), read_test(synthetic_root))
     ensemble = load_ensemble(run_dir, cfg.seq.hidden, [torch.device("cpu")])
-    assert (
-        len(ensemble.vertebra) == 4 and len(ensemble.segmenters) == 2 and ensemble.seg_reading["row_mm"] == 4
-    )
+    assert len(ensemble.vertebra) == 4 and len(ensemble.segmenters) == 2 and ensemble.seg_reading.row_mm == 4
     scores = pd.read_csv(Run(run_dir).report / "scores.csv")
     assert VERTEBRA_TRACK in set(scores["Model"])
     bundle = package_kaggle(cfg, run_dir, tmp_path / "bundle", wheels=False)
@@ -560,7 +558,7 @@ def test_a_t2_slice_labelled_thoracic_counts_as_right(tmp_path):
     """The segmentation has one thoracic class (8); the truth names T2 (9): a slice of T2 read as thoracic is
     right, one read as C7 is wrong."""
     from cspine.competition import TRUTH_DIR
-    from cspine.evaluate import segmentation_scores
+    from cspine.scoring import segmentation_scores
 
     run = Run(tmp_path / "run")
     data = tmp_path / "data"

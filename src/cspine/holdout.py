@@ -32,19 +32,19 @@ from cspine import TARGETS
 from cspine.competition import TRUTH_DIR, list_test_studies, read_test
 from cspine.config import Config, ConfigError, SynthConfig
 from cspine.ensemble import check_complete, check_config, load_ensemble
-from cspine.evaluate import (
+from cspine.evaluate import evaluate
+from cspine.metrics import auc, bootstrap_mean, loss_by_target, p_columns, study_losses
+from cspine.predict import predict_studies, predict_tracks
+from cspine.runs import Run, read_json, write_csv, write_json, write_text
+from cspine.runtime import pick_devices
+from cspine.scoring import (
     CROP_TRACK,
     PRIOR,
     VERTEBRA_TRACK,
     auc_interval_table,
-    evaluate,
     model_name,
     submitted_summary,
 )
-from cspine.metrics import bootstrap_mean, loss_by_target, p_columns, study_losses
-from cspine.predict import predict_studies, predict_tracks
-from cspine.runs import Run, read_json, write_csv, write_json, write_text
-from cspine.runtime import pick_devices
 from cspine.submission import prior_from_train
 from cspine.synthetic import make_competition, synthetic_settings
 
@@ -157,7 +157,7 @@ def score_table(
         losses = study_losses(y, p[name])
         loss, lo, hi = bootstrap_mean(losses)
         parts = loss_by_target(y, p[name])
-        aucs = [_auc(y[:, i], p[name][:, i]) for i in range(len(TARGETS))]
+        aucs = [auc(y[:, i], p[name][:, i]) for i in range(len(TARGETS))]
         diff = bootstrap_mean(submitted - losses) if name != SUBMITTED else None
         rows.append(
             {
@@ -173,12 +173,6 @@ def score_table(
             }
         )
     return pd.DataFrame(rows)
-
-
-def _auc(y: np.ndarray, p: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
 
 
 def out_of_fold_losses(run: Run) -> dict[str, float]:

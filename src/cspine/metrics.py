@@ -43,6 +43,11 @@ def read_oof(path: str | os.PathLike) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"StudyInstanceUID": str})
 
 
+def auc(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC AUC, or NaN when one class is absent (a rare vertebra in a small run)."""
+    return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
+
+
 def target_weights(y: np.ndarray) -> np.ndarray:
     """Competition weights for labels y [S, 8] in TARGETS order."""
     neg = np.array([NEGATIVE_WEIGHT[t] for t in TARGETS])

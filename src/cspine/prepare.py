@@ -166,25 +166,11 @@ def bind_cache(cfg: Config, cache: Cache) -> None:
     save_config(cfg, cache.config)
 
 
-def prepare(
-    cfg: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, studies: list[str] | None = None
-) -> pd.DataFrame:
-    """Caches the run's training studies (`select_studies`: all, or ``prepare.studies``), or ``studies``, and
-    returns the slice index.
-
-    Raises:
-        RuntimeError: when every study failed (the failures are listed in ``failed.txt``).
-    """
-    if cfg.prepare.format not in FORMATS:
-        raise ConfigError(f"prepare.format: {cfg.prepare.format!r} is not one of {', '.join(FORMATS)}")
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    bind_cache(cfg, Cache(out_dir))
-    every = read_train(data_dir)
-    boxes = read_boxes(data_dir, every)
-    train = select_studies(every, data_dir, cfg.prepare.studies, cfg.prepare.study_list, cfg.folds.seed)
-    if studies is not None:
-        train = train[train["StudyInstanceUID"].isin(studies)]
+def _jobs(
+    cfg: Config, data_dir: Path, out_dir: Path, train: pd.DataFrame, boxes: pd.DataFrame
+) -> tuple[list[StudyJob], list[str]]:
+    """What to cache of ``train``'s studies (``boxes``: the competition's boxes): every study not cached, or
+    cached from other inputs (its stale cache entry is removed first); and the latter's UIDs."""
     jobs, again = [], []
     for row in train.to_dict("records"):
         uid = row["StudyInstanceUID"]
@@ -208,31 +194,61 @@ def prepare(
                 prepare=cfg.prepare,
             )
         )
+    return jobs, again
+
+
+def cache_studies(jobs: list[StudyJob], workers: int) -> list[str]:
+    """Caches the studies of ``jobs`` in ``workers`` processes (one: in this process, easier to debug);
+    returns "uid\terror" of each that failed."""
+    failures = []
+    if not jobs:
+        return failures
+    bar = progress(total=len(jobs), desc="prepare", unit="study")
+    workers = max(1, min(workers, len(jobs)))
+    pool = (
+        ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),))
+        if workers > 1
+        else None
+    )
+    try:
+        for uid, n, error in (pool.map if pool else map)(cache_study, jobs):
+            bar.update()
+            bar.set_postfix(slices=n, refresh=False)
+            if error:
+                log.error("prepare: study %s failed: %s", uid, error)
+                failures.append(f"{uid}\t{error}")
+    finally:
+        if pool:
+            pool.shutdown()
+        bar.close()
+    return failures
+
+
+def prepare(
+    cfg: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, studies: list[str] | None = None
+) -> pd.DataFrame:
+    """Caches the run's training studies (`select_studies`: all, or ``prepare.studies``), or ``studies``, and
+    returns the slice index.
+
+    Raises:
+        RuntimeError: when every study failed (the failures are listed in ``failed.txt``).
+    """
+    if cfg.prepare.format not in FORMATS:
+        raise ConfigError(f"prepare.format: {cfg.prepare.format!r} is not one of {', '.join(FORMATS)}")
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bind_cache(cfg, Cache(out_dir))
+    every = read_train(data_dir)
+    boxes = read_boxes(data_dir, every)
+    train = select_studies(every, data_dir, cfg.prepare.studies, cfg.prepare.study_list, cfg.folds.seed)
+    if studies is not None:
+        train = train[train["StudyInstanceUID"].isin(studies)]
+    jobs, again = _jobs(cfg, data_dir, out_dir, train, boxes)
     if len(again) > 3:
         log.warning("prepare: %d studies in all are cached again, for reasons like those above", len(again))
     uids = train["StudyInstanceUID"].tolist()
     log.info("prepare: %d studies, %d cached already, %d to do", len(uids), len(uids) - len(jobs), len(jobs))
-    failures = []
-    if jobs:
-        bar = progress(total=len(jobs), desc="prepare", unit="study")
-        workers = max(1, min(cfg.prepare.workers, len(jobs)))
-        pool = (
-            ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),))
-            if workers > 1
-            else None
-        )
-        try:
-            # in-process: easier to debug
-            for uid, n, error in (pool.map if pool else map)(cache_study, jobs):
-                bar.update()
-                bar.set_postfix(slices=n, refresh=False)
-                if error:
-                    log.error("prepare: study %s failed: %s", uid, error)
-                    failures.append(f"{uid}\t{error}")
-        finally:
-            if pool:
-                pool.shutdown()
-            bar.close()
+    failures = cache_studies(jobs, cfg.prepare.workers)
     failed_path = write_text(Cache(out_dir).failed, "\n".join(failures) + ("\n" if failures else ""))
     index = build_index(out_dir, uids)
     if failures:

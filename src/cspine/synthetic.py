@@ -208,28 +208,10 @@ def _make_study_star(kwargs: dict) -> dict:
     return make_study(**kwargs)
 
 
-def make_competition(
-    out_dir: str | os.PathLike,
-    s: SynthConfig | None = None,
-    workers: int = 1,
-) -> Path:
-    """Writes a synthetic competition in the real layout and returns its root.
-
-    Args:
-        out_dir: the competition root (created).
-        s: what to generate (`cspine.config.SynthConfig`, the one source of the settings and their
-            defaults): the studies, the seed everything is a function of, the image size, the difficulty,
-            the real data's shares of boxes and masks, the slices a study (0 draws them from ``slice_range``), the share of reversed studies.
-        workers: processes; the output is identical for any number.
-    """
-    s = s or SynthConfig()
-    n_train, n_test, seed = s.n_train, s.n_test, s.seed
-    final = Path(out_dir)
-    check_synthetic_folder(final)
-    root = final.with_name(final.name + ".part")  # written whole, then put in place of the old one
-    shutil.rmtree(root, ignore_errors=True)
-    for sub in ("train_images", "test_images"):
-        (root / sub).mkdir(parents=True)
+def _study_jobs(root: Path, s: SynthConfig) -> list[dict]:
+    """`make_study`'s arguments for every study, train then test: which have boxes and masks (the real data's
+    shares, drawn before the fractures) and each one's seed."""
+    n_train = s.n_train
     config = PhantomConfig(
         image_size=s.image_size,
         n_slices=s.n_slices or None,
@@ -237,36 +219,31 @@ def make_competition(
         head_mm=tuple(s.head_mm) or None,
         difficulty=s.difficulty,
     )
-    plan_rng = np.random.default_rng([seed, 1])
-    # decided before the fractures: a share of the positives
+    plan_rng = np.random.default_rng([s.seed, 1])
     boxed = plan_rng.random(n_train) < s.box_fraction
     masked = set(
         plan_rng.choice(
             n_train, min(n_train, max(s.min_masks, round(s.mask_fraction * n_train))), replace=False
         ).tolist()
     )
-    jobs = []
-    for i in range(n_train + n_test):
-        split = "train" if i < n_train else "test"
-        jobs.append(
-            dict(
-                root=root,
-                split=split,
-                uid=_study_uid(i, seed),
-                seed=(seed, 2, i),
-                config=config,
-                with_boxes=split == "train" and bool(boxed[i]),
-                with_mask=i in masked,
-                reversed_fraction=s.reversed_fraction,
-            )
+    return [
+        dict(
+            root=root,
+            split="train" if i < n_train else "test",
+            uid=_study_uid(i, s.seed),
+            seed=(s.seed, 2, i),
+            config=config,
+            with_boxes=i < n_train and bool(boxed[i]),
+            with_mask=i in masked,
+            reversed_fraction=s.reversed_fraction,
         )
-    bar = dict(total=len(jobs), desc="synthetic studies", unit="study")
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            results = list(progress(pool.map(_make_study_star, jobs), **bar))
-    else:
-        results = [make_study(**job) for job in progress(jobs, **bar)]
+        for i in range(n_train + s.n_test)
+    ]
 
+
+def _write_tables(root: Path, results: list[dict], test_uids: list[str], n_train: int) -> pd.DataFrame:
+    """The competition's tables (train.csv, the boxes, test.csv, the sample submission) and the truth beside
+    them (every slice's vertebrae, every study's labels); returns train.csv's frame."""
     train = pd.DataFrame([r["row"] for r in results[:n_train]], columns=["StudyInstanceUID", *TARGETS])
     write_csv(train, root / "train.csv")
     boxes = pd.DataFrame(
@@ -274,7 +251,6 @@ def make_competition(
         columns=["StudyInstanceUID", "x", "y", "width", "height", "slice_number"],
     )
     write_csv(boxes, root / "train_bounding_boxes.csv")
-    test_uids = [job["uid"] for job in jobs[n_train:]]
     types = [*VERTEBRAE, "patient_overall"]
     test = pd.DataFrame(
         [
@@ -294,17 +270,48 @@ def make_competition(
     # every study's labels, the test studies' too (`python -m cspine holdout` scores against them)
     labels = pd.DataFrame([r["row"] for r in results], columns=["StudyInstanceUID", *TARGETS])
     write_csv(labels, root / TRUTH_DIR / "labels.csv")
-    settings = dataclasses.asdict(s)
+    return train
+
+
+def make_competition(
+    out_dir: str | os.PathLike,
+    s: SynthConfig | None = None,
+    workers: int = 1,
+) -> Path:
+    """Writes a synthetic competition in the real layout and returns its root.
+
+    Args:
+        out_dir: the competition root (created).
+        s: what to generate (`cspine.config.SynthConfig`, the one source of the settings and their
+            defaults): the studies, the seed everything is a function of, the image size, the difficulty,
+            the real data's shares of boxes and masks, the slices a study (0 draws them from ``slice_range``), the share of reversed studies.
+        workers: processes; the output is identical for any number.
+    """
+    s = s or SynthConfig()
+    final = Path(out_dir)
+    check_synthetic_folder(final)
+    root = final.with_name(final.name + ".part")  # written whole, then put in place of the old one
+    shutil.rmtree(root, ignore_errors=True)
+    for sub in ("train_images", "test_images"):
+        (root / sub).mkdir(parents=True)
+    jobs = _study_jobs(root, s)
+    bar = dict(total=len(jobs), desc="synthetic studies", unit="study")
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(progress(pool.map(_make_study_star, jobs), **bar))
+    else:
+        results = [make_study(**job) for job in progress(jobs, **bar)]
+    train = _write_tables(root, results, [job["uid"] for job in jobs[s.n_train :]], s.n_train)
     # written last: the folder is whole
-    write_text(root / COMPLETE_MARKER, json.dumps(settings, indent=1) + "\n")
+    write_text(root / COMPLETE_MARKER, json.dumps(dataclasses.asdict(s), indent=1) + "\n")
     replace_folder(root, final)
     log.info(
         "synthetic competition at %s: %d train (%d positive, %d reversed), %d test",
         final,
-        n_train,
+        s.n_train,
         int(train["patient_overall"].sum()),
-        sum(r["reversed"] for r in results[:n_train]),
-        n_test,
+        sum(r["reversed"] for r in results[: s.n_train]),
+        s.n_test,
     )
     return final
 

@@ -21,7 +21,9 @@ import dataclasses
 import logging
 import os
 import time
+from dataclasses import dataclass
 from itertools import islice
+from pathlib import Path
 
 import albumentations as A
 import numpy as np
@@ -30,11 +32,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from timm.scheduler import create_scheduler_v2
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cspine import TARGETS, VERTEBRAE
-from cspine.checkpoints import CropMeta, load_checkpoint, save_checkpoint, save_model
+from cspine.checkpoints import CropMeta, save_model
 from cspine.config import Config, CropConfig
 from cspine.crops import CropSpec, crop_channels, read_crop_store
 from cspine.data import seed_worker
@@ -45,13 +46,11 @@ from cspine.progress import progress
 from cspine.runs import Run, digest, read_json, write_csv, write_json
 from cspine.runtime import (
     Runtime,
-    amp_dtype,
     autocast,
     init_distributed,
-    rng_state,
     seed_everything,
-    set_rng_state,
 )
+from cspine.training import distributed, mixed_precision, read_resume, restore, save_resume, update
 
 log = logging.getLogger(__name__)
 RUNTIME = ("workers", "loader_workers")  # crop settings that shape no model
@@ -153,6 +152,97 @@ def _loader(data: Dataset, c: CropConfig, rt: Runtime, seed: int) -> DataLoader:
     )
 
 
+@dataclass
+class CropTraining:
+    """One fold's crop model in training: built by `_setup`, advanced by `_train_epoch`."""
+
+    model: CropNet
+    net: torch.nn.Module  # the model, wrapped in DistributedDataParallel under torchrun
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    dtype: torch.dtype | None
+    channels_last: bool
+    history: list[dict]
+    start: int  # the next epoch to train
+
+
+def _setup(c: CropConfig, spec: CropSpec, rt: Runtime, last: Path, record: dict, fold: int) -> CropTraining:
+    """The model, optimizer, schedule and scaler of a fold, resumed from ``last`` when it was saved with this
+    ``record`` (the same settings and crops)."""
+    model = CropNet(c.backbone, crop_channels(spec), c.hidden, c.width, c.pretrained_file).to(rt.device)
+    channels_last = rt.cuda and c.channels_last
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched="cosine", num_epochs=c.epochs, warmup_epochs=1, warmup_lr=c.lr / 10
+    )
+    dtype, scaler = mixed_precision(rt.device, c.amp)
+    history, start = [], 0
+    state = read_resume(last, "crop-resume")
+    if state is not None and state["record"] == record:
+        restore(state, model, optimizer, scaler)
+        history, start = state["history"], state["epoch"] + 1
+        log.info("train-crops fold %d: resumed after epoch %d", fold, start)  # 1-based
+    return CropTraining(
+        model, distributed(model, rt), optimizer, scheduler, scaler, dtype, channels_last, history, start
+    )
+
+
+def _train_epoch(
+    t: CropTraining, loader: DataLoader, c: CropConfig, rt: Runtime, fold: int, epoch: int
+) -> dict:
+    """One epoch of updates; returns its history row."""
+    t.scheduler.step(epoch)
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    # each epoch's shuffling and augmentation from its own seed: a resumed fold draws what it had left
+    loader.generator.manual_seed(c.seed * 100003 + fold * 1009 + epoch)
+    loader.dataset.transform.set_random_seed(c.seed * 100003 + fold * 1009 + epoch)
+    t.net.train()
+    started, total, seen = time.perf_counter(), torch.zeros((), device=rt.device), 0
+    steps = c.steps_per_epoch or len(loader)
+    for x, vertebra, y in progress(
+        islice(loader, steps),
+        f"crops fold {fold} epoch {epoch + 1}",
+        steps=True,
+        enabled=rt.is_main,
+        total=min(steps, len(loader)),
+    ):
+        x, vertebra, y = (v.to(rt.device, non_blocking=True) for v in (x, vertebra, y))
+        with autocast(rt.device, t.dtype):
+            loss = crop_loss(t.net(x, vertebra, t.channels_last), y)
+        update(loss, t.optimizer, t.scaler)
+        total, seen = total + loss.detach() * len(y), seen + len(y)  # read once an epoch: no sync a step
+    return {
+        "epoch": epoch + 1,
+        "train_loss": total.item() / max(seen, 1),
+        "vertebrae": seen,
+        "lr": t.optimizer.param_groups[0]["lr"],
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _score(run: Run, t: CropTraining, held: list[str], rt: Runtime) -> np.ndarray:
+    """float [S, 8]: the fold's model on its held-out studies, 16 at a time (bounded memory); patient_overall
+    as 1 − Π(1 − p_k)."""
+    t.model.eval()
+    p = np.concatenate(
+        [
+            crop_probabilities(
+                t.model,
+                np.stack([read_crop_store(run.crop_study(u)) for u in part]),
+                rt.device,
+                t.dtype,
+                t.channels_last,
+            )
+            for part in (held[i : i + 16] for i in range(0, len(held), 16))
+        ]
+    )
+    return combine(p)
+
+
 def train_crop_fold(
     cfg: Config, run_dir: str | os.PathLike, fold: int, rt: Runtime | None = None
 ) -> pd.DataFrame | None:
@@ -169,113 +259,41 @@ def train_crop_fold(
         )
     labels = run.read_labels()
     seed_everything(c.seed + fold)
-    model = CropNet(c.backbone, crop_channels(spec), c.hidden, c.width, c.pretrained_file).to(rt.device)
-    if rt.cuda and c.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched="cosine", num_epochs=c.epochs, warmup_epochs=1, warmup_lr=c.lr / 10
-    )
-    dtype = amp_dtype(rt.device, c.amp)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=dtype == torch.float16)
-    history, start = [], 0
     record = _record(run, cfg, fold)
-    if run.crop_last(fold).is_file():
-        state = load_checkpoint(run.crop_last(fold), "crop-resume")
-        if state["record"] == record:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            set_rng_state(state["rng"])
-            history, start = state["history"], state["epoch"] + 1
-            log.info("train-crops fold %d: resumed after epoch %d", fold, state["epoch"] + 1)  # 1-based
-    ddp = (
-        DistributedDataParallel(model, device_ids=[rt.device.index] if rt.cuda else None)
-        if rt.distributed
-        else model
-    )
+    t = _setup(c, spec, rt, run.crop_last(fold), record, fold)
     data = VertebraCrops(run, train, labels.loc[train, list(VERTEBRAE)].to_numpy(np.float32), augment=True)
     loader = _loader(data, c, rt, c.seed + fold)
-    channels_last = rt.cuda and c.channels_last
-    for epoch in range(start, c.epochs):
-        scheduler.step(epoch)
-        if isinstance(loader.sampler, DistributedSampler):
-            loader.sampler.set_epoch(epoch)
-        # each epoch's shuffling and augmentation from its own seed: a resumed fold draws what it had left
-        loader.generator.manual_seed(c.seed * 100003 + fold * 1009 + epoch)
-        data.transform.set_random_seed(c.seed * 100003 + fold * 1009 + epoch)
-        ddp.train()
-        started, total, seen = time.perf_counter(), torch.zeros((), device=rt.device), 0
-        steps = c.steps_per_epoch or len(loader)
-        for x, vertebra, y in progress(
-            islice(loader, steps),
-            f"crops fold {fold} epoch {epoch + 1}",
-            steps=True,
-            enabled=rt.is_main,
-            total=min(steps, len(loader)),
-        ):
-            x, vertebra, y = (t.to(rt.device, non_blocking=True) for t in (x, vertebra, y))
-            with autocast(rt.device, dtype):
-                loss = crop_loss(ddp(x, vertebra, channels_last), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            total, seen = total + loss.detach() * len(y), seen + len(y)  # read once an epoch: no sync a step
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": total.item() / max(seen, 1),
-                "vertebrae": seen,
-                "lr": optimizer.param_groups[0]["lr"],
-                "seconds": time.perf_counter() - started,
-            }
-        )
+    for epoch in range(t.start, c.epochs):
+        t.history.append(_train_epoch(t, loader, c, rt, fold, epoch))
         if rt.is_main:
             log.info(
                 "train-crops fold %d epoch %d/%d: loss %.4f (%.0f s)",
                 fold,
                 epoch + 1,
                 c.epochs,
-                history[-1]["train_loss"],
-                history[-1]["seconds"],
+                t.history[-1]["train_loss"],
+                t.history[-1]["seconds"],
             )
-            save_checkpoint(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "epoch": epoch,
-                    "history": history,
-                    "rng": rng_state(),
-                    "record": record,
-                },
+            save_resume(
                 run.crop_last(fold),
                 "crop-resume",
+                t.model,
+                t.optimizer,
+                t.scaler,
+                epoch,
+                t.history,
+                record=record,
             )
     if rt.distributed:
         dist.barrier()
     if not rt.is_main:
         return None
-    model.eval()
-    save_model(model, run.crop_model(fold), CropMeta(spec, fold, list(train)))
-    # the held-out studies 16 at a time: bounded memory
-    p = np.concatenate(
-        [
-            crop_probabilities(
-                model,
-                np.stack([read_crop_store(run.crop_study(u)) for u in part]),
-                rt.device,
-                dtype,
-                channels_last,
-            )
-            for part in (held[i : i + 16] for i in range(0, len(held), 16))
-        ]
-    )
-    probs = combine(p)
+    t.model.eval()
+    save_model(t.model, run.crop_model(fold), CropMeta(spec, fold, list(train)))
+    probs = _score(run, t, held, rt)
     oof = oof_table(held, fold, probs)
     write_csv(oof, run.crop_file(fold, "oof.csv"))
-    write_json(history, run.crop_file(fold, "history.json"))
+    write_json(t.history, run.crop_file(fold, "history.json"))
     write_json(record, run.crop_file(fold, "record.json"))  # last: the fold counts as trained
     run.crop_last(fold).unlink(missing_ok=True)
     log.info(

@@ -27,10 +27,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from timm.scheduler import create_scheduler_v2
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from cspine.checkpoints import SliceMeta, load_checkpoint, save_checkpoint, save_model
+from cspine.checkpoints import SliceMeta, save_model
 from cspine.config import Config, SliceConfig, check_unchanged, config_dict, load_config, save_config
 from cspine.data import (
     BalancedDistributedSampler,
@@ -47,13 +46,11 @@ from cspine.progress import progress
 from cspine.runs import Run, write_csv, write_json, write_text
 from cspine.runtime import (
     Runtime,
-    amp_dtype,
     autocast,
     init_distributed,
-    rng_state,
     seed_everything,
-    set_rng_state,
 )
+from cspine.training import distributed, mixed_precision, optimizer_step, read_resume, restore, save_resume
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY = 10  # steps between progress-bar loss updates (each one waits for the GPU)
@@ -227,14 +224,13 @@ def checked_vertebrae(run: Run) -> pd.DataFrame:
     return vertebrae[~vertebrae["StudyInstanceUID"].isin(rejected)]
 
 
-def setup_fold(cfg: Config, run: Run, fold: int, rt: Runtime) -> FoldTraining:
-    """Data, model, optimiser and schedule of one fold, in the order that fixes the RNG streams."""
+def fold_slices(cfg: Config, run: Run, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The labelled slices fold ``fold`` trains on and validates on (`slice_pools`, `validation_subset`).
+
+    Raises:
+        RuntimeError: either set is empty.
+    """
     s = cfg.slice
-    if s.select not in ("val_loss", "last"):
-        raise ValueError(f"slice.select must be 'val_loss' or 'last', not {s.select!r}")
-    if s.labels not in ("boxes", "vertebrae"):
-        raise ValueError(f"slice.labels must be 'boxes' or 'vertebrae', not {s.labels!r}")
-    seed_everything(s.seed + fold)
     index = run.cache.read_index()
     if s.labels == "vertebrae":
         index = vertebra_slice_labels(index, run.read_labels(), checked_vertebrae(run))
@@ -245,6 +241,18 @@ def setup_fold(cfg: Config, run: Run, fold: int, rt: Runtime) -> FoldTraining:
             f"fold {fold}: {len(train_df)} training and {len(val_df)} validation slices with labels; "
             "more studies with boxes (or negatives) are needed"
         )
+    return train_df, val_df
+
+
+def setup_fold(cfg: Config, run: Run, fold: int, rt: Runtime) -> FoldTraining:
+    """Data, model, optimiser and schedule of one fold, in the order that fixes the RNG streams."""
+    s = cfg.slice
+    if s.select not in ("val_loss", "last"):
+        raise ValueError(f"slice.select must be 'val_loss' or 'last', not {s.select!r}")
+    if s.labels not in ("boxes", "vertebrae"):
+        raise ValueError(f"slice.labels must be 'boxes' or 'vertebrae', not {s.labels!r}")
+    seed_everything(s.seed + fold)
+    train_df, val_df = fold_slices(cfg, run, fold)
     size, with_boxes = s.input_size or cfg.prepare.size, s.box_weight > 0
     train_set = SliceDataset(
         run.cache.root, train_df, build_transforms(s, True, size, seed=s.seed), with_boxes, context=s.context
@@ -279,14 +287,9 @@ def setup_fold(cfg: Config, run: Run, fold: int, rt: Runtime) -> FoldTraining:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=s.ema_decay)  # before DDP wraps the model
-    net = (
-        DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.cuda else None)
-        if rt.distributed
-        else model
-    )
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     updates_per_epoch = math.ceil(len(train_loader) / s.accum_steps)
-    dtype = amp_dtype(rt.device, s.amp)
+    dtype, scaler = mixed_precision(rt.device, s.amp)
     return FoldTraining(
         cfg,
         run,
@@ -299,11 +302,11 @@ def setup_fold(cfg: Config, run: Run, fold: int, rt: Runtime) -> FoldTraining:
         train_loader,
         val_loader,
         model,
-        net,
+        distributed(model, rt),
         ema,
         optimizer,
         learning_rate_schedule(optimizer, s, updates_per_epoch),
-        torch.amp.GradScaler(rt.device.type, enabled=dtype == torch.float16),
+        scaler,
         dtype,
         channels_last,
         updates_per_epoch,
@@ -312,19 +315,14 @@ def setup_fold(cfg: Config, run: Run, fold: int, rt: Runtime) -> FoldTraining:
 
 def resume(t: FoldTraining) -> None:
     """Continues from ``last.pt`` if there is one: weights, optimiser, scaler, EMA, history and RNG states."""
-    path = t.run.slice_last(t.fold)
-    if not path.is_file():
+    state = read_resume(t.run.slice_last(t.fold), "slice-resume")
+    if state is None:
         return
-    state = load_checkpoint(path, "slice-resume")
-    t.model.load_state_dict(state["model"])
-    # the rate is a function of the step: `train_fold` sets it
-    t.optimizer.load_state_dict(state["optimizer"])
-    t.scaler.load_state_dict(state["scaler"])
-    if t.ema is not None:
-        t.ema.load_state_dict(state["ema"])
+    restore(
+        state, t.model, t.optimizer, t.scaler, t.ema
+    )  # the rate is a function of the step: `train_fold` sets it
     t.epoch, t.best_loss, t.bad_epochs = state["epoch"] + 1, state["best_loss"], state["bad_epochs"]
     t.history = state["history"]
-    set_rng_state(state["rng"])
     log.info(
         "fold %d: resumed after epoch %d (best validation loss %.4f)", t.fold, state["epoch"], t.best_loss
     )
@@ -362,12 +360,7 @@ def train_one_epoch(t: FoldTraining, epoch: int, max_steps: int | None) -> dict:
                 loss = loss + s.box_weight * box_loss(box_logits, boxes[0].to(rt.device, non_blocking=True))
             t.scaler.scale(loss / s.accum_steps).backward()
         if update:
-            if s.clip_grad:
-                t.scaler.unscale_(t.optimizer)
-                torch.nn.utils.clip_grad_norm_(t.model.parameters(), s.clip_grad)
-            t.scaler.step(t.optimizer)
-            t.scaler.update()
-            t.optimizer.zero_grad(set_to_none=True)
+            optimizer_step(t.optimizer, t.scaler, s.clip_grad)
             if t.ema is not None:
                 t.ema.update(t.model)
             steps, updates, lr = steps + 1, updates + 1, t.optimizer.param_groups[0]["lr"]
@@ -421,20 +414,17 @@ def save_best(t: FoldTraining, epoch: int, val_loss: float, probs: np.ndarray, r
 def save_last(t: FoldTraining, epoch: int) -> None:
     """last.pt: everything `resume` needs to continue after ``epoch`` exactly, and the history so far."""
     write_csv(pd.DataFrame(t.history), t.run.slice_file(t.fold, "history.csv"))
-    save_checkpoint(
-        {
-            "model": t.model.state_dict(),
-            "ema": t.ema.state_dict() if t.ema is not None else None,
-            "optimizer": t.optimizer.state_dict(),
-            "scaler": t.scaler.state_dict(),
-            "epoch": epoch,
-            "best_loss": t.best_loss,
-            "bad_epochs": t.bad_epochs,
-            "history": t.history,
-            "rng": rng_state(),
-        },
+    save_resume(
         t.run.slice_last(t.fold),
         "slice-resume",
+        t.model,
+        t.optimizer,
+        t.scaler,
+        epoch,
+        t.history,
+        t.ema,
+        best_loss=t.best_loss,
+        bad_epochs=t.bad_epochs,
     )
 
 

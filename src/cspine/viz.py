@@ -1,20 +1,26 @@
-"""Figures for the notebooks and the README: the study viewer, windows, the crop, training curves.
+"""Figures for the notebooks, the README and the report: the study viewer, windows, the crop, training
+curves; the report's ROC, calibration and per-vertebra AUCs.
 
-Every function returns the matplotlib Figure, so a notebook shows it and a script saves it.
+The notebooks' figures are returned (a notebook shows it, a script saves it); the report's are saved to the
+path given, which is returned.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from cspine import TARGETS, VERTEBRAE
 from cspine.dicom import Series
+from cspine.metrics import p_columns
 from cspine.preprocess import (
     GROSS_BONE,
     WINDOWS,
@@ -25,6 +31,7 @@ from cspine.preprocess import (
     spine_mask,
     window,
 )
+from cspine.runs import save_figure
 
 BONE_VIEW = (400.0, 1800.0)  # center, width: the standard bone window, for display
 
@@ -149,6 +156,55 @@ def _display(plane: np.ndarray) -> tuple[np.ndarray, dict]:
     return window(plane, *BONE_VIEW), {"cmap": "gray", "vmin": 0, "vmax": 1}
 
 
+def _outline(planes) -> None:
+    """Each label's outline on each (axes, label plane), alone and in its own label's colour: C1..C7, then
+    the thoracic class."""
+    for ax, plane in planes:
+        for v in range(1, len(VERTEBRAE) + 2):
+            if (plane == v).any():
+                ax.contour(
+                    (plane == v).astype(np.float32), levels=[0.5], colors=[vertebra_colour(v)], linewidths=0.8
+                )
+
+
+def _name_vertebrae(ax, plane: np.ndarray) -> None:
+    """C1..C7's names beside a sagittal label plane [N, H], level with each, outside the image: the slice
+    cursor crosses the image, never a name."""
+    width = plane.shape[1]
+    for v in range(1, len(VERTEBRAE) + 1):
+        rows = np.flatnonzero((plane == v).any(axis=1))
+        if len(rows):
+            ax.text(
+                width + 1,
+                rows.mean(),
+                VERTEBRAE[v - 1],
+                color=vertebra_colour(v),
+                fontsize=8,
+                va="center",
+                clip_on=False,
+            )
+
+
+def _strip(ax, slice_probs: dict, truth: np.ndarray | None, k: int, n: int) -> None:
+    """The per-slice outputs along the study, the slices known fractured shaded, a marker at slice ``k``; the
+    axis runs a little past 1 so that a curve at 1 shows whole."""
+    if truth is not None:
+        ax.fill_between(
+            np.arange(n),
+            0,
+            np.asarray(truth) > 0,
+            step="mid",
+            color="red",
+            alpha=0.15,
+            label="fractured slices (truth)",
+        )
+    for name, values in slice_probs.items():
+        ax.plot(np.asarray(values, dtype=float), lw=1, label=name)
+    ax.axvline(k, color="goldenrod", lw=1)
+    ax.set(xlim=(0, n - 1), ylim=(0, 1.05), xlabel="slice (head → feet)", ylabel="probability")
+    ax.legend(fontsize=7, loc="upper right", ncol=4)
+
+
 def draw_study(
     volume: np.ndarray,
     k: int,
@@ -201,40 +257,12 @@ def draw_study(
     for ax in (sagittal, coronal):
         ax.axhline(k, color="yellow", lw=0.8)
     if mask is not None:
-        for ax, plane in ((axial, mask[k]), (sagittal, mask[:, :, column]), (coronal, mask[:, row, :])):
-            for v in range(1, len(VERTEBRAE) + 2):  # C1..C7, then the thoracic class
-                if (plane == v).any():  # each outline alone, in its own label's colour
-                    ax.contour(
-                        (plane == v).astype(np.float32),
-                        levels=[0.5],
-                        colors=[vertebra_colour(v)],
-                        linewidths=0.8,
-                    )
-        for v in range(1, len(VERTEBRAE) + 1):
-            rows = np.flatnonzero((mask[:, :, column] == v).any(axis=1))
-            if len(rows):
-                sagittal.text(
-                    2, rows.mean(), VERTEBRAE[v - 1], color=vertebra_colour(v), fontsize=8, va="center"
-                )
+        _outline(((axial, mask[k]), (sagittal, mask[:, :, column]), (coronal, mask[:, row, :])))
+        _name_vertebrae(sagittal, mask[:, :, column])
     for ax in (axial, sagittal, coronal):
         ax.axis("off")
     if slice_probs:
-        strip = fig.add_subplot(grid[1, :])
-        if truth is not None:
-            strip.fill_between(
-                np.arange(n),
-                0,
-                np.asarray(truth) > 0,
-                step="mid",
-                color="red",
-                alpha=0.15,
-                label="fractured slices (truth)",
-            )
-        for name, values in slice_probs.items():
-            strip.plot(np.asarray(values, dtype=float), lw=1, label=name)
-        strip.axvline(k, color="goldenrod", lw=1)
-        strip.set(xlim=(0, n - 1), ylim=(0, 1), xlabel="slice (head → feet)", ylabel="probability")
-        strip.legend(fontsize=7, loc="upper right", ncol=4)
+        _strip(fig.add_subplot(grid[1, :]), slice_probs, truth, k, n)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
@@ -364,3 +392,116 @@ def draw_blstm(slices: int = 6) -> Figure:
     ax.set_title("Stage 2: a bidirectional LSTM reads the whole study, then decides once", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def vertebra_figure(score_table: pd.DataFrame, path: Path) -> Path:
+    """Out-of-fold AUC of each model on each vertebra, side by side: can it say *which* vertebra?"""
+    rows = score_table[~score_table["Model"].str.contains("prior|mean pooling")]
+    fig, ax = plt.subplots(figsize=(8, 4.4))
+    width = 0.8 / max(len(rows), 1)
+    for i, (_, row) in enumerate(rows.iterrows()):
+        aucs = [row[f"AUC {v}"] for v in VERTEBRAE]
+        ax.bar(np.arange(len(VERTEBRAE)) + (i - (len(rows) - 1) / 2) * width, aucs, width, label=row["Model"])
+    ax.axhline(0.5, color="k", ls=":", lw=1)
+    ax.set(
+        xticks=range(len(VERTEBRAE)),
+        xticklabels=VERTEBRAE,
+        ylim=(0, 1.05),
+        ylabel="AUC, out of fold",
+        title="Which vertebra is broken?",
+    )
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def roc_figure(models: dict[str, pd.DataFrame], labels: pd.DataFrame, path: Path, bold: str = "") -> Path:
+    """Out-of-fold ROC of patient_overall for every model (``bold``'s drawn thicker); models that give the same
+    answers (the vertebra track takes patient_overall from a BLSTM) share one curve, so none hides under
+    another."""
+    curves: list[tuple[np.ndarray, list[str]]] = []
+    for name, oof in models.items():
+        p = oof.sort_values("StudyInstanceUID")["p_patient_overall"].to_numpy()
+        same = next((names for q, names in curves if len(q) == len(p) and np.allclose(q, p, atol=1e-6)), None)
+        if same is None:
+            curves.append((p, [name]))
+        else:
+            same.append(name)
+    fig, ax = plt.subplots(figsize=(6.4, 6.6))
+    for _, names in curves:
+        oof = models[names[0]]
+        y = labels.loc[oof["StudyInstanceUID"], "patient_overall"].to_numpy()
+        if len(np.unique(y)) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(y, oof["p_patient_overall"])
+        label = " = ".join(names) + f" (AUC {roc_auc_score(y, oof['p_patient_overall']):.3f})"
+        ax.plot(fpr, tpr, label=label, lw=2.2 if bold in names else 1.3)
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.set(xlabel="1 − specificity", ylabel="sensitivity", title="Case level (patient_overall), out of fold")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _reliability(ax, y: np.ndarray, p: np.ndarray, label: str, style: str) -> None:
+    if len(np.unique(y)) < 2:
+        return
+    frac, mean = calibration_curve(y, p, n_bins=min(10, max(2, len(y) // 12)), strategy="quantile")
+    ax.plot(mean, frac, style, label=label)
+
+
+def calibration_figure(
+    oof: pd.DataFrame, models: dict[str, pd.DataFrame], labels: pd.DataFrame, contrast: list[str], path: Path
+) -> Path:
+    """Reliability of what is submitted (``oof``, `submitted_predictions`): patient_overall (beside
+    ``contrast`` models), and C1..C7 pooled."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+    y = labels.loc[oof["StudyInstanceUID"]]
+    _reliability(
+        axes[0],
+        y["patient_overall"].to_numpy(),
+        oof["p_patient_overall"].to_numpy(),
+        "submitted",
+        "o-",
+    )
+    for name in contrast:
+        other = models[name]
+        _reliability(
+            axes[0],
+            labels.loc[other["StudyInstanceUID"], "patient_overall"].to_numpy(),
+            other["p_patient_overall"].to_numpy(),
+            name,
+            "s--",
+        )
+    _reliability(
+        axes[1],
+        y[list(VERTEBRAE)].to_numpy().ravel(),
+        oof[p_columns(VERTEBRAE)].to_numpy().ravel(),
+        "submitted",
+        "o-",
+    )
+    q = np.linspace(0, 1, 101)
+    for ax, title in zip(axes, ("patient_overall", "C1..C7, every vertebra of every study")):
+        ax.plot([0, 1], [0, 1], "k:", lw=1, label="calibrated (predicted = observed)")
+        ax.plot(2 * q / (1 + q), q, color="0.5", lw=1, label="the metric's best answer, 2q/(1+q)")
+        ax.set(
+            xlabel="predicted probability (mean of a bin)",
+            ylabel="observed frequency of fractures",
+            xlim=(0, 1),
+            ylim=(0, 1),
+            title=title,
+        )
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(
+        "Calibration, out of fold (bins of equal size). Positives weigh twice, so for an observed "
+        "frequency q the metric rewards 2q/(1+q): the grey curve",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
+    return path
