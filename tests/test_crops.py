@@ -285,7 +285,7 @@ def test_a_killed_crop_fold_resumes_to_the_same_model(crop_run, tmp_path, monkey
 
     import torch
 
-    import cspine.train_crops
+    import cspine.training
     from cspine.checkpoints import load_checkpoint
     from cspine.train_crops import train_crop_fold
 
@@ -296,18 +296,18 @@ def test_a_killed_crop_fold_resumes_to_the_same_model(crop_run, tmp_path, monkey
         shutil.copytree(run_dir, copy)
     train_crop_fold(cfg, whole, 0)
 
-    real = cspine.train_crops.save_checkpoint
+    real = cspine.training.save_checkpoint
 
     def dies_after_the_first_epoch(state, path, kind):
         real(state, path, kind)
         if kind == "crop-resume":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(cspine.train_crops, "save_checkpoint", dies_after_the_first_epoch)
+    monkeypatch.setattr(cspine.training, "save_checkpoint", dies_after_the_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         train_crop_fold(cfg, killed, 0)
     assert Run(killed).crop_last(0).is_file()
-    monkeypatch.setattr(cspine.train_crops, "save_checkpoint", real)
+    monkeypatch.setattr(cspine.training, "save_checkpoint", real)
     train_crop_fold(cfg, killed, 0)
     a, b = (load_checkpoint(Run(r).crop_model(0), "crop")["model"] for r in (whole, killed))
     assert all(torch.equal(a[k], b[k]) for k in a)  # resumed exactly, as if never stopped
@@ -327,10 +327,10 @@ def test_a_deleted_or_truncated_crop_file_is_cut_again(crop_run, caplog):
     whole = {p: p.read_bytes() for p in (first, second)}
     first.unlink()
     second.write_bytes(whole[second][: len(whole[second]) // 2])
-    assert not is_cropped(run_dir, cfg)
+    assert not is_cropped(cfg, run_dir)
     with caplog.at_level("INFO", logger="cspine.crop"):
         crop(cfg, run_dir, Run(run_dir).data_dir_file.read_text().strip())
-    assert "2 to cut" in caplog.text and is_cropped(run_dir, cfg)
+    assert "2 to cut" in caplog.text and is_cropped(cfg, run_dir)
     for path, data in whole.items():
         read_crop_store(path)  # whole again
         assert path.stat().st_size == len(data)

@@ -143,7 +143,7 @@ def test_blstm_padded_batch_equals_each_sequence_alone():
 
 def test_blstm_learns_separable_studies():
     from cspine.config import SeqConfig
-    from cspine.train_seq import Study, fit_sequence_model, predict_studies
+    from cspine.train_seq import Study, fit_sequence_model, score_studies
 
     rng = np.random.default_rng(0)
 
@@ -162,7 +162,7 @@ def test_blstm_learns_separable_studies():
     cfg = SeqConfig(epochs=40, batch_size=8, lr=3e-3, patience=40, dropout=0.0)
     model, history = fit_sequence_model(train, stop, cfg, hidden=16, device=torch.device("cpu"), seed=0)
     assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
-    p = predict_studies(model, test, torch.device("cpu"))
+    p = score_studies(model, test, torch.device("cpu"))
     y = np.array([v.y[0] for v in test])
     assert roc_auc_score(y, p[:, 0]) >= 0.95
     assert np.mean((p[:, 0] > 0.5) == y) >= 0.9

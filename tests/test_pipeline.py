@@ -238,18 +238,19 @@ def test_blstms_train_again_when_their_features_or_settings_change(smoke_run, tm
 
     run_dir = _features_only_run(smoke_run, tmp_path / "stale_run")
     shutil.copytree(smoke_run / "seq", run_dir / "seq")
-    s = load_config(SMOKE_CONFIG).seq
-    assert is_seq_trained(run_dir, s.hidden, 0, s) and is_seq_trained(run_dir, s.hidden, 1, s)
+    cfg = load_config(SMOKE_CONFIG)
+    h = cfg.seq.hidden
+    assert is_seq_trained(cfg, run_dir, 0, h) and is_seq_trained(cfg, run_dir, 1, h)
     provenance_path = Run(run_dir).provenance(1)
     provenance = json.loads(provenance_path.read_text())
     provenance_path.write_text(json.dumps({**provenance, "checkpoint_sha": "0" * 16}))  # CNN 1 retrained
-    assert not is_seq_trained(run_dir, s.hidden, 0, s)  # any CNN retrained: every fold's (conservative)
+    assert not is_seq_trained(cfg, run_dir, 0, h)  # any CNN retrained: every fold's (conservative)
     provenance_path.write_text(json.dumps(provenance))
-    assert is_seq_trained(run_dir, s.hidden, 0, s)
-    other = load_config(SMOKE_CONFIG, ["seq.epochs=4"]).seq
-    assert not is_seq_trained(run_dir, s.hidden, 0, other)  # another seq setting
-    sizes = load_config(SMOKE_CONFIG, ["seq.hidden=32", "seq.compare_hidden=[32]"]).seq
-    assert is_seq_trained(run_dir, s.hidden, 0, sizes)  # the sizes to train are not how one size trained
+    assert is_seq_trained(cfg, run_dir, 0, h)
+    other = load_config(SMOKE_CONFIG, ["seq.epochs=4"])
+    assert not is_seq_trained(other, run_dir, 0, h)  # another seq setting
+    sizes = load_config(SMOKE_CONFIG, ["seq.hidden=32", "seq.compare_hidden=[32]"])
+    assert is_seq_trained(sizes, run_dir, 0, h)  # the sizes to train are not how one size trained
 
 
 def test_report_tables_have_the_papers_rows_and_columns(smoke_run):

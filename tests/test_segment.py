@@ -215,7 +215,7 @@ def test_segment_trains_and_segments_every_study_out_of_fold(synthetic_root, tmp
     index = run.cache.read_index()
     assert len(table) == len(index) and set(table["StudyInstanceUID"]) == set(index["StudyInstanceUID"])
     assert set(table.columns) >= {"order", "slice_number", "level", *VERTEBRAE}
-    assert is_segmented(run.root, cfg.seg)
+    assert is_segmented(cfg, run.root)
     dice = pd.read_csv(run.seg_file("dice.csv"), dtype={"StudyInstanceUID": str})
     trained_on = {k: set(load_segmenter(run.seg_model(k))[1].trained_on) for k in range(2)}
     for uid, fold in zip(dice["StudyInstanceUID"], dice["fold"]):

@@ -206,7 +206,7 @@ def test_ddp_two_cpu_processes_keep_identical_parameters(prepared, tmp_path):
 def _ddp_check(rank: int, world: int, init_file: str, run_dir: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    import cspine.train_slices as ts
+    import cspine.training as ts
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)

@@ -257,7 +257,7 @@ def json_safe(value):
     return [json_safe(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-def is_blended(run_dir: str | os.PathLike, cfg: Config, folds: list[int]) -> bool:
+def is_blended(cfg: Config, run_dir: str | os.PathLike, folds: list[int]) -> bool:
     """Whether the blend was fitted on the run's current outputs of ``folds`` with the current settings."""
     run = Run(run_dir)
     if not all(

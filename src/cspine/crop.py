@@ -111,7 +111,7 @@ def stored_whole(run: Run, places: pd.DataFrame) -> set[str]:
     }
 
 
-def is_cropped(run_dir: str | os.PathLike, cfg: Config) -> bool:
+def is_cropped(cfg: Config, run_dir: str | os.PathLike) -> bool:
     """Whether the crops exist whole, cut with the current settings from the current segmentation."""
     run = Run(run_dir)
     if not (run.crop_record.is_file() and read_json(run.crop_record) == _record(run, cfg)):

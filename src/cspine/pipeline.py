@@ -343,7 +343,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("prepare", _prepared, lambda j: (prepare(j.cfg, j.data_dir, j.run.cache.root), check_cached(j))),
     Stage(
         "segment",
-        lambda j: not needs_vertebrae(j.cfg) or is_segmented(j.run, j.cfg.seg),
+        lambda j: not needs_vertebrae(j.cfg) or is_segmented(j.cfg, j.run),
         lambda j: segment(j.cfg, j.run),
     ),
     Stage(
@@ -358,29 +358,29 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "train-seq",
-        lambda j: all(is_seq_trained(j.run, h, k, j.cfg.seq) for h in j.cfg.seq.sizes for k in j.folds),
+        lambda j: all(is_seq_trained(j.cfg, j.run, k, h) for h in j.cfg.seq.sizes for k in j.folds),
         lambda j: [train_seq(j.cfg, j.run, k) for k in j.folds],
     ),
     Stage(
         "train-vertebrae",
-        lambda j: not j.cfg.vert.enabled or all(is_vert_trained(j.run, k, j.cfg) for k in j.folds),
+        lambda j: not j.cfg.vert.enabled or all(is_vert_trained(j.cfg, j.run, k) for k in j.folds),
         lambda j: [
-            train_vertebra_fold(j.cfg, j.run, k) for k in j.folds if not is_vert_trained(j.run, k, j.cfg)
+            train_vertebra_fold(j.cfg, j.run, k) for k in j.folds if not is_vert_trained(j.cfg, j.run, k)
         ],
     ),
     Stage(
         "crop",
-        lambda j: not j.cfg.crop.enabled or is_cropped(j.run, j.cfg),
+        lambda j: not j.cfg.crop.enabled or is_cropped(j.cfg, j.run),
         lambda j: crop(j.cfg, j.run, j.data_dir),
     ),
     Stage(
         "train-crops",
-        lambda j: not j.cfg.crop.enabled or all(is_crop_trained(j.run, k, j.cfg) for k in j.folds),
-        lambda j: [train_crop_fold(j.cfg, j.run, k) for k in j.folds if not is_crop_trained(j.run, k, j.cfg)],
+        lambda j: not j.cfg.crop.enabled or all(is_crop_trained(j.cfg, j.run, k) for k in j.folds),
+        lambda j: [train_crop_fold(j.cfg, j.run, k) for k in j.folds if not is_crop_trained(j.cfg, j.run, k)],
     ),
     Stage(
         "blend",
-        lambda j: not j.cfg.blend.enabled or is_blended(j.run, j.cfg, j.folds),
+        lambda j: not j.cfg.blend.enabled or is_blended(j.cfg, j.run, j.folds),
         lambda j: blend(j.cfg, j.run, j.folds),
     ),
     Stage("evaluate", _always, lambda j: evaluate(j.cfg, j.run)),

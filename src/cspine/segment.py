@@ -94,7 +94,7 @@ def _columns(rng: np.random.Generator, mask: np.ndarray, n: int) -> np.ndarray:
 
 def train_segmenter(
     studies: dict[str, tuple[np.ndarray, np.ndarray, float]],
-    s: SegConfig,
+    seg: SegConfig,
     rt: Runtime,
     seed: int,
     desc: str = "segment",
@@ -109,29 +109,29 @@ def train_segmenter(
     to its longest study's rows.
     """
     seed_everything(seed)
-    steps = steps or s.steps
-    model = build_segmenter(s.encoder, s.context)
+    steps = steps or seg.steps
+    model = build_segmenter(seg.encoder, seg.context)
     if start is not None:
         model.load_state_dict(start)
     # NHWC: faster on a GPU with AMP, and on a CPU (156 against 170 ms a step of 8 planes)
     model = model.to(rt.device, memory_format=torch.channels_last)
     net = distributed(model, rt)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=s.lr, total_steps=steps, pct_start=0.1)
-    dtype, scaler = mixed_precision(rt.device, s.amp)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=seg.lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=seg.lr, total_steps=steps, pct_start=0.1)
+    dtype, scaler = mixed_precision(rt.device, seg.amp)
     rng = np.random.default_rng(seed + 1000 * rt.rank)
     uids = sorted(studies)
-    rows = [plane_rows(len(studies[u][0]), studies[u][2], s.row_mm) for u in uids]  # each study's height
+    rows = [plane_rows(len(studies[u][0]), studies[u][2], seg.row_mm) for u in uids]  # each study's height
     losses = []
     net.train()
     for _ in progress(range(steps), desc, steps=True, leave=False, enabled=rt.is_main):
-        picks = np.unique(rng.choice(len(uids), s.batch_size), return_counts=True)
+        picks = np.unique(rng.choice(len(uids), seg.batch_size), return_counts=True)
         pad_to = padded_rows(max(rows[i] for i in picks[0]))
         xs, ys = [], []
         for i, count in zip(*picks):
             images, mask, _ = studies[uids[i]]
             cols = _columns(rng, mask, int(count))
-            xs.append(sagittal_planes(images, cols, s.context, rows[i], pad_to))
+            xs.append(sagittal_planes(images, cols, seg.context, rows[i], pad_to))
             ys.append(sagittal_labels(mask, cols, rows[i], pad_to))
         x = torch.cat(xs).to(rt.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with autocast(rt.device, dtype):
@@ -154,14 +154,14 @@ def masked_studies(run: Run) -> list[str]:
     return [u for u in uids if run.cache.mask(u).is_file()]
 
 
-def seg_folds(uids: list[str], s: SegConfig) -> dict[str, int]:
+def seg_folds(uids: list[str], seg: SegConfig) -> dict[str, int]:
     """{masked study: its segmentation fold}, at study level."""
-    if len(uids) < s.least_masks:
+    if len(uids) < seg.least_masks:
         raise RuntimeError(
-            f"{len(uids)} studies have a segmentation: {s.folds} folds need at least "
-            f"{s.least_masks} (the real data has 87)"
+            f"{len(uids)} studies have a segmentation: {seg.folds} folds need at least "
+            f"{seg.least_masks} (the real data has 87)"
         )
-    splitter = KFold(n_splits=s.folds, shuffle=True, random_state=s.seed)
+    splitter = KFold(n_splits=seg.folds, shuffle=True, random_state=seg.seed)
     return {uids[i]: k for k, (_, held) in enumerate(splitter.split(uids)) for i in held}
 
 
@@ -175,7 +175,7 @@ def masked_study(run: Run, uid: str) -> tuple[np.ndarray, np.ndarray, float]:
 
 
 def pseudo_labels(
-    run: Run, s: SegConfig, rt: Runtime, model: torch.nn.Module, fold: int, uids: list[str]
+    run: Run, seg: SegConfig, rt: Runtime, model: torch.nn.Module, fold: int, uids: list[str]
 ) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
     """Self-training's labels of one fold: its round-1 model segments up to ``s.pseudo_studies`` of the
     unmasked studies ``uids`` (a seeded draw); those whose vertebrae pass `check_vertebrae` and whose
@@ -185,18 +185,18 @@ def pseudo_labels(
 
     Every rank labels them all (each draws its own planes from them), so the ranks need no exchange.
     """
-    how, dtype = reading(s), amp_dtype(rt.device, s.amp)
-    rng = np.random.default_rng(s.seed + fold)
-    chosen = [uids[i] for i in sorted(rng.permutation(len(uids))[: s.pseudo_studies])]
+    how, dtype = reading(seg), amp_dtype(rt.device, seg.amp)
+    rng = np.random.default_rng(seg.seed + fold)
+    chosen = [uids[i] for i in sorted(rng.permutation(len(uids))[: seg.pseudo_studies])]
     rows, kept = [], {}
     for uid in progress(chosen, f"segment fold {fold}: label", unit="study", enabled=rt.is_main):
         images, dz = np.asarray(load_study_images(run.cache.root, uid)), slice_spacing(run, uid)
         with autocast(rt.device, dtype):
             probs = plane_probabilities([model], images, dz, how, rt.device)
         labels = plane_labels(probs, how.plane_stride)
-        problems = check_vertebrae(vertebra_extents(labels, s.min_pixels)[1], dz)
+        problems = check_vertebrae(vertebra_extents(labels, seg.min_pixels)[1], dz)
         confidence = spine_confidence(probs)
-        used = not problems and confidence >= s.pseudo_confidence
+        used = not problems and confidence >= seg.pseudo_confidence
         rows.append(
             {
                 "StudyInstanceUID": uid,
@@ -218,7 +218,7 @@ def pseudo_labels(
             fold,
             len(rows),
             len(kept),
-            s.pseudo_confidence,
+            seg.pseudo_confidence,
             run.seg_pseudo(fold),
         )
     return kept
@@ -226,7 +226,7 @@ def pseudo_labels(
 
 def fit_segmenter(
     run: Run,
-    s: SegConfig,
+    seg: SegConfig,
     rt: Runtime,
     fold: int,
     path: os.PathLike,
@@ -240,10 +240,10 @@ def fit_segmenter(
     ``path`` (rank 0), recording the masked studies it trained on and, in round 2, the unmasked ones it
     trained on through their pseudo-labels (``pseudo``) and the studies behind those (``labelled_by``)."""
     started = time.perf_counter()
-    model, losses = train_segmenter(train, s, rt, s.seed + fold, f"segment fold {fold}", steps, start)
+    model, losses = train_segmenter(train, seg, rt, seg.seed + fold, f"segment fold {fold}", steps, start)
     if rt.is_main:
         meta = SegmenterMeta(
-            reading=reading(s),
+            reading=reading(seg),
             fold=fold,
             trained_on=sorted(set(train) - set(pseudo)),
             pseudo=sorted(pseudo),
@@ -252,7 +252,7 @@ def fit_segmenter(
         )
         save_model(model, path, meta)
         log.info(
-            "segment fold %d: %d studies%s, %d steps × %d ranks in %.0f s, loss %.3f → %.3f",
+            "segment fold %d: %d studies%s, %d steps × %d ranks in %.0f seg, loss %.3f → %.3f",
             fold,
             len(train),
             f" ({len(pseudo)} of them pseudo-labelled)" if pseudo else "",
@@ -275,28 +275,28 @@ def train_seg_fold(cfg: Config, run_dir: str | os.PathLike, fold: int, rt: Runti
     weights on those and on the unmasked studies round 1 labelled (`pseudo_labels`): the fold's masked
     studies reach it neither directly nor through a label, since its round-1 model never saw them.
     """
-    run, s = Run(run_dir), cfg.seg
+    run, seg = Run(run_dir), cfg.seg
     path = run.seg_model(fold)
     if path.is_file():
         return {"fold": fold, "trained": False}
-    folds = seg_folds(masked_studies(run), s)
+    folds = seg_folds(masked_studies(run), seg)
     train = {u: masked_study(run, u) for u, k in folds.items() if k != fold}
-    if s.rounds == 1:
-        fit_segmenter(run, s, rt, fold, path, train)
+    if seg.rounds == 1:
+        fit_segmenter(run, seg, rt, fold, path, train)
         return {"fold": fold, "trained": True}
     if not run.seg_first(fold).is_file():
-        fit_segmenter(run, s, rt, fold, run.seg_first(fold), train)
+        fit_segmenter(run, seg, rt, fold, run.seg_first(fold), train)
     first, meta = load_segmenter(run.seg_first(fold), rt.device)
     unmasked = [u for u in run.cache.read_index()["StudyInstanceUID"].unique() if u not in folds]
-    pseudo = pseudo_labels(run, s, rt, first, fold, unmasked)
+    pseudo = pseudo_labels(run, seg, rt, first, fold, unmasked)
     fit_segmenter(
         run,
-        s,
+        seg,
         rt,
         fold,
         path,
         {**train, **pseudo},
-        steps=s.pseudo_steps or s.steps,
+        steps=seg.pseudo_steps or seg.steps,
         start=first.state_dict(),
         pseudo=list(pseudo),
         labelled_by=meta.trained_on,
@@ -315,11 +315,11 @@ def _check_out_of_fold(run: Run, folds: dict[str, int], metas: list[SegmenterMet
 
 
 def segment_share(
-    run: Run, index: pd.DataFrame, s: SegConfig, rt: Runtime, models: list, folds: dict[str, int]
+    run: Run, index: pd.DataFrame, seg: SegConfig, rt: Runtime, models: list, folds: dict[str, int]
 ) -> tuple[list, list, list, list]:
     """Segments this rank's share of the cached studies: per-slice tables, extents, Dice rows and each
     study's check (`check_vertebrae`)."""
-    how, dtype = reading(s), amp_dtype(rt.device, s.amp)
+    how, dtype = reading(seg), amp_dtype(rt.device, seg.amp)
     groups = list(index.groupby("StudyInstanceUID", sort=False))[rt.rank :: rt.world_size]
     rows, extents, dice, checks = [], [], [], []
     for uid, part in progress(groups, "segment studies", unit="study", enabled=rt.is_main):
@@ -330,8 +330,8 @@ def segment_share(
         with autocast(rt.device, dtype):
             labels = segment_study(models if fold is None else [models[fold]], study, dz, how, rt.device)
         save_labels(run.seg_labels(uid), labels)
-        presence, found = vertebra_extents(labels, s.min_pixels)
-        levels = slice_levels(labels, s.min_pixels)
+        presence, found = vertebra_extents(labels, seg.min_pixels)
+        levels = slice_levels(labels, seg.min_pixels)
         part = part.sort_values("order")
         rows.append(
             pd.DataFrame(
@@ -373,14 +373,14 @@ def segment(cfg: Config, run_dir: str | os.PathLike, rt: Runtime | None = None) 
     """The stage: trains every fold's model, then segments every cached study; returns the per-slice table
     (on rank 0; None on the other ranks under torchrun)."""
     rt = rt or init_distributed(cfg.device)
-    run, s = Run(run_dir), cfg.seg
-    folds = seg_folds(masked_studies(run), s)
-    for fold in range(s.folds):
+    run, seg = Run(run_dir), cfg.seg
+    folds = seg_folds(masked_studies(run), seg)
+    for fold in range(seg.folds):
         train_seg_fold(cfg, run, fold, rt)
-    loaded = [load_segmenter(run.seg_model(k), rt.device) for k in range(s.folds)]
+    loaded = [load_segmenter(run.seg_model(k), rt.device) for k in range(seg.folds)]
     _check_out_of_fold(run, folds, [meta for _, meta in loaded])
     index = run.cache.read_index()
-    joined = _gather(segment_share(run, index, s, rt, [m for m, _ in loaded], folds), rt)
+    joined = _gather(segment_share(run, index, seg, rt, [m for m, _ in loaded], folds), rt)
     if joined is None:
         return None
     rows, extents, dice, checks = joined
@@ -417,12 +417,12 @@ def segment(cfg: Config, run_dir: str | os.PathLike, rt: Runtime | None = None) 
     return table
 
 
-def is_segmented(run_dir: str | os.PathLike, s: SegConfig) -> bool:
+def is_segmented(cfg: Config, run_dir: str | os.PathLike) -> bool:
     """Whether every fold model, the per-slice table and the studies' checks exist."""
     run = Run(run_dir)
     return (
         run.seg_file("vertebrae.csv").is_file()
         and run.seg_file("checks.csv").is_file()
-        and all(run.seg_model(k).is_file() for k in range(s.folds))
+        and all(run.seg_model(k).is_file() for k in range(cfg.seg.folds))
         and run.seg_labels_dir.is_dir()
     )

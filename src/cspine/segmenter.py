@@ -255,9 +255,9 @@ def slice_levels(labels: np.ndarray, min_pixels: int) -> np.ndarray:
     return np.where(counts.max(axis=1) >= min_pixels, counts.argmax(axis=1) + 1, 0)
 
 
-def reading(s: SegConfig) -> SegReading:
-    """How the segmentation models of ``s`` read a study."""
-    return SegReading(s.context, s.row_mm, s.plane_stride, s.min_pixels)
+def reading(seg: SegConfig) -> SegReading:
+    """How the segmentation models of ``seg`` read a study."""
+    return SegReading(seg.context, seg.row_mm, seg.plane_stride, seg.min_pixels)
 
 
 def save_labels(path: Path, labels: np.ndarray) -> None:

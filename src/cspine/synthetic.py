@@ -208,36 +208,36 @@ def _make_study_star(kwargs: dict) -> dict:
     return make_study(**kwargs)
 
 
-def _study_jobs(root: Path, s: SynthConfig) -> list[dict]:
+def _study_jobs(root: Path, synth: SynthConfig) -> list[dict]:
     """`make_study`'s arguments for every study, train then test: which have boxes and masks (the real data's
     shares, drawn before the fractures) and each one's seed."""
-    n_train = s.n_train
+    n_train = synth.n_train
     config = PhantomConfig(
-        image_size=s.image_size,
-        n_slices=s.n_slices or None,
-        slice_range=tuple(s.slice_range),
-        head_mm=tuple(s.head_mm) or None,
-        difficulty=s.difficulty,
+        image_size=synth.image_size,
+        n_slices=synth.n_slices or None,
+        slice_range=tuple(synth.slice_range),
+        head_mm=tuple(synth.head_mm) or None,
+        difficulty=synth.difficulty,
     )
-    plan_rng = np.random.default_rng([s.seed, 1])
-    boxed = plan_rng.random(n_train) < s.box_fraction
+    plan_rng = np.random.default_rng([synth.seed, 1])
+    boxed = plan_rng.random(n_train) < synth.box_fraction
     masked = set(
         plan_rng.choice(
-            n_train, min(n_train, max(s.min_masks, round(s.mask_fraction * n_train))), replace=False
+            n_train, min(n_train, max(synth.min_masks, round(synth.mask_fraction * n_train))), replace=False
         ).tolist()
     )
     return [
         dict(
             root=root,
             split="train" if i < n_train else "test",
-            uid=_study_uid(i, s.seed),
-            seed=(s.seed, 2, i),
+            uid=_study_uid(i, synth.seed),
+            seed=(synth.seed, 2, i),
             config=config,
             with_boxes=i < n_train and bool(boxed[i]),
             with_mask=i in masked,
-            reversed_fraction=s.reversed_fraction,
+            reversed_fraction=synth.reversed_fraction,
         )
-        for i in range(n_train + s.n_test)
+        for i in range(n_train + synth.n_test)
     ]
 
 
@@ -275,43 +275,43 @@ def _write_tables(root: Path, results: list[dict], test_uids: list[str], n_train
 
 def make_competition(
     out_dir: str | os.PathLike,
-    s: SynthConfig | None = None,
+    synth: SynthConfig | None = None,
     workers: int = 1,
 ) -> Path:
     """Writes a synthetic competition in the real layout and returns its root.
 
     Args:
         out_dir: the competition root (created).
-        s: what to generate (`cspine.config.SynthConfig`, the one source of the settings and their
+        synth: what to generate (`cspine.config.SynthConfig`, the one source of the settings and their
             defaults): the studies, the seed everything is a function of, the image size, the difficulty,
             the real data's shares of boxes and masks, the slices a study (0 draws them from ``slice_range``), the share of reversed studies.
         workers: processes; the output is identical for any number.
     """
-    s = s or SynthConfig()
+    synth = synth or SynthConfig()
     final = Path(out_dir)
     check_synthetic_folder(final)
     root = final.with_name(final.name + ".part")  # written whole, then put in place of the old one
     shutil.rmtree(root, ignore_errors=True)
     for sub in ("train_images", "test_images"):
         (root / sub).mkdir(parents=True)
-    jobs = _study_jobs(root, s)
+    jobs = _study_jobs(root, synth)
     bar = dict(total=len(jobs), desc="synthetic studies", unit="study")
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             results = list(progress(pool.map(_make_study_star, jobs), **bar))
     else:
         results = [make_study(**job) for job in progress(jobs, **bar)]
-    train = _write_tables(root, results, [job["uid"] for job in jobs[s.n_train :]], s.n_train)
+    train = _write_tables(root, results, [job["uid"] for job in jobs[synth.n_train :]], synth.n_train)
     # written last: the folder is whole
-    write_text(root / COMPLETE_MARKER, json.dumps(dataclasses.asdict(s), indent=1) + "\n")
+    write_text(root / COMPLETE_MARKER, json.dumps(dataclasses.asdict(synth), indent=1) + "\n")
     replace_folder(root, final)
     log.info(
         "synthetic competition at %s: %d train (%d positive, %d reversed), %d test",
         final,
-        s.n_train,
+        synth.n_train,
         int(train["patient_overall"].sum()),
-        sum(r["reversed"] for r in results[: s.n_train]),
-        s.n_test,
+        sum(r["reversed"] for r in results[: synth.n_train]),
+        synth.n_test,
     )
     return final
 

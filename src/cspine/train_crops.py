@@ -112,7 +112,7 @@ def _record(run: Run, cfg: Config, fold: int) -> dict:
     }
 
 
-def is_crop_trained(run_dir: str | os.PathLike, fold: int, cfg: Config) -> bool:
+def is_crop_trained(cfg: Config, run_dir: str | os.PathLike, fold: int) -> bool:
     """Whether fold ``fold``'s crop model and out-of-fold table exist, made from the current crops and settings."""
     run = Run(run_dir)
     record = run.crop_file(fold, "record.json")

@@ -57,11 +57,11 @@ class Study:
 
 def collate(studies: list[Study]):
     """Pads studies into x [B, T, D], lengths [B], y [B, 8]."""
-    lengths = torch.tensor([len(s.x) for s in studies])
+    lengths = torch.tensor([len(study.x) for study in studies])
     batch = torch.zeros(len(studies), int(lengths.max()), studies[0].x.shape[1])
-    for i, s in enumerate(studies):
-        batch[i, : len(s.x)] = torch.from_numpy(s.x)
-    return batch, lengths, torch.from_numpy(np.stack([s.y for s in studies]))
+    for i, study in enumerate(studies):
+        batch[i, : len(study.x)] = torch.from_numpy(study.x)
+    return batch, lengths, torch.from_numpy(np.stack([study.y for study in studies]))
 
 
 def sequence_loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
@@ -76,7 +76,7 @@ def sequence_loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Ten
 
 
 @torch.inference_mode()
-def predict_studies(
+def score_studies(
     model: SequenceNet, studies: list[Study], device: torch.device, batch_size: int = 16
 ) -> np.ndarray:
     """Probabilities [S, 8] in TARGETS order."""
@@ -106,29 +106,29 @@ def split_for_stopping(studies: list[Study], fraction: float, seed: int) -> tupl
 
 
 def fit_sequence_model(
-    train: list[Study], stop: list[Study], s: SeqConfig, hidden: int, device: torch.device, seed: int
+    train: list[Study], stop: list[Study], seq: SeqConfig, hidden: int, device: torch.device, seed: int
 ) -> tuple[SequenceNet, list[dict]]:
     """Trains one BLSTM on ``train``; early stopping on the competition loss of ``stop`` (all epochs if empty)."""
     seed_everything(seed)
-    model = SequenceNet(train[0].x.shape[1], hidden, s.layers, s.dropout).to(device)
+    model = SequenceNet(train[0].x.shape[1], hidden, seq.layers, seq.dropout).to(device)
     model.fit_standardization(torch.from_numpy(np.concatenate([st.x for st in train])).to(device))
-    optimizer = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=seq.lr, weight_decay=seq.weight_decay)
     rng = np.random.default_rng(seed)
     best, best_state, bad, history = math.inf, None, 0, []
-    for epoch in range(s.epochs):
+    for epoch in range(seq.epochs):
         model.train()
         order = rng.permutation(len(train))
         total = 0.0
-        for start in range(0, len(order), s.batch_size):
-            x, lengths, y = collate([train[i] for i in order[start : start + s.batch_size]])
-            loss = sequence_loss(model(x.to(device), lengths), y.to(device), s.loss)
+        for start in range(0, len(order), seq.batch_size):
+            x, lengths, y = collate([train[i] for i in order[start : start + seq.batch_size]])
+            loss = sequence_loss(model(x.to(device), lengths), y.to(device), seq.loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += loss.item() * len(x)
         row = {"epoch": epoch + 1, "train_loss": total / len(train)}
         if stop:
-            probs = predict_studies(model, stop, device)
+            probs = score_studies(model, stop, device)
             row["stop_loss"] = weighted_log_loss(np.stack([v.y for v in stop]), probs)
             if row["stop_loss"] < best:
                 best, bad = row["stop_loss"], 0
@@ -136,7 +136,7 @@ def fit_sequence_model(
             else:
                 bad += 1
         history.append(row)
-        if stop and bad >= s.patience:
+        if stop and bad >= seq.patience:
             break
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -144,12 +144,12 @@ def fit_sequence_model(
 
 
 def _fit_and_score(
-    train: list[Study], scored: list[Study], s: SeqConfig, hidden: int, device: torch.device, seed: int
+    train: list[Study], scored: list[Study], seq: SeqConfig, hidden: int, device: torch.device, seed: int
 ) -> tuple[SequenceNet, list[dict], np.ndarray]:
     """A BLSTM trained on ``train`` (early stopping on a share of it) and its predictions for ``scored``."""
-    fit, stop = split_for_stopping(train, s.stop_fraction, seed)
-    model, history = fit_sequence_model(fit, stop, s, hidden, device, seed)
-    return model, history, predict_studies(model, scored, device)
+    fit, stop = split_for_stopping(train, seq.stop_fraction, seed)
+    model, history = fit_sequence_model(fit, stop, seq, hidden, device, seed)
+    return model, history, score_studies(model, scored, device)
 
 
 def _load_studies(
@@ -164,15 +164,15 @@ def _load_studies(
 
 
 def _save(
-    model: SequenceNet, path, s: SeqConfig, source_fold: int | None, trained_on: list[str], tta: bool
+    model: SequenceNet, path, seq: SeqConfig, source_fold: int | None, trained_on: list[str], tta: bool
 ) -> None:
     """The BLSTM and how its inputs were made (``tta``: slices read mirrored too), for `predict` to match."""
-    save_model(model, path, SequenceMeta(s.input, s.bins, tta, source_fold, trained_on))
+    save_model(model, path, SequenceMeta(seq.input, seq.bins, tta, source_fold, trained_on))
 
 
 def train_seq(cfg: Config, run_dir: str | os.PathLike, fold: int) -> list[int]:
     """Trains fold ``fold``'s BLSTMs of every size in ``cfg.seq.sizes`` not trained yet; returns those sizes."""
-    todo = [h for h in cfg.seq.sizes if not is_seq_trained(run_dir, h, fold, cfg.seq)]
+    todo = [h for h in cfg.seq.sizes if not is_seq_trained(cfg, run_dir, fold, h)]
     for hidden in todo:
         train_seq_fold(cfg, run_dir, fold, hidden)
     return todo
@@ -181,17 +181,17 @@ def train_seq(cfg: Config, run_dir: str | os.PathLike, fold: int) -> list[int]:
 def train_seq_fold(
     cfg: Config, run_dir: str | os.PathLike, fold: int, hidden: int | None = None
 ) -> pd.DataFrame:
-    """Trains fold ``fold``'s BLSTM(s) and returns their out-of-fold predictions for the fold's studies."""
+    """Trains fold ``fold``'s BLSTM(seq) and returns their out-of-fold predictions for the fold's studies."""
     run = Run(run_dir)
-    s = cfg.seq
-    hidden = hidden or s.hidden
+    seq = cfg.seq
+    hidden = hidden or seq.hidden
     device = pick_device(cfg.device)
     folds, labels = run.read_folds(), run.read_labels()
     source, signature = oof_sources(run), features_signature(run)
     tta = extracted_with_tta(signature)
-    if s.train_on not in ("own_fold", "other_folds"):
-        raise ValueError(f"seq.train_on must be 'own_fold' or 'other_folds', not {s.train_on!r}")
-    if s.train_on == "other_folds" and s.input not in CNN_OUTPUTS:
+    if seq.train_on not in ("own_fold", "other_folds"):
+        raise ValueError(f"seq.train_on must be 'own_fold' or 'other_folds', not {seq.train_on!r}")
+    if seq.train_on == "other_folds" and seq.input not in CNN_OUTPUTS:
         raise ValueError(
             "seq.train_on='other_folds' needs seq.input 'probs' or 'fracture': CNNs of "
             "different folds learn unrelated feature spaces, so a BLSTM reads one CNN's "
@@ -203,26 +203,28 @@ def train_seq_fold(
     for stale in [*run.seq_fold_dir(hidden, fold).glob("*.pt"), run.seq_file(hidden, fold, "features.json")]:
         stale.unlink(missing_ok=True)
     rows = []
-    if s.train_on == "other_folds":
+    if seq.train_on == "other_folds":
         others = [u for u in folds.loc[folds["fold"] != fold, "StudyInstanceUID"] if u in source]
-        train = _load_studies(run, others, labels, s.input, source, s.bins)
-        val = _load_studies(run, in_fold, labels, s.input, source, s.bins)
-        model, history, probs = _fit_and_score(train, val, s, hidden, device, s.seed + fold)
-        _save(model, run.blstm(hidden, fold, None), s, None, others, tta)
+        train = _load_studies(run, others, labels, seq.input, source, seq.bins)
+        val = _load_studies(run, in_fold, labels, seq.input, source, seq.bins)
+        model, history, probs = _fit_and_score(train, val, seq, hidden, device, seq.seed + fold)
+        _save(model, run.blstm(hidden, fold, None), seq, None, others, tta)
         rows.append((val, probs))
         histories = {"model": history}
     else:
-        studies = _load_studies(run, in_fold, labels, s.input, source, s.bins)
+        studies = _load_studies(run, in_fold, labels, seq.input, source, seq.bins)
         y = np.array([st.y[0] for st in studies]).astype(int)
-        n_inner = max(2, min(s.inner_folds, len(y)))
+        n_inner = max(2, min(seq.inner_folds, len(y)))
         # too few to stratify
         strata = y if np.bincount(y, minlength=2).min() >= n_inner else np.zeros_like(y)
-        splitter = StratifiedKFold(n_splits=n_inner, shuffle=True, random_state=s.seed + fold)
+        splitter = StratifiedKFold(n_splits=n_inner, shuffle=True, random_state=seq.seed + fold)
         histories = {}
         for inner, (tr, va) in enumerate(splitter.split(np.zeros(len(y)), strata)):
             train, val = [studies[i] for i in tr], [studies[i] for i in va]
-            model, history, probs = _fit_and_score(train, val, s, hidden, device, s.seed + 100 * fold + inner)
-            _save(model, run.blstm(hidden, fold, inner), s, fold, [st.uid for st in train], tta)
+            model, history, probs = _fit_and_score(
+                train, val, seq, hidden, device, seq.seed + 100 * fold + inner
+            )
+            _save(model, run.blstm(hidden, fold, inner), seq, fold, [st.uid for st in train], tta)
             rows.append((val, probs))
             histories[f"inner{inner}"] = history
     write_json(histories, run.seq_file(hidden, fold, "history.json"))
@@ -230,12 +232,14 @@ def train_seq_fold(
     oof = oof_table([u for u, _ in scored], fold, np.array([p for _, p in scored]).reshape(-1, len(TARGETS)))
     write_csv(oof, run.seq_file(hidden, fold, "oof.csv"))
     # written last: until it exists the fold's BLSTMs do not count as trained (`is_seq_trained`)
-    write_json({"features": signature, "seq": _seq_signature(s)}, run.seq_file(hidden, fold, "features.json"))
+    write_json(
+        {"features": signature, "seq": _seq_signature(seq)}, run.seq_file(hidden, fold, "features.json")
+    )
     log.info(
         "train-seq fold %d, BLSTM-%d (%s): %d studies scored out of fold, loss %.4f",
         fold,
         hidden,
-        s.input,
+        seq.input,
         len(oof),
         weighted_log_loss(
             labels.loc[oof["StudyInstanceUID"], list(TARGETS)].to_numpy(),
@@ -247,18 +251,19 @@ def train_seq_fold(
     return oof
 
 
-def _seq_signature(s: SeqConfig) -> dict:
+def _seq_signature(seq: SeqConfig) -> dict:
     """The ``seq`` settings a fold's BLSTMs were trained with (the size is the folder's, so not here)."""
-    return {k: v for k, v in dataclasses.asdict(s).items() if k not in ("hidden", "compare_hidden")}
+    return {k: v for k, v in dataclasses.asdict(seq).items() if k not in ("hidden", "compare_hidden")}
 
 
-def is_seq_trained(run_dir: str | os.PathLike, hidden: int, fold: int, s: SeqConfig) -> bool:
-    """Whether fold ``fold``'s BLSTM(s) trained on the run's current features with settings ``s`` (a CNN
-    retrained, features read another way, or another ``seq`` setting means training them again)."""
+def is_seq_trained(cfg: Config, run_dir: str | os.PathLike, fold: int, hidden: int) -> bool:
+    """Whether fold ``fold``'s BLSTM(seq) of size ``hidden`` trained on the run's current features with the
+    ``seq`` settings of ``cfg`` (a CNN retrained, features read another way, or another ``seq`` setting means
+    training them again)."""
     run = Run(run_dir)
     record = run.seq_file(hidden, fold, "features.json")
     if not run.seq_file(hidden, fold, "oof.csv").is_file() or not record.is_file():
         return False
     recorded = read_json(record)
-    current = {"features": features_signature(run_dir), "seq": _seq_signature(s)}
+    current = {"features": features_signature(run_dir), "seq": _seq_signature(cfg.seq)}
     return recorded == json.loads(json.dumps(current))  # through JSON, as recorded: tuples become lists

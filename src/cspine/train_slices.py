@@ -143,24 +143,24 @@ def _loader(dataset, batch_size, workers, sampler=None, shuffle=False, seed=0, p
     )
 
 
-def learning_rate_schedule(optimizer: torch.optim.Optimizer, s: SliceConfig, updates_per_epoch: int):
+def learning_rate_schedule(optimizer: torch.optim.Optimizer, slice_cfg: SliceConfig, updates_per_epoch: int):
     """timm's scheduler for ``s.schedule``: the paper's StepLR, stepped per epoch, or cosine, per update.
 
     Call ``step(epoch)`` after each epoch and ``step_update(n)`` after each optimizer update: the rate is a
     function of those counts alone, so a resumed run picks it up exactly.
     """
-    if s.schedule not in ("step", "cosine"):
-        raise ValueError(f"slice.schedule must be 'step' or 'cosine', not {s.schedule!r}")
+    if slice_cfg.schedule not in ("step", "cosine"):
+        raise ValueError(f"slice.schedule must be 'step' or 'cosine', not {slice_cfg.schedule!r}")
     scheduler, _ = create_scheduler_v2(
         optimizer,
-        sched=s.schedule,
-        num_epochs=s.epochs,
-        decay_epochs=s.step_size,
-        decay_rate=s.gamma,
-        min_lr=s.min_lr,
-        warmup_lr=s.lr / 100,
-        warmup_epochs=s.warmup_epochs,
-        step_on_epochs=s.schedule == "step",
+        sched=slice_cfg.schedule,
+        num_epochs=slice_cfg.epochs,
+        decay_epochs=slice_cfg.step_size,
+        decay_rate=slice_cfg.gamma,
+        min_lr=slice_cfg.min_lr,
+        warmup_lr=slice_cfg.lr / 100,
+        warmup_epochs=slice_cfg.warmup_epochs,
+        step_on_epochs=slice_cfg.schedule == "step",
         updates_per_epoch=updates_per_epoch,
     )
     return scheduler
@@ -230,12 +230,12 @@ def fold_slices(cfg: Config, run: Run, fold: int) -> tuple[pd.DataFrame, pd.Data
     Raises:
         RuntimeError: either set is empty.
     """
-    s = cfg.slice
+    slice_cfg = cfg.slice
     index = run.cache.read_index()
-    if s.labels == "vertebrae":
+    if slice_cfg.labels == "vertebrae":
         index = vertebra_slice_labels(index, run.read_labels(), checked_vertebrae(run))
     train_df, val_df = slice_pools(index, run.read_folds(), fold)
-    val_df = validation_subset(val_df, s.val_max_slices, s.seed)
+    val_df = validation_subset(val_df, slice_cfg.val_max_slices, slice_cfg.seed)
     if train_df.empty or val_df.empty:
         raise RuntimeError(
             f"fold {fold}: {len(train_df)} training and {len(val_df)} validation slices with labels; "
@@ -244,52 +244,75 @@ def fold_slices(cfg: Config, run: Run, fold: int) -> tuple[pd.DataFrame, pd.Data
     return train_df, val_df
 
 
+def _fold_model(
+    slice_cfg: SliceConfig, rt: Runtime, with_boxes: bool
+) -> tuple[SliceNet, torch.nn.Module | None]:
+    """The fold's CNN on the device (channels_last as ``slice_cfg`` says: faster with AMP on a GPU, and on a
+    CPU too with oneDNN, 1.25x the step at the demo's size), and its EMA (None without one), made before
+    DDP wraps the model."""
+    model = SliceNet(
+        slice_cfg.backbone,
+        slice_cfg.pretrained_file,
+        slice_cfg.dropout,
+        box_head=with_boxes,
+        context=slice_cfg.context,
+        width=slice_cfg.width,
+    ).to(rt.device)
+    if slice_cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if not slice_cfg.ema:
+        return model, None
+    from timm.utils import ModelEmaV3
+
+    return model, ModelEmaV3(model, decay=slice_cfg.ema_decay)
+
+
 def setup_fold(cfg: Config, run: Run, fold: int, rt: Runtime) -> FoldTraining:
     """Data, model, optimiser and schedule of one fold, in the order that fixes the RNG streams."""
-    s = cfg.slice
-    if s.select not in ("val_loss", "last"):
-        raise ValueError(f"slice.select must be 'val_loss' or 'last', not {s.select!r}")
-    if s.labels not in ("boxes", "vertebrae"):
-        raise ValueError(f"slice.labels must be 'boxes' or 'vertebrae', not {s.labels!r}")
-    seed_everything(s.seed + fold)
+    slice_cfg = cfg.slice
+    if slice_cfg.select not in ("val_loss", "last"):
+        raise ValueError(f"slice.select must be 'val_loss' or 'last', not {slice_cfg.select!r}")
+    if slice_cfg.labels not in ("boxes", "vertebrae"):
+        raise ValueError(f"slice.labels must be 'boxes' or 'vertebrae', not {slice_cfg.labels!r}")
+    seed_everything(slice_cfg.seed + fold)
     train_df, val_df = fold_slices(cfg, run, fold)
-    size, with_boxes = s.input_size or cfg.prepare.size, s.box_weight > 0
+    size, with_boxes = slice_cfg.input_size or cfg.prepare.size, slice_cfg.box_weight > 0
     train_set = SliceDataset(
-        run.cache.root, train_df, build_transforms(s, True, size, seed=s.seed), with_boxes, context=s.context
+        run.cache.root,
+        train_df,
+        build_transforms(slice_cfg, True, size, seed=slice_cfg.seed),
+        with_boxes,
+        context=slice_cfg.context,
     )
-    val_set = SliceDataset(run.cache.root, val_df, build_transforms(s, False, size), context=s.context)
-    labels = train_df["label"].to_numpy() if s.balance else None
-    total = s.steps_per_epoch * s.batch_size * s.accum_steps * rt.world_size if s.steps_per_epoch else None
-    matched = height_matched_weights(train_df) if s.balance and s.height_matched > 0 else None
+    val_set = SliceDataset(
+        run.cache.root, val_df, build_transforms(slice_cfg, False, size), context=slice_cfg.context
+    )
+    labels = train_df["label"].to_numpy() if slice_cfg.balance else None
+    total = (
+        slice_cfg.steps_per_epoch * slice_cfg.batch_size * slice_cfg.accum_steps * rt.world_size
+        if slice_cfg.steps_per_epoch
+        else None
+    )
+    matched = height_matched_weights(train_df) if slice_cfg.balance and slice_cfg.height_matched > 0 else None
     sampler = BalancedDistributedSampler(
         train_set,
         labels,
         total,
         rt.world_size,
         rt.rank,
-        seed=s.seed + fold,
-        positive_fraction=s.positive_fraction,
+        seed=slice_cfg.seed + fold,
+        positive_fraction=slice_cfg.positive_fraction,
         negative_weights=matched,
-        matched_fraction=s.height_matched,
+        matched_fraction=slice_cfg.height_matched,
     )
-    train_loader = _loader(train_set, s.batch_size, s.workers, sampler=sampler, pin=rt.cuda)
-    val_loader = _loader(val_set, s.batch_size * 2, s.workers, pin=rt.cuda)
+    train_loader = _loader(train_set, slice_cfg.batch_size, slice_cfg.workers, sampler=sampler, pin=rt.cuda)
+    val_loader = _loader(val_set, slice_cfg.batch_size * 2, slice_cfg.workers, pin=rt.cuda)
 
-    model = SliceNet(
-        s.backbone, s.pretrained_file, s.dropout, box_head=with_boxes, context=s.context, width=s.width
-    ).to(rt.device)
-    # NHWC: faster with AMP on a GPU, and on a CPU too (oneDNN): 1.25x the step at the demo's size
-    channels_last = s.channels_last
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ema = None
-    if s.ema:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(model, decay=s.ema_decay)  # before DDP wraps the model
-    optimizer = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    updates_per_epoch = math.ceil(len(train_loader) / s.accum_steps)
-    dtype, scaler = mixed_precision(rt.device, s.amp)
+    model, ema = _fold_model(slice_cfg, rt, with_boxes)
+    channels_last = slice_cfg.channels_last
+    optimizer = torch.optim.Adam(model.parameters(), lr=slice_cfg.lr, weight_decay=slice_cfg.weight_decay)
+    updates_per_epoch = math.ceil(len(train_loader) / slice_cfg.accum_steps)
+    dtype, scaler = mixed_precision(rt.device, slice_cfg.amp)
     return FoldTraining(
         cfg,
         run,
@@ -305,7 +328,7 @@ def setup_fold(cfg: Config, run: Run, fold: int, rt: Runtime) -> FoldTraining:
         distributed(model, rt),
         ema,
         optimizer,
-        learning_rate_schedule(optimizer, s, updates_per_epoch),
+        learning_rate_schedule(optimizer, slice_cfg, updates_per_epoch),
         scaler,
         dtype,
         channels_last,
@@ -330,17 +353,21 @@ def resume(t: FoldTraining) -> None:
 
 def train_one_epoch(t: FoldTraining, epoch: int, max_steps: int | None) -> dict:
     """One epoch of updates; returns its mean training loss, images seen, seconds, last rate and updates."""
-    s, rt = t.cfg.slice, t.rt
+    slice_cfg, rt = t.cfg.slice, t.rt
     t.sampler.set_epoch(epoch)
-    t.train_loader.generator.manual_seed(s.seed * 100003 + t.fold * 1009 + epoch)  # worker augmentation seeds
-    t.train_set.transform.set_random_seed(s.seed * 100003 + t.fold * 1009 + epoch)  # in-process augmentation
+    t.train_loader.generator.manual_seed(
+        slice_cfg.seed * 100003 + t.fold * 1009 + epoch
+    )  # worker augmentation seeds
+    t.train_set.transform.set_random_seed(
+        slice_cfg.seed * 100003 + t.fold * 1009 + epoch
+    )  # in-process augmentation
     t.net.train()
     started, seen, updates, steps = time.perf_counter(), 0, epoch * t.updates_per_epoch, 0
     lr = t.optimizer.param_groups[0]["lr"]  # history's lr: the rate of the epoch's last update
     loss_sum = torch.zeros((), device=rt.device)  # summed on the device: no host sync per step
     bar = progress(
         t.train_loader,
-        f"fold {t.fold} epoch {epoch + 1}/{s.epochs}",
+        f"fold {t.fold} epoch {epoch + 1}/{slice_cfg.epochs}",
         steps=True,
         enabled=rt.is_main,
         leave=False,
@@ -351,16 +378,18 @@ def train_one_epoch(t: FoldTraining, epoch: int, max_steps: int | None) -> dict:
         target, known = target.to(rt.device, non_blocking=True), known.to(rt.device, non_blocking=True)
         if t.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        update = (step + 1) % s.accum_steps == 0 or step + 1 == len(t.train_loader)
+        update = (step + 1) % slice_cfg.accum_steps == 0 or step + 1 == len(t.train_loader)
         with nullcontext() if update or not rt.distributed else t.net.no_sync():
             with autocast(rt.device, t.dtype):
                 logits, box_logits = t.net(images, with_boxes=True) if t.with_boxes else (t.net(images), None)
-            loss = slice_loss(logits, target, known, s.aux_weight)
+            loss = slice_loss(logits, target, known, slice_cfg.aux_weight)
             if t.with_boxes:
-                loss = loss + s.box_weight * box_loss(box_logits, boxes[0].to(rt.device, non_blocking=True))
-            t.scaler.scale(loss / s.accum_steps).backward()
+                loss = loss + slice_cfg.box_weight * box_loss(
+                    box_logits, boxes[0].to(rt.device, non_blocking=True)
+                )
+            t.scaler.scale(loss / slice_cfg.accum_steps).backward()
         if update:
-            optimizer_step(t.optimizer, t.scaler, s.clip_grad)
+            optimizer_step(t.optimizer, t.scaler, slice_cfg.clip_grad)
             if t.ema is not None:
                 t.ema.update(t.model)
             steps, updates, lr = steps + 1, updates + 1, t.optimizer.param_groups[0]["lr"]
@@ -430,8 +459,8 @@ def save_last(t: FoldTraining, epoch: int) -> None:
 
 def end_of_epoch(t: FoldTraining, epoch: int, trained: dict) -> bool:
     """Validates, records and saves one finished epoch (rank 0); returns whether to stop early."""
-    s = t.cfg.slice
-    early_stopping = s.select == "val_loss"  # "last" trains every epoch: the final one is the model
+    slice_cfg = t.cfg.slice
+    early_stopping = slice_cfg.select == "val_loss"  # "last" trains every epoch: the final one is the model
     probs, val_loss, report = validate(t)
     row = {
         "epoch": epoch + 1,
@@ -457,13 +486,13 @@ def end_of_epoch(t: FoldTraining, epoch: int, trained: dict) -> bool:
         " (best)" if improved else "",
     )
     save_last(t, epoch)
-    stop = early_stopping and t.bad_epochs >= s.patience
+    stop = early_stopping and t.bad_epochs >= slice_cfg.patience
     if stop:
         log.info(
             "fold %d: early stopping after epoch %d (no improvement in %d epochs)",
             t.fold,
             epoch + 1,
-            s.patience,
+            slice_cfg.patience,
         )
     return stop
 
@@ -508,12 +537,12 @@ def train_fold(
 
 
 def _loop(t: FoldTraining, max_epochs: int | None, max_steps: int | None) -> dict:
-    s, rt = t.cfg.slice, t.rt
+    slice_cfg, rt = t.cfg.slice, t.rt
     start, steps = t.epoch, 0
-    stopped = s.select == "val_loss" and t.bad_epochs >= s.patience
+    stopped = slice_cfg.select == "val_loss" and t.bad_epochs >= slice_cfg.patience
     t.scheduler.step(start)  # a per-epoch schedule moves here, a per-update one on the next line
     t.scheduler.step_update(start * t.updates_per_epoch)
-    for epoch in range(start, s.epochs):
+    for epoch in range(start, slice_cfg.epochs):
         if stopped or (max_epochs is not None and epoch - start >= max_epochs):
             break
         trained = train_one_epoch(t, epoch, None if max_steps is None else max_steps - steps)
@@ -524,7 +553,9 @@ def _loop(t: FoldTraining, max_epochs: int | None, max_steps: int | None) -> dic
         stopped = stop[0]
         if max_steps is not None and steps >= max_steps:
             break
-    finished = stopped or len(t.history) >= s.epochs  # history holds every epoch trained, resumed ones too
+    finished = (
+        stopped or len(t.history) >= slice_cfg.epochs
+    )  # history holds every epoch trained, resumed ones too
     if finished and rt.is_main:
         write_json({"best_loss": t.best_loss, "epochs": len(t.history)}, t.run.slice_done(t.fold))
     return {
@@ -558,14 +589,14 @@ def _bind_fold_config(cfg: Config, run: Run, fold: int) -> None:
 def _log_start(t: FoldTraining) -> None:
     if not t.rt.is_main:
         return
-    s = t.cfg.slice
+    slice_cfg = t.cfg.slice
     log.info(
         "fold %d: %d training slices (%d positive), %d validation slices; %s on %s, %d×%d, AMP %s",
         t.fold,
         len(t.train_df),
         int((t.train_df["label"] == 1).sum()),
         len(t.val_df),
-        s.backbone if s.width == 1 else f"{s.backbone} at width {s.width:g}",
+        slice_cfg.backbone if slice_cfg.width == 1 else f"{slice_cfg.backbone} at width {slice_cfg.width:g}",
         t.rt.device,
         t.size,
         t.size,

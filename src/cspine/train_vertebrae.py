@@ -101,7 +101,7 @@ def _record(run: Run, cfg: Config, fold: int) -> dict:
     }
 
 
-def is_vert_trained(run_dir: str | os.PathLike, fold: int, cfg: Config) -> bool:
+def is_vert_trained(cfg: Config, run_dir: str | os.PathLike, fold: int) -> bool:
     """Whether fold ``fold``'s track was made from the run's current inputs with the current settings."""
     run = Run(run_dir)
     if not run.vert_file(fold, "oof.csv").is_file() or not run.vert_file(fold, "record.json").is_file():
