@@ -97,6 +97,11 @@ def test_each_track_is_scored_and_the_submission_is_what_predict_writes(held_out
     assert table.iloc[2]["model"].startswith("constant prior") and (
         table.iloc[2]["AUC patient_overall"] == 0.5 or np.isnan(table.iloc[2]["AUC patient_overall"])
     )
+    # beside each, its out-of-fold loss: the submission's is the blend's (it was NaN when the report's name
+    # for what is submitted changed)
+    losses = pd.read_csv(run.report / "loss.csv").set_index("model")["loss per study"]
+    assert table.iloc[1]["out-of-fold loss"] == round(losses["blend (level 2)"], 3)
+    assert table.iloc[0]["out-of-fold loss"] == round(losses[table.iloc[0]["model"]], 3)
 
 
 def test_the_report_shows_the_table_while_the_models_are_the_same_and_answers_are_reused(

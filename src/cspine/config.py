@@ -259,6 +259,9 @@ class CropConfig:
     seed: int = 0
 
 
+BLEND_MODELS = ("blstm", "cnn", "vertebra", "crop")  # what `blend.models` may name (`cspine.blend`)
+
+
 @dataclass(frozen=True)
 class BlendConfig:
     """Level 2: per target, a logistic regression over every model's out-of-fold outputs (`cspine.blend`).
@@ -271,7 +274,7 @@ class BlendConfig:
     # whose outputs it reads: "blstm" (every size the run trains), "cnn" (the slice CNN pooled over the
     # study and over each vertebra's slices), "vertebra" (the vertebra track, with vert.enabled), "crop"
     # (the crop track, with crop.enabled)
-    models: tuple[str, ...] = ("blstm", "cnn", "vertebra", "crop")
+    models: tuple[str, ...] = BLEND_MODELS
     # inverse L2 strength on standardised log-odds, the metric's weights normalised to mean 1: on the demo
     # 0.3 and 1 squeezed the probabilities towards the prior (loss 0.397, 0.366), 3 gave 0.360, 10 gave 0.370
     C: float = 3.0
@@ -485,9 +488,6 @@ RANGES = {
     "predict.self_test": (0, None),
     "predict.clip": (0, 0.5),
 }
-
-
-BLEND_MODELS = ("blstm", "cnn", "vertebra", "crop")  # what `blend.models` may name (`cspine.blend`)
 
 
 def blend_models(cfg: Config) -> list[str]:

@@ -13,14 +13,14 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-from cspine import VERTEBRAE
 from cspine.cache import load_study_images, read_meta
 from cspine.config import SliceConfig
-from cspine.inputs import slice_stack
+from cspine.inputs import FRACTURE, SLICE_OUTPUTS, slice_stack
 from cspine.labels import UNKNOWN
 
 OPEN_STUDIES = 64  # memory-mapped studies a dataset keeps open at once
-TARGET_COLUMNS = ["label", *[f"{v}_fracture" for v in VERTEBRAE], *[f"{v}_present" for v in VERTEBRAE]]
+# the slice index's columns of each of the CNN's outputs: the slice's own label, then the per-vertebra ones
+TARGET_COLUMNS = ["label", *SLICE_OUTPUTS[1:]]
 
 
 def build_transforms(cfg: SliceConfig, train: bool, size: int, seed: int | None = None) -> A.Compose:
@@ -103,7 +103,7 @@ class SliceDataset(Dataset):
 
     def box_mask(self, i: int, shape: tuple[int, int]) -> np.ndarray | None:
         """uint8 [H, W] of item i's boxes in the cached image (None: unknown)."""
-        if self.targets[i, 0] == UNKNOWN:
+        if self.targets[i, FRACTURE] == UNKNOWN:
             return None
         mask = np.zeros(shape, np.uint8)
         for x0, y0, x1, y1 in self.boxes[self.uids[i]].get(int(self.orders[i]), ()):

@@ -65,22 +65,19 @@ class Ensemble:
     """
 
     cnns: dict[int, SliceNet]
-    blstms: dict[
-        int, list[tuple[SequenceMeta, SequenceNet]]
-    ]  # {size: BLSTMs}: seq.hidden, and those a blend reads
+    # {size: BLSTMs}: seq.hidden, and those a blend reads
+    blstms: dict[int, list[tuple[SequenceMeta, SequenceNet]]]
     hidden: int  # the size that answers without a blend
     reading: SliceReading  # how the CNNs read a study
     arch: dict  # the CNNs' architecture: backbone, width, ...
     input: str  # what the BLSTMs read: "features", "probs" or "fracture"
     bins: int
     tta: bool  # the CNNs read each slice mirrored too, as when the BLSTMs' training features were extracted
-    segmenters: list[torch.nn.Module] = field(
-        default_factory=list
-    )  # with a track, or a blend that needs them
+    # with a track, or a blend that reads each vertebra's slices
+    segmenters: list[torch.nn.Module] = field(default_factory=list)
     seg_reading: SegReading | None = None  # how they read a study
-    vertebra: list[tuple[VertebraMeta, SequenceNet]] = field(
-        default_factory=list
-    )  # the vertebra track's BiLSTMs
+    # the vertebra track's BiLSTMs
+    vertebra: list[tuple[VertebraMeta, SequenceNet]] = field(default_factory=list)
     overall: str = "blstm"  # where a track takes patient_overall from (`VertebraConfig.overall`)
     crops: list[tuple[CropMeta, CropNet]] = field(default_factory=list)  # the crop track's models, one a fold
     crop_spec: CropSpec | None = None  # how they cut a vertebra

@@ -33,7 +33,7 @@ from cspine.competition import TRUTH_DIR, list_test_studies, read_test
 from cspine.config import Config, ConfigError, SynthConfig
 from cspine.ensemble import check_complete, check_config, load_ensemble
 from cspine.evaluate import evaluate
-from cspine.metrics import auc, bootstrap_mean, loss_by_target, p_columns, study_losses
+from cspine.metrics import auc, bootstrap_mean, loss_by_target, p_columns, study_losses, weighted_log_loss
 from cspine.predict import predict_studies, predict_tracks
 from cspine.runs import Run, read_json, write_csv, write_json, write_text
 from cspine.runtime import pick_devices
@@ -43,6 +43,7 @@ from cspine.scoring import (
     VERTEBRA_TRACK,
     auc_interval_table,
     model_name,
+    submitted_out_of_fold,
     submitted_summary,
 )
 from cspine.submission import prior_from_train
@@ -144,7 +145,8 @@ def score_table(
     answers: pd.DataFrame, labels: pd.DataFrame, oof: dict[str, float], names: dict[str, str]
 ) -> pd.DataFrame:
     """Per track: the loss per study with its interval, patient_overall's part, the AUCs, the paired
-    difference to what is submitted (negative: the submission is better), and the out-of-fold loss."""
+    difference to what is submitted (negative: the submission is better), and the out-of-fold loss
+    (``oof``: by track)."""
     by_track = {
         name: frame.set_index("StudyInstanceUID") for name, frame in answers.groupby("track", sort=False)
     }
@@ -169,19 +171,25 @@ def score_table(
                 "submitted − this [95%]": "—"
                 if diff is None
                 else f"{diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]",
-                "out-of-fold loss": oof.get(names[name].removeprefix("what is submitted: "), float("nan")),
+                "out-of-fold loss": oof.get(name, float("nan")),
             }
         )
     return pd.DataFrame(rows)
 
 
-def out_of_fold_losses(run: Run) -> dict[str, float]:
-    """{model: out-of-fold loss per study} from the report's loss table (empty before `evaluate`)."""
+def out_of_fold_losses(run: Run, cfg: Config) -> dict[str, float]:
+    """{track: its out-of-fold loss per study}, the report's (empty before `evaluate` wrote its tables); what
+    is submitted from the same columns `predict` takes (`cspine.scoring.submitted_out_of_fold`)."""
     path = run.report / "loss.csv"
     if not path.is_file():
         return {}
     table = pd.read_csv(path)
-    return dict(zip(table["model"], table["loss per study"].round(3)))
+    by_name = dict(zip(table["model"], table["loss per study"]))
+    losses = {track: by_name[name] for track, name in track_names(cfg).items() if name in by_name}
+    submitted = submitted_out_of_fold(cfg, run)
+    labels = run.read_labels().loc[submitted["StudyInstanceUID"], list(TARGETS)]
+    losses[SUBMITTED] = weighted_log_loss(labels.to_numpy(), submitted[p_columns()].to_numpy())
+    return {track: round(float(loss), 3) for track, loss in losses.items()}
 
 
 def holdout(
@@ -201,7 +209,7 @@ def holdout(
         "StudyInstanceUID"
     )
     names = track_names(cfg)
-    table = score_table(answers, labels, out_of_fold_losses(run), names)
+    table = score_table(answers, labels, out_of_fold_losses(run, cfg), names)
     models = {
         names[name]: frame.drop(columns=["track", "failed"])
         for name, frame in answers.groupby("track", sort=False)

@@ -29,6 +29,7 @@ from cspine.metrics import (
     oof_table,
     p_columns,
     paper_reports,
+    read_oof,
     target_log_loss,
     weighted_log_loss,
 )
@@ -58,17 +59,39 @@ def model_name(cfg: Config) -> str:
     return name + (f" ×{cfg.slice.width:g}" if cfg.slice.width != 1 else "")
 
 
-def submitted_columns(cfg: Config) -> dict[str, str]:
-    """{target: the model whose output `predict` submits for it}, as the report names the models: the rule
-    `cspine.ensemble.answering` gives predict, asked of the config's models."""
-    names = {
+def _answering(cfg: Config) -> dict[str, str]:
+    """{target: the model that answers it} (`cspine.ensemble.answering`), asked of the config's models."""
+    return ensemble.answering(cfg.blend.enabled, cfg.vert.enabled, cfg.crop.enabled, cfg.vert.overall)
+
+
+def _report_names(cfg: Config) -> dict[str, str]:
+    """{model that can answer a target (`cspine.ensemble.answering`'s names): its name in the report}."""
+    return {
         ensemble.BLEND: BLEND,
         ensemble.BLSTM: f"{model_name(cfg)} + BLSTM-{cfg.seq.hidden}",
         ensemble.VERTEBRA: VERTEBRA_TRACK,
         ensemble.CROP: CROP_TRACK,
     }
-    answers = ensemble.answering(cfg.blend.enabled, cfg.vert.enabled, cfg.crop.enabled, cfg.vert.overall)
-    return {t: names[model] for t, model in answers.items()}
+
+
+def submitted_columns(cfg: Config) -> dict[str, str]:
+    """{target: the model whose output `predict` submits for it}, as the report names the models: the rule
+    `cspine.ensemble.answering` gives predict, asked of the config's models."""
+    names = _report_names(cfg)
+    return {t: names[model] for t, model in _answering(cfg).items()}
+
+
+def submitted_out_of_fold(cfg: Config, run: Run) -> pd.DataFrame:
+    """What `predict` submits, out of fold (`submitted_predictions`), from the run's out-of-fold files
+    (the BLSTMs' and the tracks' as `evaluate` gathers them)."""
+    files = {
+        ensemble.BLEND: run.blend_file("oof.csv"),
+        ensemble.BLSTM: run.seq_oof(cfg.seq.hidden),
+        ensemble.VERTEBRA: run.vert_oof(),
+        ensemble.CROP: run.crop_oof(),
+    }
+    names = _report_names(cfg)
+    return submitted_predictions(cfg, {names[m]: read_oof(files[m]) for m in set(_answering(cfg).values())})
 
 
 def submitted_predictions(cfg: Config, models: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -129,7 +152,7 @@ def image_level_reports(slice_probs: dict[str, tuple[int, np.ndarray]], index: p
                 continue
             known = slice_labels[uid] != UNKNOWN
             y.append(slice_labels[uid][known])
-            p.append(probs[known, 0])
+            p.append(probs[known, FRACTURE])
         y, p = np.concatenate(y), np.concatenate(p)
         if len(np.unique(y)) < 2:
             continue

@@ -252,7 +252,7 @@ def fit_segmenter(
         )
         save_model(model, path, meta)
         log.info(
-            "segment fold %d: %d studies%s, %d steps × %d ranks in %.0f seg, loss %.3f → %.3f",
+            "segment fold %d: %d studies%s, %d steps × %d ranks in %.0f s, loss %.3f → %.3f",
             fold,
             len(train),
             f" ({len(pseudo)} of them pseudo-labelled)" if pseudo else "",

@@ -181,7 +181,7 @@ def train_seq(cfg: Config, run_dir: str | os.PathLike, fold: int) -> list[int]:
 def train_seq_fold(
     cfg: Config, run_dir: str | os.PathLike, fold: int, hidden: int | None = None
 ) -> pd.DataFrame:
-    """Trains fold ``fold``'s BLSTM(seq) and returns their out-of-fold predictions for the fold's studies."""
+    """Trains fold ``fold``'s BLSTM(s) and returns their out-of-fold predictions for the fold's studies."""
     run = Run(run_dir)
     seq = cfg.seq
     hidden = hidden or seq.hidden
@@ -257,7 +257,7 @@ def _seq_signature(seq: SeqConfig) -> dict:
 
 
 def is_seq_trained(cfg: Config, run_dir: str | os.PathLike, fold: int, hidden: int) -> bool:
-    """Whether fold ``fold``'s BLSTM(seq) of size ``hidden`` trained on the run's current features with the
+    """Whether fold ``fold``'s BLSTM(s) of size ``hidden`` trained on the run's current features with the
     ``seq`` settings of ``cfg`` (a CNN retrained, features read another way, or another ``seq`` setting means
     training them again)."""
     run = Run(run_dir)

@@ -38,7 +38,7 @@ from cspine.data import (
     height_matched_weights,
     seed_worker,
 )
-from cspine.inputs import SLICE_OUTPUTS, SliceReading
+from cspine.inputs import FRACTURE, SLICE_OUTPUTS, SliceReading
 from cspine.labels import UNKNOWN, vertebra_slice_labels
 from cspine.metrics import cv_table, paper_reports, write_table
 from cspine.models import SliceNet
@@ -421,7 +421,7 @@ def validate(t: FoldTraining) -> tuple[np.ndarray, float, dict]:
             t.cfg.slice.aux_weight,
         )
     )
-    return probs, val_loss, paper_reports(targets[:, 0], probs[:, 0])
+    return probs, val_loss, paper_reports(targets[:, FRACTURE], probs[:, FRACTURE])
 
 
 def save_best(t: FoldTraining, epoch: int, val_loss: float, probs: np.ndarray, report: dict) -> None:
