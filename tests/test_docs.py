@@ -97,10 +97,14 @@ def test_every_kaggle_time_quoted_is_a_row_of_docs_gpu_budget():
 
 
 def test_the_readme_quotes_the_held_out_table_as_docs_experiments_gives_it():
-    """The README's "How good it is" is docs/experiments.md's held-out table, row for row."""
+    """The README's "How good it is" is docs/experiments.md's held-out table, row for row, and that table is
+    the first in docs/experiments.md (where things stand now), before the dated history."""
     text = (REPO / "docs" / "experiments.md").read_text()
     start, end = "<!-- held out: start -->", "<!-- held out: end -->"
     assert start in text and end in text, "docs/experiments.md lost its held-out block"
+    first_table = next(i for i, line in enumerate(text.splitlines()) if line.startswith("|"))
+    assert text.splitlines()[first_table - 1] == start
+    assert text.index(end) < text.index("## History, newest first")
     rows = [line for line in text[text.index(start) : text.index(end)].splitlines() if line.startswith("|")]
     readme = (REPO / "README.md").read_text()
     assert len(rows) == 6
