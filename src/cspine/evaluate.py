@@ -4,7 +4,8 @@
 
 Writes ``<run>/report/``: ``report.md`` (Table 2: image level; Table 3: BLSTM-96/128/256 with max and mean
 pooling of slice probabilities beside them, balanced and imbalanced; competition scores in both
-normalisations; per-vertebra AUCs), the tables as CSV, ``roc.png`` and ``calibration.png``.
+normalisations; per-vertebra AUCs), the tables as CSV, ``roc.png``, ``calibration.png`` and ``vertebrae.png``.
+`cspine.scoring` computes the tables, `cspine.viz` draws the figures; this module writes them and the text.
 """
 
 from __future__ import annotations
@@ -18,12 +19,7 @@ import pandas as pd
 
 from cspine import TARGETS, VERTEBRAE
 from cspine.config import Config, save_config
-from cspine.metrics import (
-    cv_table,
-    oof_table,
-    read_oof,
-    write_table,
-)
+from cspine.metrics import cv_table, oof_table, read_oof, write_table
 from cspine.runs import Run, read_json, write_csv, write_text
 from cspine.scoring import (
     BLEND,

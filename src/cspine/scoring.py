@@ -38,18 +38,11 @@ from cspine.runs import Run
 from cspine.segmenter import dice_per_vertebra, load_labels
 from cspine.stacking import TargetModel
 
+# the models as the report and the held-out table name them
 VERTEBRA_TRACK = "vertebra track (segmentation + CNN in each vertebra's slices + BiLSTM)"
-
-
 CROP_TRACK = "crop track (each vertebra cut at full resolution + CNN + BiGRU)"
-
-
 BLEND = "blend (level 2)"
-
-
 BLEND_UNFLOORED = "blend, patient_overall without the floor"
-
-
 PRIOR = "constant prior (2q/(1+q))"
 
 
