@@ -37,6 +37,7 @@ from cspine.scoring import (
     pooled_predictions,
     scores,
     segmentation_scores,
+    submitted_columns,
     submitted_predictions,
     submitted_summary,
     truth_dice,
@@ -146,7 +147,8 @@ def opening(cfg: Config, models: dict[str, pd.DataFrame]) -> list[str]:
             "slices" + "".join(f", {t}" for t in tracks) + "), weighted as the "
             "metric weighs, so what it gives is a calibrated probability, not only a ranking."
         )
-    lines.append(f"The submission takes {given}.")
+    one = len(set(submitted_columns(cfg).values())) == 1
+    lines.append(f"The submission takes {'every target from ' if one else ''}{given}.")
     return [" ".join(lines), ""]
 
 
@@ -263,6 +265,7 @@ def draw_figures(cfg: Config, run: Run, models: dict[str, pd.DataFrame], score_t
         labels,
         [f"{backbone}, max pooling", f"{backbone} + BLSTM-{cfg.seq.hidden}"],
         out / "calibration.png",
+        f"submitted: {submitted_summary(cfg)}",
     )
     vertebra_figure(score_table[score_table["Model"] != BLEND_UNFLOORED], out / "vertebrae.png")
 

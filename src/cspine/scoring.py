@@ -100,15 +100,15 @@ def submitted_predictions(cfg: Config, models: dict[str, pd.DataFrame]) -> pd.Da
 
 
 def submitted_summary(cfg: Config, bold: bool = False) -> str:
-    """Which model gives each submitted column, in words: "every target from X", or "patient_overall from X;
-    C1, ..., C7 from Y" (the models' names in markdown bold with ``bold``)."""
+    """What is submitted, in words: the model's name when one answers every target, else "patient_overall
+    from X; C1, ..., C7 from Y" (the models' names in markdown bold with ``bold``)."""
     by_model: dict[str, list[str]] = {}
     for t, name in submitted_columns(cfg).items():
         overall = t == TARGETS[0] and name in (VERTEBRA_TRACK, CROP_TRACK)
         name += ", 1 − Π(1 − p_k)" if overall else ""
         by_model.setdefault(f"**{name}**" if bold else name, []).append(t)
     if len(by_model) == 1:
-        return f"every target from {next(iter(by_model))}"
+        return next(iter(by_model))
     return "; ".join(f"{', '.join(ts)} from {name}" for name, ts in by_model.items())
 
 

@@ -455,17 +455,22 @@ def _reliability(ax, y: np.ndarray, p: np.ndarray, label: str, style: str) -> No
 
 
 def calibration_figure(
-    oof: pd.DataFrame, models: dict[str, pd.DataFrame], labels: pd.DataFrame, contrast: list[str], path: Path
+    oof: pd.DataFrame,
+    models: dict[str, pd.DataFrame],
+    labels: pd.DataFrame,
+    contrast: list[str],
+    path: Path,
+    submitted: str = "submitted",
 ) -> Path:
-    """Reliability of what is submitted (``oof``, `submitted_predictions`): patient_overall (beside
-    ``contrast`` models), and C1..C7 pooled."""
+    """Reliability of what is submitted (``oof``, `submitted_predictions`; ``submitted``: its legend),
+    patient_overall beside ``contrast`` models, and C1..C7 pooled."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
     y = labels.loc[oof["StudyInstanceUID"]]
     _reliability(
         axes[0],
         y["patient_overall"].to_numpy(),
         oof["p_patient_overall"].to_numpy(),
-        "submitted",
+        submitted,
         "o-",
     )
     for name in contrast:
@@ -481,7 +486,7 @@ def calibration_figure(
         axes[1],
         y[list(VERTEBRAE)].to_numpy().ravel(),
         oof[p_columns(VERTEBRAE)].to_numpy().ravel(),
-        "submitted",
+        submitted,
         "o-",
     )
     q = np.linspace(0, 1, 101)
