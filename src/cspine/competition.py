@@ -185,11 +185,16 @@ def list_test_studies(root: str | os.PathLike, test: pd.DataFrame | None = None)
     return [uid for uid in listed if uid in present]
 
 
+def truth_labels_dir(data_dir: str | os.PathLike) -> Path:
+    """Where a synthetic competition keeps every study's true labels (``<uid>.npz``; evaluation only)."""
+    return Path(data_dir) / TRUTH_DIR / "labels"
+
+
 def read_truth_labels(data_dir: str | os.PathLike, uid: str) -> tuple[np.ndarray, np.ndarray] | None:
     """A synthetic study's true labels (``truth/labels/<uid>.npz``, evaluation only): uint8 [N, H, W] head to
     feet in the competition's scheme, and each slice's slice_number; None where the data has none (the real
     competition)."""
-    path = Path(data_dir) / TRUTH_DIR / "labels" / f"{uid}.npz"
+    path = truth_labels_dir(data_dir) / f"{uid}.npz"
     if not path.is_file():
         return None
     with np.load(path) as data:

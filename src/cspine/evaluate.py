@@ -80,7 +80,7 @@ def segmentation_section(run: Run) -> list[str]:
         "",
     ]
     if run.seg_file("checks.csv").is_file():
-        checks = pd.read_csv(run.seg_file("checks.csv"), dtype={"StudyInstanceUID": str})
+        checks = run.read_checks()
         lines += [
             f"The vertebrae of {int(checks['passed'].sum())} of {len(checks)} studies pass their check (C1..C7 "
             "all found, in order from head to feet, of plausible heights, without a gap; `segment/checks.csv` "

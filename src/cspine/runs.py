@@ -363,6 +363,11 @@ class Run:
         """StudyInstanceUID → fold, as `make_folds` wrote it."""
         return pd.read_csv(self.folds, dtype={"StudyInstanceUID": str})
 
+    def read_checks(self) -> pd.DataFrame:
+        """The segment stage's check of every study (StudyInstanceUID, passed as bool, problems)."""
+        checks = pd.read_csv(self.seg_file("checks.csv"), dtype={"StudyInstanceUID": str})
+        return checks.assign(passed=checks["passed"].astype(bool))
+
     def read_labels(self) -> pd.DataFrame:
         """The training labels (train.csv's columns), indexed by StudyInstanceUID."""
         return pd.read_csv(self.labels, dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")

@@ -17,7 +17,7 @@ import pandas as pd
 from cspine import TARGETS, VERTEBRAE, ensemble
 from cspine.cache import read_meta
 from cspine.checkpoints import load_blend
-from cspine.competition import THORACIC, TRUTH_DIR, read_truth_labels
+from cspine.competition import THORACIC, TRUTH_DIR, read_truth_labels, truth_labels_dir
 from cspine.config import Config
 from cspine.features import load_features, oof_sources
 from cspine.inputs import FRACTURE, SLICE_OUTPUTS, fractured
@@ -238,8 +238,7 @@ def segmentation_scores(run: Run) -> tuple[pd.DataFrame, pd.DataFrame | None]:
         both["StudyInstanceUID"].isin(dice["StudyInstanceUID"]), "with a mask (out of fold)", "without a mask"
     )
     if run.seg_file("checks.csv").is_file():  # does the check find the studies segmented wrong?
-        checks = pd.read_csv(run.seg_file("checks.csv"), dtype={"StudyInstanceUID": str})
-        passed = both["StudyInstanceUID"].map(checks.set_index("StudyInstanceUID")["passed"].astype(bool))
+        passed = both["StudyInstanceUID"].map(run.read_checks().set_index("StudyInstanceUID")["passed"])
         both["group"] += np.where(passed, ", check passed", ", check failed")
     # the segmentation has one thoracic class (8); the truth names T2 (9) too
     both["level ok"] = both["level"] == both["level_true"].clip(upper=THORACIC)
@@ -279,7 +278,7 @@ def truth_dice(run: Run) -> pd.DataFrame | None:
     (a masked study is segmented out of fold; the others by every fold model) and scan length; None
     without truth (the real competition)."""
     data_dir = run.data_dir()
-    if data_dir is None or not (data_dir / TRUTH_DIR / "labels").is_dir():
+    if data_dir is None or not truth_labels_dir(data_dir).is_dir():
         return None
     masked = set(pd.read_csv(run.seg_file("dice.csv"), dtype={"StudyInstanceUID": str})["StudyInstanceUID"])
     uids = run.cache.read_index()["StudyInstanceUID"].unique()

@@ -105,7 +105,7 @@ def train_segmenter(
     it and its losses.
 
     Every rank starts from the same weights (``start``, a state dict, or drawn with ``seed``) and draws its
-    own planes (``seed`` + rank), ``steps`` of them (default ``s.steps``). A batch's planes are padded below
+    own planes (``seed`` + rank), ``steps`` of them (default ``seg.steps``). A batch's planes are padded below
     to its longest study's rows.
     """
     seed_everything(seed)
@@ -177,9 +177,9 @@ def masked_study(run: Run, uid: str) -> tuple[np.ndarray, np.ndarray, float]:
 def pseudo_labels(
     run: Run, seg: SegConfig, rt: Runtime, model: torch.nn.Module, fold: int, uids: list[str]
 ) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
-    """Self-training's labels of one fold: its round-1 model segments up to ``s.pseudo_studies`` of the
+    """Self-training's labels of one fold: its round-1 model segments up to ``seg.pseudo_studies`` of the
     unmasked studies ``uids`` (a seeded draw); those whose vertebrae pass `check_vertebrae` and whose
-    `spine_confidence` reaches ``s.pseudo_confidence`` are returned as `train_segmenter` reads a study, the
+    `spine_confidence` reaches ``seg.pseudo_confidence`` are returned as `train_segmenter` reads a study, the
     labels standing for a mask. Writes ``round1/pseudo<fold>.csv``: every study read, its confidence, its
     check's problems and whether it was used.
 

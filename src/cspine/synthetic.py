@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from cspine import TARGETS, VERTEBRAE
-from cspine.competition import COMPLETE_MARKER, TRUTH_DIR
+from cspine.competition import COMPLETE_MARKER, TRUTH_DIR, truth_labels_dir
 from cspine.config import SynthConfig
 from cspine.dicom_writer import Encoding, write_series
 from cspine.phantom import T2_LABEL, PhantomConfig, render_study
@@ -180,7 +180,7 @@ def write_truth_labels(root: Path, uid: str, labels: np.ndarray, numbers: np.nda
     """Every study's true labels (``truth/labels/<uid>.npz``: ``labels`` uint8 [N, H, W] head to feet, in the
     competition's scheme to T2; ``slice_numbers`` of those slices), for scoring a segmentation on every
     study (`cspine.competition.read_truth_labels`), not only the masked ones."""
-    path = root / TRUTH_DIR / "labels" / f"{uid}.npz"
+    path = truth_labels_dir(root) / f"{uid}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, labels=labels.astype(np.uint8), slice_numbers=np.asarray(numbers, np.int64))

@@ -144,7 +144,7 @@ def _loader(dataset, batch_size, workers, sampler=None, shuffle=False, seed=0, p
 
 
 def learning_rate_schedule(optimizer: torch.optim.Optimizer, slice_cfg: SliceConfig, updates_per_epoch: int):
-    """timm's scheduler for ``s.schedule``: the paper's StepLR, stepped per epoch, or cosine, per update.
+    """timm's scheduler for ``slice_cfg.schedule``: the paper's StepLR, stepped per epoch, or cosine, per update.
 
     Call ``step(epoch)`` after each epoch and ``step_update(n)`` after each optimizer update: the rate is a
     function of those counts alone, so a resumed run picks it up exactly.
@@ -219,8 +219,8 @@ def checked_vertebrae(run: Run) -> pd.DataFrame:
     """The segment stage's per-slice vertebrae, less the studies whose vertebrae fail its check
     (``checks.csv``): their fractured slices stay unknown rather than labelled from a wrong vertebra."""
     vertebrae = pd.read_csv(run.seg_file("vertebrae.csv"), dtype={"StudyInstanceUID": str})
-    checks = pd.read_csv(run.seg_file("checks.csv"), dtype={"StudyInstanceUID": str})
-    rejected = set(checks.loc[~checks["passed"].astype(bool), "StudyInstanceUID"])
+    checks = run.read_checks()
+    rejected = set(checks.loc[~checks["passed"], "StudyInstanceUID"])
     return vertebrae[~vertebrae["StudyInstanceUID"].isin(rejected)]
 
 
