@@ -17,7 +17,15 @@ from cspine.config import load_config
 from cspine.labels import UNKNOWN
 from cspine.runs import Run
 from cspine.segment import sagittal_labels, sagittal_planes, slice_levels, vertebra_extents
-from cspine.segmenter import SEG_CLASSES, SegReading, padded_rows, plane_rows, segment_study
+from cspine.segmenter import (
+    SEG_CLASSES,
+    SegReading,
+    count_levels,
+    padded_rows,
+    plane_labels,
+    plane_rows,
+    segment_study,
+)
 
 from .conftest import SMOKE_CONFIG
 
@@ -86,12 +94,70 @@ def test_segment_study_maps_each_row_back_to_its_slice_and_ignores_the_padding()
 
     n, dz = 60, 1.5  # 90 mm: 45 rows at 2 mm, padded to 64
     study = np.zeros((n, 16, 16, 3), np.uint8)
-    how = SegReading(context=0, row_mm=2.0, plane_stride=1, min_pixels=1)
+    how = SegReading(context=0, row_mm=2.0, plane_stride=1, count=False, count_margin=0.2, min_pixels=1)
     labels = segment_study([RowModel(45)], study, dz, how, torch.device("cpu"))
     assert labels.shape == (n, 16, 16) and not (labels == 7).any()
     slices = np.flatnonzero((labels == 3).all(axis=(1, 2)))
     # rows 10..19 at 2 mm: 20..40 mm = slices 13..26
     assert 13 <= slices.min() <= 14 and 25 <= slices.max() <= 27
+
+
+def _one_hot(labels: np.ndarray) -> torch.Tensor:
+    """float [SEG_CLASSES, N, S, S]: a label volume as certain probabilities."""
+    return torch.from_numpy(np.eye(SEG_CLASSES, dtype=np.float32)[labels].transpose(3, 0, 1, 2).copy())
+
+
+@pytest.fixture(scope="module")
+def long_phantom():
+    """A phantom scan that runs on into T2, its labels with the thoracic ones as the one class T1."""
+    from cspine.phantom import PhantomConfig, render_study
+
+    study = render_study(np.random.default_rng(9), PhantomConfig(image_size=48))  # 133 slices, to T2
+    assert (study.labels == 9).any()
+    return np.minimum(study.labels, 8), study.spacing[0]
+
+
+def test_counting_the_bodies_puts_back_a_label_that_drifted_down_the_spine(long_phantom):
+    truth, dz = long_phantom
+    # the network's error on long scans: C5 stretched over C6's body, each label below one body late
+    drifted = truth.copy()
+    for k in (6, 7, 8):
+        drifted[truth == k] = k - 1
+    how = SegReading(context=0, row_mm=2.0, plane_stride=1, count=True, count_margin=0.0, min_pixels=1)
+    counted, was_counted = plane_labels(_one_hot(drifted), dz, how)
+    spine = truth > 0
+    assert was_counted and (counted[spine] == truth[spine]).mean() > 0.97
+    assert (drifted[spine] == truth[spine]).mean() < 0.7  # what the network said
+    assert not (counted[~spine]).any()  # the background stays background
+    plain, was_counted = plane_labels(_one_hot(drifted), dz, dataclasses.replace(how, count=False))
+    assert not was_counted and (plain == drifted).all()
+
+
+def test_a_labels_margin_lets_it_reach_past_its_own_bodies(long_phantom):
+    truth, dz = long_phantom
+    c5 = np.flatnonzero((truth == 5).any(axis=(1, 2)))
+    labelled = truth.copy()
+    labelled[labelled == 5] = 4  # the network says C4 down C5's body (as a real C4's arch reaches its top)
+    how = SegReading(context=0, row_mm=2.0, plane_stride=1, count=True, count_margin=0.0, min_pixels=1)
+    strict = plane_labels(_one_hot(labelled), dz, how)[0]
+    assert (strict[c5][truth[c5] > 0] == 5).all()  # C5's body is C5's alone
+    wide = plane_labels(_one_hot(labelled), dz, dataclasses.replace(how, count_margin=0.5))[0]
+    reached = np.flatnonzero((wide[c5] == 4).any(axis=(1, 2)))
+    assert reached.tolist() == list(range(len(reached))) and 1 <= len(reached) <= len(c5) // 2
+
+
+def test_a_spine_without_discs_or_without_bone_is_not_counted(long_phantom):
+    truth, dz = long_phantom
+    air = torch.zeros(SEG_CLASSES, 40, 8, 8)
+    air[0] = 1
+    assert count_levels(air, dz, 0.2) is None
+    rod = torch.zeros(SEG_CLASSES, 40, 8, 8)  # bone from top to bottom: no disc to count by
+    rod[0] = 1
+    rod[3, :, 2:5, 2:5], rod[0, :, 2:5, 2:5] = 1, 0
+    assert count_levels(rod, dz, 0.2) is None
+    # a scan that stops inside C4: five vertebrae cannot be counted as seven
+    short = _one_hot(truth[: np.flatnonzero((truth == 4).any(axis=(1, 2)))[2]])
+    assert count_levels(short, dz, 0.2) is None
 
 
 def test_vertebra_extents_keep_each_vertebras_longest_run():
@@ -265,7 +331,8 @@ def test_self_training_labels_with_each_folds_own_round_one_model_and_keeps_the_
 
     monkeypatch.setattr(cspine.segment, "plane_probabilities", labelling)
     segment(cfg, run.root)
-    assert len(labellers) == 2 * len(unmasked)
+    studies = run.cache.read_index()["StudyInstanceUID"].nunique()
+    assert len(labellers) == 2 * len(unmasked) + studies  # round 2's labels, then the stage reads every study
     for k in range(2):
         own = load_segmenter(run.seg_first(k))[0].state_dict()
         for weights in labellers[k * len(unmasked) : (k + 1) * len(unmasked)]:  # fold by fold: its own model
@@ -290,7 +357,7 @@ def test_a_fold_model_whose_pseudo_labels_came_from_its_own_studies_is_refused(t
 
     run = Run(tmp_path / "run")
     folds = {"a": 0, "b": 1}
-    how = SegReading(context=0, row_mm=2.0, plane_stride=1, min_pixels=1)
+    how = SegReading(context=0, row_mm=2.0, plane_stride=1, count=True, count_margin=0.2, min_pixels=1)
     clean = [
         SegmenterMeta(how, 0, trained_on=["b"], pseudo=["x"], labelled_by=["b"], losses=[]),
         SegmenterMeta(how, 1, trained_on=["a"], pseudo=["x"], labelled_by=["a"], losses=[]),

@@ -56,7 +56,7 @@ __all__ = [
     "save_model",
 ]
 
-CHECKPOINT_SCHEMA = 3  # bumped on any change to what a checkpoint holds; older ones are then refused
+CHECKPOINT_SCHEMA = 4  # bumped on any change to what a checkpoint holds; older ones are then refused
 
 
 @dataclass(frozen=True)

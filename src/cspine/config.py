@@ -145,6 +145,10 @@ class SegConfig:
     batch_size: int = 16
     lr: float = 2e-3
     plane_stride: int = 2  # predict every n-th sagittal plane (neighbours copy it): a vertebra spans many
+    # count the vertebral bodies between the discs from C2 down (`cspine.segmenter.count_levels`), each label
+    # reaching `count_margin` of a vertebra's pitch past its own bodies (a real arch overlaps the next body)
+    count: bool = True
+    count_margin: float = 0.2
     min_pixels: int = 8  # a vertebra is present on an axial slice from this many of its pixels (cache size)
     amp: bool = True  # mixed precision on a GPU (bf16 where supported); ignored on CPU
     seed: int = 0
@@ -468,6 +472,7 @@ RANGES = {
     "seg.pseudo_confidence": (0.0, 1.0),
     "seg.pseudo_studies": (1, None),
     "seg.row_mm": (0.25, 10.0),
+    "seg.count_margin": (0.0, 1.0),
     "seq.inner_folds": (2, None),
     "vert.inner_folds": (2, None),
     "crop.size": (16, 1024),

@@ -364,7 +364,7 @@ class Run:
         return pd.read_csv(self.folds, dtype={"StudyInstanceUID": str})
 
     def read_checks(self) -> pd.DataFrame:
-        """The segment stage's check of every study (StudyInstanceUID, passed as bool, problems)."""
+        """The segment stage's check of every study (StudyInstanceUID, counted, passed as bool, problems)."""
         checks = pd.read_csv(self.seg_file("checks.csv"), dtype={"StudyInstanceUID": str})
         return checks.assign(passed=checks["passed"].astype(bool))
 

@@ -6,7 +6,8 @@ On an axial slice C3 looks like C6; a sagittal plane shows the column from the s
 network can count. The U-Net (segmentation-models-pytorch, a timm encoder) reads one sagittal plane of the
 cached study with ``seg.context`` planes on each side as channels (three windows each), the study's
 slices resampled to ``seg.row_mm`` mm a row (every vertebra the same height in every scan), and labels each
-pixel background, C1..C7 or T1.
+pixel background, C1..C7 or T1; its labels are then kept to the vertebral bodies it counts between the
+discs (``seg.count``, `cspine.segmenter.count_levels`).
 
 It trains on the studies that have a segmentation (``cache/<uid>.mask.npy``), in ``seg.folds`` folds at
 study level. A masked study is segmented by the fold model that did not train on it (its Dice is out of
@@ -19,9 +20,10 @@ on rank 0, which writes the tables. Writes ``<run>/segment/``:
 - ``extents.csv``: per study and vertebra, its slices (``z0``..``z1``, orders, inclusive) and in-plane box
   (``y0, y1, x0, x1``, cache pixels, exclusive ends);
 - ``dice.csv``: out-of-fold Dice per vertebra of every masked study;
-- ``checks.csv``: whether each study's vertebrae pass `cspine.segmenter.check_vertebrae` (all seven, in
-  order, of plausible heights, no gap), and what fails; a failing study's slices are not labelled from its
-  vertebrae (`slice.labels: vertebrae`);
+- ``checks.csv``: per study, whether its vertebrae were counted between the discs (`cspine.segmenter.
+  count_levels`; the network's own labels where its spine cannot be counted), whether they pass
+  `cspine.segmenter.check_vertebrae` (all seven, in order, of plausible heights, no gap), and what fails; a
+  failing study's slices are not labelled from its vertebrae (`slice.labels: vertebrae`);
 - ``labels/<uid>.npz``: every study's labels in the cache's frame (compressed; the crop track cuts from them).
 """
 
@@ -58,7 +60,6 @@ from cspine.segmenter import (
     reading,
     sagittal_planes,
     save_labels,
-    segment_study,
     slice_levels,
     spine_confidence,
     vertebra_extents,
@@ -193,7 +194,7 @@ def pseudo_labels(
         images, dz = np.asarray(load_study_images(run.cache.root, uid)), slice_spacing(run, uid)
         with autocast(rt.device, dtype):
             probs = plane_probabilities([model], images, dz, how, rt.device)
-        labels = plane_labels(probs, how.plane_stride)
+        labels = plane_labels(probs, dz, how)[0]
         problems = check_vertebrae(vertebra_extents(labels, seg.min_pixels)[1], dz)
         confidence = spine_confidence(probs)
         used = not problems and confidence >= seg.pseudo_confidence
@@ -328,7 +329,8 @@ def segment_share(
         study, dz = np.asarray(load_study_images(run.cache.root, uid)), slice_spacing(run, uid)
         fold = folds.get(uid)
         with autocast(rt.device, dtype):
-            labels = segment_study(models if fold is None else [models[fold]], study, dz, how, rt.device)
+            probs = plane_probabilities(models if fold is None else [models[fold]], study, dz, how, rt.device)
+        labels, counted = plane_labels(probs, dz, how)
         save_labels(run.seg_labels(uid), labels)
         presence, found = vertebra_extents(labels, seg.min_pixels)
         levels = slice_levels(labels, seg.min_pixels)
@@ -346,7 +348,9 @@ def segment_share(
         )
         extents += [{"StudyInstanceUID": uid, **e} for e in found]
         problems = check_vertebrae(found, dz)
-        checks.append({"StudyInstanceUID": uid, "passed": not problems, "problems": "; ".join(problems)})
+        checks.append(
+            {"StudyInstanceUID": uid, "counted": counted, "passed": not problems, "problems": "; ".join(problems)}
+        )
         if fold is not None:
             dice.append(
                 {

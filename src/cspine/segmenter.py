@@ -2,6 +2,9 @@
 
 A U-Net (segmentation-models-pytorch, a timm encoder) reads sagittal planes of a cached study and labels
 each pixel background, C1..C7 or T1; the labels become each slice's vertebrae and each vertebra's extent.
+Trained on a dozen masks, the network finds the spine well and counts it badly: a vertebra's label drifts
+onto the next body down a long scan. `count_levels` therefore counts the vertebral bodies between the discs
+(dips in the spine's pixels per slice) from C2 down, and each vertebra's label is kept to its own bodies.
 Inference imports this module, never the training stage.
 """
 
@@ -14,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.signal import find_peaks
 
 from cspine import VERTEBRAE
 from cspine.config import SegConfig
@@ -30,11 +34,15 @@ DECODER_CHANNELS = (128, 64, 32, 16, 16)
 class SegReading:
     """How a segmentation model reads a study and turns its labels into vertebrae; kept in its checkpoint,
     read by `predict`: sagittal planes with ``context`` neighbours on each side, at ``row_mm`` mm a row, every
-    ``plane_stride``-th plane read; a vertebra present on a slice with ``min_pixels`` of its pixels."""
+    ``plane_stride``-th plane read; with ``count``, the vertebrae counted between the discs (`count_levels`,
+    each label reaching ``count_margin`` of a vertebra's pitch past its own slices); a vertebra present on a
+    slice with ``min_pixels`` of its pixels."""
 
     context: int
     row_mm: float
     plane_stride: int
+    count: bool
+    count_margin: float
     min_pixels: int
 
 
@@ -136,12 +144,115 @@ def plane_probabilities(
     return probs.div_(len(models))
 
 
-def plane_labels(probs: torch.Tensor, stride: int) -> np.ndarray:
-    """uint8 [N, S, S] labels from `plane_probabilities`' [C, N, S, P]: each read plane's argmax, and the
-    planes between take the nearest one's."""
+def plane_labels(probs: torch.Tensor, dz: float, how: SegReading) -> tuple[np.ndarray, bool]:
+    """uint8 [N, S, S] labels from `plane_probabilities`' [C, N, S, P] of a study whose slices lie ``dz`` mm
+    apart, and whether its vertebrae were counted: each read plane's most probable class, among the classes
+    `count_levels` allows each slice where ``how.count`` and the spine can be counted; the planes between two
+    read ones take the nearest one's labels."""
+    allowed = count_levels(probs, dz, how.count_margin) if how.count else None
+    if allowed is None:
+        labels = probs.argmax(0)
+    else:
+        labels = torch.zeros(probs.shape[1:], dtype=torch.long)
+        spine = probs[0] < 0.5
+        for z in range(probs.shape[1]):  # a slice at a time: no copy of the probabilities (400 MB at 256 px)
+            classes = torch.from_numpy(np.flatnonzero(allowed[:, z]) + 1)
+            if len(classes):
+                labels[z] = torch.where(spine[z], classes[probs[classes, z].argmax(0)], 0)
     size = probs.shape[2]
-    nearest = np.clip(np.rint(np.arange(size) / stride).astype(int), 0, probs.shape[3] - 1)
-    return probs.argmax(0).numpy().astype(np.uint8)[:, :, nearest]
+    nearest = np.clip(np.rint(np.arange(size) / how.plane_stride).astype(int), 0, probs.shape[3] - 1)
+    return labels.numpy().astype(np.uint8)[:, :, nearest], allowed is not None
+
+
+# How `count_levels` reads a spine. A disc is a dip in the spine's pixels per slice, deeper than
+# `DISC_DEPTH` of a typical slice's and `DISC_MM` from the next. A vertebra's pitch (disc to disc, or the
+# scan's end) against the study's median pitch: C3..C7 alike (the phantoms' 0.83-1.17, so two bodies never
+# pass for one), C2 somewhat taller, C1 anything from a thin ring to C2's height (the phantoms: C1
+# 0.44-1.33, C2 0.88-1.62). C1 and C2 need no disc between them (the dens rises into the atlas).
+DISC_DEPTH = 0.25
+DISC_MM = 6.0
+PITCH_RATIO = {"C1": (0.3, 1.5), "C2": (0.8, 1.8), **{v: (0.6, 1.45) for v in VERTEBRAE[2:]}}
+SPINE_CLASSES = SEG_CLASSES - 1  # C1..C7 and T1: the classes a slice's level takes
+
+
+def spine_discs(pixels: np.ndarray, dz: float) -> np.ndarray:
+    """int [D]: the slices of the discs between the first and the last slice that show the spine, from its
+    pixels per slice ``pixels`` float [N] (slices ``dz`` mm apart): the dips of `DISC_DEPTH` and `DISC_MM`."""
+    smooth = np.convolve(np.pad(pixels, 1, mode="edge"), [0.25, 0.5, 0.25], mode="valid")
+    shown = np.flatnonzero(pixels > 0.05 * pixels.max())
+    typical = np.median(smooth[smooth > 0.2 * pixels.max()])
+    dips, _ = find_peaks(-smooth, prominence=DISC_DEPTH * typical, distance=max(1, int(DISC_MM / dz)))
+    return dips[(dips > shown[0]) & (dips < shown[-1])]
+
+
+def count_levels(probs: torch.Tensor, dz: float, margin: float) -> np.ndarray | None:
+    """bool [8, N]: which of C1..C7 and T1 each slice of a study may show, from `plane_probabilities`' [C, N,
+    S, P], its slices ``dz`` mm apart; None where the spine cannot be counted (fewer than five discs, or no
+    counting fits `PITCH_RATIO`).
+
+    Each vertebra takes a run of slices: C1 from anywhere, then C2, each of C2..C7 ending at a disc (C7 at
+    the scan's end, if the scan stops in it), the thoracic class the rest. The network's votes (its
+    probability of a class on each spine pixel, of all spine classes) choose the runs, best summed over the
+    slices, and two constraints it cannot break: C2 ends at the disc where its votes split best into C1 or
+    C2 above and lower vertebrae below (it finds C2, the most distinctive vertebra, well), and every pitch
+    fits `PITCH_RATIO` against the study's median one, so that below C2 each body is one vertebra. A label
+    may reach ``margin`` of the median pitch past its run's ends: a real vertebra's arch overlaps the next
+    body's slices.
+    """
+    spine = probs[0] < 0.5
+    pixels = spine.sum((1, 2)).double().numpy()
+    if pixels.max() == 0:
+        return None
+    discs = spine_discs(pixels, dz)
+    if len(discs) < 5:
+        return None
+    n, pitch = len(pixels), float(np.median(np.diff(discs))) * dz
+    share = probs[0].neg().add_(1).clamp_(min=1e-3).reciprocal_().mul_(spine)  # 1 / P(spine) on the spine
+    votes = torch.stack([(probs[c] * share).sum((1, 2)) for c in range(1, SEG_CLASSES)]).double().numpy()
+    before = np.concatenate([np.zeros((SPINE_CLASSES, 1)), np.cumsum(votes, 1)], 1)  # [class, boundary]
+    split = before[:2].sum(0) + (before[2:, n:].sum() - before[2:].sum(0))
+    ends_of = {1: np.arange(n + 1), 2: discs[[int(np.argmax(split[discs]))]]}
+    runs = _best_runs(before, ends_of, np.concatenate([discs, [n]]), dz / pitch)
+    if runs is None:
+        return None
+    reach = int(round(margin * pitch / dz))
+    allowed = np.zeros((SPINE_CLASSES, n), bool)
+    for level, (z0, z1) in enumerate(runs):
+        if z1 > z0:
+            allowed[level, max(0, z0 - reach) : z1 + reach] = True
+    return allowed
+
+
+def _best_runs(
+    before: np.ndarray, ends_of: dict[int, np.ndarray], discs: np.ndarray, rows: float
+) -> list[tuple[int, int]] | None:
+    """`count_levels`' dynamic programme: the runs [z0, z1) of C1..C7 and of the thoracic rest that sum the
+    most votes (``before[c, b]``: class c+1's votes above boundary b), each vertebra ending at one of
+    ``ends_of`` (default: ``discs``, the discs and the scan's end) and its pitch, ``rows`` median pitches a
+    slice, within `PITCH_RATIO`; None if none fits."""
+    n = before.shape[1] - 1
+    starts, score = np.arange(n + 1), np.zeros(n + 1)  # above C1: no votes
+    chosen = []
+    for level, name in enumerate(VERTEBRAE, start=1):
+        ends = ends_of.get(level, discs)
+        low, high = PITCH_RATIO[name]
+        pitch = (ends[:, None] - starts[None, :]) * rows
+        fits = (pitch > 0) & (pitch <= high) & ((pitch >= low) | (ends[:, None] == n))
+        gain = before[level - 1, ends][:, None] - before[level - 1, starts][None, :]
+        total = np.where(fits, score[None, :] + gain, -np.inf)
+        best = total.argmax(1)
+        chosen.append((ends, starts[best]))
+        starts, score = ends, total[np.arange(len(ends)), best]
+    score = score + before[SPINE_CLASSES - 1, n] - before[SPINE_CLASSES - 1, starts]  # the thoracic rest
+    if not np.isfinite(score.max()):
+        return None
+    end = int(starts[score.argmax()])
+    runs = [(end, n)]
+    for ends, begins in reversed(chosen):
+        start = int(begins[np.flatnonzero(ends == end)[0]])
+        runs.insert(0, (start, end))
+        end = start
+    return runs
 
 
 def spine_confidence(probs: torch.Tensor) -> float:
@@ -161,9 +272,8 @@ def segment_study(
     batch_size: int = 32,
 ) -> np.ndarray:
     """uint8 [N, S, S] labels of a cached study uint8 [N, S, S, 3], its slices ``dz`` mm apart: the models'
-    mean probabilities (`plane_probabilities`), argmax, every plane between two read ones taking the
-    nearest one's (`plane_labels`)."""
-    return plane_labels(plane_probabilities(models, study, dz, how, device, batch_size), how.plane_stride)
+    mean probabilities (`plane_probabilities`) read as `plane_labels` reads them."""
+    return plane_labels(plane_probabilities(models, study, dz, how, device, batch_size), dz, how)[0]
 
 
 def vertebra_extents(labels: np.ndarray, min_pixels: int) -> tuple[np.ndarray, list[dict]]:
@@ -257,7 +367,7 @@ def slice_levels(labels: np.ndarray, min_pixels: int) -> np.ndarray:
 
 def reading(seg: SegConfig) -> SegReading:
     """How the segmentation models of ``seg`` read a study."""
-    return SegReading(seg.context, seg.row_mm, seg.plane_stride, seg.min_pixels)
+    return SegReading(seg.context, seg.row_mm, seg.plane_stride, seg.count, seg.count_margin, seg.min_pixels)
 
 
 def save_labels(path: Path, labels: np.ndarray) -> None:
