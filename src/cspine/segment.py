@@ -349,7 +349,12 @@ def segment_share(
         extents += [{"StudyInstanceUID": uid, **e} for e in found]
         problems = check_vertebrae(found, dz)
         checks.append(
-            {"StudyInstanceUID": uid, "counted": counted, "passed": not problems, "problems": "; ".join(problems)}
+            {
+                "StudyInstanceUID": uid,
+                "counted": counted,
+                "passed": not problems,
+                "problems": "; ".join(problems),
+            }
         )
         if fold is not None:
             dice.append(
