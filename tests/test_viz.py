@@ -140,3 +140,21 @@ def test_each_vertebras_outline_has_its_own_labels_colour(study):
         assert np.allclose(to_rgba(names[f"C{v}"]), vertebra_colour(v))
     assert len({vertebra_colour(v) for v in range(1, 9)}) == 8
     plt.close(fig)
+
+
+def test_the_counting_figure_shows_the_scan_and_names_each_panels_vertebrae_where_that_panel_puts_them():
+    from cspine.viz import counting_figure
+
+    n, s = 80, 24
+    truth = np.zeros((n, s), np.uint8)
+    for v in range(1, 9):  # C1..C7 and T1, a body every 8 slices
+        truth[8 * v : 8 * v + 6, 6:18] = v
+    late = np.where(truth >= 6, truth - 1, truth)  # the network's C5 over two bodies, each label below late
+    image = np.zeros((n, s, 3), np.uint8)
+    fig = counting_figure(image, {"the truth": truth, "the network's own": late}, "a study")
+    assert len(fig.axes) == 3 and [a.get_title() for a in fig.axes[1:]] == ["the truth", "the network's own"]
+    truth_names = {t.get_text(): t.get_position()[1] for t in fig.axes[1].texts}
+    late_names = {t.get_text(): t.get_position()[1] for t in fig.axes[2].texts}
+    assert sorted(truth_names) == [f"C{v}" for v in range(1, 8)] and truth_names["C7"] == 8 * 7
+    assert "C7" in late_names and late_names["C7"] == 8 * 7 + 8  # named where that panel has it, a body lower
+    plt.close(fig)

@@ -82,6 +82,8 @@ def segmentation_section(run: Run) -> list[str]:
     if run.seg_file("checks.csv").is_file():
         checks = run.read_checks()
         lines += [
+            f"The vertebrae of {int(checks['counted'].sum())} of {len(checks)} studies were counted between "
+            "the discs from C2 down (`seg.count`; the others keep the network's own labels).",
             f"The vertebrae of {int(checks['passed'].sum())} of {len(checks)} studies pass their check (C1..C7 "
             "all found, in order from head to feet, of plausible heights, without a gap; `segment/checks.csv` "
             "says what fails); a failing study's slices are not labelled from its vertebrae.",

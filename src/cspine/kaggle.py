@@ -44,6 +44,7 @@ INFERENCE_REQUIREMENTS = [
     "numpy>=1.26",
     "pandas>=2.0",
     "scikit-learn>=1.3",
+    "scipy>=1.10",
     "psutil>=5.9",
     "tqdm>=4.66",
     # what it may lack: their own wheels only (`BUNDLED`); their dependencies are the ones above

@@ -257,20 +257,31 @@ def segmentation_scores(run: Run) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     return dice, accuracy
 
 
-def study_truth_dice(run: Run, data_dir: Path, uid: str) -> dict | None:
-    """One study's Dice per vertebra between its predicted labels and its true ones (the synthetic
-    competition's ``truth/labels``), the truth cut and resized into the cache's frame as its mask would be,
-    and whether the scan reaches T2; None without truth."""
+def study_truth_labels(run: Run, data_dir: Path, uid: str, size: int) -> np.ndarray | None:
+    """A study's true labels uint8 [N, size, size] in the frame of the run's cache (the synthetic
+    competition's ``truth/labels``, cut and resized as its mask would be; 8 = T1, 9 = T2), or None without
+    truth."""
     truth = read_truth_labels(data_dir, uid)
-    if truth is None or not run.seg_labels(uid).is_file():
+    if truth is None:
         return None
     labels, numbers = truth
-    pred, meta = load_labels(run.seg_labels(uid)), read_meta(run.cache.root, uid)
+    meta = read_meta(run.cache.root, uid)
     row_of = {int(n): k for k, n in enumerate(numbers)}
     rows = labels[[row_of[int(n)] for n in meta["slice_numbers"]]]
     boxes = meta["crop"] * len(rows) if len(meta["crop"]) == 1 else meta["crop"]
-    true = labels_in_cache_frame(rows, boxes, pred.shape[1])
-    return {"StudyInstanceUID": uid, "long": bool((rows > THORACIC).any()), **dice_per_vertebra(pred, true)}
+    return labels_in_cache_frame(rows, boxes, size)
+
+
+def study_truth_dice(run: Run, data_dir: Path, uid: str) -> dict | None:
+    """One study's Dice per vertebra between its predicted labels and its true ones (`study_truth_labels`),
+    and whether the scan reaches T2; None without truth or without the run's labels of it."""
+    if not run.seg_labels(uid).is_file():
+        return None
+    pred = load_labels(run.seg_labels(uid))
+    true = study_truth_labels(run, data_dir, uid, pred.shape[1])
+    if true is None:
+        return None
+    return {"StudyInstanceUID": uid, "long": bool((true > THORACIC).any()), **dice_per_vertebra(pred, true)}
 
 
 def truth_dice(run: Run) -> pd.DataFrame | None:

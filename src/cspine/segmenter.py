@@ -210,8 +210,10 @@ def count_levels(probs: torch.Tensor, dz: float, margin: float) -> np.ndarray | 
     share = probs[0].neg().add_(1).clamp_(min=1e-3).reciprocal_().mul_(spine)  # 1 / P(spine) on the spine
     votes = torch.stack([(probs[c] * share).sum((1, 2)) for c in range(1, SEG_CLASSES)]).double().numpy()
     before = np.concatenate([np.zeros((SPINE_CLASSES, 1)), np.cumsum(votes, 1)], 1)  # [class, boundary]
-    split = before[:2].sum(0) + (before[2:, n:].sum() - before[2:].sum(0))
-    ends_of = {1: np.arange(n + 1), 2: discs[[int(np.argmax(split[discs]))]]}
+    above = before[:2].sum(0)  # C1's and C2's votes above each boundary
+    below = before[2:, n].sum() - before[2:].sum(0)  # the lower vertebrae's below it
+    c2_end = discs[int(np.argmax((above + below)[discs]))]
+    ends_of = {1: np.arange(n + 1), 2: np.array([c2_end])}
     runs = _best_runs(before, ends_of, np.concatenate([discs, [n]]), dz / pitch)
     if runs is None:
         return None

@@ -185,6 +185,26 @@ def _name_vertebrae(ax, plane: np.ndarray) -> None:
             )
 
 
+def counting_figure(image: np.ndarray, panels: dict[str, np.ndarray], title: str = "") -> Figure:
+    """One sagittal plane of a study (the cache's uint8 [N, S, 3]) beside its labels [N, S] as each of
+    ``panels`` gives them ({title: labels}, e.g. the truth, the network's own, counted between the discs):
+    each vertebra outlined in its colour and named level with it."""
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(2.6 * (1 + len(panels)), 5.2), sharey=True)
+    shown, kwargs = _display(image)
+    axes[0].imshow(shown, aspect="auto", **kwargs)
+    axes[0].set(title="the scan (sagittal)", ylabel="slice, head to feet")
+    for ax, (name, labels) in zip(axes[1:], panels.items()):
+        ax.imshow(shown, aspect="auto", alpha=0.35, **kwargs)
+        _outline([(ax, labels)])
+        _name_vertebrae(ax, labels)
+        ax.set_title(name)
+    for ax in axes:
+        ax.set_xticks([])
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def _strip(ax, slice_probs: dict, truth: np.ndarray | None, k: int, n: int) -> None:
     """The per-slice outputs along the study, the slices known fractured shaded, a marker at slice ``k``; the
     axis runs a little past 1 so that a curve at 1 shows whole."""
