@@ -98,19 +98,21 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_bench_is_the_demo_on_more_studies_and_folds():
-    """The yardstick differs from the demo only in its size and the crop track, so what it measures is the
-    demo's models."""
+    """The yardstick differs from the demo only in its size, the crop track and the sagittal planes its
+    segmentation reads, so what it measures is the demo's models."""
     import dataclasses
 
     bench, demo = load_config("bench"), load_config("demo")
     assert (bench.synth.n_train, bench.folds.n_splits) == (256, 3)
     assert bench.crop.enabled and not demo.crop.enabled  # the crop track: the bench has the minutes for it
+    assert bench.seg.plane_stride == 1 < demo.seg.plane_stride  # every plane read: the same models, read densely
     assert (
         dataclasses.replace(
             bench,
             name="demo",
             synth=dataclasses.replace(bench.synth, n_train=96),
             folds=dataclasses.replace(bench.folds, n_splits=2),
+            seg=dataclasses.replace(bench.seg, plane_stride=demo.seg.plane_stride),
             crop=demo.crop,
         )
         == demo
