@@ -105,7 +105,8 @@ def test_bench_is_the_demo_on_more_studies_and_folds():
     bench, demo = load_config("bench"), load_config("demo")
     assert (bench.synth.n_train, bench.folds.n_splits) == (256, 3)
     assert bench.crop.enabled and not demo.crop.enabled  # the crop track: the bench has the minutes for it
-    assert bench.seg.plane_stride == 1 < demo.seg.plane_stride  # every plane read: the same models, read densely
+    # the segmentation reads every plane on the bench: the same models, read densely
+    assert bench.seg.plane_stride == 1 < demo.seg.plane_stride
     assert (
         dataclasses.replace(
             bench,
